@@ -1,0 +1,163 @@
+//! Wiring: bind listeners and admin, start the accept loops, and run the
+//! drain when asked (SIGTERM in the binary, `POST /drain`, or `Proxy::drain`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::cluster::ClusterManager;
+use crate::config::Config;
+use crate::listener::{run_listener, ConnectionTracker, Shutdown};
+
+/// How often idle upstream connections are swept.
+const REAP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    listener_addrs: HashMap<String, SocketAddr>,
+    admin_addr: SocketAddr,
+    drain: watch::Sender<bool>,
+    supervisor: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Binds every listener and the admin server, then serves in the background.
+    /// Fails if any address cannot be bound; nothing is left running then.
+    pub async fn start(config: Config) -> anyhow::Result<Proxy> {
+        let mut sockets = Vec::new();
+        for listener in &config.listeners {
+            let socket = TcpListener::bind(listener.address).await.with_context(|| {
+                format!(
+                    "cannot bind listener \"{}\" to {}",
+                    listener.name, listener.address
+                )
+            })?;
+            sockets.push((listener.clone(), socket));
+        }
+        let admin_socket = TcpListener::bind(config.admin_address)
+            .await
+            .with_context(|| format!("cannot bind admin server to {}", config.admin_address))?;
+        let admin_addr = admin_socket.local_addr()?;
+
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let (force_tx, force_rx) = watch::channel(false);
+        let clusters = Arc::new(ClusterManager::new(&config.clusters));
+        let tracker = Arc::new(ConnectionTracker::default());
+
+        let mut listener_addrs = HashMap::new();
+        let mut accept_loops = Vec::new();
+        for (listener, socket) in sockets {
+            let addr = socket.local_addr()?;
+            tracing::info!(listener = %listener.name, %addr, "listening");
+            listener_addrs.insert(listener.name.to_string(), addr);
+            let shutdown = Shutdown {
+                listener: listener.name.clone(),
+                drain: drain_rx.clone(),
+                force: force_rx.clone(),
+            };
+            accept_loops.push(tokio::spawn(run_listener(
+                socket,
+                listener,
+                clusters.clone(),
+                tracker.clone(),
+                shutdown,
+            )));
+        }
+
+        let state = Arc::new(AdminState {
+            ready: Default::default(),
+            drain: drain_tx.clone(),
+            config: config.clone(),
+        });
+        let admin_task = tokio::spawn(admin::serve(admin_socket, state.clone()));
+        tracing::info!(addr = %admin_addr, "admin server listening");
+        let reaper = {
+            let clusters = clusters.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(REAP_INTERVAL);
+                loop {
+                    tick.tick().await;
+                    clusters.reap_idle();
+                }
+            })
+        };
+        state.ready.store(true, Ordering::Release);
+
+        let drain_timeout = config.drain_timeout;
+        let supervisor = tokio::spawn(async move {
+            let mut drain_rx = drain_rx;
+            // Wait for the drain; a dropped sender cannot happen while `state` lives.
+            while !*drain_rx.borrow_and_update() {
+                if drain_rx.changed().await.is_err() {
+                    break;
+                }
+            }
+            tracing::info!(timeout = ?drain_timeout, "draining");
+            for task in accept_loops {
+                let _ = task.await;
+            }
+            if tokio::time::timeout(drain_timeout, tracker.wait_idle())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    open = tracker.live(),
+                    "drain timeout passed; closing open connections"
+                );
+                force_tx.send_replace(true);
+                // Connection tasks end at their next poll; give them a moment to release sockets.
+                let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait_idle()).await;
+            }
+            reaper.abort();
+            admin_task.abort();
+            drop(state);
+            tracing::info!("drained");
+        });
+
+        Ok(Proxy {
+            listener_addrs,
+            admin_addr,
+            drain: drain_tx,
+            supervisor,
+        })
+    }
+
+    /// The bound address of a listener.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listener_addrs.get(name).copied()
+    }
+
+    /// The bound address of the admin server.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Starts a graceful drain: stop accepting, finish in-flight calls, stop.
+    pub fn drain(&self) {
+        self.drain.send_replace(true);
+    }
+
+    /// Resolves once a drain has been asked for, by any means.
+    pub async fn drained_started(&self) {
+        let mut rx = self.drain.subscribe();
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Resolves when a drain has finished and everything is stopped.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.supervisor.await.context("proxy supervisor failed")
+    }
+}

@@ -1,0 +1,371 @@
+//! Clusters: endpoints, load balancing, connection pools, circuit breakers,
+//! retry budgets and passive outlier detection.
+//!
+//! A `Cluster` is runtime state that outlives any one config snapshot; the
+//! `ClusterManager` keys clusters by name.
+
+mod lb;
+pub mod pool;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::file::{ClusterFile, OutlierDetectionFile};
+use crate::telemetry::metrics as names;
+pub use lb::Balancer;
+use pool::{ConnectionLimits, EndpointPool, PoolSettings};
+pub use pool::{PooledConnection, UpstreamError};
+
+/// All clusters by name.
+#[derive(Debug, Default)]
+pub struct ClusterManager {
+    clusters: HashMap<Arc<str>, Arc<Cluster>>,
+}
+
+impl ClusterManager {
+    /// Builds clusters from their settings.
+    pub fn new(settings: &[Arc<ClusterFile>]) -> Self {
+        let clusters = settings
+            .iter()
+            .map(|s| {
+                let cluster = Cluster::new(s.clone());
+                (cluster.name.clone(), Arc::new(cluster))
+            })
+            .collect();
+        ClusterManager { clusters }
+    }
+
+    /// The cluster with this name.
+    pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.get(name)
+    }
+
+    /// Closes idle connections past their timeout in every cluster.
+    pub fn reap_idle(&self) {
+        for cluster in self.clusters.values() {
+            for endpoint in &cluster.endpoints {
+                endpoint.pool.reap_idle();
+            }
+        }
+    }
+}
+
+/// Outcome of one try, as outlier detection sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Any answer below 500.
+    Success,
+    /// A 5xx answer or a reset.
+    ServerError,
+    /// No connection could be made.
+    ConnectFailure,
+}
+
+/// One upstream endpoint and its health.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Address.
+    pub address: SocketAddr,
+    /// LB weight.
+    pub weight: u32,
+    /// Requests in flight to it.
+    active_requests: AtomicUsize,
+    consecutive_5xx: AtomicU32,
+    consecutive_connect_failures: AtomicU32,
+    /// Milliseconds since the cluster's epoch until which it is ejected; 0 when not.
+    ejected_until_ms: AtomicU64,
+    /// Ejections so far; the next one lasts this many times the base.
+    ejections: AtomicU32,
+    /// Its connections.
+    pub pool: Arc<EndpointPool>,
+}
+
+impl Endpoint {
+    /// Requests in flight now.
+    pub fn active_requests(&self) -> usize {
+        self.active_requests.load(Ordering::Relaxed)
+    }
+}
+
+/// A cluster's runtime state.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Name.
+    pub name: Arc<str>,
+    /// Settings from config.
+    pub settings: Arc<ClusterFile>,
+    endpoints: Vec<Arc<Endpoint>>,
+    balancer: Balancer,
+    limits: Arc<ConnectionLimits>,
+    active_requests: AtomicUsize,
+    active_retries: AtomicUsize,
+    epoch: Instant,
+}
+
+/// Counts a request against `max_requests` (and its endpoint's load) until dropped.
+#[derive(Debug)]
+pub struct RequestGuard {
+    cluster: Arc<Cluster>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.cluster.active_requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts a request against its endpoint's active requests until dropped.
+#[derive(Debug)]
+pub struct EndpointGuard {
+    endpoint: Arc<Endpoint>,
+}
+
+impl EndpointGuard {
+    /// The endpoint.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+}
+
+impl Drop for EndpointGuard {
+    fn drop(&mut self) {
+        self.endpoint.active_requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts a retry against the retry budget until dropped.
+#[derive(Debug)]
+pub struct RetryGuard {
+    cluster: Arc<Cluster>,
+}
+
+impl Drop for RetryGuard {
+    fn drop(&mut self) {
+        self.cluster.active_retries.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Cluster {
+    /// Runtime state for a cluster's settings.
+    pub fn new(settings: Arc<ClusterFile>) -> Self {
+        let name: Arc<str> = Arc::from(settings.name.as_str());
+        let cb = &settings.circuit_breaker;
+        let limits = ConnectionLimits::new(cb.max_connections, cb.max_pending_requests);
+        let pool_settings = Arc::new(PoolSettings {
+            protocol: settings.protocol,
+            connect_timeout: settings.connect_timeout,
+            max_idle: settings.pool.max_idle_per_endpoint,
+            idle_timeout: settings.pool.idle_timeout,
+        });
+        let endpoints: Vec<Arc<Endpoint>> = settings
+            .endpoints
+            .iter()
+            .map(|e| {
+                Arc::new(Endpoint {
+                    address: e.address,
+                    weight: e.weight.max(1),
+                    active_requests: AtomicUsize::new(0),
+                    consecutive_5xx: AtomicU32::new(0),
+                    consecutive_connect_failures: AtomicU32::new(0),
+                    ejected_until_ms: AtomicU64::new(0),
+                    ejections: AtomicU32::new(0),
+                    pool: EndpointPool::new(e.address, pool_settings.clone(), limits.clone()),
+                })
+            })
+            .collect();
+        let balancer = Balancer::new(settings.lb, &endpoints);
+        Cluster {
+            name,
+            settings,
+            endpoints,
+            balancer,
+            limits,
+            active_requests: AtomicUsize::new(0),
+            active_retries: AtomicUsize::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// The endpoints.
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    /// Counts a TCP proxy connection against `max_connections`.
+    pub fn try_open_connection(&self) -> Result<pool::ConnectionPermit, UpstreamError> {
+        self.limits.try_open().ok_or_else(|| {
+            self.count_breaker_open("connections");
+            UpstreamError::Overloaded("connections")
+        })
+    }
+
+    /// Upstream connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.limits.open()
+    }
+
+    /// Admits a request under `max_requests`, or says which breaker tripped.
+    pub fn begin_request(self: &Arc<Self>) -> Result<RequestGuard, UpstreamError> {
+        let max = self.settings.circuit_breaker.max_requests;
+        let previous = self.active_requests.fetch_add(1, Ordering::AcqRel);
+        let guard = RequestGuard {
+            cluster: self.clone(),
+        };
+        if previous >= max {
+            self.count_breaker_open("requests");
+            return Err(UpstreamError::Overloaded("requests"));
+        }
+        Ok(guard)
+    }
+
+    /// Admits a retry if both the retry budget and `max_retries` allow it.
+    pub fn begin_retry(self: &Arc<Self>) -> Option<RetryGuard> {
+        let budget = &self.settings.retry_budget;
+        let active = self.active_requests.load(Ordering::Acquire);
+        let by_budget = (active as f64 * budget.budget_percent / 100.0) as usize;
+        let allowed = by_budget
+            .max(budget.min_retry_concurrency)
+            .min(self.settings.circuit_breaker.max_retries);
+        let previous = self.active_retries.fetch_add(1, Ordering::AcqRel);
+        let guard = RetryGuard {
+            cluster: self.clone(),
+        };
+        if previous >= allowed {
+            self.count_breaker_open("retries");
+            return None;
+        }
+        Some(guard)
+    }
+
+    fn count_breaker_open(&self, resource: &'static str) {
+        metrics::counter!(names::UPSTREAM_OVERFLOW_TOTAL, "cluster" => self.name.clone(), "resource" => resource)
+            .increment(1);
+    }
+
+    fn now_ms(&self) -> u64 {
+        // +1 so that 0 always means "not ejected".
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn is_ejected(&self, endpoint: &Endpoint, now_ms: u64) -> bool {
+        endpoint.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    /// Picks a healthy endpoint by the cluster's LB policy; `roll` is random.
+    pub fn pick(&self, roll: u64) -> Result<EndpointGuard, UpstreamError> {
+        let now = self.now_ms();
+        let index = self
+            .balancer
+            .pick(&self.endpoints, roll, |e| !self.is_ejected(e, now))
+            .ok_or(UpstreamError::NoHealthyEndpoint)?;
+        let endpoint = self.endpoints[index].clone();
+        endpoint.active_requests.fetch_add(1, Ordering::AcqRel);
+        Ok(EndpointGuard { endpoint })
+    }
+
+    /// Feeds one try's outcome to outlier detection.
+    pub fn report(&self, endpoint: &Endpoint, outcome: Outcome) {
+        let Some(od) = &self.settings.outlier_detection else {
+            return;
+        };
+        match outcome {
+            Outcome::Success => {
+                endpoint.consecutive_5xx.store(0, Ordering::Relaxed);
+                endpoint
+                    .consecutive_connect_failures
+                    .store(0, Ordering::Relaxed);
+                self.decay_ejections(endpoint, od);
+            }
+            Outcome::ServerError => {
+                endpoint
+                    .consecutive_connect_failures
+                    .store(0, Ordering::Relaxed);
+                let count = endpoint.consecutive_5xx.fetch_add(1, Ordering::AcqRel) + 1;
+                if od.consecutive_5xx > 0 && count >= od.consecutive_5xx {
+                    self.eject(endpoint, od, "consecutive_5xx");
+                }
+            }
+            Outcome::ConnectFailure => {
+                let count = endpoint
+                    .consecutive_connect_failures
+                    .fetch_add(1, Ordering::AcqRel)
+                    + 1;
+                let by_5xx = endpoint.consecutive_5xx.fetch_add(1, Ordering::AcqRel) + 1;
+                if od.consecutive_connect_failures > 0 && count >= od.consecutive_connect_failures {
+                    self.eject(endpoint, od, "consecutive_connect_failures");
+                } else if od.consecutive_5xx > 0 && by_5xx >= od.consecutive_5xx {
+                    // Envoy counts connect failures as 5xx too.
+                    self.eject(endpoint, od, "consecutive_5xx");
+                }
+            }
+        }
+    }
+
+    /// After a healthy stretch as long as its last ejection, an endpoint's
+    /// next ejection shrinks back, so one bad hour is not punished forever.
+    fn decay_ejections(&self, endpoint: &Endpoint, od: &OutlierDetectionFile) {
+        let ejections = endpoint.ejections.load(Ordering::Relaxed);
+        if ejections == 0 {
+            return;
+        }
+        let until = endpoint.ejected_until_ms.load(Ordering::Relaxed);
+        let last = ejection_time(od, ejections).as_millis() as u64;
+        if self.now_ms() > until.saturating_add(last) {
+            let _ = endpoint.ejections.compare_exchange(
+                ejections,
+                ejections - 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn eject(&self, endpoint: &Endpoint, od: &OutlierDetectionFile, reason: &'static str) {
+        let now = self.now_ms();
+        if self.is_ejected(endpoint, now) {
+            return;
+        }
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|e| self.is_ejected(e, now))
+            .count();
+        // Envoy's rule: eject while the share already ejected is below the maximum.
+        if ejected * 100 >= od.max_ejection_percent as usize * self.endpoints.len() && ejected > 0 {
+            return;
+        }
+        if od.max_ejection_percent == 0 {
+            return;
+        }
+        let ejections = endpoint.ejections.fetch_add(1, Ordering::AcqRel) + 1;
+        let duration = ejection_time(od, ejections);
+        endpoint
+            .ejected_until_ms
+            .store(now + duration.as_millis() as u64, Ordering::Release);
+        endpoint.consecutive_5xx.store(0, Ordering::Relaxed);
+        endpoint
+            .consecutive_connect_failures
+            .store(0, Ordering::Relaxed);
+        tracing::warn!(
+            cluster = %self.name,
+            endpoint = %endpoint.address,
+            reason,
+            seconds = duration.as_secs_f64(),
+            "outlier ejected"
+        );
+        metrics::counter!(names::OUTLIER_EJECTIONS_TOTAL, "cluster" => self.name.clone(), "reason" => reason)
+            .increment(1);
+    }
+}
+
+fn ejection_time(od: &OutlierDetectionFile, ejections: u32) -> Duration {
+    od.base_ejection_time
+        .saturating_mul(ejections.max(1))
+        .min(od.max_ejection_time)
+}
+
+#[cfg(test)]
+mod tests;

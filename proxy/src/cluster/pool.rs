@@ -1,0 +1,490 @@
+//! Upstream connection pools: one per endpoint, with a cluster-wide limit on
+//! open connections and on requests waiting for one (the `max_connections`
+//! and `max_pending_requests` circuit breakers).
+//!
+//! HTTP/1.1 connections are checked out for one request at a time and come
+//! back when the response body ends; HTTP/2 has one shared connection per
+//! endpoint that all requests multiplex on.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::config::file::UpstreamProtocol;
+use crate::http::body::RequestBody;
+
+/// Why an upstream request could not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// A circuit breaker refused the request.
+    #[error("cluster overloaded: {0} limit reached")]
+    Overloaded(&'static str),
+    /// No endpoint is healthy.
+    #[error("no healthy endpoint")]
+    NoHealthyEndpoint,
+    /// The TCP connect did not finish in time.
+    #[error("upstream connect to {0} timed out")]
+    ConnectTimeout(SocketAddr),
+    /// The TCP connect failed.
+    #[error("upstream connect to {addr} failed")]
+    Connect {
+        /// Endpoint address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The HTTP handshake (HTTP/2 preface, settings) failed.
+    #[error("upstream handshake with {addr} failed")]
+    Handshake {
+        /// Endpoint address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The connection failed or was reset while the request was in flight.
+    #[error("upstream {addr} reset the request")]
+    Reset {
+        /// Endpoint address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The request body from downstream failed (client went away or sent too much).
+    #[error("request body failed")]
+    RequestBody(#[source] hyper::Error),
+}
+
+impl UpstreamError {
+    /// Whether the failure happened before a connection to the endpoint existed.
+    pub fn is_connect_failure(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::ConnectTimeout(_)
+                | UpstreamError::Connect { .. }
+                | UpstreamError::Handshake { .. }
+        )
+    }
+}
+
+/// A failed send, with the request when it never left.
+#[derive(Debug)]
+pub struct SendError {
+    /// What went wrong.
+    pub error: UpstreamError,
+    /// The request, when nothing of it was sent.
+    pub unsent: Option<Request<RequestBody>>,
+}
+
+/// Cluster-wide connection accounting shared by all endpoint pools.
+#[derive(Debug)]
+pub struct ConnectionLimits {
+    open: AtomicUsize,
+    pending: AtomicUsize,
+    max_connections: usize,
+    max_pending: usize,
+    changed: Notify,
+}
+
+impl ConnectionLimits {
+    /// Limits from the circuit breaker settings.
+    pub fn new(max_connections: usize, max_pending: usize) -> Arc<Self> {
+        Arc::new(ConnectionLimits {
+            open: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            max_connections,
+            max_pending,
+            changed: Notify::new(),
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a new connection, unless `max_connections` are open.
+    pub fn try_open(self: &Arc<Self>) -> Option<ConnectionPermit> {
+        let mut current = self.open.load(Ordering::Relaxed);
+        loop {
+            if current >= self.max_connections {
+                return None;
+            }
+            match self.open.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(ConnectionPermit(self.clone())),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    fn try_pend(self: &Arc<Self>) -> Option<PendingGuard> {
+        let previous = self.pending.fetch_add(1, Ordering::AcqRel);
+        if previous >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(PendingGuard(self.clone()))
+    }
+}
+
+/// Held by a connection's driver task for as long as the connection is open.
+#[derive(Debug)]
+pub struct ConnectionPermit(Arc<ConnectionLimits>);
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+#[derive(Debug)]
+struct PendingGuard(Arc<ConnectionLimits>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Settings every endpoint pool of a cluster shares.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Protocol to speak.
+    pub protocol: UpstreamProtocol,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle HTTP/1.1 connections kept per endpoint.
+    pub max_idle: usize,
+    /// How long an idle connection is kept.
+    pub idle_timeout: Duration,
+}
+
+struct IdleConn {
+    sender: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+/// The connections to one endpoint.
+pub struct EndpointPool {
+    address: SocketAddr,
+    settings: Arc<PoolSettings>,
+    limits: Arc<ConnectionLimits>,
+    idle: Mutex<Vec<IdleConn>>,
+    shared_h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for EndpointPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointPool")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+/// An HTTP/1.1 connection lent to one request; give it back with [`PooledConnection::release`].
+pub struct PooledConnection {
+    sender: Option<http1::SendRequest<RequestBody>>,
+    pool: Arc<EndpointPool>,
+}
+
+impl PooledConnection {
+    /// Returns the connection to its pool for the next request.
+    pub fn release(mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.pool.put_idle(sender);
+        }
+    }
+}
+
+impl std::fmt::Debug for PooledConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledConnection")
+            .field("address", &self.pool.address)
+            .finish()
+    }
+}
+
+enum Checkout {
+    Http1 {
+        sender: http1::SendRequest<RequestBody>,
+        reused: bool,
+    },
+    Http2(http2::SendRequest<RequestBody>),
+}
+
+impl EndpointPool {
+    /// A pool for one endpoint.
+    pub fn new(
+        address: SocketAddr,
+        settings: Arc<PoolSettings>,
+        limits: Arc<ConnectionLimits>,
+    ) -> Arc<Self> {
+        Arc::new(EndpointPool {
+            address,
+            settings,
+            limits,
+            idle: Mutex::new(Vec::new()),
+            shared_h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Sends a request on a pooled or new connection. For HTTP/1.1 the
+    /// connection comes back with the response, to be released when its body ends.
+    ///
+    /// When the request never left (no connection could be had), it comes
+    /// back with the error so that it can be sent elsewhere.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<PooledConnection>), SendError> {
+        loop {
+            let checkout = match self.checkout().await {
+                Ok(checkout) => checkout,
+                Err(error) => {
+                    return Err(SendError {
+                        error,
+                        unsent: Some(request),
+                    })
+                }
+            };
+            match checkout {
+                Checkout::Http2(mut sender) => {
+                    return match sender.try_send_request(request).await {
+                        Ok(response) => Ok((response, None)),
+                        Err(mut err) => match err.take_message() {
+                            // The connection closed before the request went out: take a new one.
+                            Some(unsent)
+                                if err.error().is_canceled() || err.error().is_closed() =>
+                            {
+                                self.forget_h2(&sender);
+                                request = unsent;
+                                continue;
+                            }
+                            _ => Err(SendError {
+                                error: self.request_error(err.into_error()),
+                                unsent: None,
+                            }),
+                        },
+                    };
+                }
+                Checkout::Http1 { mut sender, reused } => {
+                    if let Err(source) = sender.ready().await {
+                        if reused {
+                            continue;
+                        }
+                        return Err(SendError {
+                            error: self.request_error(source),
+                            unsent: Some(request),
+                        });
+                    }
+                    match sender.try_send_request(request).await {
+                        Ok(response) => {
+                            let pooled = PooledConnection {
+                                sender: Some(sender),
+                                pool: self.clone(),
+                            };
+                            return Ok((response, Some(pooled)));
+                        }
+                        Err(mut err) => match err.take_message() {
+                            // A kept-alive connection the server had already closed: the
+                            // request never left, so sending it on a new one is safe.
+                            Some(unsent) if reused => {
+                                request = unsent;
+                                continue;
+                            }
+                            _ => {
+                                return Err(SendError {
+                                    error: self.request_error(err.into_error()),
+                                    unsent: None,
+                                })
+                            }
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    fn request_error(&self, source: hyper::Error) -> UpstreamError {
+        if source.is_user() {
+            // hyper reports a failing request body as a user error.
+            return UpstreamError::RequestBody(source);
+        }
+        UpstreamError::Reset {
+            addr: self.address,
+            source,
+        }
+    }
+
+    async fn checkout(self: &Arc<Self>) -> Result<Checkout, UpstreamError> {
+        let mut pending: Option<PendingGuard> = None;
+        loop {
+            let changed = self.limits.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+
+            match self.settings.protocol {
+                UpstreamProtocol::Http1 => {
+                    if let Some(sender) = self.take_idle() {
+                        return Ok(Checkout::Http1 {
+                            sender,
+                            reused: true,
+                        });
+                    }
+                    if let Some(permit) = self.limits.try_open() {
+                        let sender = self.connect_h1(permit).await?;
+                        return Ok(Checkout::Http1 {
+                            sender,
+                            reused: false,
+                        });
+                    }
+                }
+                UpstreamProtocol::Http2 => {
+                    if let Some(sender) = self.live_h2() {
+                        return Ok(Checkout::Http2(sender));
+                    }
+                    let _connecting = self.h2_connecting.lock().await;
+                    if let Some(sender) = self.live_h2() {
+                        return Ok(Checkout::Http2(sender));
+                    }
+                    if let Some(permit) = self.limits.try_open() {
+                        let sender = self.connect_h2(permit).await?;
+                        if let Ok(mut shared) = self.shared_h2.lock() {
+                            *shared = Some(sender.clone());
+                        }
+                        return Ok(Checkout::Http2(sender));
+                    }
+                }
+            }
+            if pending.is_none() {
+                pending = Some(
+                    self.limits
+                        .try_pend()
+                        .ok_or(UpstreamError::Overloaded("pending requests"))?,
+                );
+            }
+            changed.await;
+        }
+    }
+
+    fn take_idle(&self) -> Option<http1::SendRequest<RequestBody>> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(conn) = idle.pop() {
+            if conn.since.elapsed() < self.settings.idle_timeout && !conn.sender.is_closed() {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, sender: http1::SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < self.settings.max_idle {
+                idle.push(IdleConn {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        }
+        self.limits.changed.notify_waiters();
+    }
+
+    /// Closes idle connections past the idle timeout.
+    pub fn reap_idle(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            let timeout = self.settings.idle_timeout;
+            idle.retain(|c| c.since.elapsed() < timeout && !c.sender.is_closed());
+        }
+    }
+
+    fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+        let shared = self.shared_h2.lock().ok()?;
+        shared.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    fn forget_h2(&self, dead: &http2::SendRequest<RequestBody>) {
+        if let Ok(mut shared) = self.shared_h2.lock() {
+            if shared.as_ref().is_some_and(|s| s.is_closed()) || dead.is_closed() {
+                *shared = None;
+            }
+        }
+    }
+
+    async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
+        let addr = self.address;
+        let stream = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(addr))?
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
+        // Small request and response heads must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    async fn connect_h1(
+        &self,
+        permit: ConnectionPermit,
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+        let io = self.connect_tcp().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|source| UpstreamError::Handshake {
+                addr: self.address,
+                source,
+            })?;
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(err) = conn.with_upgrades().await {
+                tracing::debug!(error = %err, "upstream http/1.1 connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn connect_h2(
+        &self,
+        permit: ConnectionPermit,
+    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
+        let io = self.connect_tcp().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(io)
+            .await
+            .map_err(|source| UpstreamError::Handshake {
+                addr: self.address,
+                source,
+            })?;
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(err) = conn.await {
+                tracing::debug!(error = %err, "upstream http/2 connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}

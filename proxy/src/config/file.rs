@@ -1,0 +1,575 @@
+//! The static YAML config file, as serde reads it.
+//!
+//! These types mirror the file one to one and carry no logic beyond defaults;
+//! `config::build` checks cross references and compiles them into the runtime
+//! model. Every struct denies unknown keys so that a typo is an error. Every
+//! field is documented in `docs/config.md`; keep the two in step.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole static config file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// The admin server.
+    #[serde(default)]
+    pub admin: AdminFile,
+    /// How long a drain (SIGTERM or `POST /drain`) waits for in-flight calls.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Listeners, each bound to one address.
+    #[serde(default)]
+    pub listeners: Vec<ListenerFile>,
+    /// Upstream clusters that routes and TCP listeners send to.
+    #[serde(default)]
+    pub clusters: Vec<ClusterFile>,
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The admin HTTP server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// Address of the admin server; keep it on loopback.
+    #[serde(default = "default_admin_address")]
+    pub address: SocketAddr,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        Self {
+            address: default_admin_address(),
+        }
+    }
+}
+
+fn default_admin_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15000))
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    /// HTTP/1.1 and HTTP/2 (prior knowledge), routed by virtual hosts.
+    Http,
+    /// Raw TCP to one cluster.
+    Tcp,
+}
+
+/// One listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    /// Unique name, used in metrics and logs.
+    pub name: String,
+    /// Address to bind; port 0 picks a free port.
+    pub address: SocketAddr,
+    /// `http` or `tcp`.
+    pub kind: ListenerKind,
+    /// Resource limits; the defaults are safe for an edge.
+    #[serde(default)]
+    pub limits: ListenerLimitsFile,
+    /// HTTP settings (only for `kind: http`).
+    #[serde(default)]
+    pub http: HttpSettingsFile,
+    /// Virtual hosts (only for `kind: http`).
+    #[serde(default)]
+    pub virtual_hosts: Vec<VirtualHostFile>,
+    /// TCP proxy settings (only for `kind: tcp`, where it is required).
+    #[serde(default)]
+    pub tcp: Option<TcpProxyFile>,
+}
+
+/// Per-listener limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerLimitsFile {
+    /// Connections open at once; more are accepted and closed at once.
+    pub max_connections: usize,
+    /// Bytes of request line and headers (HTTP/1) or header list (HTTP/2); past it: 431.
+    pub max_request_headers_bytes: usize,
+    /// Number of request headers; past it: 431.
+    pub max_request_headers: usize,
+    /// HTTP/2 streams open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Time allowed to receive a whole request head (slowloris guard).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Request body size limit; past it: 413. Unlimited when absent.
+    pub max_request_body_bytes: Option<u64>,
+}
+
+impl Default for ListenerLimitsFile {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_request_headers_bytes: 60 * 1024,
+            max_request_headers: 100,
+            max_concurrent_streams: 100,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_request_body_bytes: None,
+        }
+    }
+}
+
+/// HTTP connection manager settings of a listener.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettingsFile {
+    /// Trust `x-forwarded-proto` and `x-request-id` sent by the client.
+    /// Off by default: an edge must not believe what callers claim.
+    pub trust_downstream: bool,
+}
+
+/// A virtual host: routes for a set of Host/:authority values.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualHostFile {
+    /// Unique name within the listener.
+    pub name: String,
+    /// Hosts served: exact (`api.example.com`), suffix (`*.example.com`) or `*`.
+    pub domains: Vec<String>,
+    /// Routes, tried in order; the first match wins.
+    pub routes: Vec<RouteFile>,
+}
+
+/// A route: a match and exactly one action.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    /// Name for metrics and logs; defaults to the route's index.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What the request must look like.
+    #[serde(rename = "match")]
+    pub matcher: RouteMatchFile,
+    /// Action: send to one cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Action: split between clusters by weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weighted_clusters: Option<Vec<WeightedClusterFile>>,
+    /// Action: answer directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<DirectResponseFile>,
+    /// Action: answer with a redirect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<RedirectFile>,
+    /// Time allowed until the upstream's response headers, over all tries.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    /// Retry policy; no retries when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryFile>,
+    /// Path and host rewrites applied before forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<RewriteFile>,
+}
+
+/// Route match conditions; all given conditions must hold.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatchFile {
+    /// Path condition; any path when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatchFile>,
+    /// Header conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatchFile>,
+    /// Allowed methods; any method when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Query parameter conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<QueryMatchFile>,
+}
+
+/// A path condition: exactly one of the fields.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathMatchFile {
+    /// The path equals this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    /// The path starts with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// The whole path matches this regular expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+/// A header condition: at most one of `exact`, `regex`, `present`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchFile {
+    /// Header name (case-insensitive).
+    pub name: String,
+    /// The value equals this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    /// The whole value matches this regular expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// The header is present (true) or absent (false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+    /// Invert the result.
+    #[serde(default)]
+    pub invert: bool,
+}
+
+/// A query parameter condition: at most one of `exact`, `regex`, `present`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryMatchFile {
+    /// Parameter name (case-sensitive).
+    pub name: String,
+    /// The (percent-decoded) value equals this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    /// The whole decoded value matches this regular expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// The parameter is present (true) or absent (false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+}
+
+/// One cluster of a weighted split.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedClusterFile {
+    /// Cluster name.
+    pub cluster: String,
+    /// Relative weight; 0 takes no traffic.
+    pub weight: u32,
+}
+
+/// A response made by the proxy itself.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectResponseFile {
+    /// Status code.
+    pub status: u16,
+    /// Body, sent as `text/plain`.
+    #[serde(default)]
+    pub body: String,
+}
+
+/// A redirect; unset parts keep the request's.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectFile {
+    /// 301, 302, 303, 307 or 308 (default 301).
+    #[serde(default = "default_redirect_code")]
+    pub status: u16,
+    /// New scheme (`http` or `https`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// New host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// New port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// New path (replaces the whole path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Replace the matched prefix with this (needs a `prefix` path match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_rewrite: Option<String>,
+    /// Drop the query string.
+    #[serde(default)]
+    pub strip_query: bool,
+}
+
+fn default_redirect_code() -> u16 {
+    301
+}
+
+/// Request rewrites before forwarding.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteFile {
+    /// Replace the matched path prefix (needs a `prefix` path match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Rewrite the path with a regular expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<RegexRewriteFile>,
+    /// Replace the Host/:authority sent upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+/// A regex path rewrite.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegexRewriteFile {
+    /// Pattern matched against the path; every match is replaced.
+    pub pattern: String,
+    /// Replacement; `$1` / `${name}` refer to capture groups.
+    pub substitution: String,
+}
+
+/// When a failed try is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    /// The upstream connection could not be made.
+    ConnectFailure,
+    /// The upstream reset or closed the connection before answering.
+    Reset,
+    /// The upstream answered 5xx.
+    #[serde(rename = "5xx")]
+    FiveXx,
+    /// The upstream answered a status in `retriable_status_codes`.
+    RetriableStatusCodes,
+}
+
+/// A retry policy.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryFile {
+    /// Conditions that allow a retry.
+    pub on: Vec<RetryOn>,
+    /// Total tries, the first included (default 2).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Statuses that `retriable-status-codes` retries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retriable_status_codes: Vec<u16>,
+    /// Time allowed for each try until response headers.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub per_try_timeout: Option<Duration>,
+    /// First back-off between tries (default 25ms), doubled each time, jittered.
+    #[serde(default = "default_backoff_base", with = "humantime_serde")]
+    pub backoff_base: Duration,
+    /// Longest back-off (default 10 × base).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backoff_max: Option<Duration>,
+    /// Retry methods that are not idempotent (POST, PATCH) too.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+    /// Request bodies up to this size are kept so they can be sent again;
+    /// a larger body makes the request single-try (default 64 KiB).
+    #[serde(default = "default_retry_buffer")]
+    pub max_body_bytes: usize,
+}
+
+fn default_max_attempts() -> u32 {
+    2
+}
+fn default_backoff_base() -> Duration {
+    Duration::from_millis(25)
+}
+fn default_retry_buffer() -> usize {
+    64 * 1024
+}
+
+/// TCP proxy settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpProxyFile {
+    /// Cluster to connect to.
+    pub cluster: String,
+    /// A connection with no bytes either way for this long is closed (default 1h).
+    #[serde(default = "default_tcp_idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+fn default_tcp_idle() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// Load balancing policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    /// Weighted round robin.
+    #[default]
+    RoundRobin,
+    /// Power of two choices on active requests, weighted.
+    LeastRequest,
+    /// Weighted random.
+    Random,
+}
+
+/// Upstream protocol.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext (prior knowledge).
+    Http2,
+}
+
+/// An upstream cluster.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// Unique name.
+    pub name: String,
+    /// Static endpoints.
+    pub endpoints: Vec<EndpointFile>,
+    /// Load balancing policy.
+    #[serde(default)]
+    pub lb: LbPolicy,
+    /// Protocol spoken to the endpoints.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Time allowed for the TCP connect (default 5s).
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Connection pool settings.
+    #[serde(default)]
+    pub pool: PoolFile,
+    /// Circuit breaker thresholds.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerFile,
+    /// Retry budget: how many retries may be in flight relative to requests.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetFile,
+    /// Passive outlier detection; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionFile>,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// One endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointFile {
+    /// IP and port.
+    pub address: SocketAddr,
+    /// Relative weight (default 1, at least 1).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Connection pool settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolFile {
+    /// Idle connections kept per endpoint.
+    pub max_idle_per_endpoint: usize,
+    /// Idle connections are closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolFile {
+    fn default() -> Self {
+        Self {
+            max_idle_per_endpoint: 64,
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Circuit breaker thresholds (Envoy's defaults).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerFile {
+    /// Upstream connections open at once across the cluster.
+    pub max_connections: usize,
+    /// Requests waiting for a connection at once.
+    pub max_pending_requests: usize,
+    /// Requests in flight at once.
+    pub max_requests: usize,
+    /// Retries in flight at once.
+    pub max_retries: usize,
+}
+
+impl Default for CircuitBreakerFile {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+        }
+    }
+}
+
+/// Retry budget (Envoy's `retry_budget`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBudgetFile {
+    /// Retries in flight may be at most this percent of requests in flight.
+    pub budget_percent: f64,
+    /// Retries always allowed in flight, whatever the percentage says.
+    pub min_retry_concurrency: usize,
+}
+
+impl Default for RetryBudgetFile {
+    fn default() -> Self {
+        Self {
+            budget_percent: 20.0,
+            min_retry_concurrency: 3,
+        }
+    }
+}
+
+/// Passive outlier detection.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierDetectionFile {
+    /// Consecutive 5xx answers (or resets) that eject an endpoint; 0 disables.
+    pub consecutive_5xx: u32,
+    /// Consecutive connect failures that eject an endpoint; 0 disables.
+    pub consecutive_connect_failures: u32,
+    /// First ejection time; the nth ejection lasts n times this.
+    #[serde(with = "humantime_serde")]
+    pub base_ejection_time: Duration,
+    /// Longest ejection.
+    #[serde(with = "humantime_serde")]
+    pub max_ejection_time: Duration,
+    /// At most this percent of endpoints ejected at once (at least one may be).
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetectionFile {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            consecutive_connect_failures: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+        }
+    }
+}

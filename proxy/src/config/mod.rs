@@ -1,0 +1,167 @@
+//! Postern's internal config model and its static-file source.
+//!
+//! `file` holds the serde types of the YAML file. `Config::from_yaml` reads
+//! them (with field paths in every parse error), validates cross references
+//! and compiles the result into the runtime model: routers with compiled
+//! regexes, cluster settings, listener settings. Validation happens once here,
+//! so the hot path trusts the model. No I/O besides reading the file.
+
+pub mod file;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use file::ConfigFile;
+use file::{ClusterFile, ListenerLimitsFile};
+
+use crate::route::{RouteTable, TcpRoute};
+
+/// One problem in a config: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path to the field, e.g. `listeners[0].virtual_hosts[1].routes[2].cluster`.
+    pub path: String,
+    /// Why the value is rejected.
+    pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+/// A config that cannot be used; lists every problem found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML is malformed or does not fit the schema.
+    #[error("{0}")]
+    Parse(FieldError),
+    /// The YAML fits the schema but the values do not make sense together.
+    #[error("{}", join_errors(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+fn join_errors(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    /// Every field problem in this error (empty for a read error).
+    pub fn field_errors(&self) -> Vec<FieldError> {
+        match self {
+            ConfigError::Read { .. } => Vec::new(),
+            ConfigError::Parse(e) => vec![e.clone()],
+            ConfigError::Invalid(errors) => errors.clone(),
+        }
+    }
+}
+
+/// A validated, compiled config: what the proxy runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file as read, for `/config_dump`.
+    pub source: Arc<ConfigFile>,
+    /// Admin server address.
+    pub admin_address: SocketAddr,
+    /// Longest time a drain waits for in-flight calls.
+    pub drain_timeout: Duration,
+    /// Listeners in file order.
+    pub listeners: Vec<Arc<Listener>>,
+    /// Clusters in file order.
+    pub clusters: Vec<Arc<ClusterFile>>,
+}
+
+/// A listener, ready to bind.
+#[derive(Debug)]
+pub struct Listener {
+    /// Unique name.
+    pub name: Arc<str>,
+    /// Address to bind.
+    pub address: SocketAddr,
+    /// Limits.
+    pub limits: ListenerLimitsFile,
+    /// What it serves.
+    pub protocol: ListenerProtocol,
+}
+
+/// What a listener serves.
+#[derive(Debug)]
+pub enum ListenerProtocol {
+    /// HTTP routed by a route table.
+    Http(HttpListener),
+    /// Raw TCP to one cluster.
+    Tcp(TcpRoute),
+}
+
+/// HTTP connection manager settings.
+#[derive(Debug)]
+pub struct HttpListener {
+    /// Trust the client's `x-forwarded-proto` and `x-request-id`.
+    pub trust_downstream: bool,
+    /// Virtual hosts and routes.
+    pub routes: Arc<RouteTable>,
+}
+
+impl Config {
+    /// Parses, validates and compiles a YAML config.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let file = parse_yaml(text)?;
+        Config::from_file_model(file)
+    }
+
+    /// Reads, parses, validates and compiles a YAML config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_yaml(&text)
+    }
+
+    /// Validates and compiles an already parsed config file.
+    pub fn from_file_model(file: ConfigFile) -> Result<Config, ConfigError> {
+        validate::build(file)
+    }
+
+    /// The running config as JSON, for `/config_dump`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(&*self.source).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+fn parse_yaml(text: &str) -> Result<ConfigFile, ConfigError> {
+    let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let path = if path == "." || path.is_empty() {
+            "config".to_string()
+        } else {
+            path
+        };
+        ConfigError::Parse(FieldError {
+            path,
+            reason: err.into_inner().to_string(),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,730 @@
+//! Checks a parsed config file and compiles it into the runtime model.
+//!
+//! Every problem is collected with its field path so that one run of
+//! `postern validate` shows them all.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+use regex::Regex;
+
+use super::file::*;
+use super::{Config, ConfigError, FieldError, HttpListener, Listener, ListenerProtocol};
+use crate::route::{
+    Forward, HeaderMatch, PathMatch, QueryMatch, Redirect, RetryPolicy, Rewrite, Route,
+    RouteAction, RouteMatch, RouteTable, Targets, TcpRoute, ValueMatch, VirtualHost,
+};
+
+/// Default route timeout (Envoy's), covering the wait for response headers.
+const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+pub(super) fn build(file: ConfigFile) -> Result<Config, ConfigError> {
+    let mut errors = Errors::default();
+
+    let mut cluster_names = HashSet::new();
+    for (i, cluster) in file.clusters.iter().enumerate() {
+        let path = format!("clusters[{i}]");
+        if !cluster_names.insert(cluster.name.as_str()) {
+            errors.push(
+                format!("{path}.name"),
+                format!("duplicate cluster name \"{}\"", cluster.name),
+            );
+        }
+        check_cluster(cluster, &path, &mut errors);
+    }
+
+    let mut listener_names = HashSet::new();
+    let mut addresses = HashSet::new();
+    let mut listeners = Vec::new();
+    for (i, listener) in file.listeners.iter().enumerate() {
+        let path = format!("listeners[{i}]");
+        if !listener_names.insert(listener.name.as_str()) {
+            errors.push(
+                format!("{path}.name"),
+                format!("duplicate listener name \"{}\"", listener.name),
+            );
+        }
+        if listener.address.port() != 0 && !addresses.insert(listener.address) {
+            errors.push(
+                format!("{path}.address"),
+                format!("address {} is used by another listener", listener.address),
+            );
+        }
+        check_limits(&listener.limits, &format!("{path}.limits"), &mut errors);
+        let protocol = match listener.kind {
+            ListenerKind::Http => {
+                if listener.tcp.is_some() {
+                    errors.push(format!("{path}.tcp"), "only tcp listeners take a tcp block");
+                }
+                if listener.virtual_hosts.is_empty() {
+                    errors.push(
+                        format!("{path}.virtual_hosts"),
+                        "an http listener needs at least one virtual host",
+                    );
+                }
+                let routes = build_route_table(listener, &path, &cluster_names, &mut errors);
+                ListenerProtocol::Http(HttpListener {
+                    trust_downstream: listener.http.trust_downstream,
+                    routes: Arc::new(routes),
+                })
+            }
+            ListenerKind::Tcp => {
+                if !listener.virtual_hosts.is_empty() {
+                    errors.push(
+                        format!("{path}.virtual_hosts"),
+                        "a tcp listener takes no virtual hosts",
+                    );
+                }
+                match &listener.tcp {
+                    None => {
+                        errors.push(format!("{path}.tcp"), "a tcp listener needs a tcp block");
+                        continue;
+                    }
+                    Some(tcp) => {
+                        if !cluster_names.contains(tcp.cluster.as_str()) {
+                            errors.push(
+                                format!("{path}.tcp.cluster"),
+                                format!("unknown cluster \"{}\"", tcp.cluster),
+                            );
+                        }
+                        if tcp.idle_timeout.is_zero() {
+                            errors.push(format!("{path}.tcp.idle_timeout"), "must be more than 0");
+                        }
+                        ListenerProtocol::Tcp(TcpRoute {
+                            cluster: Arc::from(tcp.cluster.as_str()),
+                            idle_timeout: tcp.idle_timeout,
+                        })
+                    }
+                }
+            }
+        };
+        listeners.push(Arc::new(Listener {
+            name: Arc::from(listener.name.as_str()),
+            address: listener.address,
+            limits: listener.limits.clone(),
+            protocol,
+        }));
+    }
+
+    if file.drain_timeout.is_zero() {
+        errors.push("drain_timeout", "must be more than 0");
+    }
+
+    if !errors.0.is_empty() {
+        return Err(ConfigError::Invalid(errors.0));
+    }
+    Ok(Config {
+        admin_address: file.admin.address,
+        drain_timeout: file.drain_timeout,
+        listeners,
+        clusters: file.clusters.iter().cloned().map(Arc::new).collect(),
+        source: Arc::new(file),
+    })
+}
+
+fn check_limits(limits: &ListenerLimitsFile, path: &str, errors: &mut Errors) {
+    let counts = [
+        ("max_connections", limits.max_connections),
+        (
+            "max_request_headers_bytes",
+            limits.max_request_headers_bytes,
+        ),
+        ("max_request_headers", limits.max_request_headers),
+        (
+            "max_concurrent_streams",
+            limits.max_concurrent_streams as usize,
+        ),
+    ];
+    for (name, value) in counts {
+        if value == 0 {
+            errors.push(format!("{path}.{name}"), "must be more than 0");
+        }
+    }
+    for (name, value) in [
+        ("header_read_timeout", limits.header_read_timeout),
+        ("idle_timeout", limits.idle_timeout),
+    ] {
+        if value.is_zero() {
+            errors.push(format!("{path}.{name}"), "must be more than 0");
+        }
+    }
+    if limits.max_request_body_bytes == Some(0) {
+        errors.push(
+            format!("{path}.max_request_body_bytes"),
+            "must be more than 0",
+        );
+    }
+}
+
+fn check_cluster(cluster: &ClusterFile, path: &str, errors: &mut Errors) {
+    if cluster.endpoints.is_empty() {
+        errors.push(
+            format!("{path}.endpoints"),
+            "a cluster needs at least one endpoint",
+        );
+    }
+    for (i, endpoint) in cluster.endpoints.iter().enumerate() {
+        if endpoint.weight == 0 {
+            errors.push(
+                format!("{path}.endpoints[{i}].weight"),
+                "must be at least 1",
+            );
+        }
+        if endpoint.address.port() == 0 {
+            errors.push(
+                format!("{path}.endpoints[{i}].address"),
+                "port 0 cannot be connected to",
+            );
+        }
+    }
+    if cluster.connect_timeout.is_zero() {
+        errors.push(format!("{path}.connect_timeout"), "must be more than 0");
+    }
+    let cb = &cluster.circuit_breaker;
+    for (name, value) in [
+        ("max_connections", cb.max_connections),
+        ("max_pending_requests", cb.max_pending_requests),
+        ("max_requests", cb.max_requests),
+        ("max_retries", cb.max_retries),
+    ] {
+        if value == 0 {
+            errors.push(
+                format!("{path}.circuit_breaker.{name}"),
+                "must be at least 1",
+            );
+        }
+    }
+    let budget = cluster.retry_budget.budget_percent;
+    if !(0.0..=100.0).contains(&budget) {
+        errors.push(
+            format!("{path}.retry_budget.budget_percent"),
+            "must be between 0 and 100",
+        );
+    }
+    if let Some(od) = &cluster.outlier_detection {
+        if od.max_ejection_percent > 100 {
+            errors.push(
+                format!("{path}.outlier_detection.max_ejection_percent"),
+                "must be between 0 and 100",
+            );
+        }
+        if od.base_ejection_time.is_zero() {
+            errors.push(
+                format!("{path}.outlier_detection.base_ejection_time"),
+                "must be more than 0",
+            );
+        }
+        if od.max_ejection_time < od.base_ejection_time {
+            errors.push(
+                format!("{path}.outlier_detection.max_ejection_time"),
+                "must not be less than base_ejection_time",
+            );
+        }
+    }
+}
+
+fn build_route_table(
+    listener: &ListenerFile,
+    path: &str,
+    clusters: &HashSet<&str>,
+    errors: &mut Errors,
+) -> RouteTable {
+    let mut vhosts = Vec::new();
+    let mut all_domains = Vec::new();
+    let mut vhost_names = HashSet::new();
+    let mut seen_domains: HashMap<String, usize> = HashMap::new();
+    for (v, vhost) in listener.virtual_hosts.iter().enumerate() {
+        let vpath = format!("{path}.virtual_hosts[{v}]");
+        if !vhost_names.insert(vhost.name.as_str()) {
+            errors.push(
+                format!("{vpath}.name"),
+                format!("duplicate virtual host name \"{}\"", vhost.name),
+            );
+        }
+        if vhost.domains.is_empty() {
+            errors.push(
+                format!("{vpath}.domains"),
+                "a virtual host needs at least one domain",
+            );
+        }
+        let mut domains = Vec::new();
+        for (d, domain) in vhost.domains.iter().enumerate() {
+            let dpath = format!("{vpath}.domains[{d}]");
+            let normal = domain.to_ascii_lowercase();
+            let normal = normal.strip_suffix('.').unwrap_or(&normal).to_string();
+            if let Err(reason) = check_domain(&normal) {
+                errors.push(dpath, reason);
+                continue;
+            }
+            if let Some(other) = seen_domains.insert(normal.clone(), v) {
+                errors.push(
+                    dpath,
+                    format!(
+                        "domain \"{domain}\" is already served by virtual host \"{}\"",
+                        listener.virtual_hosts[other].name
+                    ),
+                );
+                continue;
+            }
+            domains.push(normal);
+        }
+        let routes = vhost
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(r, route)| {
+                build_route(route, r, &format!("{vpath}.routes[{r}]"), clusters, errors)
+            })
+            .collect();
+        if vhost.routes.is_empty() {
+            errors.push(
+                format!("{vpath}.routes"),
+                "a virtual host needs at least one route",
+            );
+        }
+        vhosts.push(VirtualHost {
+            name: Arc::from(vhost.name.as_str()),
+            routes,
+        });
+        all_domains.push(domains);
+    }
+    RouteTable::new(vhosts, &all_domains)
+}
+
+fn check_domain(domain: &str) -> Result<(), String> {
+    if domain == "*" {
+        return Ok(());
+    }
+    let host = match domain.strip_prefix("*.") {
+        Some(rest) => rest,
+        None if domain.starts_with('*') => {
+            return Err(format!(
+                "\"{domain}\" is not a domain: a wildcard must be \"*\" or \"*.suffix\""
+            ))
+        }
+        None => domain,
+    };
+    let valid = !host.is_empty()
+        && host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("\"{domain}\" is not a domain name"))
+    }
+}
+
+fn build_route(
+    route: &RouteFile,
+    index: usize,
+    path: &str,
+    clusters: &HashSet<&str>,
+    errors: &mut Errors,
+) -> Route {
+    let matcher = build_match(&route.matcher, &format!("{path}.match"), errors);
+    let actions = [
+        route.cluster.is_some(),
+        route.weighted_clusters.is_some(),
+        route.direct_response.is_some(),
+        route.redirect.is_some(),
+    ]
+    .iter()
+    .filter(|set| **set)
+    .count();
+    if actions != 1 {
+        errors.push(
+            path.to_string(),
+            format!(
+                "a route needs exactly one action of cluster, weighted_clusters, direct_response, redirect; found {actions}"
+            ),
+        );
+    }
+    let forwards = route.cluster.is_some() || route.weighted_clusters.is_some();
+    if !forwards {
+        for (name, set) in [
+            ("timeout", route.timeout.is_some()),
+            ("retry", route.retry.is_some()),
+            ("rewrite", route.rewrite.is_some()),
+        ] {
+            if set {
+                errors.push(
+                    format!("{path}.{name}"),
+                    "only routes with a cluster or weighted_clusters action take this",
+                );
+            }
+        }
+    }
+    let is_prefix = matches!(matcher.path, PathMatch::Prefix(_));
+
+    let action = if let Some(direct) = &route.direct_response {
+        let status = match StatusCode::from_u16(direct.status) {
+            Ok(s) if (200..600).contains(&direct.status) => s,
+            _ => {
+                errors.push(
+                    format!("{path}.direct_response.status"),
+                    format!("{} is not a status from 200 to 599", direct.status),
+                );
+                StatusCode::OK
+            }
+        };
+        RouteAction::Direct {
+            status,
+            body: Bytes::from(direct.body.clone()),
+        }
+    } else if let Some(redirect) = &route.redirect {
+        RouteAction::Redirect(build_redirect(
+            redirect,
+            is_prefix,
+            &format!("{path}.redirect"),
+            errors,
+        ))
+    } else {
+        let targets = if let Some(weighted) = &route.weighted_clusters {
+            let wpath = format!("{path}.weighted_clusters");
+            if weighted.is_empty() {
+                errors.push(wpath.clone(), "needs at least one cluster");
+            }
+            let mut cumulative = Vec::new();
+            let mut total = 0u64;
+            for (w, target) in weighted.iter().enumerate() {
+                if !clusters.contains(target.cluster.as_str()) {
+                    errors.push(
+                        format!("{wpath}[{w}].cluster"),
+                        format!("unknown cluster \"{}\"", target.cluster),
+                    );
+                }
+                total += u64::from(target.weight);
+                cumulative.push((Arc::from(target.cluster.as_str()), total));
+            }
+            if !weighted.is_empty() && total == 0 {
+                errors.push(wpath, "the weights add up to 0");
+            }
+            Targets::Weighted(cumulative)
+        } else {
+            let name = route.cluster.clone().unwrap_or_default();
+            if route.cluster.is_some() && !clusters.contains(name.as_str()) {
+                errors.push(
+                    format!("{path}.cluster"),
+                    format!("unknown cluster \"{name}\""),
+                );
+            }
+            Targets::Single(Arc::from(name.as_str()))
+        };
+        let retry = route
+            .retry
+            .as_ref()
+            .map(|r| build_retry(r, &format!("{path}.retry"), errors));
+        let rewrite = route
+            .rewrite
+            .as_ref()
+            .map(|r| build_rewrite(r, is_prefix, &format!("{path}.rewrite"), errors))
+            .unwrap_or_default();
+        let timeout = match route.timeout {
+            Some(t) if t.is_zero() => None,
+            Some(t) => Some(t),
+            None => Some(DEFAULT_ROUTE_TIMEOUT),
+        };
+        RouteAction::Forward(Forward {
+            targets,
+            timeout,
+            retry,
+            rewrite,
+        })
+    };
+
+    Route {
+        name: Arc::from(
+            route
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("route-{index}"))
+                .as_str(),
+        ),
+        matcher,
+        action,
+    }
+}
+
+fn compile_regex(pattern: &str, path: &str, errors: &mut Errors) -> Option<Regex> {
+    // Anchored: the pattern must match the whole value, as Envoy's safe_regex does.
+    match Regex::new(&format!("^(?:{pattern})$")) {
+        Ok(re) => Some(re),
+        Err(err) => {
+            errors.push(path.to_string(), format!("invalid regex: {err}"));
+            None
+        }
+    }
+}
+
+fn build_value_match(
+    exact: &Option<String>,
+    regex: &Option<String>,
+    present: Option<bool>,
+    path: &str,
+    errors: &mut Errors,
+) -> ValueMatch {
+    let set = [exact.is_some(), regex.is_some(), present.is_some()]
+        .iter()
+        .filter(|s| **s)
+        .count();
+    if set > 1 {
+        errors.push(
+            path.to_string(),
+            "give at most one of exact, regex, present",
+        );
+    }
+    if let Some(exact) = exact {
+        ValueMatch::Exact(exact.clone())
+    } else if let Some(pattern) = regex {
+        match compile_regex(pattern, &format!("{path}.regex"), errors) {
+            Some(re) => ValueMatch::Regex(re),
+            None => ValueMatch::Present(true),
+        }
+    } else {
+        ValueMatch::Present(present.unwrap_or(true))
+    }
+}
+
+fn build_match(m: &RouteMatchFile, path: &str, errors: &mut Errors) -> RouteMatch {
+    let path_match = match &m.path {
+        None => PathMatch::Any,
+        Some(p) => {
+            let ppath = format!("{path}.path");
+            let set = [p.exact.is_some(), p.prefix.is_some(), p.regex.is_some()]
+                .iter()
+                .filter(|s| **s)
+                .count();
+            if set != 1 {
+                errors.push(ppath.clone(), "give exactly one of exact, prefix, regex");
+            }
+            if let Some(exact) = &p.exact {
+                if !exact.starts_with('/') {
+                    errors.push(format!("{ppath}.exact"), "must start with /");
+                }
+                PathMatch::Exact(exact.clone())
+            } else if let Some(prefix) = &p.prefix {
+                if !prefix.starts_with('/') {
+                    errors.push(format!("{ppath}.prefix"), "must start with /");
+                }
+                PathMatch::Prefix(prefix.clone())
+            } else if let Some(pattern) = &p.regex {
+                compile_regex(pattern, &format!("{ppath}.regex"), errors)
+                    .map(PathMatch::Regex)
+                    .unwrap_or(PathMatch::Any)
+            } else {
+                PathMatch::Any
+            }
+        }
+    };
+    let headers = m
+        .headers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| {
+            let hpath = format!("{path}.headers[{i}]");
+            let name = match HeaderName::from_bytes(h.name.as_bytes()) {
+                Ok(name) => name,
+                Err(_) => {
+                    errors.push(
+                        format!("{hpath}.name"),
+                        format!("\"{}\" is not a valid header name", h.name),
+                    );
+                    return None;
+                }
+            };
+            let value = build_value_match(&h.exact, &h.regex, h.present, &hpath, errors);
+            Some(HeaderMatch {
+                name,
+                value,
+                invert: h.invert,
+            })
+        })
+        .collect();
+    let methods = m
+        .methods
+        .iter()
+        .enumerate()
+        .filter_map(|(i, method)| match Method::from_bytes(method.as_bytes()) {
+            Ok(parsed) => Some(parsed),
+            Err(_) => {
+                errors.push(
+                    format!("{path}.methods[{i}]"),
+                    format!("\"{method}\" is not an HTTP method"),
+                );
+                None
+            }
+        })
+        .collect();
+    let query = m
+        .query
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let qpath = format!("{path}.query[{i}]");
+            if q.name.is_empty() {
+                errors.push(format!("{qpath}.name"), "must not be empty");
+            }
+            QueryMatch {
+                name: q.name.clone(),
+                value: build_value_match(&q.exact, &q.regex, q.present, &qpath, errors),
+            }
+        })
+        .collect();
+    RouteMatch {
+        path: path_match,
+        headers,
+        methods,
+        query,
+    }
+}
+
+fn build_redirect(r: &RedirectFile, is_prefix: bool, path: &str, errors: &mut Errors) -> Redirect {
+    let status = match r.status {
+        301 | 302 | 303 | 307 | 308 => {
+            StatusCode::from_u16(r.status).unwrap_or(StatusCode::MOVED_PERMANENTLY)
+        }
+        other => {
+            errors.push(
+                format!("{path}.status"),
+                format!("{other} is not one of 301, 302, 303, 307, 308"),
+            );
+            StatusCode::MOVED_PERMANENTLY
+        }
+    };
+    if let Some(scheme) = &r.scheme {
+        if scheme != "http" && scheme != "https" {
+            errors.push(
+                format!("{path}.scheme"),
+                format!("\"{scheme}\" is not http or https"),
+            );
+        }
+    }
+    if r.path.is_some() && r.prefix_rewrite.is_some() {
+        errors.push(path.to_string(), "give at most one of path, prefix_rewrite");
+    }
+    if r.prefix_rewrite.is_some() && !is_prefix {
+        errors.push(
+            format!("{path}.prefix_rewrite"),
+            "needs a prefix path match",
+        );
+    }
+    if let Some(p) = &r.path {
+        if !p.starts_with('/') {
+            errors.push(format!("{path}.path"), "must start with /");
+        }
+    }
+    Redirect {
+        status,
+        scheme: r.scheme.clone(),
+        host: r.host.clone(),
+        port: r.port,
+        path: r.path.clone(),
+        prefix_rewrite: r.prefix_rewrite.clone(),
+        strip_query: r.strip_query,
+    }
+}
+
+fn build_rewrite(r: &RewriteFile, is_prefix: bool, path: &str, errors: &mut Errors) -> Rewrite {
+    if r.prefix.is_some() && r.regex.is_some() {
+        errors.push(path.to_string(), "give at most one of prefix, regex");
+    }
+    if r.prefix.is_some() && !is_prefix {
+        errors.push(format!("{path}.prefix"), "needs a prefix path match");
+    }
+    let regex = r.regex.as_ref().and_then(|rr| {
+        // Not anchored: every match in the path is substituted.
+        match Regex::new(&rr.pattern) {
+            Ok(re) => Some((re, rr.substitution.clone())),
+            Err(err) => {
+                errors.push(
+                    format!("{path}.regex.pattern"),
+                    format!("invalid regex: {err}"),
+                );
+                None
+            }
+        }
+    });
+    let host = r
+        .host
+        .as_ref()
+        .and_then(|h| match HeaderValue::from_str(h) {
+            Ok(v) if !h.is_empty() && http::uri::Authority::try_from(h.as_str()).is_ok() => Some(v),
+            _ => {
+                errors.push(
+                    format!("{path}.host"),
+                    format!("\"{h}\" is not a valid host"),
+                );
+                None
+            }
+        });
+    Rewrite {
+        prefix: r.prefix.clone(),
+        regex,
+        host,
+    }
+}
+
+fn build_retry(r: &RetryFile, path: &str, errors: &mut Errors) -> RetryPolicy {
+    if r.on.is_empty() {
+        errors.push(format!("{path}.on"), "needs at least one condition");
+    }
+    if r.max_attempts == 0 {
+        errors.push(format!("{path}.max_attempts"), "must be at least 1");
+    }
+    if r.on.contains(&RetryOn::RetriableStatusCodes) && r.retriable_status_codes.is_empty() {
+        errors.push(
+            format!("{path}.retriable_status_codes"),
+            "retriable-status-codes needs at least one code",
+        );
+    }
+    for (i, code) in r.retriable_status_codes.iter().enumerate() {
+        if !(100..600).contains(code) {
+            errors.push(
+                format!("{path}.retriable_status_codes[{i}]"),
+                format!("{code} is not a status code"),
+            );
+        }
+    }
+    if r.backoff_base.is_zero() {
+        errors.push(format!("{path}.backoff_base"), "must be more than 0");
+    }
+    if r.per_try_timeout.is_some_and(|t| t.is_zero()) {
+        errors.push(format!("{path}.per_try_timeout"), "must be more than 0");
+    }
+    let backoff_max = r.backoff_max.unwrap_or(r.backoff_base * 10);
+    if backoff_max < r.backoff_base {
+        errors.push(
+            format!("{path}.backoff_max"),
+            "must not be less than backoff_base",
+        );
+    }
+    let mut policy = RetryPolicy::new(&r.on);
+    policy.retriable_status_codes = if r.on.contains(&RetryOn::RetriableStatusCodes) {
+        r.retriable_status_codes.clone()
+    } else {
+        Vec::new()
+    };
+    policy.max_attempts = r.max_attempts.max(1);
+    policy.per_try_timeout = r.per_try_timeout;
+    policy.backoff_base = r.backoff_base;
+    policy.backoff_max = backoff_max;
+    policy.retry_non_idempotent = r.retry_non_idempotent;
+    policy.max_body_bytes = r.max_body_bytes;
+    policy
+}

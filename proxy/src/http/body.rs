@@ -1,0 +1,333 @@
+//! Body types: what goes upstream and what goes back downstream. Bodies
+//! stream frame by frame; only a request that may be retried keeps a copy,
+//! and only up to the route's limit.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::cluster::{EndpointGuard, PooledConnection, RequestGuard};
+use crate::telemetry::CallRecord;
+
+/// Errors a body can yield.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body grew past `max_request_body_bytes`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {limit} bytes")]
+pub struct BodyTooLarge {
+    /// The limit.
+    pub limit: u64,
+}
+
+/// A request body on its way upstream.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// No body.
+    Empty,
+    /// A buffered copy, replayable for retries.
+    Replay {
+        /// Data, taken on the first poll.
+        data: Option<Bytes>,
+        /// Trailers, sent after the data.
+        trailers: Option<HeaderMap>,
+    },
+    /// The downstream body, streamed, with an optional size limit.
+    Streaming {
+        /// The downstream body.
+        inner: Incoming,
+        /// Bytes still allowed; `None` for no limit.
+        remaining: Option<u64>,
+        /// The configured limit, for the error.
+        limit: u64,
+    },
+}
+
+impl RequestBody {
+    /// A replayable copy of buffered data.
+    pub fn replay(data: &Bytes, trailers: &Option<HeaderMap>) -> Self {
+        if data.is_empty() && trailers.is_none() {
+            return RequestBody::Empty;
+        }
+        RequestBody::Replay {
+            data: (!data.is_empty()).then(|| data.clone()),
+            trailers: trailers.clone(),
+        }
+    }
+
+    /// The downstream body back, when it was never polled (a send that did not happen).
+    pub fn into_incoming(self) -> Option<Incoming> {
+        match self {
+            RequestBody::Streaming { inner, .. } => Some(inner),
+            _ => None,
+        }
+    }
+
+    /// Streams `inner`, failing once more than `limit` bytes have passed.
+    pub fn streaming(inner: Incoming, limit: Option<u64>) -> Self {
+        if inner.is_end_stream() {
+            return RequestBody::Empty;
+        }
+        RequestBody::Streaming {
+            inner,
+            remaining: limit,
+            limit: limit.unwrap_or(u64::MAX),
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Replay { data, trailers } => {
+                if let Some(data) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            RequestBody::Streaming {
+                inner,
+                remaining,
+                limit,
+            } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let (Some(left), Some(data)) = (remaining.as_mut(), frame.data_ref()) {
+                        let len = data.len() as u64;
+                        if len > *left {
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
+                                limit: *limit,
+                            }))));
+                        }
+                        *left -= len;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(Box::new(err)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Replay { data, trailers } => data.is_none() && trailers.is_none(),
+            RequestBody::Streaming { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Replay { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestBody::Streaming { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// What an upstream response body holds until it ends: the connection to
+/// give back, the circuit-breaker and LB counts, and the call's record.
+#[derive(Debug)]
+pub struct UpstreamResponse {
+    /// The upstream body.
+    pub inner: Incoming,
+    /// HTTP/1.1 connection to return to its pool at the end of the body.
+    pub pooled: Option<PooledConnection>,
+    /// Held until the end of the body.
+    pub request_guard: Option<RequestGuard>,
+    /// Held until the end of the body.
+    pub endpoint_guard: Option<EndpointGuard>,
+}
+
+/// A response body on its way downstream.
+#[derive(Debug)]
+pub struct ResponseBody {
+    kind: ResponseKind,
+    /// Recorded when the body ends or is dropped.
+    record: Option<CallRecord>,
+    /// Keeps the connection busy (not idle) until the body ends.
+    activity: Option<ActivityGuard>,
+}
+
+/// Requests in flight on one downstream connection and when it last had one,
+/// for the idle timeout.
+#[derive(Debug)]
+pub struct ConnActivity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    last_done: std::sync::Mutex<std::time::Instant>,
+}
+
+impl ConnActivity {
+    /// A connection with nothing in flight yet.
+    pub fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(ConnActivity {
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            last_done: std::sync::Mutex::new(std::time::Instant::now()),
+        })
+    }
+
+    /// Marks a request in flight until the guard drops.
+    pub fn begin(self: &std::sync::Arc<Self>) -> ActivityGuard {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        ActivityGuard(self.clone())
+    }
+
+    /// How long the connection has had nothing in flight; `None` while busy.
+    pub fn idle_for(&self) -> Option<std::time::Duration> {
+        if self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return None;
+        }
+        self.last_done.lock().ok().map(|t| t.elapsed())
+    }
+}
+
+/// One request in flight on a connection.
+#[derive(Debug)]
+pub struct ActivityGuard(std::sync::Arc<ConnActivity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.0.last_done.lock() {
+            *t = std::time::Instant::now();
+        }
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug)]
+enum ResponseKind {
+    Full(Option<Bytes>),
+    Upstream(Box<UpstreamResponse>),
+}
+
+impl ResponseBody {
+    /// A body made by the proxy.
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        let data = data.into();
+        ResponseBody {
+            kind: ResponseKind::Full((!data.is_empty()).then_some(data)),
+            record: None,
+            activity: None,
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        ResponseBody::full(Bytes::new())
+    }
+
+    /// A streamed upstream body.
+    pub fn upstream(upstream: UpstreamResponse) -> Self {
+        ResponseBody {
+            kind: ResponseKind::Upstream(Box::new(upstream)),
+            record: None,
+            activity: None,
+        }
+    }
+
+    /// Attaches the call record, written when the body ends.
+    pub fn with_record(mut self, record: CallRecord) -> Self {
+        self.record = Some(record);
+        self
+    }
+
+    /// Keeps the connection from counting as idle until the body ends.
+    pub fn with_activity(mut self, guard: ActivityGuard) -> Self {
+        self.activity = Some(guard);
+        self
+    }
+
+    fn finish(&mut self, complete: bool) {
+        self.activity.take();
+        if let ResponseKind::Upstream(up) = &mut self.kind {
+            if complete {
+                if let Some(pooled) = up.pooled.take() {
+                    pooled.release();
+                }
+            }
+            up.request_guard.take();
+            up.endpoint_guard.take();
+        }
+        if let Some(mut record) = self.record.take() {
+            if !complete {
+                record.downstream_incomplete();
+            }
+            record.finish();
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // hyper may never poll a body that is empty from the start (204, HEAD).
+        let complete = self.is_end_stream();
+        self.finish(complete);
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            ResponseKind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseKind::Upstream(up) => match Pin::new(&mut up.inner).poll_frame(cx) {
+                Poll::Ready(Some(Err(err))) => {
+                    if let Some(record) = this.record.as_mut() {
+                        record.upstream_reset();
+                    }
+                    Poll::Ready(Some(Err(Box::new(err) as BoxError)))
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let (Some(record), Some(data)) = (this.record.as_mut(), frame.data_ref()) {
+                        record.add_response_bytes(data.len() as u64);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                other => other.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+            },
+        };
+        if let Poll::Ready(None) = polled {
+            this.finish(true);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Full(data) => data.is_none(),
+            ResponseKind::Upstream(up) => up.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Full(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ResponseKind::Upstream(up) => up.inner.size_hint(),
+        }
+    }
+}

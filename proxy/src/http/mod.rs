@@ -1,0 +1,7 @@
+//! The HTTP connection manager: hyper glue, the request path to clusters,
+//! body types and header handling.
+
+pub mod body;
+pub mod headers;
+pub mod proxy;
+pub mod server;

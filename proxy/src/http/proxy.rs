@@ -1,0 +1,800 @@
+//! The HTTP request path: limits, routing, local replies, and forwarding to
+//! a cluster with retries, timeouts and circuit breaking.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::body::{BodyTooLarge, RequestBody, ResponseBody, UpstreamResponse};
+use super::headers::{self as hdr, X_POSTERN_OVERLOADED};
+use crate::cluster::pool::SendError;
+use crate::cluster::{Cluster, ClusterManager, Outcome, RetryGuard, UpstreamError};
+use crate::config::file::UpstreamProtocol;
+use crate::config::Listener;
+use crate::route::{Forward, Redirect, RequestView, RetryPolicy, RouteTable};
+use crate::telemetry::metrics as names;
+use crate::telemetry::{CallRecord, ResponseFlag};
+
+/// Serves the HTTP requests of one listener.
+#[derive(Debug)]
+pub struct HttpProxy {
+    /// The listener's settings.
+    pub listener: Arc<Listener>,
+    /// Trust the client's `x-forwarded-proto` and `x-request-id`.
+    pub trust_downstream: bool,
+    /// Routes.
+    pub routes: Arc<RouteTable>,
+    /// Clusters.
+    pub clusters: Arc<ClusterManager>,
+}
+
+/// A reply made by the proxy itself.
+struct LocalReply {
+    status: StatusCode,
+    message: &'static str,
+    flag: Option<ResponseFlag>,
+    overloaded: bool,
+}
+
+impl LocalReply {
+    fn new(status: StatusCode, message: &'static str, flag: Option<ResponseFlag>) -> Self {
+        LocalReply {
+            status,
+            message,
+            flag,
+            overloaded: false,
+        }
+    }
+
+    fn from_upstream(error: &UpstreamError) -> Self {
+        match error {
+            UpstreamError::Overloaded(_) => LocalReply {
+                overloaded: true,
+                ..LocalReply::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream overloaded",
+                    Some(ResponseFlag::UpstreamOverflow),
+                )
+            },
+            UpstreamError::NoHealthyEndpoint => LocalReply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream",
+                Some(ResponseFlag::NoHealthyUpstream),
+            ),
+            UpstreamError::ConnectTimeout(_)
+            | UpstreamError::Connect { .. }
+            | UpstreamError::Handshake { .. } => LocalReply::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream connect failure",
+                Some(ResponseFlag::UpstreamConnectFailure),
+            ),
+            UpstreamError::Reset { .. } => LocalReply::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream reset before response",
+                Some(ResponseFlag::UpstreamReset),
+            ),
+            UpstreamError::RequestBody(source) => {
+                if is_body_too_large(source) {
+                    LocalReply::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request body too large",
+                        Some(ResponseFlag::DownstreamLimit),
+                    )
+                } else {
+                    LocalReply::new(
+                        StatusCode::BAD_REQUEST,
+                        "request body failed",
+                        Some(ResponseFlag::DownstreamClosed),
+                    )
+                }
+            }
+        }
+    }
+
+    fn timeout() -> Self {
+        LocalReply::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream request timeout",
+            Some(ResponseFlag::UpstreamTimeout),
+        )
+    }
+}
+
+fn is_body_too_large(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<BodyTooLarge>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// The gRPC status for a proxy-made HTTP status (the gRPC HTTP mapping).
+fn grpc_status_for(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "13",
+        401 => "16",
+        403 => "7",
+        404 => "12",
+        408 | 504 => "4",
+        413 | 429 | 431 => "8",
+        _ => "14",
+    }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+fn local_response(
+    reply: &LocalReply,
+    grpc: bool,
+    record: &mut CallRecord,
+) -> Response<ResponseBody> {
+    if let Some(flag) = reply.flag {
+        record.set_flag(flag);
+    }
+    let mut response = if grpc {
+        // A trailers-only response: gRPC clients read the status from headers.
+        record.set_status(200);
+        let mut r = Response::new(ResponseBody::empty());
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(
+            "grpc-status",
+            HeaderValue::from_static(grpc_status_for(reply.status)),
+        );
+        h.insert("grpc-message", HeaderValue::from_static(reply.message));
+        r
+    } else {
+        record.set_status(reply.status.as_u16());
+        let mut r = Response::new(ResponseBody::full(Bytes::from_static(
+            reply.message.as_bytes(),
+        )));
+        *r.status_mut() = reply.status;
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r
+    };
+    if reply.overloaded {
+        response
+            .headers_mut()
+            .insert(&X_POSTERN_OVERLOADED, HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// The request body, as later tries can use it.
+enum BodySource {
+    /// Kept whole: every try sends a copy.
+    Buffered(Bytes, Option<HeaderMap>),
+    /// Streamed once; `None` once a try has taken it.
+    Streaming(Option<Incoming>),
+}
+
+/// The cleaned-up request head sent upstream.
+struct UpstreamHead {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl UpstreamHead {
+    fn to_request(&self, body: RequestBody) -> Request<RequestBody> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+
+    fn into_request(self, body: RequestBody) -> Request<RequestBody> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers;
+        request
+    }
+}
+
+impl HttpProxy {
+    /// Handles one downstream request; never fails (errors become responses).
+    pub async fn handle(
+        &self,
+        peer: SocketAddr,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let mut record = CallRecord::new(start, self.listener.name.clone());
+        let grpc = is_grpc(request.headers());
+        let limits = &self.listener.limits;
+
+        if request.headers().len() > limits.max_request_headers {
+            self.count_limit("request_headers");
+            let reply = LocalReply::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too many request headers",
+                Some(ResponseFlag::DownstreamLimit),
+            );
+            return local_response(&reply, grpc, &mut record);
+        }
+        if let (Some(max), Some(length)) = (
+            limits.max_request_body_bytes,
+            request.body().size_hint().exact(),
+        ) {
+            if length > max {
+                self.count_limit("request_body");
+                let reply = LocalReply::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large",
+                    Some(ResponseFlag::DownstreamLimit),
+                );
+                return local_response(&reply, grpc, &mut record);
+            }
+        }
+
+        let authority = match request_authority(&request) {
+            Some(a) => a,
+            None => {
+                let reply = LocalReply::new(StatusCode::BAD_REQUEST, "missing host", None);
+                return local_response(&reply, grpc, &mut record);
+            }
+        };
+        let view = RequestView {
+            authority: &authority,
+            path: request.uri().path(),
+            query: request.uri().query(),
+            method: request.method(),
+            headers: request.headers(),
+        };
+        let Some((_vhost, route)) = self.routes.route(&view) else {
+            let reply = LocalReply::new(
+                StatusCode::NOT_FOUND,
+                "no route",
+                Some(ResponseFlag::NoRoute),
+            );
+            return local_response(&reply, grpc, &mut record);
+        };
+        record.set_route(&route.name);
+
+        match &route.action {
+            crate::route::RouteAction::Direct { status, body } => {
+                record.set_flag(ResponseFlag::DirectResponse);
+                record.set_status(status.as_u16());
+                let mut response = Response::new(ResponseBody::full(body.clone()));
+                *response.status_mut() = *status;
+                if !body.is_empty() {
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                }
+                response.with_record_body(record)
+            }
+            crate::route::RouteAction::Redirect(redirect) => {
+                record.set_flag(ResponseFlag::DirectResponse);
+                let location =
+                    redirect_location(redirect, &authority, request.uri(), &route.matcher.path);
+                match HeaderValue::from_str(&location) {
+                    Ok(value) => {
+                        record.set_status(redirect.status.as_u16());
+                        let mut response = Response::new(ResponseBody::empty());
+                        *response.status_mut() = redirect.status;
+                        response.headers_mut().insert(header::LOCATION, value);
+                        response.with_record_body(record)
+                    }
+                    Err(_) => {
+                        let reply =
+                            LocalReply::new(StatusCode::BAD_REQUEST, "cannot build redirect", None);
+                        local_response(&reply, grpc, &mut record)
+                    }
+                }
+            }
+            crate::route::RouteAction::Forward(forward) => {
+                let path_match = &route.matcher.path;
+                self.forward(peer, request, authority, forward, path_match, grpc, record)
+                    .await
+            }
+        }
+    }
+
+    fn count_limit(&self, limit: &'static str) {
+        metrics::counter!(
+            names::DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
+            "listener" => self.listener.name.clone(),
+            "limit" => limit,
+        )
+        .increment(1);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        peer: SocketAddr,
+        mut request: Request<Incoming>,
+        authority: String,
+        forward: &Forward,
+        path_match: &crate::route::PathMatch,
+        grpc: bool,
+        mut record: CallRecord,
+    ) -> Response<ResponseBody> {
+        let cluster_name = forward.targets.pick(rand::random());
+        record.set_cluster(cluster_name);
+        let Some(cluster) = self.clusters.get(cluster_name) else {
+            let reply = LocalReply::from_upstream(&UpstreamError::NoHealthyEndpoint);
+            return local_response(&reply, grpc, &mut record);
+        };
+        let request_guard = match cluster.begin_request() {
+            Ok(guard) => guard,
+            Err(err) => return local_response(&LocalReply::from_upstream(&err), grpc, &mut record),
+        };
+
+        let upgrade = request.version() == Version::HTTP_11
+            && hdr::is_upgrade_request(request.headers())
+            && cluster.settings.protocol == UpstreamProtocol::Http1;
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+
+        let (parts, body) = request.into_parts();
+        let head = match self.upstream_head(
+            parts, peer, &authority, forward, path_match, upgrade, cluster,
+        ) {
+            Some(head) => head,
+            None => {
+                let reply =
+                    LocalReply::new(StatusCode::BAD_REQUEST, "invalid request target", None);
+                return local_response(&reply, grpc, &mut record);
+            }
+        };
+
+        let policy = forward
+            .retry
+            .as_ref()
+            .filter(|p| p.max_attempts > 1 && !upgrade);
+        let body_limit = self.listener.limits.max_request_body_bytes;
+        let mut source = match policy {
+            Some(p) if p.allows_method(&head.method) => {
+                match buffer_small_body(body, p.max_body_bytes).await {
+                    Ok(source) => source,
+                    Err(err) => {
+                        return local_response(&LocalReply::from_upstream(&err), grpc, &mut record)
+                    }
+                }
+            }
+            _ => BodySource::Streaming(Some(body)),
+        };
+
+        let deadline = forward.timeout.map(|t| record_start(&record) + t);
+        let mut attempt: u32 = 0;
+        let mut _retry_guard: Option<RetryGuard> = None;
+        let mut head = Some(head);
+        loop {
+            attempt += 1;
+            let endpoint = match cluster.pick(rand::random()) {
+                Ok(endpoint) => endpoint,
+                Err(err) => {
+                    return local_response(&LocalReply::from_upstream(&err), grpc, &mut record)
+                }
+            };
+            let last_try = policy.is_none_or(|p| attempt >= p.max_attempts);
+            let body = match &mut source {
+                BodySource::Buffered(data, trailers) => RequestBody::replay(data, trailers),
+                BodySource::Streaming(incoming) => match incoming.take() {
+                    Some(incoming) => RequestBody::streaming(incoming, body_limit),
+                    None => RequestBody::Empty,
+                },
+            };
+            let upstream_request = match (&head, last_try) {
+                (Some(h), false) => h.to_request(body),
+                _ => match head.take() {
+                    Some(h) => h.into_request(body),
+                    None => break,
+                },
+            };
+
+            let now = Instant::now();
+            let remaining = deadline.map(|d| d.saturating_duration_since(now));
+            let try_timeout = match (policy.and_then(|p| p.per_try_timeout), remaining) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let send = endpoint.endpoint().pool.send(upstream_request);
+            let result = match try_timeout {
+                Some(t) => tokio::time::timeout(t, send).await.ok(),
+                None => Some(send.await),
+            };
+
+            let retry_reason: &'static str;
+            let failure: LocalReply;
+            match result {
+                Some(Ok((mut response, pooled))) => {
+                    let status = response.status().as_u16();
+                    let outcome = if status >= 500 {
+                        Outcome::ServerError
+                    } else {
+                        Outcome::Success
+                    };
+                    cluster.report(endpoint.endpoint(), outcome);
+                    let retry = policy.filter(|p| {
+                        p.retries_status(status) && p.allows_method(&head_method(&head))
+                    });
+                    if retry.is_some() && !last_try && source.replayable() {
+                        if let Some(guard) = self.admit_retry(cluster, deadline) {
+                            _retry_guard = Some(guard);
+                            drop(response);
+                            drop(pooled);
+                            backoff(policy, attempt, deadline).await;
+                            continue;
+                        }
+                        record.set_flag(ResponseFlag::RetryLimitExceeded);
+                    }
+                    let upstream_upgrade =
+                        (status == 101 && upgrade).then(|| hyper::upgrade::on(&mut response));
+                    if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
+                        tokio::spawn(tunnel(down, up));
+                        // The connection now belongs to the tunnel.
+                        drop(pooled);
+                        record.set_status(101);
+                        let (mut parts, _) = response.into_parts();
+                        hdr::strip_hop_by_hop(&mut parts.headers, true);
+                        return Response::from_parts(
+                            parts,
+                            ResponseBody::empty().with_record(record),
+                        );
+                    }
+                    record.set_status(status);
+                    let (mut parts, body) = response.into_parts();
+                    hdr::strip_hop_by_hop(&mut parts.headers, false);
+                    parts.version = Version::HTTP_11;
+                    let body = ResponseBody::upstream(UpstreamResponse {
+                        inner: body,
+                        pooled,
+                        request_guard: Some(request_guard),
+                        endpoint_guard: Some(endpoint),
+                    })
+                    .with_record(record);
+                    return Response::from_parts(parts, body);
+                }
+                Some(Err(SendError { error, unsent })) => {
+                    failure = LocalReply::from_upstream(&error);
+                    let retryable = match &error {
+                        e if e.is_connect_failure() => {
+                            cluster.report(endpoint.endpoint(), Outcome::ConnectFailure);
+                            metrics::counter!(names::UPSTREAM_CONNECT_FAILURES_TOTAL, "cluster" => cluster.name.clone())
+                                .increment(1);
+                            retry_reason = "connect-failure";
+                            // Nothing reached the upstream, so any method may go again.
+                            if let (Some(request), BodySource::Streaming(slot)) =
+                                (unsent, &mut source)
+                            {
+                                *slot = request.into_body().into_incoming();
+                            }
+                            policy.is_some_and(|p| p.on_connect_failure)
+                        }
+                        UpstreamError::Reset { .. } => {
+                            cluster.report(endpoint.endpoint(), Outcome::ServerError);
+                            metrics::counter!(names::UPSTREAM_RESETS_TOTAL, "cluster" => cluster.name.clone())
+                                .increment(1);
+                            retry_reason = "reset";
+                            policy
+                                .is_some_and(|p| p.on_reset && p.allows_method(&head_method(&head)))
+                        }
+                        _ => {
+                            retry_reason = "";
+                            false
+                        }
+                    };
+                    if !(retryable && !last_try && source.has_body_for_retry()) {
+                        return local_response(&failure, grpc, &mut record);
+                    }
+                }
+                None => {
+                    cluster.report(endpoint.endpoint(), Outcome::ServerError);
+                    metrics::counter!(names::UPSTREAM_TIMEOUTS_TOTAL, "cluster" => cluster.name.clone()).increment(1);
+                    failure = LocalReply::timeout();
+                    retry_reason = "per-try-timeout";
+                    let overall_expired = deadline.is_some_and(|d| Instant::now() >= d);
+                    let retryable = policy.is_some_and(|p| {
+                        p.per_try_timeout.is_some()
+                            && (p.on_5xx || p.on_reset)
+                            && p.allows_method(&head_method(&head))
+                    });
+                    if overall_expired || !(retryable && !last_try && source.replayable()) {
+                        return local_response(&failure, grpc, &mut record);
+                    }
+                }
+            }
+            match self.admit_retry(cluster, deadline) {
+                Some(guard) => {
+                    tracing::debug!(cluster = %cluster.name, attempt, reason = retry_reason, "retrying");
+                    _retry_guard = Some(guard);
+                    backoff(policy, attempt, deadline).await;
+                }
+                None => {
+                    record.set_flag(ResponseFlag::RetryLimitExceeded);
+                    return local_response(&failure, grpc, &mut record);
+                }
+            }
+        }
+        let reply = LocalReply::new(StatusCode::BAD_GATEWAY, "request could not be sent", None);
+        local_response(&reply, grpc, &mut record)
+    }
+
+    fn admit_retry(&self, cluster: &Arc<Cluster>, deadline: Option<Instant>) -> Option<RetryGuard> {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
+        }
+        let guard = cluster.begin_retry()?;
+        metrics::counter!(names::UPSTREAM_RETRIES_TOTAL, "cluster" => cluster.name.clone())
+            .increment(1);
+        Some(guard)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn upstream_head(
+        &self,
+        parts: http::request::Parts,
+        peer: SocketAddr,
+        authority: &str,
+        forward: &Forward,
+        path_match: &crate::route::PathMatch,
+        upgrade: bool,
+        cluster: &Cluster,
+    ) -> Option<UpstreamHead> {
+        let http::request::Parts {
+            method,
+            uri,
+            mut headers,
+            ..
+        } = parts;
+        hdr::strip_hop_by_hop(&mut headers, upgrade);
+        hdr::set_forwarding(&mut headers, peer.ip(), self.trust_downstream);
+
+        let path = uri.path();
+        let rewritten: Option<String> =
+            if let (Some(new_prefix), crate::route::PathMatch::Prefix(prefix)) =
+                (&forward.rewrite.prefix, path_match)
+            {
+                Some(format!(
+                    "{new_prefix}{}",
+                    &path[prefix.len().min(path.len())..]
+                ))
+            } else if let Some((re, substitution)) = &forward.rewrite.regex {
+                Some(re.replace_all(path, substitution.as_str()).into_owned())
+            } else {
+                None
+            };
+        let path_and_query = match (rewritten, uri.query()) {
+            (None, _) => uri
+                .path_and_query()
+                .map(|pq| pq.as_str().to_string())
+                .unwrap_or_else(|| "/".into()),
+            (Some(p), None) => p,
+            (Some(p), Some(q)) => format!("{p}?{q}"),
+        };
+        let authority_value = match &forward.rewrite.host {
+            Some(host) => host.clone(),
+            None => HeaderValue::from_str(authority).ok()?,
+        };
+        let (uri, version) = match cluster.settings.protocol {
+            UpstreamProtocol::Http1 => {
+                headers.insert(header::HOST, authority_value);
+                (Uri::try_from(path_and_query).ok()?, Version::HTTP_11)
+            }
+            UpstreamProtocol::Http2 => {
+                headers.remove(header::HOST);
+                let authority = authority_value.to_str().ok()?;
+                let uri = Uri::builder()
+                    .scheme("http")
+                    .authority(authority)
+                    .path_and_query(path_and_query)
+                    .build()
+                    .ok()?;
+                (uri, Version::HTTP_2)
+            }
+        };
+        Some(UpstreamHead {
+            method,
+            uri,
+            version,
+            headers,
+        })
+    }
+}
+
+fn head_method(head: &Option<UpstreamHead>) -> Method {
+    head.as_ref()
+        .map(|h| h.method.clone())
+        .unwrap_or(Method::GET)
+}
+
+fn record_start(record: &CallRecord) -> Instant {
+    record.start()
+}
+
+impl BodySource {
+    /// Whether a later try can send the body again.
+    fn replayable(&self) -> bool {
+        matches!(self, BodySource::Buffered(..))
+    }
+
+    /// Whether the body is still here for another try.
+    fn has_body_for_retry(&self) -> bool {
+        match self {
+            BodySource::Buffered(..) => true,
+            BodySource::Streaming(slot) => slot.is_some(),
+        }
+    }
+}
+
+/// Keeps a body for replays when it is known to be small; streams it otherwise.
+async fn buffer_small_body(body: Incoming, max: usize) -> Result<BodySource, UpstreamError> {
+    if body.is_end_stream() {
+        return Ok(BodySource::Buffered(Bytes::new(), None));
+    }
+    let small = body
+        .size_hint()
+        .upper()
+        .is_some_and(|upper| upper <= max as u64);
+    if !small {
+        return Ok(BodySource::Streaming(Some(body)));
+    }
+    let collected = body.collect().await.map_err(UpstreamError::RequestBody)?;
+    let trailers = collected.trailers().cloned();
+    Ok(BodySource::Buffered(collected.to_bytes(), trailers))
+}
+
+/// Sleeps a full-jitter exponential back-off, never past the deadline.
+async fn backoff(policy: Option<&RetryPolicy>, attempt: u32, deadline: Option<Instant>) {
+    let Some(policy) = policy else { return };
+    let ceiling = policy.backoff(attempt);
+    let jittered = Duration::from_nanos(rand::random_range(0..=ceiling.as_nanos() as u64));
+    let wait = match deadline {
+        Some(d) => jittered.min(d.saturating_duration_since(Instant::now())),
+        None => jittered,
+    };
+    tokio::time::sleep(wait).await;
+}
+
+async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(downstream, upstream) {
+        Ok((down, up)) => {
+            let mut down = TokioIo::new(down);
+            let mut up = TokioIo::new(up);
+            if let Err(err) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                tracing::debug!(error = %err, "upgraded connection ended with an error");
+            }
+        }
+        Err(err) => tracing::debug!(error = %err, "upgrade failed"),
+    }
+}
+
+/// Host or :authority of a request.
+fn request_authority(request: &Request<Incoming>) -> Option<String> {
+    if let Some(authority) = request.uri().authority() {
+        return Some(authority.as_str().to_string());
+    }
+    request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+}
+
+fn redirect_location(
+    redirect: &Redirect,
+    authority: &str,
+    uri: &Uri,
+    path_match: &crate::route::PathMatch,
+) -> String {
+    let scheme = redirect.scheme.as_deref().unwrap_or("http");
+    let original_host = authority.rsplit_once(':').map_or(authority, |(h, p)| {
+        if p.chars().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            authority
+        }
+    });
+    let host = redirect.host.as_deref().unwrap_or(original_host);
+    let authority = match (redirect.port, &redirect.host, redirect.scheme.is_some()) {
+        (Some(port), _, _) => format!("{host}:{port}"),
+        // A changed host or scheme drops the old port, which belonged to the old origin.
+        (None, Some(_), _) | (None, None, true) => host.to_string(),
+        (None, None, false) => authority.to_string(),
+    };
+    let path = match (&redirect.path, &redirect.prefix_rewrite, path_match) {
+        (Some(p), _, _) => p.clone(),
+        (None, Some(new_prefix), crate::route::PathMatch::Prefix(prefix)) => {
+            let rest = uri.path().get(prefix.len()..).unwrap_or("");
+            format!("{new_prefix}{rest}")
+        }
+        _ => uri.path().to_string(),
+    };
+    match uri.query() {
+        Some(q) if !redirect.strip_query => format!("{scheme}://{authority}{path}?{q}"),
+        _ => format!("{scheme}://{authority}{path}"),
+    }
+}
+
+trait WithRecord {
+    fn with_record_body(self, record: CallRecord) -> Self;
+}
+
+impl WithRecord for Response<ResponseBody> {
+    fn with_record_body(self, record: CallRecord) -> Self {
+        let (parts, body) = self.into_parts();
+        Response::from_parts(parts, body.with_record(record))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::PathMatch;
+
+    fn redirect() -> Redirect {
+        Redirect {
+            status: StatusCode::MOVED_PERMANENTLY,
+            scheme: None,
+            host: None,
+            port: None,
+            path: None,
+            prefix_rewrite: None,
+            strip_query: false,
+        }
+    }
+
+    #[test]
+    fn redirect_keeps_what_is_not_set() {
+        let uri: Uri = "/old/x?a=1".parse().unwrap();
+        let r = redirect();
+        assert_eq!(
+            redirect_location(&r, "example.com:8080", &uri, &PathMatch::Any),
+            "http://example.com:8080/old/x?a=1"
+        );
+    }
+
+    #[test]
+    fn redirect_scheme_drops_port_and_rewrites_prefix() {
+        let uri: Uri = "/old/x?a=1".parse().unwrap();
+        let r = Redirect {
+            scheme: Some("https".into()),
+            prefix_rewrite: Some("/new".into()),
+            strip_query: true,
+            ..redirect()
+        };
+        assert_eq!(
+            redirect_location(
+                &r,
+                "example.com:8080",
+                &uri,
+                &PathMatch::Prefix("/old".into())
+            ),
+            "https://example.com/new/x"
+        );
+    }
+
+    #[test]
+    fn grpc_status_mapping() {
+        assert_eq!(grpc_status_for(StatusCode::GATEWAY_TIMEOUT), "4");
+        assert_eq!(grpc_status_for(StatusCode::SERVICE_UNAVAILABLE), "14");
+        assert_eq!(grpc_status_for(StatusCode::NOT_FOUND), "12");
+    }
+}

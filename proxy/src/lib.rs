@@ -1,0 +1,19 @@
+//! Postern: a service-mesh sidecar proxy and API gateway.
+//!
+//! The data plane: config model and its sources, listeners, HTTP and TCP
+//! proxying, clusters and load balancing, the admin server and telemetry.
+//! See `ARCHITECTURE.md` for how the parts fit.
+
+pub mod admin;
+pub mod app;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod listener;
+pub mod route;
+pub mod tcp;
+pub mod telemetry;
+
+pub use app::Proxy;
+pub use config::{Config, ConfigError};

@@ -1,0 +1,153 @@
+//! Accept loops: bind, per-listener connection limits, hand-off to the HTTP
+//! or TCP path, and drain.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify, Semaphore};
+
+use crate::cluster::ClusterManager;
+use crate::config::{Listener, ListenerProtocol};
+use crate::http::proxy::HttpProxy;
+use crate::telemetry::metrics as names;
+
+/// What a connection task watches to know when to wind down.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    /// The listener's name, for metrics.
+    pub listener: Arc<str>,
+    /// Becomes true when draining starts: finish in-flight work, take no more.
+    pub drain: watch::Receiver<bool>,
+    /// Becomes true when the drain time is up: close now.
+    pub force: watch::Receiver<bool>,
+}
+
+/// Counts live connections so that a drain knows when it is done.
+#[derive(Debug, Default)]
+pub struct ConnectionTracker {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+/// One live connection; the tracker counts it until dropped.
+#[derive(Debug)]
+pub struct TrackedConnection(Arc<ConnectionTracker>);
+
+impl Drop for TrackedConnection {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl ConnectionTracker {
+    /// Counts a new connection.
+    pub fn track(self: &Arc<Self>) -> TrackedConnection {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        TrackedConnection(self.clone())
+    }
+
+    /// Connections open now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no connection is open.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.live() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Accepts connections on a bound listener until the drain starts.
+pub async fn run_listener(
+    socket: TcpListener,
+    listener: Arc<Listener>,
+    clusters: Arc<ClusterManager>,
+    tracker: Arc<ConnectionTracker>,
+    mut shutdown: Shutdown,
+) {
+    let limit = Arc::new(Semaphore::new(listener.limits.max_connections));
+    let http = match &listener.protocol {
+        ListenerProtocol::Http(http) => Some((
+            Arc::new(HttpProxy {
+                listener: listener.clone(),
+                trust_downstream: http.trust_downstream,
+                routes: http.routes.clone(),
+                clusters: clusters.clone(),
+            }),
+            Arc::new(crate::http::server::builder(&listener.limits)),
+        )),
+        ListenerProtocol::Tcp(_) => None,
+    };
+    let name = listener.name.clone();
+    let active = metrics::gauge!(names::DOWNSTREAM_CONNECTIONS_ACTIVE, "listener" => name.clone());
+    let total = metrics::counter!(names::DOWNSTREAM_CONNECTIONS_TOTAL, "listener" => name.clone());
+    loop {
+        let accepted = tokio::select! {
+            accepted = socket.accept() => accepted,
+            _ = shutdown.drain.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(listener = %name, error = %err, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            metrics::counter!(
+                names::DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
+                "listener" => name.clone(),
+                "limit" => "connections",
+            )
+            .increment(1);
+            drop(stream);
+            continue;
+        };
+        total.increment(1);
+        active.increment(1.0);
+        let tracked = tracker.track();
+        let conn_shutdown = shutdown.clone();
+        let active = active.clone();
+        match &http {
+            Some((proxy, builder)) => {
+                let proxy = proxy.clone();
+                let builder = builder.clone();
+                tokio::spawn(async move {
+                    crate::http::server::serve_connection(
+                        stream,
+                        peer,
+                        proxy,
+                        builder,
+                        conn_shutdown,
+                    )
+                    .await;
+                    active.decrement(1.0);
+                    drop((permit, tracked));
+                });
+            }
+            None => {
+                let listener = listener.clone();
+                let clusters = clusters.clone();
+                tokio::spawn(async move {
+                    crate::tcp::serve_connection(stream, listener, clusters, conn_shutdown).await;
+                    active.decrement(1.0);
+                    drop((permit, tracked));
+                });
+            }
+        }
+    }
+    tracing::info!(listener = %name, "listener stopped accepting");
+}

@@ -1,0 +1,138 @@
+//! The `postern` binary: parses the command line, sets up the runtime,
+//! telemetry and signals, and runs the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use postern::config::{Config, ConfigError};
+use postern::demo::{self, DemoOptions};
+use postern::{telemetry, Proxy};
+
+#[derive(Parser)]
+#[command(
+    name = "postern",
+    version,
+    about = "A service-mesh sidecar proxy and API gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy from a static YAML config.
+    Run {
+        /// Config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file and report every problem with its field path.
+    Validate {
+        /// Config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the proxy in front of built-in example backends.
+    Demo {
+        /// Address of the demo's HTTP listener.
+        #[arg(long, default_value = "127.0.0.1:10000")]
+        listen: SocketAddr,
+        /// Address of the admin server.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { config } => match Config::from_file(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(err) => report_config_error(&config, &err),
+        },
+        Command::Run { config: path } => {
+            let config = match Config::from_file(&path) {
+                Ok(config) => config,
+                Err(err) => return report_config_error(&path, &err),
+            };
+            run(|| async move { Ok((Proxy::start(config).await?, None)) })
+        }
+        Command::Demo { listen, admin } => run(|| async move {
+            let (proxy, help) = demo::start(DemoOptions { listen, admin }).await?;
+            Ok((proxy, Some(help)))
+        }),
+    }
+}
+
+fn report_config_error(path: &std::path::Path, err: &ConfigError) -> ExitCode {
+    match err {
+        ConfigError::Read { .. } => eprintln!("error: {err}"),
+        _ => {
+            for field in err.field_errors() {
+                eprintln!("error: {}: {field}", path.display());
+            }
+        }
+    }
+    ExitCode::FAILURE
+}
+
+fn run<F, Fut>(start: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(Proxy, Option<String>)>>,
+{
+    telemetry::init_tracing();
+    telemetry::install_prometheus_recorder();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // A sidecar is usually pinned to a core or two; let the operator say how many.
+    if let Some(threads) = std::env::var("POSTERN_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
+        runtime.worker_threads(threads);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let (proxy, help) = start().await?;
+        if let Some(help) = help {
+            println!("{help}");
+        }
+        wait_for_signal(&proxy).await?;
+        proxy.wait().await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts the drain on SIGTERM or SIGINT; returns at once if a drain was
+/// started another way (the admin server), when `wait` takes over.
+async fn wait_for_signal(proxy: &Proxy) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+        _ = proxy.drained_started() => return Ok(()),
+    }
+    proxy.drain();
+    Ok(())
+}

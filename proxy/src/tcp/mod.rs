@@ -1,0 +1,150 @@
+//! L4 proxying: connect to a cluster endpoint, then copy bytes both ways with
+//! half-close and an idle timeout.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::cluster::{ClusterManager, Outcome, UpstreamError};
+use crate::config::{Listener, ListenerProtocol};
+use crate::listener::Shutdown;
+use crate::telemetry::metrics as names;
+
+const COPY_BUF: usize = 16 * 1024;
+
+/// Proxies one downstream TCP connection to the listener's cluster.
+pub async fn serve_connection(
+    downstream: TcpStream,
+    listener: Arc<Listener>,
+    clusters: Arc<ClusterManager>,
+    mut shutdown: Shutdown,
+) {
+    let ListenerProtocol::Tcp(route) = &listener.protocol else {
+        return;
+    };
+    let Some(cluster) = clusters.get(&route.cluster).cloned() else {
+        tracing::warn!(listener = %listener.name, cluster = %route.cluster, "tcp proxy cluster missing");
+        return;
+    };
+    let outcome = |result: &'static str| {
+        metrics::counter!(
+            names::TCP_CONNECTIONS_TOTAL,
+            "listener" => listener.name.clone(),
+            "cluster" => cluster.name.clone(),
+            "result" => result,
+        )
+        .increment(1);
+    };
+    let _permit = match cluster.try_open_connection() {
+        Ok(permit) => permit,
+        Err(_) => return outcome("overflow"),
+    };
+    // Try each endpoint at most once: a refused connect moves on to the next.
+    let mut upstream = None;
+    for _ in 0..cluster.endpoints().len() {
+        let endpoint = match cluster.pick(rand::random()) {
+            Ok(endpoint) => endpoint,
+            Err(_) => break,
+        };
+        let addr = endpoint.endpoint().address;
+        let connect =
+            tokio::time::timeout(cluster.settings.connect_timeout, TcpStream::connect(addr)).await;
+        match connect {
+            Ok(Ok(stream)) => {
+                cluster.report(endpoint.endpoint(), Outcome::Success);
+                upstream = Some((stream, endpoint));
+                break;
+            }
+            Ok(Err(err)) => {
+                let err = UpstreamError::Connect { addr, source: err };
+                tracing::debug!(error = %err, "tcp upstream connect failed");
+            }
+            Err(_) => tracing::debug!(%addr, "tcp upstream connect timed out"),
+        }
+        cluster.report(endpoint.endpoint(), Outcome::ConnectFailure);
+        metrics::counter!(names::UPSTREAM_CONNECT_FAILURES_TOTAL, "cluster" => cluster.name.clone()).increment(1);
+    }
+    let Some((upstream, _endpoint_guard)) = upstream else {
+        return outcome("connect_failure");
+    };
+    let _ = downstream.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+
+    let relay = relay(downstream, upstream, route.idle_timeout);
+    tokio::pin!(relay);
+    let result = tokio::select! {
+        result = &mut relay => result,
+        // TCP has no way to ask a peer to finish; a drain lets the pair run
+        // until the drain time is up.
+        _ = shutdown.force.changed() => {
+            return outcome("drained");
+        }
+    };
+    let (sent, received, how) = result;
+    metrics::counter!(names::TCP_BYTES_TOTAL, "listener" => listener.name.clone(), "direction" => "upstream")
+        .increment(sent);
+    metrics::counter!(names::TCP_BYTES_TOTAL, "listener" => listener.name.clone(), "direction" => "downstream")
+        .increment(received);
+    outcome(how);
+}
+
+/// Copies both ways until both directions end or nothing moves for `idle`.
+/// Returns bytes sent upstream, bytes sent downstream, and how it ended.
+pub async fn relay(
+    downstream: TcpStream,
+    upstream: TcpStream,
+    idle: Duration,
+) -> (u64, u64, &'static str) {
+    let start = Instant::now();
+    let last_active = AtomicU64::new(0);
+    let (mut down_read, mut down_write) = downstream.into_split();
+    let (mut up_read, mut up_write) = upstream.into_split();
+    let to_upstream = copy_half(&mut down_read, &mut up_write, &last_active, start);
+    let to_downstream = copy_half(&mut up_read, &mut down_write, &last_active, start);
+    let both = async { tokio::join!(to_upstream, to_downstream) };
+    tokio::pin!(both);
+    let mut check = tokio::time::interval((idle / 4).max(Duration::from_millis(10)));
+    loop {
+        tokio::select! {
+            (up, down) = &mut both => {
+                let how = if up.is_err() || down.is_err() { "error" } else { "closed" };
+                return (up.unwrap_or(0), down.unwrap_or(0), how);
+            }
+            _ = check.tick() => {
+                let last = Duration::from_millis(last_active.load(Ordering::Relaxed));
+                if start.elapsed().saturating_sub(last) >= idle {
+                    return (0, 0, "idle_timeout");
+                }
+            }
+        }
+    }
+}
+
+/// Copies one direction; on EOF it half-closes the other side's write.
+async fn copy_half<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    last_active: &AtomicU64,
+    start: Instant,
+) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; COPY_BUF];
+    let mut total = 0u64;
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            writer.shutdown().await?;
+            return Ok(total);
+        }
+        writer.write_all(&buf[..n]).await?;
+        total += n as u64;
+        last_active.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,66 @@
+//! Metric names, described once. Labels are config names (listener, route,
+//! cluster), status codes and fixed reasons: never paths, IPs or ids.
+
+/// HTTP requests finished, by `listener`, `route`, `cluster`, `code`, `flags`.
+pub const HTTP_REQUESTS_TOTAL: &str = "postern_http_requests_total";
+/// HTTP request duration until the response ends, by `listener`, `route`, `cluster`.
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "postern_http_request_duration_seconds";
+/// Downstream connections accepted, by `listener`.
+pub const DOWNSTREAM_CONNECTIONS_TOTAL: &str = "postern_downstream_connections_total";
+/// Downstream connections open now, by `listener`.
+pub const DOWNSTREAM_CONNECTIONS_ACTIVE: &str = "postern_downstream_connections_active";
+/// Downstream requests or connections refused by a limit, by `listener`, `limit`.
+pub const DOWNSTREAM_LIMIT_REJECTIONS_TOTAL: &str = "postern_downstream_limit_rejections_total";
+/// Upstream connect failures (refused, timed out, handshake), by `cluster`.
+pub const UPSTREAM_CONNECT_FAILURES_TOTAL: &str = "postern_upstream_connect_failures_total";
+/// Upstream tries beyond the first, by `cluster`. Retries the budget refused
+/// count in `postern_upstream_overflow_total{resource="retries"}`.
+pub const UPSTREAM_RETRIES_TOTAL: &str = "postern_upstream_retries_total";
+/// Upstream timeouts (route or per try), by `cluster`.
+pub const UPSTREAM_TIMEOUTS_TOTAL: &str = "postern_upstream_timeouts_total";
+/// Upstream resets and protocol errors, by `cluster`.
+pub const UPSTREAM_RESETS_TOTAL: &str = "postern_upstream_resets_total";
+/// Circuit-breaker trips, by `cluster` and `resource` (requests, pending requests, retries).
+pub const UPSTREAM_OVERFLOW_TOTAL: &str = "postern_upstream_overflow_total";
+/// Outlier ejections, by `cluster` and `reason`.
+pub const OUTLIER_EJECTIONS_TOTAL: &str = "postern_outlier_ejections_total";
+/// TCP proxy connections finished, by `listener`, `cluster`.
+pub const TCP_CONNECTIONS_TOTAL: &str = "postern_tcp_connections_total";
+/// TCP proxy bytes, by `listener`, `direction` (`upstream`/`downstream`).
+pub const TCP_BYTES_TOTAL: &str = "postern_tcp_bytes_total";
+
+/// Buckets for request durations, in seconds.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Describes every metric to the installed recorder.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests finished");
+    describe_histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "HTTP request duration until the response ends"
+    );
+    describe_counter!(
+        DOWNSTREAM_CONNECTIONS_TOTAL,
+        "Downstream connections accepted"
+    );
+    describe_gauge!(DOWNSTREAM_CONNECTIONS_ACTIVE, "Downstream connections open");
+    describe_counter!(
+        DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
+        "Downstream requests or connections refused by a limit"
+    );
+    describe_counter!(UPSTREAM_CONNECT_FAILURES_TOTAL, "Upstream connect failures");
+    describe_counter!(UPSTREAM_RETRIES_TOTAL, "Upstream retries");
+    describe_counter!(
+        UPSTREAM_TIMEOUTS_TOTAL,
+        "Upstream timeouts (route or per try)"
+    );
+    describe_counter!(UPSTREAM_RESETS_TOTAL, "Upstream resets and protocol errors");
+    describe_counter!(UPSTREAM_OVERFLOW_TOTAL, "Circuit-breaker trips");
+    describe_counter!(OUTLIER_EJECTIONS_TOTAL, "Outlier ejections");
+    describe_counter!(TCP_CONNECTIONS_TOTAL, "TCP proxy connections finished");
+    describe_counter!(TCP_BYTES_TOTAL, Unit::Bytes, "TCP proxy bytes");
+}

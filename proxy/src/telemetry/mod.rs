@@ -1,0 +1,204 @@
+//! Telemetry: tracing setup, metric names, and the per-call record that
+//! feeds metrics when a call ends.
+
+pub mod metrics;
+
+use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::Instant;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use self::metrics as names;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The Prometheus handle, when a recorder was installed.
+pub fn prometheus_handle() -> Option<PrometheusHandle> {
+    HANDLE.get().cloned()
+}
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn install_prometheus_recorder() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(names::HTTP_REQUEST_DURATION_SECONDS.to_string()),
+                    names::DURATION_BUCKETS,
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (embedding, tests); then
+            // this handle renders an empty registry rather than failing start-up.
+            let _ = ::metrics::set_global_recorder(recorder);
+            names::describe();
+            handle
+        })
+        .clone()
+}
+
+/// Sets up `tracing` output from `RUST_LOG` (default `info`) once.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Response flags: a short code for each way a call did not go plainly.
+/// Letters follow Envoy's where the meaning is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFlag {
+    /// No route matched.
+    NoRoute,
+    /// No healthy upstream endpoint.
+    NoHealthyUpstream,
+    /// Upstream connect failure.
+    UpstreamConnectFailure,
+    /// Upstream reset or protocol error.
+    UpstreamReset,
+    /// Upstream timeout.
+    UpstreamTimeout,
+    /// Circuit breaker open.
+    UpstreamOverflow,
+    /// Retries refused by the budget or `max_retries`.
+    RetryLimitExceeded,
+    /// The downstream went away before the response ended.
+    DownstreamClosed,
+    /// A proxy-made direct response or redirect.
+    DirectResponse,
+    /// A downstream limit refused the request.
+    DownstreamLimit,
+}
+
+impl ResponseFlag {
+    /// The short code.
+    pub fn code(self) -> &'static str {
+        match self {
+            ResponseFlag::NoRoute => "NR",
+            ResponseFlag::NoHealthyUpstream => "UH",
+            ResponseFlag::UpstreamConnectFailure => "UF",
+            ResponseFlag::UpstreamReset => "UR",
+            ResponseFlag::UpstreamTimeout => "UT",
+            ResponseFlag::UpstreamOverflow => "UO",
+            ResponseFlag::RetryLimitExceeded => "URX",
+            ResponseFlag::DownstreamClosed => "DC",
+            ResponseFlag::DirectResponse => "DR",
+            ResponseFlag::DownstreamLimit => "DL",
+        }
+    }
+}
+
+/// Static label values for status codes, so recording allocates nothing.
+fn status_label(code: u16) -> &'static str {
+    static CODES: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+        (0..600u16)
+            .map(|c| &*Box::leak(c.to_string().into_boxed_str()))
+            .collect()
+    });
+    CODES.get(code as usize).copied().unwrap_or("other")
+}
+
+/// One HTTP call, recorded to metrics when its response ends.
+#[derive(Debug)]
+pub struct CallRecord {
+    start: Instant,
+    listener: Arc<str>,
+    route: Arc<str>,
+    cluster: Arc<str>,
+    status: u16,
+    flag: Option<ResponseFlag>,
+    response_bytes: u64,
+    finished: bool,
+}
+
+impl CallRecord {
+    /// Starts a record for a call on `listener`.
+    pub fn new(start: Instant, listener: Arc<str>) -> Self {
+        static NONE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("none"));
+        CallRecord {
+            start,
+            listener,
+            route: NONE.clone(),
+            cluster: NONE.clone(),
+            status: 0,
+            flag: None,
+            response_bytes: 0,
+            finished: false,
+        }
+    }
+
+    /// When the call started.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// Sets the matched route.
+    pub fn set_route(&mut self, route: &Arc<str>) {
+        self.route = route.clone();
+    }
+
+    /// Sets the chosen cluster.
+    pub fn set_cluster(&mut self, cluster: &Arc<str>) {
+        self.cluster = cluster.clone();
+    }
+
+    /// Sets the response status.
+    pub fn set_status(&mut self, status: u16) {
+        self.status = status;
+    }
+
+    /// Sets the response flag (the first one set wins).
+    pub fn set_flag(&mut self, flag: ResponseFlag) {
+        self.flag.get_or_insert(flag);
+    }
+
+    /// Counts response body bytes.
+    pub fn add_response_bytes(&mut self, n: u64) {
+        self.response_bytes += n;
+    }
+
+    /// The upstream failed while streaming the body.
+    pub fn upstream_reset(&mut self) {
+        self.set_flag(ResponseFlag::UpstreamReset);
+    }
+
+    /// The downstream stopped reading before the body ended.
+    pub fn downstream_incomplete(&mut self) {
+        self.set_flag(ResponseFlag::DownstreamClosed);
+    }
+
+    /// Writes the record to metrics; later calls do nothing.
+    pub fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let flags = self.flag.map_or("-", ResponseFlag::code);
+        ::metrics::counter!(
+            names::HTTP_REQUESTS_TOTAL,
+            "listener" => self.listener.clone(),
+            "route" => self.route.clone(),
+            "cluster" => self.cluster.clone(),
+            "code" => status_label(self.status),
+            "flags" => flags,
+        )
+        .increment(1);
+        ::metrics::histogram!(
+            names::HTTP_REQUEST_DURATION_SECONDS,
+            "listener" => self.listener.clone(),
+            "route" => self.route.clone(),
+            "cluster" => self.cluster.clone(),
+        )
+        .record(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
