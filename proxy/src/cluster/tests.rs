@@ -1,1 +1,148 @@
+use super::*;
+use crate::config::file::{EndpointFile, LbPolicy, OutlierDetectionFile};
 
+fn cluster(
+    policy: LbPolicy,
+    weights: &[u32],
+    outlier: Option<OutlierDetectionFile>,
+) -> Arc<Cluster> {
+    let yaml = "name: c\nendpoints: []\n";
+    let mut file: ClusterFile = serde_yaml_ng::from_str(yaml).unwrap();
+    file.lb = policy;
+    file.endpoints = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| EndpointFile {
+            address: SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)),
+            weight: *w,
+        })
+        .collect();
+    file.outlier_detection = outlier;
+    Arc::new(Cluster::new(Arc::new(file)))
+}
+
+fn counts(c: &Cluster, n: usize, mut roll: impl FnMut(usize) -> u64) -> Vec<usize> {
+    let mut counts = vec![0; c.endpoints().len()];
+    for i in 0..n {
+        let guard = c.pick(roll(i)).unwrap();
+        let index = c
+            .endpoints()
+            .iter()
+            .position(|e| Arc::ptr_eq(e, guard.endpoint()))
+            .unwrap();
+        counts[index] += 1;
+    }
+    counts
+}
+
+#[test]
+fn round_robin_is_weighted_and_even() {
+    let c = cluster(LbPolicy::RoundRobin, &[1, 1, 1], None);
+    assert_eq!(counts(&c, 300, |_| 0), vec![100, 100, 100]);
+    let c = cluster(LbPolicy::RoundRobin, &[2, 1], None);
+    assert_eq!(counts(&c, 300, |_| 0), vec![200, 100]);
+}
+
+#[test]
+fn random_follows_weights() {
+    let c = cluster(LbPolicy::Random, &[3, 1], None);
+    // Rolls cover the weight space evenly.
+    assert_eq!(counts(&c, 400, |i| i as u64), vec![300, 100]);
+}
+
+#[test]
+fn least_request_prefers_the_idle_endpoint() {
+    let c = cluster(LbPolicy::LeastRequest, &[1, 1], None);
+    // Hold requests on endpoint 0, then let the two choices be 0 and 1.
+    let busy: Vec<_> = (0..5).map(|_| c.pick(0).unwrap()).collect();
+    assert!(busy.iter().all(|g| g.endpoint().address.port() == 10_000));
+    let roll = 1u64 << 32; // first choice 0, second choice 1
+    let guard = c.pick(roll).unwrap();
+    assert_eq!(guard.endpoint().address.port(), 10_001);
+}
+
+fn outlier(max_percent: u32) -> OutlierDetectionFile {
+    OutlierDetectionFile {
+        consecutive_5xx: 3,
+        consecutive_connect_failures: 2,
+        base_ejection_time: Duration::from_secs(60),
+        max_ejection_time: Duration::from_secs(300),
+        max_ejection_percent: max_percent,
+    }
+}
+
+#[test]
+fn consecutive_errors_eject_and_success_resets() {
+    let c = cluster(LbPolicy::RoundRobin, &[1, 1], Some(outlier(50)));
+    let e0 = c.endpoints()[0].clone();
+    c.report(&e0, Outcome::ServerError);
+    c.report(&e0, Outcome::ServerError);
+    c.report(&e0, Outcome::Success);
+    c.report(&e0, Outcome::ServerError);
+    c.report(&e0, Outcome::ServerError);
+    assert_eq!(
+        counts(&c, 4, |_| 0),
+        vec![2, 2],
+        "not ejected after a reset streak"
+    );
+    c.report(&e0, Outcome::ServerError);
+    assert_eq!(counts(&c, 4, |_| 0), vec![0, 4], "ejected after 3 in a row");
+}
+
+#[test]
+fn max_ejection_percent_keeps_endpoints() {
+    let c = cluster(LbPolicy::RoundRobin, &[1, 1], Some(outlier(50)));
+    for e in c.endpoints().to_vec() {
+        c.report(&e, Outcome::ConnectFailure);
+        c.report(&e, Outcome::ConnectFailure);
+    }
+    // Only one of two may be out at 50%.
+    assert_eq!(counts(&c, 4, |_| 0).iter().filter(|n| **n > 0).count(), 1);
+}
+
+#[test]
+fn all_ejected_means_no_healthy_endpoint() {
+    let c = cluster(LbPolicy::RoundRobin, &[1], Some(outlier(100)));
+    let e = c.endpoints()[0].clone();
+    c.report(&e, Outcome::ConnectFailure);
+    c.report(&e, Outcome::ConnectFailure);
+    assert!(matches!(c.pick(0), Err(UpstreamError::NoHealthyEndpoint)));
+}
+
+#[test]
+fn ejection_time_grows_and_caps() {
+    let od = outlier(10);
+    assert_eq!(ejection_time(&od, 1), Duration::from_secs(60));
+    assert_eq!(ejection_time(&od, 3), Duration::from_secs(180));
+    assert_eq!(ejection_time(&od, 9), Duration::from_secs(300));
+}
+
+#[test]
+fn request_and_retry_breakers() {
+    let yaml = "name: c\nendpoints: [{ address: 127.0.0.1:1 }]\ncircuit_breaker: { max_requests: 2, max_retries: 1 }\nretry_budget: { budget_percent: 100, min_retry_concurrency: 5 }\n";
+    let file: ClusterFile = serde_yaml_ng::from_str(yaml).unwrap();
+    let c = Arc::new(Cluster::new(Arc::new(file)));
+    let a = c.begin_request().unwrap();
+    let _b = c.begin_request().unwrap();
+    assert!(matches!(
+        c.begin_request(),
+        Err(UpstreamError::Overloaded("requests"))
+    ));
+    drop(a);
+    let _c = c.begin_request().unwrap();
+    // max_retries caps below the budget.
+    let r = c.begin_retry().unwrap();
+    assert!(c.begin_retry().is_none());
+    drop(r);
+    assert!(c.begin_retry().is_some());
+}
+
+#[test]
+fn retry_budget_scales_with_active_requests() {
+    let yaml = "name: c\nendpoints: [{ address: 127.0.0.1:1 }]\ncircuit_breaker: { max_retries: 1000, max_requests: 1000 }\nretry_budget: { budget_percent: 20, min_retry_concurrency: 1 }\n";
+    let file: ClusterFile = serde_yaml_ng::from_str(yaml).unwrap();
+    let c = Arc::new(Cluster::new(Arc::new(file)));
+    let _requests: Vec<_> = (0..10).map(|_| c.begin_request().unwrap()).collect();
+    let retries: Vec<_> = (0..10).filter_map(|_| c.begin_retry()).collect();
+    assert_eq!(retries.len(), 2, "20% of 10 active requests");
+}

@@ -156,10 +156,13 @@ fn parse_yaml(text: &str) -> Result<ConfigFile, ConfigError> {
         } else {
             path
         };
-        ConfigError::Parse(FieldError {
-            path,
-            reason: err.into_inner().to_string(),
-        })
+        let message = err.into_inner().to_string();
+        // The YAML library puts its own (shorter) path in front; ours is exact.
+        let reason = match message.split_once(": ") {
+            Some((head, rest)) if path.starts_with(head) => rest.to_string(),
+            _ => message,
+        };
+        ConfigError::Parse(FieldError { path, reason })
     })
 }
 

@@ -1,1 +1,197 @@
+use super::*;
 
+const BASE: &str = r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    kind: http
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - name: r0
+            match: { path: { prefix: / } }
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints: [{ address: 127.0.0.1:9 }]
+"#;
+
+fn errors_of(yaml: &str) -> Vec<String> {
+    match Config::from_yaml(yaml) {
+        Ok(_) => panic!("config should be rejected:\n{yaml}"),
+        Err(err) => err.field_errors().iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn assert_error(yaml: &str, path: &str, reason_part: &str) {
+    let errors = errors_of(yaml);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with(&format!("{path}: ")) && e.contains(reason_part)),
+        "expected `{path}: ...{reason_part}...`, got {errors:#?}"
+    );
+}
+
+#[test]
+fn base_config_is_valid() {
+    let config = Config::from_yaml(BASE).unwrap();
+    assert_eq!(config.listeners.len(), 1);
+    assert_eq!(config.drain_timeout, Duration::from_secs(30));
+}
+
+#[test]
+fn unknown_cluster_names_the_route() {
+    let yaml = BASE.replace("cluster: backend", "cluster: paymnts");
+    assert_error(
+        &yaml,
+        "listeners[0].virtual_hosts[0].routes[0].cluster",
+        "unknown cluster \"paymnts\"",
+    );
+}
+
+#[test]
+fn unknown_key_is_an_error_with_its_path() {
+    let yaml = BASE.replace("    kind: http", "    kind: http\n    adress: 127.0.0.1:1");
+    let errors = errors_of(&yaml);
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].starts_with("listeners[0].adress: unknown field `adress`"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn wrong_enum_value() {
+    let yaml = BASE.replace("kind: http", "kind: htp");
+    assert_error(&yaml, "listeners[0].kind", "unknown variant `htp`");
+}
+
+#[test]
+fn bad_duration() {
+    let yaml = format!("drain_timeout: 5 parsecs\n{BASE}");
+    assert_error(&yaml, "drain_timeout", "duration");
+}
+
+#[test]
+fn missing_required_field() {
+    let yaml = BASE.replace("    address: 127.0.0.1:0\n", "");
+    assert_error(&yaml, "listeners[0]", "missing field `address`");
+}
+
+#[test]
+fn bad_regex_is_named() {
+    let yaml = BASE.replace("{ prefix: / }", "{ regex: \"/(unclosed\" }");
+    assert_error(
+        &yaml,
+        "listeners[0].virtual_hosts[0].routes[0].match.path.regex",
+        "invalid regex",
+    );
+}
+
+#[test]
+fn two_actions_are_rejected() {
+    let yaml = BASE.replace(
+        "cluster: backend\n",
+        "cluster: backend\n            direct_response: { status: 200 }\n",
+    );
+    assert_error(
+        &yaml,
+        "listeners[0].virtual_hosts[0].routes[0]",
+        "exactly one action",
+    );
+}
+
+#[test]
+fn duplicate_names() {
+    let yaml = format!("{BASE}  - name: backend\n    endpoints: [{{ address: 127.0.0.1:10 }}]\n");
+    assert_error(&yaml, "clusters[1].name", "duplicate cluster name");
+}
+
+#[test]
+fn tcp_listener_needs_tcp_block() {
+    let yaml = BASE.replace("kind: http", "kind: tcp");
+    let errors = errors_of(&yaml);
+    assert!(
+        errors.iter().any(|e| e.starts_with("listeners[0].tcp: ")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("listeners[0].virtual_hosts: ")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn every_problem_is_reported() {
+    let yaml = BASE
+        .replace("cluster: backend", "cluster: nope")
+        .replace("address: 127.0.0.1:9", "address: 127.0.0.1:0");
+    let errors = errors_of(&yaml);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+}
+
+#[test]
+fn yaml_syntax_error_has_location() {
+    let err = Config::from_yaml("listeners: [\n").unwrap_err().to_string();
+    assert!(err.contains("line"), "{err}");
+}
+
+#[test]
+fn domain_served_twice() {
+    let yaml = BASE.replace(
+        "        domains: [\"*\"]\n",
+        "        domains: [\"a.example.com\", \"A.example.com.\"]\n",
+    );
+    assert_error(
+        &yaml,
+        "listeners[0].virtual_hosts[0].domains[1]",
+        "already served",
+    );
+}
+
+#[test]
+fn retry_and_redirect_checks() {
+    let yaml = BASE.replace(
+        "cluster: backend\n",
+        "cluster: backend\n            retry: { on: [retriable-status-codes], max_attempts: 0 }\n",
+    );
+    assert_error(
+        &yaml,
+        "listeners[0].virtual_hosts[0].routes[0].retry.max_attempts",
+        "at least 1",
+    );
+    assert_error(
+        &yaml,
+        "listeners[0].virtual_hosts[0].routes[0].retry.retriable_status_codes",
+        "needs at least one code",
+    );
+    let yaml = BASE.replace("cluster: backend\n", "redirect: { status: 200 }\n");
+    assert_error(
+        &yaml,
+        "listeners[0].virtual_hosts[0].routes[0].redirect.status",
+        "not one of",
+    );
+}
+
+#[test]
+fn weighted_clusters_need_weight() {
+    let yaml = BASE.replace(
+        "cluster: backend\n",
+        "weighted_clusters: [{ cluster: backend, weight: 0 }]\n",
+    );
+    assert_error(
+        &yaml,
+        "listeners[0].virtual_hosts[0].routes[0].weighted_clusters",
+        "add up to 0",
+    );
+}
+
+#[test]
+fn example_config_is_valid() {
+    let text = include_str!("../../../deploy/examples/gateway.yaml");
+    Config::from_yaml(text).unwrap();
+}
