@@ -19,6 +19,7 @@ use crate::cluster::pool::SendError;
 use crate::cluster::{Cluster, ClusterManager, Outcome, RetryGuard, UpstreamError};
 use crate::config::file::UpstreamProtocol;
 use crate::config::Listener;
+use crate::listener::{ConnectionTracker, Shutdown, TrackedConnection};
 use crate::route::{Forward, Redirect, RequestView, RetryPolicy, RouteTable};
 use crate::telemetry::metrics as names;
 use crate::telemetry::{CallRecord, ResponseFlag};
@@ -34,6 +35,10 @@ pub struct HttpProxy {
     pub routes: Arc<RouteTable>,
     /// Clusters.
     pub clusters: Arc<ClusterManager>,
+    /// Counts upgraded (WebSocket) tunnels as live connections for the drain.
+    pub tracker: Arc<ConnectionTracker>,
+    /// Closes tunnels when the drain time is up.
+    pub shutdown: Shutdown,
 }
 
 /// A reply made by the proxy itself.
@@ -447,7 +452,8 @@ impl HttpProxy {
                     let upstream_upgrade =
                         (status == 101 && upgrade).then(|| hyper::upgrade::on(&mut response));
                     if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
-                        tokio::spawn(tunnel(down, up));
+                        let tracked = self.tracker.track();
+                        tokio::spawn(tunnel(down, up, tracked, self.shutdown.force.clone()));
                         // The connection now belongs to the tunnel.
                         drop(pooled);
                         record.set_status(101);
@@ -595,6 +601,7 @@ impl HttpProxy {
         let (uri, version) = match cluster.settings.protocol {
             UpstreamProtocol::Http1 => {
                 headers.insert(header::HOST, authority_value);
+                join_cookies(&mut headers);
                 (Uri::try_from(path_and_query).ok()?, Version::HTTP_11)
             }
             UpstreamProtocol::Http2 => {
@@ -615,6 +622,23 @@ impl HttpProxy {
             version,
             headers,
         })
+    }
+}
+
+/// HTTP/2 may split `cookie` into several fields; HTTP/1.1 needs one (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let joined = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
@@ -672,16 +696,27 @@ async fn backoff(policy: Option<&RetryPolicy>, attempt: u32, deadline: Option<In
     tokio::time::sleep(wait).await;
 }
 
-async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    match tokio::try_join!(downstream, upstream) {
-        Ok((down, up)) => {
-            let mut down = TokioIo::new(down);
-            let mut up = TokioIo::new(up);
-            if let Err(err) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                tracing::debug!(error = %err, "upgraded connection ended with an error");
+async fn tunnel(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _tracked: TrackedConnection,
+    mut force: tokio::sync::watch::Receiver<bool>,
+) {
+    let relay = async {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((down, up)) => {
+                let mut down = TokioIo::new(down);
+                let mut up = TokioIo::new(up);
+                if let Err(err) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                    tracing::debug!(error = %err, "upgraded connection ended with an error");
+                }
             }
+            Err(err) => tracing::debug!(error = %err, "upgrade failed"),
         }
-        Err(err) => tracing::debug!(error = %err, "upgrade failed"),
+    };
+    tokio::select! {
+        _ = relay => {}
+        _ = force.changed() => {}
     }
 }
 

@@ -84,6 +84,8 @@ pub async fn run_listener(
                 trust_downstream: http.trust_downstream,
                 routes: http.routes.clone(),
                 clusters: clusters.clone(),
+                tracker: tracker.clone(),
+                shutdown: shutdown.clone(),
             }),
             Arc::new(crate::http::server::builder(&listener.limits)),
         )),
