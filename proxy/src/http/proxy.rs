@@ -160,10 +160,13 @@ fn local_response(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        h.insert(
-            "grpc-status",
-            HeaderValue::from_static(grpc_status_for(reply.status)),
-        );
+        let grpc_status = if reply.overloaded {
+            // A breaker refusal is back-pressure, not an outage.
+            "8"
+        } else {
+            grpc_status_for(reply.status)
+        };
+        h.insert("grpc-status", HeaderValue::from_static(grpc_status));
         h.insert("grpc-message", HeaderValue::from_static(reply.message));
         r
     } else {
@@ -232,11 +235,24 @@ impl HttpProxy {
         let grpc = is_grpc(request.headers());
         let limits = &self.listener.limits;
 
-        if request.headers().len() > limits.max_request_headers {
+        // hyper's HTTP/1 buffer bounds the head only to 8 KiB at its finest, so
+        // smaller limits are checked here (HTTP/2 has max_header_list_size too).
+        let head_bytes = request
+            .uri()
+            .path_and_query()
+            .map_or(0, |pq| pq.as_str().len())
+            + request
+                .headers()
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len())
+                .sum::<usize>();
+        if request.headers().len() > limits.max_request_headers
+            || head_bytes > limits.max_request_headers_bytes
+        {
             self.count_limit("request_headers");
             let reply = LocalReply::new(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "too many request headers",
+                "request headers too large",
                 Some(ResponseFlag::DownstreamLimit),
             );
             return local_response(&reply, grpc, &mut record);

@@ -1,0 +1,325 @@
+//! Listener limits (431, 413, header read timeout) and the headers the
+//! proxy adds, replaces and strips on the way upstream.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use postern_tests::client::raw_exchange;
+use postern_tests::{empty, full, get, listener, request, send, start_proxy, H2Conn, HttpBackend};
+
+fn config(limits: &str, http: &str, backend: SocketAddr) -> String {
+    format!(
+        r#"
+        listeners:
+          - name: edge
+            address: 127.0.0.1:0
+            kind: http
+            limits: {{ {limits} }}
+            http: {{ {http} }}
+            virtual_hosts:
+              - name: all
+                domains: ["*"]
+                routes:
+                  - match: {{}}
+                    cluster: c
+        clusters:
+          - name: c
+            endpoints: [{{ address: "{backend}" }}]
+        "#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_request_headers_is_431() {
+    let backend = HttpBackend::start("b").await;
+    let proxy = start_proxy(&config("max_request_headers: 10", "", backend.addr())).await;
+    let edge = listener(&proxy, "edge");
+
+    let mut req = request("GET", "svc.local", "/");
+    for i in 0..20 {
+        req = req.header(format!("x-extra-{i}"), "v");
+    }
+    let response = send(edge, req.body(empty()).unwrap()).await;
+    assert_eq!(response.status, 431);
+    assert_eq!(backend.started(), 0);
+
+    let mut req = request("GET", "svc.local", "/");
+    for i in 0..5 {
+        req = req.header(format!("x-extra-{i}"), "v");
+    }
+    let response = send(edge, req.body(empty()).unwrap()).await;
+    assert_eq!(response.status, 200, "a request under the limit passes");
+}
+
+/// Sends one request with an `x-big` header of `big` bytes over HTTP/1.1 and
+/// HTTP/2 to a listener limited to `limit` header bytes, and one with a small
+/// header; expects 431 for the big one.
+async fn check_header_bytes_limit(limit: usize, big: usize) {
+    let backend = HttpBackend::start("b").await;
+    let proxy = start_proxy(&config(
+        &format!("max_request_headers_bytes: {limit}"),
+        "",
+        backend.addr(),
+    ))
+    .await;
+    let edge = listener(&proxy, "edge");
+    let with_header = |len: usize| {
+        request("GET", "svc.local", "/")
+            .header("x-big", "a".repeat(len))
+            .body(empty())
+            .expect("request")
+    };
+
+    let response = send(edge, with_header(big)).await;
+    assert_eq!(
+        response.status, 431,
+        "http/1.1, limit {limit}, header {big}"
+    );
+    let mut h2 = H2Conn::connect(edge).await.expect("h2 connect");
+    let response = h2.send(with_header(big)).await.expect("h2 exchange");
+    assert_eq!(response.status, 431, "http/2, limit {limit}, header {big}");
+    assert_eq!(backend.started(), 0);
+
+    assert_eq!(
+        send(edge, with_header(512)).await.status,
+        200,
+        "a request under the limit passes"
+    );
+    let mut h2 = H2Conn::connect(edge).await.expect("h2 connect");
+    assert_eq!(
+        h2.send(with_header(512)).await.expect("h2 exchange").status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_request_headers_is_431() {
+    check_header_bytes_limit(16 * 1024, 32 * 1024).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_request_header_limit_is_enforced() {
+    // Below hyper's smallest HTTP/1 read buffer (8 KiB): the limit must
+    // still hold, as the config accepts any value above zero.
+    check_header_bytes_limit(2048, 4096).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_over_limit_is_413_before_reaching_upstream() {
+    let backend = HttpBackend::start("b").await;
+    let proxy = start_proxy(&config("max_request_body_bytes: 1024", "", backend.addr())).await;
+    let edge = listener(&proxy, "edge");
+
+    let req = request("POST", "svc.local", "/upload")
+        .body(full(vec![b'x'; 4096]))
+        .unwrap();
+    let response = send(edge, req).await;
+    assert_eq!(response.status, 413);
+    assert_eq!(
+        backend.started(),
+        0,
+        "a known-too-long body is refused up front"
+    );
+
+    let req = request("POST", "svc.local", "/upload")
+        .body(full(vec![b'x'; 1000]))
+        .unwrap();
+    let response = send(edge, req).await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body.len(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_head_is_cut_off() {
+    let backend = HttpBackend::start("b").await;
+    let proxy = start_proxy(&config("header_read_timeout: 300ms", "", backend.addr())).await;
+    let edge = listener(&proxy, "edge");
+
+    let started = Instant::now();
+    // A head that never ends (no blank line).
+    let reply = raw_exchange(
+        edge,
+        b"GET / HTTP/1.1\r\nHost: svc.local\r\nX-Slow: ",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let elapsed = started.elapsed();
+    assert!(
+        reply.closed,
+        "the connection is still open after 5s: {:?}",
+        reply.text()
+    );
+    assert!(
+        reply.bytes.is_empty() || reply.text().starts_with("HTTP/1.1 408"),
+        "expected 408 or a plain close, got {:?}",
+        reply.text()
+    );
+    assert!(
+        elapsed >= Duration::from_millis(250),
+        "closed after {elapsed:?}, before the timeout"
+    );
+    assert_eq!(backend.started(), 0);
+
+    // A whole head in time is served.
+    assert_eq!(get(edge, "svc.local", "/").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_and_request_id_when_not_trusting_downstream() {
+    let backend = HttpBackend::start("b").await;
+    let proxy = start_proxy(&config("", "", backend.addr())).await;
+    let edge = listener(&proxy, "edge");
+
+    assert_eq!(get(edge, "svc.local", "/").await.status, 200);
+    let first = backend.last_request();
+    assert_eq!(first.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(first.header("x-forwarded-proto"), Some("http"));
+    let first_id = first
+        .header("x-request-id")
+        .expect("x-request-id is generated")
+        .to_owned();
+    assert!(!first_id.is_empty());
+
+    let req = request("GET", "svc.local", "/")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
+        .header("x-request-id", "client-chosen")
+        .body(empty())
+        .unwrap();
+    assert_eq!(send(edge, req).await.status, 200);
+    let second = backend.last_request();
+    assert_eq!(
+        second.header("x-forwarded-for"),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+    assert_eq!(
+        second.header("x-forwarded-proto"),
+        Some("http"),
+        "an untrusted claim is overwritten"
+    );
+    let second_id = second.header("x-request-id").expect("x-request-id");
+    assert_ne!(
+        second_id, "client-chosen",
+        "an untrusted request id is replaced"
+    );
+    assert!(!second_id.is_empty());
+    assert_ne!(second_id, first_id, "request ids are unique");
+    assert_eq!(second.headers.get_all("x-request-id").iter().count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_and_request_id_when_trusting_downstream() {
+    let backend = HttpBackend::start("b").await;
+    let proxy = start_proxy(&config("", "trust_downstream: true", backend.addr())).await;
+    let edge = listener(&proxy, "edge");
+
+    let req = request("GET", "svc.local", "/")
+        .header("x-forwarded-proto", "https")
+        .header("x-request-id", "client-chosen")
+        .body(empty())
+        .unwrap();
+    assert_eq!(send(edge, req).await.status, 200);
+    let seen = backend.last_request();
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(seen.header("x-request-id"), Some("client-chosen"));
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+
+    assert_eq!(get(edge, "svc.local", "/").await.status, 200);
+    let seen = backend.last_request();
+    assert_eq!(
+        seen.header("x-forwarded-proto"),
+        Some("http"),
+        "set when absent"
+    );
+    assert!(
+        seen.header("x-request-id").is_some_and(|v| !v.is_empty()),
+        "generated when absent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_not_forwarded() {
+    let backend = HttpBackend::start("b").await;
+    let proxy = start_proxy(&config("", "", backend.addr())).await;
+    let edge = listener(&proxy, "edge");
+
+    let head = "GET /hop HTTP/1.1\r\n\
+                Host: svc.local\r\n\
+                Connection: close, X-Custom-Hop\r\n\
+                X-Custom-Hop: 1\r\n\
+                Keep-Alive: timeout=5\r\n\
+                Proxy-Connection: keep-alive\r\n\
+                TE: gzip\r\n\
+                X-Keep-Me: yes\r\n\
+                \r\n";
+    let reply = raw_exchange(edge, head.as_bytes(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        reply.text().starts_with("HTTP/1.1 200"),
+        "{:?}",
+        reply.text()
+    );
+    assert!(reply.closed, "Connection: close is honoured");
+    let seen = backend.last_request();
+    for name in [
+        "x-custom-hop",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+    ] {
+        assert!(
+            seen.headers.get(name).is_none(),
+            "{name} was forwarded: {:?}",
+            seen.headers
+        );
+    }
+    // The upstream connection may carry its own Connection header, but never
+    // the client's tokens.
+    let connection = seen
+        .header("connection")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    assert!(
+        !connection.contains("x-custom-hop"),
+        "connection: {connection}"
+    );
+    assert_eq!(seen.header("x-keep-me"), Some("yes"));
+
+    // `TE: trailers` is the one TE value that is kept.
+    let head = "GET /te HTTP/1.1\r\nHost: svc.local\r\nConnection: close\r\nTE: trailers\r\n\r\n";
+    let reply = raw_exchange(edge, head.as_bytes(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        reply.text().starts_with("HTTP/1.1 200"),
+        "{:?}",
+        reply.text()
+    );
+    assert_eq!(backend.last_request().header("te"), Some("trailers"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_header_without_websocket_is_not_forwarded() {
+    let backend = HttpBackend::start("b").await;
+    let proxy = start_proxy(&config("", "", backend.addr())).await;
+    let edge = listener(&proxy, "edge");
+
+    let head = "GET /up HTTP/1.1\r\nHost: svc.local\r\nConnection: close\r\nUpgrade: foo/1\r\n\r\n";
+    let reply = raw_exchange(edge, head.as_bytes(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        reply.text().starts_with("HTTP/1.1 200"),
+        "{:?}",
+        reply.text()
+    );
+    let seen = backend.last_request();
+    assert!(
+        seen.headers.get("upgrade").is_none(),
+        "upgrade was forwarded: {:?}",
+        seen.headers
+    );
+}
