@@ -142,7 +142,13 @@ fn path_header_method_query_matrix() {
     let t = table(ROUTES);
     let get = Method::GET;
     let post = Method::POST;
-    let cases: &[(&Method, &str, &[(&str, &str)], Option<&str>)] = &[
+    type Case<'a> = (
+        &'a Method,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        Option<&'a str>,
+    );
+    let cases: &[Case<'_>] = &[
         (&get, "/exact", &[], Some("v/exact")),
         (&get, "/exact/more", &[], None),
         (&get, "/items/42", &[], Some("v/regex")),
