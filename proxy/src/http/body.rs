@@ -10,6 +10,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::conn::ActivityGuard;
 use crate::cluster::{EndpointGuard, PooledConnection, RequestGuard};
 use crate::telemetry::CallRecord;
 
@@ -161,54 +162,6 @@ pub struct ResponseBody {
     record: Option<CallRecord>,
     /// Keeps the connection busy (not idle) until the body ends.
     activity: Option<ActivityGuard>,
-}
-
-/// Requests in flight on one downstream connection and when it last had one,
-/// for the idle timeout.
-#[derive(Debug)]
-pub struct ConnActivity {
-    in_flight: std::sync::atomic::AtomicUsize,
-    last_done: std::sync::Mutex<std::time::Instant>,
-}
-
-impl ConnActivity {
-    /// A connection with nothing in flight yet.
-    pub fn new() -> std::sync::Arc<Self> {
-        std::sync::Arc::new(ConnActivity {
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
-            last_done: std::sync::Mutex::new(std::time::Instant::now()),
-        })
-    }
-
-    /// Marks a request in flight until the guard drops.
-    pub fn begin(self: &std::sync::Arc<Self>) -> ActivityGuard {
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        ActivityGuard(self.clone())
-    }
-
-    /// How long the connection has had nothing in flight; `None` while busy.
-    pub fn idle_for(&self) -> Option<std::time::Duration> {
-        if self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0 {
-            return None;
-        }
-        self.last_done.lock().ok().map(|t| t.elapsed())
-    }
-}
-
-/// One request in flight on a connection.
-#[derive(Debug)]
-pub struct ActivityGuard(std::sync::Arc<ConnActivity>);
-
-impl Drop for ActivityGuard {
-    fn drop(&mut self) {
-        if let Ok(mut t) = self.0.last_done.lock() {
-            *t = std::time::Instant::now();
-        }
-        self.0
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
 }
 
 #[derive(Debug)]

@@ -2,6 +2,7 @@
 //! body types and header handling.
 
 pub mod body;
+pub mod conn;
 pub mod headers;
 pub mod proxy;
 pub mod server;

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::Request;
 use hyper::body::Incoming;
@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 
-use super::body::ConnActivity;
+use super::conn::{ConnActivity, ConnState, CountingStream};
 use super::proxy::HttpProxy;
 use crate::config::file::ListenerLimitsFile;
 use crate::listener::Shutdown;
@@ -29,7 +29,8 @@ pub fn builder(limits: &ListenerLimitsFile) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Kept in `serve_connection` instead: hyper's also runs between requests.
+        .header_read_timeout(None)
         // The read buffer bounds the request head: past it hyper answers 431.
         .max_buf_size(limits.max_request_headers_bytes.max(MIN_BUF))
         .max_headers(limits.max_request_headers)
@@ -55,8 +56,8 @@ pub async fn serve_connection(
     mut shutdown: Shutdown,
 ) {
     let _ = stream.set_nodelay(true);
-    // A second handle on the socket lets us answer 408 after hyper gives up
-    // on a slow request head (hyper closes without a response).
+    // A second handle on the socket lets us answer 408 and close when a
+    // request head is too slow, whatever state hyper is in.
     let (stream, spare) = match split_handle(stream) {
         Ok(pair) => pair,
         Err(err) => {
@@ -65,9 +66,11 @@ pub async fn serve_connection(
         }
     };
     let activity = ConnActivity::new();
-    let idle_timeout = proxy.listener.limits.idle_timeout;
+    let limits = &proxy.listener.limits;
+    let (idle_timeout, head_timeout) = (limits.idle_timeout, limits.header_read_timeout);
     let service = {
         let activity = activity.clone();
+        let proxy = proxy.clone();
         service_fn(move |request: Request<Incoming>| {
             let proxy = proxy.clone();
             let guard = activity.begin();
@@ -78,10 +81,14 @@ pub async fn serve_connection(
             }
         })
     };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let io = TokioIo::new(CountingStream::new(stream, activity.clone()));
+    let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let mut idle_check = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
-    idle_check.tick().await;
+    let tick = (idle_timeout.min(head_timeout) / 4).max(Duration::from_millis(10));
+    let mut timers = tokio::time::interval(tick);
+    timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timers.tick().await;
+    let mut head_started: Option<Instant> = None;
     let mut draining = false;
     let result = loop {
         tokio::select! {
@@ -90,20 +97,44 @@ pub async fn serve_connection(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = shutdown.force.changed() => {
-                return;
-            }
-            _ = idle_check.tick(), if !draining => {
-                if activity.idle_for().is_some_and(|idle| idle >= idle_timeout) {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
+            _ = shutdown.force.changed() => return,
+            _ = timers.tick() => match activity.state() {
+                ConnState::Busy => head_started = None,
+                ConnState::ReadingHead => {
+                    let since = *head_started.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= head_timeout {
+                        reject_slow_head(&spare, &shutdown.listener);
+                        return;
+                    }
                 }
-            }
+                ConnState::Idle(idle) => {
+                    head_started = None;
+                    if idle >= idle_timeout && !draining {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            },
         }
     };
     if let Err(err) = result {
-        on_connection_error(&*err, &shutdown.listener, spare);
+        on_connection_error(&*err, &shutdown.listener);
     }
+}
+
+/// Answers 408 on a connection whose request head is too slow, and closes it.
+fn reject_slow_head(spare: &std::net::TcpStream, listener: &Arc<str>) {
+    let mut socket = spare;
+    let _ = socket.write_all(
+        b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+    );
+    let _ = socket.shutdown(std::net::Shutdown::Both);
+    metrics::counter!(
+        names::DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
+        "listener" => listener.clone(),
+        "limit" => "header_read_timeout",
+    )
+    .increment(1);
 }
 
 fn split_handle(stream: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpStream)> {
@@ -112,36 +143,20 @@ fn split_handle(stream: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpS
     Ok((TcpStream::from_std(std_stream)?, spare))
 }
 
-fn on_connection_error(
-    err: &(dyn std::error::Error + Send + Sync + 'static),
-    listener: &Arc<str>,
-    mut spare: std::net::TcpStream,
-) {
-    let Some(hyper_err) = find_hyper_error(err) else {
-        tracing::debug!(error = %err, "downstream connection error");
-        return;
-    };
-    let limit = if hyper_err.is_timeout() {
-        // The header-read timeout fired: say so before closing, as RFC 9110 §15.5.9 allows.
-        let _ = spare.write_all(
-            b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
-        );
-        let _ = spare.shutdown(std::net::Shutdown::Write);
-        Some("header_read_timeout")
-    } else if hyper_err.is_parse_too_large() {
-        Some("request_headers")
-    } else {
-        None
-    };
-    if let Some(limit) = limit {
-        metrics::counter!(
-            names::DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
-            "listener" => listener.clone(),
-            "limit" => limit,
-        )
-        .increment(1);
+fn on_connection_error(err: &(dyn std::error::Error + Send + Sync + 'static), listener: &Arc<str>) {
+    match find_hyper_error(err) {
+        Some(hyper_err) if hyper_err.is_parse_too_large() => {
+            // hyper has already answered 431.
+            metrics::counter!(
+                names::DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
+                "listener" => listener.clone(),
+                "limit" => "request_headers",
+            )
+            .increment(1);
+        }
+        _ => {}
     }
-    tracing::debug!(error = %hyper_err, "downstream connection error");
+    tracing::debug!(error = %err, "downstream connection error");
 }
 
 fn find_hyper_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a hyper::Error> {

@@ -1,0 +1,159 @@
+//! Per-connection bookkeeping for downstream HTTP connections: requests in
+//! flight, bytes read, and the timers that hyper cannot run for us.
+//!
+//! hyper's own HTTP/1 header timeout also runs while a kept-alive connection
+//! waits for its next request, which would close idle connections after a
+//! few seconds and answer 408 to clients that sent nothing. So the idle
+//! timeout and the header-read timeout are both kept here, told apart by
+//! whether any byte arrived since the last request ended.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Activity of one downstream connection.
+#[derive(Debug)]
+pub struct ConnActivity {
+    in_flight: AtomicUsize,
+    bytes_read: AtomicU64,
+    bytes_read_when_done: AtomicU64,
+    last_done: Mutex<Instant>,
+    /// HTTP/2: bytes between requests are control frames, not a slow head.
+    http2: AtomicBool,
+}
+
+/// What the connection is doing, as its timers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// A request is in flight.
+    Busy,
+    /// Bytes of a request head arrived; the head is not complete yet.
+    ReadingHead,
+    /// Nothing in flight and nothing received, for this long.
+    Idle(Duration),
+}
+
+impl ConnActivity {
+    /// A new connection: nothing in flight, nothing read.
+    pub fn new() -> Arc<Self> {
+        Arc::new(ConnActivity {
+            in_flight: AtomicUsize::new(0),
+            bytes_read: AtomicU64::new(0),
+            bytes_read_when_done: AtomicU64::new(0),
+            last_done: Mutex::new(Instant::now()),
+            http2: AtomicBool::new(false),
+        })
+    }
+
+    /// Marks a request in flight until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        ActivityGuard(self.clone())
+    }
+
+    /// The connection's state now.
+    pub fn state(&self) -> ConnState {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return ConnState::Busy;
+        }
+        let unanswered = self.bytes_read.load(Ordering::Acquire)
+            > self.bytes_read_when_done.load(Ordering::Acquire);
+        if unanswered && !self.http2.load(Ordering::Acquire) {
+            return ConnState::ReadingHead;
+        }
+        let since = self
+            .last_done
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default();
+        ConnState::Idle(since)
+    }
+}
+
+/// One request in flight on a connection.
+#[derive(Debug)]
+pub struct ActivityGuard(Arc<ConnActivity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.0.last_done.lock() {
+            *t = Instant::now();
+        }
+        let read = self.0.bytes_read.load(Ordering::Acquire);
+        self.0.bytes_read_when_done.store(read, Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A TCP stream that counts the bytes read from it.
+#[derive(Debug)]
+pub struct CountingStream {
+    inner: TcpStream,
+    activity: Arc<ConnActivity>,
+}
+
+impl CountingStream {
+    /// Wraps a stream; reads are counted into `activity`.
+    pub fn new(inner: TcpStream, activity: Arc<ConnActivity>) -> Self {
+        CountingStream { inner, activity }
+    }
+}
+
+impl AsyncRead for CountingStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            let previous = this
+                .activity
+                .bytes_read
+                .fetch_add(read as u64, Ordering::AcqRel);
+            if previous == 0 && buf.filled()[before..].starts_with(b"PRI ") {
+                this.activity.http2.store(true, Ordering::Release);
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for CountingStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
