@@ -357,3 +357,63 @@ async fn idle_keep_alive_outlives_header_timeout_and_closes_at_idle_timeout() {
         idle_since.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    let backend = HttpBackend::start("b").await;
+    let proxy = start_proxy(&config("", "", backend.addr())).await;
+    let edge = listener(&proxy, "edge");
+
+    let pipelined = b"GET /first HTTP/1.1\r\nHost: svc.local\r\n\r\n\
+        POST /second HTTP/1.1\r\nHost: svc.local\r\nContent-Length: 5\r\n\r\nhello\
+        GET /third HTTP/1.1\r\nHost: svc.local\r\nConnection: close\r\n\r\n";
+    let reply = raw_exchange(edge, pipelined, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(reply.closed, "connection: close on the last request closes");
+    let text = reply.text();
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 3, "{text}");
+    let paths: Vec<String> = backend
+        .requests()
+        .iter()
+        .map(|r| r.path_and_query())
+        .collect();
+    assert_eq!(paths, ["/first", "/second", "/third"]);
+    assert_eq!(backend.requests()[1].body_len, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_max_are_closed_at_once() {
+    let backend = HttpBackend::start("b").await;
+    let proxy = start_proxy(&config("max_connections: 2", "", backend.addr())).await;
+    let edge = listener(&proxy, "edge");
+
+    let mut first = H1Conn::connect(edge).await.unwrap();
+    let mut second = H1Conn::connect(edge).await.unwrap();
+    let req = || request("GET", "svc.local", "/").body(empty()).unwrap();
+    assert_eq!(first.send(req()).await.unwrap().status, 200);
+    assert_eq!(second.send(req()).await.unwrap().status, 200);
+
+    let reply = raw_exchange(
+        edge,
+        b"GET / HTTP/1.1\r\nHost: svc.local\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert!(reply.closed && reply.bytes.is_empty(), "{:?}", reply.text());
+    assert_eq!(backend.started(), 2);
+
+    drop(first);
+    postern_tests::eventually("a slot to free up", || async {
+        let reply = raw_exchange(
+            edge,
+            b"GET / HTTP/1.1\r\nHost: svc.local\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await
+        .ok()?;
+        reply.text().starts_with("HTTP/1.1 200").then_some(())
+    })
+    .await;
+}

@@ -476,3 +476,65 @@ async fn big_response_body_streams_through() {
         "the backend had produced {produced} bytes when the first arrived"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_idle_timeout_closes_a_silent_pair() {
+    let backend = TcpBackend::echo().await;
+    let yaml = tcp_config(backend.addr()).replace(
+        "              cluster: echo\n",
+        "              cluster: echo\n              idle_timeout: 300ms\n",
+    );
+    let proxy = start_proxy(&yaml).await;
+    let addr = listener(&proxy, "tcp");
+
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    within(
+        Duration::from_secs(5),
+        "the idle pair to close",
+        stream.read_to_end(&mut rest),
+    )
+    .await
+    .unwrap();
+    assert!(rest.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed after {:?}, before the idle timeout",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connect_failure_moves_to_the_next_endpoint() {
+    let backend = TcpBackend::echo().await;
+    let dead = postern_tests::dead_addr();
+    let yaml = tcp_config(backend.addr()).replace(
+        &format!("endpoints: [{{ address: \"{}\" }}]", backend.addr()),
+        &format!(
+            "endpoints: [{{ address: \"{dead}\" }}, {{ address: \"{}\" }}]",
+            backend.addr()
+        ),
+    );
+    assert!(yaml.contains(&dead.to_string()));
+    let proxy = start_proxy(&yaml).await;
+    let addr = listener(&proxy, "tcp");
+    for _ in 0..4 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"hi").await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut echoed = Vec::new();
+        within(
+            Duration::from_secs(5),
+            "echo",
+            stream.read_to_end(&mut echoed),
+        )
+        .await
+        .unwrap();
+        assert_eq!(echoed, b"hi");
+    }
+}

@@ -415,6 +415,51 @@ async fn circuit_breaker_rejects_over_max_requests_with_overloaded_header() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_queues_then_overflows_pending_requests() {
+    let backend = HttpBackend::start("b").await;
+    let cluster = "    circuit_breaker:
+      max_connections: 1
+      max_pending_requests: 1";
+    let proxy = start_proxy(&one_route("", cluster, &[backend.addr()])).await;
+    let edge = listener(&proxy, "edge");
+
+    backend.script([Reply::delay(Duration::from_millis(800))]);
+    let slow = tokio::spawn(async move { get(edge, "svc.local", "/slow").await });
+    let b = &backend;
+    wait_until(
+        "the slow request to hold the only connection",
+        || async move { b.in_flight() == 1 },
+    )
+    .await;
+    // The second waits for the connection; the third finds the queue full.
+    let queued = tokio::spawn(async move { get(edge, "svc.local", "/queued").await });
+    let overflow = postern_tests::eventually("the pending queue to fill", || async {
+        let response = get(edge, "svc.local", "/overflow").await;
+        (response.status == 503).then_some(response)
+    })
+    .await;
+    assert_eq!(overflow.header("x-postern-overloaded"), Some("true"));
+
+    let slow = within(Duration::from_secs(10), "the slow request", slow)
+        .await
+        .unwrap();
+    let queued = within(Duration::from_secs(10), "the queued request", queued)
+        .await
+        .unwrap();
+    assert_eq!(slow.status, 200);
+    assert_eq!(queued.status, 200);
+    assert_eq!(
+        backend.connections(),
+        1,
+        "one upstream connection served both"
+    );
+    assert!(backend
+        .requests()
+        .iter()
+        .all(|r| r.path_and_query() != "/overflow"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outlier_detection_ejects_after_consecutive_5xx_and_returns_after_ejection_time() {
     const EJECTION: Duration = Duration::from_millis(1000);
     let good = HttpBackend::start("good").await;

@@ -333,11 +333,9 @@ impl Cluster {
             .iter()
             .filter(|e| self.is_ejected(e, now))
             .count();
-        // Envoy's rule: eject while the share already ejected is below the maximum.
-        if ejected * 100 >= od.max_ejection_percent as usize * self.endpoints.len() && ejected > 0 {
-            return;
-        }
-        if od.max_ejection_percent == 0 {
+        // Envoy's rule: eject while the share already ejected is below the
+        // maximum, so one endpoint may always go unless the maximum is 0.
+        if ejected * 100 >= od.max_ejection_percent as usize * self.endpoints.len() {
             return;
         }
         let ejections = endpoint.ejections.fetch_add(1, Ordering::AcqRel) + 1;

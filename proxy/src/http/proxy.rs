@@ -401,7 +401,7 @@ impl HttpProxy {
             _ => BodySource::Streaming(Some(body)),
         };
 
-        let deadline = forward.timeout.map(|t| record_start(&record) + t);
+        let deadline = forward.timeout.map(|t| record.start() + t);
         let mut attempt: u32 = 0;
         let mut _retry_guard: Option<RetryGuard> = None;
         let mut head = Some(head);
@@ -662,10 +662,6 @@ fn head_method(head: &Option<UpstreamHead>) -> Method {
     head.as_ref()
         .map(|h| h.method.clone())
         .unwrap_or(Method::GET)
-}
-
-fn record_start(record: &CallRecord) -> Instant {
-    record.start()
 }
 
 impl BodySource {
