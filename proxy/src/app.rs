@@ -17,7 +17,7 @@ use crate::cluster::ClusterManager;
 use crate::config::Config;
 use crate::listener::{run_listener, ConnectionTracker, Shutdown};
 
-/// How often idle upstream connections are swept.
+/// How often idle upstream connections are swept and metrics upkept.
 const REAP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A running proxy.
@@ -87,6 +87,11 @@ impl Proxy {
                 loop {
                     tick.tick().await;
                     clusters.reap_idle();
+                    // Histograms keep raw samples until upkeep folds them in;
+                    // without it memory grows with traffic between scrapes.
+                    if let Some(handle) = crate::telemetry::prometheus_handle() {
+                        handle.run_upkeep();
+                    }
                 }
             })
         };

@@ -89,15 +89,21 @@ where
 {
     telemetry::init_tracing();
     telemetry::install_prometheus_recorder();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    // A sidecar is usually pinned to a core or two; let the operator say how many.
-    if let Some(threads) = std::env::var("POSTERN_WORKER_THREADS")
+    // A sidecar is usually given a core or two; let the operator say how many.
+    // With one, a single-threaded runtime skips the work-stealing machinery.
+    let threads = std::env::var("POSTERN_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-    {
-        runtime.worker_threads(threads);
-    }
+        .filter(|n| *n > 0);
+    let mut runtime = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -705,16 +705,26 @@ async fn grpc_overload_is_resource_exhausted() {
     let call = grpc_call;
 
     // Circuit breaker open: RESOURCE_EXHAUSTED. One slow call holds the only
-    // slot; poll with quick calls until one is turned away.
-    let mut slow_client = client.clone();
-    let slow_call = call("busy", "sleep:2000");
-    let slow = tokio::spawn(async move { slow_client.say(slow_call).await });
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    // slot; poll with quick calls until one is turned away. A quick call may
+    // hold the slot at the moment the slow one arrives and turn it away
+    // instead: then the slow call is sent again.
+    let slow_call = |client: &grpc::pb::echo_client::EchoClient<tonic::transport::Channel>| {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.say(grpc_call("busy", "sleep:5000")).await })
+    };
+    let mut slow = slow_call(&client);
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
     let overloaded = loop {
         assert!(
             std::time::Instant::now() < deadline,
             "no call was turned away while the slow one held the slot"
         );
+        if slow.is_finished() {
+            let lost = slow.await.unwrap().unwrap_err();
+            assert_eq!(lost.code(), tonic::Code::ResourceExhausted, "{lost:?}");
+            slow = slow_call(&client);
+            continue;
+        }
         match client.say(call("busy", "hi")).await {
             Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             Err(status) => break status,
@@ -729,7 +739,7 @@ async fn grpc_overload_is_resource_exhausted() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(reply.into_inner().message, "sleep:2000");
+    assert_eq!(reply.into_inner().message, "sleep:5000");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

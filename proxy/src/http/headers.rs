@@ -1,6 +1,7 @@
 //! Header handling between hops: hop-by-hop removal (RFC 9110 §7.6.1),
 //! forwarding headers, request ids.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -34,6 +35,11 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Connection: upgrade` stay so an upgrade can pass through. A `TE` that
 /// asks for trailers is kept as `te: trailers` (gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names is cheaper than a
+    // hashed removal of each hop-by-hop name.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -74,21 +80,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::TRAILER
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Sets `x-forwarded-for`, `x-forwarded-proto` and `x-request-id` for the
 /// upstream. Untrusted clients cannot choose the proto or the request id;
 /// the peer address is always appended.
 pub fn set_forwarding(headers: &mut HeaderMap, peer: IpAddr, trust_downstream: bool) {
-    let peer_text = peer.to_string();
     // Several x-forwarded-for lines fold into one list, in order, then the peer.
-    let folded = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .chain(std::iter::once(peer_text.as_str()))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut folded = String::with_capacity(48);
+    for value in headers.get_all(&X_FORWARDED_FOR).iter() {
+        if let Ok(text) = value.to_str() {
+            let text = text.trim();
+            if !text.is_empty() {
+                folded.push_str(text);
+                folded.push_str(", ");
+            }
+        }
+    }
+    let _ = write!(folded, "{peer}");
     if let Ok(value) = HeaderValue::from_str(&folded) {
         headers.insert(&X_FORWARDED_FOR, value);
     }

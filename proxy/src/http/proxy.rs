@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -22,7 +23,7 @@ use crate::config::Listener;
 use crate::listener::{ConnectionTracker, Shutdown, TrackedConnection};
 use crate::route::{Forward, Redirect, RequestView, RetryPolicy, RouteTable};
 use crate::telemetry::metrics as names;
-use crate::telemetry::{CallRecord, ResponseFlag};
+use crate::telemetry::{CallMetrics, CallRecord, ResponseFlag};
 
 /// Serves the HTTP requests of one listener.
 #[derive(Debug)]
@@ -35,6 +36,8 @@ pub struct HttpProxy {
     pub routes: Arc<RouteTable>,
     /// Clusters.
     pub clusters: Arc<ClusterManager>,
+    /// Per-call metric handles.
+    pub call_metrics: Arc<CallMetrics>,
     /// Counts upgraded (WebSocket) tunnels as live connections for the drain.
     pub tracker: Arc<ConnectionTracker>,
     /// Closes tunnels when the drain time is up.
@@ -231,7 +234,7 @@ impl HttpProxy {
         request: Request<Incoming>,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
-        let mut record = CallRecord::new(start, self.listener.name.clone());
+        let mut record = CallRecord::new(start, &self.call_metrics);
         let grpc = is_grpc(request.headers());
         let limits = &self.listener.limits;
 
@@ -279,8 +282,12 @@ impl HttpProxy {
                 return local_response(&reply, grpc, &mut record);
             }
         };
+        let Ok(authority_text) = authority.to_str() else {
+            let reply = LocalReply::new(StatusCode::BAD_REQUEST, "invalid host", None);
+            return local_response(&reply, grpc, &mut record);
+        };
         let view = RequestView {
-            authority: &authority,
+            authority: authority_text,
             path: request.uri().path(),
             query: request.uri().query(),
             method: request.method(),
@@ -312,7 +319,7 @@ impl HttpProxy {
             crate::route::RouteAction::Redirect(redirect) => {
                 record.set_flag(ResponseFlag::DirectResponse);
                 let location =
-                    redirect_location(redirect, &authority, request.uri(), &route.matcher.path);
+                    redirect_location(redirect, authority_text, request.uri(), &route.matcher.path);
                 match HeaderValue::from_str(&location) {
                     Ok(value) => {
                         record.set_status(redirect.status.as_u16());
@@ -350,7 +357,7 @@ impl HttpProxy {
         &self,
         peer: SocketAddr,
         mut request: Request<Incoming>,
-        authority: String,
+        authority: HeaderValue,
         forward: &Forward,
         path_match: &crate::route::PathMatch,
         grpc: bool,
@@ -374,7 +381,7 @@ impl HttpProxy {
 
         let (parts, body) = request.into_parts();
         let head = match self.upstream_head(
-            parts, peer, &authority, forward, path_match, upgrade, cluster,
+            parts, peer, authority, forward, path_match, upgrade, cluster,
         ) {
             Some(head) => head,
             None => {
@@ -573,7 +580,7 @@ impl HttpProxy {
         &self,
         parts: http::request::Parts,
         peer: SocketAddr,
-        authority: &str,
+        authority: HeaderValue,
         forward: &Forward,
         path_match: &crate::route::PathMatch,
         upgrade: bool,
@@ -603,35 +610,35 @@ impl HttpProxy {
                 None
             };
         let path_and_query = match (rewritten, uri.query()) {
+            // Unchanged: share the request's bytes rather than parse a copy.
             (None, _) => uri
                 .path_and_query()
-                .map(|pq| pq.as_str().to_string())
-                .unwrap_or_else(|| "/".into()),
-            (Some(p), None) => p,
-            (Some(p), Some(q)) => format!("{p}?{q}"),
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            (Some(p), None) => PathAndQuery::try_from(p).ok()?,
+            (Some(p), Some(q)) => PathAndQuery::try_from(format!("{p}?{q}")).ok()?,
         };
         let authority_value = match &forward.rewrite.host {
             Some(host) => host.clone(),
-            None => HeaderValue::from_str(authority).ok()?,
+            None => authority,
         };
-        let (uri, version) = match cluster.settings.protocol {
+        let mut uri_parts = http::uri::Parts::default();
+        uri_parts.path_and_query = Some(path_and_query);
+        let version = match cluster.settings.protocol {
             UpstreamProtocol::Http1 => {
                 headers.insert(header::HOST, authority_value);
                 join_cookies(&mut headers);
-                (Uri::try_from(path_and_query).ok()?, Version::HTTP_11)
+                Version::HTTP_11
             }
             UpstreamProtocol::Http2 => {
                 headers.remove(header::HOST);
-                let authority = authority_value.to_str().ok()?;
-                let uri = Uri::builder()
-                    .scheme("http")
-                    .authority(authority)
-                    .path_and_query(path_and_query)
-                    .build()
-                    .ok()?;
-                (uri, Version::HTTP_2)
+                uri_parts.scheme = Some(http::uri::Scheme::HTTP);
+                uri_parts.authority =
+                    Some(http::uri::Authority::try_from(authority_value.as_bytes()).ok()?);
+                Version::HTTP_2
             }
         };
+        let uri = Uri::from_parts(uri_parts).ok()?;
         Some(UpstreamHead {
             method,
             uri,
@@ -732,17 +739,17 @@ async fn tunnel(
     }
 }
 
-/// Host or :authority of a request.
-fn request_authority(request: &Request<Incoming>) -> Option<String> {
+/// Host or :authority of a request; a header value, so HTTP/1 requests
+/// (Host) share its bytes instead of copying them.
+fn request_authority(request: &Request<Incoming>) -> Option<HeaderValue> {
     if let Some(authority) = request.uri().authority() {
-        return Some(authority.as_str().to_string());
+        return HeaderValue::from_str(authority.as_str()).ok();
     }
     request
         .headers()
         .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
         .filter(|h| !h.is_empty())
-        .map(str::to_string)
+        .cloned()
 }
 
 fn redirect_location(

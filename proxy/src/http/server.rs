@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use super::conn::{ConnActivity, ConnState, CountingStream};
 use super::proxy::HttpProxy;
 use crate::config::file::ListenerLimitsFile;
-use crate::listener::Shutdown;
+use crate::listener::{signalled, Shutdown};
 use crate::telemetry::metrics as names;
 
 /// Smallest read buffer hyper accepts.
@@ -53,7 +53,7 @@ pub async fn serve_connection(
     peer: SocketAddr,
     proxy: Arc<HttpProxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     let _ = stream.set_nodelay(true);
     // A second handle on the socket lets us answer 408 and close when a
@@ -90,14 +90,20 @@ pub async fn serve_connection(
     timers.tick().await;
     let mut head_started: Option<Instant> = None;
     let mut draining = false;
+    // Pinned once: rebuilding these futures on every wake-up of a busy
+    // connection costs more than the request itself.
+    let drain = signalled(shutdown.drain.clone());
+    let force = signalled(shutdown.force.clone());
+    tokio::pin!(drain, force);
     let result = loop {
         tokio::select! {
+            biased;
             result = conn.as_mut() => break result,
-            _ = shutdown.drain.changed(), if !draining => {
+            _ = &mut force => return,
+            _ = &mut drain, if !draining => {
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = shutdown.force.changed() => return,
             _ = timers.tick() => match activity.state() {
                 ConnState::Busy => head_started = None,
                 ConnState::ReadingHead => {

@@ -23,6 +23,15 @@ pub struct Shutdown {
     pub force: watch::Receiver<bool>,
 }
 
+/// Resolves once the flag is true; never, if its sender is gone unset.
+pub async fn signalled(mut flag: watch::Receiver<bool>) {
+    while !*flag.borrow_and_update() {
+        if flag.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Counts live connections so that a drain knows when it is done.
 #[derive(Debug, Default)]
 pub struct ConnectionTracker {
@@ -84,6 +93,7 @@ pub async fn run_listener(
                 trust_downstream: http.trust_downstream,
                 routes: http.routes.clone(),
                 clusters: clusters.clone(),
+                call_metrics: crate::telemetry::CallMetrics::new(listener.name.clone()),
                 tracker: tracker.clone(),
                 shutdown: shutdown.clone(),
             }),

@@ -3,9 +3,11 @@
 
 pub mod metrics;
 
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, OnceLock, RwLock};
 use std::time::Instant;
 
+use ::metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use self::metrics as names;
@@ -50,7 +52,7 @@ pub fn init_tracing() {
 
 /// Response flags: a short code for each way a call did not go plainly.
 /// Letters follow Envoy's where the meaning is the same.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ResponseFlag {
     /// No route matched.
     NoRoute,
@@ -102,11 +104,92 @@ fn status_label(code: u16) -> &'static str {
     CODES.get(code as usize).copied().unwrap_or("other")
 }
 
+/// Metric handles for the calls of one listener, registered on first use.
+/// Recording a call then hashes a few pointers instead of building and
+/// hashing a labelled key in the recorder.
+#[derive(Debug)]
+pub struct CallMetrics {
+    listener: Arc<str>,
+    counters: RwLock<HashMap<CounterKey, (Counter, NamePair)>>,
+    histograms: RwLock<HashMap<(usize, usize), (Histogram, NamePair)>>,
+}
+
+/// Route and cluster names by address; the map keeps them alive, so an
+/// address cannot be reused by another name while it is a key.
+type CounterKey = (usize, usize, u16, Option<ResponseFlag>);
+type NamePair = (Arc<str>, Arc<str>);
+
+fn address(name: &Arc<str>) -> usize {
+    Arc::as_ptr(name) as *const u8 as usize
+}
+
+impl CallMetrics {
+    /// Handles for a listener's calls.
+    pub fn new(listener: Arc<str>) -> Arc<Self> {
+        Arc::new(CallMetrics {
+            listener,
+            counters: RwLock::default(),
+            histograms: RwLock::default(),
+        })
+    }
+
+    fn record(
+        &self,
+        route: &Arc<str>,
+        cluster: &Arc<str>,
+        status: u16,
+        flag: Option<ResponseFlag>,
+        seconds: f64,
+    ) {
+        let key = (address(route), address(cluster), status, flag);
+        let counter = self
+            .counters
+            .read()
+            .ok()
+            .and_then(|m| m.get(&key).map(|(c, _)| c.clone()));
+        let counter = counter.unwrap_or_else(|| {
+            let counter = ::metrics::counter!(
+                names::HTTP_REQUESTS_TOTAL,
+                "listener" => self.listener.clone(),
+                "route" => route.clone(),
+                "cluster" => cluster.clone(),
+                "code" => status_label(status),
+                "flags" => flag.map_or("-", ResponseFlag::code),
+            );
+            if let Ok(mut map) = self.counters.write() {
+                map.insert(key, (counter.clone(), (route.clone(), cluster.clone())));
+            }
+            counter
+        });
+        counter.increment(1);
+
+        let pair = (key.0, key.1);
+        let histogram = self
+            .histograms
+            .read()
+            .ok()
+            .and_then(|m| m.get(&pair).map(|(h, _)| h.clone()));
+        let histogram = histogram.unwrap_or_else(|| {
+            let histogram = ::metrics::histogram!(
+                names::HTTP_REQUEST_DURATION_SECONDS,
+                "listener" => self.listener.clone(),
+                "route" => route.clone(),
+                "cluster" => cluster.clone(),
+            );
+            if let Ok(mut map) = self.histograms.write() {
+                map.insert(pair, (histogram.clone(), (route.clone(), cluster.clone())));
+            }
+            histogram
+        });
+        histogram.record(seconds);
+    }
+}
+
 /// One HTTP call, recorded to metrics when its response ends.
 #[derive(Debug)]
 pub struct CallRecord {
     start: Instant,
-    listener: Arc<str>,
+    metrics: Arc<CallMetrics>,
     route: Arc<str>,
     cluster: Arc<str>,
     status: u16,
@@ -116,12 +199,12 @@ pub struct CallRecord {
 }
 
 impl CallRecord {
-    /// Starts a record for a call on `listener`.
-    pub fn new(start: Instant, listener: Arc<str>) -> Self {
+    /// Starts a record for a call counted in `metrics`.
+    pub fn new(start: Instant, metrics: &Arc<CallMetrics>) -> Self {
         static NONE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("none"));
         CallRecord {
             start,
-            listener,
+            metrics: metrics.clone(),
             route: NONE.clone(),
             cluster: NONE.clone(),
             status: 0,
@@ -177,23 +260,9 @@ impl CallRecord {
             return;
         }
         self.finished = true;
-        let flags = self.flag.map_or("-", ResponseFlag::code);
-        ::metrics::counter!(
-            names::HTTP_REQUESTS_TOTAL,
-            "listener" => self.listener.clone(),
-            "route" => self.route.clone(),
-            "cluster" => self.cluster.clone(),
-            "code" => status_label(self.status),
-            "flags" => flags,
-        )
-        .increment(1);
-        ::metrics::histogram!(
-            names::HTTP_REQUEST_DURATION_SECONDS,
-            "listener" => self.listener.clone(),
-            "route" => self.route.clone(),
-            "cluster" => self.cluster.clone(),
-        )
-        .record(self.start.elapsed().as_secs_f64());
+        let seconds = self.start.elapsed().as_secs_f64();
+        self.metrics
+            .record(&self.route, &self.cluster, self.status, self.flag, seconds);
     }
 }
 
