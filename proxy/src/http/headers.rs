@@ -1,7 +1,6 @@
 //! Header handling between hops: hop-by-hop removal (RFC 9110 §7.6.1),
 //! forwarding headers, request ids.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -14,8 +13,6 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// Header set on answers from an open circuit breaker.
 pub static X_POSTERN_OVERLOADED: HeaderName = HeaderName::from_static("x-postern-overloaded");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Whether a request asks for a protocol upgrade (HTTP/1.1 `Connection: upgrade`).
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
@@ -35,79 +32,96 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Connection: upgrade` stay so an upgrade can pass through. A `TE` that
 /// asks for trailers is kept as `te: trailers` (gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none: one pass over the names is cheaper than a
-    // hashed removal of each hop-by-hop name.
-    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names finds which fixed hop-by-hop headers are
+    // present; most messages carry none, or only `connection: keep-alive`.
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any && !keep_upgrade {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        if keep_upgrade && name == header::UPGRADE {
-            continue;
+    if present[CONNECTION_INDEX] {
+        // Headers that `Connection` names are hop-by-hop too; its usual
+        // tokens (keep-alive, close, upgrade, te) are fixed ones already.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.is_empty())
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|name| !HOP_BY_HOP.contains(name))
+            // Never let a client strip end-to-end headers the proxy relies on.
+            .filter(|name| name != header::HOST && name != header::CONTENT_LENGTH)
+            .collect();
+        for name in named {
+            headers.remove(&name);
         }
-        // Never let a client strip end-to-end headers the proxy relies on.
-        if name == header::HOST || name == header::CONTENT_LENGTH {
-            continue;
-        }
-        headers.remove(&name);
     }
-    let wants_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    headers.remove(header::CONNECTION);
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TE);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::PROXY_AUTHENTICATE);
-    headers.remove(header::TRAILER);
+    let wants_trailers = present[TE_INDEX]
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present[i] && !(keep_upgrade && *name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
     if wants_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::TRAILER
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-}
+/// The fixed hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy
+/// `Proxy-Connection` and `Keep-Alive`).
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::TRAILER,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+const CONNECTION_INDEX: usize = 0;
+const TE_INDEX: usize = 1;
 
 /// Sets `x-forwarded-for`, `x-forwarded-proto` and `x-request-id` for the
 /// upstream. Untrusted clients cannot choose the proto or the request id;
-/// the peer address is always appended.
-pub fn set_forwarding(headers: &mut HeaderMap, peer: IpAddr, trust_downstream: bool) {
-    // Several x-forwarded-for lines fold into one list, in order, then the peer.
-    let mut folded = String::with_capacity(48);
-    for value in headers.get_all(&X_FORWARDED_FOR).iter() {
-        if let Ok(text) = value.to_str() {
-            let text = text.trim();
-            if !text.is_empty() {
-                folded.push_str(text);
-                folded.push_str(", ");
+/// the peer address is always appended. `peer` is the peer IP as a header
+/// value, made once per connection.
+pub fn set_forwarding(headers: &mut HeaderMap, peer: &HeaderValue, trust_downstream: bool) {
+    let mut existing = headers.get_all(&X_FORWARDED_FOR).iter();
+    let value = match (existing.next(), existing.next()) {
+        (None, _) => Some(peer.clone()),
+        // Several x-forwarded-for lines fold into one list, in order, then the peer.
+        (Some(first), second) => {
+            let mut folded = Vec::with_capacity(64);
+            for v in std::iter::once(first).chain(second).chain(existing) {
+                let text = v.as_bytes().trim_ascii();
+                if !text.is_empty() {
+                    folded.extend_from_slice(text);
+                    folded.extend_from_slice(b", ");
+                }
             }
+            folded.extend_from_slice(peer.as_bytes());
+            HeaderValue::from_bytes(&folded).ok()
         }
-    }
-    let _ = write!(folded, "{peer}");
-    if let Ok(value) = HeaderValue::from_str(&folded) {
+    };
+    if let Some(value) = value {
         headers.insert(&X_FORWARDED_FOR, value);
     }
     if !trust_downstream || !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -120,6 +134,11 @@ pub fn set_forwarding(headers: &mut HeaderMap, peer: IpAddr, trust_downstream: b
     if !keep_id {
         headers.insert(&X_REQUEST_ID, new_request_id());
     }
+}
+
+/// The peer IP as a header value, for `x-forwarded-for`.
+pub fn peer_value(peer: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&peer.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// A fresh random request id (UUID v4).
@@ -167,13 +186,13 @@ mod tests {
 
     #[test]
     fn forwarding_headers_untrusted_and_trusted() {
-        let peer: IpAddr = "127.0.0.9".parse().unwrap();
+        let peer = peer_value("127.0.0.9".parse().unwrap());
         let mut h = HeaderMap::new();
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("client-chosen"));
         let mut untrusted = h.clone();
-        set_forwarding(&mut untrusted, peer, false);
+        set_forwarding(&mut untrusted, &peer, false);
         assert_eq!(
             untrusted.get(&X_FORWARDED_FOR).unwrap(),
             "10.1.1.1, 127.0.0.9"
@@ -181,7 +200,7 @@ mod tests {
         assert_eq!(untrusted.get(&X_FORWARDED_PROTO).unwrap(), "http");
         assert_ne!(untrusted.get(&X_REQUEST_ID).unwrap(), "client-chosen");
         let mut trusted = h;
-        set_forwarding(&mut trusted, peer, true);
+        set_forwarding(&mut trusted, &peer, true);
         assert_eq!(trusted.get(&X_FORWARDED_PROTO).unwrap(), "https");
         assert_eq!(trusted.get(&X_REQUEST_ID).unwrap(), "client-chosen");
     }

@@ -1,7 +1,6 @@
 //! The HTTP request path: limits, routing, local replies, and forwarding to
 //! a cluster with retries, timeouts and circuit breaking.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -227,10 +226,11 @@ impl UpstreamHead {
 }
 
 impl HttpProxy {
-    /// Handles one downstream request; never fails (errors become responses).
+    /// Handles one downstream request from the peer whose IP is `peer`;
+    /// never fails (errors become responses).
     pub async fn handle(
         &self,
-        peer: SocketAddr,
+        peer: HeaderValue,
         request: Request<Incoming>,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
@@ -355,7 +355,7 @@ impl HttpProxy {
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
-        peer: SocketAddr,
+        peer: HeaderValue,
         mut request: Request<Incoming>,
         authority: HeaderValue,
         forward: &Forward,
@@ -579,7 +579,7 @@ impl HttpProxy {
     fn upstream_head(
         &self,
         parts: http::request::Parts,
-        peer: SocketAddr,
+        peer: HeaderValue,
         authority: HeaderValue,
         forward: &Forward,
         path_match: &crate::route::PathMatch,
@@ -593,7 +593,7 @@ impl HttpProxy {
             ..
         } = parts;
         hdr::strip_hop_by_hop(&mut headers, upgrade);
-        hdr::set_forwarding(&mut headers, peer.ip(), self.trust_downstream);
+        hdr::set_forwarding(&mut headers, &peer, self.trust_downstream);
 
         let path = uri.path();
         let rewritten: Option<String> =

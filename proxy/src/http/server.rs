@@ -68,14 +68,16 @@ pub async fn serve_connection(
     let activity = ConnActivity::new();
     let limits = &proxy.listener.limits;
     let (idle_timeout, head_timeout) = (limits.idle_timeout, limits.header_read_timeout);
+    let peer_ip = super::headers::peer_value(peer.ip());
     let service = {
         let activity = activity.clone();
         let proxy = proxy.clone();
         service_fn(move |request: Request<Incoming>| {
             let proxy = proxy.clone();
             let guard = activity.begin();
+            let peer_ip = peer_ip.clone();
             async move {
-                let response = proxy.handle(peer, request).await;
+                let response = proxy.handle(peer_ip, request).await;
                 let (parts, body) = response.into_parts();
                 Ok::<_, Infallible>(http::Response::from_parts(parts, body.with_activity(guard)))
             }
