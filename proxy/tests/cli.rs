@@ -673,3 +673,88 @@ async fn hundred_mib_bodies_stream_with_flat_memory() {
         peak / (1024 * 1024)
     );
 }
+
+/// Reads the demo's stdout until its help text names the addresses.
+fn demo_addresses(child: &mut Child) -> (SocketAddr, SocketAddr) {
+    use std::io::BufRead as _;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let (mut http, mut admin) = (None, None);
+    for line in lines.by_ref() {
+        let line = line.expect("demo stdout");
+        let addr_after = |marker: &str| -> Option<SocketAddr> {
+            let rest = &line[line.find(marker)? + marker.len()..];
+            rest.split('/').next()?.parse().ok()
+        };
+        if http.is_none() && line.contains("/hello ") {
+            http = addr_after("curl -s http://");
+        }
+        if line.contains("/metrics") {
+            admin = addr_after("curl -s http://");
+        }
+        if line.contains("Ctrl-C") {
+            break;
+        }
+    }
+    // Keep draining so the demo never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (
+        http.expect("demo names its listener"),
+        admin.expect("demo names its admin server"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_its_examples_and_drains_on_sigterm() {
+    let stderr = tempfile::NamedTempFile::new().expect("stderr file");
+    let child = postern()
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr.reopen().expect("reopen stderr file"))
+        .spawn()
+        .expect("start postern demo");
+    let mut demo = Running { child, stderr };
+    let (http, admin) = demo_addresses(&mut demo.child);
+
+    let hello = send(
+        http,
+        Request::get("/hello")
+            .header("host", "demo")
+            .body(empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(hello.status(), 200);
+    let backend = hello.headers()["x-backend"].to_str().unwrap().to_owned();
+    assert!(backend.starts_with("hello-v"), "{backend}");
+    let body = hello.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).starts_with("hello from hello-v"));
+
+    let pinned = Request::get("/hello")
+        .header("host", "demo")
+        .header("x-canary", "1")
+        .body(empty())
+        .unwrap();
+    assert_eq!(
+        send(http, pinned).await.unwrap().headers()["x-backend"],
+        "hello-v2"
+    );
+    assert_eq!(http_status(http, "/old").await, Some(302));
+    assert_eq!(http_status(http, "/status").await, Some(200));
+    assert_eq!(http_status(http, "/echo/x").await, Some(200));
+    assert_eq!(http_status(admin, "/ready").await, Some(200));
+
+    let status = Command::new("kill")
+        .args(["-TERM", &demo.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = demo.exited(Duration::from_secs(15)).await;
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "demo exit: {exit:?}: {}",
+        demo.logs()
+    );
+}

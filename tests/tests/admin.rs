@@ -155,6 +155,53 @@ async fn metrics_count_requests_by_listener_route_cluster_and_status() {
         text.lines().any(|l| l.starts_with("# TYPE postern_")),
         "metrics are described:\n{text}"
     );
+    let samples = parse_metrics(&text);
+    let find = |name: &str, label: (&str, &str), extra: Option<(&str, &str)>| {
+        samples
+            .iter()
+            .find(|s| {
+                s.name == name
+                    && s.labels.get(label.0).map(String::as_str) == Some(label.1)
+                    && extra.is_none_or(|(k, v)| s.labels.get(k).map(String::as_str) == Some(v))
+            })
+            .map(|s| s.value)
+    };
+    assert_eq!(
+        find(
+            "postern_http_request_duration_seconds_count",
+            ("route", "metered"),
+            Some(("cluster", "metered-cluster"))
+        ),
+        Some(5.0),
+        "latency histogram counts every call:\n{text}"
+    );
+    assert!(
+        find(
+            "postern_http_request_duration_seconds_bucket",
+            ("route", "metered"),
+            Some(("le", "0.005"))
+        )
+        .is_some(),
+        "latency histogram has buckets:\n{text}"
+    );
+    assert!(
+        find(
+            "postern_downstream_connections_total",
+            ("listener", "metrics-edge"),
+            None
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{text}"
+    );
+    assert!(
+        find(
+            "postern_upstream_connections_active",
+            ("cluster", "metered-cluster"),
+            None
+        )
+        .is_some_and(|v| v >= 1.0),
+        "pooled upstream connections are counted:\n{text}"
+    );
 }
 
 fn contains_string(value: &serde_json::Value, needle: &str) -> bool {

@@ -153,7 +153,9 @@ impl Cluster {
     pub fn new(settings: Arc<ClusterFile>) -> Self {
         let name: Arc<str> = Arc::from(settings.name.as_str());
         let cb = &settings.circuit_breaker;
-        let limits = ConnectionLimits::new(cb.max_connections, cb.max_pending_requests);
+        let open_gauge =
+            metrics::gauge!(names::UPSTREAM_CONNECTIONS_ACTIVE, "cluster" => name.clone());
+        let limits = ConnectionLimits::new(cb.max_connections, cb.max_pending_requests, open_gauge);
         let pool_settings = Arc::new(PoolSettings {
             protocol: settings.protocol,
             connect_timeout: settings.connect_timeout,

@@ -95,17 +95,23 @@ pub struct ConnectionLimits {
     max_connections: usize,
     max_pending: usize,
     changed: Notify,
+    open_gauge: metrics::Gauge,
 }
 
 impl ConnectionLimits {
-    /// Limits from the circuit breaker settings.
-    pub fn new(max_connections: usize, max_pending: usize) -> Arc<Self> {
+    /// Limits from the circuit breaker settings; `open_gauge` follows the open count.
+    pub fn new(
+        max_connections: usize,
+        max_pending: usize,
+        open_gauge: metrics::Gauge,
+    ) -> Arc<Self> {
         Arc::new(ConnectionLimits {
             open: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
             max_connections,
             max_pending,
             changed: Notify::new(),
+            open_gauge,
         })
     }
 
@@ -127,7 +133,10 @@ impl ConnectionLimits {
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Some(ConnectionPermit(self.clone())),
+                Ok(_) => {
+                    self.open_gauge.increment(1.0);
+                    return Some(ConnectionPermit(self.clone()));
+                }
                 Err(actual) => current = actual,
             }
         }
@@ -150,6 +159,7 @@ pub struct ConnectionPermit(Arc<ConnectionLimits>);
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.open_gauge.decrement(1.0);
         self.0.changed.notify_waiters();
     }
 }

@@ -11,6 +11,8 @@ pub const DOWNSTREAM_CONNECTIONS_TOTAL: &str = "postern_downstream_connections_t
 pub const DOWNSTREAM_CONNECTIONS_ACTIVE: &str = "postern_downstream_connections_active";
 /// Downstream requests or connections refused by a limit, by `listener`, `limit`.
 pub const DOWNSTREAM_LIMIT_REJECTIONS_TOTAL: &str = "postern_downstream_limit_rejections_total";
+/// Upstream connections open now (HTTP and TCP proxy), by `cluster`.
+pub const UPSTREAM_CONNECTIONS_ACTIVE: &str = "postern_upstream_connections_active";
 /// Upstream connect failures (refused, timed out, handshake), by `cluster`.
 pub const UPSTREAM_CONNECT_FAILURES_TOTAL: &str = "postern_upstream_connect_failures_total";
 /// Upstream tries beyond the first, by `cluster`. Retries the budget refused
@@ -52,6 +54,7 @@ pub fn describe() {
         DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
         "Downstream requests or connections refused by a limit"
     );
+    describe_gauge!(UPSTREAM_CONNECTIONS_ACTIVE, "Upstream connections open");
     describe_counter!(UPSTREAM_CONNECT_FAILURES_TOTAL, "Upstream connect failures");
     describe_counter!(UPSTREAM_RETRIES_TOTAL, "Upstream retries");
     describe_counter!(
