@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -113,7 +113,15 @@ async fn spawn_backend(name: &'static str) -> anyhow::Result<SocketAddr> {
             };
             tokio::spawn(async move {
                 let service = service_fn(move |request: Request<Incoming>| async move {
-                    Ok::<_, Infallible>(backend_reply(name, &request))
+                    let (parts, body) = request.into_parts();
+                    // Read the whole body, as a real service would, and report its size.
+                    let received = body
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes().len())
+                        .unwrap_or(0);
+                    let request = Request::from_parts(parts, ());
+                    Ok::<_, Infallible>(backend_reply(name, &request, received))
                 });
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
@@ -124,7 +132,7 @@ async fn spawn_backend(name: &'static str) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-fn backend_reply(name: &str, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn backend_reply(name: &str, request: &Request<()>, received: usize) -> Response<Full<Bytes>> {
     let body = if name == "echo" {
         let mut text = format!(
             "{} {} {:?}\n",
@@ -138,6 +146,7 @@ fn backend_reply(name: &str, request: &Request<Incoming>) -> Response<Full<Bytes
                 String::from_utf8_lossy(value.as_bytes())
             ));
         }
+        text.push_str(&format!("\n{received} body bytes received\n"));
         text
     } else {
         format!("hello from {name}\n")

@@ -417,3 +417,30 @@ async fn connections_over_max_are_closed_at_once() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_retry_body_is_cut_off_at_the_route_timeout() {
+    let backend = HttpBackend::start("b").await;
+    let yaml = config("", "", backend.addr()).replace(
+        "                    cluster: c\n",
+        "                    cluster: c\n                    timeout: 300ms\n                    retry: { on: [5xx], max_attempts: 2 }\n",
+    );
+    assert!(yaml.contains("timeout: 300ms"), "{yaml}");
+    let proxy = start_proxy(&yaml).await;
+    let edge = listener(&proxy, "edge");
+
+    // PUT is idempotent, so its small body is kept for a retry: 3 of 10 bytes.
+    let reply = raw_exchange(
+        edge,
+        b"PUT / HTTP/1.1\r\nHost: svc.local\r\nContent-Length: 10\r\n\r\nabc",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert!(
+        reply.text().starts_with("HTTP/1.1 408"),
+        "{:?}",
+        reply.text()
+    );
+    assert_eq!(backend.started(), 0, "nothing reaches the backend");
+}

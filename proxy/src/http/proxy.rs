@@ -398,10 +398,21 @@ impl HttpProxy {
         let body_limit = self.listener.limits.max_request_body_bytes;
         let mut source = match policy {
             Some(p) if p.allows_method(&head.method) => {
-                match buffer_small_body(body, p.max_body_bytes).await {
-                    Ok(source) => source,
-                    Err(err) => {
+                // A client that trickles a small body must not hold the
+                // request past its deadline before any upstream work starts.
+                let wait = forward.timeout.unwrap_or(self.listener.limits.idle_timeout);
+                match tokio::time::timeout(wait, buffer_small_body(body, p.max_body_bytes)).await {
+                    Ok(Ok(source)) => source,
+                    Ok(Err(err)) => {
                         return local_response(&LocalReply::from_upstream(&err), grpc, &mut record)
+                    }
+                    Err(_) => {
+                        let reply = LocalReply::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "request body too slow",
+                            Some(ResponseFlag::DownstreamLimit),
+                        );
+                        return local_response(&reply, grpc, &mut record);
                     }
                 }
             }
