@@ -453,6 +453,13 @@ impl EndpointPool {
         Ok(TokioIo::new(stream))
     }
 
+    fn handshake_failed(&self, source: hyper::Error) -> UpstreamError {
+        UpstreamError::Handshake {
+            addr: self.address,
+            source,
+        }
+    }
+
     async fn connect_h1(
         &self,
         permit: ConnectionPermit,
@@ -461,16 +468,8 @@ impl EndpointPool {
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(|source| UpstreamError::Handshake {
-                addr: self.address,
-                source,
-            })?;
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(err) = conn.with_upgrades().await {
-                tracing::debug!(error = %err, "upstream http/1.1 connection ended with an error");
-            }
-        });
+            .map_err(|e| self.handshake_failed(e))?;
+        drive_connection(permit, conn.with_upgrades(), "http/1.1");
         Ok(sender)
     }
 
@@ -485,16 +484,22 @@ impl EndpointPool {
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(io)
             .await
-            .map_err(|source| UpstreamError::Handshake {
-                addr: self.address,
-                source,
-            })?;
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(err) = conn.await {
-                tracing::debug!(error = %err, "upstream http/2 connection ended with an error");
-            }
-        });
+            .map_err(|e| self.handshake_failed(e))?;
+        drive_connection(permit, conn, "http/2");
         Ok(sender)
     }
+}
+
+/// Runs an upstream connection in its own task; the permit counts it as open
+/// until it ends.
+fn drive_connection<F>(permit: ConnectionPermit, conn: F, protocol: &'static str)
+where
+    F: std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let _permit = permit;
+        if let Err(err) = conn.await {
+            tracing::debug!(error = %err, protocol, "upstream connection ended with an error");
+        }
+    });
 }
