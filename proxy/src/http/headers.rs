@@ -46,17 +46,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         return;
     }
     if present[CONNECTION_INDEX] {
-        // Headers that `Connection` names are hop-by-hop too; its usual
-        // tokens (keep-alive, close, upgrade, te) are fixed ones already.
+        // Headers that `Connection` names are hop-by-hop too. Its usual
+        // tokens (keep-alive, close, upgrade, te) name fixed ones, so only
+        // other tokens are parsed as header names.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.is_empty())
+            .filter(|t| !t.is_empty() && !is_fixed_connection_token(t))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .filter(|name| !HOP_BY_HOP.contains(name))
             // Never let a client strip end-to-end headers the proxy relies on.
             .filter(|name| name != header::HOST && name != header::CONTENT_LENGTH)
             .collect();
@@ -97,6 +97,14 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     HeaderName::from_static("proxy-connection"),
 ];
 const CONNECTION_INDEX: usize = 0;
+
+/// `close`, or the name of a fixed hop-by-hop header, in any case.
+fn is_fixed_connection_token(token: &str) -> bool {
+    token.eq_ignore_ascii_case("close")
+        || HOP_BY_HOP
+            .iter()
+            .any(|name| token.eq_ignore_ascii_case(name.as_str()))
+}
 const TE_INDEX: usize = 1;
 
 /// Sets `x-forwarded-for`, `x-forwarded-proto` and `x-request-id` for the

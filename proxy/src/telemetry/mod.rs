@@ -110,8 +110,47 @@ fn status_label(code: u16) -> &'static str {
 #[derive(Debug)]
 pub struct CallMetrics {
     listener: Arc<str>,
-    counters: RwLock<HashMap<CounterKey, (Counter, NamePair)>>,
-    histograms: RwLock<HashMap<(usize, usize), (Histogram, NamePair)>>,
+    counters: RwLock<HashMap<CounterKey, (Counter, NamePair), AddressHash>>,
+    histograms: RwLock<HashMap<(usize, usize), (Histogram, NamePair), AddressHash>>,
+}
+
+/// A cheap hasher for keys made of addresses and small numbers: SipHash's
+/// flood resistance buys nothing here, since no key comes from a request.
+#[derive(Debug, Default, Clone, Copy)]
+struct AddressHash;
+
+impl std::hash::BuildHasher for AddressHash {
+    type Hasher = AddressHasher;
+    fn build_hasher(&self) -> AddressHasher {
+        AddressHasher(0)
+    }
+}
+
+#[derive(Debug)]
+struct AddressHasher(u64);
+
+impl std::hash::Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        // FxHash's step: rotate, mix in, multiply by an odd constant.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
 }
 
 /// Route and cluster names by address; the map keeps them alive, so an
@@ -128,8 +167,8 @@ impl CallMetrics {
     pub fn new(listener: Arc<str>) -> Arc<Self> {
         Arc::new(CallMetrics {
             listener,
-            counters: RwLock::default(),
-            histograms: RwLock::default(),
+            counters: RwLock::new(HashMap::with_hasher(AddressHash)),
+            histograms: RwLock::new(HashMap::with_hasher(AddressHash)),
         })
     }
 
