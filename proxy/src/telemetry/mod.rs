@@ -110,9 +110,12 @@ fn status_label(code: u16) -> &'static str {
 #[derive(Debug)]
 pub struct CallMetrics {
     listener: Arc<str>,
-    counters: RwLock<HashMap<CounterKey, (Counter, NamePair), AddressHash>>,
-    histograms: RwLock<HashMap<(usize, usize), (Histogram, NamePair), AddressHash>>,
+    counters: RwLock<HandleMap<CounterKey, Counter>>,
+    histograms: RwLock<HandleMap<(usize, usize), Histogram>>,
 }
+
+/// Metric handles by name addresses, with the names they stand for.
+type HandleMap<K, H> = HashMap<K, (H, NamePair), AddressHash>;
 
 /// A cheap hasher for keys made of addresses and small numbers: SipHash's
 /// flood resistance buys nothing here, since no key comes from a request.
