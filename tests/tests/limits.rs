@@ -129,6 +129,28 @@ async fn body_over_limit_is_413_before_reaching_upstream() {
     let response = send(edge, req).await;
     assert_eq!(response.status, 200);
     assert_eq!(response.body.len(), 1000);
+
+    // Without a length up front (chunked), the limit cuts the stream off.
+    let reply = raw_exchange(
+        edge,
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: svc.local\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
+            "x".repeat(0x800)
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert!(
+        reply.text().starts_with("HTTP/1.1 413"),
+        "{:?}",
+        reply.text()
+    );
+    assert!(
+        backend.requests().iter().all(|r| r.body_len <= 1024),
+        "no request with more than the limit reached the backend"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
