@@ -146,3 +146,61 @@ fn retry_budget_scales_with_active_requests() {
     let retries: Vec<_> = (0..10).filter_map(|_| c.begin_retry()).collect();
     assert_eq!(retries.len(), 2, "20% of 10 active requests");
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn policy() -> impl Strategy<Value = LbPolicy> {
+        prop_oneof![
+            Just(LbPolicy::RoundRobin),
+            Just(LbPolicy::LeastRequest),
+            Just(LbPolicy::Random)
+        ]
+    }
+
+    proptest! {
+        /// Whatever the weights, policy and rolls, a pick is always a healthy
+        /// endpoint, and there is one whenever any endpoint is healthy.
+        #[test]
+        fn picks_only_healthy_endpoints(
+            weights in proptest::collection::vec(1u32..1000, 1..8),
+            healthy_mask in any::<u8>(),
+            policy in policy(),
+            rolls in proptest::collection::vec(any::<u64>(), 1..64),
+        ) {
+            let c = cluster(policy, &weights, None);
+            let healthy = |i: usize| healthy_mask & (1 << (i % 8)) != 0;
+            let any_healthy = (0..weights.len()).any(healthy);
+            for roll in rolls {
+                let pick = c.balancer.pick(&c.endpoints, roll, |e| {
+                    let i = c.endpoints.iter().position(|x| std::ptr::eq(&**x, e)).unwrap();
+                    healthy(i)
+                });
+                match pick {
+                    Some(i) => prop_assert!(healthy(i)),
+                    None => prop_assert!(!any_healthy),
+                }
+            }
+        }
+
+        /// Round robin gives each endpoint its weighted share over a full cycle.
+        #[test]
+        fn round_robin_cycle_matches_weights(weights in proptest::collection::vec(1u32..20, 1..6)) {
+            let c = cluster(LbPolicy::RoundRobin, &weights, None);
+            let divisor = weights.iter().fold(0u32, |a, b| gcd(a, *b));
+            let cycle: u32 = weights.iter().map(|w| w / divisor).sum();
+            let got = counts(&c, cycle as usize, |_| 0);
+            let want: Vec<usize> = weights.iter().map(|w| (w / divisor) as usize).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+
+    fn gcd(a: u32, b: u32) -> u32 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+}

@@ -221,3 +221,41 @@ fn query_param_decoding() {
     assert_eq!(query_param("a=%zz", "a").as_deref(), Some("%zz"));
     assert_eq!(query_param("a=1", "b"), None);
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Case, a port and a trailing dot never change which virtual host serves a name.
+        #[test]
+        fn host_variants_route_alike(
+            label in "[a-z][a-z0-9-]{0,10}",
+            upper in any::<bool>(),
+            port in proptest::option::of(1u16..),
+            dot in any::<bool>(),
+        ) {
+            let t = table(HOSTS);
+            let plain = format!("{label}.example.com");
+            let mut variant = if upper { plain.to_ascii_uppercase() } else { plain.clone() };
+            if dot {
+                variant.push('.');
+            }
+            if let Some(port) = port {
+                variant.push_str(&format!(":{port}"));
+            }
+            let name = |host: &str| t.virtual_host(host).map(|v| v.name.to_string());
+            let chosen = name(&plain);
+            prop_assert_eq!(&chosen, &name(&variant));
+            prop_assert_eq!(chosen.as_deref(), Some("suffix"));
+        }
+
+        /// A query parameter value survives percent-encoding of any byte.
+        #[test]
+        fn query_values_decode(value in "[ -~]{0,20}") {
+            let encoded: String = value.bytes().map(|b| format!("%{b:02X}")).collect();
+            let query = format!("a=1&key={encoded}&b=2");
+            prop_assert_eq!(query_param(&query, "key"), Some(value));
+        }
+    }
+}
