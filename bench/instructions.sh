@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Counts user-space instructions per proxied HTTP/1.1 request with callgrind,
 # for Postern and for nginx as a reverse proxy. Instruction counts repeat to
-# within a fraction of a percent on this shared machine, where CPU time moves
-# by 20%, so this is the figure to compare two builds by.
+# about 3% on this shared machine, where CPU time moves by 20%, so this is
+# the figure to compare two builds by (run each a few times).
 #
 # Each proxy runs twice under valgrind, for N1 and N2 requests at a low fixed
 # rate; the difference divided by N2-N1 cancels start-up and shutdown.

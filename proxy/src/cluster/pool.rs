@@ -361,7 +361,9 @@ impl EndpointPool {
                         });
                     }
                     if let Some(permit) = self.limits.try_open() {
-                        let sender = self.connect_h1(permit).await?;
+                        // Boxed: connecting is rare, and inlined its state would
+                        // grow every request's future (and the copies of it).
+                        let sender = Box::pin(self.connect_h1(permit)).await?;
                         return Ok(Checkout::Http1 {
                             sender,
                             reused: false,
@@ -377,7 +379,7 @@ impl EndpointPool {
                         return Ok(Checkout::Http2(sender));
                     }
                     if let Some(permit) = self.limits.try_open() {
-                        let sender = self.connect_h2(permit).await?;
+                        let sender = Box::pin(self.connect_h2(permit)).await?;
                         if let Ok(mut shared) = self.shared_h2.lock() {
                             *shared = Some(sender.clone());
                         }
