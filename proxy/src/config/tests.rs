@@ -169,6 +169,15 @@ fn retry_and_redirect_checks() {
         "listeners[0].virtual_hosts[0].routes[0].retry.retriable_status_codes",
         "needs at least one code",
     );
+    let yaml = BASE.replace(
+        "cluster: backend\n",
+        "cluster: backend\n            retry: { on: [5xx], retriable_status_codes: [409] }\n",
+    );
+    assert_error(
+        &yaml,
+        "listeners[0].virtual_hosts[0].routes[0].retry.retriable_status_codes",
+        "has no effect",
+    );
     let yaml = BASE.replace("cluster: backend\n", "redirect: { status: 200 }\n");
     assert_error(
         &yaml,

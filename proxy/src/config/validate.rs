@@ -693,6 +693,13 @@ fn build_retry(r: &RetryFile, path: &str, errors: &mut Errors) -> RetryPolicy {
             "retriable-status-codes needs at least one code",
         );
     }
+    if !r.on.contains(&RetryOn::RetriableStatusCodes) && !r.retriable_status_codes.is_empty() {
+        // Listed codes that nothing retries are a mistake, not a preference.
+        errors.push(
+            format!("{path}.retriable_status_codes"),
+            "has no effect unless `on` lists retriable-status-codes",
+        );
+    }
     for (i, code) in r.retriable_status_codes.iter().enumerate() {
         if !(100..600).contains(code) {
             errors.push(

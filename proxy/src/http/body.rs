@@ -253,12 +253,6 @@ impl Body for ResponseBody {
                     }
                     Poll::Ready(Some(Err(Box::new(err) as BoxError)))
                 }
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let (Some(record), Some(data)) = (this.record.as_mut(), frame.data_ref()) {
-                        record.add_response_bytes(data.len() as u64);
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
                 other => other.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
             },
         };

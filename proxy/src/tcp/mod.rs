@@ -101,50 +101,94 @@ pub async fn relay(
 ) -> (u64, u64, &'static str) {
     let start = Instant::now();
     let last_active = AtomicU64::new(0);
+    // Counted as bytes move, so a pair that idles out or fails still reports
+    // what it carried.
+    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let (mut down_read, mut down_write) = downstream.into_split();
     let (mut up_read, mut up_write) = upstream.into_split();
-    let to_upstream = copy_half(&mut down_read, &mut up_write, &last_active, start);
-    let to_downstream = copy_half(&mut up_read, &mut down_write, &last_active, start);
+    let to_upstream = copy_half(&mut down_read, &mut up_write, &sent, &last_active, start);
+    let to_downstream = copy_half(
+        &mut up_read,
+        &mut down_write,
+        &received,
+        &last_active,
+        start,
+    );
     let both = async { tokio::join!(to_upstream, to_downstream) };
     tokio::pin!(both);
     let mut check = tokio::time::interval((idle / 4).max(Duration::from_millis(10)));
-    loop {
+    let how = loop {
         tokio::select! {
             (up, down) = &mut both => {
-                let how = if up.is_err() || down.is_err() { "error" } else { "closed" };
-                return (up.unwrap_or(0), down.unwrap_or(0), how);
+                break if up.is_err() || down.is_err() { "error" } else { "closed" };
             }
             _ = check.tick() => {
                 let last = Duration::from_millis(last_active.load(Ordering::Relaxed));
                 if start.elapsed().saturating_sub(last) >= idle {
-                    return (0, 0, "idle_timeout");
+                    break "idle_timeout";
                 }
             }
         }
-    }
+    };
+    (
+        sent.load(Ordering::Relaxed),
+        received.load(Ordering::Relaxed),
+        how,
+    )
 }
 
-/// Copies one direction; on EOF it half-closes the other side's write.
+/// Copies one direction, counting into `moved`; on EOF it half-closes the
+/// other side's write.
 async fn copy_half<R, W>(
     reader: &mut R,
     writer: &mut W,
+    moved: &AtomicU64,
     last_active: &AtomicU64,
     start: Instant,
-) -> io::Result<u64>
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; COPY_BUF];
-    let mut total = 0u64;
     loop {
         let n = reader.read(&mut buf).await?;
         if n == 0 {
-            writer.shutdown().await?;
-            return Ok(total);
+            return writer.shutdown().await;
         }
         writer.write_all(&buf[..n]).await?;
-        total += n as u64;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
         last_active.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn idle_timeout_still_reports_bytes_carried() {
+        let (mut client, proxy_down) = pair().await;
+        let (proxy_up, mut backend) = pair().await;
+        let relay = tokio::spawn(relay(proxy_down, proxy_up, Duration::from_millis(200)));
+        client.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        backend.read_exact(&mut buf).await.unwrap();
+        backend.write_all(b"hi").await.unwrap();
+        let mut back = [0u8; 2];
+        client.read_exact(&mut back).await.unwrap();
+        // Both ends stay open and silent: the relay must end by idling out.
+        let (sent, received, how) = relay.await.unwrap();
+        assert_eq!((sent, received, how), (5, 2, "idle_timeout"));
     }
 }

@@ -236,7 +236,6 @@ pub struct CallRecord {
     cluster: Arc<str>,
     status: u16,
     flag: Option<ResponseFlag>,
-    response_bytes: u64,
     finished: bool,
 }
 
@@ -251,7 +250,6 @@ impl CallRecord {
             cluster: NONE.clone(),
             status: 0,
             flag: None,
-            response_bytes: 0,
             finished: false,
         }
     }
@@ -279,11 +277,6 @@ impl CallRecord {
     /// Sets the response flag (the first one set wins).
     pub fn set_flag(&mut self, flag: ResponseFlag) {
         self.flag.get_or_insert(flag);
-    }
-
-    /// Counts response body bytes.
-    pub fn add_response_bytes(&mut self, n: u64) {
-        self.response_bytes += n;
     }
 
     /// The upstream failed while streaming the body.
