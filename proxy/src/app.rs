@@ -15,7 +15,13 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, AdminState};
 use crate::cluster::ClusterManager;
 use crate::config::Config;
+use crate::config::IdentityConfig;
 use crate::listener::{run_listener, ConnectionTracker, Shutdown};
+use crate::tls::DownstreamTls;
+use postern_certs::{
+    CertSource, FileSource, IdentityHandle, IssueRequest, IstioCaSettings, IstioCaSource, Rotator,
+    TrustBundle,
+};
 
 /// How often idle upstream connections are swept and metrics upkept.
 const REAP_INTERVAL: Duration = Duration::from_secs(5);
@@ -27,6 +33,7 @@ pub struct Proxy {
     admin_addr: SocketAddr,
     drain: watch::Sender<bool>,
     supervisor: JoinHandle<()>,
+    identity: Option<Arc<IdentityHandle>>,
 }
 
 impl Proxy {
@@ -50,8 +57,20 @@ impl Proxy {
 
         let (drain_tx, drain_rx) = watch::channel(false);
         let (force_tx, force_rx) = watch::channel(false);
-        let clusters = Arc::new(ClusterManager::new(&config.clusters));
+        let (identity, rotator) = match &config.identity {
+            Some(settings) => {
+                let (handle, task) = start_identity(settings)?;
+                (Some(handle), Some(task))
+            }
+            None => (None, None),
+        };
+        let clusters = Arc::new(ClusterManager::new(
+            &config.clusters,
+            &config.upstream_tls,
+            identity.as_ref(),
+        )?);
         let tracker = Arc::new(ConnectionTracker::default());
+        let local_id = config.identity.as_ref().map(|i| Arc::new(i.id.clone()));
 
         let mut listener_addrs = HashMap::new();
         let mut accept_loops = Vec::new();
@@ -64,11 +83,19 @@ impl Proxy {
                 drain: drain_rx.clone(),
                 force: force_rx.clone(),
             };
+            let tls = DownstreamTls::new(
+                listener.name.clone(),
+                &listener.tls,
+                identity.as_ref(),
+                listener.limits.header_read_timeout,
+            )?;
             accept_loops.push(tokio::spawn(run_listener(
                 socket,
                 listener,
                 clusters.clone(),
                 tracker.clone(),
+                tls,
+                local_id.clone(),
                 shutdown,
             )));
         }
@@ -77,6 +104,7 @@ impl Proxy {
             ready: Default::default(),
             drain: drain_tx.clone(),
             config: config.clone(),
+            identity: identity.clone(),
         });
         let admin_task = tokio::spawn(admin::serve(admin_socket, state.clone()));
         tracing::info!(addr = %admin_addr, "admin server listening");
@@ -95,7 +123,18 @@ impl Proxy {
                 }
             })
         };
-        state.ready.store(true, Ordering::Release);
+        // With an identity, the proxy is ready once it can present a
+        // certificate: before that every mTLS handshake would fail.
+        let readiness = {
+            let state = state.clone();
+            let identity = identity.clone();
+            tokio::spawn(async move {
+                if let Some(identity) = identity {
+                    identity.loaded().await;
+                }
+                state.ready.store(true, Ordering::Release);
+            })
+        };
 
         let drain_timeout = config.drain_timeout;
         let supervisor = tokio::spawn(async move {
@@ -123,6 +162,10 @@ impl Proxy {
                 let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait_idle()).await;
             }
             reaper.abort();
+            readiness.abort();
+            if let Some(rotator) = rotator {
+                rotator.abort();
+            }
             admin_task.abort();
             drop(state);
             tracing::info!("drained");
@@ -133,12 +176,25 @@ impl Proxy {
             admin_addr,
             drain: drain_tx,
             supervisor,
+            identity,
         })
     }
 
     /// The bound address of a listener.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
         self.listener_addrs.get(name).copied()
+    }
+
+    /// The workload identity cell, when one is configured.
+    pub fn identity(&self) -> Option<&Arc<IdentityHandle>> {
+        self.identity.as_ref()
+    }
+
+    /// Resolves once the proxy can serve: its identity (if any) is loaded.
+    pub async fn ready(&self) {
+        if let Some(identity) = &self.identity {
+            identity.loaded().await;
+        }
     }
 
     /// The bound address of the admin server.
@@ -165,4 +221,57 @@ impl Proxy {
     pub async fn wait(self) -> anyhow::Result<()> {
         self.supervisor.await.context("proxy supervisor failed")
     }
+}
+
+/// Builds the certificate source and starts the rotation loop.
+fn start_identity(
+    settings: &IdentityConfig,
+) -> anyhow::Result<(Arc<IdentityHandle>, JoinHandle<()>)> {
+    use crate::config::IdentitySource;
+    let source: Arc<dyn CertSource> = match &settings.source {
+        IdentitySource::Files(files) => Arc::new(FileSource::new(
+            files.cert.clone(),
+            files.key.clone(),
+            files.bundle.clone(),
+            files.poll_interval,
+        )),
+        IdentitySource::IstioCa(ca) => {
+            let ca_cert_pem = ca
+                .ca_cert
+                .as_ref()
+                .map(|path| {
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+                })
+                .transpose()?;
+            let trust_bundle = ca
+                .trust_bundle
+                .as_ref()
+                .map(|path| {
+                    let pem = std::fs::read(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    anyhow::Ok(Arc::new(TrustBundle::from_pem(&pem)?))
+                })
+                .transpose()?;
+            Arc::new(IstioCaSource::new(IstioCaSettings {
+                address: ca.address.clone(),
+                ca_cert_pem,
+                token_file: ca.token_file.clone(),
+                trust_bundle,
+                cluster_id: ca.cluster_id.clone(),
+                timeout: ca.timeout,
+            })?)
+        }
+    };
+    let handle = IdentityHandle::new();
+    let rotator = Rotator {
+        source,
+        request: IssueRequest {
+            id: settings.id.clone(),
+            key_algorithm: settings.key_algorithm,
+            lifetime: settings.lifetime,
+        },
+        policy: settings.policy,
+        handle: handle.clone(),
+    };
+    Ok((handle, tokio::spawn(rotator.run())))
 }

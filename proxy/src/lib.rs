@@ -14,6 +14,7 @@ pub mod listener;
 pub mod route;
 pub mod tcp;
 pub mod telemetry;
+pub mod tls;
 
 pub use app::Proxy;
 pub use config::{Config, ConfigError};

@@ -10,6 +10,8 @@
 pub mod client;
 pub mod grpc;
 pub mod http_backend;
+pub mod mesh;
+pub mod prom;
 pub mod tcp_backend;
 pub mod ws_backend;
 

@@ -24,6 +24,8 @@ pub struct AdminState {
     pub drain: watch::Sender<bool>,
     /// The running config.
     pub config: Config,
+    /// The workload identity, when configured.
+    pub identity: Option<Arc<postern_certs::IdentityHandle>>,
 }
 
 impl AdminState {
@@ -40,6 +42,63 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn cert_json(info: &postern_certs::CertInfo) -> serde_json::Value {
+    use postern_certs::x509::unix_seconds;
+    serde_json::json!({
+        "subject": info.subject,
+        "issuer": info.issuer,
+        "sans": info.sans,
+        "serial": info.serial,
+        "not_before": unix_seconds(info.not_before),
+        "not_after": unix_seconds(info.not_after),
+    })
+}
+
+/// The workload certificate, its trust bundle and the edge certificates.
+fn certs_json(state: &AdminState) -> serde_json::Value {
+    let identity = state.identity.as_ref().map(|handle| match handle.current() {
+        Some(current) => {
+            let mut leaf = cert_json(&current.info);
+            leaf["spiffe_id"] = current.id.as_str().into();
+            leaf["source"] = current.source.into();
+            leaf["loaded_at"] = postern_certs::x509::unix_seconds(current.loaded_at).into();
+            leaf["rotations"] = handle.generation().into();
+            serde_json::json!({
+                "certificate": leaf,
+                "trust_bundle": current.bundle.infos().iter().map(cert_json).collect::<Vec<_>>(),
+            })
+        }
+        None => serde_json::json!({ "certificate": null, "status": "not loaded yet" }),
+    });
+    let edge: Vec<serde_json::Value> = state
+        .config
+        .listeners
+        .iter()
+        .filter_map(|listener| match &listener.tls {
+            crate::config::ListenerTls::Edge(edge) => Some(serde_json::json!({
+                "listener": &*listener.name,
+                "certificates": edge.certificates.iter().map(|c| {
+                    let mut cert = cert_json(&c.info);
+                    cert["server_names"] = c.names.clone().into();
+                    cert
+                }).collect::<Vec<_>>(),
+            })),
+            _ => None,
+        })
+        .collect();
+    serde_json::json!({ "identity": identity, "edge": edge })
 }
 
 async fn handle(
@@ -71,26 +130,19 @@ async fn handle(
                 "no metrics recorder installed\n",
             ),
         },
-        (&Method::GET, "/config_dump") => {
-            let body = serde_json::to_vec_pretty(&state.config.to_json()).unwrap_or_default();
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            response
-        }
+        (&Method::GET, "/config_dump") => json(&state.config.to_json()),
+        (&Method::GET, "/certs") => json(&certs_json(&state)),
         (&Method::POST, "/drain") => {
             tracing::info!("drain requested through the admin server");
             state.drain.send_replace(true);
             text(StatusCode::OK, "draining\n")
         }
-        (_, "/ready" | "/healthz" | "/metrics" | "/config_dump" | "/drain") => {
+        (_, "/ready" | "/healthz" | "/metrics" | "/config_dump" | "/certs" | "/drain") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: GET /ready, GET /healthz, GET /metrics, GET /config_dump, POST /drain\n",
+            "endpoints: GET /ready, GET /healthz, GET /metrics, GET /config_dump, GET /certs, POST /drain\n",
         ),
     };
     Ok(response)

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::file::{ClusterFile, OutlierDetectionFile};
+use crate::config::file::{ClusterFile, OutlierDetectionFile, UpstreamProtocol};
 use crate::telemetry::metrics as names;
+use crate::tls::UpstreamTls;
 pub use lb::Balancer;
 use pool::{ConnectionLimits, EndpointPool, PoolSettings};
 pub use pool::{PooledConnection, UpstreamError};
@@ -26,16 +27,29 @@ pub struct ClusterManager {
 }
 
 impl ClusterManager {
-    /// Builds clusters from their settings.
-    pub fn new(settings: &[Arc<ClusterFile>]) -> Self {
-        let clusters = settings
-            .iter()
-            .map(|s| {
-                let cluster = Cluster::new(s.clone());
-                (cluster.name.clone(), Arc::new(cluster))
-            })
-            .collect();
-        ClusterManager { clusters }
+    /// Builds clusters from their settings, with TLS connectors for those
+    /// in `tls` (mesh ones present `identity`).
+    pub fn new(
+        settings: &[Arc<ClusterFile>],
+        tls: &std::collections::HashMap<Arc<str>, crate::config::UpstreamTlsConfig>,
+        identity: Option<&Arc<postern_certs::IdentityHandle>>,
+    ) -> Result<Self, crate::tls::TlsSetupError> {
+        let mut clusters = HashMap::new();
+        for s in settings {
+            let name: Arc<str> = Arc::from(s.name.as_str());
+            let connector = match tls.get(&name) {
+                Some(config) => Some(Arc::new(UpstreamTls::new(
+                    name.clone(),
+                    config,
+                    identity,
+                    s.protocol == UpstreamProtocol::Http2,
+                )?)),
+                None => None,
+            };
+            let cluster = Cluster::with_tls(s.clone(), connector);
+            clusters.insert(name, Arc::new(cluster));
+        }
+        Ok(ClusterManager { clusters })
     }
 
     /// The cluster with this name.
@@ -103,6 +117,7 @@ pub struct Cluster {
     active_requests: AtomicUsize,
     active_retries: AtomicUsize,
     epoch: Instant,
+    tls: Option<Arc<UpstreamTls>>,
 }
 
 /// Counts a request against `max_requests` (and its endpoint's load) until dropped.
@@ -149,15 +164,25 @@ impl Drop for RetryGuard {
 }
 
 impl Cluster {
-    /// Runtime state for a cluster's settings.
+    /// Runtime state for a plaintext cluster's settings.
     pub fn new(settings: Arc<ClusterFile>) -> Self {
+        Cluster::with_tls(settings, None)
+    }
+
+    /// Runtime state for a cluster's settings, with TLS to its endpoints.
+    pub fn with_tls(settings: Arc<ClusterFile>, tls: Option<Arc<UpstreamTls>>) -> Self {
         let name: Arc<str> = Arc::from(settings.name.as_str());
         let cb = &settings.circuit_breaker;
         let open_gauge =
             metrics::gauge!(names::UPSTREAM_CONNECTIONS_ACTIVE, "cluster" => name.clone());
         let limits = ConnectionLimits::new(cb.max_connections, cb.max_pending_requests, open_gauge);
+        let protocol = match &tls {
+            Some(tls) if tls.force_http2 => UpstreamProtocol::Http2,
+            _ => settings.protocol,
+        };
         let pool_settings = Arc::new(PoolSettings {
-            protocol: settings.protocol,
+            protocol,
+            tls: tls.clone(),
             connect_timeout: settings.connect_timeout,
             max_idle: settings.pool.max_idle_per_endpoint,
             idle_timeout: settings.pool.idle_timeout,
@@ -188,7 +213,13 @@ impl Cluster {
             active_requests: AtomicUsize::new(0),
             active_retries: AtomicUsize::new(0),
             epoch: Instant::now(),
+            tls,
         }
+    }
+
+    /// TLS to the endpoints, if the cluster uses it.
+    pub fn tls(&self) -> Option<&Arc<UpstreamTls>> {
+        self.tls.as_ref()
     }
 
     /// The endpoints.

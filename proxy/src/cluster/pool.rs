@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 
 use crate::config::file::UpstreamProtocol;
 use crate::http::body::RequestBody;
+use crate::tls::{io_failure_reason, UpstreamIo, UpstreamTls};
 
 /// Why an upstream request could not get an answer.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,18 @@ pub enum UpstreamError {
     Connect {
         /// Endpoint address.
         addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The TLS handshake failed (untrusted peer, wrong identity, refused
+    /// by the peer).
+    #[error("upstream TLS handshake with {addr} failed ({reason})")]
+    Tls {
+        /// Endpoint address.
+        addr: SocketAddr,
+        /// Bounded reason, as in `postern_upstream_tls_failures_total`.
+        reason: &'static str,
         /// Cause.
         #[source]
         source: io::Error,
@@ -73,6 +86,7 @@ impl UpstreamError {
             self,
             UpstreamError::ConnectTimeout(_)
                 | UpstreamError::Connect { .. }
+                | UpstreamError::Tls { .. }
                 | UpstreamError::Handshake { .. }
         )
     }
@@ -178,6 +192,8 @@ impl Drop for PendingGuard {
 pub struct PoolSettings {
     /// Protocol to speak.
     pub protocol: UpstreamProtocol,
+    /// TLS to the endpoint, if any.
+    pub tls: Option<Arc<UpstreamTls>>,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
     /// Idle HTTP/1.1 connections kept per endpoint.
@@ -444,15 +460,32 @@ impl EndpointPool {
         }
     }
 
-    async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
+    async fn connect_tcp(&self) -> Result<TokioIo<UpstreamIo>, UpstreamError> {
         let addr = self.address;
-        let stream = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
+        // The connect timeout covers the TLS handshake too: a peer that
+        // accepts and then stalls is as dead as one that never answers.
+        let connect = async {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|source| UpstreamError::Connect { addr, source })?;
+            // Small request and response heads must not wait for Nagle.
+            let _ = stream.set_nodelay(true);
+            match &self.settings.tls {
+                None => Ok(UpstreamIo::Plain(stream)),
+                Some(tls) => match tls.connect(stream).await {
+                    Ok(stream) => Ok(UpstreamIo::Tls(Box::new(stream))),
+                    Err(source) => Err(UpstreamError::Tls {
+                        addr,
+                        reason: io_failure_reason(&source),
+                        source,
+                    }),
+                },
+            }
+        };
+        let io = tokio::time::timeout(self.settings.connect_timeout, connect)
             .await
-            .map_err(|_| UpstreamError::ConnectTimeout(addr))?
-            .map_err(|source| UpstreamError::Connect { addr, source })?;
-        // Small request and response heads must not wait for Nagle.
-        let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+            .map_err(|_| UpstreamError::ConnectTimeout(addr))??;
+        Ok(TokioIo::new(io))
     }
 
     fn handshake_failed(&self, source: hyper::Error) -> UpstreamError {

@@ -6,6 +6,7 @@
 //! field is documented in `docs/config.md`; keep the two in step.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,220 @@ pub struct ConfigFile {
     /// Upstream clusters that routes and TCP listeners send to.
     #[serde(default)]
     pub clusters: Vec<ClusterFile>,
+    /// This workload's SPIFFE identity for mesh mTLS; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityFile>,
+}
+
+/// The workload identity: which SPIFFE ID, where its certificate comes from,
+/// and when it is renewed.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFile {
+    /// The SPIFFE ID, e.g. `spiffe://cluster.local/ns/shop/sa/web`.
+    pub spiffe_id: String,
+    /// Where certificates come from.
+    pub source: IdentitySourceFile,
+    /// Algorithm of keys generated for CSRs.
+    #[serde(default)]
+    pub key_algorithm: KeyAlgorithmFile,
+    /// Validity asked of a CA (default 24h; the CA may grant less).
+    #[serde(default = "default_cert_lifetime", with = "humantime_serde")]
+    pub lifetime: Duration,
+    /// Renew once this fraction of the lifetime has passed (default 0.5).
+    #[serde(default = "default_renew_at")]
+    pub renew_at: f64,
+    /// Random spread of the renewal time, as a fraction of the lifetime (default 0.05).
+    #[serde(default = "default_renew_jitter")]
+    pub renew_jitter: f64,
+}
+
+fn default_cert_lifetime() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+fn default_renew_at() -> f64 {
+    0.5
+}
+
+fn default_renew_jitter() -> f64 {
+    0.05
+}
+
+/// Key algorithm for generated workload keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyAlgorithmFile {
+    /// ECDSA P-256 (default).
+    #[default]
+    EcdsaP256,
+    /// ECDSA P-384.
+    EcdsaP384,
+    /// Ed25519.
+    Ed25519,
+}
+
+/// Where the workload certificate comes from: exactly one of the fields.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySourceFile {
+    /// PEM files on disk, re-read when they change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<FilesSourceFile>,
+    /// A CA speaking Istio's `IstioCertificateService` API (istiod, or
+    /// Postern's reference control plane).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istio_ca: Option<IstioCaFile>,
+}
+
+/// Certificate, key and trust bundle files.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesSourceFile {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM trust bundle: one or more roots.
+    pub bundle: PathBuf,
+    /// How often the files are checked for changes (default 5s).
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// An Istio-compatible CA.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IstioCaFile {
+    /// gRPC address, `http://host:port` or `https://host:port`.
+    pub address: String,
+    /// File holding the bearer token (e.g. a projected service-account
+    /// token); read before every request, so it may rotate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// PEM root that the CA's own TLS certificate chains to (for `https://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM trust bundle for mesh peers. Without it, the root at the end of
+    /// the chain the CA returns is trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle: Option<PathBuf>,
+    /// Sent as the `ClusterID` metadata that istiod expects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    /// Time allowed for one signing request (default 10s).
+    #[serde(default = "default_ca_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_ca_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Mesh mTLS on a listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MtlsMode {
+    /// Only mTLS with a client certificate that chains to the trust bundle.
+    Strict,
+    /// mTLS or plaintext, told apart by the first byte.
+    Permissive,
+    /// Plaintext only (default).
+    #[default]
+    Disable,
+}
+
+/// Mesh mTLS settings of a listener.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerMtlsFile {
+    /// `strict`, `permissive` or `disable`.
+    pub mode: MtlsMode,
+    /// SPIFFE IDs allowed to connect; any ID of the trust bundle when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_identities: Vec<String>,
+}
+
+/// Edge TLS termination on a listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsFile {
+    /// Server certificates, chosen by SNI; the first is the default.
+    pub certificates: Vec<ServerCertificateFile>,
+    /// Ask clients for a certificate; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuthFile>,
+    /// ALPN protocols offered, in order (default `h2`, `http/1.1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<Vec<String>>,
+    /// Time allowed for the handshake (default 10s).
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// One server certificate.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerCertificateFile {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// SNI names it serves (`*.example.com` allowed); default: the
+    /// certificate's DNS SANs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub server_names: Vec<String>,
+}
+
+/// Client certificate checks on an edge listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthFile {
+    /// PEM roots that client certificates must chain to.
+    pub ca: PathBuf,
+    /// Refuse clients without a certificate (default true).
+    #[serde(default = "default_true")]
+    pub required: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// TLS from a cluster to its endpoints.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsFile {
+    /// `mesh` (mTLS with the workload identity, peers checked by SPIFFE ID)
+    /// or `simple` (server-authenticated TLS, checked by DNS name).
+    pub mode: UpstreamTlsMode,
+    /// `mesh`: SPIFFE IDs the endpoints may present (required).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+    /// `simple`: PEM roots the server certificate must chain to (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// SNI and, for `simple`, the DNS name to check (required for `simple`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+/// Upstream TLS mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamTlsMode {
+    /// Mutual TLS between sidecars.
+    Mesh,
+    /// TLS to an external server.
+    Simple,
 }
 
 fn default_drain_timeout() -> Duration {
@@ -85,6 +300,12 @@ pub struct ListenerFile {
     /// TCP proxy settings (only for `kind: tcp`, where it is required).
     #[serde(default)]
     pub tcp: Option<TcpProxyFile>,
+    /// Mesh mTLS with the workload identity; plaintext when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<ListenerMtlsFile>,
+    /// Edge TLS termination with configured certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTlsFile>,
 }
 
 /// Per-listener limits.
@@ -459,6 +680,9 @@ pub struct ClusterFile {
     /// Passive outlier detection; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetectionFile>,
+    /// TLS to the endpoints; plaintext when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTlsFile>,
 }
 
 fn default_connect_timeout() -> Duration {

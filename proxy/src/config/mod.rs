@@ -7,6 +7,7 @@
 //! so the hot path trusts the model. No I/O besides reading the file.
 
 pub mod file;
+mod tls;
 mod validate;
 
 use std::fmt;
@@ -17,6 +18,9 @@ use std::time::Duration;
 
 pub use file::ConfigFile;
 use file::{ClusterFile, ListenerLimitsFile};
+pub use tls::{
+    EdgeCertificate, EdgeTls, IdentityConfig, IdentitySource, ListenerTls, UpstreamTlsConfig,
+};
 
 use crate::route::{RouteTable, TcpRoute};
 
@@ -87,6 +91,10 @@ pub struct Config {
     pub listeners: Vec<Arc<Listener>>,
     /// Clusters in file order.
     pub clusters: Vec<Arc<ClusterFile>>,
+    /// TLS settings of the clusters that use TLS, by cluster name.
+    pub upstream_tls: std::collections::HashMap<Arc<str>, UpstreamTlsConfig>,
+    /// The workload identity, when mesh mTLS is configured.
+    pub identity: Option<IdentityConfig>,
 }
 
 /// A listener, ready to bind.
@@ -100,6 +108,8 @@ pub struct Listener {
     pub limits: ListenerLimitsFile,
     /// What it serves.
     pub protocol: ListenerProtocol,
+    /// TLS in front of it.
+    pub tls: ListenerTls,
 }
 
 /// What a listener serves.

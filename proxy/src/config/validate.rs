@@ -22,10 +22,10 @@ use crate::route::{
 const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Default)]
-struct Errors(Vec<FieldError>);
+pub(super) struct Errors(Vec<FieldError>);
 
 impl Errors {
-    fn push(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+    pub(super) fn push(&mut self, path: impl Into<String>, reason: impl Into<String>) {
         self.0.push(FieldError {
             path: path.into(),
             reason: reason.into(),
@@ -35,6 +35,12 @@ impl Errors {
 
 pub(super) fn build(file: ConfigFile) -> Result<Config, ConfigError> {
     let mut errors = Errors::default();
+    let identity = file
+        .identity
+        .as_ref()
+        .and_then(|identity| super::tls::build_identity(identity, &mut errors));
+    let has_identity = file.identity.is_some();
+    let mut upstream_tls = HashMap::new();
 
     let mut cluster_names = HashSet::new();
     for (i, cluster) in file.clusters.iter().enumerate() {
@@ -46,6 +52,10 @@ pub(super) fn build(file: ConfigFile) -> Result<Config, ConfigError> {
             );
         }
         check_cluster(cluster, &path, &mut errors);
+        if let Some(tls) = super::tls::build_upstream_tls(cluster, &path, has_identity, &mut errors)
+        {
+            upstream_tls.insert(Arc::from(cluster.name.as_str()), tls);
+        }
     }
 
     let mut listener_names = HashSet::new();
@@ -113,11 +123,13 @@ pub(super) fn build(file: ConfigFile) -> Result<Config, ConfigError> {
                 }
             }
         };
+        let tls = super::tls::build_listener_tls(listener, &path, has_identity, &mut errors);
         listeners.push(Arc::new(Listener {
             name: Arc::from(listener.name.as_str()),
             address: listener.address,
             limits: listener.limits.clone(),
             protocol,
+            tls,
         }));
     }
 
@@ -133,6 +145,8 @@ pub(super) fn build(file: ConfigFile) -> Result<Config, ConfigError> {
         drain_timeout: file.drain_timeout,
         listeners,
         clusters: file.clusters.iter().cloned().map(Arc::new).collect(),
+        upstream_tls,
+        identity,
         source: Arc::new(file),
     })
 }

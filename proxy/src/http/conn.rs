@@ -15,7 +15,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 /// Activity of one downstream connection.
 #[derive(Debug)]
@@ -91,21 +90,21 @@ impl Drop for ActivityGuard {
     }
 }
 
-/// A TCP stream that counts the bytes read from it.
+/// A stream that counts the bytes read from it.
 #[derive(Debug)]
-pub struct CountingStream {
-    inner: TcpStream,
+pub struct CountingStream<S> {
+    inner: S,
     activity: Arc<ConnActivity>,
 }
 
-impl CountingStream {
+impl<S> CountingStream<S> {
     /// Wraps a stream; reads are counted into `activity`.
-    pub fn new(inner: TcpStream, activity: Arc<ConnActivity>) -> Self {
+    pub fn new(inner: S, activity: Arc<ConnActivity>) -> Self {
         CountingStream { inner, activity }
     }
 }
 
-impl AsyncRead for CountingStream {
+impl<S: AsyncRead + Unpin> AsyncRead for CountingStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -128,7 +127,7 @@ impl AsyncRead for CountingStream {
     }
 }
 
-impl AsyncWrite for CountingStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountingStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

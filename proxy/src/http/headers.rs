@@ -111,7 +111,12 @@ const TE_INDEX: usize = 1;
 /// upstream. Untrusted clients cannot choose the proto or the request id;
 /// the peer address is always appended. `peer` is the peer IP as a header
 /// value, made once per connection.
-pub fn set_forwarding(headers: &mut HeaderMap, peer: &HeaderValue, trust_downstream: bool) {
+pub fn set_forwarding(
+    headers: &mut HeaderMap,
+    downstream: &DownstreamPeer,
+    trust_downstream: bool,
+) {
+    let peer = &downstream.ip;
     let mut existing = headers.get_all(&X_FORWARDED_FOR).iter();
     let value = match (existing.next(), existing.next()) {
         (None, _) => Some(peer.clone()),
@@ -133,7 +138,16 @@ pub fn set_forwarding(headers: &mut HeaderMap, peer: &HeaderValue, trust_downstr
         headers.insert(&X_FORWARDED_FOR, value);
     }
     if !trust_downstream || !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        let proto = if downstream.tls { "https" } else { "http" };
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    // Who the caller is comes only from our own handshake: a client-sent
+    // x-forwarded-client-cert is believed only from a trusted downstream.
+    if !trust_downstream {
+        headers.remove(&X_FORWARDED_CLIENT_CERT);
+    }
+    if let Some(xfcc) = &downstream.xfcc {
+        headers.append(&X_FORWARDED_CLIENT_CERT, xfcc.clone());
     }
     let keep_id = trust_downstream
         && headers
@@ -141,6 +155,47 @@ pub fn set_forwarding(headers: &mut HeaderMap, peer: &HeaderValue, trust_downstr
             .is_some_and(|v| !v.is_empty() && v.len() <= 128);
     if !keep_id {
         headers.insert(&X_REQUEST_ID, new_request_id());
+    }
+}
+
+/// `x-forwarded-client-cert`: the mTLS peer's identity, Envoy's format.
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// What a downstream connection tells about its peer, computed once per
+/// connection and shared by its requests.
+#[derive(Debug, Clone)]
+pub struct DownstreamPeer {
+    /// The peer IP as a header value, for `x-forwarded-for`.
+    pub ip: HeaderValue,
+    /// The connection is TLS.
+    pub tls: bool,
+    /// The peer's verified SPIFFE ID.
+    pub spiffe_id: Option<std::sync::Arc<postern_certs::SpiffeId>>,
+    /// `By=<ours>;URI=<peer>` when the peer has a SPIFFE ID.
+    pub xfcc: Option<HeaderValue>,
+}
+
+impl DownstreamPeer {
+    /// The peer of a connection from `ip`, with what its handshake proved;
+    /// `local` is this proxy's own SPIFFE ID.
+    pub fn new(
+        ip: IpAddr,
+        tls: &crate::tls::PeerTls,
+        local: Option<&postern_certs::SpiffeId>,
+    ) -> DownstreamPeer {
+        let xfcc = tls.spiffe_id.as_ref().and_then(|peer| {
+            let value = match local {
+                Some(local) => format!("By={local};URI={peer}"),
+                None => format!("URI={peer}"),
+            };
+            HeaderValue::from_str(&value).ok()
+        });
+        DownstreamPeer {
+            ip: peer_value(ip),
+            tls: tls.tls,
+            spiffe_id: tls.spiffe_id.clone(),
+            xfcc,
+        }
     }
 }
 
@@ -194,9 +249,17 @@ mod tests {
 
     #[test]
     fn forwarding_headers_untrusted_and_trusted() {
-        let peer = peer_value("127.0.0.9".parse().unwrap());
+        let peer = DownstreamPeer::new(
+            "127.0.0.9".parse().unwrap(),
+            &crate::tls::PeerTls::default(),
+            None,
+        );
         let mut h = HeaderMap::new();
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
+        h.insert(
+            &X_FORWARDED_CLIENT_CERT,
+            HeaderValue::from_static("URI=spiffe://forged/ns/a/sa/b"),
+        );
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("client-chosen"));
         let mut untrusted = h.clone();
@@ -207,9 +270,38 @@ mod tests {
         );
         assert_eq!(untrusted.get(&X_FORWARDED_PROTO).unwrap(), "http");
         assert_ne!(untrusted.get(&X_REQUEST_ID).unwrap(), "client-chosen");
+        assert!(untrusted.get(&X_FORWARDED_CLIENT_CERT).is_none());
         let mut trusted = h;
         set_forwarding(&mut trusted, &peer, true);
         assert_eq!(trusted.get(&X_FORWARDED_PROTO).unwrap(), "https");
         assert_eq!(trusted.get(&X_REQUEST_ID).unwrap(), "client-chosen");
+    }
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::*;
+
+    #[test]
+    fn mesh_peer_identity_replaces_forged_client_cert_header() {
+        let peer_id = postern_certs::SpiffeId::parse("spiffe://td/ns/a/sa/caller").unwrap();
+        let local = postern_certs::SpiffeId::parse("spiffe://td/ns/b/sa/server").unwrap();
+        let tls = crate::tls::PeerTls {
+            tls: true,
+            spiffe_id: Some(std::sync::Arc::new(peer_id)),
+        };
+        let peer = DownstreamPeer::new("127.0.0.1".parse().unwrap(), &tls, Some(&local));
+        let mut h = HeaderMap::new();
+        h.insert(
+            &X_FORWARDED_CLIENT_CERT,
+            HeaderValue::from_static("URI=spiffe://forged/x"),
+        );
+        set_forwarding(&mut h, &peer, false);
+        let values: Vec<_> = h.get_all(&X_FORWARDED_CLIENT_CERT).iter().collect();
+        assert_eq!(
+            values,
+            ["By=spiffe://td/ns/b/sa/server;URI=spiffe://td/ns/a/sa/caller"]
+        );
+        assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "https");
     }
 }

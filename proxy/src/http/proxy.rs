@@ -78,6 +78,7 @@ impl LocalReply {
             ),
             UpstreamError::ConnectTimeout(_)
             | UpstreamError::Connect { .. }
+            | UpstreamError::Tls { .. }
             | UpstreamError::Handshake { .. } => LocalReply::new(
                 StatusCode::BAD_GATEWAY,
                 "upstream connect failure",
@@ -230,7 +231,7 @@ impl HttpProxy {
     /// never fails (errors become responses).
     pub async fn handle(
         &self,
-        peer: HeaderValue,
+        peer: Arc<hdr::DownstreamPeer>,
         request: Request<Incoming>,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
@@ -355,7 +356,7 @@ impl HttpProxy {
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
-        peer: HeaderValue,
+        peer: Arc<hdr::DownstreamPeer>,
         mut request: Request<Incoming>,
         authority: HeaderValue,
         forward: &Forward,
@@ -590,7 +591,7 @@ impl HttpProxy {
     fn upstream_head(
         &self,
         parts: http::request::Parts,
-        peer: HeaderValue,
+        peer: Arc<hdr::DownstreamPeer>,
         authority: HeaderValue,
         forward: &Forward,
         path_match: &crate::route::PathMatch,

@@ -3,22 +3,21 @@
 
 use std::convert::Infallible;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::conn::{ConnActivity, ConnState, CountingStream};
+use super::headers::DownstreamPeer;
+use super::proxy::HttpProxy;
+use crate::config::file::ListenerLimitsFile;
+use crate::listener::{signalled, Shutdown};
+use crate::telemetry::metrics as names;
+use crate::tls::DownstreamIo;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpStream;
-
-use super::conn::{ConnActivity, ConnState, CountingStream};
-use super::proxy::HttpProxy;
-use crate::config::file::ListenerLimitsFile;
-use crate::listener::{signalled, Shutdown};
-use crate::telemetry::metrics as names;
 
 /// Smallest read buffer hyper accepts.
 const MIN_BUF: usize = 8192;
@@ -49,35 +48,39 @@ pub fn builder(limits: &ListenerLimitsFile) -> auto::Builder<TokioExecutor> {
 
 /// Serves one downstream connection until it closes, idles out or is drained.
 pub async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: DownstreamIo,
+    peer: Arc<DownstreamPeer>,
     proxy: Arc<HttpProxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     shutdown: Shutdown,
 ) {
-    let _ = stream.set_nodelay(true);
     // A second handle on the socket lets us answer 408 and close when a
     // request head is too slow, whatever state hyper is in.
-    let (stream, spare) = match split_handle(stream) {
-        Ok(pair) => pair,
+    let tcp = match &stream {
+        DownstreamIo::Plain(tcp) => tcp,
+        DownstreamIo::Tls(tls) => tls.get_ref().0,
+    };
+    let _ = tcp.set_nodelay(true);
+    let spare = match socket2::SockRef::from(tcp).try_clone() {
+        Ok(socket) => std::net::TcpStream::from(socket),
         Err(err) => {
             tracing::debug!(error = %err, "cannot set up connection");
             return;
         }
     };
+    let plaintext = matches!(stream, DownstreamIo::Plain(_));
     let activity = ConnActivity::new();
     let limits = &proxy.listener.limits;
     let (idle_timeout, head_timeout) = (limits.idle_timeout, limits.header_read_timeout);
-    let peer_ip = super::headers::peer_value(peer.ip());
     let service = {
         let activity = activity.clone();
         let proxy = proxy.clone();
         service_fn(move |request: Request<Incoming>| {
             let proxy = proxy.clone();
             let guard = activity.begin();
-            let peer_ip = peer_ip.clone();
+            let peer = peer.clone();
             async move {
-                let response = proxy.handle(peer_ip, request).await;
+                let response = proxy.handle(peer, request).await;
                 let (parts, body) = response.into_parts();
                 Ok::<_, Infallible>(http::Response::from_parts(parts, body.with_activity(guard)))
             }
@@ -111,7 +114,7 @@ pub async fn serve_connection(
                 ConnState::ReadingHead => {
                     let since = *head_started.get_or_insert_with(Instant::now);
                     if since.elapsed() >= head_timeout {
-                        reject_slow_head(&spare, &shutdown.listener);
+                        reject_slow_head(&spare, plaintext, &shutdown.listener);
                         return;
                     }
                 }
@@ -130,12 +133,15 @@ pub async fn serve_connection(
     }
 }
 
-/// Answers 408 on a connection whose request head is too slow, and closes it.
-fn reject_slow_head(spare: &std::net::TcpStream, listener: &Arc<str>) {
+/// Answers 408 on a connection whose request head is too slow, and closes
+/// it. Under TLS the answer would need the session, so it just closes.
+fn reject_slow_head(spare: &std::net::TcpStream, plaintext: bool, listener: &Arc<str>) {
     let mut socket = spare;
-    let _ = socket.write_all(
-        b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
-    );
+    if plaintext {
+        let _ = socket.write_all(
+            b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        );
+    }
     let _ = socket.shutdown(std::net::Shutdown::Both);
     metrics::counter!(
         names::DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
@@ -143,12 +149,6 @@ fn reject_slow_head(spare: &std::net::TcpStream, listener: &Arc<str>) {
         "limit" => "header_read_timeout",
     )
     .increment(1);
-}
-
-fn split_handle(stream: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpStream)> {
-    let std_stream = stream.into_std()?;
-    let spare = std_stream.try_clone()?;
-    Ok((TcpStream::from_std(std_stream)?, spare))
 }
 
 fn on_connection_error(err: &(dyn std::error::Error + Send + Sync + 'static), listener: &Arc<str>) {

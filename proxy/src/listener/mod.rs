@@ -9,8 +9,11 @@ use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::cluster::ClusterManager;
 use crate::config::{Listener, ListenerProtocol};
+use crate::http::headers::DownstreamPeer;
 use crate::http::proxy::HttpProxy;
 use crate::telemetry::metrics as names;
+use crate::tls::DownstreamTls;
+use postern_certs::SpiffeId;
 
 /// What a connection task watches to know when to wind down.
 #[derive(Debug, Clone)]
@@ -83,6 +86,8 @@ pub async fn run_listener(
     listener: Arc<Listener>,
     clusters: Arc<ClusterManager>,
     tracker: Arc<ConnectionTracker>,
+    tls: DownstreamTls,
+    local_id: Option<Arc<SpiffeId>>,
     mut shutdown: Shutdown,
 ) {
     let limit = Arc::new(Semaphore::new(listener.limits.max_connections));
@@ -133,19 +138,30 @@ pub async fn run_listener(
         let tracked = tracker.track();
         let conn_shutdown = shutdown.clone();
         let active = active.clone();
+        let tls = tls.clone();
+        let local_id = local_id.clone();
         match &http {
             Some((proxy, builder)) => {
                 let proxy = proxy.clone();
                 let builder = builder.clone();
                 tokio::spawn(async move {
-                    crate::http::server::serve_connection(
-                        stream,
-                        peer,
-                        proxy,
-                        builder,
-                        conn_shutdown,
-                    )
-                    .await;
+                    // The handshake runs in the connection's task, so a slow
+                    // one never holds up the accept loop.
+                    if let Some((io, peer_tls)) = tls.accept(stream).await {
+                        let downstream = Arc::new(DownstreamPeer::new(
+                            peer.ip(),
+                            &peer_tls,
+                            local_id.as_deref(),
+                        ));
+                        crate::http::server::serve_connection(
+                            io,
+                            downstream,
+                            proxy,
+                            builder,
+                            conn_shutdown,
+                        )
+                        .await;
+                    }
                     active.decrement(1.0);
                     drop((permit, tracked));
                 });
@@ -154,7 +170,9 @@ pub async fn run_listener(
                 let listener = listener.clone();
                 let clusters = clusters.clone();
                 tokio::spawn(async move {
-                    crate::tcp::serve_connection(stream, listener, clusters, conn_shutdown).await;
+                    if let Some((io, _peer_tls)) = tls.accept(stream).await {
+                        crate::tcp::serve_connection(io, listener, clusters, conn_shutdown).await;
+                    }
                     active.decrement(1.0);
                     drop((permit, tracked));
                 });

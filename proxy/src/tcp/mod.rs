@@ -13,12 +13,13 @@ use crate::cluster::{ClusterManager, Outcome, UpstreamError};
 use crate::config::{Listener, ListenerProtocol};
 use crate::listener::Shutdown;
 use crate::telemetry::metrics as names;
+use crate::tls::{DownstreamIo, UpstreamIo};
 
 const COPY_BUF: usize = 16 * 1024;
 
 /// Proxies one downstream TCP connection to the listener's cluster.
 pub async fn serve_connection(
-    downstream: TcpStream,
+    downstream: DownstreamIo,
     listener: Arc<Listener>,
     clusters: Arc<ClusterManager>,
     mut shutdown: Shutdown,
@@ -51,8 +52,15 @@ pub async fn serve_connection(
             Err(_) => break,
         };
         let addr = endpoint.endpoint().address;
-        let connect =
-            tokio::time::timeout(cluster.settings.connect_timeout, TcpStream::connect(addr)).await;
+        let connect = tokio::time::timeout(cluster.settings.connect_timeout, async {
+            let stream = TcpStream::connect(addr).await?;
+            let _ = stream.set_nodelay(true);
+            match cluster.tls() {
+                Some(tls) => Ok(UpstreamIo::Tls(Box::new(tls.connect(stream).await?))),
+                None => Ok::<_, io::Error>(UpstreamIo::Plain(stream)),
+            }
+        })
+        .await;
         match connect {
             Ok(Ok(stream)) => {
                 cluster.report(endpoint.endpoint(), Outcome::Success);
@@ -71,8 +79,9 @@ pub async fn serve_connection(
     let Some((upstream, _endpoint_guard)) = upstream else {
         return outcome("connect_failure");
     };
-    let _ = downstream.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
+    if let DownstreamIo::Plain(tcp) = &downstream {
+        let _ = tcp.set_nodelay(true);
+    }
 
     let relay = relay(downstream, upstream, route.idle_timeout);
     tokio::pin!(relay);
@@ -94,18 +103,18 @@ pub async fn serve_connection(
 
 /// Copies both ways until both directions end or nothing moves for `idle`.
 /// Returns bytes sent upstream, bytes sent downstream, and how it ended.
-pub async fn relay(
-    downstream: TcpStream,
-    upstream: TcpStream,
-    idle: Duration,
-) -> (u64, u64, &'static str) {
+pub async fn relay<D, U>(downstream: D, upstream: U, idle: Duration) -> (u64, u64, &'static str)
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let start = Instant::now();
     let last_active = AtomicU64::new(0);
     // Counted as bytes move, so a pair that idles out or fails still reports
     // what it carried.
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (mut down_read, mut down_write) = downstream.into_split();
-    let (mut up_read, mut up_write) = upstream.into_split();
+    let (mut down_read, mut down_write) = tokio::io::split(downstream);
+    let (mut up_read, mut up_write) = tokio::io::split(upstream);
     let to_upstream = copy_half(&mut down_read, &mut up_write, &sent, &last_active, start);
     let to_downstream = copy_half(
         &mut up_read,

@@ -31,6 +31,15 @@ pub const TCP_CONNECTIONS_TOTAL: &str = "postern_tcp_connections_total";
 /// TCP proxy bytes, by `listener`, `direction` (`upstream`/`downstream`).
 pub const TCP_BYTES_TOTAL: &str = "postern_tcp_bytes_total";
 
+/// Downstream TLS connections refused, by `listener`, `reason` (`plaintext`,
+/// `no_client_cert`, `untrusted_ca`, `expired`, `not_yet_valid`,
+/// `wrong_identity`, `no_spiffe_id`, `bad_certificate`, `handshake_timeout`,
+/// `handshake`, `closed`).
+pub const DOWNSTREAM_TLS_FAILURES_TOTAL: &str = "postern_downstream_tls_failures_total";
+/// Upstream TLS handshakes failed, by `cluster`, `reason` (as downstream, plus
+/// `peer_rejected` when the server refused our certificate).
+pub const UPSTREAM_TLS_FAILURES_TOTAL: &str = "postern_upstream_tls_failures_total";
+
 /// Buckets for request durations, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -40,6 +49,15 @@ pub const DURATION_BUCKETS: &[f64] = &[
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests finished");
+    describe_counter!(
+        DOWNSTREAM_TLS_FAILURES_TOTAL,
+        "Downstream TLS connections refused, by reason"
+    );
+    describe_counter!(
+        UPSTREAM_TLS_FAILURES_TOTAL,
+        "Upstream TLS handshakes that failed, by reason"
+    );
+    postern_certs::rotation::metric::describe();
     describe_histogram!(
         HTTP_REQUEST_DURATION_SECONDS,
         Unit::Seconds,

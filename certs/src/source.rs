@@ -1,0 +1,162 @@
+//! Where certificates come from. Every source sits behind `CertSource`, so
+//! the rotation loop does not care whether a CA signs a fresh key, a file
+//! changes on disk, or the control plane pushes a secret.
+
+use std::future::Future;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::identity::{Identity, IdentityError};
+use crate::key::{KeyAlgorithm, KeyError};
+use crate::spiffe::SpiffeId;
+use crate::verify::TrustBundle;
+use crate::x509::{parse_pem_chain, parse_pem_key, CertError};
+
+/// A boxed future, so sources can be trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the rotation loop asks a source for.
+#[derive(Debug, Clone)]
+pub struct IssueRequest {
+    /// The identity to certify.
+    pub id: SpiffeId,
+    /// Algorithm of keys generated for a CSR.
+    pub key_algorithm: KeyAlgorithm,
+    /// Validity to request from a CA (it may grant less).
+    pub lifetime: Duration,
+}
+
+/// A source failed to produce an identity.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Certificates or keys do not parse.
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    /// The result does not form a usable identity.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// Key or CSR generation failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The CA refused or could not be reached.
+    #[error("certificate authority: {0}")]
+    Ca(String),
+}
+
+/// A place certificates come from.
+pub trait CertSource: Send + Sync + std::fmt::Debug {
+    /// Short name for metrics, logs and `/certs`.
+    fn name(&self) -> &'static str;
+
+    /// Produces a certified identity for `request`.
+    fn fetch<'a>(
+        &'a self,
+        request: &'a IssueRequest,
+    ) -> BoxFuture<'a, Result<Identity, SourceError>>;
+
+    /// Resolves when the source holds something newer than its last fetch,
+    /// ahead of the scheduled renewal (e.g. files replaced on disk). Sources
+    /// that only change when asked never resolve.
+    fn changed(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// Certificate chain, key and trust bundle in PEM files, re-read when their
+/// content changes (cert-manager, the SPIRE helper, a mounted secret).
+#[derive(Debug)]
+pub struct FileSource {
+    cert: PathBuf,
+    key: PathBuf,
+    bundle: PathBuf,
+    poll_interval: Duration,
+    loaded: Mutex<Option<u64>>,
+}
+
+impl FileSource {
+    /// A source reading these files, checked for changes every `poll_interval`.
+    pub fn new(cert: PathBuf, key: PathBuf, bundle: PathBuf, poll_interval: Duration) -> Self {
+        FileSource {
+            cert,
+            key,
+            bundle,
+            poll_interval,
+            loaded: Mutex::new(None),
+        }
+    }
+
+    async fn read_all(&self) -> Result<[Vec<u8>; 3], SourceError> {
+        let mut out: [Vec<u8>; 3] = Default::default();
+        for (slot, path) in out.iter_mut().zip([&self.cert, &self.key, &self.bundle]) {
+            *slot = tokio::fs::read(path)
+                .await
+                .map_err(|source| SourceError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        Ok(out)
+    }
+}
+
+fn fingerprint(contents: &[Vec<u8>; 3]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    contents.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl CertSource for FileSource {
+    fn name(&self) -> &'static str {
+        "files"
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        _request: &'a IssueRequest,
+    ) -> BoxFuture<'a, Result<Identity, SourceError>> {
+        Box::pin(async move {
+            let contents = self.read_all().await?;
+            let [cert, key, bundle] = &contents;
+            let chain = parse_pem_chain(cert, "certificate chain")?;
+            let key = parse_pem_key(key)?;
+            let bundle = Arc::new(TrustBundle::from_pem(bundle)?);
+            let identity = Identity::new(chain, key, bundle, "files")?;
+            if let Ok(mut loaded) = self.loaded.lock() {
+                *loaded = Some(fingerprint(&contents));
+            }
+            Ok(identity)
+        })
+    }
+
+    fn changed(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut tick = tokio::time::interval(self.poll_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                // A half-written set of files fails to read or parse and is
+                // retried at the next tick; only complete changes count.
+                let Ok(contents) = self.read_all().await else {
+                    continue;
+                };
+                let loaded = self.loaded.lock().ok().and_then(|l| *l);
+                if loaded != Some(fingerprint(&contents)) {
+                    return;
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,513 @@
+//! TLS on both sides of the proxy. Downstream: mesh mTLS (strict or
+//! permissive) with the workload identity, or edge termination with
+//! certificates chosen by SNI. Upstream: mesh mTLS checked by SPIFFE ID, or
+//! simple TLS checked by DNS name. Handshake failures are logged and counted
+//! by a bounded reason.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use postern_certs::tls::{failure_reason, mesh_client_config, mesh_server_config, provider};
+use postern_certs::{IdentityHandle, SpiffeId};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::{EdgeTls, ListenerTls, UpstreamTlsConfig};
+use crate::telemetry::metrics as names;
+
+/// First byte of a TLS record carrying a handshake.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// ALPN offered by sidecars: HTTP/2 first, so HTTP/1.1 callers are
+/// multiplexed over one connection between pods.
+const MESH_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// TLS settings could not be turned into a rustls config.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// rustls refused the settings.
+    #[error("tls setup for {what}: {source}")]
+    Rustls {
+        /// Listener or cluster.
+        what: String,
+        /// Cause.
+        #[source]
+        source: rustls::Error,
+    },
+    /// Mesh TLS without an identity.
+    #[error("{0} uses mesh mTLS but no identity is configured")]
+    NoIdentity(String),
+    /// Client auth roots unusable.
+    #[error("client_auth roots for {what}: {reason}")]
+    Verifier {
+        /// Listener.
+        what: String,
+        /// Cause.
+        reason: String,
+    },
+}
+
+/// A downstream connection after the TLS decision.
+#[derive(Debug)]
+pub enum DownstreamIo {
+    /// Plaintext.
+    Plain(TcpStream),
+    /// TLS terminated here.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// What the handshake told about the peer.
+#[derive(Debug, Clone, Default)]
+pub struct PeerTls {
+    /// The connection is TLS.
+    pub tls: bool,
+    /// The client's verified SPIFFE ID (mesh mTLS, or an edge client
+    /// certificate that carries one).
+    pub spiffe_id: Option<Arc<SpiffeId>>,
+}
+
+/// A listener's TLS front: decides plaintext or TLS and runs the handshake.
+#[derive(Clone)]
+pub struct DownstreamTls {
+    kind: DownstreamKind,
+    listener: Arc<str>,
+}
+
+#[derive(Clone)]
+enum DownstreamKind {
+    Off,
+    Tls {
+        acceptor: TlsAcceptor,
+        accept_plaintext: bool,
+        timeout: Duration,
+    },
+}
+
+impl std::fmt::Debug for DownstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DownstreamTls")
+            .field("listener", &self.listener)
+            .field("tls", &matches!(self.kind, DownstreamKind::Tls { .. }))
+            .finish()
+    }
+}
+
+impl DownstreamTls {
+    /// Builds the TLS front of a listener; `header_timeout` bounds mesh handshakes.
+    pub fn new(
+        listener: Arc<str>,
+        tls: &ListenerTls,
+        identity: Option<&Arc<IdentityHandle>>,
+        header_timeout: Duration,
+    ) -> Result<DownstreamTls, TlsSetupError> {
+        let rustls_err = |source| TlsSetupError::Rustls {
+            what: format!("listener {listener}"),
+            source,
+        };
+        let kind = match tls {
+            ListenerTls::Off => DownstreamKind::Off,
+            ListenerTls::Mesh {
+                permissive,
+                allowed,
+            } => {
+                let identity = identity
+                    .ok_or_else(|| TlsSetupError::NoIdentity(format!("listener {listener}")))?;
+                let config = mesh_server_config(
+                    identity.clone(),
+                    allowed.clone(),
+                    MESH_ALPN.iter().map(|p| p.to_vec()).collect(),
+                )
+                .map_err(rustls_err)?;
+                DownstreamKind::Tls {
+                    acceptor: TlsAcceptor::from(Arc::new(config)),
+                    accept_plaintext: *permissive,
+                    timeout: header_timeout,
+                }
+            }
+            ListenerTls::Edge(edge) => DownstreamKind::Tls {
+                acceptor: TlsAcceptor::from(Arc::new(edge_server_config(&listener, edge)?)),
+                accept_plaintext: false,
+                timeout: edge.handshake_timeout,
+            },
+        };
+        Ok(DownstreamTls { kind, listener })
+    }
+
+    /// Peeks at the first byte and runs the handshake if it is TLS. `None`
+    /// when the connection is refused (logged and counted).
+    pub async fn accept(&self, stream: TcpStream) -> Option<(DownstreamIo, PeerTls)> {
+        let DownstreamKind::Tls {
+            acceptor,
+            accept_plaintext,
+            timeout,
+        } = &self.kind
+        else {
+            return Some((DownstreamIo::Plain(stream), PeerTls::default()));
+        };
+        let peer = stream.peer_addr().ok();
+        let first = tokio::time::timeout(*timeout, async {
+            let mut byte = [0u8; 1];
+            stream
+                .peek(&mut byte)
+                .await
+                .map(|n| (n == 1).then_some(byte[0]))
+        })
+        .await;
+        let first = match first {
+            Ok(Ok(Some(byte))) => byte,
+            // Closed or failed before sending anything: nothing to refuse.
+            Ok(Ok(None)) | Ok(Err(_)) => return None,
+            Err(_) => {
+                self.refuse(
+                    "handshake_timeout",
+                    peer,
+                    "no bytes before the handshake timeout",
+                );
+                return None;
+            }
+        };
+        if first != TLS_HANDSHAKE_RECORD {
+            if *accept_plaintext {
+                return Some((DownstreamIo::Plain(stream), PeerTls::default()));
+            }
+            self.refuse(
+                "plaintext",
+                peer,
+                "plaintext connection to a TLS-only listener",
+            );
+            return None;
+        }
+        match tokio::time::timeout(*timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                let spiffe_id = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(postern_certs::peer_spiffe_id)
+                    .map(Arc::new);
+                Some((
+                    DownstreamIo::Tls(Box::new(tls)),
+                    PeerTls {
+                        tls: true,
+                        spiffe_id,
+                    },
+                ))
+            }
+            Ok(Err(err)) => {
+                let reason = io_failure_reason(&err);
+                self.refuse(reason, peer, &err.to_string());
+                None
+            }
+            Err(_) => {
+                self.refuse(
+                    "handshake_timeout",
+                    peer,
+                    "handshake did not finish in time",
+                );
+                None
+            }
+        }
+    }
+
+    fn refuse(&self, reason: &'static str, peer: Option<std::net::SocketAddr>, detail: &str) {
+        tracing::warn!(
+            listener = %self.listener,
+            peer = ?peer,
+            reason,
+            detail,
+            "downstream TLS connection refused"
+        );
+        metrics::counter!(
+            names::DOWNSTREAM_TLS_FAILURES_TOTAL,
+            "listener" => self.listener.clone(),
+            "reason" => reason,
+        )
+        .increment(1);
+    }
+}
+
+/// The bounded reason behind a failed handshake's I/O error.
+pub fn io_failure_reason(err: &io::Error) -> &'static str {
+    match err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => failure_reason(tls),
+        None if err.kind() == io::ErrorKind::UnexpectedEof => "closed",
+        None => "handshake",
+    }
+}
+
+fn edge_server_config(listener: &str, edge: &EdgeTls) -> Result<ServerConfig, TlsSetupError> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|source| TlsSetupError::Rustls {
+            what: format!("listener {listener}"),
+            source,
+        })?;
+    let builder = match &edge.client_auth {
+        None => builder.with_no_client_auth(),
+        Some((bundle, required)) => {
+            let verifier_err = |reason: String| TlsSetupError::Verifier {
+                what: listener.to_string(),
+                reason,
+            };
+            let mut roots = RootCertStore::empty();
+            for root in bundle.roots() {
+                roots
+                    .add(root.clone())
+                    .map_err(|e| verifier_err(e.to_string()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            let verifier = if *required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(
+                verifier.build().map_err(|e| verifier_err(e.to_string()))?,
+            )
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(edge)));
+    config.alpn_protocols = edge.alpn.clone();
+    Ok(config)
+}
+
+/// Picks an edge certificate by SNI: exact name, then a `*.` wildcard for
+/// one label, then the first certificate.
+#[derive(Debug)]
+struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl SniResolver {
+    fn new(edge: &EdgeTls) -> SniResolver {
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for cert in &edge.certificates {
+            for name in &cert.names {
+                match name.strip_prefix("*.") {
+                    Some(suffix) => wildcard.insert(suffix.to_string(), cert.key.clone()),
+                    None => exact.insert(name.clone(), cert.key.clone()),
+                };
+            }
+        }
+        SniResolver {
+            exact,
+            wildcard,
+            default: edge.certificates.first().map(|c| c.key.clone()),
+        }
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(sni) = hello.server_name() else {
+            return self.default.clone();
+        };
+        let sni = sni.to_ascii_lowercase();
+        let sni = sni.trim_end_matches('.');
+        if let Some(key) = self.exact.get(sni) {
+            return Some(key.clone());
+        }
+        if let Some((_, parent)) = sni.split_once('.') {
+            if let Some(key) = self.wildcard.get(parent) {
+                return Some(key.clone());
+            }
+        }
+        self.default.clone()
+    }
+}
+
+/// TLS from a cluster to its endpoints.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+    cluster: Arc<str>,
+    /// Speak HTTP/2 to the endpoint whatever the cluster protocol says
+    /// (mesh peers are sidecars, which all speak it).
+    pub force_http2: bool,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("cluster", &self.cluster)
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+impl UpstreamTls {
+    /// Builds the connector for a cluster; `http2` picks the ALPN offered to
+    /// simple-TLS servers.
+    pub fn new(
+        cluster: Arc<str>,
+        config: &UpstreamTlsConfig,
+        identity: Option<&Arc<IdentityHandle>>,
+        http2: bool,
+    ) -> Result<UpstreamTls, TlsSetupError> {
+        let rustls_err = |source| TlsSetupError::Rustls {
+            what: format!("cluster {cluster}"),
+            source,
+        };
+        let (client, server_name, force_http2): (ClientConfig, &str, bool) = match config {
+            UpstreamTlsConfig::Mesh {
+                allowed,
+                server_name,
+            } => {
+                let identity = identity
+                    .ok_or_else(|| TlsSetupError::NoIdentity(format!("cluster {cluster}")))?;
+                // Only h2 is offered: between sidecars every call is
+                // multiplexed, whatever the caller spoke.
+                let client =
+                    mesh_client_config(identity.clone(), allowed.clone(), vec![b"h2".to_vec()])
+                        .map_err(rustls_err)?;
+                (client, server_name, true)
+            }
+            UpstreamTlsConfig::Simple { roots, server_name } => {
+                let mut store = RootCertStore::empty();
+                for root in roots.roots() {
+                    store.add(root.clone()).map_err(rustls_err)?;
+                }
+                let mut client = ClientConfig::builder_with_provider(provider())
+                    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                    .map_err(rustls_err)?
+                    .with_root_certificates(store)
+                    .with_no_client_auth();
+                client.alpn_protocols = vec![if http2 {
+                    b"h2".to_vec()
+                } else {
+                    b"http/1.1".to_vec()
+                }];
+                (client, server_name, false)
+            }
+        };
+        let server_name =
+            ServerName::try_from(server_name.to_string()).map_err(|_| TlsSetupError::Rustls {
+                what: format!("cluster {cluster}"),
+                source: rustls::Error::General(format!("invalid server name {server_name}")),
+            })?;
+        Ok(UpstreamTls {
+            connector: TlsConnector::from(Arc::new(client)),
+            server_name,
+            cluster,
+            force_http2,
+        })
+    }
+
+    /// Runs the client handshake on a connected socket; failures are logged
+    /// and counted with their reason.
+    pub async fn connect(
+        &self,
+        stream: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let peer = stream.peer_addr().ok();
+        self.connector
+            .connect(self.server_name.clone(), stream)
+            .await
+            .inspect_err(|err| {
+                let reason = io_failure_reason(err);
+                tracing::warn!(
+                    cluster = %self.cluster,
+                    peer = ?peer,
+                    reason,
+                    error = %err,
+                    "upstream TLS handshake failed"
+                );
+                metrics::counter!(
+                    names::UPSTREAM_TLS_FAILURES_TOTAL,
+                    "cluster" => self.cluster.clone(),
+                    "reason" => reason,
+                )
+                .increment(1);
+            })
+    }
+}
+
+/// An upstream connection, plain or TLS.
+#[derive(Debug)]
+pub enum UpstreamIo {
+    /// Plaintext.
+    Plain(TcpStream),
+    /// TLS.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+macro_rules! delegate_io {
+    ($ty:ident) => {
+        impl AsyncRead for $ty {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+                }
+            }
+        }
+
+        impl AsyncWrite for $ty {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+                }
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+                }
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+                }
+            }
+
+            fn poll_write_vectored(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+                }
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                match self {
+                    $ty::Plain(s) => s.is_write_vectored(),
+                    $ty::Tls(s) => s.is_write_vectored(),
+                }
+            }
+        }
+    };
+}
+
+delegate_io!(DownstreamIo);
+delegate_io!(UpstreamIo);
