@@ -114,14 +114,12 @@ impl Rotator {
                 Ok(identity) => match identity.expect(&self.request.id) {
                     Ok(identity) => {
                         let current = self.handle.current();
-                        let renewed = current
-                            .as_ref()
-                            .is_none_or(|c| c.info.serial != identity.info.serial);
-                        let due = self.policy.renewal_time(
-                            identity.info.not_before,
-                            identity.info.not_after,
-                            identity.loaded_at,
-                        );
+                        // A new root in the bundle (the first step of a CA
+                        // rotation) must go in as surely as a new leaf.
+                        let renewed = current.as_ref().is_none_or(|c| {
+                            c.info.serial != identity.info.serial
+                                || c.bundle.roots() != identity.bundle.roots()
+                        });
                         if renewed {
                             tracing::info!(
                                 id = %identity.id,
@@ -135,11 +133,22 @@ impl Rotator {
                             self.handle.install(identity);
                             backoff = self.policy.min_backoff;
                         }
-                        match due.duration_since(SystemTime::now()) {
-                            Ok(until_due) => until_due,
+                        // The schedule follows the certificate in use, from
+                        // when it was installed, so an unchanged fetch does
+                        // not push the renewal ever later.
+                        let installed = self.handle.current();
+                        let due = installed.as_ref().map(|c| {
+                            self.policy.renewal_time(
+                                c.info.not_before,
+                                c.info.not_after,
+                                c.loaded_at,
+                            )
+                        });
+                        match due.and_then(|due| due.duration_since(SystemTime::now()).ok()) {
+                            Some(until_due) => until_due,
                             // Past the renewal time and the source had nothing
                             // newer (files not replaced yet): poll with back-off.
-                            Err(_) => next_backoff(&mut backoff, self.policy.max_backoff),
+                            None => next_backoff(&mut backoff, self.policy.max_backoff),
                         }
                     }
                     Err(err) => {

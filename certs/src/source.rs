@@ -128,15 +128,17 @@ impl CertSource for FileSource {
     ) -> BoxFuture<'a, Result<Identity, SourceError>> {
         Box::pin(async move {
             let contents = self.read_all().await?;
+            // Recorded before parsing: files that read but do not parse are
+            // not a change to react to again; the rotation loop's back-off
+            // retries them.
+            if let Ok(mut loaded) = self.loaded.lock() {
+                *loaded = Some(fingerprint(&contents));
+            }
             let [cert, key, bundle] = &contents;
             let chain = parse_pem_chain(cert, "certificate chain")?;
             let key = parse_pem_key(key)?;
             let bundle = Arc::new(TrustBundle::from_pem(bundle)?);
-            let identity = Identity::new(chain, key, bundle, "files")?;
-            if let Ok(mut loaded) = self.loaded.lock() {
-                *loaded = Some(fingerprint(&contents));
-            }
-            Ok(identity)
+            Ok(Identity::new(chain, key, bundle, "files")?)
         })
     }
 
@@ -147,8 +149,8 @@ impl CertSource for FileSource {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                // A half-written set of files fails to read or parse and is
-                // retried at the next tick; only complete changes count.
+                // Unreadable files (mid-replacement) are looked at again at
+                // the next tick.
                 let Ok(contents) = self.read_all().await else {
                     continue;
                 };

@@ -65,6 +65,7 @@ fn verifies_peers_by_chain_validity_and_spiffe_id() {
     let good = ca.leaf(WEB, &key, -60, 3600);
     let any = AllowedPeers::Any;
     let only_api = AllowedPeers::Only(vec![SpiffeId::parse(API).unwrap()].into());
+    let other_domain = AllowedPeers::TrustDomain("example.org".into());
     let bundle = ca.bundle();
 
     let id = verify_peer(&bundle, &good, &[], now(), PeerRole::Client, &any).unwrap();
@@ -74,6 +75,7 @@ fn verifies_peers_by_chain_validity_and_spiffe_id() {
         (ca.leaf(WEB, &key, -3600, -60), &any, "expired"),
         (ca.leaf(WEB, &key, 600, 3600), &any, "not_yet_valid"),
         (good.clone(), &only_api, "wrong_identity"),
+        (good.clone(), &other_domain, "wrong_identity"),
         (
             ca.leaf("https://web.example", &key, -60, 3600),
             &any,

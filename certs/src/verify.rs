@@ -105,6 +105,9 @@ impl PeerError {
 pub enum AllowedPeers {
     /// Any ID whose chain leads to the bundle.
     Any,
+    /// Any ID of this trust domain whose chain leads to the bundle (a
+    /// federated or multi-root bundle may hold other domains' roots).
+    TrustDomain(Arc<str>),
     /// Only these.
     Only(Arc<[SpiffeId]>),
 }
@@ -113,6 +116,11 @@ impl AllowedPeers {
     fn check(&self, id: SpiffeId) -> Result<SpiffeId, PeerError> {
         match self {
             AllowedPeers::Any => Ok(id),
+            AllowedPeers::TrustDomain(td) if id.trust_domain() == &**td => Ok(id),
+            AllowedPeers::TrustDomain(td) => Err(PeerError::WrongIdentity {
+                got: id,
+                expected: format!("any ID in trust domain {td}"),
+            }),
             AllowedPeers::Only(allowed) if allowed.contains(&id) => Ok(id),
             AllowedPeers::Only(allowed) => Err(PeerError::WrongIdentity {
                 got: id,

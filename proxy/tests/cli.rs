@@ -97,15 +97,19 @@ fn validate_accepts_a_valid_config() {
 }
 
 #[test]
-fn validate_accepts_the_example_gateway_config() {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/gateway.yaml");
-    let output = validate(&example);
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
+fn validate_accepts_the_example_configs() {
+    for name in ["gateway.yaml", "sidecar-mtls.yaml"] {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/examples")
+            .join(name);
+        let output = validate(&example);
+        assert!(
+            output.status.success(),
+            "{name}: exit {:?}\nstderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }
 
 /// Asserts `validate` fails cleanly on `config`, with every one of `needles`

@@ -127,6 +127,8 @@ pub struct CaServer {
     pub token_files: Vec<PathBuf>,
     /// The root, PEM.
     pub root_pem: String,
+    /// The root written to a file, for `trust_bundle`.
+    pub root_file: PathBuf,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -141,6 +143,8 @@ impl CaServer {
             .with_max_lifetime(max_lifetime);
         let root_pem = ca.root_pem().to_string();
         let dir = tempfile::tempdir().expect("tempdir");
+        let root_file = dir.path().join("root.pem");
+        std::fs::write(&root_file, &root_pem).expect("write root");
         let mut pairs = Vec::new();
         let mut token_files = Vec::new();
         for (i, id) in entitled.iter().enumerate() {
@@ -167,6 +171,7 @@ impl CaServer {
             address,
             token_files,
             root_pem,
+            root_file,
             _dir: dir,
             stop: Some(stop),
         }

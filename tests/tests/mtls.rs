@@ -69,9 +69,10 @@ clusters:
 
 fn ca_identity(id: &str, ca: &CaServer, token: usize, lifetime: &str) -> String {
     format!(
-        "  spiffe_id: {id}\n  lifetime: {lifetime}\n  source:\n    istio_ca:\n      address: {}\n      token_file: {}",
+        "  spiffe_id: {id}\n  lifetime: {lifetime}\n  source:\n    istio_ca:\n      address: {}\n      token_file: {}\n      trust_bundle: {}",
         ca.address,
-        ca.token_files[token].display()
+        ca.token_files[token].display(),
+        ca.root_file.display()
     )
 }
 
@@ -360,9 +361,23 @@ async fn permissive_listener_takes_mtls_and_plaintext() {
     .await;
     let addr = listener(&b, "permissive-b-in");
 
-    let plain = get(addr, "api", "/plain").await;
+    let forged = http::Request::get("/plain")
+        .header("host", "api")
+        .header("x-forwarded-client-cert", format!("URI={ID_A}"))
+        .body(postern_tests::empty())
+        .unwrap();
+    let plain = postern_tests::send(addr, forged).await;
     assert_eq!(plain.status, 200);
-    assert_eq!(app.last_request().header("x-forwarded-client-cert"), None);
+    assert_eq!(
+        app.last_request().header("x-forwarded-client-cert"),
+        None,
+        "a plaintext caller cannot claim an identity"
+    );
+
+    // A TLS client with a bad certificate is refused, not downgraded.
+    let intruder = TestCa::new("intruder").issue(ID_A, -60, 3600);
+    let refused = tls_get(addr, &probe_connector(Some(&intruder), &[b"http/1.1"])).await;
+    assert!(refused.is_none(), "bad certificate refused: {refused:?}");
 
     let peer = mesh.issue(ID_A, -60, 3600);
     let reply = tls_get(addr, &probe_connector(Some(&peer), &[b"http/1.1"])).await;
@@ -404,6 +419,33 @@ async fn outbound_refuses_a_server_with_the_wrong_spiffe_id() {
     )
     .await;
     assert!(failures >= 1.0);
+
+    // The right SPIFFE ID from a CA outside the bundle is refused too.
+    let intruder = TestCa::new("intruder root");
+    let forged_b = start_ready(&sidecar_b(
+        &file_identity(&intruder.write_identity(dir.path(), "forged", ID_B), ID_B),
+        "forged-b-in",
+        "{ mode: permissive }",
+        app.addr(),
+    ))
+    .await;
+    let a2 = start_ready(&sidecar_a(
+        &file_identity(&mesh.write_identity(dir.path(), "a2", ID_A), ID_A),
+        "forged-a-out",
+        ID_B,
+        listener(&forged_b, "forged-b-in"),
+    ))
+    .await;
+    let response = get(listener(&a2, "forged-a-out"), "api", "/").await;
+    assert_eq!(response.status, 502, "{}", response.text());
+    assert!(app.requests().is_empty());
+    let untrusted = scrape(
+        a2.admin_addr(),
+        "postern_upstream_tls_failures_total",
+        &[("cluster", "b"), ("reason", "untrusted_ca")],
+    )
+    .await;
+    assert!(untrusted >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,6 +473,14 @@ async fn ca_refuses_a_csr_for_another_identity_and_the_sidecar_stays_unready() {
     .await;
     assert_eq!(get(b.admin_addr(), "localhost", "/ready").await.status, 503);
     assert!(b.identity().unwrap().current().is_none());
+    // It was the CA that said no, for this reason.
+    let refused = scrape(
+        b.admin_addr(),
+        "postern_ca_requests_refused_total",
+        &[("reason", "identity_not_entitled")],
+    )
+    .await;
+    assert!(refused >= 1.0, "CA refusal counted: {refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,6 +44,15 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
+/// With an identity configured, a certificate must be installed and unexpired.
+fn identity_valid(state: &AdminState) -> bool {
+    state.identity.as_ref().is_none_or(|handle| {
+        handle
+            .current()
+            .is_some_and(|c| c.info.not_after > std::time::SystemTime::now())
+    })
+}
+
 fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec_pretty(value).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -109,6 +118,11 @@ async fn handle(
         (&Method::GET, "/ready") => {
             if state.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if !identity_valid(&state) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no valid workload certificate\n",
+                )
             } else if state.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
             } else {

@@ -217,6 +217,15 @@ impl Cluster {
         }
     }
 
+    /// The protocol spoken to the endpoints: the configured one, except that
+    /// mesh mTLS always speaks HTTP/2.
+    pub fn protocol(&self) -> UpstreamProtocol {
+        match &self.tls {
+            Some(tls) if tls.force_http2 => UpstreamProtocol::Http2,
+            _ => self.settings.protocol,
+        }
+    }
+
     /// TLS to the endpoints, if the cluster uses it.
     pub fn tls(&self) -> Option<&Arc<UpstreamTls>> {
         self.tls.as_ref()

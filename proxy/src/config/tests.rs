@@ -204,3 +204,117 @@ fn example_config_is_valid() {
     let text = include_str!("../../../deploy/examples/gateway.yaml");
     Config::from_yaml(text).unwrap();
 }
+
+const IDENTITY: &str = r#"
+identity:
+  spiffe_id: spiffe://cluster.local/ns/shop/sa/web
+  source:
+    files: { cert: /etc/postern/cert.pem, key: /etc/postern/key.pem, bundle: /etc/postern/bundle.pem }
+"#;
+
+#[test]
+fn tls_settings_are_checked_with_field_paths() {
+    let with_identity = format!("{BASE}{IDENTITY}");
+    Config::from_yaml(&with_identity).unwrap();
+
+    let bad_id = with_identity.replace("spiffe://cluster.local/ns", "spiffe://Cluster/ns");
+    assert_error(
+        &bad_id,
+        "identity.spiffe_id",
+        "trust domain has invalid character",
+    );
+
+    let both_sources = with_identity.replace(
+        "    files:",
+        "    istio_ca: { address: \"https://127.0.0.1:15012\" }\n    files:",
+    );
+    assert_error(
+        &both_sources,
+        "identity.source",
+        "exactly one of files, istio_ca",
+    );
+
+    let bad_renew = format!("{with_identity}  renew_at: 1.5\n");
+    assert_error(&bad_renew, "identity.renew_at", "between 0 and 1");
+
+    let plaintext_ca = format!(
+        "{BASE}identity:\n  spiffe_id: spiffe://cluster.local/ns/shop/sa/web\n  source:\n    istio_ca: {{ address: \"http://127.0.0.1:15012\" }}\n"
+    );
+    assert_error(
+        &plaintext_ca,
+        "identity.source.istio_ca.trust_bundle",
+        "required with an http:// CA",
+    );
+    let bad_address = plaintext_ca.replace("http://127.0.0.1:15012", "127.0.0.1:15012");
+    assert_error(
+        &bad_address,
+        "identity.source.istio_ca.address",
+        "not an http:// or https://",
+    );
+    let https_ca = plaintext_ca.replace("http://", "https://");
+    assert_error(
+        &https_ca,
+        "identity.source.istio_ca.ca_cert",
+        "needs the root its TLS certificate chains to",
+    );
+
+    // Mesh mTLS without an identity to present.
+    let strict = BASE.replace("kind: http", "kind: http\n    mtls: { mode: strict }");
+    assert_error(&strict, "listeners[0].mtls.mode", "needs an identity");
+
+    let both = format!("{IDENTITY}{}", BASE.replace(
+        "kind: http",
+        "kind: http\n    mtls: { mode: strict }\n    tls: { certificates: [{ cert: x, key: y }] }",
+    ));
+    assert_error(
+        &both,
+        "listeners[0].tls",
+        "either mtls (mesh) or tls (edge)",
+    );
+
+    let bad_allowed =
+        format!("{IDENTITY}{}", BASE.replace(
+        "kind: http",
+        "kind: http\n    mtls: { mode: strict, allowed_identities: [\"spiffe://td/a/../b\"] }",
+    ));
+    assert_error(
+        &bad_allowed,
+        "listeners[0].mtls.allowed_identities[0]",
+        "not allowed",
+    );
+
+    let missing_cert = BASE.replace(
+        "kind: http",
+        "kind: http\n    tls: { certificates: [{ cert: /nonexistent/cert.pem, key: /nonexistent/key.pem }] }",
+    );
+    assert_error(
+        &missing_cert,
+        "listeners[0].tls.certificates[0].cert",
+        "cannot read /nonexistent/cert.pem",
+    );
+
+    let mesh_cluster = BASE.replace(
+        "endpoints: [{ address: 127.0.0.1:9 }]",
+        "endpoints: [{ address: 127.0.0.1:9 }]\n    tls: { mode: mesh }",
+    );
+    assert_error(&mesh_cluster, "clusters[0].tls.mode", "needs an identity");
+    assert_error(
+        &mesh_cluster,
+        "clusters[0].tls.identities",
+        "needs the SPIFFE IDs",
+    );
+
+    let simple_cluster = BASE.replace(
+        "endpoints: [{ address: 127.0.0.1:9 }]",
+        "endpoints: [{ address: 127.0.0.1:9 }]\n    tls: { mode: simple, ca: /nonexistent/ca.pem }",
+    );
+    assert_error(
+        &simple_cluster,
+        "clusters[0].tls.server_name",
+        "needs the DNS name",
+    );
+
+    let typo = with_identity.replace("spiffe_id:", "spife_id:");
+    let errors = errors_of(&typo);
+    assert!(errors[0].contains("unknown field `spife_id`"), "{errors:?}");
+}

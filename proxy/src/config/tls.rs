@@ -142,6 +142,20 @@ pub(super) fn build_identity(file: &IdentityFile, errors: &mut Errors) -> Option
                     "only used with an https:// address",
                 );
             }
+            if https && ca.ca_cert.is_none() {
+                errors.push(
+                    format!("{path}.ca_cert"),
+                    "an https:// CA needs the root its TLS certificate chains to",
+                );
+            }
+            // Over plaintext anyone on the path could hand us their own root;
+            // the mesh roots must then come from somewhere we trust.
+            if !https && ca.trust_bundle.is_none() {
+                errors.push(
+                    format!("{path}.trust_bundle"),
+                    "required with an http:// CA: a root from a plaintext response cannot be trusted",
+                );
+            }
             if let Some(ca_cert) = &ca.ca_cert {
                 load_bundle(ca_cert, &format!("{path}.ca_cert"), errors);
             }
@@ -187,6 +201,7 @@ fn parse_identities(ids: &[String], path: &str, errors: &mut Errors) -> Vec<Spif
 pub(super) fn build_listener_tls(
     listener: &ListenerFile,
     path: &str,
+    trust_domain: Option<&str>,
     has_identity: bool,
     errors: &mut Errors,
 ) -> ListenerTls {
@@ -216,7 +231,7 @@ pub(super) fn build_listener_tls(
             );
             ListenerTls::Mesh {
                 permissive: mtls.mode == MtlsMode::Permissive,
-                allowed: allowed_peers(allowed),
+                allowed: allowed_peers(allowed, trust_domain),
             }
         }
         (None, Some(tls)) => build_edge(tls, &format!("{path}.tls"), errors)
@@ -235,11 +250,13 @@ pub(super) fn build_listener_tls(
     }
 }
 
-fn allowed_peers(ids: Vec<SpiffeId>) -> AllowedPeers {
-    if ids.is_empty() {
-        AllowedPeers::Any
-    } else {
-        AllowedPeers::Only(ids.into())
+/// No list means any ID of our own trust domain; without an identity the
+/// config is already rejected, and `Any` is never used to check a peer.
+fn allowed_peers(ids: Vec<SpiffeId>, trust_domain: Option<&str>) -> AllowedPeers {
+    match (ids.is_empty(), trust_domain) {
+        (false, _) => AllowedPeers::Only(ids.into()),
+        (true, Some(td)) => AllowedPeers::TrustDomain(td.into()),
+        (true, None) => AllowedPeers::Any,
     }
 }
 
@@ -415,7 +432,7 @@ pub(super) fn build_upstream_tls(
             }
             let allowed = parse_identities(&tls.identities, &format!("{path}.identities"), errors);
             Some(UpstreamTlsConfig::Mesh {
-                allowed: allowed_peers(allowed),
+                allowed: allowed_peers(allowed, None),
                 server_name: server_name.unwrap_or_else(|| sni_from_cluster(&cluster.name)),
             })
         }

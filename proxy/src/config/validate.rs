@@ -123,7 +123,14 @@ pub(super) fn build(file: ConfigFile) -> Result<Config, ConfigError> {
                 }
             }
         };
-        let tls = super::tls::build_listener_tls(listener, &path, has_identity, &mut errors);
+        let trust_domain = identity.as_ref().map(|i| i.id.trust_domain());
+        let tls = super::tls::build_listener_tls(
+            listener,
+            &path,
+            trust_domain,
+            has_identity,
+            &mut errors,
+        );
         listeners.push(Arc::new(Listener {
             name: Arc::from(listener.name.as_str()),
             address: listener.address,

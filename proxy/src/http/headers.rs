@@ -142,8 +142,9 @@ pub fn set_forwarding(
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     // Who the caller is comes only from our own handshake: a client-sent
-    // x-forwarded-client-cert is believed only from a trusted downstream.
-    if !trust_downstream {
+    // x-forwarded-client-cert is kept only from a trusted downstream that
+    // proved its own identity by mTLS.
+    if !(trust_downstream && downstream.spiffe_id.is_some()) {
         headers.remove(&X_FORWARDED_CLIENT_CERT);
     }
     if let Some(xfcc) = &downstream.xfcc {

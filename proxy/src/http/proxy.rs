@@ -377,7 +377,7 @@ impl HttpProxy {
 
         let upgrade = request.version() == Version::HTTP_11
             && hdr::is_upgrade_request(request.headers())
-            && cluster.settings.protocol == UpstreamProtocol::Http1;
+            && cluster.protocol() == UpstreamProtocol::Http1;
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
         let (parts, body) = request.into_parts();
@@ -636,7 +636,7 @@ impl HttpProxy {
         };
         let mut uri_parts = http::uri::Parts::default();
         uri_parts.path_and_query = Some(path_and_query);
-        let version = match cluster.settings.protocol {
+        let version = match cluster.protocol() {
             UpstreamProtocol::Http1 => {
                 headers.insert(header::HOST, authority_value);
                 join_cookies(&mut headers);

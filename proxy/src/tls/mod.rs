@@ -89,6 +89,9 @@ enum DownstreamKind {
         acceptor: TlsAcceptor,
         accept_plaintext: bool,
         timeout: Duration,
+        /// Client certificates are mesh identities (checked against the
+        /// identity's bundle), not edge client certificates from another CA.
+        mesh: bool,
     },
 }
 
@@ -131,12 +134,14 @@ impl DownstreamTls {
                     acceptor: TlsAcceptor::from(Arc::new(config)),
                     accept_plaintext: *permissive,
                     timeout: header_timeout,
+                    mesh: true,
                 }
             }
             ListenerTls::Edge(edge) => DownstreamKind::Tls {
                 acceptor: TlsAcceptor::from(Arc::new(edge_server_config(&listener, edge)?)),
                 accept_plaintext: false,
                 timeout: edge.handshake_timeout,
+                mesh: false,
             },
         };
         Ok(DownstreamTls { kind, listener })
@@ -149,6 +154,7 @@ impl DownstreamTls {
             acceptor,
             accept_plaintext,
             timeout,
+            mesh,
         } = &self.kind
         else {
             return Some((DownstreamIo::Plain(stream), PeerTls::default()));
@@ -166,6 +172,11 @@ impl DownstreamTls {
             Ok(Ok(Some(byte))) => byte,
             // Closed or failed before sending anything: nothing to refuse.
             Ok(Ok(None)) | Ok(Err(_)) => return None,
+            // Server-first protocols (MySQL, SMTP) send nothing until the
+            // server speaks: on a permissive listener silence is plaintext.
+            Err(_) if *accept_plaintext => {
+                return Some((DownstreamIo::Plain(stream), PeerTls::default()));
+            }
             Err(_) => {
                 self.refuse(
                     "handshake_timeout",
@@ -188,12 +199,17 @@ impl DownstreamTls {
         }
         match tokio::time::timeout(*timeout, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
-                let spiffe_id = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(postern_certs::peer_spiffe_id)
-                    .map(Arc::new);
+                // An edge client certificate may carry any URI SAN its CA
+                // chose; only mesh handshakes prove a SPIFFE ID.
+                let spiffe_id = if *mesh {
+                    tls.get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(postern_certs::peer_spiffe_id)
+                        .map(Arc::new)
+                } else {
+                    None
+                };
                 Some((
                     DownstreamIo::Tls(Box::new(tls)),
                     PeerTls {
