@@ -191,6 +191,18 @@ fn uuid_like() -> u64 {
     RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
+/// A mesh client like sidecar A's cluster: presents the identity in `cell`
+/// and requires the server's SPIFFE ID to be `server_id`; ALPN http/1.1.
+pub fn mesh_connector(cell: &Arc<postern_certs::IdentityHandle>, server_id: &str) -> TlsConnector {
+    let allowed = postern_certs::AllowedPeers::Only(
+        vec![postern_certs::SpiffeId::parse(server_id).expect("spiffe id")].into(),
+    );
+    let config =
+        postern_certs::tls::mesh_client_config(cell.clone(), allowed, vec![b"http/1.1".to_vec()])
+            .expect("mesh client config");
+    TlsConnector::from(Arc::new(config))
+}
+
 /// A TLS client that presents `client` (if any) and trusts any server: for
 /// probing what a listener accepts, never for checking servers.
 pub fn probe_connector(client: Option<&Issued>, alpn: &[&[u8]]) -> TlsConnector {

@@ -1,6 +1,7 @@
-//! Scans an edge TLS listener with sslyze, a real TLS scanner: nothing below
-//! TLS 1.2 is accepted, and every accepted cipher suite is an AEAD with
-//! forward secrecy. `.ci/run` installs sslyze; without it this test fails.
+//! Scans an edge TLS listener and a strict mesh mTLS listener (with a
+//! client certificate) with sslyze, a real TLS scanner: nothing below TLS
+//! 1.2 is accepted, and every accepted cipher suite is an AEAD with forward
+//! secrecy. `.ci/run` installs sslyze; without it this test fails.
 
 use std::process::Command;
 use std::time::Duration;
@@ -41,7 +42,54 @@ clusters:
     ))
     .await;
     let target = listener(&proxy, "scanned-edge").to_string();
-    let report = dir.path().join("sslyze.json");
+    assert_scan_clean(&target, &[], dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslyze_finds_the_same_on_a_strict_mesh_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = TestCa::new("mesh root");
+    let server = mesh.write_identity(dir.path(), "b", "spiffe://cluster.local/ns/shop/sa/api");
+    let client = mesh.write_identity(dir.path(), "a", "spiffe://cluster.local/ns/shop/sa/web");
+    let app = HttpBackend::start("app").await;
+    let proxy = start_proxy(&format!(
+        r#"
+identity:
+  spiffe_id: spiffe://cluster.local/ns/shop/sa/api
+  source:
+    files: {{ cert: {}, key: {}, bundle: {} }}
+listeners:
+  - name: scanned-mesh
+    address: 127.0.0.1:0
+    kind: http
+    mtls: {{ mode: strict }}
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes: [{{ match: {{}}, cluster: app }}]
+clusters:
+  - name: app
+    endpoints: [{{ address: "{}" }}]
+"#,
+        server.cert.display(),
+        server.key.display(),
+        server.bundle.display(),
+        app.addr()
+    ))
+    .await;
+    within(Duration::from_secs(15), "identity loaded", proxy.ready()).await;
+    let target = listener(&proxy, "scanned-mesh").to_string();
+    let client_args = [
+        format!("--cert={}", client.cert.display()),
+        format!("--key={}", client.key.display()),
+    ];
+    assert_scan_clean(&target, &client_args, dir.path()).await;
+}
+
+/// Runs sslyze against `target` and checks that no protocol below TLS 1.2
+/// and no weak cipher suite is accepted.
+async fn assert_scan_clean(target: &str, extra: &[String], dir: &std::path::Path) {
+    let report = dir.join("sslyze.json");
     let args = [
         "--sslv2",
         "--sslv3",
@@ -51,23 +99,25 @@ clusters:
         "--tlsv1_3",
         "--quiet",
     ];
-    let (report_path, target_arg) = (report.clone(), target.clone());
+    let (report_path, target_arg, extra) = (report.clone(), target.to_string(), extra.to_vec());
     let status = within(
         Duration::from_secs(300),
         "sslyze scan",
         tokio::task::spawn_blocking(move || {
             Command::new("sslyze")
                 .args(args)
+                .args(&extra)
                 .arg(format!("--json_out={}", report_path.display()))
                 .arg(&target_arg)
                 .status()
         }),
     )
     .await
-    .unwrap()
+    .expect("sslyze task")
     .expect("sslyze must be installed (pip install sslyze; .ci/run does it)");
     assert!(status.success(), "sslyze failed: {status}");
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("json");
     let result = &json["server_scan_results"][0];
     assert_eq!(result["scan_status"], "COMPLETED", "{result}");
     let commands = &result["scan_result"];
@@ -77,9 +127,10 @@ clusters:
         assert_eq!(attempt["status"], "COMPLETED", "{command}: {attempt}");
         attempt["result"]["accepted_cipher_suites"]
             .as_array()
-            .unwrap()
+            .expect("accepted suites")
             .iter()
-            .map(|s| s["cipher_suite"]["name"].as_str().unwrap().to_string())
+            .filter_map(|s| s["cipher_suite"]["name"].as_str())
+            .map(str::to_string)
             .collect()
     };
     for old in [
