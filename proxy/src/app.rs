@@ -1,9 +1,8 @@
 //! Wiring: bind listeners and admin, start the accept loops, and run the
 //! drain when asked (SIGTERM in the binary, `POST /drain`, or `Proxy::drain`).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +15,8 @@ use crate::admin::{self, AdminState};
 use crate::cluster::ClusterManager;
 use crate::config::Config;
 use crate::config::IdentityConfig;
-use crate::listener::{run_listener, ConnectionTracker, Shutdown};
-use crate::tls::DownstreamTls;
+use crate::listener::manager::ListenerManager;
+use crate::listener::ConnectionTracker;
 use postern_certs::{
     CertSource, FileSource, IdentityHandle, IssueRequest, IstioCaSettings, IstioCaSource, Rotator,
     TrustBundle,
@@ -29,34 +28,53 @@ const REAP_INTERVAL: Duration = Duration::from_secs(5);
 /// A running proxy.
 #[derive(Debug)]
 pub struct Proxy {
-    listener_addrs: HashMap<String, SocketAddr>,
     admin_addr: SocketAddr,
     drain: watch::Sender<bool>,
     supervisor: JoinHandle<()>,
     identity: Option<Arc<IdentityHandle>>,
+    runtime: Arc<Runtime>,
+}
+
+/// The parts of a running proxy that a new config changes.
+#[derive(Debug)]
+pub struct Runtime {
+    listeners: Arc<ListenerManager>,
+    clusters: Arc<ClusterManager>,
+    admin: Arc<AdminState>,
+}
+
+impl Runtime {
+    /// Switches to `config`: clusters first (so new routes find them),
+    /// then listeners. Requests in flight finish on what they started with.
+    pub fn apply(&self, config: Config) -> anyhow::Result<()> {
+        self.clusters
+            .update(&config.clusters, &config.upstream_tls)?;
+        let started = self.listeners.apply(&config.listeners);
+        self.admin.config.store(Arc::new(config));
+        started.map_err(Into::into)
+    }
+
+    /// Sets what `/config_dump` shows about dynamic resources.
+    pub fn set_dynamic_status(&self, status: serde_json::Value) {
+        self.admin.dynamic.store(Arc::new(status));
+    }
+
+    /// Marks whether the first complete dynamic config has been applied.
+    pub fn set_config_ready(&self, ready: bool) {
+        self.admin.config_ready.store(ready, Ordering::Release);
+    }
 }
 
 impl Proxy {
     /// Binds every listener and the admin server, then serves in the background.
     /// Fails if any address cannot be bound; nothing is left running then.
     pub async fn start(config: Config) -> anyhow::Result<Proxy> {
-        let mut sockets = Vec::new();
-        for listener in &config.listeners {
-            let socket = TcpListener::bind(listener.address).await.with_context(|| {
-                format!(
-                    "cannot bind listener \"{}\" to {}",
-                    listener.name, listener.address
-                )
-            })?;
-            sockets.push((listener.clone(), socket));
-        }
         let admin_socket = TcpListener::bind(config.admin_address)
             .await
             .with_context(|| format!("cannot bind admin server to {}", config.admin_address))?;
         let admin_addr = admin_socket.local_addr()?;
 
         let (drain_tx, drain_rx) = watch::channel(false);
-        let (force_tx, force_rx) = watch::channel(false);
         let (identity, rotator) = match &config.identity {
             Some(settings) => {
                 let (handle, task) = start_identity(settings)?;
@@ -71,40 +89,29 @@ impl Proxy {
         )?);
         let tracker = Arc::new(ConnectionTracker::default());
         let local_id = config.identity.as_ref().map(|i| Arc::new(i.id.clone()));
-
-        let mut listener_addrs = HashMap::new();
-        let mut accept_loops = Vec::new();
-        for (listener, socket) in sockets {
-            let addr = socket.local_addr()?;
-            tracing::info!(listener = %listener.name, %addr, "listening");
-            listener_addrs.insert(listener.name.to_string(), addr);
-            let shutdown = Shutdown {
-                listener: listener.name.clone(),
-                drain: drain_rx.clone(),
-                force: force_rx.clone(),
-            };
-            let tls = DownstreamTls::new(
-                listener.name.clone(),
-                &listener.tls,
-                identity.as_ref(),
-                listener.limits.header_read_timeout,
-            )?;
-            accept_loops.push(tokio::spawn(run_listener(
-                socket,
-                listener,
-                clusters.clone(),
-                tracker.clone(),
-                tls,
-                local_id.clone(),
-                shutdown,
-            )));
+        let listeners = Arc::new(ListenerManager::new(
+            clusters.clone(),
+            tracker.clone(),
+            identity.clone(),
+            local_id,
+            config.drain_timeout,
+        ));
+        if let Err(err) = listeners.apply(&config.listeners) {
+            listeners.drain_all().await;
+            listeners.force_all();
+            if let Some(rotator) = rotator {
+                rotator.abort();
+            }
+            return Err(err.into());
         }
 
         let state = Arc::new(AdminState {
             ready: Default::default(),
             drain: drain_tx.clone(),
-            config: config.clone(),
+            config: arc_swap::ArcSwap::from_pointee(config.clone()),
             identity: identity.clone(),
+            dynamic: Default::default(),
+            config_ready: AtomicBool::new(true),
         });
         let admin_task = tokio::spawn(admin::serve(admin_socket, state.clone()));
         tracing::info!(addr = %admin_addr, "admin server listening");
@@ -137,52 +144,74 @@ impl Proxy {
         };
 
         let drain_timeout = config.drain_timeout;
-        let supervisor = tokio::spawn(async move {
-            let mut drain_rx = drain_rx;
-            // Wait for the drain; a dropped sender cannot happen while `state` lives.
-            while !*drain_rx.borrow_and_update() {
-                if drain_rx.changed().await.is_err() {
-                    break;
+        let supervisor = {
+            let listeners = listeners.clone();
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut drain_rx = drain_rx;
+                // Wait for the drain; a dropped sender cannot happen while `state` lives.
+                while !*drain_rx.borrow_and_update() {
+                    if drain_rx.changed().await.is_err() {
+                        break;
+                    }
                 }
-            }
-            tracing::info!(timeout = ?drain_timeout, "draining");
-            for task in accept_loops {
-                let _ = task.await;
-            }
-            if tokio::time::timeout(drain_timeout, tracker.wait_idle())
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    open = tracker.live(),
-                    "drain timeout passed; closing open connections"
-                );
-                force_tx.send_replace(true);
-                // Connection tasks end at their next poll; give them a moment to release sockets.
-                let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait_idle()).await;
-            }
-            reaper.abort();
-            readiness.abort();
-            if let Some(rotator) = rotator {
-                rotator.abort();
-            }
-            admin_task.abort();
-            drop(state);
-            tracing::info!("drained");
-        });
+                tracing::info!(timeout = ?drain_timeout, "draining");
+                listeners.drain_all().await;
+                if tokio::time::timeout(drain_timeout, tracker.wait_idle())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        open = tracker.live(),
+                        "drain timeout passed; closing open connections"
+                    );
+                    listeners.force_all();
+                    // Connection tasks end at their next poll; give them a moment to release sockets.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait_idle()).await;
+                }
+                reaper.abort();
+                readiness.abort();
+                if let Some(rotator) = rotator {
+                    rotator.abort();
+                }
+                admin_task.abort();
+                drop(state);
+                tracing::info!("drained");
+            })
+        };
 
+        let runtime = Arc::new(Runtime {
+            listeners,
+            clusters,
+            admin: state,
+        });
+        let xds_task = match &config.source.xds {
+            Some(xds) => Some(start_xds(xds, &config.source, runtime.clone())?),
+            None => None,
+        };
+        let supervisor = tokio::spawn(async move {
+            let _ = supervisor.await;
+            if let Some(task) = xds_task {
+                task.abort();
+            }
+        });
         Ok(Proxy {
-            listener_addrs,
             admin_addr,
             drain: drain_tx,
             supervisor,
             identity,
+            runtime,
         })
     }
 
     /// The bound address of a listener.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listener_addrs.get(name).copied()
+        self.runtime.listeners.addr(name)
+    }
+
+    /// What a config source (xDS) uses to change the running config.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.clone()
     }
 
     /// The workload identity cell, when one is configured.
@@ -274,4 +303,57 @@ fn start_identity(
         handle: handle.clone(),
     };
     Ok((handle, tokio::spawn(rotator.run())))
+}
+
+/// Starts the ADS client that feeds `runtime` from the control plane.
+fn start_xds(
+    xds: &crate::config::file::XdsFile,
+    file: &crate::config::ConfigFile,
+    runtime: Arc<Runtime>,
+) -> anyhow::Result<JoinHandle<()>> {
+    use postern_proto::google::protobuf::{value::Kind, Struct, Value};
+    let node_file = file.node.clone().unwrap_or_default();
+    let metadata = (!node_file.metadata.is_empty()).then(|| Struct {
+        fields: node_file
+            .metadata
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    Value {
+                        kind: Some(Kind::StringValue(v.clone())),
+                    },
+                )
+            })
+            .collect(),
+    });
+    let node = postern_xds::Node {
+        id: node_file.id.clone(),
+        cluster: node_file.cluster.clone(),
+        metadata,
+        user_agent_name: "postern".into(),
+        ..Default::default()
+    };
+    let mut client_config = postern_xds::ClientConfig::new(xds.address.clone(), node);
+    client_config.protocol = match xds.protocol {
+        crate::config::file::XdsProtocolFile::Sotw => postern_xds::Protocol::StateOfTheWorld,
+        crate::config::file::XdsProtocolFile::Delta => postern_xds::Protocol::Delta,
+    };
+    client_config.initial_backoff = xds.initial_backoff;
+    client_config.max_backoff = xds.max_backoff;
+    if let Some(ca) = &xds.ca_cert {
+        client_config.tls = Some(postern_xds::TlsSettings {
+            ca_pem: std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
+            ..Default::default()
+        });
+    }
+    // The handler merges dynamic resources into the static part of the file.
+    let mut base = file.clone();
+    base.xds = None;
+    base.node = None;
+    let handler = crate::xds::XdsHandler::new(base, runtime);
+    let client = postern_xds::XdsClient::new(client_config, handler.clone());
+    handler.attach(client.subscriptions(), client.status());
+    tracing::info!(address = %xds.address, "connecting to the xDS control plane");
+    Ok(tokio::spawn(client.run()))
 }

@@ -15,6 +15,7 @@ pub mod route;
 pub mod tcp;
 pub mod telemetry;
 pub mod tls;
+pub mod xds;
 
 pub use app::Proxy;
 pub use config::{Config, ConfigError};

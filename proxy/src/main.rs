@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use postern::config::{Config, ConfigError};
+use postern::config::file::XdsProtocolFile;
+use postern::config::{BootstrapOverrides, Config, ConfigError};
 use postern::demo::{self, DemoOptions};
 use postern::{telemetry, Proxy};
 
@@ -23,18 +24,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy from a static YAML config.
-    Run {
-        /// Config file.
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Check a config file and report every problem with its field path.
-    Validate {
-        /// Config file.
-        #[arg(long, short)]
-        config: PathBuf,
-    },
+    /// Run the proxy from a static YAML config, a control plane, or both.
+    Run(Bootstrap),
+    /// Check a config file (and flags) and report every problem with its field path.
+    Validate(Bootstrap),
     /// Run the proxy in front of built-in example backends.
     Demo {
         /// Address of the demo's HTTP listener.
@@ -46,20 +39,65 @@ enum Command {
     },
 }
 
+/// Where config comes from: a file, flags and environment variables.
+#[derive(clap::Args)]
+struct Bootstrap {
+    /// Config file (static resources, identity, xDS server); optional with --xds-address.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Node id sent to the control plane.
+    #[arg(long, env = "POSTERN_NODE_ID")]
+    node_id: Option<String>,
+    /// Node cluster sent to the control plane.
+    #[arg(long, env = "POSTERN_NODE_CLUSTER")]
+    node_cluster: Option<String>,
+    /// xDS control plane, http://host:port or https://host:port.
+    #[arg(long, env = "POSTERN_XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// xDS protocol: sotw or delta.
+    #[arg(long, env = "POSTERN_XDS_PROTOCOL", value_parser = ["sotw", "delta"])]
+    xds_protocol: Option<String>,
+    /// Admin server address.
+    #[arg(long, env = "POSTERN_ADMIN_ADDRESS")]
+    admin_address: Option<SocketAddr>,
+}
+
+impl Bootstrap {
+    fn load(&self) -> Result<Config, ConfigError> {
+        let overrides = BootstrapOverrides {
+            node_id: self.node_id.clone(),
+            node_cluster: self.node_cluster.clone(),
+            xds_address: self.xds_address.clone(),
+            xds_protocol: self.xds_protocol.as_deref().map(|p| match p {
+                "delta" => XdsProtocolFile::Delta,
+                _ => XdsProtocolFile::Sotw,
+            }),
+            admin_address: self.admin_address,
+        };
+        Config::from_bootstrap(self.config.as_deref(), &overrides)
+    }
+
+    fn name(&self) -> String {
+        self.config
+            .as_ref()
+            .map_or_else(|| "bootstrap".to_string(), |p| p.display().to_string())
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { config } => match Config::from_file(&config) {
+        Command::Validate(bootstrap) => match bootstrap.load() {
             Ok(_) => {
-                println!("{}: ok", config.display());
+                println!("{}: ok", bootstrap.name());
                 ExitCode::SUCCESS
             }
-            Err(err) => report_config_error(&config, &err),
+            Err(err) => report_config_error(&bootstrap.name(), &err),
         },
-        Command::Run { config: path } => {
-            let config = match Config::from_file(&path) {
+        Command::Run(bootstrap) => {
+            let config = match bootstrap.load() {
                 Ok(config) => config,
-                Err(err) => return report_config_error(&path, &err),
+                Err(err) => return report_config_error(&bootstrap.name(), &err),
             };
             run(|| async move { Ok((Proxy::start(config).await?, None)) })
         }
@@ -70,12 +108,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn report_config_error(path: &std::path::Path, err: &ConfigError) -> ExitCode {
+fn report_config_error(source: &str, err: &ConfigError) -> ExitCode {
     match err {
         ConfigError::Read { .. } => eprintln!("error: {err}"),
         _ => {
             for field in err.field_errors() {
-                eprintln!("error: {}: {field}", path.display());
+                eprintln!("error: {source}: {field}");
             }
         }
     }

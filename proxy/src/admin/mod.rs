@@ -23,7 +23,12 @@ pub struct AdminState {
     /// Set when a drain starts.
     pub drain: watch::Sender<bool>,
     /// The running config.
-    pub config: Config,
+    pub config: arc_swap::ArcSwap<Config>,
+    /// Status of dynamic (xDS) resources, for `/config_dump`.
+    pub dynamic: arc_swap::ArcSwap<serde_json::Value>,
+    /// False while a dynamic config source has not delivered a complete
+    /// config yet (always true for a static config).
+    pub config_ready: AtomicBool,
     /// The workload identity, when configured.
     pub identity: Option<Arc<postern_certs::IdentityHandle>>,
 }
@@ -91,8 +96,8 @@ fn certs_json(state: &AdminState) -> serde_json::Value {
         }
         None => serde_json::json!({ "certificate": null, "status": "not loaded yet" }),
     });
-    let edge: Vec<serde_json::Value> = state
-        .config
+    let config = state.config.load();
+    let edge: Vec<serde_json::Value> = config
         .listeners
         .iter()
         .filter_map(|listener| match &listener.tls {
@@ -123,6 +128,11 @@ async fn handle(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: no valid workload certificate\n",
                 )
+            } else if !state.config_ready.load(Ordering::Acquire) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: waiting for the first complete config from the control plane\n",
+                )
             } else if state.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
             } else {
@@ -144,7 +154,14 @@ async fn handle(
                 "no metrics recorder installed\n",
             ),
         },
-        (&Method::GET, "/config_dump") => json(&state.config.to_json()),
+        (&Method::GET, "/config_dump") => {
+            let mut dump = state.config.load().to_json();
+            let dynamic = state.dynamic.load();
+            if !dynamic.is_null() {
+                dump["dynamic"] = (**dynamic).clone();
+            }
+            json(&dump)
+        }
         (&Method::GET, "/certs") => json(&certs_json(&state)),
         (&Method::POST, "/drain") => {
             tracing::info!("drain requested through the admin server");

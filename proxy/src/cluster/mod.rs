@@ -20,10 +20,14 @@ pub use lb::Balancer;
 use pool::{ConnectionLimits, EndpointPool, PoolSettings};
 pub use pool::{PooledConnection, UpstreamError};
 
-/// All clusters by name.
+type ClusterMap = HashMap<Arc<str>, Arc<Cluster>>;
+
+/// All clusters by name. The map is swapped whole on a config change; a
+/// request holds the `Arc<Cluster>` it picked to its end.
 #[derive(Debug, Default)]
 pub struct ClusterManager {
-    clusters: HashMap<Arc<str>, Arc<Cluster>>,
+    clusters: arc_swap::ArcSwap<ClusterMap>,
+    identity: Option<Arc<postern_certs::IdentityHandle>>,
 }
 
 impl ClusterManager {
@@ -34,14 +38,38 @@ impl ClusterManager {
         tls: &std::collections::HashMap<Arc<str>, crate::config::UpstreamTlsConfig>,
         identity: Option<&Arc<postern_certs::IdentityHandle>>,
     ) -> Result<Self, crate::tls::TlsSetupError> {
-        let mut clusters = HashMap::new();
+        let manager = ClusterManager {
+            clusters: Default::default(),
+            identity: identity.cloned(),
+        };
+        manager.update(settings, tls)?;
+        Ok(manager)
+    }
+
+    /// Replaces the set of clusters. A cluster whose settings did not change
+    /// keeps its runtime state (pools, outlier ejections, load); a changed
+    /// one starts afresh, while requests in flight finish on the old one.
+    /// Nothing changes if a TLS connector cannot be built.
+    pub fn update(
+        &self,
+        settings: &[Arc<ClusterFile>],
+        tls: &std::collections::HashMap<Arc<str>, crate::config::UpstreamTlsConfig>,
+    ) -> Result<(), crate::tls::TlsSetupError> {
+        let current = self.clusters.load_full();
+        let mut clusters = HashMap::with_capacity(settings.len());
         for s in settings {
             let name: Arc<str> = Arc::from(s.name.as_str());
+            if let Some(existing) = current.get(&name) {
+                if same_settings(&existing.settings, s) {
+                    clusters.insert(name, existing.clone());
+                    continue;
+                }
+            }
             let connector = match tls.get(&name) {
                 Some(config) => Some(Arc::new(UpstreamTls::new(
                     name.clone(),
                     config,
-                    identity,
+                    self.identity.as_ref(),
                     s.protocol == UpstreamProtocol::Http2,
                 )?)),
                 None => None,
@@ -49,21 +77,38 @@ impl ClusterManager {
             let cluster = Cluster::with_tls(s.clone(), connector);
             clusters.insert(name, Arc::new(cluster));
         }
-        Ok(ClusterManager { clusters })
+        self.clusters.store(Arc::new(clusters));
+        Ok(())
     }
 
     /// The cluster with this name.
-    pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
-        self.clusters.get(name)
+    pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {
+        self.clusters.load().get(name).cloned()
+    }
+
+    /// Names of the clusters now, sorted.
+    pub fn names(&self) -> Vec<Arc<str>> {
+        let mut names: Vec<_> = self.clusters.load().keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// Closes idle connections past their timeout in every cluster.
     pub fn reap_idle(&self) {
-        for cluster in self.clusters.values() {
+        for cluster in self.clusters.load().values() {
             for endpoint in &cluster.endpoints {
                 endpoint.pool.reap_idle();
             }
         }
+    }
+}
+
+/// Settings compare by their serialized form: the file types carry no
+/// `PartialEq`, and config changes are rare enough for the cost.
+fn same_settings(a: &ClusterFile, b: &ClusterFile) -> bool {
+    match (serde_json::to_value(a), serde_json::to_value(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }
 

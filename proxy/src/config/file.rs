@@ -30,6 +30,66 @@ pub struct ConfigFile {
     /// This workload's SPIFFE identity for mesh mTLS; none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentityFile>,
+    /// Who this proxy is to the control plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeFile>,
+    /// The xDS control plane; the config is static only when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xds: Option<XdsFile>,
+}
+
+/// The node this proxy reports to the control plane.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// Node id, e.g. `sidecar~10.0.0.5~web-7d9f.shop~shop.svc.cluster.local`.
+    #[serde(default)]
+    pub id: String,
+    /// Service cluster of the node.
+    #[serde(default)]
+    pub cluster: String,
+    /// Free-form metadata, sent as strings.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// An Envoy v3 ADS control plane.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdsFile {
+    /// gRPC address: `http://host:port` or `https://host:port`.
+    pub address: String,
+    /// `sotw` (state of the world, default) or `delta`.
+    #[serde(default)]
+    pub protocol: XdsProtocolFile,
+    /// PEM root the control plane's TLS certificate chains to (`https://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+    /// First delay before reconnecting (default 500ms); doubles up to `max_backoff`.
+    #[serde(default = "default_xds_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Longest delay between reconnects (default 30s).
+    #[serde(default = "default_xds_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+fn default_xds_initial_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+
+fn default_xds_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// xDS protocol variant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum XdsProtocolFile {
+    /// State of the world.
+    #[default]
+    Sotw,
+    /// Incremental.
+    Delta,
 }
 
 /// The workload identity: which SPIFFE ID, where its certificate comes from,

@@ -9,6 +9,7 @@
 pub mod file;
 mod tls;
 mod validate;
+pub mod xds;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -74,6 +75,53 @@ impl ConfigError {
             ConfigError::Read { .. } => Vec::new(),
             ConfigError::Parse(e) => vec![e.clone()],
             ConfigError::Invalid(errors) => errors.clone(),
+        }
+    }
+}
+
+/// Bootstrap settings from flags and environment variables; each one set
+/// replaces the file's value, so a pod spec needs no config file.
+#[derive(Debug, Clone, Default)]
+pub struct BootstrapOverrides {
+    /// `node.id`.
+    pub node_id: Option<String>,
+    /// `node.cluster`.
+    pub node_cluster: Option<String>,
+    /// `xds.address`.
+    pub xds_address: Option<String>,
+    /// `xds.protocol`.
+    pub xds_protocol: Option<file::XdsProtocolFile>,
+    /// `admin.address`.
+    pub admin_address: Option<SocketAddr>,
+}
+
+impl BootstrapOverrides {
+    fn apply(&self, file: &mut ConfigFile) {
+        if let Some(id) = &self.node_id {
+            file.node.get_or_insert_with(Default::default).id = id.clone();
+        }
+        if let Some(cluster) = &self.node_cluster {
+            file.node.get_or_insert_with(Default::default).cluster = cluster.clone();
+        }
+        if let Some(address) = &self.xds_address {
+            match &mut file.xds {
+                Some(xds) => xds.address = address.clone(),
+                None => {
+                    file.xds = Some(file::XdsFile {
+                        address: address.clone(),
+                        protocol: Default::default(),
+                        ca_cert: None,
+                        initial_backoff: std::time::Duration::from_millis(500),
+                        max_backoff: std::time::Duration::from_secs(30),
+                    })
+                }
+            }
+        }
+        if let (Some(protocol), Some(xds)) = (self.xds_protocol, &mut file.xds) {
+            xds.protocol = protocol;
+        }
+        if let Some(admin) = self.admin_address {
+            file.admin.address = admin;
         }
     }
 }
@@ -146,9 +194,41 @@ impl Config {
         Config::from_yaml(&text)
     }
 
+    /// Reads the bootstrap: the config file if given, with `overrides`
+    /// (from flags and environment) on top, validated as one.
+    pub fn from_bootstrap(
+        path: Option<&Path>,
+        overrides: &BootstrapOverrides,
+    ) -> Result<Config, ConfigError> {
+        let mut file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                parse_yaml(&text)?
+            }
+            None => parse_yaml("{}")?,
+        };
+        overrides.apply(&mut file);
+        if path.is_none() && file.xds.is_none() {
+            return Err(ConfigError::Invalid(vec![FieldError {
+                path: "config".into(),
+                reason: "give a config file (--config) or a control plane (--xds-address)".into(),
+            }]));
+        }
+        Config::from_file_model(file)
+    }
+
     /// Validates and compiles an already parsed config file.
     pub fn from_file_model(file: ConfigFile) -> Result<Config, ConfigError> {
         validate::build(file)
+    }
+
+    /// Validates and compiles config assembled from xDS resources: routes
+    /// may name clusters not (yet) present and clusters may be empty.
+    pub fn from_dynamic_model(file: ConfigFile) -> Result<Config, ConfigError> {
+        validate::build_dynamic(file)
     }
 
     /// The running config as JSON, for `/config_dump`.

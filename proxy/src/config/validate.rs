@@ -22,9 +22,20 @@ use crate::route::{
 const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Default)]
-pub(super) struct Errors(Vec<FieldError>);
+pub(super) struct Errors(Vec<FieldError>, bool);
 
 impl Errors {
+    /// Config from a control plane: routes may name clusters that have not
+    /// arrived (or are warming) and clusters may have no endpoints yet; both
+    /// answer 503 at run time, as in Envoy.
+    fn dynamic() -> Errors {
+        Errors(Vec::new(), true)
+    }
+
+    fn strict_references(&self) -> bool {
+        !self.1
+    }
+
     pub(super) fn push(&mut self, path: impl Into<String>, reason: impl Into<String>) {
         self.0.push(FieldError {
             path: path.into(),
@@ -34,7 +45,15 @@ impl Errors {
 }
 
 pub(super) fn build(file: ConfigFile) -> Result<Config, ConfigError> {
-    let mut errors = Errors::default();
+    build_with(file, Errors::default())
+}
+
+/// Like `build`, for config assembled from xDS resources.
+pub(super) fn build_dynamic(file: ConfigFile) -> Result<Config, ConfigError> {
+    build_with(file, Errors::dynamic())
+}
+
+fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigError> {
     let identity = file
         .identity
         .as_ref()
@@ -106,7 +125,9 @@ pub(super) fn build(file: ConfigFile) -> Result<Config, ConfigError> {
                         continue;
                     }
                     Some(tcp) => {
-                        if !cluster_names.contains(tcp.cluster.as_str()) {
+                        if errors.strict_references()
+                            && !cluster_names.contains(tcp.cluster.as_str())
+                        {
                             errors.push(
                                 format!("{path}.tcp.cluster"),
                                 format!("unknown cluster \"{}\"", tcp.cluster),
@@ -142,6 +163,32 @@ pub(super) fn build(file: ConfigFile) -> Result<Config, ConfigError> {
 
     if file.drain_timeout.is_zero() {
         errors.push("drain_timeout", "must be more than 0");
+    }
+    if let Some(xds) = &file.xds {
+        if file.node.as_ref().is_none_or(|n| n.id.is_empty()) {
+            errors.push(
+                "node.id",
+                "an xds section needs a node id (or --node-id / POSTERN_NODE_ID)",
+            );
+        }
+        let https = xds.address.starts_with("https://");
+        if !(https || xds.address.starts_with("http://"))
+            || xds.address.parse::<http::Uri>().is_err()
+        {
+            errors.push(
+                "xds.address",
+                format!("\"{}\" is not an http:// or https:// address", xds.address),
+            );
+        }
+        if xds.ca_cert.is_some() && !https {
+            errors.push("xds.ca_cert", "only used with an https:// address");
+        }
+        if xds.initial_backoff.is_zero() || xds.max_backoff < xds.initial_backoff {
+            errors.push(
+                "xds.max_backoff",
+                "backoffs must be more than 0 and max_backoff at least initial_backoff",
+            );
+        }
     }
 
     if !errors.0.is_empty() {
@@ -193,7 +240,7 @@ fn check_limits(limits: &ListenerLimitsFile, path: &str, errors: &mut Errors) {
 }
 
 fn check_cluster(cluster: &ClusterFile, path: &str, errors: &mut Errors) {
-    if cluster.endpoints.is_empty() {
+    if cluster.endpoints.is_empty() && errors.strict_references() {
         errors.push(
             format!("{path}.endpoints"),
             "a cluster needs at least one endpoint",
@@ -424,7 +471,7 @@ fn build_route(
             let mut cumulative = Vec::new();
             let mut total = 0u64;
             for (w, target) in weighted.iter().enumerate() {
-                if !clusters.contains(target.cluster.as_str()) {
+                if errors.strict_references() && !clusters.contains(target.cluster.as_str()) {
                     errors.push(
                         format!("{wpath}[{w}].cluster"),
                         format!("unknown cluster \"{}\"", target.cluster),
@@ -439,7 +486,10 @@ fn build_route(
             Targets::Weighted(cumulative)
         } else {
             let name = route.cluster.clone().unwrap_or_default();
-            if route.cluster.is_some() && !clusters.contains(name.as_str()) {
+            if errors.strict_references()
+                && route.cluster.is_some()
+                && !clusters.contains(name.as_str())
+            {
                 errors.push(
                     format!("{path}.cluster"),
                     format!("unknown cluster \"{name}\""),

@@ -31,8 +31,9 @@ pub struct HttpProxy {
     pub listener: Arc<Listener>,
     /// Trust the client's `x-forwarded-proto` and `x-request-id`.
     pub trust_downstream: bool,
-    /// Routes.
-    pub routes: Arc<RouteTable>,
+    /// Routes, swapped whole when the control plane changes them; each
+    /// request keeps the table it started with.
+    pub routes: Arc<arc_swap::ArcSwap<RouteTable>>,
     /// Clusters.
     pub clusters: Arc<ClusterManager>,
     /// Per-call metric handles.
@@ -294,7 +295,8 @@ impl HttpProxy {
             method: request.method(),
             headers: request.headers(),
         };
-        let Some((_vhost, route)) = self.routes.route(&view) else {
+        let routes = self.routes.load_full();
+        let Some((_vhost, route)) = routes.route(&view) else {
             let reply = LocalReply::new(
                 StatusCode::NOT_FOUND,
                 "no route",
@@ -370,6 +372,7 @@ impl HttpProxy {
             let reply = LocalReply::from_upstream(&UpstreamError::NoHealthyEndpoint);
             return local_response(&reply, grpc, &mut record);
         };
+        let cluster = &cluster;
         let request_guard = match cluster.begin_request() {
             Ok(guard) => guard,
             Err(err) => return local_response(&LocalReply::from_upstream(&err), grpc, &mut record),

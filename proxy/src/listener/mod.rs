@@ -1,6 +1,8 @@
 //! Accept loops: bind, per-listener connection limits, hand-off to the HTTP
 //! or TCP path, and drain.
 
+pub mod manager;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -80,23 +82,43 @@ impl ConnectionTracker {
     }
 }
 
+/// What an accept loop shares with its connections.
+#[derive(Debug)]
+pub struct ListenerContext {
+    /// Clusters to send to.
+    pub clusters: Arc<ClusterManager>,
+    /// Counts connections for the drain.
+    pub tracker: Arc<ConnectionTracker>,
+    /// The TLS front.
+    pub tls: DownstreamTls,
+    /// This proxy's SPIFFE ID, for `x-forwarded-client-cert`.
+    pub local_id: Option<Arc<SpiffeId>>,
+    /// The routes cell a config change swaps (HTTP listeners).
+    pub routes: Option<Arc<arc_swap::ArcSwap<crate::route::RouteTable>>>,
+}
+
 /// Accepts connections on a bound listener until the drain starts.
 pub async fn run_listener(
     socket: TcpListener,
     listener: Arc<Listener>,
-    clusters: Arc<ClusterManager>,
-    tracker: Arc<ConnectionTracker>,
-    tls: DownstreamTls,
-    local_id: Option<Arc<SpiffeId>>,
+    context: ListenerContext,
     mut shutdown: Shutdown,
 ) {
+    let ListenerContext {
+        clusters,
+        tracker,
+        tls,
+        local_id,
+        routes,
+    } = context;
     let limit = Arc::new(Semaphore::new(listener.limits.max_connections));
     let http = match &listener.protocol {
         ListenerProtocol::Http(http) => Some((
             Arc::new(HttpProxy {
                 listener: listener.clone(),
                 trust_downstream: http.trust_downstream,
-                routes: http.routes.clone(),
+                routes: routes
+                    .unwrap_or_else(|| Arc::new(arc_swap::ArcSwap::new(http.routes.clone()))),
                 clusters: clusters.clone(),
                 call_metrics: crate::telemetry::CallMetrics::new(listener.name.clone()),
                 tracker: tracker.clone(),

@@ -27,7 +27,7 @@ pub async fn serve_connection(
     let ListenerProtocol::Tcp(route) = &listener.protocol else {
         return;
     };
-    let Some(cluster) = clusters.get(&route.cluster).cloned() else {
+    let Some(cluster) = clusters.get(&route.cluster) else {
         tracing::warn!(listener = %listener.name, cluster = %route.cluster, "tcp proxy cluster missing");
         return;
     };

@@ -58,6 +58,7 @@ pub fn describe() {
         "Upstream TLS handshakes that failed, by reason"
     );
     postern_certs::rotation::metric::describe();
+    postern_xds::metric::describe();
     describe_histogram!(
         HTTP_REQUEST_DURATION_SECONDS,
         Unit::Seconds,

@@ -1,0 +1,955 @@
+//! Translation of Envoy v3 resources into Postern's config file model.
+//!
+//! Every resource becomes the same serde types the static YAML file uses,
+//! so the one validator (`validate::build`) checks both sources and the rest
+//! of the proxy never sees a proto. A field Postern does not support and
+//! that would change behaviour is an error naming the field (the update is
+//! NACKed); an unknown HTTP filter marked `is_optional` is skipped with a
+//! log line.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use postern_proto::envoy::config::cluster::v3 as cluster;
+use postern_proto::envoy::config::core::v3 as core;
+use postern_proto::envoy::config::endpoint::v3 as endpoint;
+use postern_proto::envoy::config::listener::v3 as listener;
+use postern_proto::envoy::config::route::v3 as route;
+use postern_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use postern_proto::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+use postern_proto::envoy::r#type::matcher::v3 as matcher;
+use postern_proto::google::protobuf::Any;
+use prost::Message;
+
+use super::file::*;
+
+/// Type URL of the HttpConnectionManager network filter config.
+const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+/// Type URL of the TcpProxy network filter config.
+const TCP_PROXY_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+/// Type URL of the router HTTP filter config.
+const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+/// Type URL of the upstream HTTP protocol options.
+const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+/// The key Envoy files those options under.
+const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// Field-level problems with one resource: `field: reason` each.
+pub type Problems = Vec<String>;
+
+struct Ctx {
+    problems: Problems,
+}
+
+impl Ctx {
+    fn new() -> Ctx {
+        Ctx {
+            problems: Vec::new(),
+        }
+    }
+
+    fn err(&mut self, field: impl AsRef<str>, reason: impl AsRef<str>) {
+        self.problems
+            .push(format!("{}: {}", field.as_ref(), reason.as_ref()));
+    }
+
+    fn unsupported(&mut self, field: impl AsRef<str>) {
+        self.err(field, "not supported by Postern");
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, Problems> {
+        if self.problems.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.problems)
+        }
+    }
+}
+
+/// Decodes an `Any` of the expected type.
+pub fn decode<M: Message + Default>(any: &Any, type_url: &str) -> Result<M, Problems> {
+    if any.type_url != type_url {
+        return Err(vec![format!(
+            "type_url: expected {type_url}, got {}",
+            any.type_url
+        )]);
+    }
+    M::decode(any.value.as_slice()).map_err(|e| vec![format!("cannot decode: {e}")])
+}
+
+fn duration(d: &postern_proto::google::protobuf::Duration) -> Option<Duration> {
+    let secs = u64::try_from(d.seconds).ok()?;
+    let nanos = u32::try_from(d.nanos).ok()?;
+    Some(Duration::new(secs, nanos))
+}
+
+fn duration_field(
+    d: &Option<postern_proto::google::protobuf::Duration>,
+    field: &str,
+    ctx: &mut Ctx,
+) -> Option<Duration> {
+    let d = d.as_ref()?;
+    let converted = duration(d);
+    if converted.is_none() {
+        ctx.err(field, "must not be negative");
+    }
+    converted
+}
+
+/// A `SocketAddress` with an IP literal (names would need DNS).
+fn socket_address(
+    address: &Option<core::Address>,
+    field: &str,
+    ctx: &mut Ctx,
+) -> Option<SocketAddr> {
+    let Some(core::address::Address::SocketAddress(socket)) =
+        address.as_ref().and_then(|a| a.address.as_ref())
+    else {
+        ctx.err(field, "needs a socket_address");
+        return None;
+    };
+    if socket.protocol != core::socket_address::Protocol::Tcp as i32 {
+        ctx.err(format!("{field}.protocol"), "only TCP is supported");
+    }
+    let port = match &socket.port_specifier {
+        Some(core::socket_address::PortSpecifier::PortValue(port)) => u16::try_from(*port).ok(),
+        _ => None,
+    };
+    let Some(port) = port else {
+        ctx.err(
+            format!("{field}.port_value"),
+            "needs a port from 0 to 65535",
+        );
+        return None;
+    };
+    match socket.address.parse::<IpAddr>() {
+        Ok(ip) => Some(SocketAddr::new(ip, port)),
+        Err(_) => {
+            ctx.err(
+                format!("{field}.address"),
+                format!(
+                    "\"{}\" is not an IP address (DNS names are not supported yet)",
+                    socket.address
+                ),
+            );
+            None
+        }
+    }
+}
+
+// ----------------------------------------------------------------- routes --
+
+/// A RouteConfiguration as the virtual hosts of a listener.
+pub fn route_configuration(
+    rc: &route::RouteConfiguration,
+) -> Result<Vec<VirtualHostFile>, Problems> {
+    let mut ctx = Ctx::new();
+    if !rc.request_headers_to_add.is_empty() || !rc.request_headers_to_remove.is_empty() {
+        ctx.unsupported("request_headers_to_add/remove");
+    }
+    if !rc.response_headers_to_add.is_empty() || !rc.response_headers_to_remove.is_empty() {
+        ctx.unsupported("response_headers_to_add/remove");
+    }
+    if rc.vhds.is_some() {
+        ctx.unsupported("vhds");
+    }
+    let hosts = rc
+        .virtual_hosts
+        .iter()
+        .enumerate()
+        .map(|(i, vh)| virtual_host(vh, &format!("virtual_hosts[{i}]"), &mut ctx))
+        .collect();
+    ctx.finish(hosts)
+}
+
+fn virtual_host(vh: &route::VirtualHost, path: &str, ctx: &mut Ctx) -> VirtualHostFile {
+    if vh.require_tls != 0 {
+        ctx.unsupported(format!("{path}.require_tls"));
+    }
+    if !vh.request_headers_to_add.is_empty()
+        || !vh.request_headers_to_remove.is_empty()
+        || !vh.response_headers_to_add.is_empty()
+        || !vh.response_headers_to_remove.is_empty()
+    {
+        ctx.unsupported(format!("{path}.*_headers_to_add/remove"));
+    }
+    if !vh.rate_limits.is_empty() {
+        ctx.unsupported(format!("{path}.rate_limits"));
+    }
+    if vh.matcher.is_some() {
+        ctx.unsupported(format!("{path}.matcher"));
+    }
+    VirtualHostFile {
+        name: vh.name.clone(),
+        domains: vh.domains.clone(),
+        routes: vh
+            .routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| route_entry(r, &format!("{path}.routes[{i}]"), ctx))
+            .collect(),
+    }
+}
+
+fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile> {
+    if !r.request_headers_to_add.is_empty()
+        || !r.request_headers_to_remove.is_empty()
+        || !r.response_headers_to_add.is_empty()
+        || !r.response_headers_to_remove.is_empty()
+    {
+        ctx.unsupported(format!("{path}.*_headers_to_add/remove"));
+    }
+    let matcher = route_match(r.r#match.as_ref(), &format!("{path}.match"), ctx);
+    let mut out = RouteFile {
+        name: (!r.name.is_empty()).then(|| r.name.clone()),
+        matcher,
+        cluster: None,
+        weighted_clusters: None,
+        direct_response: None,
+        redirect: None,
+        timeout: None,
+        retry: None,
+        rewrite: None,
+    };
+    match &r.action {
+        Some(route::route::Action::Route(action)) => {
+            route_action(action, &format!("{path}.route"), &mut out, ctx)
+        }
+        Some(route::route::Action::Redirect(redirect)) => {
+            out.redirect = Some(redirect_action(redirect, &format!("{path}.redirect"), ctx));
+        }
+        Some(route::route::Action::DirectResponse(direct)) => {
+            let body = match direct.body.as_ref().and_then(|b| b.specifier.as_ref()) {
+                None => String::new(),
+                Some(core::data_source::Specifier::InlineString(s)) => s.clone(),
+                Some(core::data_source::Specifier::InlineBytes(b)) => {
+                    String::from_utf8_lossy(b).into_owned()
+                }
+                Some(_) => {
+                    ctx.unsupported(format!("{path}.direct_response.body (only inline bodies)"));
+                    String::new()
+                }
+            };
+            out.direct_response = Some(DirectResponseFile {
+                status: u16::try_from(direct.status).unwrap_or(0),
+                body,
+            });
+        }
+        Some(_) => ctx.unsupported(format!("{path}.action")),
+        None => ctx.err(
+            format!("{path}.action"),
+            "a route needs route, redirect or direct_response",
+        ),
+    }
+    Some(out)
+}
+
+fn route_match(m: Option<&route::RouteMatch>, path: &str, ctx: &mut Ctx) -> RouteMatchFile {
+    let Some(m) = m else {
+        ctx.err(path, "is required");
+        return RouteMatchFile::default();
+    };
+    let path_match = match &m.path_specifier {
+        Some(route::route_match::PathSpecifier::Prefix(p)) => Some(PathMatchFile {
+            prefix: Some(if p.is_empty() { "/".into() } else { p.clone() }),
+            ..Default::default()
+        }),
+        Some(route::route_match::PathSpecifier::Path(p)) => Some(PathMatchFile {
+            exact: Some(p.clone()),
+            ..Default::default()
+        }),
+        Some(route::route_match::PathSpecifier::SafeRegex(re)) => Some(PathMatchFile {
+            regex: Some(re.regex.clone()),
+            ..Default::default()
+        }),
+        Some(_) => {
+            ctx.unsupported(format!("{path}.path_specifier"));
+            None
+        }
+        None => None,
+    };
+    let mut out = RouteMatchFile {
+        path: path_match,
+        ..Default::default()
+    };
+    if m.case_sensitive.as_ref().is_some_and(|c| !c.value) {
+        ctx.unsupported(format!("{path}.case_sensitive: false"));
+    }
+    if m.runtime_fraction.is_some() {
+        ctx.unsupported(format!("{path}.runtime_fraction"));
+    }
+    if m.grpc.is_some() {
+        ctx.unsupported(format!("{path}.grpc"));
+    }
+    if !m.dynamic_metadata.is_empty() {
+        ctx.unsupported(format!("{path}.dynamic_metadata"));
+    }
+    for (i, h) in m.headers.iter().enumerate() {
+        let hpath = format!("{path}.headers[{i}]");
+        // Envoy matches methods through the :method pseudo-header.
+        if h.name == ":method" {
+            if let Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(sm)) =
+                &h.header_match_specifier
+            {
+                if let Some(matcher::string_matcher::MatchPattern::Exact(method)) =
+                    &sm.match_pattern
+                {
+                    if !h.invert_match {
+                        out.methods.push(method.clone());
+                        continue;
+                    }
+                }
+            }
+        }
+        if let Some(header) = header_match(h, &hpath, ctx) {
+            out.headers.push(header);
+        }
+    }
+    for (i, q) in m.query_parameters.iter().enumerate() {
+        let qpath = format!("{path}.query_parameters[{i}]");
+        let mut query = QueryMatchFile {
+            name: q.name.clone(),
+            exact: None,
+            regex: None,
+            present: None,
+        };
+        match &q.query_parameter_match_specifier {
+            Some(route::query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(sm)) => {
+                match string_match(sm, &format!("{qpath}.string_match"), ctx) {
+                    Some(StringMatch::Exact(v)) => query.exact = Some(v),
+                    Some(StringMatch::Regex(v)) => query.regex = Some(v),
+                    None => {}
+                }
+            }
+            Some(route::query_parameter_matcher::QueryParameterMatchSpecifier::PresentMatch(p)) => {
+                query.present = Some(*p)
+            }
+            None => query.present = Some(true),
+        }
+        out.query.push(query);
+    }
+    out
+}
+
+enum StringMatch {
+    Exact(String),
+    Regex(String),
+}
+
+/// A StringMatcher as exact or regex; prefix, suffix, contains and
+/// ignore_case become anchored regexes.
+fn string_match(sm: &matcher::StringMatcher, path: &str, ctx: &mut Ctx) -> Option<StringMatch> {
+    use matcher::string_matcher::MatchPattern;
+    let ci = if sm.ignore_case { "(?i)" } else { "" };
+    let out = match &sm.match_pattern {
+        Some(MatchPattern::Exact(v)) if !sm.ignore_case => StringMatch::Exact(v.clone()),
+        Some(MatchPattern::Exact(v)) => StringMatch::Regex(format!("{ci}^{}$", regex::escape(v))),
+        Some(MatchPattern::Prefix(v)) => StringMatch::Regex(format!("{ci}^{}", regex::escape(v))),
+        Some(MatchPattern::Suffix(v)) => StringMatch::Regex(format!("{ci}{}$", regex::escape(v))),
+        Some(MatchPattern::Contains(v)) => StringMatch::Regex(format!("{ci}{}", regex::escape(v))),
+        Some(MatchPattern::SafeRegex(re)) => StringMatch::Regex(format!("{ci}^(?:{})$", re.regex)),
+        _ => {
+            ctx.unsupported(format!("{path}.match_pattern"));
+            return None;
+        }
+    };
+    Some(out)
+}
+
+// The deprecated specifiers are still what many control planes send.
+#[allow(deprecated)]
+fn header_match(h: &route::HeaderMatcher, path: &str, ctx: &mut Ctx) -> Option<HeaderMatchFile> {
+    use route::header_matcher::HeaderMatchSpecifier as S;
+    let mut out = HeaderMatchFile {
+        name: h.name.clone(),
+        exact: None,
+        regex: None,
+        present: None,
+        invert: h.invert_match,
+    };
+    match &h.header_match_specifier {
+        Some(S::ExactMatch(v)) => out.exact = Some(v.clone()),
+        Some(S::SafeRegexMatch(re)) => out.regex = Some(format!("^(?:{})$", re.regex)),
+        Some(S::PresentMatch(p)) => out.present = Some(*p),
+        Some(S::PrefixMatch(v)) => out.regex = Some(format!("^{}", regex::escape(v))),
+        Some(S::SuffixMatch(v)) => out.regex = Some(format!("{}$", regex::escape(v))),
+        Some(S::ContainsMatch(v)) => out.regex = Some(regex::escape(v)),
+        Some(S::StringMatch(sm)) => match string_match(sm, &format!("{path}.string_match"), ctx)? {
+            StringMatch::Exact(v) => out.exact = Some(v),
+            StringMatch::Regex(v) => out.regex = Some(v),
+        },
+        Some(_) => {
+            ctx.unsupported(format!("{path}.header_match_specifier"));
+            return None;
+        }
+        None => out.present = Some(true),
+    }
+    Some(out)
+}
+
+fn route_action(a: &route::RouteAction, path: &str, out: &mut RouteFile, ctx: &mut Ctx) {
+    use route::route_action::ClusterSpecifier as C;
+    match &a.cluster_specifier {
+        Some(C::Cluster(name)) => out.cluster = Some(name.clone()),
+        Some(C::WeightedClusters(w)) => {
+            let mut clusters = Vec::new();
+            for (i, c) in w.clusters.iter().enumerate() {
+                if c.name.is_empty() {
+                    ctx.unsupported(format!(
+                        "{path}.weighted_clusters.clusters[{i}].cluster_header"
+                    ));
+                    continue;
+                }
+                clusters.push(WeightedClusterFile {
+                    cluster: c.name.clone(),
+                    weight: c.weight.as_ref().map_or(0, |w| w.value),
+                });
+            }
+            out.weighted_clusters = Some(clusters);
+        }
+        Some(_) => ctx.unsupported(format!("{path}.cluster_specifier")),
+        None => ctx.err(format!("{path}.cluster_specifier"), "is required"),
+    }
+    out.timeout = duration_field(&a.timeout, &format!("{path}.timeout"), ctx);
+    if !a.prefix_rewrite.is_empty()
+        || a.regex_rewrite.is_some()
+        || a.host_rewrite_specifier.is_some()
+    {
+        let mut rewrite = RewriteFile::default();
+        if !a.prefix_rewrite.is_empty() {
+            rewrite.prefix = Some(a.prefix_rewrite.clone());
+        }
+        if let Some(re) = &a.regex_rewrite {
+            rewrite.regex = Some(RegexRewriteFile {
+                pattern: re
+                    .pattern
+                    .as_ref()
+                    .map(|p| p.regex.clone())
+                    .unwrap_or_default(),
+                substitution: re.substitution.clone(),
+            });
+        }
+        match &a.host_rewrite_specifier {
+            Some(route::route_action::HostRewriteSpecifier::HostRewriteLiteral(host)) => {
+                rewrite.host = Some(host.clone())
+            }
+            Some(_) => ctx.unsupported(format!(
+                "{path}.host_rewrite_specifier (only host_rewrite_literal)"
+            )),
+            None => {}
+        }
+        out.rewrite = Some(rewrite);
+    }
+    if a.path_rewrite_policy.is_some() || !a.path_rewrite.is_empty() {
+        ctx.unsupported(format!("{path}.path_rewrite"));
+    }
+    if !a.request_mirror_policies.is_empty() {
+        ctx.unsupported(format!("{path}.request_mirror_policies"));
+    }
+    if !a.rate_limits.is_empty() {
+        ctx.unsupported(format!("{path}.rate_limits"));
+    }
+    if a.retry_policy_typed_config.is_some() {
+        ctx.unsupported(format!("{path}.retry_policy_typed_config"));
+    }
+    if let Some(retry) = &a.retry_policy {
+        out.retry = retry_policy(retry, &format!("{path}.retry_policy"), ctx);
+    }
+}
+
+fn retry_policy(r: &route::RetryPolicy, path: &str, ctx: &mut Ctx) -> Option<RetryFile> {
+    let mut on = Vec::new();
+    let mut codes: Vec<u16> = r
+        .retriable_status_codes
+        .iter()
+        .filter_map(|c| u16::try_from(*c).ok())
+        .collect();
+    for token in r
+        .retry_on
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        let mapped = match token {
+            "5xx" => Some(RetryOn::FiveXx),
+            "connect-failure" => Some(RetryOn::ConnectFailure),
+            "reset" | "reset-before-request" | "refused-stream" => Some(RetryOn::Reset),
+            "retriable-status-codes" => Some(RetryOn::RetriableStatusCodes),
+            "gateway-error" => {
+                codes.extend([502, 503, 504]);
+                Some(RetryOn::RetriableStatusCodes)
+            }
+            other => {
+                // Fewer retries than asked is safe; more would not be.
+                tracing::warn!(
+                    field = path,
+                    condition = other,
+                    "retry condition not supported; ignored"
+                );
+                None
+            }
+        };
+        if let Some(m) = mapped {
+            if !on.contains(&m) {
+                on.push(m);
+            }
+        }
+    }
+    if on.is_empty() {
+        return None;
+    }
+    codes.sort_unstable();
+    codes.dedup();
+    if !codes.is_empty() && !on.contains(&RetryOn::RetriableStatusCodes) {
+        on.push(RetryOn::RetriableStatusCodes);
+    }
+    let back_off = r.retry_back_off.as_ref();
+    Some(RetryFile {
+        on,
+        max_attempts: r.num_retries.as_ref().map_or(1, |n| n.value) + 1,
+        retriable_status_codes: codes,
+        per_try_timeout: duration_field(
+            &r.per_try_timeout,
+            &format!("{path}.per_try_timeout"),
+            ctx,
+        ),
+        backoff_base: back_off
+            .and_then(|b| b.base_interval.as_ref())
+            .and_then(duration)
+            .unwrap_or(Duration::from_millis(25)),
+        backoff_max: back_off
+            .and_then(|b| b.max_interval.as_ref())
+            .and_then(duration),
+        retry_non_idempotent: false,
+        max_body_bytes: 64 * 1024,
+    })
+}
+
+fn redirect_action(r: &route::RedirectAction, path: &str, ctx: &mut Ctx) -> RedirectFile {
+    use route::redirect_action::{PathRewriteSpecifier as P, SchemeRewriteSpecifier as S};
+    let status = match r.response_code {
+        0 => 301,
+        1 => 302,
+        2 => 303,
+        3 => 307,
+        4 => 308,
+        other => {
+            ctx.err(
+                format!("{path}.response_code"),
+                format!("unknown code {other}"),
+            );
+            301
+        }
+    };
+    let scheme = match &r.scheme_rewrite_specifier {
+        Some(S::HttpsRedirect(true)) => Some("https".to_string()),
+        Some(S::SchemeRedirect(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let (redirect_path, prefix_rewrite) = match &r.path_rewrite_specifier {
+        Some(P::PathRedirect(p)) => (Some(p.clone()), None),
+        Some(P::PrefixRewrite(p)) => (None, Some(p.clone())),
+        Some(_) => {
+            ctx.unsupported(format!("{path}.regex_rewrite"));
+            (None, None)
+        }
+        None => (None, None),
+    };
+    RedirectFile {
+        status,
+        scheme,
+        host: (!r.host_redirect.is_empty()).then(|| r.host_redirect.clone()),
+        port: (r.port_redirect != 0).then(|| u16::try_from(r.port_redirect).unwrap_or(0)),
+        path: redirect_path,
+        prefix_rewrite,
+        strip_query: r.strip_query,
+    }
+}
+
+// --------------------------------------------------------------- clusters --
+
+/// How a cluster's endpoints arrive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointSource {
+    /// Inline (`STATIC`, or `STRICT_DNS` with IP literals).
+    Inline,
+    /// By EDS, under this service name.
+    Eds(String),
+}
+
+/// A Cluster as a cluster file entry (without endpoints for EDS clusters),
+/// and where its endpoints come from.
+pub fn cluster(c: &cluster::Cluster) -> Result<(ClusterFile, EndpointSource), Problems> {
+    use cluster::cluster::{ClusterDiscoveryType, DiscoveryType as T, LbPolicy as L};
+    let mut ctx = Ctx::new();
+    let discovery = match &c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) => *t,
+        Some(_) => {
+            ctx.unsupported("cluster_type");
+            0
+        }
+        None => T::Static as i32,
+    };
+    let mut endpoints = Vec::new();
+    let source = if discovery == T::Eds as i32 {
+        let service = c
+            .eds_cluster_config
+            .as_ref()
+            .map(|e| e.service_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| c.name.clone());
+        EndpointSource::Eds(service)
+    } else if discovery == T::Static as i32 || discovery == T::StrictDns as i32 {
+        match &c.load_assignment {
+            Some(cla) => endpoints = cla_endpoints(cla, "load_assignment", &mut ctx),
+            None => ctx.err("load_assignment", "a STATIC cluster needs its endpoints"),
+        }
+        EndpointSource::Inline
+    } else {
+        ctx.unsupported(format!(
+            "type {discovery} (only STATIC, STRICT_DNS with IP addresses, EDS)"
+        ));
+        EndpointSource::Inline
+    };
+    let lb = match L::try_from(c.lb_policy) {
+        Ok(L::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(L::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(L::Random) => LbPolicy::Random,
+        _ => {
+            ctx.unsupported(format!("lb_policy {}", c.lb_policy));
+            LbPolicy::RoundRobin
+        }
+    };
+    let mut protocol = UpstreamProtocol::Http1;
+    #[allow(deprecated)]
+    if c.http2_protocol_options.is_some() {
+        protocol = UpstreamProtocol::Http2;
+    }
+    if let Some(options) = c
+        .typed_extension_protocol_options
+        .get(HTTP_PROTOCOL_OPTIONS_KEY)
+    {
+        if options.type_url == HTTP_PROTOCOL_OPTIONS_TYPE {
+            use postern_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+                explicit_http_config::ProtocolConfig, UpstreamProtocolOptions,
+            };
+            match postern_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions::decode(
+                options.value.as_slice(),
+            ) {
+                Ok(o) => match o.upstream_protocol_options {
+                    Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => {
+                        if matches!(
+                            e.protocol_config,
+                            Some(ProtocolConfig::Http2ProtocolOptions(_))
+                        ) {
+                            protocol = UpstreamProtocol::Http2;
+                        }
+                    }
+                    Some(_) => ctx.unsupported(
+                        "typed_extension_protocol_options (only explicit_http_config)",
+                    ),
+                    None => {}
+                },
+                Err(e) => ctx.err(
+                    "typed_extension_protocol_options",
+                    format!("cannot decode: {e}"),
+                ),
+            }
+        }
+    }
+    let mut circuit_breaker = CircuitBreakerFile::default();
+    if let Some(thresholds) = c.circuit_breakers.as_ref().and_then(|cb| {
+        cb.thresholds
+            .iter()
+            .find(|t| t.priority == core::RoutingPriority::Default as i32)
+    }) {
+        if let Some(v) = &thresholds.max_connections {
+            circuit_breaker.max_connections = v.value as usize;
+        }
+        if let Some(v) = &thresholds.max_pending_requests {
+            circuit_breaker.max_pending_requests = v.value as usize;
+        }
+        if let Some(v) = &thresholds.max_requests {
+            circuit_breaker.max_requests = v.value as usize;
+        }
+        if let Some(v) = &thresholds.max_retries {
+            circuit_breaker.max_retries = v.value as usize;
+        }
+    }
+    let outlier_detection = c.outlier_detection.as_ref().map(|od| {
+        let mut file = OutlierDetectionFile::default();
+        if let Some(v) = &od.consecutive_5xx {
+            file.consecutive_5xx = v.value;
+        }
+        if let Some(v) = &od.consecutive_local_origin_failure {
+            file.consecutive_connect_failures = v.value;
+        }
+        if let Some(d) = od.max_ejection_time.as_ref().and_then(duration) {
+            file.max_ejection_time = d;
+        }
+        if let Some(d) = od.base_ejection_time.as_ref().and_then(duration) {
+            file.base_ejection_time = d;
+        }
+        if let Some(v) = &od.max_ejection_percent {
+            file.max_ejection_percent = v.value;
+        }
+        file
+    });
+    if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
+        ctx.unsupported("transport_socket (upstream TLS from xDS comes with SDS)");
+    }
+    if c.health_checks.iter().len() > 0 {
+        ctx.unsupported("health_checks");
+    }
+    let file = ClusterFile {
+        name: c.name.clone(),
+        endpoints,
+        lb,
+        protocol,
+        connect_timeout: c
+            .connect_timeout
+            .as_ref()
+            .and_then(duration)
+            .unwrap_or(Duration::from_secs(5)),
+        pool: PoolFile::default(),
+        circuit_breaker,
+        retry_budget: RetryBudgetFile::default(),
+        outlier_detection,
+        tls: None,
+    };
+    ctx.finish((file, source))
+}
+
+/// The endpoints of a ClusterLoadAssignment.
+pub fn load_assignment(
+    cla: &endpoint::ClusterLoadAssignment,
+) -> Result<Vec<EndpointFile>, Problems> {
+    let mut ctx = Ctx::new();
+    let endpoints = cla_endpoints(cla, "endpoints", &mut ctx);
+    ctx.finish(endpoints)
+}
+
+/// Healthy (or unknown) endpoints of the best priority present.
+fn cla_endpoints(
+    cla: &endpoint::ClusterLoadAssignment,
+    path: &str,
+    ctx: &mut Ctx,
+) -> Vec<EndpointFile> {
+    let best = cla.endpoints.iter().map(|l| l.priority).min().unwrap_or(0);
+    let mut out = Vec::new();
+    for (i, locality) in cla.endpoints.iter().enumerate() {
+        if locality.priority != best {
+            continue;
+        }
+        for (j, lb) in locality.lb_endpoints.iter().enumerate() {
+            let epath = format!("{path}[{i}].lb_endpoints[{j}]");
+            let healthy = matches!(
+                core::HealthStatus::try_from(lb.health_status),
+                Ok(core::HealthStatus::Unknown
+                    | core::HealthStatus::Healthy
+                    | core::HealthStatus::Degraded)
+            );
+            let Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier
+            else {
+                ctx.unsupported(format!("{epath}.endpoint_name"));
+                continue;
+            };
+            let Some(address) =
+                socket_address(&ep.address, &format!("{epath}.endpoint.address"), ctx)
+            else {
+                continue;
+            };
+            if !healthy {
+                continue;
+            }
+            out.push(EndpointFile {
+                address,
+                weight: lb
+                    .load_balancing_weight
+                    .as_ref()
+                    .map_or(1, |w| w.value.max(1)),
+            });
+        }
+    }
+    out
+}
+
+// -------------------------------------------------------------- listeners --
+
+/// Where an HTTP listener's routes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteSource {
+    /// Inline in the listener.
+    Inline,
+    /// By RDS, under this route configuration name.
+    Rds(String),
+    /// Not an HTTP listener.
+    None,
+}
+
+/// A Listener as a listener file entry (virtual hosts empty when they come
+/// by RDS), and where its routes come from.
+pub fn listener(l: &listener::Listener) -> Result<(ListenerFile, RouteSource), Problems> {
+    let mut ctx = Ctx::new();
+    let address = socket_address(&l.address, "address", &mut ctx);
+    let mut file = ListenerFile {
+        name: l.name.clone(),
+        address: address.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+        kind: ListenerKind::Http,
+        limits: ListenerLimitsFile::default(),
+        http: HttpSettingsFile::default(),
+        virtual_hosts: Vec::new(),
+        tcp: None,
+        mtls: None,
+        tls: None,
+    };
+    let mut source = RouteSource::None;
+    if !l.listener_filters.is_empty() {
+        ctx.unsupported("listener_filters");
+    }
+    if l.default_filter_chain.is_some() {
+        ctx.unsupported("default_filter_chain");
+    }
+    match l.filter_chains.as_slice() {
+        [chain] => {
+            if chain
+                .filter_chain_match
+                .as_ref()
+                .is_some_and(|m| *m != Default::default())
+            {
+                ctx.unsupported("filter_chains[0].filter_chain_match");
+            }
+            if chain.transport_socket.is_some() {
+                ctx.unsupported(
+                    "filter_chains[0].transport_socket (downstream TLS from xDS comes with SDS)",
+                );
+            }
+            match chain.filters.as_slice() {
+                [filter] => {
+                    let fpath = "filter_chains[0].filters[0]";
+                    match filter.config_type.as_ref() {
+                        Some(listener::filter::ConfigType::TypedConfig(any)) if any.type_url == HCM_TYPE => {
+                            match decode::<hcm::HttpConnectionManager>(any, HCM_TYPE) {
+                                Ok(manager) => {
+                                    source = http_connection_manager(&manager, fpath, &mut file, &mut ctx)
+                                }
+                                Err(problems) => ctx.err(fpath, problems.join("; ")),
+                            }
+                        }
+                        Some(listener::filter::ConfigType::TypedConfig(any))
+                            if any.type_url == TCP_PROXY_TYPE =>
+                        {
+                            match decode::<tcp_proxy::TcpProxy>(any, TCP_PROXY_TYPE) {
+                                Ok(proxy) => tcp(&proxy, fpath, &mut file, &mut ctx),
+                                Err(problems) => ctx.err(fpath, problems.join("; ")),
+                            }
+                        }
+                        Some(listener::filter::ConfigType::TypedConfig(any)) => {
+                            ctx.err(format!("{fpath}.typed_config"), format!("unknown network filter {}", any.type_url))
+                        }
+                        _ => ctx.err(format!("{fpath}.typed_config"), "is required"),
+                    }
+                }
+                _ => ctx.unsupported("filter_chains[0].filters (exactly one network filter: http_connection_manager or tcp_proxy)"),
+            }
+        }
+        [] => ctx.err("filter_chains", "needs one filter chain"),
+        _ => ctx.unsupported("filter_chains (more than one)"),
+    }
+    ctx.finish((file, source))
+}
+
+fn http_connection_manager(
+    m: &hcm::HttpConnectionManager,
+    path: &str,
+    file: &mut ListenerFile,
+    ctx: &mut Ctx,
+) -> RouteSource {
+    use hcm::http_connection_manager::RouteSpecifier;
+    file.kind = ListenerKind::Http;
+    for (i, filter) in m.http_filters.iter().enumerate() {
+        let fpath = format!("{path}.http_filters[{i}]");
+        let type_url = match &filter.config_type {
+            Some(hcm::http_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+            _ => "",
+        };
+        if type_url == ROUTER_TYPE
+            || (type_url.is_empty() && filter.name == "envoy.filters.http.router")
+        {
+            continue;
+        }
+        if filter.is_optional {
+            tracing::info!(filter = %filter.name, type_url, "optional HTTP filter not supported; skipped");
+            continue;
+        }
+        ctx.err(
+            fpath,
+            format!(
+                "HTTP filter {} ({type_url}) is not supported and not optional",
+                filter.name
+            ),
+        );
+    }
+    if let Some(timeout) = m.request_headers_timeout.as_ref().and_then(duration) {
+        if !timeout.is_zero() {
+            file.limits.header_read_timeout = timeout;
+        }
+    }
+    if let Some(idle) = m
+        .common_http_protocol_options
+        .as_ref()
+        .and_then(|o| o.idle_timeout.as_ref())
+        .and_then(duration)
+    {
+        if !idle.is_zero() {
+            file.limits.idle_timeout = idle;
+        }
+    }
+    if let Some(n) = m.max_request_headers_kb.as_ref() {
+        file.limits.max_request_headers_bytes = n.value as usize * 1024;
+    }
+    file.http.trust_downstream = m.use_remote_address.as_ref().is_some_and(|v| !v.value);
+    match &m.route_specifier {
+        Some(RouteSpecifier::Rds(rds)) => RouteSource::Rds(rds.route_config_name.clone()),
+        Some(RouteSpecifier::RouteConfig(rc)) => {
+            match route_configuration(rc) {
+                Ok(hosts) => file.virtual_hosts = hosts,
+                Err(problems) => {
+                    for p in problems {
+                        ctx.err(format!("{path}.route_config"), p);
+                    }
+                }
+            }
+            RouteSource::Inline
+        }
+        _ => {
+            ctx.unsupported(format!(
+                "{path}.route_specifier (only rds and route_config)"
+            ));
+            RouteSource::None
+        }
+    }
+}
+
+fn tcp(p: &tcp_proxy::TcpProxy, path: &str, file: &mut ListenerFile, ctx: &mut Ctx) {
+    use tcp_proxy::tcp_proxy::ClusterSpecifier;
+    file.kind = ListenerKind::Tcp;
+    let cluster = match &p.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(name)) => name.clone(),
+        _ => {
+            ctx.unsupported(format!("{path}.cluster_specifier (only cluster)"));
+            String::new()
+        }
+    };
+    file.tcp = Some(TcpProxyFile {
+        cluster,
+        idle_timeout: p
+            .idle_timeout
+            .as_ref()
+            .and_then(duration)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(3600)),
+    });
+}

@@ -1,0 +1,240 @@
+//! The set of running listeners, changed at run time: a new listener is
+//! bound and starts accepting, a removed one stops accepting and drains its
+//! connections, a kept one gets its new routes without touching a
+//! connection. A listener whose address, limits, protocol or TLS changed is
+//! replaced (the old one drains).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use postern_certs::{IdentityHandle, SpiffeId};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{run_listener, ConnectionTracker, ListenerContext, Shutdown};
+use crate::cluster::ClusterManager;
+use crate::config::{Listener, ListenerProtocol};
+use crate::route::RouteTable;
+use crate::tls::DownstreamTls;
+
+/// Listeners that could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct ListenerStartError(pub Vec<String>);
+
+struct Running {
+    listener: Arc<Listener>,
+    shape: String,
+    addr: SocketAddr,
+    routes: Option<Arc<ArcSwap<RouteTable>>>,
+    drain: watch::Sender<bool>,
+    force: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+}
+
+/// Starts, updates and drains listeners.
+pub struct ListenerManager {
+    running: Mutex<HashMap<Arc<str>, Running>>,
+    clusters: Arc<ClusterManager>,
+    tracker: Arc<ConnectionTracker>,
+    identity: Option<Arc<IdentityHandle>>,
+    local_id: Option<Arc<SpiffeId>>,
+    drain_timeout: Duration,
+    draining: AtomicBool,
+}
+
+impl std::fmt::Debug for ListenerManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerManager").finish_non_exhaustive()
+    }
+}
+
+/// What must match for a listener to be kept (only its routes updated).
+fn shape(listener: &Listener) -> String {
+    let protocol = match &listener.protocol {
+        ListenerProtocol::Http(http) => format!("http trust={}", http.trust_downstream),
+        ListenerProtocol::Tcp(tcp) => format!("tcp {} {:?}", tcp.cluster, tcp.idle_timeout),
+    };
+    format!(
+        "{} {} {} {:?}",
+        listener.address,
+        serde_json::to_string(&listener.limits).unwrap_or_default(),
+        protocol,
+        listener.tls
+    )
+}
+
+impl ListenerManager {
+    /// A manager with nothing running.
+    pub fn new(
+        clusters: Arc<ClusterManager>,
+        tracker: Arc<ConnectionTracker>,
+        identity: Option<Arc<IdentityHandle>>,
+        local_id: Option<Arc<SpiffeId>>,
+        drain_timeout: Duration,
+    ) -> ListenerManager {
+        ListenerManager {
+            running: Mutex::new(HashMap::new()),
+            clusters,
+            tracker,
+            identity,
+            local_id,
+            drain_timeout,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Makes the running set match `listeners`. Listeners that cannot be
+    /// bound are reported; the rest of the change still happens.
+    pub fn apply(&self, listeners: &[Arc<Listener>]) -> Result<(), ListenerStartError> {
+        if self.draining.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Ok(mut running) = self.running.lock() else {
+            return Err(ListenerStartError(vec!["listener table poisoned".into()]));
+        };
+        let wanted: HashMap<&str, &Arc<Listener>> =
+            listeners.iter().map(|l| (&*l.name, l)).collect();
+        // Stop what is gone or changed shape first, so a replacement can
+        // bind the same address.
+        let stale: Vec<Arc<str>> = running
+            .iter()
+            .filter(|(name, r)| wanted.get(&***name).is_none_or(|l| shape(l) != r.shape))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(old) = running.remove(&name) {
+                tracing::info!(listener = %name, addr = %old.addr, "listener removed; draining");
+                self.retire(old);
+            }
+        }
+        let mut failures = Vec::new();
+        for listener in listeners {
+            if let Some(current) = running.get_mut(&listener.name) {
+                if let (Some(swap), ListenerProtocol::Http(http)) =
+                    (&current.routes, &listener.protocol)
+                {
+                    swap.store(http.routes.clone());
+                }
+                current.listener = listener.clone();
+                continue;
+            }
+            match self.start(listener) {
+                Ok(started) => {
+                    running.insert(listener.name.clone(), started);
+                }
+                Err(err) => {
+                    tracing::error!(listener = %listener.name, error = %err, "cannot start listener");
+                    failures.push(format!("listener \"{}\": {err:#}", listener.name));
+                }
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(ListenerStartError(failures))
+        }
+    }
+
+    fn start(&self, listener: &Arc<Listener>) -> anyhow::Result<Running> {
+        use anyhow::Context as _;
+        let std_socket = std::net::TcpListener::bind(listener.address)
+            .with_context(|| format!("cannot bind {}", listener.address))?;
+        std_socket.set_nonblocking(true)?;
+        let socket = TcpListener::from_std(std_socket)?;
+        let addr = socket.local_addr()?;
+        let tls = DownstreamTls::new(
+            listener.name.clone(),
+            &listener.tls,
+            self.identity.as_ref(),
+            listener.limits.header_read_timeout,
+        )?;
+        let routes = match &listener.protocol {
+            ListenerProtocol::Http(http) => Some(Arc::new(ArcSwap::new(http.routes.clone()))),
+            ListenerProtocol::Tcp(_) => None,
+        };
+        let (drain, drain_rx) = watch::channel(false);
+        let (force, force_rx) = watch::channel(false);
+        let shutdown = Shutdown {
+            listener: listener.name.clone(),
+            drain: drain_rx,
+            force: force_rx,
+        };
+        tracing::info!(listener = %listener.name, %addr, "listening");
+        let context = ListenerContext {
+            clusters: self.clusters.clone(),
+            tracker: self.tracker.clone(),
+            tls,
+            local_id: self.local_id.clone(),
+            routes: routes.clone(),
+        };
+        let accept = tokio::spawn(run_listener(socket, listener.clone(), context, shutdown));
+        Ok(Running {
+            listener: listener.clone(),
+            shape: shape(listener),
+            addr,
+            routes,
+            drain,
+            force,
+            accept,
+        })
+    }
+
+    /// Stops accepting, lets connections finish, closes the rest after the
+    /// drain timeout.
+    fn retire(&self, old: Running) {
+        old.drain.send_replace(true);
+        let timeout = self.drain_timeout;
+        tokio::spawn(async move {
+            let _ = old.accept.await;
+            tokio::time::sleep(timeout).await;
+            old.force.send_replace(true);
+        });
+    }
+
+    /// The bound address of a running listener.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.running.lock().ok()?.get(name).map(|r| r.addr)
+    }
+
+    /// Names and addresses of the running listeners.
+    pub fn addrs(&self) -> HashMap<String, SocketAddr> {
+        self.running
+            .lock()
+            .map(|r| r.iter().map(|(n, r)| (n.to_string(), r.addr)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Starts the drain of every listener; none is started afterwards.
+    /// Resolves when every accept loop has stopped.
+    pub async fn drain_all(&self) {
+        self.draining.store(true, Ordering::Release);
+        let accepts: Vec<JoinHandle<()>> = match self.running.lock() {
+            Ok(mut running) => running
+                .values_mut()
+                .map(|r| {
+                    r.drain.send_replace(true);
+                    std::mem::replace(&mut r.accept, tokio::spawn(async {}))
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for accept in accepts {
+            let _ = accept.await;
+        }
+    }
+
+    /// Tells every connection to close now.
+    pub fn force_all(&self) {
+        if let Ok(running) = self.running.lock() {
+            for r in running.values() {
+                r.force.send_replace(true);
+            }
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The xDS source of config: resources from the ADS client are translated
+//! (`config::xds`), merged with the static part of the bootstrap, validated
+//! as one config, and applied. An update that fails any step is NACKed and
+//! the last good config keeps serving.
+//!
+//! Warming: a listener waiting for its RouteConfiguration and a cluster
+//! waiting for its ClusterLoadAssignment are left out of the running config
+//! until what they need has arrived.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
+
+use postern_proto::envoy::config::cluster::v3::Cluster;
+use postern_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use postern_proto::envoy::config::listener::v3::Listener;
+use postern_proto::envoy::config::route::v3::RouteConfiguration;
+use postern_proto::type_url;
+use postern_xds::{Handler, Resource, ResourceError, StatusHandle, Subscriptions, Update};
+
+use crate::app::Runtime;
+use crate::config::file::{ClusterFile, ConfigFile, EndpointFile, ListenerFile, VirtualHostFile};
+use crate::config::xds::{self as translate, EndpointSource, Problems, RouteSource};
+use crate::config::Config;
+
+#[derive(Debug, Clone)]
+struct Entry<T> {
+    value: T,
+    version: String,
+    updated: SystemTime,
+}
+
+type Table<T> = BTreeMap<String, Entry<T>>;
+
+/// Accepted dynamic resources, by type and name.
+#[derive(Debug, Clone, Default)]
+struct Resources {
+    listeners: Table<(ListenerFile, RouteSource)>,
+    routes: Table<Vec<VirtualHostFile>>,
+    clusters: Table<(ClusterFile, EndpointSource)>,
+    endpoints: Table<Vec<EndpointFile>>,
+    /// Types that have had at least one accepted update.
+    seen: BTreeSet<&'static str>,
+}
+
+/// Applies xDS updates to a running proxy.
+pub struct XdsHandler {
+    base: ConfigFile,
+    runtime: Arc<Runtime>,
+    state: Mutex<Resources>,
+    nacks: Mutex<BTreeMap<String, String>>,
+    subscriptions: OnceLock<Subscriptions>,
+    status: OnceLock<StatusHandle>,
+}
+
+impl std::fmt::Debug for XdsHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XdsHandler").finish_non_exhaustive()
+    }
+}
+
+impl XdsHandler {
+    /// A handler that merges dynamic resources into `base` (the bootstrap's
+    /// static part) and applies the result to `runtime`.
+    pub fn new(base: ConfigFile, runtime: Arc<Runtime>) -> Arc<XdsHandler> {
+        runtime.set_config_ready(false);
+        Arc::new(XdsHandler {
+            base,
+            runtime,
+            state: Mutex::new(Resources::default()),
+            nacks: Mutex::new(BTreeMap::new()),
+            subscriptions: OnceLock::new(),
+            status: OnceLock::new(),
+        })
+    }
+
+    /// Connects the handler to its client, for RDS/EDS subscriptions and
+    /// the per-type status in `/config_dump`.
+    pub fn attach(&self, subscriptions: Subscriptions, status: StatusHandle) {
+        subscriptions.set(type_url::LISTENER, Vec::new());
+        subscriptions.set(type_url::CLUSTER, Vec::new());
+        let _ = self.subscriptions.set(subscriptions);
+        let _ = self.status.set(status);
+    }
+
+    fn translate_all<T>(
+        resources: &[Resource],
+        convert: impl Fn(&Resource) -> Result<T, Problems>,
+    ) -> Result<Vec<(String, String, T)>, Vec<ResourceError>> {
+        let mut out = Vec::new();
+        let mut errors = Vec::new();
+        for resource in resources {
+            match convert(resource) {
+                Ok(value) => out.push((resource.name.clone(), resource.version.clone(), value)),
+                Err(problems) => errors.push(ResourceError {
+                    name: resource.name.clone(),
+                    reason: problems.join("; "),
+                }),
+            }
+        }
+        if errors.is_empty() {
+            Ok(out)
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn merge<T>(
+        table: &mut Table<T>,
+        update: Vec<(String, String, T)>,
+        removed: &[String],
+        replace_all: bool,
+    ) {
+        let now = SystemTime::now();
+        if replace_all {
+            table.clear();
+        }
+        for name in removed {
+            table.remove(name);
+        }
+        for (name, version, value) in update {
+            table.insert(
+                name,
+                Entry {
+                    value,
+                    version,
+                    updated: now,
+                },
+            );
+        }
+    }
+
+    /// The config to run: static resources plus every warm dynamic one.
+    fn assemble(&self, state: &Resources) -> (ConfigFile, bool) {
+        let mut file = self.base.clone();
+        let mut warming = false;
+        for entry in state.clusters.values() {
+            let (cluster, source) = &entry.value;
+            let mut cluster = cluster.clone();
+            if let EndpointSource::Eds(service) = source {
+                match state.endpoints.get(service) {
+                    Some(endpoints) => cluster.endpoints = endpoints.value.clone(),
+                    None => {
+                        warming = true;
+                        continue;
+                    }
+                }
+            }
+            file.clusters.push(cluster);
+        }
+        for entry in state.listeners.values() {
+            let (listener, source) = &entry.value;
+            let mut listener = listener.clone();
+            if let RouteSource::Rds(name) = source {
+                match state.routes.get(name) {
+                    Some(routes) => listener.virtual_hosts = routes.value.clone(),
+                    None => {
+                        warming = true;
+                        continue;
+                    }
+                }
+            }
+            file.listeners.push(listener);
+        }
+        (file, warming)
+    }
+
+    fn wanted(state: &Resources) -> (Vec<String>, Vec<String>) {
+        let routes: BTreeSet<String> = state
+            .listeners
+            .values()
+            .filter_map(|e| match &e.value.1 {
+                RouteSource::Rds(name) => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        let endpoints: BTreeSet<String> = state
+            .clusters
+            .values()
+            .filter_map(|e| match &e.value.1 {
+                EndpointSource::Eds(name) => Some(name.clone()),
+                EndpointSource::Inline => None,
+            })
+            .collect();
+        (
+            routes.into_iter().collect(),
+            endpoints.into_iter().collect(),
+        )
+    }
+
+    fn apply(&self, type_url: &str, update: Update) -> Result<(), Vec<ResourceError>> {
+        let (resources, removed, replace_all) = match update {
+            Update::State { resources, .. } => {
+                // State of the world: LDS and CDS carry everything, so what
+                // is missing is gone; RDS and EDS carry what was asked for.
+                let all = type_url == type_url::LISTENER || type_url == type_url::CLUSTER;
+                (resources, Vec::new(), all)
+            }
+            Update::Delta { added, removed, .. } => (added, removed, false),
+        };
+        let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
+        let mut state = match self.state.lock() {
+            Ok(state) => state.clone(),
+            Err(_) => return Err(internal(&names, "state lock poisoned")),
+        };
+        let kind: &'static str = match type_url {
+            type_url::LISTENER => {
+                let converted = Self::translate_all(&resources, |r| {
+                    translate::listener(&translate::decode::<Listener>(
+                        &r.body,
+                        type_url::LISTENER,
+                    )?)
+                })?;
+                Self::merge(&mut state.listeners, converted, &removed, replace_all);
+                type_url::LISTENER
+            }
+            type_url::ROUTE => {
+                let converted = Self::translate_all(&resources, |r| {
+                    translate::route_configuration(&translate::decode::<RouteConfiguration>(
+                        &r.body,
+                        type_url::ROUTE,
+                    )?)
+                })?;
+                Self::merge(&mut state.routes, converted, &removed, replace_all);
+                type_url::ROUTE
+            }
+            type_url::CLUSTER => {
+                let converted = Self::translate_all(&resources, |r| {
+                    translate::cluster(&translate::decode::<Cluster>(&r.body, type_url::CLUSTER)?)
+                })?;
+                Self::merge(&mut state.clusters, converted, &removed, replace_all);
+                type_url::CLUSTER
+            }
+            type_url::ENDPOINT => {
+                let converted = Self::translate_all(&resources, |r| {
+                    translate::load_assignment(&translate::decode::<ClusterLoadAssignment>(
+                        &r.body,
+                        type_url::ENDPOINT,
+                    )?)
+                })?;
+                Self::merge(&mut state.endpoints, converted, &removed, replace_all);
+                type_url::ENDPOINT
+            }
+            other => {
+                return Err(internal(
+                    &names,
+                    &format!("resource type {other} is not supported"),
+                ))
+            }
+        };
+        state.seen.insert(kind);
+
+        let (file, warming) = self.assemble(&state);
+        let config = Config::from_dynamic_model(file).map_err(|err| {
+            let reason = err.to_string().replace('\n', "; ");
+            internal(&names, &reason)
+        })?;
+        let applied = self.runtime.apply(config);
+        let (routes, endpoints) = Self::wanted(&state);
+        let ready = state.seen.contains(type_url::LISTENER)
+            && state.seen.contains(type_url::CLUSTER)
+            && !warming;
+        let status = dynamic_status(&state);
+        if let Ok(mut current) = self.state.lock() {
+            *current = state;
+        }
+        if let Some(subscriptions) = self.subscriptions.get() {
+            // An empty list would mean "everything": unsubscribe instead.
+            for (kind, names) in [(type_url::ROUTE, routes), (type_url::ENDPOINT, endpoints)] {
+                if names.is_empty() {
+                    subscriptions.remove(kind);
+                } else {
+                    subscriptions.set(kind, names);
+                }
+            }
+        }
+        if ready {
+            self.runtime.set_config_ready(true);
+        }
+        self.publish_status(status);
+        applied.map_err(|err| internal(&names, &format!("{err:#}")))
+    }
+
+    fn publish_status(&self, mut status: serde_json::Value) {
+        if let Some(handle) = self.status.get() {
+            status["types"] = handle
+                .snapshot()
+                .into_iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "type_url": t.type_url,
+                        "version": t.version,
+                        "last_update": t.last_update.map(unix_seconds),
+                        "last_nack": t.last_nack,
+                    })
+                })
+                .collect();
+        }
+        if let Ok(nacks) = self.nacks.lock() {
+            status["last_nack_by_resource"] = serde_json::json!(*nacks);
+        }
+        self.runtime.set_dynamic_status(status);
+    }
+}
+
+fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+fn internal(names: &[String], reason: &str) -> Vec<ResourceError> {
+    let name = if names.is_empty() {
+        "(update)".to_string()
+    } else {
+        names.join(",")
+    };
+    vec![ResourceError {
+        name,
+        reason: reason.to_string(),
+    }]
+}
+
+fn table_status<T>(table: &Table<T>) -> serde_json::Value {
+    table
+        .iter()
+        .map(|(name, e)| {
+            (
+                name.clone(),
+                serde_json::json!({ "version": e.version, "last_update": unix_seconds(e.updated) }),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn dynamic_status(state: &Resources) -> serde_json::Value {
+    serde_json::json!({
+        "listeners": table_status(&state.listeners),
+        "routes": table_status(&state.routes),
+        "clusters": table_status(&state.clusters),
+        "endpoints": table_status(&state.endpoints),
+    })
+}
+
+impl Handler for XdsHandler {
+    fn on_update(&self, type_url: &str, update: Update) -> Result<(), Vec<ResourceError>> {
+        let result = self.apply(type_url, update);
+        match &result {
+            Ok(()) => tracing::info!(type_url, "xDS update applied"),
+            Err(errors) => {
+                for e in errors {
+                    tracing::warn!(type_url, resource = %e.name, reason = %e.reason, "xDS update rejected");
+                    if let Ok(mut nacks) = self.nacks.lock() {
+                        nacks.insert(e.name.clone(), e.reason.clone());
+                    }
+                }
+                if let Ok(state) = self.state.lock() {
+                    self.publish_status(dynamic_status(&state));
+                }
+            }
+        }
+        result
+    }
+
+    fn on_connection(&self, connected: bool) {
+        tracing::info!(connected, "xDS stream");
+    }
+}
