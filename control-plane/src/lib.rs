@@ -1,8 +1,18 @@
-//! The reference control plane for Postern.
+//! The reference control plane for Postern, for development, demos and
+//! tests.
 //!
-//! Today it is a CA ([`ca`]) that signs workload CSRs over the Istio CA gRPC
-//! API. It will also serve ADS from a YAML mesh description (see the xDS
-//! issue). It knows nothing of the data plane: it only speaks the APIs the
-//! proxy consumes.
+//! - [`ads`]: an ADS server (SotW and delta) serving one snapshot of Envoy
+//!   v3 resources to every node, logging every ACK and NACK.
+//! - [`mesh`]: the YAML mesh description, its translation to Envoy
+//!   resources, and a watcher that serves each new revision of the file.
+//! - [`ca`]: a CA that signs workload CSRs over the Istio CA gRPC API.
+//! - [`app`]: the `postern-control serve` wiring of all three on one gRPC
+//!   server.
+//!
+//! It knows nothing of the data plane: it only speaks the APIs the proxy
+//! consumes, so Envoy can be pointed at it too.
 
+pub mod ads;
+pub mod app;
 pub mod ca;
+pub mod mesh;

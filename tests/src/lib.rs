@@ -8,6 +8,7 @@
 //! about the proxy itself.
 
 pub mod client;
+pub mod control;
 pub mod grpc;
 pub mod http_backend;
 pub mod mesh;

@@ -1,0 +1,387 @@
+//! Dynamic config from an in-process control plane (the reference ADS
+//! server): listeners, routes, clusters and endpoints pushed and followed,
+//! NACKs that keep the last good config, warming, a control plane that goes
+//! away and comes back, and a large swap under load. State of the world and
+//! delta both.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use postern_control::ads::{AdsEventKind, Snapshot};
+use postern_control::mesh::parse_mesh;
+use postern_proto::envoy::config::cluster::v3 as cluster;
+use postern_proto::type_url;
+use postern_tests::control::{is_ack, is_nack, wait_event, ControlPlane};
+use postern_tests::{eventually, get, start_proxy, wait_until, HttpBackend, Proxy};
+
+/// A mesh with one HTTP listener whose routes send `/` to `cluster`, and the
+/// given services (name, backend).
+fn mesh(version: &str, cluster_name: &str, services: &[(&str, SocketAddr)]) -> Snapshot {
+    let services: String = services
+        .iter()
+        .map(|(name, addr)| {
+            format!("  - name: {name}\n    endpoints: [{{ address: \"{addr}\" }}]\n")
+        })
+        .collect();
+    let yaml = format!(
+        r#"
+listeners:
+  - name: xds-http
+    address: 127.0.0.1:0
+    route: main-routes
+routes:
+  - name: main-routes
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - prefix: /
+            cluster: {cluster_name}
+services:
+{services}"#
+    );
+    parse_mesh(&yaml, version).expect("mesh")
+}
+
+fn bootstrap(cp: &ControlPlane, protocol: &str) -> String {
+    format!(
+        r#"
+node: {{ id: "sidecar~127.0.0.1~test.default~default.svc.cluster.local", cluster: test }}
+xds: {{ address: "{}", protocol: {protocol}, initial_backoff: 50ms, max_backoff: 500ms }}
+drain_timeout: 2s
+"#,
+        cp.url()
+    )
+}
+
+async fn ready(proxy: &Proxy) {
+    wait_until("proxy ready with the first complete config", || async {
+        get(proxy.admin_addr(), "localhost", "/ready").await.status == 200
+    })
+    .await;
+}
+
+async fn backend_of(proxy: &Proxy) -> Option<String> {
+    let addr = proxy.listener_addr("xds-http")?;
+    let response = get(addr, "svc", "/").await;
+    (response.status == 200).then(|| response.backend().unwrap_or_default().to_string())
+}
+
+async fn traffic_follows_pushes(protocol: &str) {
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let cp = ControlPlane::start(mesh("1", "svc-a", &[("svc-a", a.addr())])).await;
+    let proxy = start_proxy(&bootstrap(&cp, protocol)).await;
+    ready(&proxy).await;
+    assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
+
+    // New cluster and a route to it.
+    cp.server.set_snapshot(mesh(
+        "2",
+        "svc-b",
+        &[("svc-a", a.addr()), ("svc-b", b.addr())],
+    ));
+    eventually("route follows to b", || async {
+        (backend_of(&proxy).await.as_deref() == Some("b")).then_some(())
+    })
+    .await;
+
+    // Endpoints change under the same cluster name.
+    cp.server
+        .set_snapshot(mesh("3", "svc-b", &[("svc-b", a.addr())]));
+    eventually("endpoints follow to a", || async {
+        (backend_of(&proxy).await.as_deref() == Some("a")).then_some(())
+    })
+    .await;
+
+    // The listener goes away: it stops accepting.
+    let addr = proxy.listener_addr("xds-http").expect("listener");
+    let mut empty = Snapshot::new("4");
+    for (name, body) in cp.server.snapshot().of_type(type_url::CLUSTER) {
+        empty.add(type_url::CLUSTER, name, body.clone());
+    }
+    cp.server.set_snapshot(empty);
+    wait_until("listener removed", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    let dump: serde_json::Value = serde_json::from_str(
+        &get(proxy.admin_addr(), "localhost", "/config_dump")
+            .await
+            .text(),
+    )
+    .expect("config_dump is JSON");
+    assert!(
+        dump["dynamic"]["clusters"]["svc-b"]["version"].is_string(),
+        "{dump}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_follows_pushes_state_of_the_world() {
+    traffic_follows_pushes("sotw").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_follows_pushes_delta() {
+    traffic_follows_pushes("delta").await;
+}
+
+/// A snapshot with an extra cluster that Postern cannot take.
+fn with_bad_cluster(mut snapshot: Snapshot) -> Snapshot {
+    let bad = cluster::Cluster {
+        name: "bad-lb".into(),
+        lb_policy: cluster::cluster::LbPolicy::Maglev as i32,
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::Eds as i32,
+        )),
+        ..Default::default()
+    };
+    snapshot.add_message("bad-lb", &bad);
+    snapshot
+}
+
+async fn nack_keeps_last_good(protocol: &str) {
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let cp = ControlPlane::start(mesh("1", "svc-a", &[("svc-a", a.addr())])).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, protocol)).await;
+    ready(&proxy).await;
+
+    // A bad cluster next to a good one: the whole CDS update is refused,
+    // so a new cluster that came with it is not there either.
+    cp.server.set_snapshot(with_bad_cluster(mesh(
+        "2",
+        "svc-a",
+        &[("svc-a", a.addr()), ("svc-b", b.addr())],
+    )));
+    let nack = wait_event(&mut events, "cluster NACK", |e| {
+        is_nack(e, type_url::CLUSTER)
+    })
+    .await;
+    let AdsEventKind::Nack { error, .. } = nack.kind else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("bad-lb") && error.contains("lb_policy"),
+        "NACK names the resource and field: {error}"
+    );
+    // Still on the last good config.
+    for _ in 0..5 {
+        assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
+    }
+    let dump: serde_json::Value = serde_json::from_str(
+        &get(proxy.admin_addr(), "localhost", "/config_dump")
+            .await
+            .text(),
+    )
+    .expect("config_dump is JSON");
+    assert!(dump["dynamic"]["clusters"].get("svc-b").is_none(), "{dump}");
+    let dump = get(proxy.admin_addr(), "localhost", "/config_dump")
+        .await
+        .text();
+    assert!(
+        dump.contains("lb_policy"),
+        "last NACK in config_dump: {dump}"
+    );
+
+    // An invalid route (bad regex) is NACKed too.
+    let mut bad_route = mesh("3", "svc-a", &[("svc-a", a.addr())]);
+    let yaml_bad = r#"
+routes:
+  - name: main-routes
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - regex: "(unclosed"
+            cluster: svc-a
+"#;
+    if let Ok(bad) = parse_mesh(yaml_bad, "3") {
+        for (name, body) in bad.of_type(type_url::ROUTE) {
+            bad_route.add(type_url::ROUTE, name, body.clone());
+        }
+        cp.server.set_snapshot(bad_route);
+        let nack = wait_event(&mut events, "route NACK", |e| is_nack(e, type_url::ROUTE)).await;
+        assert!(matches!(nack.kind, AdsEventKind::Nack { .. }));
+        assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
+    }
+
+    // A good update after the NACKs applies.
+    cp.server.set_snapshot(mesh(
+        "4",
+        "svc-b",
+        &[("svc-a", a.addr()), ("svc-b", b.addr())],
+    ));
+    eventually("good update applies", || async {
+        (backend_of(&proxy).await.as_deref() == Some("b")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_resources_are_nacked_and_the_last_good_config_serves_sotw() {
+    nack_keeps_last_good("sotw").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_resources_are_nacked_and_the_last_good_config_serves_delta() {
+    nack_keeps_last_good("delta").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_traffic_to_a_cluster_before_its_endpoints() {
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let cp = ControlPlane::start(mesh("1", "svc-a", &[("svc-a", a.addr())])).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+
+    // Route to svc-b, whose endpoints are held back.
+    let mut held = mesh("2", "svc-b", &[("svc-a", a.addr()), ("svc-b", b.addr())]);
+    let cla = held.remove(type_url::ENDPOINT, "svc-b").expect("cla");
+    cp.server.set_snapshot(held.clone());
+    wait_event(&mut events, "route ACK", |e| {
+        is_ack(e, type_url::ROUTE, "2")
+    })
+    .await;
+    let addr = proxy.listener_addr("xds-http").expect("listener");
+    let response = get(addr, "svc", "/").await;
+    assert_eq!(response.status, 503, "warming cluster gets no traffic");
+    assert!(b.requests().is_empty());
+
+    let mut complete = held;
+    complete.version = "3".into();
+    complete.add(type_url::ENDPOINT, "svc-b", cla);
+    cp.server.set_snapshot(complete);
+    eventually("svc-b warm", || async {
+        (backend_of(&proxy).await.as_deref() == Some("b")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_restart_keeps_traffic_and_resubscribes() {
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let mut cp = ControlPlane::start(mesh("1", "svc-a", &[("svc-a", a.addr())])).await;
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+
+    cp.stop().await;
+    for _ in 0..20 {
+        assert_eq!(
+            backend_of(&proxy).await.as_deref(),
+            Some("a"),
+            "serving without a control plane"
+        );
+    }
+    cp.restart(mesh(
+        "2",
+        "svc-b",
+        &[("svc-a", a.addr()), ("svc-b", b.addr())],
+    ))
+    .await;
+    eventually("resubscribed and following", || async {
+        (backend_of(&proxy).await.as_deref() == Some("b")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_routes_and_clusters_swap_under_load_without_a_lost_request() {
+    const N: usize = 1000;
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let big = |version: &str, backend: SocketAddr| {
+        let mut yaml = String::from(
+            "listeners:\n  - name: xds-http\n    address: 127.0.0.1:0\n    route: main-routes\nroutes:\n  - name: main-routes\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n",
+        );
+        for i in 0..N {
+            yaml.push_str(&format!(
+                "          - prefix: /svc-{i}/\n            cluster: svc-{i}\n"
+            ));
+        }
+        yaml.push_str("services:\n");
+        for i in 0..N {
+            yaml.push_str(&format!(
+                "  - name: svc-{i}\n    endpoints: [{{ address: \"{backend}\" }}]\n"
+            ));
+        }
+        parse_mesh(&yaml, version).expect("big mesh")
+    };
+    let cp = ControlPlane::start(big("1", a.addr())).await;
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+    let addr = proxy.listener_addr("xds-http").expect("listener");
+
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
+            tokio::spawn(async move {
+                let stopped = stop.notified();
+                tokio::pin!(stopped);
+                let mut i = w;
+                loop {
+                    let path = format!("/svc-{}/x", i % N);
+                    tokio::select! {
+                        _ = &mut stopped => break,
+                        response = get(addr, "svc", &path) => {
+                            if response.status == 200 { &ok } else { &failed }
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    i += 4;
+                }
+            })
+        })
+        .collect();
+    // Swap every cluster's endpoints to b, then back to a, under load.
+    cp.server.set_snapshot(big("2", b.addr()));
+    eventually("all on b", || async {
+        let r = get(addr, "svc", "/svc-999/x").await;
+        (r.backend() == Some("b")).then_some(())
+    })
+    .await;
+    cp.server.set_snapshot(big("3", a.addr()));
+    eventually("all back on a", || async {
+        let r = get(addr, "svc", "/svc-0/x").await;
+        (r.backend() == Some("a")).then_some(())
+    })
+    .await;
+    stop.notify_waiters();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests lost during swaps"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100, "load ran: {ok:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_first_complete_config() {
+    let a = HttpBackend::start("a").await;
+    // The control plane is down when the proxy starts.
+    let mut cp = ControlPlane::start(Snapshot::new("0")).await;
+    cp.stop().await;
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    let not_ready = get(proxy.admin_addr(), "localhost", "/ready").await;
+    assert_eq!(not_ready.status, 503);
+    assert!(
+        not_ready.text().contains("control plane"),
+        "{}",
+        not_ready.text()
+    );
+
+    cp.restart(mesh("1", "svc-a", &[("svc-a", a.addr())])).await;
+    let mut events = cp.server.events();
+    wait_event(&mut events, "listener ACK", |e| {
+        is_ack(e, type_url::LISTENER, "1")
+    })
+    .await;
+    ready(&proxy).await;
+    assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
+}
