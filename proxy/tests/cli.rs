@@ -762,3 +762,77 @@ async fn demo_serves_its_examples_and_drains_on_sigterm() {
         demo.logs()
     );
 }
+
+#[test]
+fn validate_needs_a_file_or_a_control_plane() {
+    let output = postern()
+        .arg("validate")
+        .env_remove("POSTERN_XDS_ADDRESS")
+        .output()
+        .expect("run postern validate");
+    assert_failed_cleanly("no config", &output, &["--config", "--xds-address"]);
+    let output = postern()
+        .args(["validate", "--xds-address", "http://127.0.0.1:15010"])
+        .env_remove("POSTERN_NODE_ID")
+        .output()
+        .expect("run postern validate");
+    assert_failed_cleanly("no node id", &output, &["node.id"]);
+    let output = postern()
+        .args(["validate", "--xds-address", "http://127.0.0.1:15010"])
+        .env("POSTERN_NODE_ID", "sidecar~127.0.0.1~web")
+        .output()
+        .expect("run postern validate");
+    assert!(
+        output.status.success(),
+        "flags and env are a whole bootstrap: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_flags_only_waits_for_the_control_plane_and_drains_on_sigterm() {
+    // The control plane's address is a port nothing listens on.
+    let (admin_port, dead_port) = free_ports();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let stderr = tempfile::NamedTempFile::new().expect("stderr file");
+    let child = postern()
+        .args(["run", "--node-id", "sidecar~127.0.0.1~web"])
+        .args(["--admin-address", &admin.to_string()])
+        .env(
+            "POSTERN_XDS_ADDRESS",
+            format!("http://127.0.0.1:{dead_port}"),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr.reopen().expect("reopen stderr file"))
+        .spawn()
+        .expect("spawn postern run");
+    let mut proxy = Running { child, stderr };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_status(admin, "/ready").await != Some(503) {
+        assert!(
+            proxy.child.try_wait().expect("try_wait").is_none(),
+            "{}",
+            proxy.logs()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "admin never answered: {}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(http_status(admin, "/healthz").await, Some(200));
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &proxy.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = proxy.exited(Duration::from_secs(20)).await;
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "exit {exit:?}: {}",
+        proxy.logs()
+    );
+    assert!(proxy.logs().contains("xDS"), "{}", proxy.logs());
+}

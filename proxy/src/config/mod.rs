@@ -10,6 +10,8 @@ pub mod file;
 mod tls;
 mod validate;
 pub mod xds;
+#[cfg(test)]
+mod xds_tests;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -221,6 +221,9 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
             out.redirect = Some(redirect_action(redirect, &format!("{path}.redirect"), ctx));
         }
         Some(route::route::Action::DirectResponse(direct)) => {
+            if direct.body_format.is_some() {
+                ctx.unsupported(format!("{path}.direct_response.body_format"));
+            }
             let body = match direct.body.as_ref().and_then(|b| b.specifier.as_ref()) {
                 None => String::new(),
                 Some(core::data_source::Specifier::InlineString(s)) => s.clone(),

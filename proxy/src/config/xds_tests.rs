@@ -1,0 +1,357 @@
+//! Translation of Envoy resources: what maps to what, and what is refused
+//! with the field named.
+
+use postern_proto::envoy::config::cluster::v3 as cluster;
+use postern_proto::envoy::config::core::v3 as core;
+use postern_proto::envoy::config::endpoint::v3 as endpoint;
+use postern_proto::envoy::config::listener::v3 as listener;
+use postern_proto::envoy::config::route::v3 as route;
+use postern_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use postern_proto::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+use postern_proto::envoy::r#type::matcher::v3 as matcher;
+use postern_proto::google::protobuf::{Any, UInt32Value};
+use prost::Message;
+
+use super::xds::*;
+use crate::config::file::*;
+
+fn any<M: Message + prost::Name>(message: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: message.encode_to_vec(),
+    }
+}
+
+fn socket(address: &str, port: u32) -> Option<core::Address> {
+    Some(core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: address.into(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    })
+}
+
+fn string_match(pattern: matcher::string_matcher::MatchPattern) -> route::HeaderMatcher {
+    route::HeaderMatcher {
+        name: "x-user".into(),
+        header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+            matcher::StringMatcher {
+                match_pattern: Some(pattern),
+                ignore_case: false,
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+fn route_to(cluster: &str) -> route::Route {
+    route::Route {
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(route::route::Action::Route(route::RouteAction {
+            cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                cluster.into(),
+            )),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn config_of(routes: Vec<route::Route>) -> route::RouteConfiguration {
+    route::RouteConfiguration {
+        name: "rc".into(),
+        virtual_hosts: vec![route::VirtualHost {
+            name: "vh".into(),
+            domains: vec!["*".into()],
+            routes,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn routes_map_matchers_actions_and_retries() {
+    let mut matched = route_to("api");
+    if let Some(m) = matched.r#match.as_mut() {
+        m.headers = vec![
+            string_match(matcher::string_matcher::MatchPattern::Prefix("adm".into())),
+            route::HeaderMatcher {
+                name: ":method".into(),
+                header_match_specifier: Some(
+                    route::header_matcher::HeaderMatchSpecifier::StringMatch(
+                        matcher::StringMatcher {
+                            match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(
+                                "POST".into(),
+                            )),
+                            ignore_case: false,
+                        },
+                    ),
+                ),
+                ..Default::default()
+            },
+        ];
+    }
+    if let Some(route::route::Action::Route(action)) = matched.action.as_mut() {
+        action.cluster_specifier = Some(route::route_action::ClusterSpecifier::WeightedClusters(
+            route::WeightedCluster {
+                clusters: vec![
+                    route::weighted_cluster::ClusterWeight {
+                        name: "v1".into(),
+                        weight: Some(UInt32Value { value: 90 }),
+                        ..Default::default()
+                    },
+                    route::weighted_cluster::ClusterWeight {
+                        name: "v2".into(),
+                        weight: Some(UInt32Value { value: 10 }),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            },
+        ));
+        action.retry_policy = Some(route::RetryPolicy {
+            retry_on: "gateway-error,connect-failure,unavailable".into(),
+            num_retries: Some(UInt32Value { value: 3 }),
+            ..Default::default()
+        });
+        action.prefix_rewrite = "/v2/".into();
+    }
+    let direct = route::Route {
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::Path("/ping".into())),
+            ..Default::default()
+        }),
+        action: Some(route::route::Action::DirectResponse(
+            route::DirectResponseAction {
+                status: 200,
+                body: Some(core::DataSource {
+                    specifier: Some(core::data_source::Specifier::InlineString("pong".into())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    };
+    let hosts = route_configuration(&config_of(vec![matched, direct])).unwrap();
+    let routes = &hosts[0].routes;
+    let m = &routes[0].matcher;
+    assert_eq!(m.methods, ["POST"]);
+    assert_eq!(m.headers[0].regex.as_deref(), Some("^adm"));
+    let weighted = routes[0].weighted_clusters.as_ref().unwrap();
+    assert_eq!(
+        (weighted[0].cluster.as_str(), weighted[0].weight),
+        ("v1", 90)
+    );
+    let retry = routes[0].retry.as_ref().unwrap();
+    assert_eq!(retry.max_attempts, 4);
+    assert!(retry.on.contains(&RetryOn::ConnectFailure));
+    assert_eq!(retry.retriable_status_codes, [502, 503, 504]);
+    assert_eq!(
+        routes[0].rewrite.as_ref().unwrap().prefix.as_deref(),
+        Some("/v2/")
+    );
+    let direct = routes[1].direct_response.as_ref().unwrap();
+    assert_eq!((direct.status, direct.body.as_str()), (200, "pong"));
+}
+
+#[test]
+fn behaviour_changing_route_fields_are_refused_by_name() {
+    let mut with_headers = route_to("api");
+    with_headers.request_headers_to_add = vec![Default::default()];
+    let mut config = config_of(vec![with_headers]);
+    config.virtual_hosts[0].require_tls = 1;
+    let problems = route_configuration(&config).unwrap_err();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("virtual_hosts[0].require_tls")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("virtual_hosts[0].routes[0].*_headers_to_add")),
+        "{problems:?}"
+    );
+}
+
+// `http2_protocol_options` is deprecated but still sent by control planes.
+#[allow(deprecated)]
+#[test]
+fn clusters_map_discovery_balancing_limits_and_http2() {
+    let eds = cluster::Cluster {
+        name: "api".into(),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::cluster::EdsClusterConfig {
+            service_name: "api.shop".into(),
+            ..Default::default()
+        }),
+        lb_policy: cluster::cluster::LbPolicy::LeastRequest as i32,
+        circuit_breakers: Some(cluster::CircuitBreakers {
+            thresholds: vec![cluster::circuit_breakers::Thresholds {
+                max_connections: Some(UInt32Value { value: 7 }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        http2_protocol_options: Some(Default::default()),
+        ..Default::default()
+    };
+    let (file, source) = super::xds::cluster(&eds).unwrap();
+    assert_eq!(source, EndpointSource::Eds("api.shop".into()));
+    assert_eq!(file.lb, LbPolicy::LeastRequest);
+    assert_eq!(file.circuit_breaker.max_connections, 7);
+    assert_eq!(file.protocol, UpstreamProtocol::Http2);
+
+    let maglev = cluster::Cluster {
+        lb_policy: cluster::cluster::LbPolicy::Maglev as i32,
+        ..eds
+    };
+    let problems = super::xds::cluster(&maglev).unwrap_err();
+    assert!(problems[0].starts_with("lb_policy"), "{problems:?}");
+}
+
+#[test]
+fn load_assignments_keep_healthy_endpoints_of_the_best_priority() {
+    let lb = |port: u32, health: core::HealthStatus, weight: u32| endpoint::LbEndpoint {
+        host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+            endpoint::Endpoint {
+                address: socket("127.0.0.1", port),
+                ..Default::default()
+            },
+        )),
+        health_status: health as i32,
+        load_balancing_weight: Some(UInt32Value { value: weight }),
+        ..Default::default()
+    };
+    let cla = endpoint::ClusterLoadAssignment {
+        cluster_name: "api".into(),
+        endpoints: vec![
+            endpoint::LocalityLbEndpoints {
+                lb_endpoints: vec![
+                    lb(9001, core::HealthStatus::Healthy, 3),
+                    lb(9002, core::HealthStatus::Unhealthy, 1),
+                    lb(9003, core::HealthStatus::Draining, 1),
+                ],
+                priority: 0,
+                ..Default::default()
+            },
+            endpoint::LocalityLbEndpoints {
+                lb_endpoints: vec![lb(9009, core::HealthStatus::Healthy, 1)],
+                priority: 1,
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    let endpoints = load_assignment(&cla).unwrap();
+    assert_eq!(endpoints.len(), 1);
+    assert_eq!(endpoints[0].address.port(), 9001);
+    assert_eq!(endpoints[0].weight, 3);
+}
+
+fn http_listener(filters: Vec<hcm::HttpFilter>) -> listener::Listener {
+    let manager = hcm::HttpConnectionManager {
+        stat_prefix: "in".into(),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                route_config_name: "rc".into(),
+                ..Default::default()
+            },
+        )),
+        http_filters: filters,
+        ..Default::default()
+    };
+    listener::Listener {
+        name: "in".into(),
+        address: socket("127.0.0.1", 15006),
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![listener::Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(any(&manager))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn http_filter(name: &str, type_url: &str, optional: bool) -> hcm::HttpFilter {
+    hcm::HttpFilter {
+        name: name.into(),
+        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(Any {
+            type_url: type_url.into(),
+            value: Vec::new(),
+        })),
+        is_optional: optional,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn listeners_take_the_router_skip_optional_filters_and_refuse_the_rest() {
+    let router = http_filter(
+        "envoy.filters.http.router",
+        "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+        false,
+    );
+    let optional = http_filter("x.optional", "type.googleapis.com/x.Optional", true);
+    let (file, source) = listener(&http_listener(vec![optional, router.clone()])).unwrap();
+    assert_eq!(file.kind, ListenerKind::Http);
+    assert_eq!(file.address.port(), 15006);
+    assert_eq!(source, RouteSource::Rds("rc".into()));
+
+    let unknown = http_filter(
+        "envoy.filters.http.fault",
+        "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+        false,
+    );
+    let problems = listener(&http_listener(vec![unknown, router])).unwrap_err();
+    assert!(
+        problems[0].contains("http_filters[0]") && problems[0].contains("envoy.filters.http.fault"),
+        "{problems:?}"
+    );
+
+    let mut named = http_listener(Vec::new());
+    named.address = socket("db.internal", 5432);
+    let problems = listener(&named).unwrap_err();
+    assert!(problems[0].starts_with("address.address"), "{problems:?}");
+}
+
+#[test]
+fn tcp_proxy_listeners_name_their_cluster() {
+    let proxy = tcp_proxy::TcpProxy {
+        stat_prefix: "db".into(),
+        cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster("db".into())),
+        ..Default::default()
+    };
+    let l = listener::Listener {
+        name: "db".into(),
+        address: socket("127.0.0.1", 15432),
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![listener::Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(any(&proxy))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let (file, source) = listener(&l).unwrap();
+    assert_eq!(file.kind, ListenerKind::Tcp);
+    assert_eq!(file.tcp.unwrap().cluster, "db");
+    assert_eq!(source, RouteSource::None);
+
+    let mut two = l;
+    two.filter_chains.push(Default::default());
+    let problems = listener(&two).unwrap_err();
+    assert!(problems[0].starts_with("filter_chains"), "{problems:?}");
+}
