@@ -17,7 +17,9 @@ pub use identity::{Identity, IdentityError, IdentityHandle};
 pub use istio_ca::{IstioCaSettings, IstioCaSource};
 pub use key::{KeyAlgorithm, WorkloadKey};
 pub use rotation::{RotationPolicy, Rotator};
-pub use source::{CertSource, FileSource, IssueRequest, SourceError};
+pub use source::{
+    identity_from_pem, CertSource, FileSource, IssueRequest, SdsSecrets, SdsSource, SourceError,
+};
 pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use verify::{peer_spiffe_id, verify_peer, AllowedPeers, PeerError, PeerRole, TrustBundle};
 pub use x509::{CertError, CertInfo};

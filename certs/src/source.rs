@@ -162,3 +162,84 @@ impl CertSource for FileSource {
         })
     }
 }
+
+/// Secrets pushed by the control plane (SDS): the workload certificate and
+/// key, and the trust bundle, by the names the identity subscribes to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SdsSecrets {
+    /// PEM certificate chain and PEM private key.
+    pub certificate: Option<(Vec<u8>, Vec<u8>)>,
+    /// PEM trust bundle.
+    pub validation: Option<Vec<u8>>,
+}
+
+/// A source fed by SDS: the xDS handler stores secrets as they arrive and
+/// the rotation loop installs them.
+#[derive(Debug)]
+pub struct SdsSource {
+    secrets: tokio::sync::watch::Sender<SdsSecrets>,
+}
+
+impl SdsSource {
+    /// An empty source; `fetch` waits until both secrets have arrived.
+    pub fn new() -> Arc<SdsSource> {
+        Arc::new(SdsSource {
+            secrets: tokio::sync::watch::channel(SdsSecrets::default()).0,
+        })
+    }
+
+    /// Replaces the secrets; the rotation loop picks them up at once.
+    pub fn update(&self, change: impl FnOnce(&mut SdsSecrets)) {
+        self.secrets.send_if_modified(|secrets| {
+            let before = secrets.clone();
+            change(secrets);
+            *secrets != before
+        });
+    }
+}
+
+/// Builds an identity from PEM chain, key and bundle.
+pub fn identity_from_pem(
+    chain: &[u8],
+    key: &[u8],
+    bundle: &[u8],
+    source: &'static str,
+) -> Result<Identity, SourceError> {
+    let chain = parse_pem_chain(chain, "certificate chain")?;
+    let key = parse_pem_key(key)?;
+    let bundle = Arc::new(TrustBundle::from_pem(bundle)?);
+    Ok(Identity::new(chain, key, bundle, source)?)
+}
+
+impl CertSource for SdsSource {
+    fn name(&self) -> &'static str {
+        "sds"
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        _request: &'a IssueRequest,
+    ) -> BoxFuture<'a, Result<Identity, SourceError>> {
+        Box::pin(async move {
+            let mut rx = self.secrets.subscribe();
+            let secrets = rx
+                .wait_for(|s| s.certificate.is_some() && s.validation.is_some())
+                .await
+                .map_err(|_| SourceError::Ca("SDS source closed".into()))?
+                .clone();
+            match (&secrets.certificate, &secrets.validation) {
+                (Some((chain, key)), Some(bundle)) => identity_from_pem(chain, key, bundle, "sds"),
+                _ => Err(SourceError::Ca("SDS secrets incomplete".into())),
+            }
+        })
+    }
+
+    fn changed(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut rx = self.secrets.subscribe();
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
+    }
+}

@@ -19,7 +19,7 @@ use crate::listener::manager::ListenerManager;
 use crate::listener::ConnectionTracker;
 use postern_certs::{
     CertSource, FileSource, IdentityHandle, IssueRequest, IstioCaSettings, IstioCaSource, Rotator,
-    TrustBundle,
+    SdsSource, TrustBundle,
 };
 
 /// How often idle upstream connections are swept and metrics upkept.
@@ -75,9 +75,15 @@ impl Proxy {
         let admin_addr = admin_socket.local_addr()?;
 
         let (drain_tx, drain_rx) = watch::channel(false);
+        // Secrets from SDS reach the rotation loop through this source.
+        let sds_names = config.identity.as_ref().and_then(|i| match &i.source {
+            crate::config::IdentitySource::Sds(names) => Some(names.clone()),
+            _ => None,
+        });
+        let sds = sds_names.as_ref().map(|_| SdsSource::new());
         let (identity, rotator) = match &config.identity {
             Some(settings) => {
-                let (handle, task) = start_identity(settings)?;
+                let (handle, task) = start_identity(settings, sds.as_ref())?;
                 (Some(handle), Some(task))
             }
             None => (None, None),
@@ -186,7 +192,12 @@ impl Proxy {
             admin: state,
         });
         let xds_task = match &config.source.xds {
-            Some(xds) => Some(start_xds(xds, &config.source, runtime.clone())?),
+            Some(xds) => Some(start_xds(
+                xds,
+                &config.source,
+                runtime.clone(),
+                sds.zip(sds_names),
+            )?),
             None => None,
         };
         let supervisor = tokio::spawn(async move {
@@ -255,9 +266,14 @@ impl Proxy {
 /// Builds the certificate source and starts the rotation loop.
 fn start_identity(
     settings: &IdentityConfig,
+    sds: Option<&Arc<SdsSource>>,
 ) -> anyhow::Result<(Arc<IdentityHandle>, JoinHandle<()>)> {
     use crate::config::IdentitySource;
     let source: Arc<dyn CertSource> = match &settings.source {
+        IdentitySource::Sds(_) => match sds {
+            Some(sds) => sds.clone(),
+            None => anyhow::bail!("an SDS identity needs the xDS control plane"),
+        },
         IdentitySource::Files(files) => Arc::new(FileSource::new(
             files.cert.clone(),
             files.key.clone(),
@@ -310,6 +326,7 @@ fn start_xds(
     xds: &crate::config::file::XdsFile,
     file: &crate::config::ConfigFile,
     runtime: Arc<Runtime>,
+    sds: Option<(Arc<SdsSource>, crate::config::file::SdsSourceFile)>,
 ) -> anyhow::Result<JoinHandle<()>> {
     use postern_proto::google::protobuf::{value::Kind, Struct, Value};
     let node_file = file.node.clone().unwrap_or_default();
@@ -347,11 +364,10 @@ fn start_xds(
             ..Default::default()
         });
     }
-    // The handler merges dynamic resources into the static part of the file.
-    let mut base = file.clone();
-    base.xds = None;
-    base.node = None;
-    let handler = crate::xds::XdsHandler::new(base, runtime);
+    // The handler merges dynamic resources into the static part of the
+    // file (its xds and node sections stay, so the whole still validates).
+    let base = file.clone();
+    let handler = crate::xds::XdsHandler::new(base, runtime, sds);
     let client = postern_xds::XdsClient::new(client_config, handler.clone());
     handler.attach(client.subscriptions(), client.status());
     tracing::info!(address = %xds.address, "connecting to the xDS control plane");

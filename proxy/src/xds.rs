@@ -19,9 +19,12 @@ use postern_proto::type_url;
 use postern_xds::{Handler, Resource, ResourceError, StatusHandle, Subscriptions, Update};
 
 use crate::app::Runtime;
+use crate::config::file::SdsSourceFile;
 use crate::config::file::{ClusterFile, ConfigFile, EndpointFile, ListenerFile, VirtualHostFile};
-use crate::config::xds::{self as translate, EndpointSource, Problems, RouteSource};
+use crate::config::xds::{self as translate, EndpointSource, Problems, RouteSource, SecretValue};
 use crate::config::Config;
+use postern_certs::SdsSource;
+use postern_proto::envoy::extensions::transport_sockets::tls::v3::Secret;
 
 #[derive(Debug, Clone)]
 struct Entry<T> {
@@ -46,6 +49,8 @@ struct Resources {
 /// Applies xDS updates to a running proxy.
 pub struct XdsHandler {
     base: ConfigFile,
+    /// Where SDS secrets for the workload identity go, and their names.
+    sds: Option<(Arc<SdsSource>, SdsSourceFile)>,
     runtime: Arc<Runtime>,
     state: Mutex<Resources>,
     nacks: Mutex<BTreeMap<String, String>>,
@@ -62,10 +67,15 @@ impl std::fmt::Debug for XdsHandler {
 impl XdsHandler {
     /// A handler that merges dynamic resources into `base` (the bootstrap's
     /// static part) and applies the result to `runtime`.
-    pub fn new(base: ConfigFile, runtime: Arc<Runtime>) -> Arc<XdsHandler> {
+    pub fn new(
+        base: ConfigFile,
+        runtime: Arc<Runtime>,
+        sds: Option<(Arc<SdsSource>, SdsSourceFile)>,
+    ) -> Arc<XdsHandler> {
         runtime.set_config_ready(false);
         Arc::new(XdsHandler {
             base,
+            sds,
             runtime,
             state: Mutex::new(Resources::default()),
             nacks: Mutex::new(BTreeMap::new()),
@@ -79,6 +89,12 @@ impl XdsHandler {
     pub fn attach(&self, subscriptions: Subscriptions, status: StatusHandle) {
         subscriptions.set(type_url::LISTENER, Vec::new());
         subscriptions.set(type_url::CLUSTER, Vec::new());
+        if let Some((_, names)) = &self.sds {
+            subscriptions.set(
+                type_url::SECRET,
+                vec![names.certificate.clone(), names.validation.clone()],
+            );
+        }
         let _ = self.subscriptions.set(subscriptions);
         let _ = self.status.set(status);
     }
@@ -199,6 +215,10 @@ impl XdsHandler {
             Update::Delta { added, removed, .. } => (added, removed, false),
         };
         let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
+        let sds_names = self.sds.as_ref().map(|(_, names)| names);
+        if type_url == type_url::SECRET {
+            return self.apply_secrets(&resources, &removed);
+        }
         let mut state = match self.state.lock() {
             Ok(state) => state.clone(),
             Err(_) => return Err(internal(&names, "state lock poisoned")),
@@ -206,10 +226,10 @@ impl XdsHandler {
         let kind: &'static str = match type_url {
             type_url::LISTENER => {
                 let converted = Self::translate_all(&resources, |r| {
-                    translate::listener(&translate::decode::<Listener>(
-                        &r.body,
-                        type_url::LISTENER,
-                    )?)
+                    translate::listener(
+                        &translate::decode::<Listener>(&r.body, type_url::LISTENER)?,
+                        sds_names,
+                    )
                 })?;
                 Self::merge(&mut state.listeners, converted, &removed, replace_all);
                 type_url::LISTENER
@@ -226,7 +246,10 @@ impl XdsHandler {
             }
             type_url::CLUSTER => {
                 let converted = Self::translate_all(&resources, |r| {
-                    translate::cluster(&translate::decode::<Cluster>(&r.body, type_url::CLUSTER)?)
+                    translate::cluster(
+                        &translate::decode::<Cluster>(&r.body, type_url::CLUSTER)?,
+                        sds_names,
+                    )
                 })?;
                 Self::merge(&mut state.clusters, converted, &removed, replace_all);
                 type_url::CLUSTER
@@ -279,6 +302,42 @@ impl XdsHandler {
         }
         self.publish_status(status);
         applied.map_err(|err| internal(&names, &format!("{err:#}")))
+    }
+
+    /// Secrets go straight to the identity's rotation loop, which checks
+    /// them as a whole (chain to bundle, key to certificate).
+    fn apply_secrets(
+        &self,
+        resources: &[Resource],
+        removed: &[String],
+    ) -> Result<(), Vec<ResourceError>> {
+        let converted = Self::translate_all(resources, |r| {
+            translate::secret(&translate::decode::<Secret>(&r.body, type_url::SECRET)?)
+        })?;
+        let Some((source, names)) = &self.sds else {
+            return Ok(());
+        };
+        for name in removed {
+            if *name == names.certificate || *name == names.validation {
+                // Keep serving with what is installed: a removed secret is
+                // not a reason to drop the identity mid-flight.
+                tracing::warn!(secret = %name, "SDS secret removed; keeping the installed identity");
+            }
+        }
+        source.update(|secrets| {
+            for (name, _, value) in converted {
+                match value {
+                    SecretValue::Certificate(chain, key) if name == names.certificate => {
+                        secrets.certificate = Some((chain, key));
+                    }
+                    SecretValue::Validation(bundle) if name == names.validation => {
+                        secrets.validation = Some(bundle);
+                    }
+                    _ => tracing::debug!(secret = %name, "SDS secret not used by the identity"),
+                }
+            }
+        });
+        Ok(())
     }
 
     fn publish_status(&self, mut status: serde_json::Value) {

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod control;
+pub mod envoy;
 pub mod grpc;
 pub mod http_backend;
 pub mod mesh;

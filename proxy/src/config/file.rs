@@ -151,6 +151,29 @@ pub struct IdentitySourceFile {
     /// Postern's reference control plane).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub istio_ca: Option<IstioCaFile>,
+    /// Secrets pushed by the xDS control plane (SDS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sds: Option<SdsSourceFile>,
+}
+
+/// Names of the SDS secrets that carry the workload identity.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SdsSourceFile {
+    /// Secret with the certificate chain and key (Istio's name: `default`).
+    #[serde(default = "default_sds_certificate")]
+    pub certificate: String,
+    /// Secret with the validation context's trusted CA (Istio's: `ROOTCA`).
+    #[serde(default = "default_sds_validation")]
+    pub validation: String,
+}
+
+fn default_sds_certificate() -> String {
+    "default".into()
+}
+
+fn default_sds_validation() -> String {
+    "ROOTCA".into()
 }
 
 /// Certificate, key and trust bundle files.

@@ -231,7 +231,7 @@ fn tls_settings_are_checked_with_field_paths() {
     assert_error(
         &both_sources,
         "identity.source",
-        "exactly one of files, istio_ca",
+        "exactly one of files, istio_ca, sds",
     );
 
     let bad_renew = format!("{with_identity}  renew_at: 1.5\n");

@@ -35,6 +35,8 @@ pub enum IdentitySource {
     Files(FilesSourceFile),
     /// An Istio-compatible CA.
     IstioCa(IstioCaFile),
+    /// SDS secrets from the control plane.
+    Sds(SdsSourceFile),
 }
 
 /// How a listener handles TLS.
@@ -113,11 +115,15 @@ pub(super) fn build_identity(file: &IdentityFile, errors: &mut Errors) -> Option
     if file.lifetime.as_secs() < 1 {
         errors.push("identity.lifetime", "must be at least 1s");
     }
-    let source = match (&file.source.files, &file.source.istio_ca) {
-        (Some(files), None) => Some(IdentitySource::Files(files.clone())),
-        (None, Some(ca)) => Some(IdentitySource::IstioCa(ca.clone())),
+    let source = match (&file.source.files, &file.source.istio_ca, &file.source.sds) {
+        (Some(files), None, None) => Some(IdentitySource::Files(files.clone())),
+        (None, Some(ca), None) => Some(IdentitySource::IstioCa(ca.clone())),
+        (None, None, Some(sds)) => Some(IdentitySource::Sds(sds.clone())),
         _ => {
-            errors.push("identity.source", "give exactly one of files, istio_ca");
+            errors.push(
+                "identity.source",
+                "give exactly one of files, istio_ca, sds",
+            );
             None
         }
     };

@@ -164,6 +164,16 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
     if file.drain_timeout.is_zero() {
         errors.push("drain_timeout", "must be more than 0");
     }
+    let sds = file
+        .identity
+        .as_ref()
+        .is_some_and(|i| i.source.sds.is_some());
+    if sds && file.xds.is_none() {
+        errors.push(
+            "identity.source.sds",
+            "SDS secrets come from the control plane: add an xds section (or --xds-address)",
+        );
+    }
     if let Some(xds) = &file.xds {
         if file.node.as_ref().is_none_or(|n| n.id.is_empty()) {
             errors.push(

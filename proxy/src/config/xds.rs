@@ -36,6 +36,13 @@ const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
 /// The key Envoy files those options under.
 const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
+/// Type URL of the TLS transport socket's server side.
+const DOWNSTREAM_TLS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+/// Type URL of the TLS transport socket's client side.
+const UPSTREAM_TLS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+
 /// Field-level problems with one resource: `field: reason` each.
 pub type Problems = Vec<String>;
 
@@ -584,7 +591,10 @@ pub enum EndpointSource {
 
 /// A Cluster as a cluster file entry (without endpoints for EDS clusters),
 /// and where its endpoints come from.
-pub fn cluster(c: &cluster::Cluster) -> Result<(ClusterFile, EndpointSource), Problems> {
+pub fn cluster(
+    c: &cluster::Cluster,
+    sds: Option<&SdsSourceFile>,
+) -> Result<(ClusterFile, EndpointSource), Problems> {
     use cluster::cluster::{ClusterDiscoveryType, DiscoveryType as T, LbPolicy as L};
     let mut ctx = Ctx::new();
     let discovery = match &c.cluster_discovery_type {
@@ -700,9 +710,13 @@ pub fn cluster(c: &cluster::Cluster) -> Result<(ClusterFile, EndpointSource), Pr
         }
         file
     });
-    if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
-        ctx.unsupported("transport_socket (upstream TLS from xDS comes with SDS)");
+    if !c.transport_socket_matches.is_empty() {
+        ctx.unsupported("transport_socket_matches");
     }
+    let tls = c
+        .transport_socket
+        .as_ref()
+        .and_then(|socket| upstream_tls(socket, "transport_socket", sds, &mut ctx));
     if c.health_checks.iter().len() > 0 {
         ctx.unsupported("health_checks");
     }
@@ -720,7 +734,7 @@ pub fn cluster(c: &cluster::Cluster) -> Result<(ClusterFile, EndpointSource), Pr
         circuit_breaker,
         retry_budget: RetryBudgetFile::default(),
         outlier_detection,
-        tls: None,
+        tls,
     };
     ctx.finish((file, source))
 }
@@ -794,7 +808,10 @@ pub enum RouteSource {
 
 /// A Listener as a listener file entry (virtual hosts empty when they come
 /// by RDS), and where its routes come from.
-pub fn listener(l: &listener::Listener) -> Result<(ListenerFile, RouteSource), Problems> {
+pub fn listener(
+    l: &listener::Listener,
+    sds: Option<&SdsSourceFile>,
+) -> Result<(ListenerFile, RouteSource), Problems> {
     let mut ctx = Ctx::new();
     let address = socket_address(&l.address, "address", &mut ctx);
     let mut file = ListenerFile {
@@ -824,10 +841,9 @@ pub fn listener(l: &listener::Listener) -> Result<(ListenerFile, RouteSource), P
             {
                 ctx.unsupported("filter_chains[0].filter_chain_match");
             }
-            if chain.transport_socket.is_some() {
-                ctx.unsupported(
-                    "filter_chains[0].transport_socket (downstream TLS from xDS comes with SDS)",
-                );
+            if let Some(socket) = &chain.transport_socket {
+                file.mtls =
+                    downstream_tls(socket, "filter_chains[0].transport_socket", sds, &mut ctx);
             }
             match chain.filters.as_slice() {
                 [filter] => {
@@ -955,4 +971,238 @@ fn tcp(p: &tcp_proxy::TcpProxy, path: &str, file: &mut ListenerFile, ctx: &mut C
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_secs(3600)),
     });
+}
+
+// -------------------------------------------------------------------- tls --
+
+use postern_proto::envoy::extensions::transport_sockets::tls::v3 as tls;
+
+fn typed_socket<'a>(
+    socket: &'a core::TransportSocket,
+    path: &str,
+    ctx: &mut Ctx,
+) -> Option<&'a Any> {
+    match &socket.config_type {
+        Some(core::transport_socket::ConfigType::TypedConfig(any)) => Some(any),
+        None => {
+            ctx.err(format!("{path}.typed_config"), "is required");
+            None
+        }
+    }
+}
+
+/// Checks that a TLS context uses the workload identity's SDS secrets
+/// (Postern presents one identity, checked against one bundle) and returns
+/// the exact SPIFFE IDs its subject-alt-name matchers allow.
+fn check_sds_names(
+    common: Option<&tls::CommonTlsContext>,
+    path: &str,
+    sds: Option<&SdsSourceFile>,
+    ctx: &mut Ctx,
+) -> Vec<String> {
+    use tls::common_tls_context::ValidationContextType as V;
+    let Some(common) = common else {
+        ctx.err(format!("{path}.common_tls_context"), "is required");
+        return Vec::new();
+    };
+    if !common.tls_certificates.is_empty() {
+        ctx.unsupported(format!(
+            "{path}.common_tls_context.tls_certificates (inline keys; use SDS)"
+        ));
+    }
+    let Some(names) = sds else {
+        ctx.err(
+            path,
+            "TLS from xDS uses the workload identity: configure identity.source.sds",
+        );
+        return Vec::new();
+    };
+    for (i, secret) in common.tls_certificate_sds_secret_configs.iter().enumerate() {
+        if secret.name != names.certificate {
+            ctx.err(
+                format!("{path}.common_tls_context.tls_certificate_sds_secret_configs[{i}].name"),
+                format!(
+                    "\"{}\" is not the workload certificate \"{}\"",
+                    secret.name, names.certificate
+                ),
+            );
+        }
+    }
+    let (validation_name, default_context) = match &common.validation_context_type {
+        Some(V::ValidationContextSdsSecretConfig(secret)) => (Some(secret.name.as_str()), None),
+        Some(V::CombinedValidationContext(combined)) => (
+            combined
+                .validation_context_sds_secret_config
+                .as_ref()
+                .map(|s| s.name.as_str()),
+            combined.default_validation_context.as_ref(),
+        ),
+        Some(_) => {
+            ctx.unsupported(format!("{path}.common_tls_context.validation_context_type"));
+            (None, None)
+        }
+        None => (None, None),
+    };
+    if let Some(name) = validation_name {
+        if name != names.validation {
+            ctx.err(
+                format!("{path}.common_tls_context.validation_context"),
+                format!(
+                    "\"{name}\" is not the workload trust bundle \"{}\"",
+                    names.validation
+                ),
+            );
+        }
+    }
+    let mut ids = Vec::new();
+    let Some(context) = default_context else {
+        return ids;
+    };
+    let mut take = |m: &matcher::StringMatcher, field: String, ctx: &mut Ctx| match &m.match_pattern
+    {
+        Some(matcher::string_matcher::MatchPattern::Exact(id)) => ids.push(id.clone()),
+        // Istio's "any workload of the trust domain": what an empty list means here.
+        Some(matcher::string_matcher::MatchPattern::Prefix(p))
+            if p.starts_with("spiffe://") && p.ends_with('/') => {}
+        _ => ctx.unsupported(format!(
+            "{field} (only exact SPIFFE IDs or a spiffe://<trust-domain>/ prefix)"
+        )),
+    };
+    for (i, m) in context.match_typed_subject_alt_names.iter().enumerate() {
+        let field = format!("{path}.match_typed_subject_alt_names[{i}]");
+        if m.san_type != tls::subject_alt_name_matcher::SanType::Uri as i32 {
+            ctx.unsupported(format!("{field}.san_type (only URI)"));
+            continue;
+        }
+        if let Some(sm) = &m.matcher {
+            take(sm, field, ctx);
+        }
+    }
+    #[allow(deprecated)]
+    for (i, m) in context.match_subject_alt_names.iter().enumerate() {
+        take(m, format!("{path}.match_subject_alt_names[{i}]"), ctx);
+    }
+    ids
+}
+
+fn downstream_tls(
+    socket: &core::TransportSocket,
+    path: &str,
+    sds: Option<&SdsSourceFile>,
+    ctx: &mut Ctx,
+) -> Option<ListenerMtlsFile> {
+    let any = typed_socket(socket, path, ctx)?;
+    let context: tls::DownstreamTlsContext = match decode(any, DOWNSTREAM_TLS_TYPE) {
+        Ok(context) => context,
+        Err(problems) => {
+            ctx.err(path, problems.join("; "));
+            return None;
+        }
+    };
+    if !context
+        .require_client_certificate
+        .as_ref()
+        .is_some_and(|r| r.value)
+    {
+        ctx.unsupported(format!(
+            "{path}.require_client_certificate: false (edge TLS comes from the static config)"
+        ));
+    }
+    let allowed = check_sds_names(context.common_tls_context.as_ref(), path, sds, ctx);
+    Some(ListenerMtlsFile {
+        mode: MtlsMode::Strict,
+        allowed_identities: allowed,
+    })
+}
+
+fn upstream_tls(
+    socket: &core::TransportSocket,
+    path: &str,
+    sds: Option<&SdsSourceFile>,
+    ctx: &mut Ctx,
+) -> Option<UpstreamTlsFile> {
+    let any = typed_socket(socket, path, ctx)?;
+    let context: tls::UpstreamTlsContext = match decode(any, UPSTREAM_TLS_TYPE) {
+        Ok(context) => context,
+        Err(problems) => {
+            ctx.err(path, problems.join("; "));
+            return None;
+        }
+    };
+    let identities = check_sds_names(context.common_tls_context.as_ref(), path, sds, ctx);
+    if identities.is_empty() && sds.is_some() {
+        ctx.err(
+            format!("{path}.common_tls_context"),
+            "mesh TLS needs the SPIFFE IDs the endpoints may present (match_typed_subject_alt_names: URI, exact)",
+        );
+    }
+    Some(UpstreamTlsFile {
+        mode: UpstreamTlsMode::Mesh,
+        identities,
+        ca: None,
+        server_name: (!context.sni.is_empty()).then(|| context.sni.clone()),
+    })
+}
+
+/// What a Secret carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretValue {
+    /// PEM chain and PEM key.
+    Certificate(Vec<u8>, Vec<u8>),
+    /// PEM trust bundle.
+    Validation(Vec<u8>),
+}
+
+fn inline(source: &Option<core::DataSource>, path: &str, ctx: &mut Ctx) -> Vec<u8> {
+    match source.as_ref().and_then(|s| s.specifier.as_ref()) {
+        Some(core::data_source::Specifier::InlineBytes(b)) => b.clone(),
+        Some(core::data_source::Specifier::InlineString(s)) => s.clone().into_bytes(),
+        Some(_) => {
+            ctx.unsupported(format!("{path} (only inline bytes or string)"));
+            Vec::new()
+        }
+        None => {
+            ctx.err(path, "is required");
+            Vec::new()
+        }
+    }
+}
+
+/// A Secret: a certificate with its key, or a validation context's roots;
+/// checked to parse, so a bad one is NACKed rather than installed.
+pub fn secret(s: &tls::Secret) -> Result<SecretValue, Problems> {
+    let mut ctx = Ctx::new();
+    let value = match &s.r#type {
+        Some(tls::secret::Type::TlsCertificate(cert)) => {
+            let chain = inline(
+                &cert.certificate_chain,
+                "tls_certificate.certificate_chain",
+                &mut ctx,
+            );
+            let key = inline(&cert.private_key, "tls_certificate.private_key", &mut ctx);
+            if let Err(e) = postern_certs::x509::parse_pem_chain(&chain, "certificate chain") {
+                ctx.err("tls_certificate.certificate_chain", e.to_string());
+            }
+            if let Err(e) = postern_certs::x509::parse_pem_key(&key) {
+                ctx.err("tls_certificate.private_key", e.to_string());
+            }
+            SecretValue::Certificate(chain, key)
+        }
+        Some(tls::secret::Type::ValidationContext(validation)) => {
+            let roots = inline(
+                &validation.trusted_ca,
+                "validation_context.trusted_ca",
+                &mut ctx,
+            );
+            if let Err(e) = postern_certs::TrustBundle::from_pem(&roots) {
+                ctx.err("validation_context.trusted_ca", e.to_string());
+            }
+            SecretValue::Validation(roots)
+        }
+        _ => {
+            ctx.unsupported("type (only tls_certificate and validation_context)");
+            SecretValue::Validation(Vec::new())
+        }
+    };
+    ctx.finish(value)
 }

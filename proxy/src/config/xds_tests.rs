@@ -205,7 +205,7 @@ fn clusters_map_discovery_balancing_limits_and_http2() {
         http2_protocol_options: Some(Default::default()),
         ..Default::default()
     };
-    let (file, source) = super::xds::cluster(&eds).unwrap();
+    let (file, source) = super::xds::cluster(&eds, None).unwrap();
     assert_eq!(source, EndpointSource::Eds("api.shop".into()));
     assert_eq!(file.lb, LbPolicy::LeastRequest);
     assert_eq!(file.circuit_breaker.max_connections, 7);
@@ -215,7 +215,7 @@ fn clusters_map_discovery_balancing_limits_and_http2() {
         lb_policy: cluster::cluster::LbPolicy::Maglev as i32,
         ..eds
     };
-    let problems = super::xds::cluster(&maglev).unwrap_err();
+    let problems = super::xds::cluster(&maglev, None).unwrap_err();
     assert!(problems[0].starts_with("lb_policy"), "{problems:?}");
 }
 
@@ -304,7 +304,7 @@ fn listeners_take_the_router_skip_optional_filters_and_refuse_the_rest() {
         false,
     );
     let optional = http_filter("x.optional", "type.googleapis.com/x.Optional", true);
-    let (file, source) = listener(&http_listener(vec![optional, router.clone()])).unwrap();
+    let (file, source) = listener(&http_listener(vec![optional, router.clone()]), None).unwrap();
     assert_eq!(file.kind, ListenerKind::Http);
     assert_eq!(file.address.port(), 15006);
     assert_eq!(source, RouteSource::Rds("rc".into()));
@@ -314,7 +314,7 @@ fn listeners_take_the_router_skip_optional_filters_and_refuse_the_rest() {
         "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
         false,
     );
-    let problems = listener(&http_listener(vec![unknown, router])).unwrap_err();
+    let problems = listener(&http_listener(vec![unknown, router]), None).unwrap_err();
     assert!(
         problems[0].contains("http_filters[0]") && problems[0].contains("envoy.filters.http.fault"),
         "{problems:?}"
@@ -322,7 +322,7 @@ fn listeners_take_the_router_skip_optional_filters_and_refuse_the_rest() {
 
     let mut named = http_listener(Vec::new());
     named.address = socket("db.internal", 5432);
-    let problems = listener(&named).unwrap_err();
+    let problems = listener(&named, None).unwrap_err();
     assert!(problems[0].starts_with("address.address"), "{problems:?}");
 }
 
@@ -345,13 +345,13 @@ fn tcp_proxy_listeners_name_their_cluster() {
         }],
         ..Default::default()
     };
-    let (file, source) = listener(&l).unwrap();
+    let (file, source) = listener(&l, None).unwrap();
     assert_eq!(file.kind, ListenerKind::Tcp);
     assert_eq!(file.tcp.unwrap().cluster, "db");
     assert_eq!(source, RouteSource::None);
 
     let mut two = l;
     two.filter_chains.push(Default::default());
-    let problems = listener(&two).unwrap_err();
+    let problems = listener(&two, None).unwrap_err();
     assert!(problems[0].starts_with("filter_chains"), "{problems:?}");
 }
