@@ -358,12 +358,21 @@ fn start_xds(
     };
     client_config.initial_backoff = xds.initial_backoff;
     client_config.max_backoff = xds.max_backoff;
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+    };
     if let Some(ca) = &xds.ca_cert {
+        let identity = match (&xds.client_cert, &xds.client_key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
         client_config.tls = Some(postern_xds::TlsSettings {
-            ca_pem: std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
-            ..Default::default()
+            ca_pem: read(ca)?,
+            identity,
+            domain: None,
         });
     }
+    client_config.validate()?;
     // The handler merges dynamic resources into the static part of the
     // file (its xds and node sections stay, so the whole still validates).
     let base = file.clone();

@@ -385,3 +385,106 @@ async fn readiness_waits_for_the_first_complete_config() {
     ready(&proxy).await;
     assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_listeners_and_endpoints_are_nacked_too() {
+    use postern_proto::envoy::config::core::v3 as core;
+    use postern_proto::envoy::config::endpoint::v3 as endpoint;
+    use postern_proto::envoy::config::listener::v3 as listener;
+
+    let a = HttpBackend::start("a").await;
+    let good = mesh("1", "svc-a", &[("svc-a", a.addr())]);
+    let cp = ControlPlane::start(good.clone()).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+
+    // A listener with a network filter Postern does not know.
+    let mut bad_listener = good.clone();
+    bad_listener.version = "2".into();
+    bad_listener.add_message(
+        "mystery",
+        &listener::Listener {
+            name: "mystery".into(),
+            address: Some(core::Address {
+                address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                    address: "127.0.0.1".into(),
+                    port_specifier: Some(core::socket_address::PortSpecifier::PortValue(0)),
+                    ..Default::default()
+                })),
+            }),
+            filter_chains: vec![listener::FilterChain {
+                filters: vec![listener::Filter {
+                    name: "envoy.filters.network.mongo_proxy".into(),
+                    config_type: Some(listener::filter::ConfigType::TypedConfig(
+                        postern_proto::google::protobuf::Any {
+                            type_url: "type.googleapis.com/envoy.extensions.filters.network.mongo_proxy.v3.MongoProxy".into(),
+                            value: Vec::new(),
+                        },
+                    )),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    cp.server.set_snapshot(bad_listener);
+    let nack = wait_event(&mut events, "listener NACK", |e| {
+        is_nack(e, type_url::LISTENER)
+    })
+    .await;
+    let AdsEventKind::Nack { error, .. } = nack.kind else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("mystery") && error.contains("mongo_proxy"),
+        "{error}"
+    );
+    assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
+
+    // Endpoints named by DNS, which Postern does not resolve (yet).
+    let mut bad_endpoints = good;
+    bad_endpoints.version = "3".into();
+    bad_endpoints.add_message(
+        "svc-a",
+        &endpoint::ClusterLoadAssignment {
+            cluster_name: "svc-a".into(),
+            endpoints: vec![endpoint::LocalityLbEndpoints {
+                lb_endpoints: vec![endpoint::LbEndpoint {
+                    host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+                        endpoint::Endpoint {
+                            address: Some(core::Address {
+                                address: Some(core::address::Address::SocketAddress(
+                                    core::SocketAddress {
+                                        address: "svc-a.shop.svc.cluster.local".into(),
+                                        port_specifier: Some(
+                                            core::socket_address::PortSpecifier::PortValue(80),
+                                        ),
+                                        ..Default::default()
+                                    },
+                                )),
+                            }),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    cp.server.set_snapshot(bad_endpoints);
+    let nack = wait_event(&mut events, "endpoint NACK", |e| {
+        is_nack(e, type_url::ENDPOINT)
+    })
+    .await;
+    let AdsEventKind::Nack { error, .. } = nack.kind else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("svc-a") && error.contains("not an IP address"),
+        "{error}"
+    );
+    assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
+}

@@ -65,6 +65,12 @@ pub struct XdsFile {
     /// PEM root the control plane's TLS certificate chains to (`https://`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate chain for mTLS to the control plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
     /// First delay before reconnecting (default 500ms); doubles up to `max_backoff`.
     #[serde(default = "default_xds_initial_backoff", with = "humantime_serde")]
     pub initial_backoff: Duration,

@@ -113,6 +113,8 @@ impl BootstrapOverrides {
                         address: address.clone(),
                         protocol: Default::default(),
                         ca_cert: None,
+                        client_cert: None,
+                        client_key: None,
                         initial_backoff: std::time::Duration::from_millis(500),
                         max_backoff: std::time::Duration::from_secs(30),
                     })

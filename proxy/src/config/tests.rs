@@ -318,3 +318,44 @@ fn tls_settings_are_checked_with_field_paths() {
     let errors = errors_of(&typo);
     assert!(errors[0].contains("unknown field `spife_id`"), "{errors:?}");
 }
+
+#[test]
+fn xds_bootstrap_is_checked_with_field_paths() {
+    let with_xds =
+        format!("{BASE}node: {{ id: n1 }}\nxds: {{ address: \"http://127.0.0.1:15010\" }}\n");
+    Config::from_yaml(&with_xds).unwrap();
+
+    let no_node = format!("{BASE}xds: {{ address: \"http://127.0.0.1:15010\" }}\n");
+    assert_error(&no_node, "node.id", "needs a node id");
+    let bad_address = with_xds.replace("http://127.0.0.1:15010", "127.0.0.1:15010");
+    assert_error(&bad_address, "xds.address", "not an http:// or https://");
+    let https = with_xds.replace("http://", "https://");
+    assert_error(&https, "xds.ca_cert", "needs the root");
+    let half_mtls = with_xds.replace(
+        "xds: { address: \"http://127.0.0.1:15010\" }",
+        "xds: { address: \"https://127.0.0.1:15010\", ca_cert: ca.pem, client_cert: c.pem }",
+    );
+    assert_error(&half_mtls, "xds.client_key", "together");
+    let sds_without_xds =
+        format!("{BASE}identity:\n  spiffe_id: spiffe://td/ns/a/sa/b\n  source: {{ sds: {{}} }}\n");
+    assert_error(
+        &sds_without_xds,
+        "identity.source.sds",
+        "add an xds section",
+    );
+
+    // Flags fill in what the file lacks.
+    let overrides = BootstrapOverrides {
+        node_id: Some("n2".into()),
+        xds_address: Some("http://127.0.0.1:15011".into()),
+        xds_protocol: Some(file::XdsProtocolFile::Delta),
+        ..Default::default()
+    };
+    let config = Config::from_bootstrap(None, &overrides).unwrap();
+    let xds = config.source.xds.as_ref().unwrap();
+    assert_eq!(xds.address, "http://127.0.0.1:15011");
+    assert_eq!(xds.protocol, file::XdsProtocolFile::Delta);
+    assert_eq!(config.source.node.as_ref().unwrap().id, "n2");
+    let neither = Config::from_bootstrap(None, &BootstrapOverrides::default()).unwrap_err();
+    assert!(neither.to_string().contains("--xds-address"), "{neither}");
+}

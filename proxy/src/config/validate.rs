@@ -193,6 +193,18 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
         if xds.ca_cert.is_some() && !https {
             errors.push("xds.ca_cert", "only used with an https:// address");
         }
+        if https && xds.ca_cert.is_none() {
+            errors.push(
+                "xds.ca_cert",
+                "an https:// control plane needs the root its certificate chains to",
+            );
+        }
+        if xds.client_cert.is_some() != xds.client_key.is_some() {
+            errors.push("xds.client_key", "give client_cert and client_key together");
+        }
+        if xds.client_cert.is_some() && !https {
+            errors.push("xds.client_cert", "mTLS needs an https:// address");
+        }
         if xds.initial_backoff.is_zero() || xds.max_backoff < xds.initial_backoff {
             errors.push(
                 "xds.max_backoff",
