@@ -135,10 +135,7 @@ impl CertSource for FileSource {
                 *loaded = Some(fingerprint(&contents));
             }
             let [cert, key, bundle] = &contents;
-            let chain = parse_pem_chain(cert, "certificate chain")?;
-            let key = parse_pem_key(key)?;
-            let bundle = Arc::new(TrustBundle::from_pem(bundle)?);
-            Ok(Identity::new(chain, key, bundle, "files")?)
+            identity_from_pem(cert, key, bundle, "files")
         })
     }
 

@@ -1,10 +1,10 @@
 //! The admin server: readiness and health, Prometheus metrics, the config
 //! dump, and draining.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use postern_tests::prom::{parse_metrics, Sample};
 use postern_tests::{
     empty, eventually, get, listener, request, send, start_proxy, wait_until, within, HttpBackend,
     Proxy, Reply,
@@ -44,43 +44,6 @@ async fn ready_and_healthz_answer_200_when_serving() {
     assert_eq!(admin_get(&proxy, "/ready").await.status, 200);
     assert_eq!(admin_get(&proxy, "/healthz").await.status, 200);
     assert_eq!(admin_get(&proxy, "/no-such-page").await.status, 404);
-}
-
-/// One sample of the Prometheus text format.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: HashMap<String, String>,
-    value: f64,
-}
-
-fn parse_metrics(text: &str) -> Vec<Sample> {
-    let mut samples = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').expect("sample has a value");
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => (name, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        let labels = labels
-            .split(',')
-            .filter(|l| !l.is_empty())
-            .map(|l| {
-                let (k, v) = l.split_once('=').expect("label has a value");
-                (k.to_owned(), v.trim_matches('"').to_owned())
-            })
-            .collect();
-        samples.push(Sample {
-            name: name.to_owned(),
-            labels,
-            value: value.parse().unwrap_or(f64::NAN),
-        });
-    }
-    samples
 }
 
 /// The request counter for one listener/route/cluster/status, if exported.
