@@ -434,12 +434,157 @@ impl Default for ListenerLimitsFile {
 }
 
 /// HTTP connection manager settings of a listener.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettingsFile {
     /// Trust `x-forwarded-proto` and `x-request-id` sent by the client.
     /// Off by default: an edge must not believe what callers claim.
     pub trust_downstream: bool,
+    /// Normalise request paths before routing and policies (default on).
+    pub normalize_path: bool,
+    /// Merge repeated slashes (default on).
+    pub merge_slashes: bool,
+    /// `%2F` and `%5C` in paths: `reject` (400, default), `decode` or `keep`.
+    pub escaped_slashes: crate::route::normalize::EscapedSlashes,
+    /// Role-based access control for every request; none when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rbac: Option<RbacFile>,
+}
+
+impl Default for HttpSettingsFile {
+    fn default() -> Self {
+        HttpSettingsFile {
+            trust_downstream: false,
+            normalize_path: true,
+            merge_slashes: true,
+            escaped_slashes: Default::default(),
+            rbac: None,
+        }
+    }
+}
+
+/// RBAC: enforced rules and shadow rules.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbacFile {
+    /// Enforced rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<RbacRulesFile>,
+    /// Rules that are evaluated, logged and counted, never enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<RbacRulesFile>,
+}
+
+/// A rule set.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbacRulesFile {
+    /// `allow` (default), `deny` or `log`.
+    #[serde(default)]
+    pub action: RbacActionFile,
+    /// Policies, in order.
+    #[serde(default)]
+    pub policies: Vec<RbacPolicyFile>,
+}
+
+/// RBAC action.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RbacActionFile {
+    /// Only matching requests pass.
+    #[default]
+    Allow,
+    /// Matching requests are refused.
+    Deny,
+    /// Matches are logged only.
+    Log,
+}
+
+/// One policy: any permission and any principal must match.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbacPolicyFile {
+    /// Name, for logs and metrics.
+    pub name: String,
+    /// What is asked for.
+    pub permissions: Vec<PermissionFile>,
+    /// Who asks.
+    pub principals: Vec<PrincipalFile>,
+}
+
+/// A string condition: exactly one field.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatchFile {
+    /// Equal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    /// Starts with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Whole-string regex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+/// A principal: exactly one field.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalFile {
+    /// Anyone (`true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub any: Option<bool>,
+    /// Any caller with a verified SPIFFE ID (`true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authenticated: Option<bool>,
+    /// A caller whose verified SPIFFE ID matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<StringMatchFile>,
+    /// Source address in a CIDR range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<String>,
+    /// A request header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<HeaderMatchFile>,
+    /// All of these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub and: Option<Vec<PrincipalFile>>,
+    /// Any of these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub or: Option<Vec<PrincipalFile>>,
+    /// Not this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not: Option<Box<PrincipalFile>>,
+}
+
+/// A permission: exactly one field.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionFile {
+    /// Anything (`true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub any: Option<bool>,
+    /// The normalised path, without the query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<StringMatchFile>,
+    /// The method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// A request header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<HeaderMatchFile>,
+    /// The listener's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_port: Option<u16>,
+    /// All of these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub and: Option<Vec<PermissionFile>>,
+    /// Any of these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub or: Option<Vec<PermissionFile>>,
+    /// Not this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not: Option<Box<PermissionFile>>,
 }
 
 /// A virtual host: routes for a set of Host/:authority values.

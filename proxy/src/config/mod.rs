@@ -7,6 +7,7 @@
 //! so the hot path trusts the model. No I/O besides reading the file.
 
 pub mod file;
+mod rbac;
 mod tls;
 mod validate;
 pub mod xds;
@@ -178,6 +179,10 @@ pub enum ListenerProtocol {
 pub struct HttpListener {
     /// Trust the client's `x-forwarded-proto` and `x-request-id`.
     pub trust_downstream: bool,
+    /// Path normalisation before routing and policies.
+    pub normalize: crate::route::normalize::PathNormalization,
+    /// Access control, when configured.
+    pub rbac: Option<Arc<crate::authz::Rbac>>,
     /// Virtual hosts and routes.
     pub routes: Arc<RouteTable>,
 }

@@ -109,6 +109,14 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                 let routes = build_route_table(listener, &path, &cluster_names, &mut errors);
                 ListenerProtocol::Http(HttpListener {
                     trust_downstream: listener.http.trust_downstream,
+                    normalize: crate::route::normalize::PathNormalization {
+                        enabled: listener.http.normalize_path,
+                        merge_slashes: listener.http.merge_slashes,
+                        escaped_slashes: listener.http.escaped_slashes,
+                    },
+                    rbac: listener.http.rbac.as_ref().map(|rbac| {
+                        super::rbac::build_rbac(rbac, &format!("{path}.http.rbac"), &mut errors)
+                    }),
                     routes: Arc::new(routes),
                 })
             }

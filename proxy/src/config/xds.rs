@@ -930,6 +930,21 @@ fn http_connection_manager(
         file.limits.max_request_headers_bytes = n.value as usize * 1024;
     }
     file.http.trust_downstream = m.use_remote_address.as_ref().is_some_and(|v| !v.value);
+    // Postern normalises by default (Envoy does not): only an explicit
+    // setting turns it off.
+    if let Some(normalize) = &m.normalize_path {
+        file.http.normalize_path = normalize.value;
+    }
+    if m.merge_slashes {
+        file.http.merge_slashes = true;
+    }
+    use crate::route::normalize::EscapedSlashes;
+    file.http.escaped_slashes = match m.path_with_escaped_slashes_action {
+        1 => EscapedSlashes::Keep,
+        2 => EscapedSlashes::Reject,
+        3 | 4 => EscapedSlashes::Decode,
+        _ => EscapedSlashes::Reject,
+    };
     match &m.route_specifier {
         Some(RouteSpecifier::Rds(rds)) => RouteSource::Rds(rds.route_config_name.clone()),
         Some(RouteSpecifier::RouteConfig(rc)) => {

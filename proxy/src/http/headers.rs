@@ -168,6 +168,10 @@ pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forw
 pub struct DownstreamPeer {
     /// The peer IP as a header value, for `x-forwarded-for`.
     pub ip: HeaderValue,
+    /// The peer IP.
+    pub addr: IpAddr,
+    /// The local port the connection came in on.
+    pub local_port: u16,
     /// The connection is TLS.
     pub tls: bool,
     /// The peer's verified SPIFFE ID.
@@ -181,6 +185,7 @@ impl DownstreamPeer {
     /// `local` is this proxy's own SPIFFE ID.
     pub fn new(
         ip: IpAddr,
+        local_port: u16,
         tls: &crate::tls::PeerTls,
         local: Option<&postern_certs::SpiffeId>,
     ) -> DownstreamPeer {
@@ -193,6 +198,8 @@ impl DownstreamPeer {
         });
         DownstreamPeer {
             ip: peer_value(ip),
+            addr: ip,
+            local_port,
             tls: tls.tls,
             spiffe_id: tls.spiffe_id.clone(),
             xfcc,
@@ -252,6 +259,7 @@ mod tests {
     fn forwarding_headers_untrusted_and_trusted() {
         let peer = DownstreamPeer::new(
             "127.0.0.9".parse().unwrap(),
+            8080,
             &crate::tls::PeerTls::default(),
             None,
         );
@@ -291,7 +299,7 @@ mod peer_tests {
             tls: true,
             spiffe_id: Some(std::sync::Arc::new(peer_id)),
         };
-        let peer = DownstreamPeer::new("127.0.0.1".parse().unwrap(), &tls, Some(&local));
+        let peer = DownstreamPeer::new("127.0.0.1".parse().unwrap(), 8080, &tls, Some(&local));
         let mut h = HeaderMap::new();
         h.insert(
             &X_FORWARDED_CLIENT_CERT,

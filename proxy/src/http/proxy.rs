@@ -31,6 +31,10 @@ pub struct HttpProxy {
     pub listener: Arc<Listener>,
     /// Trust the client's `x-forwarded-proto` and `x-request-id`.
     pub trust_downstream: bool,
+    /// Path normalisation before routing and policies.
+    pub normalize: crate::route::normalize::PathNormalization,
+    /// Access control.
+    pub rbac: Option<Arc<crate::authz::Rbac>>,
     /// Routes, swapped whole when the control plane changes them; each
     /// request keeps the table it started with.
     pub routes: Arc<arc_swap::ArcSwap<RouteTable>>,
@@ -227,13 +231,103 @@ impl UpstreamHead {
     }
 }
 
+/// Replaces the request's path, keeping its query.
+fn replace_path<B>(request: &mut Request<B>, path: &str) -> Result<(), LocalReply> {
+    let target = match request.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = http::uri::PathAndQuery::try_from(target).ok();
+    match http::Uri::from_parts(parts) {
+        Ok(uri) => {
+            *request.uri_mut() = uri;
+            Ok(())
+        }
+        Err(_) => Err(LocalReply::new(
+            StatusCode::BAD_REQUEST,
+            "invalid path",
+            Some(ResponseFlag::DownstreamLimit),
+        )),
+    }
+}
+
 impl HttpProxy {
+    /// Runs RBAC (shadow rules, then enforced ones); a refusal comes back as
+    /// the reply to send.
+    fn authorize<B>(
+        &self,
+        rbac: &crate::authz::Rbac,
+        peer: &hdr::DownstreamPeer,
+        request: &Request<B>,
+    ) -> Option<LocalReply> {
+        use crate::authz::{Decision, RbacAction, RequestFacts};
+        let facts = RequestFacts {
+            peer_id: peer
+                .spiffe_id
+                .as_deref()
+                .map(postern_certs::SpiffeId::as_str),
+            peer_ip: peer.addr,
+            local_port: peer.local_port,
+            method: request.method(),
+            path: request.uri().path(),
+            headers: request.headers(),
+        };
+        if let Some(shadow) = &rbac.shadow {
+            if let Decision::Denied(policy) = shadow.evaluate(&facts) {
+                tracing::info!(
+                    listener = %self.listener.name,
+                    policy,
+                    peer = facts.peer_id.unwrap_or("-"),
+                    path = facts.path,
+                    "RBAC shadow rules would deny"
+                );
+                metrics::counter!(
+                    crate::telemetry::metrics::RBAC_SHADOW_DENIALS_TOTAL,
+                    "listener" => self.listener.name.clone(),
+                    "policy" => policy,
+                )
+                .increment(1);
+            }
+        }
+        let rules = rbac.rules.as_ref()?;
+        match rules.evaluate(&facts) {
+            Decision::Denied(policy) => {
+                tracing::warn!(
+                    listener = %self.listener.name,
+                    policy,
+                    peer = facts.peer_id.unwrap_or("-"),
+                    peer_ip = %facts.peer_ip,
+                    method = %facts.method,
+                    path = facts.path,
+                    "RBAC denied request"
+                );
+                metrics::counter!(
+                    crate::telemetry::metrics::RBAC_DENIALS_TOTAL,
+                    "listener" => self.listener.name.clone(),
+                    "policy" => policy,
+                )
+                .increment(1);
+                Some(LocalReply::new(
+                    StatusCode::FORBIDDEN,
+                    "RBAC: access denied",
+                    Some(ResponseFlag::RbacDenied),
+                ))
+            }
+            Decision::Allowed(Some(policy)) if rules.action == RbacAction::Log => {
+                tracing::info!(listener = %self.listener.name, policy, path = facts.path, "RBAC log policy matched");
+                None
+            }
+            Decision::Allowed(_) => None,
+        }
+    }
+
     /// Handles one downstream request from the peer whose IP is `peer`;
     /// never fails (errors become responses).
     pub async fn handle(
         &self,
         peer: Arc<hdr::DownstreamPeer>,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
         let mut record = CallRecord::new(start, &self.call_metrics);
@@ -288,6 +382,30 @@ impl HttpProxy {
             let reply = LocalReply::new(StatusCode::BAD_REQUEST, "invalid host", None);
             return local_response(&reply, grpc, &mut record);
         };
+        // What routes and policies see is what goes upstream.
+        match crate::route::normalize::normalize_path(request.uri().path(), &self.normalize) {
+            Ok(std::borrow::Cow::Borrowed(_)) => {}
+            Ok(std::borrow::Cow::Owned(path)) => {
+                if let Err(reply) = replace_path(&mut request, &path) {
+                    return local_response(&reply, grpc, &mut record);
+                }
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "request path refused");
+                self.count_limit("path");
+                let reply = LocalReply::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid path",
+                    Some(ResponseFlag::DownstreamLimit),
+                );
+                return local_response(&reply, grpc, &mut record);
+            }
+        }
+        if let Some(rbac) = &self.rbac {
+            if let Some(reply) = self.authorize(rbac, &peer, &request) {
+                return local_response(&reply, grpc, &mut record);
+            }
+        }
         let view = RequestView {
             authority: authority_text,
             path: request.uri().path(),

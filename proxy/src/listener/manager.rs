@@ -57,7 +57,12 @@ impl std::fmt::Debug for ListenerManager {
 /// What must match for a listener to be kept (only its routes updated).
 fn shape(listener: &Listener) -> String {
     let protocol = match &listener.protocol {
-        ListenerProtocol::Http(http) => format!("http trust={}", http.trust_downstream),
+        // Path and RBAC settings live in the connection manager, which is
+        // built with the listener: a change to them replaces it.
+        ListenerProtocol::Http(http) => format!(
+            "http trust={} {:?} {:?}",
+            http.trust_downstream, http.normalize, http.rbac
+        ),
         ListenerProtocol::Tcp(tcp) => format!("tcp {} {:?}", tcp.cluster, tcp.idle_timeout),
     };
     format!(

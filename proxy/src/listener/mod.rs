@@ -117,6 +117,8 @@ pub async fn run_listener(
             Arc::new(HttpProxy {
                 listener: listener.clone(),
                 trust_downstream: http.trust_downstream,
+                normalize: http.normalize,
+                rbac: http.rbac.clone(),
                 routes: routes
                     .unwrap_or_else(|| Arc::new(arc_swap::ArcSwap::new(http.routes.clone()))),
                 clusters: clusters.clone(),
@@ -169,9 +171,11 @@ pub async fn run_listener(
                 tokio::spawn(async move {
                     // The handshake runs in the connection's task, so a slow
                     // one never holds up the accept loop.
+                    let local_port = stream.local_addr().map_or(0, |a| a.port());
                     if let Some((io, peer_tls)) = tls.accept(stream).await {
                         let downstream = Arc::new(DownstreamPeer::new(
                             peer.ip(),
+                            local_port,
                             &peer_tls,
                             local_id.as_deref(),
                         ));

@@ -2,6 +2,8 @@
 //! match holds. No I/O; the types here are built once by `config` and read by
 //! every request.
 
+pub mod normalize;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -40,6 +40,11 @@ pub const DOWNSTREAM_TLS_FAILURES_TOTAL: &str = "postern_downstream_tls_failures
 /// `peer_rejected` when the server refused our certificate).
 pub const UPSTREAM_TLS_FAILURES_TOTAL: &str = "postern_upstream_tls_failures_total";
 
+/// Requests refused by RBAC, by `listener`, `policy` (`none`: no allow policy matched).
+pub const RBAC_DENIALS_TOTAL: &str = "postern_rbac_denials_total";
+/// Requests the shadow rules would have refused, by `listener`, `policy`.
+pub const RBAC_SHADOW_DENIALS_TOTAL: &str = "postern_rbac_shadow_denials_total";
+
 /// Buckets for request durations, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -56,6 +61,11 @@ pub fn describe() {
     describe_counter!(
         UPSTREAM_TLS_FAILURES_TOTAL,
         "Upstream TLS handshakes that failed, by reason"
+    );
+    describe_counter!(RBAC_DENIALS_TOTAL, "Requests refused by RBAC, by policy");
+    describe_counter!(
+        RBAC_SHADOW_DENIALS_TOTAL,
+        "Requests RBAC shadow rules would have refused, by policy"
     );
     postern_certs::rotation::metric::describe();
     postern_xds::metric::describe();

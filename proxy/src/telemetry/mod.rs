@@ -74,6 +74,8 @@ pub enum ResponseFlag {
     DirectResponse,
     /// A downstream limit refused the request.
     DownstreamLimit,
+    /// RBAC refused the request.
+    RbacDenied,
 }
 
 impl ResponseFlag {
@@ -81,6 +83,7 @@ impl ResponseFlag {
     pub fn code(self) -> &'static str {
         match self {
             ResponseFlag::NoRoute => "NR",
+            ResponseFlag::RbacDenied => "RBAC",
             ResponseFlag::NoHealthyUpstream => "UH",
             ResponseFlag::UpstreamConnectFailure => "UF",
             ResponseFlag::UpstreamReset => "UR",

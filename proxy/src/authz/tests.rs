@@ -1,0 +1,141 @@
+use super::*;
+
+fn facts<'a>(
+    peer_id: Option<&'a str>,
+    method: &'a Method,
+    path: &'a str,
+    headers: &'a HeaderMap,
+) -> RequestFacts<'a> {
+    RequestFacts {
+        peer_id,
+        peer_ip: "10.1.2.3".parse().unwrap(),
+        local_port: 15006,
+        method,
+        path,
+        headers,
+    }
+}
+
+fn policy(name: &str, permissions: Vec<Permission>, principals: Vec<Principal>) -> Policy {
+    Policy {
+        name: name.into(),
+        permissions,
+        principals,
+    }
+}
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+#[test]
+fn allow_lets_through_only_what_a_policy_matches() {
+    let rules = Rules {
+        action: RbacAction::Allow,
+        policies: vec![policy(
+            "web-reads",
+            vec![Permission::And(vec![
+                Permission::Method(Method::GET),
+                Permission::Path(StringMatch::Prefix("/items/".into())),
+            ])],
+            vec![Principal::Authenticated(Some(StringMatch::Exact(
+                WEB.into(),
+            )))],
+        )],
+    };
+    let h = HeaderMap::new();
+    let get = Method::GET;
+    let post = Method::POST;
+    assert_eq!(
+        rules.evaluate(&facts(Some(WEB), &get, "/items/1", &h)),
+        Decision::Allowed(Some("web-reads".into()))
+    );
+    for (id, method, path) in [
+        (None, &get, "/items/1"),
+        (
+            Some("spiffe://cluster.local/ns/shop/sa/other"),
+            &get,
+            "/items/1",
+        ),
+        (Some(WEB), &post, "/items/1"),
+        (Some(WEB), &get, "/admin"),
+    ] {
+        assert_eq!(
+            rules.evaluate(&facts(id, method, path, &h)),
+            Decision::Denied("none".into()),
+            "{id:?} {method} {path}"
+        );
+    }
+}
+
+#[test]
+fn deny_refuses_matches_and_log_refuses_nothing() {
+    let mut headers = HeaderMap::new();
+    headers.insert("x-debug", "1".parse().unwrap());
+    let deny = Rules {
+        action: RbacAction::Deny,
+        policies: vec![policy(
+            "no-debug-from-outside",
+            vec![Permission::Header(HeaderCondition {
+                name: http::HeaderName::from_static("x-debug"),
+                value: None,
+                invert: false,
+            })],
+            vec![Principal::Not(Box::new(Principal::SourceIp(
+                Cidr::parse("10.0.0.0/8").unwrap(),
+            )))],
+        )],
+    };
+    let get = Method::GET;
+    let mut outside = facts(None, &get, "/", &headers);
+    outside.peer_ip = "192.0.2.7".parse().unwrap();
+    assert_eq!(
+        deny.evaluate(&outside),
+        Decision::Denied("no-debug-from-outside".into())
+    );
+    assert_eq!(
+        deny.evaluate(&facts(None, &get, "/", &headers)),
+        Decision::Allowed(None)
+    );
+    let log = Rules {
+        action: RbacAction::Log,
+        ..deny
+    };
+    assert_eq!(
+        log.evaluate(&outside),
+        Decision::Allowed(Some("no-debug-from-outside".into()))
+    );
+}
+
+#[test]
+fn ports_regexes_and_cidrs() {
+    let rules = Rules {
+        action: RbacAction::Allow,
+        policies: vec![policy(
+            "port-and-any",
+            vec![Permission::Or(vec![
+                Permission::DestinationPort(9999),
+                Permission::Path(StringMatch::Regex(Regex::new("^/v[0-9]+/health$").unwrap())),
+            ])],
+            vec![Principal::Any],
+        )],
+    };
+    let h = HeaderMap::new();
+    let get = Method::GET;
+    assert!(matches!(
+        rules.evaluate(&facts(None, &get, "/v2/health", &h)),
+        Decision::Allowed(_)
+    ));
+    assert!(matches!(
+        rules.evaluate(&facts(None, &get, "/v2/healthz", &h)),
+        Decision::Denied(_)
+    ));
+    let cidr = Cidr::parse("2001:db8::/32").unwrap();
+    assert!(cidr.contains("2001:db8::1".parse().unwrap()));
+    assert!(!cidr.contains("2001:db9::1".parse().unwrap()));
+    assert!(Cidr::parse("10.0.0.0/8")
+        .unwrap()
+        .contains("::ffff:10.9.9.9".parse().unwrap()));
+    assert!(Cidr::parse("10.0.0.0/33").is_none());
+    assert!(Cidr::parse("0.0.0.0/0")
+        .unwrap()
+        .contains("8.8.8.8".parse().unwrap()));
+}

@@ -1,0 +1,264 @@
+//! Checks and compiles RBAC settings into `authz` rules, with field paths.
+
+use std::sync::Arc;
+
+use regex::Regex;
+
+use super::file::*;
+use super::validate::Errors;
+use crate::authz::{
+    Cidr, HeaderCondition, Permission, Policy, Principal, Rbac, RbacAction, Rules, StringMatch,
+};
+
+pub(super) fn build_rbac(file: &RbacFile, path: &str, errors: &mut Errors) -> Arc<Rbac> {
+    Arc::new(Rbac {
+        rules: file
+            .rules
+            .as_ref()
+            .map(|r| build_rules(r, &format!("{path}.rules"), errors)),
+        shadow: file
+            .shadow
+            .as_ref()
+            .map(|r| build_rules(r, &format!("{path}.shadow"), errors)),
+    })
+}
+
+fn build_rules(file: &RbacRulesFile, path: &str, errors: &mut Errors) -> Rules {
+    let mut names = std::collections::HashSet::new();
+    let policies = file
+        .policies
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let ppath = format!("{path}.policies[{i}]");
+            if p.name.is_empty() || !names.insert(p.name.as_str()) {
+                errors.push(format!("{ppath}.name"), "must be non-empty and unique");
+            }
+            if p.permissions.is_empty() || p.principals.is_empty() {
+                errors.push(
+                    ppath.clone(),
+                    "needs at least one permission and one principal",
+                );
+            }
+            Policy {
+                name: p.name.clone(),
+                permissions: p
+                    .permissions
+                    .iter()
+                    .enumerate()
+                    .map(|(j, x)| permission(x, &format!("{ppath}.permissions[{j}]"), errors))
+                    .collect(),
+                principals: p
+                    .principals
+                    .iter()
+                    .enumerate()
+                    .map(|(j, x)| principal(x, &format!("{ppath}.principals[{j}]"), errors))
+                    .collect(),
+            }
+        })
+        .collect();
+    Rules {
+        action: match file.action {
+            RbacActionFile::Allow => RbacAction::Allow,
+            RbacActionFile::Deny => RbacAction::Deny,
+            RbacActionFile::Log => RbacAction::Log,
+        },
+        policies,
+    }
+}
+
+fn string_match(m: &StringMatchFile, path: &str, errors: &mut Errors) -> StringMatch {
+    match (&m.exact, &m.prefix, &m.regex) {
+        (Some(e), None, None) => StringMatch::Exact(e.clone()),
+        (None, Some(p), None) => StringMatch::Prefix(p.clone()),
+        (None, None, Some(r)) => match Regex::new(&format!("^(?:{r})$")) {
+            Ok(re) => StringMatch::Regex(re),
+            Err(e) => {
+                errors.push(format!("{path}.regex"), format!("invalid regex: {e}"));
+                StringMatch::Exact(String::new())
+            }
+        },
+        _ => {
+            errors.push(path.to_string(), "give exactly one of exact, prefix, regex");
+            StringMatch::Exact(String::new())
+        }
+    }
+}
+
+fn header(h: &HeaderMatchFile, path: &str, errors: &mut Errors) -> HeaderCondition {
+    let name =
+        http::HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()).unwrap_or_else(|_| {
+            errors.push(format!("{path}.name"), "not a valid header name");
+            http::HeaderName::from_static("x-invalid")
+        });
+    let value = match (&h.exact, &h.regex, h.present) {
+        (Some(e), None, None) => Some(StringMatch::Exact(e.clone())),
+        (None, Some(r), None) => match Regex::new(&format!("^(?:{r})$")) {
+            Ok(re) => Some(StringMatch::Regex(re)),
+            Err(e) => {
+                errors.push(format!("{path}.regex"), format!("invalid regex: {e}"));
+                None
+            }
+        },
+        (None, None, Some(true) | None) => None,
+        (None, None, Some(false)) => {
+            return HeaderCondition {
+                name,
+                value: None,
+                invert: !h.invert,
+            }
+        }
+        _ => {
+            errors.push(
+                path.to_string(),
+                "give at most one of exact, regex, present",
+            );
+            None
+        }
+    };
+    HeaderCondition {
+        name,
+        value,
+        invert: h.invert,
+    }
+}
+
+/// Exactly one field of a principal or permission must be set.
+fn one_set(count: usize, path: &str, errors: &mut Errors) {
+    if count != 1 {
+        errors.push(path.to_string(), "give exactly one condition");
+    }
+}
+
+fn principal(p: &PrincipalFile, path: &str, errors: &mut Errors) -> Principal {
+    let count = [
+        p.any.is_some(),
+        p.authenticated.is_some(),
+        p.spiffe_id.is_some(),
+        p.source_ip.is_some(),
+        p.header.is_some(),
+        p.and.is_some(),
+        p.or.is_some(),
+        p.not.is_some(),
+    ]
+    .iter()
+    .filter(|s| **s)
+    .count();
+    one_set(count, path, errors);
+    let list = |items: &[PrincipalFile], key: &str, errors: &mut Errors| {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, x)| principal(x, &format!("{path}.{key}[{i}]"), errors))
+            .collect()
+    };
+    if let Some(any) = p.any {
+        return if any {
+            Principal::Any
+        } else {
+            Principal::Not(Box::new(Principal::Any))
+        };
+    }
+    if let Some(authenticated) = p.authenticated {
+        let principal = Principal::Authenticated(None);
+        return if authenticated {
+            principal
+        } else {
+            Principal::Not(Box::new(principal))
+        };
+    }
+    if let Some(id) = &p.spiffe_id {
+        return Principal::Authenticated(Some(string_match(
+            id,
+            &format!("{path}.spiffe_id"),
+            errors,
+        )));
+    }
+    if let Some(cidr) = &p.source_ip {
+        return match Cidr::parse(cidr) {
+            Some(c) => Principal::SourceIp(c),
+            None => {
+                errors.push(
+                    format!("{path}.source_ip"),
+                    format!("\"{cidr}\" is not an address or CIDR"),
+                );
+                Principal::Any
+            }
+        };
+    }
+    if let Some(h) = &p.header {
+        return Principal::Header(header(h, &format!("{path}.header"), errors));
+    }
+    if let Some(all) = &p.and {
+        return Principal::And(list(all, "and", errors));
+    }
+    if let Some(any) = &p.or {
+        return Principal::Or(list(any, "or", errors));
+    }
+    if let Some(not) = &p.not {
+        return Principal::Not(Box::new(principal(not, &format!("{path}.not"), errors)));
+    }
+    Principal::Any
+}
+
+fn permission(p: &PermissionFile, path: &str, errors: &mut Errors) -> Permission {
+    let count = [
+        p.any.is_some(),
+        p.path.is_some(),
+        p.method.is_some(),
+        p.header.is_some(),
+        p.destination_port.is_some(),
+        p.and.is_some(),
+        p.or.is_some(),
+        p.not.is_some(),
+    ]
+    .iter()
+    .filter(|s| **s)
+    .count();
+    one_set(count, path, errors);
+    let list = |items: &[PermissionFile], key: &str, errors: &mut Errors| {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, x)| permission(x, &format!("{path}.{key}[{i}]"), errors))
+            .collect()
+    };
+    if let Some(any) = p.any {
+        return if any {
+            Permission::Any
+        } else {
+            Permission::Not(Box::new(Permission::Any))
+        };
+    }
+    if let Some(m) = &p.path {
+        return Permission::Path(string_match(m, &format!("{path}.path"), errors));
+    }
+    if let Some(method) = &p.method {
+        return match http::Method::from_bytes(method.as_bytes()) {
+            Ok(m) => Permission::Method(m),
+            Err(_) => {
+                errors.push(
+                    format!("{path}.method"),
+                    format!("\"{method}\" is not a method"),
+                );
+                Permission::Any
+            }
+        };
+    }
+    if let Some(h) = &p.header {
+        return Permission::Header(header(h, &format!("{path}.header"), errors));
+    }
+    if let Some(port) = p.destination_port {
+        return Permission::DestinationPort(port);
+    }
+    if let Some(all) = &p.and {
+        return Permission::And(list(all, "and", errors));
+    }
+    if let Some(any) = &p.or {
+        return Permission::Or(list(any, "or", errors));
+    }
+    if let Some(not) = &p.not {
+        return Permission::Not(Box::new(permission(not, &format!("{path}.not"), errors)));
+    }
+    Permission::Any
+}

@@ -1,0 +1,254 @@
+//! Call policy end to end: path normalisation before routing and RBAC, and
+//! RBAC by SPIFFE ID, path, method, header and port over real mTLS, with
+//! shadow rules that only count.
+
+use postern_tests::client::raw_exchange;
+use postern_tests::mesh::{probe_connector, tls_connect, TestCa};
+use postern_tests::prom::scrape;
+use postern_tests::{get, listener, start_proxy, wait_until, within, HttpBackend, Proxy};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const OTHER: &str = "spiffe://cluster.local/ns/shop/sa/other";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_tricks_are_normalised_before_routing_or_refused() {
+    let (public, admin) = (
+        HttpBackend::start("public").await,
+        HttpBackend::start("admin").await,
+    );
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - name: norm-edge
+    address: 127.0.0.1:0
+    kind: http
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - match: {{ path: {{ prefix: /admin/ }} }}
+            cluster: admin
+          - match: {{}}
+            cluster: public
+clusters:
+  - name: admin
+    endpoints: [{{ address: "{}" }}]
+  - name: public
+    endpoints: [{{ address: "{}" }}]
+"#,
+        admin.addr(),
+        public.addr()
+    ))
+    .await;
+    let addr = listener(&proxy, "norm-edge");
+    for (raw, backend, seen) in [
+        ("/public/../admin/x", "admin", "/admin/x"),
+        ("//admin/x", "admin", "/admin/x"),
+        ("/%61dmin/x?q=1", "admin", "/admin/x?q=1"),
+        ("/admin/./y/../x", "admin", "/admin/x"),
+        ("/adminx", "public", "/adminx"),
+    ] {
+        let response = get(addr, "shop", raw).await;
+        assert_eq!(response.status, 200, "{raw}");
+        assert_eq!(response.backend(), Some(backend), "{raw}");
+        let last = if backend == "admin" {
+            admin.last_request()
+        } else {
+            public.last_request()
+        };
+        assert_eq!(
+            last.path_and_query(),
+            seen,
+            "{raw} reaches the backend normalised"
+        );
+    }
+    let before = admin.requests().len() + public.requests().len();
+    for raw in ["/admin%2fx", "/admin%5Cx", "/a%zz"] {
+        let request = format!("GET {raw} HTTP/1.1\r\nhost: shop\r\nconnection: close\r\n\r\n");
+        let reply = raw_exchange(addr, request.as_bytes(), Duration::from_secs(10))
+            .await
+            .expect("exchange");
+        assert!(
+            reply.text().starts_with("HTTP/1.1 400"),
+            "{raw}: {}",
+            reply.text()
+        );
+    }
+    assert_eq!(
+        admin.requests().len() + public.requests().len(),
+        before,
+        "nothing reached a backend"
+    );
+}
+
+fn mtls_rbac_config(
+    files: &postern_tests::mesh::IdentityFiles,
+    app: std::net::SocketAddr,
+) -> String {
+    format!(
+        r#"
+identity:
+  spiffe_id: spiffe://cluster.local/ns/shop/sa/api
+  source:
+    files: {{ cert: {}, key: {}, bundle: {} }}
+listeners:
+  - name: rbac-in
+    address: 127.0.0.1:0
+    kind: http
+    mtls: {{ mode: strict }}
+    http:
+      rbac:
+        rules:
+          action: allow
+          policies:
+            - name: web-reads-items
+              permissions:
+                - and:
+                    - method: GET
+                    - path: {{ prefix: /items/ }}
+              principals:
+                - spiffe_id: {{ exact: "{WEB}" }}
+            - name: anyone-health
+              permissions: [{{ path: {{ exact: /healthz }} }}]
+              principals: [{{ authenticated: true }}]
+        shadow:
+          action: deny
+          policies:
+            - name: would-block-debug
+              permissions: [{{ header: {{ name: x-debug, present: true }} }}]
+              principals: [{{ any: true }}]
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes: [{{ match: {{}}, cluster: app }}]
+clusters:
+  - name: app
+    endpoints: [{{ address: "{app}" }}]
+"#,
+        files.cert.display(),
+        files.key.display(),
+        files.bundle.display(),
+    )
+}
+
+/// One request over mTLS with `client`'s certificate; the status code.
+async fn status_as(proxy: &Proxy, client: &postern_tests::mesh::Issued, request: &str) -> u16 {
+    let addr = listener(proxy, "rbac-in");
+    let mut tls = tls_connect(&probe_connector(Some(client), &[b"http/1.1"]), addr, "api")
+        .await
+        .expect("handshake");
+    tls.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    within(Duration::from_secs(10), "reply", tls.read_to_end(&mut out))
+        .await
+        .expect("read");
+    let text = String::from_utf8_lossy(&out);
+    text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+fn request(method: &str, path: &str, extra: &str) -> String {
+    format!("{method} {path} HTTP/1.1\r\nhost: api\r\nconnection: close\r\n{extra}\r\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_by_spiffe_id_path_and_method_over_mtls_with_shadow_rules() {
+    let _recorder = postern::telemetry::install_prometheus_recorder();
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = TestCa::new("mesh root");
+    let files = mesh.write_identity(dir.path(), "api", "spiffe://cluster.local/ns/shop/sa/api");
+    let app = HttpBackend::start("app").await;
+    let proxy = start_proxy(&mtls_rbac_config(&files, app.addr())).await;
+    within(Duration::from_secs(15), "identity", proxy.ready()).await;
+    let (web, other) = (mesh.issue(WEB, -60, 3600), mesh.issue(OTHER, -60, 3600));
+
+    assert_eq!(
+        status_as(&proxy, &web, &request("GET", "/items/1", "")).await,
+        200
+    );
+    assert_eq!(
+        status_as(&proxy, &web, &request("POST", "/items/1", "")).await,
+        403
+    );
+    assert_eq!(
+        status_as(&proxy, &other, &request("GET", "/items/1", "")).await,
+        403
+    );
+    assert_eq!(
+        status_as(&proxy, &other, &request("GET", "/healthz", "")).await,
+        200
+    );
+    // Normalised before the policy: these are /admin, not /items/.
+    assert_eq!(
+        status_as(&proxy, &web, &request("GET", "/items/../admin", "")).await,
+        403
+    );
+    assert_eq!(
+        status_as(&proxy, &web, &request("GET", "/items%2f..%2fadmin", "")).await,
+        400
+    );
+    let reached: Vec<String> = app.requests().iter().map(|r| r.path_and_query()).collect();
+    assert_eq!(
+        reached,
+        ["/items/1", "/healthz"],
+        "denied calls never reach the app"
+    );
+
+    let denied = scrape(
+        proxy.admin_addr(),
+        "postern_rbac_denials_total",
+        &[("listener", "rbac-in"), ("policy", "none")],
+    )
+    .await;
+    assert_eq!(denied, 3.0);
+
+    // Shadow rules count but do not block.
+    assert_eq!(
+        status_as(&proxy, &web, &request("GET", "/items/2", "x-debug: 1\r\n")).await,
+        200
+    );
+    wait_until("shadow denial counted", || async {
+        scrape(
+            proxy.admin_addr(),
+            "postern_rbac_shadow_denials_total",
+            &[("policy", "would-block-debug")],
+        )
+        .await
+            >= 1.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_config_errors_name_the_field() {
+    let err = postern_tests::parse_config(
+        r#"
+listeners:
+  - name: l
+    address: 127.0.0.1:0
+    kind: http
+    http:
+      rbac:
+        rules:
+          policies:
+            - name: p
+              permissions: [{ path: { exact: /a, prefix: /b } }]
+              principals: [{ source_ip: "10.0.0.0/40" }]
+    virtual_hosts: [{ name: all, domains: ["*"], routes: [{ match: {}, cluster: c }] }]
+clusters:
+  - name: c
+    endpoints: [{ address: 127.0.0.1:9 }]
+"#,
+    )
+    .unwrap_err()
+    .0;
+    assert!(
+        err.contains("listeners[0].http.rbac.rules.policies[0].permissions[0].path: give exactly one of exact, prefix, regex"),
+        "{err}"
+    );
+    assert!(
+        err.contains("listeners[0].http.rbac.rules.policies[0].principals[0].source_ip"),
+        "{err}"
+    );
+}
