@@ -91,6 +91,17 @@ pub fn http_listener(
     cluster: &str,
     peers: Option<&[&str]>,
 ) -> listener::Listener {
+    http_listener_with_filters(name, addr, cluster, peers, Vec::new())
+}
+
+/// Like [`http_listener`], with `filters` before the router.
+pub fn http_listener_with_filters(
+    name: &str,
+    addr: SocketAddr,
+    cluster: &str,
+    peers: Option<&[&str]>,
+    filters: Vec<hcm::HttpFilter>,
+) -> listener::Listener {
     let routes = route::RouteConfiguration {
         name: format!("{name}-routes"),
         virtual_hosts: vec![route::VirtualHost {
@@ -118,13 +129,16 @@ pub fn http_listener(
         route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
             routes,
         )),
-        http_filters: vec![hcm::HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack(
-                &Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        http_filters: filters
+            .into_iter()
+            .chain([hcm::HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack(
+                    &Router::default(),
+                ))),
+                ..Default::default()
+            }])
+            .collect(),
         ..Default::default()
     };
     let transport = peers.and_then(|peers| {
@@ -213,5 +227,18 @@ pub fn root_secret(roots_pem: &str) -> tls::Secret {
                 ..Default::default()
             },
         )),
+    }
+}
+
+/// An `envoy.filters.http.rbac` filter with `rules`.
+pub fn rbac_filter(rules: postern_proto::envoy::config::rbac::v3::Rbac) -> hcm::HttpFilter {
+    let config = postern_proto::envoy::extensions::filters::http::rbac::v3::Rbac {
+        rules: Some(rules),
+        ..Default::default()
+    };
+    hcm::HttpFilter {
+        name: "envoy.filters.http.rbac".into(),
+        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack(&config))),
+        ..Default::default()
     }
 }

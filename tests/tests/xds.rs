@@ -488,3 +488,75 @@ async fn invalid_listeners_and_endpoints_are_nacked_too() {
     );
     assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_filter_from_xds_is_enforced_and_bad_ones_nacked() {
+    use postern_proto::envoy::config::rbac::v3 as rbac;
+    use postern_proto::envoy::r#type::matcher::v3 as matcher;
+    use postern_tests::envoy::{http_listener_with_filters, rbac_filter, static_cluster};
+
+    let a = HttpBackend::start("a").await;
+    let deny_admin = |condition: bool| rbac::Rbac {
+        action: rbac::rbac::Action::Deny as i32,
+        policies: [(
+            "no-admin".to_string(),
+            rbac::Policy {
+                permissions: vec![rbac::Permission {
+                    rule: Some(rbac::permission::Rule::UrlPath(matcher::PathMatcher {
+                        rule: Some(matcher::path_matcher::Rule::Path(matcher::StringMatcher {
+                            match_pattern: Some(matcher::string_matcher::MatchPattern::Prefix(
+                                "/admin/".into(),
+                            )),
+                            ignore_case: false,
+                        })),
+                    })),
+                }],
+                principals: vec![rbac::Principal {
+                    identifier: Some(rbac::principal::Identifier::Any(true)),
+                }],
+                condition: condition.then(Default::default),
+                ..Default::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    };
+    let snapshot = |version: &str, condition: bool| {
+        let mut s = Snapshot::new(version);
+        s.add_message(
+            "xds-http",
+            &http_listener_with_filters(
+                "xds-http",
+                "127.0.0.1:0".parse().unwrap(),
+                "app",
+                None,
+                vec![rbac_filter(deny_admin(condition))],
+            ),
+        );
+        s.add_message("app", &static_cluster("app", a.addr(), None));
+        s
+    };
+    let cp = ControlPlane::start(snapshot("1", false)).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+    let addr = proxy.listener_addr("xds-http").expect("listener");
+    assert_eq!(get(addr, "svc", "/ok").await.status, 200);
+    for path in ["/admin/x", "//admin/x", "/public/../admin/x", "/%61dmin/x"] {
+        assert_eq!(get(addr, "svc", path).await.status, 403, "{path}");
+    }
+    assert_eq!(a.requests().len(), 1, "denied calls never reach the app");
+
+    // A CEL condition is not supported: NACKed, the old rules stay.
+    cp.server.set_snapshot(snapshot("2", true));
+    let nack = wait_event(&mut events, "listener NACK", |e| {
+        is_nack(e, type_url::LISTENER)
+    })
+    .await;
+    let AdsEventKind::Nack { error, .. } = nack.kind else {
+        unreachable!()
+    };
+    assert!(error.contains("condition"), "{error}");
+    assert_eq!(get(addr, "svc", "/admin/x").await.status, 403);
+}

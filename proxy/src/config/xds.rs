@@ -188,6 +188,9 @@ fn virtual_host(vh: &route::VirtualHost, path: &str, ctx: &mut Ctx) -> VirtualHo
     if vh.matcher.is_some() {
         ctx.unsupported(format!("{path}.matcher"));
     }
+    if !vh.typed_per_filter_config.is_empty() {
+        ctx.unsupported(format!("{path}.typed_per_filter_config"));
+    }
     VirtualHostFile {
         name: vh.name.clone(),
         domains: vh.domains.clone(),
@@ -207,6 +210,9 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
         || !r.response_headers_to_remove.is_empty()
     {
         ctx.unsupported(format!("{path}.*_headers_to_add/remove"));
+    }
+    if !r.typed_per_filter_config.is_empty() {
+        ctx.unsupported(format!("{path}.typed_per_filter_config"));
     }
     let matcher = route_match(r.r#match.as_ref(), &format!("{path}.match"), ctx);
     let mut out = RouteFile {
@@ -899,6 +905,15 @@ fn http_connection_manager(
         {
             continue;
         }
+        if type_url == RBAC_TYPE {
+            if file.http.rbac.is_some() {
+                ctx.unsupported(format!("{fpath} (a second RBAC filter)"));
+            }
+            if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type {
+                file.http.rbac = rbac_filter(any, &format!("{fpath}.typed_config"), ctx);
+            }
+            continue;
+        }
         if filter.is_optional {
             tracing::info!(filter = %filter.name, type_url, "optional HTTP filter not supported; skipped");
             continue;
@@ -1220,4 +1235,259 @@ pub fn secret(s: &tls::Secret) -> Result<SecretValue, Problems> {
         }
     };
     ctx.finish(value)
+}
+
+// ------------------------------------------------------------------- rbac --
+
+use postern_proto::envoy::config::rbac::v3 as rbac;
+
+/// Type URL of the HTTP RBAC filter's config.
+const RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+
+fn rbac_string(m: &matcher::StringMatcher, path: &str, ctx: &mut Ctx) -> StringMatchFile {
+    use matcher::string_matcher::MatchPattern;
+    if m.ignore_case {
+        ctx.unsupported(format!("{path}.ignore_case"));
+    }
+    match &m.match_pattern {
+        Some(MatchPattern::Exact(v)) => StringMatchFile {
+            exact: Some(v.clone()),
+            ..Default::default()
+        },
+        Some(MatchPattern::Prefix(v)) => StringMatchFile {
+            prefix: Some(v.clone()),
+            ..Default::default()
+        },
+        Some(MatchPattern::SafeRegex(re)) => StringMatchFile {
+            regex: Some(re.regex.clone()),
+            ..Default::default()
+        },
+        Some(MatchPattern::Suffix(v)) => StringMatchFile {
+            regex: Some(format!(".*{}", regex::escape(v))),
+            ..Default::default()
+        },
+        Some(MatchPattern::Contains(v)) => StringMatchFile {
+            regex: Some(format!(".*{}.*", regex::escape(v))),
+            ..Default::default()
+        },
+        _ => {
+            ctx.unsupported(format!("{path}.match_pattern"));
+            StringMatchFile::default()
+        }
+    }
+}
+
+fn cidr_text(range: &core::CidrRange) -> String {
+    format!(
+        "{}/{}",
+        range.address_prefix,
+        range.prefix_len.as_ref().map_or_else(
+            || if range.address_prefix.contains(':') {
+                128
+            } else {
+                32
+            },
+            |l| l.value
+        )
+    )
+}
+
+fn rbac_permission(p: &rbac::Permission, path: &str, ctx: &mut Ctx) -> PermissionFile {
+    use rbac::permission::Rule;
+    let list = |rules: &[rbac::Permission], key: &str, ctx: &mut Ctx| {
+        rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| rbac_permission(r, &format!("{path}.{key}[{i}]"), ctx))
+            .collect::<Vec<_>>()
+    };
+    match &p.rule {
+        Some(Rule::Any(any)) => PermissionFile {
+            any: Some(*any),
+            ..Default::default()
+        },
+        Some(Rule::AndRules(set)) => PermissionFile {
+            and: Some(list(&set.rules, "and_rules", ctx)),
+            ..Default::default()
+        },
+        Some(Rule::OrRules(set)) => PermissionFile {
+            or: Some(list(&set.rules, "or_rules", ctx)),
+            ..Default::default()
+        },
+        Some(Rule::NotRule(inner)) => PermissionFile {
+            not: Some(Box::new(rbac_permission(
+                inner,
+                &format!("{path}.not_rule"),
+                ctx,
+            ))),
+            ..Default::default()
+        },
+        Some(Rule::Header(h)) if h.name == ":method" => {
+            let method = header_match(h, &format!("{path}.header"), ctx).and_then(|m| m.exact);
+            if method.is_none() || h.invert_match {
+                ctx.unsupported(format!("{path}.header :method (only an exact method)"));
+            }
+            PermissionFile {
+                method,
+                ..Default::default()
+            }
+        }
+        Some(Rule::Header(h)) => PermissionFile {
+            header: header_match(h, &format!("{path}.header"), ctx),
+            ..Default::default()
+        },
+        Some(Rule::UrlPath(pm)) => match &pm.rule {
+            Some(matcher::path_matcher::Rule::Path(sm)) => PermissionFile {
+                path: Some(rbac_string(sm, &format!("{path}.url_path.path"), ctx)),
+                ..Default::default()
+            },
+            None => {
+                ctx.err(format!("{path}.url_path"), "is empty");
+                PermissionFile::default()
+            }
+        },
+        Some(Rule::DestinationPort(port)) => PermissionFile {
+            destination_port: u16::try_from(*port).ok(),
+            ..Default::default()
+        },
+        _ => {
+            ctx.unsupported(format!("{path}.rule"));
+            PermissionFile::default()
+        }
+    }
+}
+
+fn rbac_principal(p: &rbac::Principal, path: &str, ctx: &mut Ctx) -> PrincipalFile {
+    use rbac::principal::Identifier;
+    let list = |ids: &[rbac::Principal], key: &str, ctx: &mut Ctx| {
+        ids.iter()
+            .enumerate()
+            .map(|(i, r)| rbac_principal(r, &format!("{path}.{key}[{i}]"), ctx))
+            .collect::<Vec<_>>()
+    };
+    #[allow(deprecated)]
+    match &p.identifier {
+        Some(Identifier::Any(any)) => PrincipalFile {
+            any: Some(*any),
+            ..Default::default()
+        },
+        Some(Identifier::AndIds(set)) => PrincipalFile {
+            and: Some(list(&set.ids, "and_ids", ctx)),
+            ..Default::default()
+        },
+        Some(Identifier::OrIds(set)) => PrincipalFile {
+            or: Some(list(&set.ids, "or_ids", ctx)),
+            ..Default::default()
+        },
+        Some(Identifier::NotId(inner)) => PrincipalFile {
+            not: Some(Box::new(rbac_principal(
+                inner,
+                &format!("{path}.not_id"),
+                ctx,
+            ))),
+            ..Default::default()
+        },
+        Some(Identifier::Authenticated(auth)) => match &auth.principal_name {
+            // The peer's URI SAN is its SPIFFE ID.
+            Some(name) => PrincipalFile {
+                spiffe_id: Some(rbac_string(
+                    name,
+                    &format!("{path}.authenticated.principal_name"),
+                    ctx,
+                )),
+                ..Default::default()
+            },
+            None => PrincipalFile {
+                authenticated: Some(true),
+                ..Default::default()
+            },
+        },
+        // Postern has no PROXY protocol or trusted XFF yet: the connection's
+        // address is the remote address.
+        Some(
+            Identifier::DirectRemoteIp(range)
+            | Identifier::RemoteIp(range)
+            | Identifier::SourceIp(range),
+        ) => PrincipalFile {
+            source_ip: Some(cidr_text(range)),
+            ..Default::default()
+        },
+        Some(Identifier::Header(h)) => PrincipalFile {
+            header: header_match(h, &format!("{path}.header"), ctx),
+            ..Default::default()
+        },
+        _ => {
+            ctx.unsupported(format!("{path}.identifier"));
+            PrincipalFile::default()
+        }
+    }
+}
+
+fn rbac_rules(r: &rbac::Rbac, path: &str, ctx: &mut Ctx) -> RbacRulesFile {
+    let action = match rbac::rbac::Action::try_from(r.action) {
+        Ok(rbac::rbac::Action::Allow) => RbacActionFile::Allow,
+        Ok(rbac::rbac::Action::Deny) => RbacActionFile::Deny,
+        Ok(rbac::rbac::Action::Log) => RbacActionFile::Log,
+        Err(_) => {
+            ctx.unsupported(format!("{path}.action {}", r.action));
+            RbacActionFile::Allow
+        }
+    };
+    if r.audit_logging_options.is_some() {
+        ctx.unsupported(format!("{path}.audit_logging_options"));
+    }
+    // Envoy's policies are a map; evaluate them in name order.
+    let mut names: Vec<&String> = r.policies.keys().collect();
+    names.sort();
+    let policies = names
+        .into_iter()
+        .map(|name| {
+            let policy = &r.policies[name];
+            let ppath = format!("{path}.policies[{name}]");
+            if policy.condition.is_some() || policy.checked_condition.is_some() {
+                ctx.unsupported(format!("{ppath}.condition"));
+            }
+            RbacPolicyFile {
+                name: name.clone(),
+                permissions: policy
+                    .permissions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| rbac_permission(p, &format!("{ppath}.permissions[{i}]"), ctx))
+                    .collect(),
+                principals: policy
+                    .principals
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| rbac_principal(p, &format!("{ppath}.principals[{i}]"), ctx))
+                    .collect(),
+            }
+        })
+        .collect();
+    RbacRulesFile { action, policies }
+}
+
+/// The HTTP RBAC filter's config as the listener's `rbac`.
+fn rbac_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<RbacFile> {
+    let config: postern_proto::envoy::extensions::filters::http::rbac::v3::Rbac =
+        match decode(any, RBAC_TYPE) {
+            Ok(config) => config,
+            Err(problems) => {
+                ctx.err(path, problems.join("; "));
+                return None;
+            }
+        };
+    if config.matcher.is_some() || config.shadow_matcher.is_some() {
+        ctx.unsupported(format!("{path}.matcher"));
+    }
+    Some(RbacFile {
+        rules: config
+            .rules
+            .as_ref()
+            .map(|r| rbac_rules(r, &format!("{path}.rules"), ctx)),
+        shadow: config
+            .shadow_rules
+            .as_ref()
+            .map(|r| rbac_rules(r, &format!("{path}.shadow_rules"), ctx)),
+    })
 }
