@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod listener;
+pub mod ratelimit;
 pub mod route;
 pub mod tcp;
 pub mod telemetry;

@@ -252,3 +252,104 @@ clusters:
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_rate_limits_are_exact_keyed_and_shadowable() {
+    let _recorder = postern::telemetry::install_prometheus_recorder();
+    let app = HttpBackend::start("app").await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - name: rl-edge
+    address: 127.0.0.1:0
+    kind: http
+    http:
+      local_rate_limit: {{ max_tokens: 1, fill_interval: 1h, shadow: true }}
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - name: burst
+            match: {{ path: {{ prefix: /burst }} }}
+            cluster: app
+            local_rate_limit: {{ max_tokens: 20, fill_interval: 1h }}
+          - name: per-user
+            match: {{ path: {{ prefix: /user }} }}
+            cluster: app
+            local_rate_limit: {{ max_tokens: 2, fill_interval: 1h, key: {{ header: x-user }} }}
+clusters:
+  - name: app
+    endpoints: [{{ address: "{}" }}]
+"#,
+        app.addr()
+    ))
+    .await;
+    let addr = listener(&proxy, "rl-edge");
+
+    // 60 concurrent calls against a bucket of 20: exactly 20 pass.
+    let calls: Vec<_> = (0..60)
+        .map(|i| tokio::spawn(async move { get(addr, "shop", &format!("/burst/{i}")).await }))
+        .collect();
+    let mut statuses = Vec::new();
+    for call in calls {
+        let response = call.await.unwrap();
+        if response.status == 429 {
+            assert!(response
+                .header("retry-after")
+                .is_some_and(|s| s.parse::<u64>().unwrap() >= 1));
+            assert_eq!(response.header("ratelimit-limit"), Some("20"));
+            assert_eq!(response.header("ratelimit-remaining"), Some("0"));
+        }
+        statuses.push(response.status);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        20,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 40);
+    assert_eq!(
+        app.requests().len(),
+        20,
+        "limited calls never reach the app"
+    );
+
+    // Per key: each user has a bucket of 2.
+    let as_user = |user: &'static str| {
+        let request = http::Request::get("/user/x")
+            .header("host", "shop")
+            .header("x-user", user)
+            .body(postern_tests::empty())
+            .unwrap();
+        postern_tests::send(addr, request)
+    };
+    for user in ["alice", "bob"] {
+        assert_eq!(as_user(user).await.status, 200);
+        assert_eq!(as_user(user).await.status, 200);
+        assert_eq!(as_user(user).await.status, 429, "{user}");
+    }
+
+    // The listener-wide limit is shadow: it counted but refused nothing.
+    let shadow = scrape(
+        proxy.admin_addr(),
+        "postern_ratelimit_limited_total",
+        &[
+            ("listener", "rl-edge"),
+            ("scope", "listener"),
+            ("mode", "shadow"),
+        ],
+    )
+    .await;
+    assert!(shadow >= 60.0, "shadow counted: {shadow}");
+    let enforced = scrape(
+        proxy.admin_addr(),
+        "postern_ratelimit_limited_total",
+        &[
+            ("listener", "rl-edge"),
+            ("scope", "burst"),
+            ("mode", "enforced"),
+        ],
+    )
+    .await;
+    assert_eq!(enforced, 40.0);
+}

@@ -449,6 +449,51 @@ pub struct HttpSettingsFile {
     /// Role-based access control for every request; none when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rbac: Option<RbacFile>,
+    /// A local rate limit on every request of the listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_rate_limit: Option<LocalRateLimitFile>,
+}
+
+/// A token-bucket rate limit, kept in this proxy.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalRateLimitFile {
+    /// Bucket size: the burst allowed.
+    pub max_tokens: u32,
+    /// Tokens added per `fill_interval` (default: `max_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_fill: Option<u32>,
+    /// Refill period.
+    #[serde(with = "humantime_serde")]
+    pub fill_interval: Duration,
+    /// One bucket per value of this key; one shared bucket when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<RateLimitKeyFile>,
+    /// Count and log what would be limited, limit nothing.
+    #[serde(default)]
+    pub shadow: bool,
+    /// Most per-key buckets kept (default 10000); idle ones go first.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+fn default_max_keys() -> usize {
+    10_000
+}
+
+/// What a per-key rate limit is keyed by: exactly one field.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitKeyFile {
+    /// The caller's verified SPIFFE ID (`true`); callers without one share a bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<bool>,
+    /// The remote address (`true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_address: Option<bool>,
+    /// A request header's value; requests without it share a bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
 }
 
 impl Default for HttpSettingsFile {
@@ -459,6 +504,7 @@ impl Default for HttpSettingsFile {
             merge_slashes: true,
             escaped_slashes: Default::default(),
             rbac: None,
+            local_rate_limit: None,
         }
     }
 }
@@ -634,6 +680,9 @@ pub struct RouteFile {
     /// Path and host rewrites applied before forwarding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite: Option<RewriteFile>,
+    /// A local rate limit on this route's requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_rate_limit: Option<LocalRateLimitFile>,
 }
 
 /// Route match conditions; all given conditions must hold.

@@ -183,6 +183,8 @@ pub struct HttpListener {
     pub normalize: crate::route::normalize::PathNormalization,
     /// Access control, when configured.
     pub rbac: Option<Arc<crate::authz::Rbac>>,
+    /// Local rate limit on every request, when configured.
+    pub rate_limit: Option<Arc<crate::ratelimit::LocalRateLimit>>,
     /// Virtual hosts and routes.
     pub routes: Arc<RouteTable>,
 }

@@ -262,3 +262,56 @@ fn permission(p: &PermissionFile, path: &str, errors: &mut Errors) -> Permission
     }
     Permission::Any
 }
+
+pub(super) fn build_rate_limit(
+    file: &LocalRateLimitFile,
+    path: &str,
+    errors: &mut Errors,
+) -> Arc<crate::ratelimit::LocalRateLimit> {
+    use crate::ratelimit::{BucketSpec, Limiter, LocalRateLimit, RateLimitKey};
+    if file.max_tokens == 0 {
+        errors.push(format!("{path}.max_tokens"), "must be more than 0");
+    }
+    if file.tokens_per_fill == Some(0) {
+        errors.push(format!("{path}.tokens_per_fill"), "must be more than 0");
+    }
+    if file.fill_interval < std::time::Duration::from_millis(1) {
+        errors.push(format!("{path}.fill_interval"), "must be at least 1ms");
+    }
+    if file.max_keys == 0 {
+        errors.push(format!("{path}.max_keys"), "must be more than 0");
+    }
+    let key = match &file.key {
+        None => RateLimitKey::Shared,
+        Some(k) => match (k.spiffe_id, k.remote_address, &k.header) {
+            (Some(true), None, None) => RateLimitKey::SpiffeId,
+            (None, Some(true), None) => RateLimitKey::RemoteAddress,
+            (None, None, Some(name)) => {
+                match http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                    Ok(name) => RateLimitKey::Header(name),
+                    Err(_) => {
+                        errors.push(format!("{path}.key.header"), "not a valid header name");
+                        RateLimitKey::Shared
+                    }
+                }
+            }
+            _ => {
+                errors.push(
+                    format!("{path}.key"),
+                    "give exactly one of spiffe_id: true, remote_address: true, header",
+                );
+                RateLimitKey::Shared
+            }
+        },
+    };
+    let spec = BucketSpec {
+        max_tokens: file.max_tokens,
+        tokens_per_fill: file.tokens_per_fill.unwrap_or(file.max_tokens),
+        fill_interval: file.fill_interval,
+    };
+    Arc::new(LocalRateLimit {
+        limiter: Limiter::new(spec, file.max_keys),
+        key,
+        shadow: file.shadow,
+    })
+}

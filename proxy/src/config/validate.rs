@@ -117,6 +117,13 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                     rbac: listener.http.rbac.as_ref().map(|rbac| {
                         super::rbac::build_rbac(rbac, &format!("{path}.http.rbac"), &mut errors)
                     }),
+                    rate_limit: listener.http.local_rate_limit.as_ref().map(|limit| {
+                        super::rbac::build_rate_limit(
+                            limit,
+                            &format!("{path}.http.local_rate_limit"),
+                            &mut errors,
+                        )
+                    }),
                     routes: Arc::new(routes),
                 })
             }
@@ -557,6 +564,9 @@ fn build_route(
                 .unwrap_or_else(|| format!("route-{index}"))
                 .as_str(),
         ),
+        rate_limit: route.local_rate_limit.as_ref().map(|limit| {
+            super::rbac::build_rate_limit(limit, &format!("{path}.local_rate_limit"), errors)
+        }),
         matcher,
         action,
     }

@@ -225,6 +225,7 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
         timeout: None,
         retry: None,
         rewrite: None,
+        local_rate_limit: None,
     };
     match &r.action {
         Some(route::route::Action::Route(action)) => {

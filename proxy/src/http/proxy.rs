@@ -35,6 +35,8 @@ pub struct HttpProxy {
     pub normalize: crate::route::normalize::PathNormalization,
     /// Access control.
     pub rbac: Option<Arc<crate::authz::Rbac>>,
+    /// Rate limit on every request of the listener.
+    pub rate_limit: Option<Arc<crate::ratelimit::LocalRateLimit>>,
     /// Routes, swapped whole when the control plane changes them; each
     /// request keeps the table it started with.
     pub routes: Arc<arc_swap::ArcSwap<RouteTable>>,
@@ -253,6 +255,66 @@ fn replace_path<B>(request: &mut Request<B>, path: &str) -> Result<(), LocalRepl
 }
 
 impl HttpProxy {
+    /// Takes a token; the 429 to send when the limit refuses the request.
+    fn rate_limited<B>(
+        &self,
+        limit: &crate::ratelimit::LocalRateLimit,
+        scope: &str,
+        peer: &hdr::DownstreamPeer,
+        request: &Request<B>,
+        grpc: bool,
+        record: &mut CallRecord,
+    ) -> Option<Response<ResponseBody>> {
+        use crate::ratelimit::{RateLimitKey, Take};
+        let addr;
+        let key = match &limit.key {
+            RateLimitKey::Shared => "",
+            RateLimitKey::SpiffeId => peer.spiffe_id.as_deref().map_or("", |id| id.as_str()),
+            RateLimitKey::RemoteAddress => {
+                addr = peer.addr.to_string();
+                addr.as_str()
+            }
+            RateLimitKey::Header(name) => request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
+        };
+        let Take::Limited { retry_after } = limit.limiter.take(key, Instant::now()) else {
+            return None;
+        };
+        let mode = if limit.shadow { "shadow" } else { "enforced" };
+        metrics::counter!(
+            crate::telemetry::metrics::RATELIMIT_LIMITED_TOTAL,
+            "listener" => self.listener.name.clone(),
+            "scope" => scope.to_string(),
+            "mode" => mode,
+        )
+        .increment(1);
+        if limit.shadow {
+            tracing::debug!(listener = %self.listener.name, scope, "rate limit (shadow) would refuse");
+            return None;
+        }
+        let reply = LocalReply::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate limited",
+            Some(ResponseFlag::RateLimited),
+        );
+        let mut response = local_response(&reply, grpc, record);
+        // Whole seconds, rounded up: a client must not come back too early.
+        let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        let seconds = HeaderValue::from(seconds.max(1));
+        let headers = response.headers_mut();
+        headers.insert(header::RETRY_AFTER, seconds.clone());
+        headers.insert(
+            "ratelimit-limit",
+            HeaderValue::from(limit.limiter.spec().max_tokens),
+        );
+        headers.insert("ratelimit-remaining", HeaderValue::from_static("0"));
+        headers.insert("ratelimit-reset", seconds);
+        Some(response)
+    }
+
     /// Runs RBAC (shadow rules, then enforced ones); a refusal comes back as
     /// the reply to send.
     fn authorize<B>(
@@ -406,6 +468,13 @@ impl HttpProxy {
                 return local_response(&reply, grpc, &mut record);
             }
         }
+        if let Some(limit) = &self.rate_limit {
+            if let Some(response) =
+                self.rate_limited(limit, "listener", &peer, &request, grpc, &mut record)
+            {
+                return response;
+            }
+        }
         let view = RequestView {
             authority: authority_text,
             path: request.uri().path(),
@@ -423,6 +492,13 @@ impl HttpProxy {
             return local_response(&reply, grpc, &mut record);
         };
         record.set_route(&route.name);
+        if let Some(limit) = &route.rate_limit {
+            if let Some(response) =
+                self.rate_limited(limit, &route.name, &peer, &request, grpc, &mut record)
+            {
+                return response;
+            }
+        }
 
         match &route.action {
             crate::route::RouteAction::Direct { status, body } => {

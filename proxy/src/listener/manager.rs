@@ -60,8 +60,13 @@ fn shape(listener: &Listener) -> String {
         // Path and RBAC settings live in the connection manager, which is
         // built with the listener: a change to them replaces it.
         ListenerProtocol::Http(http) => format!(
-            "http trust={} {:?} {:?}",
-            http.trust_downstream, http.normalize, http.rbac
+            "http trust={} {:?} {:?} {:?}",
+            http.trust_downstream,
+            http.normalize,
+            http.rbac,
+            http.rate_limit
+                .as_ref()
+                .map(|l| (l.limiter.spec(), &l.key, l.shadow))
         ),
         ListenerProtocol::Tcp(tcp) => format!("tcp {} {:?}", tcp.cluster, tcp.idle_timeout),
     };

@@ -119,6 +119,7 @@ pub async fn run_listener(
                 trust_downstream: http.trust_downstream,
                 normalize: http.normalize,
                 rbac: http.rbac.clone(),
+                rate_limit: http.rate_limit.clone(),
                 routes: routes
                     .unwrap_or_else(|| Arc::new(arc_swap::ArcSwap::new(http.routes.clone()))),
                 clusters: clusters.clone(),

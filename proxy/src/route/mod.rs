@@ -36,6 +36,8 @@ pub struct VirtualHost {
 /// A route.
 #[derive(Debug)]
 pub struct Route {
+    /// Local rate limit on this route, when configured.
+    pub rate_limit: Option<Arc<crate::ratelimit::LocalRateLimit>>,
     /// Name for metrics and logs.
     pub name: Arc<str>,
     /// The conditions.

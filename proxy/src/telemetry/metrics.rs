@@ -45,6 +45,10 @@ pub const RBAC_DENIALS_TOTAL: &str = "postern_rbac_denials_total";
 /// Requests the shadow rules would have refused, by `listener`, `policy`.
 pub const RBAC_SHADOW_DENIALS_TOTAL: &str = "postern_rbac_shadow_denials_total";
 
+/// Requests a local rate limit refused (or would have, `mode="shadow"`), by
+/// `listener`, `scope` (`listener` or the route name), `mode`.
+pub const RATELIMIT_LIMITED_TOTAL: &str = "postern_ratelimit_limited_total";
+
 /// Buckets for request durations, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -63,6 +67,10 @@ pub fn describe() {
         "Upstream TLS handshakes that failed, by reason"
     );
     describe_counter!(RBAC_DENIALS_TOTAL, "Requests refused by RBAC, by policy");
+    describe_counter!(
+        RATELIMIT_LIMITED_TOTAL,
+        "Requests refused by a local rate limit (mode=shadow: would have been)"
+    );
     describe_counter!(
         RBAC_SHADOW_DENIALS_TOTAL,
         "Requests RBAC shadow rules would have refused, by policy"

@@ -76,6 +76,8 @@ pub enum ResponseFlag {
     DownstreamLimit,
     /// RBAC refused the request.
     RbacDenied,
+    /// A local rate limit refused the request.
+    RateLimited,
 }
 
 impl ResponseFlag {
@@ -84,6 +86,7 @@ impl ResponseFlag {
         match self {
             ResponseFlag::NoRoute => "NR",
             ResponseFlag::RbacDenied => "RBAC",
+            ResponseFlag::RateLimited => "RL",
             ResponseFlag::NoHealthyUpstream => "UH",
             ResponseFlag::UpstreamConnectFailure => "UF",
             ResponseFlag::UpstreamReset => "UR",

@@ -1,0 +1,91 @@
+use super::*;
+
+fn spec(max: u32, per_fill: u32, ms: u64) -> BucketSpec {
+    BucketSpec {
+        max_tokens: max,
+        tokens_per_fill: per_fill,
+        fill_interval: Duration::from_millis(ms),
+    }
+}
+
+#[test]
+fn bucket_grants_the_burst_then_refills_per_interval() {
+    let s = spec(3, 1, 1000);
+    let t0 = Instant::now();
+    let mut b = TokenBucket::new(&s, t0);
+    for left in [2, 1, 0] {
+        assert_eq!(b.take(&s, t0), Take::Granted { remaining: left });
+    }
+    assert_eq!(
+        b.take(&s, t0 + Duration::from_millis(400)),
+        Take::Limited {
+            retry_after: Duration::from_millis(600)
+        }
+    );
+    assert_eq!(
+        b.take(&s, t0 + Duration::from_millis(1000)),
+        Take::Granted { remaining: 0 }
+    );
+    // Long idle: back to full, never beyond.
+    assert_eq!(
+        b.take(&s, t0 + Duration::from_secs(100)),
+        Take::Granted { remaining: 2 }
+    );
+}
+
+#[test]
+fn keyed_buckets_stay_bounded_with_a_hundred_thousand_keys() {
+    let limiter = Limiter::new(spec(5, 5, 1000), 1000);
+    let t0 = Instant::now();
+    for i in 0..100_000 {
+        limiter.take(&format!("caller-{i}"), t0 + Duration::from_micros(i));
+        assert!(limiter.len() <= 1000);
+    }
+    assert!(limiter.len() > 800, "{}", limiter.len());
+    // Each key has its own bucket.
+    let fresh = Limiter::new(spec(1, 1, 1000), 10);
+    assert!(matches!(fresh.take("a", t0), Take::Granted { .. }));
+    assert!(matches!(fresh.take("a", t0), Take::Limited { .. }));
+    assert!(matches!(fresh.take("b", t0), Take::Granted { .. }));
+}
+
+#[test]
+fn exact_under_concurrency() {
+    let limiter = std::sync::Arc::new(Limiter::new(spec(50, 1, 3_600_000), 10));
+    let now = Instant::now();
+    let granted = std::sync::atomic::AtomicU32::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| {
+                for _ in 0..100 {
+                    if matches!(limiter.take("", now), Take::Granted { .. }) {
+                        granted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(granted.into_inner(), 50);
+}
+
+proptest::proptest! {
+    #[test]
+    fn never_more_than_burst_plus_refills(
+        max in 1u32..20, per in 1u32..5, interval in 1u64..100,
+        steps in proptest::collection::vec(0u64..50, 1..200),
+    ) {
+        let s = spec(max, per, interval);
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(&s, t0);
+        let mut t = 0u64;
+        let mut granted = 0u64;
+        for step in steps {
+            t += step;
+            if matches!(b.take(&s, t0 + Duration::from_millis(t)), Take::Granted { .. }) {
+                granted += 1;
+            }
+        }
+        let refills = t / interval;
+        proptest::prop_assert!(granted <= u64::from(max) + refills * u64::from(per));
+    }
+}
