@@ -906,6 +906,16 @@ fn http_connection_manager(
         {
             continue;
         }
+        if type_url == LOCAL_RATELIMIT_TYPE {
+            if file.http.local_rate_limit.is_some() {
+                ctx.unsupported(format!("{fpath} (a second local rate limit filter)"));
+            }
+            if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type {
+                file.http.local_rate_limit =
+                    local_rate_limit_filter(any, &format!("{fpath}.typed_config"), ctx);
+            }
+            continue;
+        }
         if type_url == RBAC_TYPE {
             if file.http.rbac.is_some() {
                 ctx.unsupported(format!("{fpath} (a second RBAC filter)"));
@@ -1490,5 +1500,85 @@ fn rbac_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<RbacFile> {
             .shadow_rules
             .as_ref()
             .map(|r| rbac_rules(r, &format!("{path}.shadow_rules"), ctx)),
+    })
+}
+
+// ------------------------------------------------------------ rate limits --
+
+/// Type URL of the HTTP local rate limit filter's config.
+const LOCAL_RATELIMIT_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+
+/// Whether a runtime fractional percent is 100% (`Some(true)`), 0% or unset
+/// (`Some(false)`, Envoy's default), or in between (`None`: unsupported).
+fn all_or_nothing(p: &Option<core::RuntimeFractionalPercent>) -> Option<bool> {
+    let Some(value) = p.as_ref().and_then(|p| p.default_value.as_ref()) else {
+        return Some(false);
+    };
+    let denominator: u64 = match value.denominator {
+        0 => 100,
+        1 => 10_000,
+        2 => 1_000_000,
+        _ => return None,
+    };
+    match u64::from(value.numerator) {
+        0 => Some(false),
+        n if n >= denominator => Some(true),
+        _ => None,
+    }
+}
+
+/// The local rate limit filter's config as the listener's limit; `None`
+/// when the filter is not enabled (Envoy's default).
+fn local_rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<LocalRateLimitFile> {
+    let config: postern_proto::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit =
+        match decode(any, LOCAL_RATELIMIT_TYPE) {
+            Ok(config) => config,
+            Err(problems) => {
+                ctx.err(path, problems.join("; "));
+                return None;
+            }
+        };
+    if !config.descriptors.is_empty() || !config.rate_limits.is_empty() {
+        ctx.unsupported(format!("{path}.descriptors"));
+    }
+    if config.local_rate_limit_per_downstream_connection {
+        ctx.unsupported(format!("{path}.local_rate_limit_per_downstream_connection"));
+    }
+    if config.status.as_ref().is_some_and(|s| s.code != 429) {
+        ctx.unsupported(format!("{path}.status (only 429)"));
+    }
+    if !config.response_headers_to_add.is_empty()
+        || !config.request_headers_to_add_when_not_enforced.is_empty()
+    {
+        ctx.unsupported(format!("{path}.*_headers_to_add"));
+    }
+    let (Some(enabled), Some(enforced)) = (
+        all_or_nothing(&config.filter_enabled),
+        all_or_nothing(&config.filter_enforced),
+    ) else {
+        ctx.unsupported(format!(
+            "{path}.filter_enabled/filter_enforced (only 0% or 100%)"
+        ));
+        return None;
+    };
+    if !enabled {
+        return None;
+    }
+    let Some(bucket) = &config.token_bucket else {
+        ctx.err(format!("{path}.token_bucket"), "is required");
+        return None;
+    };
+    let Some(fill_interval) = bucket.fill_interval.as_ref().and_then(duration) else {
+        ctx.err(format!("{path}.token_bucket.fill_interval"), "is required");
+        return None;
+    };
+    Some(LocalRateLimitFile {
+        max_tokens: bucket.max_tokens,
+        tokens_per_fill: bucket.tokens_per_fill.as_ref().map(|t| t.value),
+        fill_interval,
+        key: None,
+        shadow: !enforced,
+        max_keys: 1,
     })
 }

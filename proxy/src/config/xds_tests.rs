@@ -355,3 +355,55 @@ fn tcp_proxy_listeners_name_their_cluster() {
     let problems = listener(&two, None).unwrap_err();
     assert!(problems[0].starts_with("filter_chains"), "{problems:?}");
 }
+
+#[test]
+fn local_rate_limit_filter_maps_enabled_enforced_and_bucket() {
+    use postern_proto::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+    use postern_proto::envoy::r#type::v3::{FractionalPercent, TokenBucket};
+    let percent = |n: u32| core::RuntimeFractionalPercent {
+        default_value: Some(FractionalPercent {
+            numerator: n,
+            denominator: 0,
+        }),
+        ..Default::default()
+    };
+    let config = |enabled: Option<u32>, enforced: Option<u32>| LocalRateLimit {
+        stat_prefix: "rl".into(),
+        token_bucket: Some(TokenBucket {
+            max_tokens: 7,
+            tokens_per_fill: Some(UInt32Value { value: 2 }),
+            fill_interval: Some(postern_proto::google::protobuf::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+        }),
+        filter_enabled: enabled.map(percent),
+        filter_enforced: enforced.map(percent),
+        ..Default::default()
+    };
+    let translate = |c: LocalRateLimit| {
+        listener(
+            &http_listener(vec![hcm::HttpFilter {
+                name: "envoy.filters.http.local_ratelimit".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(&c))),
+                ..Default::default()
+            }]),
+            None,
+        )
+    };
+    let (file, _) = translate(config(Some(100), Some(100))).unwrap();
+    let limit = file.http.local_rate_limit.unwrap();
+    assert_eq!(
+        (limit.max_tokens, limit.tokens_per_fill, limit.shadow),
+        (7, Some(2), false)
+    );
+    let (file, _) = translate(config(Some(100), None)).unwrap();
+    assert!(file.http.local_rate_limit.unwrap().shadow);
+    let (file, _) = translate(config(None, None)).unwrap();
+    assert!(
+        file.http.local_rate_limit.is_none(),
+        "not enabled: Envoy's default"
+    );
+    let problems = translate(config(Some(50), Some(100))).unwrap_err();
+    assert!(problems[0].contains("filter_enabled"), "{problems:?}");
+}
