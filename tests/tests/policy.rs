@@ -353,3 +353,51 @@ clusters:
     .await;
     assert_eq!(enforced, 40.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_refused_by_rbac_or_a_rate_limit_get_grpc_status_codes() {
+    use postern_tests::grpc::{self, pb::EchoRequest, GrpcBackend};
+    let backend = GrpcBackend::start("grpc").await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - name: grpc-policy
+    address: 127.0.0.1:0
+    kind: http
+    http:
+      rbac:
+        rules:
+          action: deny
+          policies:
+            - name: no-repeat
+              permissions: [{{ path: {{ exact: /postern.test.echo.Echo/Repeat }} }}]
+              principals: [{{ any: true }}]
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - match: {{}}
+            cluster: grpc
+            local_rate_limit: {{ max_tokens: 1, fill_interval: 1h }}
+clusters:
+  - name: grpc
+    protocol: http2
+    endpoints: [{{ address: "{}" }}]
+"#,
+        backend.addr()
+    ))
+    .await;
+    let mut client = grpc::client(listener(&proxy, "grpc-policy")).await.unwrap();
+    let request = || EchoRequest {
+        message: "hi".into(),
+        repeat: 2,
+    };
+    let denied = client.repeat(request()).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied}");
+    client
+        .say(request())
+        .await
+        .expect("first call within the bucket");
+    let limited = client.say(request()).await.unwrap_err();
+    assert_eq!(limited.code(), tonic::Code::ResourceExhausted, "{limited}");
+}

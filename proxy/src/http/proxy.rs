@@ -266,14 +266,11 @@ impl HttpProxy {
         record: &mut CallRecord,
     ) -> Option<Response<ResponseBody>> {
         use crate::ratelimit::{RateLimitKey, Take};
-        let addr;
         let key = match &limit.key {
             RateLimitKey::Shared => "",
             RateLimitKey::SpiffeId => peer.spiffe_id.as_deref().map_or("", |id| id.as_str()),
-            RateLimitKey::RemoteAddress => {
-                addr = peer.addr.to_string();
-                addr.as_str()
-            }
+            // Formatted once per connection already, for x-forwarded-for.
+            RateLimitKey::RemoteAddress => peer.ip.to_str().unwrap_or(""),
             RateLimitKey::Header(name) => request
                 .headers()
                 .get(name)
