@@ -401,3 +401,99 @@ clusters:
     let limited = client.say(request()).await.unwrap_err();
     assert_eq!(limited.code(), tonic::Code::ResourceExhausted, "{limited}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_rbac_closes_connections_from_callers_the_policy_refuses() {
+    let _recorder = postern::telemetry::install_prometheus_recorder();
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = TestCa::new("mesh root");
+    let files = mesh.write_identity(dir.path(), "db", "spiffe://cluster.local/ns/shop/sa/db");
+    let echo = postern_tests::tcp_backend::TcpBackend::echo().await;
+    let proxy = start_proxy(&format!(
+        r#"
+identity:
+  spiffe_id: spiffe://cluster.local/ns/shop/sa/db
+  source:
+    files: {{ cert: {}, key: {}, bundle: {} }}
+listeners:
+  - name: tcp-rbac
+    address: 127.0.0.1:0
+    kind: tcp
+    mtls: {{ mode: strict }}
+    tcp:
+      cluster: echo
+      rbac:
+        rules:
+          policies:
+            - name: web-only
+              permissions: [{{ any: true }}]
+              principals: [{{ spiffe_id: {{ exact: "{WEB}" }} }}]
+clusters:
+  - name: echo
+    endpoints: [{{ address: "{}" }}]
+"#,
+        files.cert.display(),
+        files.key.display(),
+        files.bundle.display(),
+        echo.addr()
+    ))
+    .await;
+    within(Duration::from_secs(15), "identity", proxy.ready()).await;
+    let addr = listener(&proxy, "tcp-rbac");
+    let exchange = |client: postern_tests::mesh::Issued| async move {
+        let mut tls = tls_connect(&probe_connector(Some(&client), &[]), addr, "db")
+            .await
+            .expect("handshake");
+        let _ = tls.write_all(b"ping").await;
+        let mut buf = [0u8; 4];
+        let read = within(Duration::from_secs(10), "echo or close", tls.read(&mut buf)).await;
+        matches!(read, Ok(4)).then_some(buf)
+    };
+    assert_eq!(exchange(mesh.issue(WEB, -60, 3600)).await, Some(*b"ping"));
+    assert_eq!(
+        exchange(mesh.issue(OTHER, -60, 3600)).await,
+        None,
+        "refused caller closed"
+    );
+    assert_eq!(
+        echo.connections(),
+        1,
+        "the refused caller never reached the backend"
+    );
+    let denied = scrape(
+        proxy.admin_addr(),
+        "postern_rbac_denials_total",
+        &[("listener", "tcp-rbac"), ("policy", "none")],
+    )
+    .await;
+    assert_eq!(denied, 1.0);
+}
+
+#[test]
+fn tcp_rbac_refuses_request_level_conditions() {
+    let err = postern_tests::parse_config(
+        r#"
+listeners:
+  - name: t
+    address: 127.0.0.1:0
+    kind: tcp
+    tcp:
+      cluster: c
+      rbac:
+        rules:
+          policies:
+            - name: p
+              permissions: [{ path: { prefix: / } }]
+              principals: [{ any: true }]
+clusters:
+  - name: c
+    endpoints: [{ address: 127.0.0.1:9 }]
+"#,
+    )
+    .unwrap_err()
+    .0;
+    assert!(
+        err.contains("listeners[0].tcp.rbac.rules.policies[0].permissions[0]: a TCP listener's RBAC can only use"),
+        "{err}"
+    );
+}

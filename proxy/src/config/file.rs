@@ -904,6 +904,10 @@ pub struct TcpProxyFile {
     /// A connection with no bytes either way for this long is closed (default 1h).
     #[serde(default = "default_tcp_idle", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Access control per connection (principals, and `destination_port` /
+    /// `any` permissions); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbac: Option<RbacFile>,
 }
 
 fn default_tcp_idle() -> Duration {

@@ -315,3 +315,51 @@ pub(super) fn build_rate_limit(
         shadow: file.shadow,
     })
 }
+
+/// A TCP connection has no path, method or headers: permissions that need
+/// them would never match, so they are refused where they are written.
+pub(super) fn check_connection_level(file: &RbacFile, path: &str, errors: &mut Errors) {
+    fn walk(p: &PermissionFile, path: &str, errors: &mut Errors) {
+        if p.path.is_some() || p.method.is_some() || p.header.is_some() {
+            errors.push(
+                path.to_string(),
+                "a TCP listener's RBAC can only use destination_port and any permissions",
+            );
+        }
+        for (key, list) in [("and", &p.and), ("or", &p.or)] {
+            for (i, inner) in list.iter().flatten().enumerate() {
+                walk(inner, &format!("{path}.{key}[{i}]"), errors);
+            }
+        }
+        if let Some(inner) = &p.not {
+            walk(inner, &format!("{path}.not"), errors);
+        }
+    }
+    fn walk_principal(p: &PrincipalFile, path: &str, errors: &mut Errors) {
+        if p.header.is_some() {
+            errors.push(
+                path.to_string(),
+                "a TCP listener's RBAC cannot match headers",
+            );
+        }
+        for (key, list) in [("and", &p.and), ("or", &p.or)] {
+            for (i, inner) in list.iter().flatten().enumerate() {
+                walk_principal(inner, &format!("{path}.{key}[{i}]"), errors);
+            }
+        }
+        if let Some(inner) = &p.not {
+            walk_principal(inner, &format!("{path}.not"), errors);
+        }
+    }
+    for (which, rules) in [("rules", &file.rules), ("shadow", &file.shadow)] {
+        for (i, policy) in rules.iter().flat_map(|r| r.policies.iter()).enumerate() {
+            let ppath = format!("{path}.{which}.policies[{i}]");
+            for (j, p) in policy.permissions.iter().enumerate() {
+                walk(p, &format!("{ppath}.permissions[{j}]"), errors);
+            }
+            for (j, p) in policy.principals.iter().enumerate() {
+                walk_principal(p, &format!("{ppath}.principals[{j}]"), errors);
+            }
+        }
+    }
+}

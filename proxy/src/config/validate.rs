@@ -151,9 +151,17 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                         if tcp.idle_timeout.is_zero() {
                             errors.push(format!("{path}.tcp.idle_timeout"), "must be more than 0");
                         }
+                        let rbac_path = format!("{path}.tcp.rbac");
+                        if let Some(rbac) = &tcp.rbac {
+                            super::rbac::check_connection_level(rbac, &rbac_path, &mut errors);
+                        }
                         ListenerProtocol::Tcp(TcpRoute {
                             cluster: Arc::from(tcp.cluster.as_str()),
                             idle_timeout: tcp.idle_timeout,
+                            rbac: tcp
+                                .rbac
+                                .as_ref()
+                                .map(|rbac| super::rbac::build_rbac(rbac, &rbac_path, &mut errors)),
                         })
                     }
                 }

@@ -1011,6 +1011,7 @@ fn tcp(p: &tcp_proxy::TcpProxy, path: &str, file: &mut ListenerFile, ctx: &mut C
             .and_then(duration)
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_secs(3600)),
+        rbac: None,
     });
 }
 

@@ -68,7 +68,9 @@ fn shape(listener: &Listener) -> String {
                 .as_ref()
                 .map(|l| (l.limiter.spec(), &l.key, l.shadow))
         ),
-        ListenerProtocol::Tcp(tcp) => format!("tcp {} {:?}", tcp.cluster, tcp.idle_timeout),
+        ListenerProtocol::Tcp(tcp) => {
+            format!("tcp {} {:?} {:?}", tcp.cluster, tcp.idle_timeout, tcp.rbac)
+        }
     };
     format!(
         "{} {} {} {:?}",

@@ -197,8 +197,22 @@ pub async fn run_listener(
                 let listener = listener.clone();
                 let clusters = clusters.clone();
                 tokio::spawn(async move {
-                    if let Some((io, _peer_tls)) = tls.accept(stream).await {
-                        crate::tcp::serve_connection(io, listener, clusters, conn_shutdown).await;
+                    let local_port = stream.local_addr().map_or(0, |a| a.port());
+                    if let Some((io, peer_tls)) = tls.accept(stream).await {
+                        let downstream = DownstreamPeer::new(
+                            peer.ip(),
+                            local_port,
+                            &peer_tls,
+                            local_id.as_deref(),
+                        );
+                        crate::tcp::serve_connection(
+                            io,
+                            &downstream,
+                            listener,
+                            clusters,
+                            conn_shutdown,
+                        )
+                        .await;
                     }
                     active.decrement(1.0);
                     drop((permit, tracked));

@@ -266,6 +266,8 @@ pub struct TcpRoute {
     pub cluster: Arc<str>,
     /// Idle timeout of the proxied pair.
     pub idle_timeout: Duration,
+    /// Access control per connection.
+    pub rbac: Option<Arc<crate::authz::Rbac>>,
 }
 
 /// What the router needs of a request.

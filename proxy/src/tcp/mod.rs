@@ -20,6 +20,7 @@ const COPY_BUF: usize = 16 * 1024;
 /// Proxies one downstream TCP connection to the listener's cluster.
 pub async fn serve_connection(
     downstream: DownstreamIo,
+    peer: &crate::http::headers::DownstreamPeer,
     listener: Arc<Listener>,
     clusters: Arc<ClusterManager>,
     mut shutdown: Shutdown,
@@ -31,6 +32,18 @@ pub async fn serve_connection(
         tracing::warn!(listener = %listener.name, cluster = %route.cluster, "tcp proxy cluster missing");
         return;
     };
+    if let Some(rbac) = &route.rbac {
+        if !authorize(rbac, peer, &listener.name) {
+            metrics::counter!(
+                names::TCP_CONNECTIONS_TOTAL,
+                "listener" => listener.name.clone(),
+                "cluster" => route.cluster.clone(),
+                "result" => "rbac_denied",
+            )
+            .increment(1);
+            return;
+        }
+    }
     let outcome = |result: &'static str| {
         metrics::counter!(
             names::TCP_CONNECTIONS_TOTAL,
@@ -99,6 +112,50 @@ pub async fn serve_connection(
     metrics::counter!(names::TCP_BYTES_TOTAL, "listener" => listener.name.clone(), "direction" => "downstream")
         .increment(received);
     outcome(how);
+}
+
+/// Connection-level RBAC: principals and the destination port. A refusal
+/// is logged and counted; the caller closes the connection.
+fn authorize(
+    rbac: &crate::authz::Rbac,
+    peer: &crate::http::headers::DownstreamPeer,
+    listener: &Arc<str>,
+) -> bool {
+    use crate::authz::{Decision, RequestFacts};
+    // No request on a TCP connection: these never match anything
+    // (validation refuses path, method and header conditions here).
+    let (method, headers) = (http::Method::CONNECT, http::HeaderMap::new());
+    let facts = RequestFacts {
+        peer_id: peer
+            .spiffe_id
+            .as_deref()
+            .map(postern_certs::SpiffeId::as_str),
+        peer_ip: peer.addr,
+        local_port: peer.local_port,
+        method: &method,
+        path: "",
+        headers: &headers,
+    };
+    if let Some(Decision::Denied(policy)) = rbac.shadow.as_ref().map(|s| s.evaluate(&facts)) {
+        tracing::info!(listener = %listener, policy, "RBAC shadow rules would close the connection");
+        metrics::counter!(names::RBAC_SHADOW_DENIALS_TOTAL, "listener" => listener.clone(), "policy" => policy)
+            .increment(1);
+    }
+    match rbac.rules.as_ref().map(|r| r.evaluate(&facts)) {
+        Some(Decision::Denied(policy)) => {
+            tracing::warn!(
+                listener = %listener,
+                policy,
+                peer = facts.peer_id.unwrap_or("-"),
+                peer_ip = %facts.peer_ip,
+                "RBAC denied connection"
+            );
+            metrics::counter!(names::RBAC_DENIALS_TOTAL, "listener" => listener.clone(), "policy" => policy)
+                .increment(1);
+            false
+        }
+        _ => true,
+    }
 }
 
 /// Copies both ways until both directions end or nothing moves for `idle`.
