@@ -64,6 +64,10 @@ impl ClusterManager {
                     clusters.insert(name, existing.clone());
                     continue;
                 }
+                if same_but_endpoints(&existing.settings, s) {
+                    clusters.insert(name, Arc::new(Cluster::with_endpoints(existing, s.clone())));
+                    continue;
+                }
             }
             let connector = match tls.get(&name) {
                 Some(config) => Some(Arc::new(UpstreamTls::new(
@@ -101,6 +105,34 @@ impl ClusterManager {
             }
         }
     }
+}
+
+fn new_endpoint(
+    e: &crate::config::file::EndpointFile,
+    pool_settings: &Arc<PoolSettings>,
+    limits: &Arc<ConnectionLimits>,
+) -> Arc<Endpoint> {
+    Arc::new(Endpoint {
+        address: e.address,
+        weight: e.weight.max(1),
+        active_requests: AtomicUsize::new(0),
+        consecutive_5xx: AtomicU32::new(0),
+        consecutive_connect_failures: AtomicU32::new(0),
+        ejected_until_ms: AtomicU64::new(0),
+        ejections: AtomicU32::new(0),
+        pool: EndpointPool::new(e.address, pool_settings.clone(), limits.clone()),
+    })
+}
+
+/// Whether two settings differ in their endpoints only.
+fn same_but_endpoints(a: &ClusterFile, b: &ClusterFile) -> bool {
+    let strip = |c: &ClusterFile| {
+        serde_json::to_value(c).map(|mut v| {
+            v["endpoints"] = serde_json::Value::Null;
+            v
+        })
+    };
+    matches!((strip(a), strip(b)), (Ok(a), Ok(b)) if a == b)
 }
 
 /// Settings compare by their serialized form: the file types carry no
@@ -163,6 +195,7 @@ pub struct Cluster {
     active_retries: AtomicUsize,
     epoch: Instant,
     tls: Option<Arc<UpstreamTls>>,
+    pool_settings: Arc<PoolSettings>,
 }
 
 /// Counts a request against `max_requests` (and its endpoint's load) until dropped.
@@ -235,18 +268,7 @@ impl Cluster {
         let endpoints: Vec<Arc<Endpoint>> = settings
             .endpoints
             .iter()
-            .map(|e| {
-                Arc::new(Endpoint {
-                    address: e.address,
-                    weight: e.weight.max(1),
-                    active_requests: AtomicUsize::new(0),
-                    consecutive_5xx: AtomicU32::new(0),
-                    consecutive_connect_failures: AtomicU32::new(0),
-                    ejected_until_ms: AtomicU64::new(0),
-                    ejections: AtomicU32::new(0),
-                    pool: EndpointPool::new(e.address, pool_settings.clone(), limits.clone()),
-                })
-            })
+            .map(|e| new_endpoint(e, &pool_settings, &limits))
             .collect();
         let balancer = Balancer::new(settings.lb, &endpoints);
         Cluster {
@@ -259,6 +281,39 @@ impl Cluster {
             active_retries: AtomicUsize::new(0),
             epoch: Instant::now(),
             tls,
+            pool_settings,
+        }
+    }
+
+    /// The same cluster with a new endpoint set (EDS): endpoints that stay
+    /// keep their pools, load and outlier state; the connection limits and
+    /// TLS are shared with `previous`.
+    pub fn with_endpoints(previous: &Cluster, settings: Arc<ClusterFile>) -> Self {
+        let endpoints: Vec<Arc<Endpoint>> = settings
+            .endpoints
+            .iter()
+            .map(|e| {
+                previous
+                    .endpoints
+                    .iter()
+                    .find(|p| p.address == e.address && p.weight == e.weight.max(1))
+                    .cloned()
+                    .unwrap_or_else(|| new_endpoint(e, &previous.pool_settings, &previous.limits))
+            })
+            .collect();
+        let balancer = Balancer::new(settings.lb, &endpoints);
+        Cluster {
+            name: previous.name.clone(),
+            settings,
+            endpoints,
+            balancer,
+            limits: previous.limits.clone(),
+            active_requests: AtomicUsize::new(0),
+            active_retries: AtomicUsize::new(0),
+            // Ejection deadlines are kept relative to this.
+            epoch: previous.epoch,
+            tls: previous.tls.clone(),
+            pool_settings: previous.pool_settings.clone(),
         }
     }
 

@@ -204,3 +204,51 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn an_endpoint_update_keeps_the_state_of_endpoints_that_stay() {
+    let od = OutlierDetectionFile {
+        consecutive_5xx: 1,
+        ..Default::default()
+    };
+    let first = cluster(LbPolicy::RoundRobin, &[1, 1], Some(od));
+    let manager = ClusterManager::default();
+    manager
+        .update(std::slice::from_ref(&first.settings), &Default::default())
+        .unwrap();
+    let before = manager.get("c").unwrap();
+    let ejected = before.endpoints()[0].clone();
+    before.report(&ejected, Outcome::ServerError);
+    assert!(before.is_ejected(&ejected, before.now_ms()));
+
+    // EDS: endpoint 1 goes, a new one comes, endpoint 0 stays.
+    let mut next = (*before.settings).clone();
+    next.endpoints.remove(1);
+    next.endpoints.push(EndpointFile {
+        address: SocketAddr::from(([127, 0, 0, 1], 10_999)),
+        weight: 1,
+    });
+    manager
+        .update(&[Arc::new(next)], &Default::default())
+        .unwrap();
+    let after = manager.get("c").unwrap();
+    assert!(!Arc::ptr_eq(&before, &after));
+    assert!(
+        Arc::ptr_eq(&after.endpoints()[0], &ejected),
+        "same endpoint, same pool"
+    );
+    assert!(
+        after.is_ejected(&after.endpoints()[0], after.now_ms()),
+        "still ejected"
+    );
+    assert_eq!(after.endpoints()[1].address.port(), 10_999);
+
+    // Any other change starts the cluster afresh.
+    let mut slower = (*after.settings).clone();
+    slower.connect_timeout = Duration::from_secs(1);
+    manager
+        .update(&[Arc::new(slower)], &Default::default())
+        .unwrap();
+    let rebuilt = manager.get("c").unwrap();
+    assert!(!Arc::ptr_eq(&rebuilt.endpoints()[0], &ejected));
+}
