@@ -497,3 +497,73 @@ clusters:
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_sees_the_routed_authority_and_sanitised_forwarding_headers() {
+    let app = HttpBackend::start("app").await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - name: host-rbac
+    address: 127.0.0.1:0
+    kind: http
+    http:
+      rbac:
+        rules:
+          action: deny
+          policies:
+            - name: no-admin-host
+              permissions: [{{ header: {{ name: ":authority", exact: admin.shop }} }}]
+              principals: [{{ any: true }}]
+            - name: mesh-callers-only-on-internal
+              permissions: [{{ path: {{ prefix: /internal/ }} }}]
+              principals:
+                - not: {{ header: {{ name: x-forwarded-client-cert, present: true }} }}
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes: [{{ match: {{}}, cluster: app }}]
+clusters:
+  - name: app
+    endpoints: [{{ address: "{}" }}]
+"#,
+        app.addr()
+    ))
+    .await;
+    let addr = listener(&proxy, "host-rbac");
+    assert_eq!(get(addr, "public.shop", "/x").await.status, 200);
+    assert_eq!(get(addr, "admin.shop", "/x").await.status, 403);
+
+    // HTTP/2: the host is :authority, with no Host header.
+    let mut h2 = postern_tests::H2Conn::connect(addr).await.expect("h2c");
+    let request = http::Request::get("http://admin.shop/x")
+        .body(postern_tests::empty())
+        .unwrap();
+    assert_eq!(h2.send(request).await.expect("h2 exchange").status, 403);
+
+    // Absolute-form: the target's authority wins over a Host header.
+    let reply = raw_exchange(
+        addr,
+        b"GET http://admin.shop/x HTTP/1.1\r\nhost: public.shop\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("exchange");
+    assert!(reply.text().starts_with("HTTP/1.1 403"), "{}", reply.text());
+
+    // A plaintext caller's own x-forwarded-client-cert is gone before RBAC.
+    let forged = http::Request::get("/internal/x")
+        .header("host", "public.shop")
+        .header(
+            "x-forwarded-client-cert",
+            "URI=spiffe://cluster.local/ns/a/sa/b",
+        )
+        .body(postern_tests::empty())
+        .unwrap();
+    assert_eq!(postern_tests::send(addr, forged).await.status, 403);
+    assert_eq!(
+        app.requests().len(),
+        1,
+        "only the first call reached the app"
+    );
+}

@@ -101,14 +101,30 @@ pub struct HeaderCondition {
 }
 
 impl HeaderCondition {
-    fn matches(&self, headers: &HeaderMap) -> bool {
-        let found = match &self.value {
-            None => headers.contains_key(&self.name),
-            Some(m) => headers
-                .get_all(&self.name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .any(|v| m.matches(v)),
+    fn matches(&self, headers: &HeaderMap, authority: &str) -> bool {
+        // The host is the request's authority, however it was sent (Host,
+        // :authority, absolute-form target): the one the router used.
+        if self.name == http::header::HOST {
+            let found = match &self.value {
+                None => !authority.is_empty(),
+                Some(m) => m.matches(authority),
+            };
+            return found != self.invert;
+        }
+        let mut values = headers.get_all(&self.name).iter().peekable();
+        let found = match (&self.value, values.peek()) {
+            (None, first) => first.is_some(),
+            (Some(_), None) => false,
+            // As Envoy: several lines are one value joined by commas, so a
+            // second line cannot satisfy (or dodge) a rule on its own; bytes
+            // that are not UTF-8 stay in, as replacement characters.
+            (Some(m), Some(_)) => {
+                let joined = values
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                m.matches(&joined)
+            }
         };
         found != self.invert
     }
@@ -198,6 +214,8 @@ pub struct RequestFacts<'a> {
     pub path: &'a str,
     /// Headers.
     pub headers: &'a HeaderMap,
+    /// The authority the request was routed by.
+    pub authority: &'a str,
 }
 
 /// The outcome of one rule set.
@@ -216,7 +234,7 @@ impl Principal {
             Principal::Authenticated(None) => facts.peer_id.is_some(),
             Principal::Authenticated(Some(m)) => facts.peer_id.is_some_and(|id| m.matches(id)),
             Principal::SourceIp(cidr) => cidr.contains(facts.peer_ip),
-            Principal::Header(h) => h.matches(facts.headers),
+            Principal::Header(h) => h.matches(facts.headers, facts.authority),
             Principal::And(all) => all.iter().all(|p| p.matches(facts)),
             Principal::Or(any) => any.iter().any(|p| p.matches(facts)),
             Principal::Not(p) => !p.matches(facts),
@@ -230,7 +248,7 @@ impl Permission {
             Permission::Any => true,
             Permission::Path(m) => m.matches(facts.path),
             Permission::Method(method) => facts.method == method,
-            Permission::Header(h) => h.matches(facts.headers),
+            Permission::Header(h) => h.matches(facts.headers, facts.authority),
             Permission::DestinationPort(port) => facts.local_port == *port,
             Permission::And(all) => all.iter().all(|p| p.matches(facts)),
             Permission::Or(any) => any.iter().any(|p| p.matches(facts)),

@@ -13,6 +13,7 @@ fn facts<'a>(
         method,
         path,
         headers,
+        authority: "api.shop",
     }
 }
 
@@ -138,4 +139,53 @@ fn ports_regexes_and_cidrs() {
     assert!(Cidr::parse("0.0.0.0/0")
         .unwrap()
         .contains("8.8.8.8".parse().unwrap()));
+}
+
+#[test]
+fn repeated_headers_are_one_joined_value_and_host_is_the_authority() {
+    let allow_internal = Rules {
+        action: RbacAction::Allow,
+        policies: vec![policy(
+            "internal",
+            vec![Permission::Header(HeaderCondition {
+                name: http::HeaderName::from_static("x-role"),
+                value: Some(StringMatch::Exact("internal".into())),
+                invert: false,
+            })],
+            vec![Principal::Any],
+        )],
+    };
+    let get = Method::GET;
+    let mut two = HeaderMap::new();
+    two.append("x-role", "internal".parse().unwrap());
+    two.append("x-role", "evil".parse().unwrap());
+    assert!(matches!(
+        allow_internal.evaluate(&facts(None, &get, "/", &two)),
+        Decision::Denied(_)
+    ));
+    let mut one = HeaderMap::new();
+    one.insert("x-role", "internal".parse().unwrap());
+    assert!(matches!(
+        allow_internal.evaluate(&facts(None, &get, "/", &one)),
+        Decision::Allowed(_)
+    ));
+
+    let deny_admin_host = Rules {
+        action: RbacAction::Deny,
+        policies: vec![policy(
+            "no-admin-host",
+            vec![Permission::Header(HeaderCondition {
+                name: http::header::HOST,
+                value: Some(StringMatch::Exact("admin.shop".into())),
+                invert: false,
+            })],
+            vec![Principal::Any],
+        )],
+    };
+    // A Host header that disagrees with the routed authority is ignored.
+    let mut lying = HeaderMap::new();
+    lying.insert("host", "public.shop".parse().unwrap());
+    let mut f = facts(None, &get, "/", &lying);
+    f.authority = "admin.shop";
+    assert!(matches!(deny_admin_host.evaluate(&f), Decision::Denied(_)));
 }

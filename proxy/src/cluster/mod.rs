@@ -191,8 +191,10 @@ pub struct Cluster {
     endpoints: Vec<Arc<Endpoint>>,
     balancer: Balancer,
     limits: Arc<ConnectionLimits>,
-    active_requests: AtomicUsize,
-    active_retries: AtomicUsize,
+    // Shared with the cluster an endpoint update replaced, so requests still
+    // running there count against the same breaker.
+    active_requests: Arc<AtomicUsize>,
+    active_retries: Arc<AtomicUsize>,
     epoch: Instant,
     tls: Option<Arc<UpstreamTls>>,
     pool_settings: Arc<PoolSettings>,
@@ -277,8 +279,8 @@ impl Cluster {
             endpoints,
             balancer,
             limits,
-            active_requests: AtomicUsize::new(0),
-            active_retries: AtomicUsize::new(0),
+            active_requests: Arc::new(AtomicUsize::new(0)),
+            active_retries: Arc::new(AtomicUsize::new(0)),
             epoch: Instant::now(),
             tls,
             pool_settings,
@@ -289,6 +291,7 @@ impl Cluster {
     /// keep their pools, load and outlier state; the connection limits and
     /// TLS are shared with `previous`.
     pub fn with_endpoints(previous: &Cluster, settings: Arc<ClusterFile>) -> Self {
+        let mut taken = Vec::new();
         let endpoints: Vec<Arc<Endpoint>> = settings
             .endpoints
             .iter()
@@ -296,8 +299,13 @@ impl Cluster {
                 previous
                     .endpoints
                     .iter()
-                    .find(|p| p.address == e.address && p.weight == e.weight.max(1))
+                    .find(|p| {
+                        p.address == e.address
+                            && p.weight == e.weight.max(1)
+                            && !taken.iter().any(|t| Arc::ptr_eq(t, p))
+                    })
                     .cloned()
+                    .inspect(|p| taken.push(p.clone()))
                     .unwrap_or_else(|| new_endpoint(e, &previous.pool_settings, &previous.limits))
             })
             .collect();
@@ -308,8 +316,8 @@ impl Cluster {
             endpoints,
             balancer,
             limits: previous.limits.clone(),
-            active_requests: AtomicUsize::new(0),
-            active_retries: AtomicUsize::new(0),
+            active_requests: previous.active_requests.clone(),
+            active_retries: previous.active_retries.clone(),
             // Ejection deadlines are kept relative to this.
             epoch: previous.epoch,
             tls: previous.tls.clone(),

@@ -86,11 +86,17 @@ fn string_match(m: &StringMatchFile, path: &str, errors: &mut Errors) -> StringM
 }
 
 fn header(h: &HeaderMatchFile, path: &str, errors: &mut Errors) -> HeaderCondition {
-    let name =
-        http::HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()).unwrap_or_else(|_| {
-            errors.push(format!("{path}.name"), "not a valid header name");
-            http::HeaderName::from_static("x-invalid")
-        });
+    // `:authority` is the host, as Envoy names it.
+    let lowered = h.name.to_ascii_lowercase();
+    let lowered = if lowered == ":authority" {
+        "host".to_string()
+    } else {
+        lowered
+    };
+    let name = http::HeaderName::from_bytes(lowered.as_bytes()).unwrap_or_else(|_| {
+        errors.push(format!("{path}.name"), "not a valid header name");
+        http::HeaderName::from_static("x-invalid")
+    });
     let value = match (&h.exact, &h.regex, h.present) {
         (Some(e), None, None) => Some(StringMatch::Exact(e.clone())),
         (None, Some(r), None) => match Regex::new(&format!("^(?:{r})$")) {

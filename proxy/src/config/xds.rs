@@ -362,11 +362,14 @@ fn string_match(sm: &matcher::StringMatcher, path: &str, ctx: &mut Ctx) -> Optio
     let ci = if sm.ignore_case { "(?i)" } else { "" };
     let out = match &sm.match_pattern {
         Some(MatchPattern::Exact(v)) if !sm.ignore_case => StringMatch::Exact(v.clone()),
-        Some(MatchPattern::Exact(v)) => StringMatch::Regex(format!("{ci}^{}$", regex::escape(v))),
-        Some(MatchPattern::Prefix(v)) => StringMatch::Regex(format!("{ci}^{}", regex::escape(v))),
-        Some(MatchPattern::Suffix(v)) => StringMatch::Regex(format!("{ci}{}$", regex::escape(v))),
-        Some(MatchPattern::Contains(v)) => StringMatch::Regex(format!("{ci}{}", regex::escape(v))),
-        Some(MatchPattern::SafeRegex(re)) => StringMatch::Regex(format!("{ci}^(?:{})$", re.regex)),
+        // Whole-value patterns: the validator anchors every regex itself.
+        Some(MatchPattern::Exact(v)) => StringMatch::Regex(format!("{ci}{}", regex::escape(v))),
+        Some(MatchPattern::Prefix(v)) => StringMatch::Regex(format!("{ci}{}.*", regex::escape(v))),
+        Some(MatchPattern::Suffix(v)) => StringMatch::Regex(format!("{ci}.*{}", regex::escape(v))),
+        Some(MatchPattern::Contains(v)) => {
+            StringMatch::Regex(format!("{ci}.*{}.*", regex::escape(v)))
+        }
+        Some(MatchPattern::SafeRegex(re)) => StringMatch::Regex(format!("{ci}(?:{})", re.regex)),
         _ => {
             ctx.unsupported(format!("{path}.match_pattern"));
             return None;
@@ -388,11 +391,11 @@ fn header_match(h: &route::HeaderMatcher, path: &str, ctx: &mut Ctx) -> Option<H
     };
     match &h.header_match_specifier {
         Some(S::ExactMatch(v)) => out.exact = Some(v.clone()),
-        Some(S::SafeRegexMatch(re)) => out.regex = Some(format!("^(?:{})$", re.regex)),
+        Some(S::SafeRegexMatch(re)) => out.regex = Some(re.regex.clone()),
         Some(S::PresentMatch(p)) => out.present = Some(*p),
-        Some(S::PrefixMatch(v)) => out.regex = Some(format!("^{}", regex::escape(v))),
-        Some(S::SuffixMatch(v)) => out.regex = Some(format!("{}$", regex::escape(v))),
-        Some(S::ContainsMatch(v)) => out.regex = Some(regex::escape(v)),
+        Some(S::PrefixMatch(v)) => out.regex = Some(format!("{}.*", regex::escape(v))),
+        Some(S::SuffixMatch(v)) => out.regex = Some(format!(".*{}", regex::escape(v))),
+        Some(S::ContainsMatch(v)) => out.regex = Some(format!(".*{}.*", regex::escape(v))),
         Some(S::StringMatch(sm)) => match string_match(sm, &format!("{path}.string_match"), ctx)? {
             StringMatch::Exact(v) => out.exact = Some(v),
             StringMatch::Regex(v) => out.regex = Some(v),
@@ -1576,7 +1579,8 @@ fn local_rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<Local
     };
     Some(LocalRateLimitFile {
         max_tokens: bucket.max_tokens,
-        tokens_per_fill: bucket.tokens_per_fill.as_ref().map(|t| t.value),
+        // Envoy's default is one token per interval.
+        tokens_per_fill: Some(bucket.tokens_per_fill.as_ref().map_or(1, |t| t.value)),
         fill_interval,
         key: None,
         shadow: !enforced,

@@ -142,7 +142,7 @@ fn routes_map_matchers_actions_and_retries() {
     let routes = &hosts[0].routes;
     let m = &routes[0].matcher;
     assert_eq!(m.methods, ["POST"]);
-    assert_eq!(m.headers[0].regex.as_deref(), Some("^adm"));
+    assert_eq!(m.headers[0].regex.as_deref(), Some("adm.*"));
     let weighted = routes[0].weighted_clusters.as_ref().unwrap();
     assert_eq!(
         (weighted[0].cluster.as_str(), weighted[0].weight),

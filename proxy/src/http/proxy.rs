@@ -319,6 +319,7 @@ impl HttpProxy {
         rbac: &crate::authz::Rbac,
         peer: &hdr::DownstreamPeer,
         request: &Request<B>,
+        authority: &str,
     ) -> Option<LocalReply> {
         use crate::authz::{Decision, RbacAction, RequestFacts};
         let facts = RequestFacts {
@@ -331,6 +332,7 @@ impl HttpProxy {
             method: request.method(),
             path: request.uri().path(),
             headers: request.headers(),
+            authority,
         };
         if let Some(shadow) = &rbac.shadow {
             if let Decision::Denied(policy) = shadow.evaluate(&facts) {
@@ -441,6 +443,14 @@ impl HttpProxy {
             let reply = LocalReply::new(StatusCode::BAD_REQUEST, "invalid host", None);
             return local_response(&reply, grpc, &mut record);
         };
+        if request.uri().path() == "*" && request.method() != Method::OPTIONS {
+            let reply = LocalReply::new(
+                StatusCode::BAD_REQUEST,
+                "invalid path",
+                Some(ResponseFlag::DownstreamLimit),
+            );
+            return local_response(&reply, grpc, &mut record);
+        }
         // What routes and policies see is what goes upstream.
         match crate::route::normalize::normalize_path(request.uri().path(), &self.normalize) {
             Ok(std::borrow::Cow::Borrowed(_)) => {}
@@ -460,8 +470,11 @@ impl HttpProxy {
                 return local_response(&reply, grpc, &mut record);
             }
         }
+        // Forwarding headers are settled before any policy looks: a caller's
+        // own x-forwarded-client-cert or x-forwarded-proto must not count.
+        hdr::set_forwarding(request.headers_mut(), &peer, self.trust_downstream);
         if let Some(rbac) = &self.rbac {
-            if let Some(reply) = self.authorize(rbac, &peer, &request) {
+            if let Some(reply) = self.authorize(rbac, &peer, &request, authority_text) {
                 return local_response(&reply, grpc, &mut record);
             }
         }
@@ -531,7 +544,7 @@ impl HttpProxy {
             }
             crate::route::RouteAction::Forward(forward) => {
                 let path_match = &route.matcher.path;
-                self.forward(peer, request, authority, forward, path_match, grpc, record)
+                self.forward(request, authority, forward, path_match, grpc, record)
                     .await
             }
         }
@@ -549,7 +562,6 @@ impl HttpProxy {
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
-        peer: Arc<hdr::DownstreamPeer>,
         mut request: Request<Incoming>,
         authority: HeaderValue,
         forward: &Forward,
@@ -575,9 +587,8 @@ impl HttpProxy {
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
         let (parts, body) = request.into_parts();
-        let head = match self.upstream_head(
-            parts, peer, authority, forward, path_match, upgrade, cluster,
-        ) {
+        let head = match self.upstream_head(parts, authority, forward, path_match, upgrade, cluster)
+        {
             Some(head) => head,
             None => {
                 let reply =
@@ -785,7 +796,6 @@ impl HttpProxy {
     fn upstream_head(
         &self,
         parts: http::request::Parts,
-        peer: Arc<hdr::DownstreamPeer>,
         authority: HeaderValue,
         forward: &Forward,
         path_match: &crate::route::PathMatch,
@@ -799,7 +809,6 @@ impl HttpProxy {
             ..
         } = parts;
         hdr::strip_hop_by_hop(&mut headers, upgrade);
-        hdr::set_forwarding(&mut headers, &peer, self.trust_downstream);
 
         let path = uri.path();
         let rewritten: Option<String> =

@@ -104,12 +104,14 @@ impl ListenerManager {
     /// Makes the running set match `listeners`. Listeners that cannot be
     /// bound are reported; the rest of the change still happens.
     pub fn apply(&self, listeners: &[Arc<Listener>]) -> Result<(), ListenerStartError> {
-        if self.draining.load(Ordering::Acquire) {
-            return Ok(());
-        }
         let Ok(mut running) = self.running.lock() else {
             return Err(ListenerStartError(vec!["listener table poisoned".into()]));
         };
+        // Checked under the lock that drain_all takes to set it, so a drain
+        // never misses a listener started alongside it.
+        if self.draining.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let wanted: HashMap<&str, &Arc<Listener>> =
             listeners.iter().map(|l| (&*l.name, l)).collect();
         // Stop what is gone or changed shape first, so a replacement can
@@ -225,15 +227,17 @@ impl ListenerManager {
     /// Starts the drain of every listener; none is started afterwards.
     /// Resolves when every accept loop has stopped.
     pub async fn drain_all(&self) {
-        self.draining.store(true, Ordering::Release);
         let accepts: Vec<JoinHandle<()>> = match self.running.lock() {
-            Ok(mut running) => running
-                .values_mut()
-                .map(|r| {
-                    r.drain.send_replace(true);
-                    std::mem::replace(&mut r.accept, tokio::spawn(async {}))
-                })
-                .collect(),
+            Ok(mut running) => {
+                self.draining.store(true, Ordering::Release);
+                running
+                    .values_mut()
+                    .map(|r| {
+                        r.drain.send_replace(true);
+                        std::mem::replace(&mut r.accept, tokio::spawn(async {}))
+                    })
+                    .collect()
+            }
             Err(_) => Vec::new(),
         };
         for accept in accepts {

@@ -73,7 +73,11 @@ pub fn normalize_path<'a>(
     path: &'a str,
     options: &PathNormalization,
 ) -> Result<Cow<'a, str>, PathError> {
-    if !options.enabled || path == "*" {
+    if path == "*" {
+        // Only OPTIONS may use it; the caller checks the method.
+        return Ok(Cow::Borrowed(path));
+    }
+    if !options.enabled {
         return Ok(Cow::Borrowed(path));
     }
     if !path.starts_with('/') {
@@ -81,17 +85,29 @@ pub fn normalize_path<'a>(
     }
     let bytes = path.as_bytes();
     let needs_work = bytes.contains(&b'%')
+        || bytes.contains(&b'\\')
         || path.contains("/.")
         || (options.merge_slashes && path.contains("//"));
     if !needs_work {
         return Ok(Cow::Borrowed(path));
     }
-    // 1. Escapes: unreserved ones decoded, others upper-cased, slashes per option.
-    let mut decoded = String::with_capacity(path.len());
+    // 1. Escapes: unreserved ones decoded, others upper-cased, slashes per
+    // option. Bytes, so non-ASCII characters pass through whole.
+    let mut decoded: Vec<u8> = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            // Some backends read a backslash as a slash: treat it like %5C.
+            match options.escaped_slashes {
+                EscapedSlashes::Reject => return Err(PathError::EscapedSlash),
+                EscapedSlashes::Decode => decoded.push(b'/'),
+                EscapedSlashes::Keep => decoded.extend_from_slice(b"%5C"),
+            }
+            i += 1;
+            continue;
+        }
         if bytes[i] != b'%' {
-            decoded.push(bytes[i] as char);
+            decoded.push(bytes[i]);
             i += 1;
             continue;
         }
@@ -105,14 +121,20 @@ pub fn normalize_path<'a>(
         match value {
             b'/' | b'\\' => match options.escaped_slashes {
                 EscapedSlashes::Reject => return Err(PathError::EscapedSlash),
-                EscapedSlashes::Decode => decoded.push(value as char),
-                EscapedSlashes::Keep => decoded.push_str(if value == b'/' { "%2F" } else { "%5C" }),
+                // A decoded backslash is a slash too, for the same reason.
+                EscapedSlashes::Decode => decoded.push(b'/'),
+                EscapedSlashes::Keep => {
+                    decoded.extend_from_slice(if value == b'/' { b"%2F" } else { b"%5C" })
+                }
             },
-            v if unreserved(v) => decoded.push(v as char),
-            v => decoded.push_str(&format!("%{v:02X}")),
+            v if unreserved(v) => decoded.push(v),
+            v => decoded.extend_from_slice(format!("%{v:02X}").as_bytes()),
         }
         i += 3;
     }
+    // Only ASCII was decoded and the rest is copied byte for byte, so this
+    // is the input's own UTF-8.
+    let decoded = String::from_utf8(decoded).map_err(|_| PathError::BadEscape)?;
     // 2. Repeated slashes.
     let merged = if options.merge_slashes {
         let mut out = String::with_capacity(decoded.len());
@@ -177,6 +199,8 @@ mod tests {
         assert_eq!(norm("/a%zz"), Err(PathError::BadEscape));
         assert_eq!(norm("/a%2"), Err(PathError::BadEscape));
         assert_eq!(norm("relative"), Err(PathError::NotAbsolute));
+        assert_eq!(norm("/public\\..\\admin"), Err(PathError::EscapedSlash));
+        assert_eq!(norm("/café/%41/../b").unwrap(), "/café/b");
     }
 
     #[test]
@@ -186,6 +210,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(normalize_path("/admin%2f..%2fx", &decode).unwrap(), "/x");
+        assert_eq!(
+            normalize_path("/public\\..\\admin", &decode).unwrap(),
+            "/admin"
+        );
+        assert_eq!(normalize_path("/a%5c..%5cb", &decode).unwrap(), "/b");
         let keep = PathNormalization {
             escaped_slashes: EscapedSlashes::Keep,
             ..Default::default()

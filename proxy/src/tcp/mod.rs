@@ -135,6 +135,7 @@ fn authorize(
         method: &method,
         path: "",
         headers: &headers,
+        authority: "",
     };
     if let Some(Decision::Denied(policy)) = rbac.shadow.as_ref().map(|s| s.evaluate(&facts)) {
         tracing::info!(listener = %listener, policy, "RBAC shadow rules would close the connection");
