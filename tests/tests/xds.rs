@@ -559,4 +559,51 @@ async fn rbac_filter_from_xds_is_enforced_and_bad_ones_nacked() {
     };
     assert!(error.contains("condition"), "{error}");
     assert_eq!(get(addr, "svc", "/admin/x").await.status, 403);
+
+    // A policy change applies in place: a connection opened before it is
+    // kept and sees the new policy.
+    let mut kept = postern_tests::H1Conn::connect(addr).await.expect("connect");
+    let ask = |path: &str| {
+        http::Request::get(path)
+            .header("host", "svc")
+            .body(postern_tests::empty())
+            .unwrap()
+    };
+    assert_eq!(
+        kept.send(ask("/admin/x")).await.expect("exchange").status,
+        403
+    );
+    assert_eq!(
+        kept.send(ask("/ok"))
+            .await
+            .expect("keep-alive after 403")
+            .status,
+        200
+    );
+    let mut open = Snapshot::new("3");
+    open.add_message(
+        "xds-http",
+        &http_listener_with_filters(
+            "xds-http",
+            "127.0.0.1:0".parse().unwrap(),
+            "app",
+            None,
+            Vec::new(),
+        ),
+    );
+    open.add_message("app", &static_cluster("app", a.addr(), None));
+    cp.server.set_snapshot(open);
+    wait_event(&mut events, "listener ACK", |e| {
+        is_ack(e, type_url::LISTENER, "3")
+    })
+    .await;
+    assert_eq!(proxy.listener_addr("xds-http"), Some(addr), "not rebound");
+    assert_eq!(
+        kept.send(ask("/admin/x"))
+            .await
+            .expect("same connection")
+            .status,
+        200
+    );
+    assert_eq!(proxy.listener_addr("xds-http"), Some(addr), "not rebound");
 }

@@ -31,15 +31,9 @@ pub struct HttpProxy {
     pub listener: Arc<Listener>,
     /// Trust the client's `x-forwarded-proto` and `x-request-id`.
     pub trust_downstream: bool,
-    /// Path normalisation before routing and policies.
-    pub normalize: crate::route::normalize::PathNormalization,
-    /// Access control.
-    pub rbac: Option<Arc<crate::authz::Rbac>>,
-    /// Rate limit on every request of the listener.
-    pub rate_limit: Option<Arc<crate::ratelimit::LocalRateLimit>>,
-    /// Routes, swapped whole when the control plane changes them; each
-    /// request keeps the table it started with.
-    pub routes: Arc<arc_swap::ArcSwap<RouteTable>>,
+    /// Routes and policies, swapped whole when the config changes; each
+    /// request keeps what it started with.
+    pub config: Arc<arc_swap::ArcSwap<HttpConfig>>,
     /// Clusters.
     pub clusters: Arc<ClusterManager>,
     /// Per-call metric handles.
@@ -48,6 +42,32 @@ pub struct HttpProxy {
     pub tracker: Arc<ConnectionTracker>,
     /// Closes tunnels when the drain time is up.
     pub shutdown: Shutdown,
+}
+
+/// What a config change swaps in an HTTP listener without touching its
+/// connections: routes and the policies in front of them.
+#[derive(Debug)]
+pub struct HttpConfig {
+    /// Path normalisation before routing and policies.
+    pub normalize: crate::route::normalize::PathNormalization,
+    /// Access control.
+    pub rbac: Option<Arc<crate::authz::Rbac>>,
+    /// Rate limit on every request of the listener.
+    pub rate_limit: Option<Arc<crate::ratelimit::LocalRateLimit>>,
+    /// Virtual hosts and routes.
+    pub routes: Arc<RouteTable>,
+}
+
+impl HttpConfig {
+    /// The swappable part of a listener's HTTP settings.
+    pub fn of(http: &crate::config::HttpListener) -> HttpConfig {
+        HttpConfig {
+            normalize: http.normalize,
+            rbac: http.rbac.clone(),
+            rate_limit: http.rate_limit.clone(),
+            routes: http.routes.clone(),
+        }
+    }
 }
 
 /// A reply made by the proxy itself.
@@ -452,7 +472,8 @@ impl HttpProxy {
             return local_response(&reply, grpc, &mut record);
         }
         // What routes and policies see is what goes upstream.
-        match crate::route::normalize::normalize_path(request.uri().path(), &self.normalize) {
+        let config = self.config.load_full();
+        match crate::route::normalize::normalize_path(request.uri().path(), &config.normalize) {
             Ok(std::borrow::Cow::Borrowed(_)) => {}
             Ok(std::borrow::Cow::Owned(path)) => {
                 if let Err(reply) = replace_path(&mut request, &path) {
@@ -473,12 +494,12 @@ impl HttpProxy {
         // Forwarding headers are settled before any policy looks: a caller's
         // own x-forwarded-client-cert or x-forwarded-proto must not count.
         hdr::set_forwarding(request.headers_mut(), &peer, self.trust_downstream);
-        if let Some(rbac) = &self.rbac {
+        if let Some(rbac) = &config.rbac {
             if let Some(reply) = self.authorize(rbac, &peer, &request, authority_text) {
                 return local_response(&reply, grpc, &mut record);
             }
         }
-        if let Some(limit) = &self.rate_limit {
+        if let Some(limit) = &config.rate_limit {
             if let Some(response) =
                 self.rate_limited(limit, "listener", &peer, &request, grpc, &mut record)
             {
@@ -492,8 +513,7 @@ impl HttpProxy {
             method: request.method(),
             headers: request.headers(),
         };
-        let routes = self.routes.load_full();
-        let Some((_vhost, route)) = routes.route(&view) else {
+        let Some((_vhost, route)) = config.routes.route(&view) else {
             let reply = LocalReply::new(
                 StatusCode::NOT_FOUND,
                 "no route",

@@ -1,7 +1,7 @@
 //! The set of running listeners, changed at run time: a new listener is
 //! bound and starts accepting, a removed one stops accepting and drains its
-//! connections, a kept one gets its new routes without touching a
-//! connection. A listener whose address, limits, protocol or TLS changed is
+//! connections, a kept one gets its new routes and policies without
+//! touching a connection. A listener whose address, limits, protocol or TLS changed is
 //! replaced (the old one drains).
 
 use std::collections::HashMap;
@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use super::{run_listener, ConnectionTracker, ListenerContext, Shutdown};
 use crate::cluster::ClusterManager;
 use crate::config::{Listener, ListenerProtocol};
-use crate::route::RouteTable;
+use crate::http::proxy::HttpConfig;
 use crate::tls::DownstreamTls;
 
 /// Listeners that could not be started.
@@ -31,7 +31,7 @@ struct Running {
     listener: Arc<Listener>,
     shape: String,
     addr: SocketAddr,
-    routes: Option<Arc<ArcSwap<RouteTable>>>,
+    http: Option<Arc<ArcSwap<HttpConfig>>>,
     drain: watch::Sender<bool>,
     force: watch::Sender<bool>,
     accept: JoinHandle<()>,
@@ -57,17 +57,9 @@ impl std::fmt::Debug for ListenerManager {
 /// What must match for a listener to be kept (only its routes updated).
 fn shape(listener: &Listener) -> String {
     let protocol = match &listener.protocol {
-        // Path and RBAC settings live in the connection manager, which is
-        // built with the listener: a change to them replaces it.
-        ListenerProtocol::Http(http) => format!(
-            "http trust={} {:?} {:?} {:?}",
-            http.trust_downstream,
-            http.normalize,
-            http.rbac,
-            http.rate_limit
-                .as_ref()
-                .map(|l| (l.limiter.spec(), &l.key, l.shadow))
-        ),
+        // Routes, path normalisation, RBAC and rate limits are swapped in
+        // place (`HttpConfig`), so they are not part of the shape.
+        ListenerProtocol::Http(http) => format!("http trust={}", http.trust_downstream),
         ListenerProtocol::Tcp(tcp) => {
             format!("tcp {} {:?} {:?}", tcp.cluster, tcp.idle_timeout, tcp.rbac)
         }
@@ -131,9 +123,9 @@ impl ListenerManager {
         for listener in listeners {
             if let Some(current) = running.get_mut(&listener.name) {
                 if let (Some(swap), ListenerProtocol::Http(http)) =
-                    (&current.routes, &listener.protocol)
+                    (&current.http, &listener.protocol)
                 {
-                    swap.store(http.routes.clone());
+                    swap.store(Arc::new(HttpConfig::of(http)));
                 }
                 current.listener = listener.clone();
                 continue;
@@ -168,8 +160,10 @@ impl ListenerManager {
             self.identity.as_ref(),
             listener.limits.header_read_timeout,
         )?;
-        let routes = match &listener.protocol {
-            ListenerProtocol::Http(http) => Some(Arc::new(ArcSwap::new(http.routes.clone()))),
+        let http = match &listener.protocol {
+            ListenerProtocol::Http(http) => {
+                Some(Arc::new(ArcSwap::from_pointee(HttpConfig::of(http))))
+            }
             ListenerProtocol::Tcp(_) => None,
         };
         let (drain, drain_rx) = watch::channel(false);
@@ -185,14 +179,14 @@ impl ListenerManager {
             tracker: self.tracker.clone(),
             tls,
             local_id: self.local_id.clone(),
-            routes: routes.clone(),
+            http: http.clone(),
         };
         let accept = tokio::spawn(run_listener(socket, listener.clone(), context, shutdown));
         Ok(Running {
             listener: listener.clone(),
             shape: shape(listener),
             addr,
-            routes,
+            http,
             drain,
             force,
             accept,

@@ -93,8 +93,8 @@ pub struct ListenerContext {
     pub tls: DownstreamTls,
     /// This proxy's SPIFFE ID, for `x-forwarded-client-cert`.
     pub local_id: Option<Arc<SpiffeId>>,
-    /// The routes cell a config change swaps (HTTP listeners).
-    pub routes: Option<Arc<arc_swap::ArcSwap<crate::route::RouteTable>>>,
+    /// The routes-and-policies cell a config change swaps (HTTP listeners).
+    pub http: Option<Arc<arc_swap::ArcSwap<crate::http::proxy::HttpConfig>>>,
 }
 
 /// Accepts connections on a bound listener until the drain starts.
@@ -109,7 +109,7 @@ pub async fn run_listener(
         tracker,
         tls,
         local_id,
-        routes,
+        http: http_cell,
     } = context;
     let limit = Arc::new(Semaphore::new(listener.limits.max_connections));
     let http = match &listener.protocol {
@@ -117,11 +117,11 @@ pub async fn run_listener(
             Arc::new(HttpProxy {
                 listener: listener.clone(),
                 trust_downstream: http.trust_downstream,
-                normalize: http.normalize,
-                rbac: http.rbac.clone(),
-                rate_limit: http.rate_limit.clone(),
-                routes: routes
-                    .unwrap_or_else(|| Arc::new(arc_swap::ArcSwap::new(http.routes.clone()))),
+                config: http_cell.unwrap_or_else(|| {
+                    Arc::new(arc_swap::ArcSwap::from_pointee(
+                        crate::http::proxy::HttpConfig::of(http),
+                    ))
+                }),
                 clusters: clusters.clone(),
                 call_metrics: crate::telemetry::CallMetrics::new(listener.name.clone()),
                 tracker: tracker.clone(),

@@ -90,21 +90,34 @@ impl TokenBucket {
     }
 }
 
+/// The bucket that keys beyond `max_keys` share; no header value or
+/// address can spell it.
+const OVERFLOW_KEY: &str = "\u{0}overflow";
+
 /// A limit: one bucket, or one bucket per key, bounded in number.
 #[derive(Debug)]
 pub struct Limiter {
     spec: BucketSpec,
     max_keys: usize,
-    buckets: Mutex<HashMap<String, TokenBucket>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Debug, Default)]
+struct Buckets {
+    by_key: HashMap<String, TokenBucket>,
+    /// Buckets only become idle at a refill, so sweeping more often than
+    /// once per interval would find nothing new.
+    last_sweep: Option<Instant>,
 }
 
 impl Limiter {
-    /// A limiter keeping at most `max_keys` buckets.
+    /// A limiter keeping at most `max_keys` buckets (plus one shared by
+    /// the keys that find no room).
     pub fn new(spec: BucketSpec, max_keys: usize) -> Limiter {
         Limiter {
             spec,
             max_keys: max_keys.max(1),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets::default()),
         }
     }
 
@@ -115,40 +128,42 @@ impl Limiter {
 
     /// Takes a token from `key`'s bucket (`""` for an unkeyed limit).
     pub fn take(&self, key: &str, now: Instant) -> Take {
-        let Ok(mut buckets) = self.buckets.lock() else {
+        let Ok(mut guard) = self.buckets.lock() else {
             // A poisoned lock must not turn into an outage: let it through.
             return Take::Granted { remaining: 0 };
         };
-        if let Some(bucket) = buckets.get_mut(key) {
+        let Buckets { by_key, last_sweep } = &mut *guard;
+        if let Some(bucket) = by_key.get_mut(key) {
             return bucket.take(&self.spec, now);
         }
-        if buckets.len() >= self.max_keys {
-            let spec = self.spec;
-            buckets.retain(|_, b| !b.is_full(&spec, now));
-            if buckets.len() >= self.max_keys {
-                // Still full of busy buckets: drop the least recently used
-                // tenth at once, so the sweep is paid once per many inserts.
-                let evict = self.max_keys / 10 + 1;
-                let mut ages: Vec<(Instant, String)> = buckets
-                    .iter()
-                    .map(|(k, b)| (b.last_used, k.clone()))
-                    .collect();
-                let cut = evict.min(ages.len()) - 1;
-                ages.select_nth_unstable(cut);
-                for (_, key) in ages.into_iter().take(evict) {
-                    buckets.remove(&key);
-                }
+        let spec = self.spec;
+        if by_key.len() >= self.max_keys {
+            let due =
+                last_sweep.is_none_or(|at| now.saturating_duration_since(at) >= spec.fill_interval);
+            if due {
+                by_key.retain(|_, b| !b.is_full(&spec, now));
+                *last_sweep = Some(now);
+            }
+            if by_key.len() >= self.max_keys {
+                // Still full of busy buckets. Evicting one would hand its
+                // caller a fresh burst the moment it came back under a new
+                // key, so new keys share one overflow bucket until idle
+                // buckets free their places.
+                return by_key
+                    .entry(OVERFLOW_KEY.to_string())
+                    .or_insert_with(|| TokenBucket::new(&spec, now))
+                    .take(&spec, now);
             }
         }
-        let mut bucket = TokenBucket::new(&self.spec, now);
-        let taken = bucket.take(&self.spec, now);
-        buckets.insert(key.to_string(), bucket);
+        let mut bucket = TokenBucket::new(&spec, now);
+        let taken = bucket.take(&spec, now);
+        by_key.insert(key.to_string(), bucket);
         taken
     }
 
     /// Buckets held now.
     pub fn len(&self) -> usize {
-        self.buckets.lock().map_or(0, |b| b.len())
+        self.buckets.lock().map_or(0, |b| b.by_key.len())
     }
 
     /// Whether no bucket is held.
