@@ -404,9 +404,21 @@ fn dynamic_status(state: &Resources) -> serde_json::Value {
 
 impl Handler for XdsHandler {
     fn on_update(&self, type_url: &str, update: Update) -> Result<(), Vec<ResourceError>> {
+        let names: Vec<String> = match &update {
+            Update::State { resources, .. } => resources.iter().map(|r| r.name.clone()).collect(),
+            Update::Delta { added, .. } => added.iter().map(|r| r.name.clone()).collect(),
+        };
         let result = self.apply(type_url, update);
         match &result {
-            Ok(()) => tracing::info!(type_url, "xDS update applied"),
+            Ok(()) => {
+                tracing::info!(type_url, "xDS update applied");
+                // An accepted resource has no pending NACK any more.
+                if let Ok(mut nacks) = self.nacks.lock() {
+                    for name in &names {
+                        nacks.remove(name);
+                    }
+                }
+            }
             Err(errors) => {
                 for e in errors {
                     tracing::warn!(type_url, resource = %e.name, reason = %e.reason, "xDS update rejected");

@@ -844,6 +844,23 @@ impl HttpProxy {
             } else {
                 None
             };
+        // A rewrite can make dot segments or double slashes again (`/api..`
+        // with prefix `/api` → `/v1/` gives `/v1/..`): normalise once more so
+        // the backend still gets what the policies checked, or nothing.
+        let rewritten = match rewritten {
+            Some(p) if self.config.load().normalize.enabled => {
+                let options = crate::route::normalize::PathNormalization {
+                    escaped_slashes: crate::route::normalize::EscapedSlashes::Keep,
+                    ..self.config.load().normalize
+                };
+                Some(
+                    crate::route::normalize::normalize_path(&p, &options)
+                        .ok()?
+                        .into_owned(),
+                )
+            }
+            other => other,
+        };
         let path_and_query = match (rewritten, uri.query()) {
             // Unchanged: share the request's bytes rather than parse a copy.
             (None, _) => uri
