@@ -52,6 +52,10 @@ pub enum PathError {
     /// The path does not start with `/`.
     #[error("path must start with /")]
     NotAbsolute,
+    /// A dot segment with parameters (`..;x`), which some servers read as
+    /// `..`: refused rather than guessed at.
+    #[error("dot segment with parameters in path")]
+    DotSegmentParams,
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -87,6 +91,7 @@ pub fn normalize_path<'a>(
     let needs_work = bytes.contains(&b'%')
         || bytes.contains(&b'\\')
         || path.contains("/.")
+        || path.contains(';')
         || (options.merge_slashes && path.contains("//"));
     if !needs_work {
         return Ok(Cow::Borrowed(path));
@@ -154,6 +159,9 @@ pub fn normalize_path<'a>(
     let trailing = merged.ends_with('/') || merged.ends_with("/.") || merged.ends_with("/..");
     let mut segments: Vec<&str> = Vec::new();
     for segment in merged[1..].split('/') {
+        if segment.starts_with(".;") || segment.starts_with("..;") {
+            return Err(PathError::DotSegmentParams);
+        }
         match segment {
             "." => {}
             ".." => {
@@ -200,6 +208,8 @@ mod tests {
         assert_eq!(norm("/a%2"), Err(PathError::BadEscape));
         assert_eq!(norm("relative"), Err(PathError::NotAbsolute));
         assert_eq!(norm("/public\\..\\admin"), Err(PathError::EscapedSlash));
+        assert_eq!(norm("/public/..;x/admin"), Err(PathError::DotSegmentParams));
+        assert_eq!(norm("/a;v=1/b").unwrap(), "/a;v=1/b");
         assert_eq!(norm("/café/%41/../b").unwrap(), "/café/b");
     }
 
