@@ -61,16 +61,10 @@ CERTS=$MESH/certs
 log() { printf '[mesh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[mesh] ERROR: %s\n' "$*" >&2; exit 1; }
 
-# Seconds from "10s", "10", "2m", "500ms" (the units wrk and h2load share).
-to_seconds() {
-    local v=$1
-    case $v in
-        *ms) awk -v x="${v%ms}" 'BEGIN{printf "%g", x/1000}' ;;
-        *s)  printf '%s' "${v%s}" ;;
-        *m)  awk -v x="${v%m}" 'BEGIN{printf "%g", x*60}' ;;
-        *)   printf '%s' "$v" ;;
-    esac
-}
+# Helpers shared with the other benchmark scripts.
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
+
 DUR_S=$(to_seconds "$DURATION")
 WARM_S=$(to_seconds "$WARMUP")
 STORM_S=$(to_seconds "$STORM_TIME")
@@ -113,78 +107,13 @@ ensure_tools() {
 
 # ------------------------------------------------------------ process care --
 STARTED=()   # pids this script started; stopped at exit
-cleanup() {
-    local pid i
-    for pid in "${STARTED[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${STARTED[@]}"; do
-        for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    STARTED=()
-}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-forget_pid() {
-    local i keep=()
-    for i in "${STARTED[@]}"; do [[ $i == "$1" ]] || keep+=("$i"); done
-    STARTED=("${keep[@]}")
-}
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    forget_pid "$pid"
-}
-
-port_free() { ! (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
 # wait_http URL [curl args...]: poll until 200, bounded. With WAIT_PID set,
 # give up as soon as that process has exited.
 WAIT_PID=
-wait_http() {
-    local url=$1 i code
-    shift
-    for ((i = 0; i < READY_TRIES; i++)); do
-        code=$(curl -s -o /dev/null -m 1 -w '%{http_code}' "$@" "$url" || true)
-        [[ $code == 200 ]] && return 0
-        if [[ -n $WAIT_PID ]] && ! kill -0 "$WAIT_PID" 2>/dev/null; then
-            return 1
-        fi
-        sleep 0.1
-    done
-    return 1
-}
 
-# CPU ticks (utime+stime) of the given pids, summed. Field 14/15 of
-# /proc/PID/stat, counted after the ")" that ends the command name.
-cpu_ticks() {
-    local pid total=0 rest
-    for pid in "$@"; do
-        rest=$(<"/proc/$pid/stat")
-        rest=${rest##*) }
-        # shellcheck disable=SC2086
-        set -- $rest
-        total=$((total + ${12} + ${13}))
-    done
-    echo "$total"
-}
-# Snapshot "pid ticks" of every user-space process except this script (whose
-# own children, the load generators, are in its cutime) and the pids given.
-# Same method as bench/run.sh.
-others_snapshot() {   # others_snapshot EXCLUDED_PID...
-    cat /proc/[0-9]*/stat 2>/dev/null | awk -v self="$$" -v excl=" $* " '
-        {
-            pid = $1
-            sub(/^.*\) /, "")   # drop "pid (comm) "; $1 is now the state
-            ppid = $2
-            if (pid == self || pid == 2 || ppid == 2 || index(excl, " " pid " ")) next
-            print pid, $12 + $13 + $14 + $15
-        }'
-}
 others_ticks() {   # others_ticks BEFORE AFTER
     awk 'NR == FNR { b[$1] = $2; next } { a[$1] = $2 }
          END {
@@ -215,16 +144,6 @@ run_logged() {
     return "$rc"
 }
 
-# Share of all CPUs busy over 1 s (from /proc/stat), as a whole percent.
-cpu_busy_pct() {
-    local a b
-    a=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $5+$6}' /proc/stat)
-    sleep 1
-    b=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $5+$6}' /proc/stat)
-    awk -v a="$a" -v b="$b" 'BEGIN{split(a, x, " "); split(b, y, " ");
-        busy = y[1] - x[1]; idle = y[2] - x[2];
-        printf "%d", (busy + idle) ? 100 * busy / (busy + idle) : 0}'
-}
 now() { date +%s.%N; }
 
 # ------------------------------------------------------------- certificates --
@@ -281,19 +200,6 @@ error_log $dir/error.log warn;
 events { worker_connections 8192; }
 EOF
 }
-nginx_http_common() {
-    local dir=$1
-    cat <<EOF
-    access_log off;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path       $dir/tmp/proxy;
-    fastcgi_temp_path     $dir/tmp/fastcgi;
-    uwsgi_temp_path       $dir/tmp/uwsgi;
-    scgi_temp_path        $dir/tmp/scgi;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-EOF
-}
 
 # start_nginx NAME CPU: config already at $MESH/NAME/nginx.conf; sets LAST_PID
 # to the master's pid. Not to be called in $(...): the pid must stay ours.
@@ -307,15 +213,6 @@ start_nginx() {
         >"$dir/stdout.log" 2>&1 &
     LAST_PID=$!
     STARTED+=("$LAST_PID")
-}
-nginx_worker() {   # nginx_worker MASTER_PID: the (single) worker's pid, bounded wait
-    local i w
-    for ((i = 0; i < 50; i++)); do
-        w=$(pgrep -P "$1" | head -n1 || true)
-        [[ -n $w ]] && { echo "$w"; return 0; }
-        sleep 0.1
-    done
-    return 1
 }
 
 BACKEND_BODY='postern bench backend: ok'   # same backend as bench/run.sh
@@ -659,20 +556,6 @@ stop_pair() {
 }
 
 # -------------------------------------------------------------------- load --
-# Percentiles (µs) from an h2load --log-file (start_us, status, latency_us).
-latency_percentiles() {   # prints "p50 p99 p999 count"
-    awk -F'\t' '$2 >= 200 && $2 < 300 {print $3}' "$1" | sort -n | awk '
-        { v[NR] = $1 }
-        END {
-            if (NR == 0) { print "NA NA NA 0"; exit }
-            split("0.50 0.99 0.999", q, " ")
-            for (i = 1; i <= 3; i++) {
-                k = int(q[i] * NR); if (k < q[i] * NR) k++; if (k < 1) k = 1
-                printf "%d ", v[k]
-            }
-            print NR
-        }'
-}
 per_req() {   # per_req TICKS N: µs of CPU per request
     awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN{printf "%.1f", t / hz * 1e6 / n}'
 }

@@ -120,13 +120,6 @@ impl CertInfo {
             _ => Err(CertError::NoSpiffeId("more than one URI SAN".into())),
         }
     }
-
-    /// Total validity period.
-    pub fn lifetime(&self) -> Duration {
-        self.not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default()
-    }
 }
 
 fn to_system_time(unix: i64) -> SystemTime {

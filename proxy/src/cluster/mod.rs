@@ -90,13 +90,6 @@ impl ClusterManager {
         self.clusters.load().get(name).cloned()
     }
 
-    /// Names of the clusters now, sorted.
-    pub fn names(&self) -> Vec<Arc<str>> {
-        let mut names: Vec<_> = self.clusters.load().keys().cloned().collect();
-        names.sort();
-        names
-    }
-
     /// Closes idle connections past their timeout in every cluster.
     pub fn reap_idle(&self) {
         for cluster in self.clusters.load().values() {

@@ -564,8 +564,11 @@ impl HttpProxy {
             }
             crate::route::RouteAction::Forward(forward) => {
                 let path_match = &route.matcher.path;
-                self.forward(request, authority, forward, path_match, grpc, record)
-                    .await
+                let normalize = config.normalize;
+                self.forward(
+                    request, normalize, authority, forward, path_match, grpc, record,
+                )
+                .await
             }
         }
     }
@@ -583,6 +586,8 @@ impl HttpProxy {
     async fn forward(
         &self,
         mut request: Request<Incoming>,
+        // The request's own config: a rewrite is normalised as its path was.
+        normalize: crate::route::normalize::PathNormalization,
         authority: HeaderValue,
         forward: &Forward,
         path_match: &crate::route::PathMatch,
@@ -607,8 +612,9 @@ impl HttpProxy {
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
         let (parts, body) = request.into_parts();
-        let head = match self.upstream_head(parts, authority, forward, path_match, upgrade, cluster)
-        {
+        let head = match self.upstream_head(
+            parts, normalize, authority, forward, path_match, upgrade, cluster,
+        ) {
             Some(head) => head,
             None => {
                 let reply =
@@ -816,6 +822,7 @@ impl HttpProxy {
     fn upstream_head(
         &self,
         parts: http::request::Parts,
+        normalize: crate::route::normalize::PathNormalization,
         authority: HeaderValue,
         forward: &Forward,
         path_match: &crate::route::PathMatch,
@@ -848,10 +855,10 @@ impl HttpProxy {
         // with prefix `/api` → `/v1/` gives `/v1/..`): normalise once more so
         // the backend still gets what the policies checked, or nothing.
         let rewritten = match rewritten {
-            Some(p) if self.config.load().normalize.enabled => {
+            Some(p) if normalize.enabled => {
                 let options = crate::route::normalize::PathNormalization {
                     escaped_slashes: crate::route::normalize::EscapedSlashes::Keep,
-                    ..self.config.load().normalize
+                    ..normalize
                 };
                 Some(
                     crate::route::normalize::normalize_path(&p, &options)

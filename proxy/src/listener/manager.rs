@@ -210,14 +210,6 @@ impl ListenerManager {
         self.running.lock().ok()?.get(name).map(|r| r.addr)
     }
 
-    /// Names and addresses of the running listeners.
-    pub fn addrs(&self) -> HashMap<String, SocketAddr> {
-        self.running
-            .lock()
-            .map(|r| r.iter().map(|(n, r)| (n.to_string(), r.addr)).collect())
-            .unwrap_or_default()
-    }
-
     /// Starts the drain of every listener; none is started afterwards.
     /// Resolves when every accept loop has stopped.
     pub async fn drain_all(&self) {
