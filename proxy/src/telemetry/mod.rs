@@ -1,6 +1,7 @@
 //! Telemetry: tracing setup, metric names, and the per-call record that
 //! feeds metrics when a call ends.
 
+pub mod log;
 pub mod metrics;
 
 use std::collections::HashMap;
@@ -97,6 +98,88 @@ impl ResponseFlag {
             ResponseFlag::DirectResponse => "DR",
             ResponseFlag::DownstreamLimit => "DL",
         }
+    }
+}
+
+impl ResponseFlag {
+    /// Every flag, in the order codes are listed.
+    pub const ALL: [ResponseFlag; 12] = [
+        ResponseFlag::NoRoute,
+        ResponseFlag::NoHealthyUpstream,
+        ResponseFlag::UpstreamConnectFailure,
+        ResponseFlag::UpstreamReset,
+        ResponseFlag::UpstreamTimeout,
+        ResponseFlag::UpstreamOverflow,
+        ResponseFlag::RetryLimitExceeded,
+        ResponseFlag::DownstreamClosed,
+        ResponseFlag::DirectResponse,
+        ResponseFlag::DownstreamLimit,
+        ResponseFlag::RbacDenied,
+        ResponseFlag::RateLimited,
+    ];
+
+    fn bit(self) -> u16 {
+        1 << (self as u16)
+    }
+}
+
+/// The set of flags a call collected; `-` when empty, else the codes joined
+/// by commas, as Envoy prints them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ResponseFlags(u16);
+
+impl ResponseFlags {
+    /// Adds a flag.
+    pub fn insert(&mut self, flag: ResponseFlag) {
+        self.0 |= flag.bit();
+    }
+
+    /// Whether the flag is set.
+    pub fn contains(self, flag: ResponseFlag) -> bool {
+        self.0 & flag.bit() != 0
+    }
+
+    /// No flag set: the call went plainly.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The flags set, in a fixed order.
+    pub fn iter(self) -> impl Iterator<Item = ResponseFlag> {
+        ResponseFlag::ALL
+            .into_iter()
+            .filter(move |f| self.contains(*f))
+    }
+
+    /// The label and log value: `-`, or codes joined by commas. Interned, so
+    /// a metric label costs no allocation per call.
+    pub fn as_str(self) -> &'static str {
+        static JOINED: LazyLock<RwLock<HashMap<u16, &'static str>>> =
+            LazyLock::new(|| RwLock::new(HashMap::new()));
+        if self.0 == 0 {
+            return "-";
+        }
+        if let Some(s) = JOINED.read().ok().and_then(|m| m.get(&self.0).copied()) {
+            return s;
+        }
+        let joined = self
+            .iter()
+            .map(ResponseFlag::code)
+            .collect::<Vec<_>>()
+            .join(",");
+        // At most 2^12 combinations, each leaked once.
+        let mut map = match JOINED.write() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.entry(self.0)
+            .or_insert_with(|| Box::leak(joined.into_boxed_str()))
+    }
+}
+
+impl From<ResponseFlag> for ResponseFlags {
+    fn from(flag: ResponseFlag) -> Self {
+        ResponseFlags(flag.bit())
     }
 }
 
