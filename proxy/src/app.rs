@@ -95,12 +95,18 @@ impl Proxy {
         )?);
         let tracker = Arc::new(ConnectionTracker::default());
         let local_id = config.identity.as_ref().map(|i| Arc::new(i.id.clone()));
+        let telemetry = crate::telemetry::TelemetryHub::from_config(
+            &config.source.telemetry,
+            local_id.as_deref(),
+        )
+        .context("cannot open the access log")?;
         let listeners = Arc::new(ListenerManager::new(
             clusters.clone(),
             tracker.clone(),
             identity.clone(),
             local_id,
             config.drain_timeout,
+            telemetry,
         ));
         if let Err(err) = listeners.apply(&config.listeners) {
             listeners.drain_all().await;

@@ -20,6 +20,13 @@ use postern::{telemetry, Proxy};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Runtime log format: text or json.
+    #[arg(long, global = true, env = "POSTERN_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Runtime log filter, e.g. `info` or `info,postern=debug` (default: RUST_LOG, else info);
+    /// changeable later with admin `POST /logging?level=...`.
+    #[arg(long, global = true, env = "POSTERN_LOG_LEVEL")]
+    log_level: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -60,6 +67,18 @@ struct Bootstrap {
     /// Admin server address.
     #[arg(long, env = "POSTERN_ADMIN_ADDRESS")]
     admin_address: Option<SocketAddr>,
+    /// This workload's name in metrics (`telemetry.workload.name`).
+    #[arg(long, env = "POSTERN_WORKLOAD_NAME")]
+    workload_name: Option<String>,
+    /// This workload's namespace in metrics (`telemetry.workload.namespace`).
+    #[arg(long, env = "POSTERN_WORKLOAD_NAMESPACE")]
+    workload_namespace: Option<String>,
+    /// This workload's `app` label (`telemetry.workload.app`).
+    #[arg(long, env = "POSTERN_APP")]
+    app: Option<String>,
+    /// This workload's `version` label (`telemetry.workload.version`).
+    #[arg(long, env = "POSTERN_APP_VERSION")]
+    app_version: Option<String>,
 }
 
 impl Bootstrap {
@@ -73,6 +92,10 @@ impl Bootstrap {
                 _ => XdsProtocolFile::Sotw,
             }),
             admin_address: self.admin_address,
+            workload_name: self.workload_name.clone(),
+            workload_namespace: self.workload_namespace.clone(),
+            app: self.app.clone(),
+            app_version: self.app_version.clone(),
         };
         Config::from_bootstrap(self.config.as_deref(), &overrides)
     }
@@ -86,6 +109,12 @@ impl Bootstrap {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let log_format = match cli.log_format.as_str() {
+        "json" => telemetry::LogFormat::Json,
+        _ => telemetry::LogFormat::Text,
+    };
+    let log_level = cli.log_level.clone();
+    let logging = move || telemetry::init_tracing(log_format, log_level.as_deref());
     match cli.command {
         Command::Validate(bootstrap) => match bootstrap.load() {
             Ok(_) => {
@@ -99,9 +128,11 @@ fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(err) => return report_config_error(&bootstrap.name(), &err),
             };
-            run(|| async move { Ok((Proxy::start(config).await?, None)) })
+            run(logging, || async move {
+                Ok((Proxy::start(config).await?, None))
+            })
         }
-        Command::Demo { listen, admin } => run(|| async move {
+        Command::Demo { listen, admin } => run(logging, || async move {
             let (proxy, help) = demo::start(DemoOptions { listen, admin }).await?;
             Ok((proxy, Some(help)))
         }),
@@ -120,12 +151,12 @@ fn report_config_error(source: &str, err: &ConfigError) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn run<F, Fut>(start: F) -> ExitCode
+fn run<F, Fut>(logging: impl FnOnce(), start: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<(Proxy, Option<String>)>>,
 {
-    telemetry::init_tracing();
+    logging();
     telemetry::install_prometheus_recorder();
     // A sidecar is usually given a core or two; let the operator say how many.
     // With one, a single-threaded runtime skips the work-stealing machinery.

@@ -163,17 +163,45 @@ async fn handle(
             json(&dump)
         }
         (&Method::GET, "/certs") => json(&certs_json(&state)),
+        (&Method::GET, "/logging") => match crate::telemetry::log_level() {
+            Some(level) => text(StatusCode::OK, format!("level: {level}\n")),
+            None => text(StatusCode::NOT_FOUND, "logging is not reloadable in this process\n"),
+        },
+        (&Method::POST, "/logging") => {
+            let level = request.uri().query().and_then(|q| {
+                q.split('&')
+                    .filter_map(|pair| pair.split_once('='))
+                    .find(|(k, _)| *k == "level")
+                    .map(|(_, v)| v.replace("%2C", ",").replace("%3D", "="))
+            });
+            match level {
+                None => text(
+                    StatusCode::BAD_REQUEST,
+                    "give the level: POST /logging?level=debug (or directives such as info,postern=debug)\n",
+                ),
+                Some(level) => match crate::telemetry::set_log_level(&level) {
+                    Ok(()) => text(StatusCode::OK, format!("level: {level}\n")),
+                    Err(err @ crate::telemetry::LogLevelError::Invalid(_)) => {
+                        text(StatusCode::BAD_REQUEST, format!("{err}\n"))
+                    }
+                    Err(err) => text(StatusCode::NOT_FOUND, format!("{err}\n")),
+                },
+            }
+        }
         (&Method::POST, "/drain") => {
             tracing::info!("drain requested through the admin server");
             state.drain.send_replace(true);
             text(StatusCode::OK, "draining\n")
         }
-        (_, "/ready" | "/healthz" | "/metrics" | "/config_dump" | "/certs" | "/drain") => {
+        (
+            _,
+            "/ready" | "/healthz" | "/metrics" | "/config_dump" | "/certs" | "/drain" | "/logging",
+        ) => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: GET /ready, GET /healthz, GET /metrics, GET /config_dump, GET /certs, POST /drain\n",
+            "endpoints: GET /ready, GET /healthz, GET /metrics, GET /config_dump, GET /certs, GET|POST /logging, POST /drain\n",
         ),
     };
     Ok(response)

@@ -215,7 +215,15 @@ pub struct EndpointPool {
     idle: Mutex<Vec<IdleConn>>,
     shared_h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
     h2_connecting: tokio::sync::Mutex<()>,
+    /// The SPIFFE ID the endpoint proved at its last mesh handshake.
+    peer_principal: arc_swap::ArcSwapOption<PeerPrincipal>,
+    /// The workload metadata the endpoint's sidecar last sent.
+    peer_meta: arc_swap::ArcSwapOption<http::HeaderValue>,
 }
+
+/// A verified upstream SPIFFE ID, shared by the calls that reach it.
+#[derive(Debug)]
+struct PeerPrincipal(Arc<str>);
 
 impl std::fmt::Debug for EndpointPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -270,7 +278,31 @@ impl EndpointPool {
             idle: Mutex::new(Vec::new()),
             shared_h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
+            peer_principal: arc_swap::ArcSwapOption::empty(),
+            peer_meta: arc_swap::ArcSwapOption::empty(),
         })
+    }
+
+    /// The workload metadata the endpoint's sidecar last sent.
+    pub fn peer_meta(&self) -> Option<http::HeaderValue> {
+        self.peer_meta.load().as_deref().cloned()
+    }
+
+    /// Keeps the metadata a response carried, for calls that get no response.
+    pub fn note_peer_meta(&self, meta: &http::HeaderValue) {
+        if self.peer_meta.load().as_deref() != Some(meta) {
+            self.peer_meta.store(Some(Arc::new(meta.clone())));
+        }
+    }
+
+    /// The endpoint's address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The SPIFFE ID the endpoint proved at its last mesh handshake.
+    pub fn peer_principal(&self) -> Option<Arc<str>> {
+        self.peer_principal.load().as_ref().map(|p| p.0.clone())
     }
 
     /// Sends a request on a pooled or new connection. For HTTP/1.1 the
@@ -473,7 +505,12 @@ impl EndpointPool {
             match &self.settings.tls {
                 None => Ok(UpstreamIo::Plain(stream)),
                 Some(tls) => match tls.connect(stream).await {
-                    Ok(stream) => Ok(UpstreamIo::Tls(Box::new(stream))),
+                    Ok(stream) => {
+                        if tls.force_http2 {
+                            self.note_principal(&stream);
+                        }
+                        Ok(UpstreamIo::Tls(Box::new(stream)))
+                    }
                     Err(source) => Err(UpstreamError::Tls {
                         addr,
                         reason: io_failure_reason(&source),
@@ -486,6 +523,22 @@ impl EndpointPool {
             .await
             .map_err(|_| UpstreamError::ConnectTimeout(addr))??;
         Ok(TokioIo::new(io))
+    }
+
+    fn note_principal(&self, stream: &tokio_rustls::client::TlsStream<TcpStream>) {
+        let id = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(postern_certs::peer_spiffe_id);
+        let same = match (&id, &*self.peer_principal.load()) {
+            (Some(id), Some(known)) => id.as_str() == &*known.0,
+            _ => false,
+        };
+        if !same {
+            self.peer_principal
+                .store(id.map(|id| Arc::new(PeerPrincipal(Arc::from(id.as_str())))));
+        }
     }
 
     fn handshake_failed(&self, source: hyper::Error) -> UpstreamError {

@@ -36,6 +36,59 @@ pub struct ConfigFile {
     /// The xDS control plane; the config is static only when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xds: Option<XdsFile>,
+    /// Who this workload is to telemetry, and where call logs go.
+    #[serde(default)]
+    pub telemetry: TelemetryFile,
+}
+
+/// The `telemetry` section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryFile {
+    /// This workload's labels in Istio metrics (and sent to peer sidecars).
+    #[serde(default)]
+    pub workload: WorkloadFile,
+    /// Distinct peers kept as metric labels; later ones share `other` labels.
+    #[serde(default = "default_max_peers")]
+    pub max_peers: usize,
+    /// One JSON line per call; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<crate::telemetry::access_log::AccessLogFile>,
+}
+
+impl Default for TelemetryFile {
+    fn default() -> Self {
+        TelemetryFile {
+            workload: WorkloadFile::default(),
+            max_peers: default_max_peers(),
+            access_log: None,
+        }
+    }
+}
+
+fn default_max_peers() -> usize {
+    crate::telemetry::record::DEFAULT_MAX_PEERS
+}
+
+/// This workload's labels; each unset one is `unknown` (the namespace
+/// falls back to the identity's).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadFile {
+    /// Workload (Deployment, StatefulSet, …) name.
+    pub name: Option<String>,
+    /// Kubernetes namespace.
+    pub namespace: Option<String>,
+    /// `app` label.
+    pub app: Option<String>,
+    /// `version` label.
+    pub version: Option<String>,
+    /// Canonical service (`service.istio.io/canonical-name`); defaults to `app`.
+    pub canonical_service: Option<String>,
+    /// Canonical revision; defaults to `version`, then `latest`.
+    pub canonical_revision: Option<String>,
+    /// Mesh cluster id.
+    pub cluster: Option<String>,
 }
 
 /// The node this proxy reports to the control plane.
@@ -395,6 +448,10 @@ pub struct ListenerFile {
     /// Edge TLS termination with configured certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServerTlsFile>,
+    /// `inbound` (calls to this workload) or `outbound` (calls it makes);
+    /// Istio's `reporter` label. Default: inbound with mesh mTLS, else outbound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_direction: Option<crate::telemetry::log::TrafficDirection>,
 }
 
 /// Per-listener limits.
@@ -683,6 +740,9 @@ pub struct RouteFile {
     /// A local rate limit on this route's requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_rate_limit: Option<LocalRateLimitFile>,
+    /// Access-log filter and sampling for this route's calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<crate::telemetry::access_log::LogPolicyFile>,
 }
 
 /// Route match conditions; all given conditions must hold.

@@ -96,6 +96,14 @@ pub struct BootstrapOverrides {
     pub xds_protocol: Option<file::XdsProtocolFile>,
     /// `admin.address`.
     pub admin_address: Option<SocketAddr>,
+    /// `telemetry.workload.name`.
+    pub workload_name: Option<String>,
+    /// `telemetry.workload.namespace`.
+    pub workload_namespace: Option<String>,
+    /// `telemetry.workload.app`.
+    pub app: Option<String>,
+    /// `telemetry.workload.version`.
+    pub app_version: Option<String>,
 }
 
 impl BootstrapOverrides {
@@ -127,6 +135,17 @@ impl BootstrapOverrides {
         }
         if let Some(admin) = self.admin_address {
             file.admin.address = admin;
+        }
+        let workload = &mut file.telemetry.workload;
+        for (flag, field) in [
+            (&self.workload_name, &mut workload.name),
+            (&self.workload_namespace, &mut workload.namespace),
+            (&self.app, &mut workload.app),
+            (&self.app_version, &mut workload.version),
+        ] {
+            if let Some(value) = flag {
+                *field = Some(value.clone());
+            }
         }
     }
 }
@@ -163,6 +182,8 @@ pub struct Listener {
     pub protocol: ListenerProtocol,
     /// TLS in front of it.
     pub tls: ListenerTls,
+    /// Which side of the workload it faces, for telemetry.
+    pub direction: crate::telemetry::log::TrafficDirection,
 }
 
 /// What a listener serves.

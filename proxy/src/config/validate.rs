@@ -175,15 +175,32 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
             has_identity,
             &mut errors,
         );
+        let mesh_inbound = listener
+            .mtls
+            .as_ref()
+            .is_some_and(|m| m.mode != super::file::MtlsMode::Disable);
         listeners.push(Arc::new(Listener {
             name: Arc::from(listener.name.as_str()),
             address: listener.address,
             limits: listener.limits.clone(),
             protocol,
             tls,
+            direction: listener.traffic_direction.unwrap_or(if mesh_inbound {
+                crate::telemetry::log::TrafficDirection::Inbound
+            } else {
+                crate::telemetry::log::TrafficDirection::Outbound
+            }),
         }));
     }
 
+    if let Some(log) = &file.telemetry.access_log {
+        for err in log.validate() {
+            errors.push(format!("telemetry.access_log.{}", err.field), err.reason);
+        }
+    }
+    if file.telemetry.max_peers == 0 {
+        errors.push("telemetry.max_peers", "must be at least 1");
+    }
     if file.drain_timeout.is_zero() {
         errors.push("drain_timeout", "must be more than 0");
     }
@@ -574,6 +591,11 @@ fn build_route(
         ),
         rate_limit: route.local_rate_limit.as_ref().map(|limit| {
             super::rbac::build_rate_limit(limit, &format!("{path}.local_rate_limit"), errors)
+        }),
+        access_log: route.access_log.inspect(|policy| {
+            if let Some((field, reason)) = policy.validate() {
+                errors.push(format!("{path}.access_log.{field}"), reason);
+            }
         }),
         matcher,
         action,

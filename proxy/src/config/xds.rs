@@ -226,6 +226,7 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
         retry: None,
         rewrite: None,
         local_rate_limit: None,
+        access_log: None,
     };
     match &r.action {
         Some(route::route::Action::Route(action)) => {
@@ -834,6 +835,12 @@ pub fn listener(
         tcp: None,
         mtls: None,
         tls: None,
+        // Envoy's enum: 1 inbound, 2 outbound; unspecified keeps the default.
+        traffic_direction: match l.traffic_direction {
+            1 => Some(crate::telemetry::log::TrafficDirection::Inbound),
+            2 => Some(crate::telemetry::log::TrafficDirection::Outbound),
+            _ => None,
+        },
     };
     let mut source = RouteSource::None;
     if !l.listener_filters.is_empty() {

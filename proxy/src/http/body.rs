@@ -3,6 +3,8 @@
 //! and only up to the route's limit.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -45,6 +47,8 @@ pub enum RequestBody {
         remaining: Option<u64>,
         /// The configured limit, for the error.
         limit: u64,
+        /// Counts the bytes that passed, for telemetry.
+        counter: Option<Arc<AtomicU64>>,
     },
 }
 
@@ -77,7 +81,16 @@ impl RequestBody {
             inner,
             remaining: limit,
             limit: limit.unwrap_or(u64::MAX),
+            counter: None,
         }
+    }
+
+    /// Counts the bytes that pass in `counter`.
+    pub fn counted(mut self, counter: Arc<AtomicU64>) -> Self {
+        if let RequestBody::Streaming { counter: slot, .. } = &mut self {
+            *slot = Some(counter);
+        }
+        self
     }
 }
 
@@ -101,8 +114,12 @@ impl Body for RequestBody {
                 inner,
                 remaining,
                 limit,
+                counter,
             } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
+                    if let (Some(counter), Some(data)) = (counter.as_ref(), frame.data_ref()) {
+                        counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
                     if let (Some(left), Some(data)) = (remaining.as_mut(), frame.data_ref()) {
                         let len = data.len() as u64;
                         if len > *left {
@@ -256,6 +273,13 @@ impl Body for ResponseBody {
                 other => other.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
             },
         };
+        if let (Poll::Ready(Some(Ok(frame))), Some(record)) = (&polled, this.record.as_mut()) {
+            if let Some(data) = frame.data_ref() {
+                record.add_sent(data.len());
+            } else if let Some(trailers) = frame.trailers_ref() {
+                record.set_grpc_status(trailers);
+            }
+        }
         if let Poll::Ready(None) = polled {
             this.finish(true);
         }

@@ -170,6 +170,8 @@ pub struct DownstreamPeer {
     pub ip: HeaderValue,
     /// The peer IP.
     pub addr: IpAddr,
+    /// The peer address and port.
+    pub remote: std::net::SocketAddr,
     /// The local port the connection came in on.
     pub local_port: u16,
     /// The connection is TLS.
@@ -181,10 +183,10 @@ pub struct DownstreamPeer {
 }
 
 impl DownstreamPeer {
-    /// The peer of a connection from `ip`, with what its handshake proved;
+    /// The peer of a connection from `remote`, with what its handshake proved;
     /// `local` is this proxy's own SPIFFE ID.
     pub fn new(
-        ip: IpAddr,
+        remote: std::net::SocketAddr,
         local_port: u16,
         tls: &crate::tls::PeerTls,
         local: Option<&postern_certs::SpiffeId>,
@@ -197,8 +199,9 @@ impl DownstreamPeer {
             HeaderValue::from_str(&value).ok()
         });
         DownstreamPeer {
-            ip: peer_value(ip),
-            addr: ip,
+            ip: peer_value(remote.ip()),
+            addr: remote.ip(),
+            remote,
             local_port,
             tls: tls.tls,
             spiffe_id: tls.spiffe_id.clone(),
@@ -258,7 +261,7 @@ mod tests {
     #[test]
     fn forwarding_headers_untrusted_and_trusted() {
         let peer = DownstreamPeer::new(
-            "127.0.0.9".parse().unwrap(),
+            "127.0.0.9:1".parse().unwrap(),
             8080,
             &crate::tls::PeerTls::default(),
             None,
@@ -299,7 +302,7 @@ mod peer_tests {
             tls: true,
             spiffe_id: Some(std::sync::Arc::new(peer_id)),
         };
-        let peer = DownstreamPeer::new("127.0.0.1".parse().unwrap(), 8080, &tls, Some(&local));
+        let peer = DownstreamPeer::new("127.0.0.1:1".parse().unwrap(), 8080, &tls, Some(&local));
         let mut h = HeaderMap::new();
         h.insert(
             &X_FORWARDED_CLIENT_CERT,

@@ -21,8 +21,10 @@ use crate::config::file::UpstreamProtocol;
 use crate::config::Listener;
 use crate::listener::{ConnectionTracker, Shutdown, TrackedConnection};
 use crate::route::{Forward, Redirect, RequestView, RetryPolicy, RouteTable};
+use crate::telemetry::istio::X_POSTERN_PEER;
+use crate::telemetry::log::TrafficDirection;
 use crate::telemetry::metrics as names;
-use crate::telemetry::{CallMetrics, CallRecord, ResponseFlag};
+use crate::telemetry::{CallRecord, ListenerTelemetry, ResponseFlag};
 
 /// Serves the HTTP requests of one listener.
 #[derive(Debug)]
@@ -36,8 +38,8 @@ pub struct HttpProxy {
     pub config: Arc<arc_swap::ArcSwap<HttpConfig>>,
     /// Clusters.
     pub clusters: Arc<ClusterManager>,
-    /// Per-call metric handles.
-    pub call_metrics: Arc<CallMetrics>,
+    /// Per-call metrics and log sinks.
+    pub telemetry: Arc<ListenerTelemetry>,
     /// Counts upgraded (WebSocket) tunnels as live connections for the drain.
     pub tracker: Arc<ConnectionTracker>,
     /// Closes tunnels when the drain time is up.
@@ -197,10 +199,12 @@ fn local_response(
             grpc_status_for(reply.status)
         };
         h.insert("grpc-status", HeaderValue::from_static(grpc_status));
+        record.set_grpc_status(h);
         h.insert("grpc-message", HeaderValue::from_static(reply.message));
         r
     } else {
         record.set_status(reply.status.as_u16());
+        record.add_sent(reply.message.len());
         let mut r = Response::new(ResponseBody::full(Bytes::from_static(
             reply.message.as_bytes(),
         )));
@@ -408,11 +412,34 @@ impl HttpProxy {
     pub async fn handle(
         &self,
         peer: Arc<hdr::DownstreamPeer>,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
+        let inbound_mesh =
+            peer.spiffe_id.is_some() && self.telemetry.direction == TrafficDirection::Inbound;
+        let mut response = self.respond(peer, request).await;
+        // A calling sidecar learns who answered, local replies included.
+        if inbound_mesh {
+            if let Some(meta) = &self.telemetry.hub.local_header {
+                response.headers_mut().insert(&X_POSTERN_PEER, meta.clone());
+            }
+        }
+        response
+    }
+
+    async fn respond(
+        &self,
+        peer: Arc<hdr::DownstreamPeer>,
         mut request: Request<Incoming>,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
-        let mut record = CallRecord::new(start, &self.call_metrics);
         let grpc = is_grpc(request.headers());
+        let mut record = CallRecord::new(start, &self.telemetry, &peer, &request, grpc);
+        // Workload metadata counts only from a sidecar proven by mTLS, and
+        // never travels further.
+        let peer_meta = request.headers_mut().remove(&X_POSTERN_PEER);
+        if peer.spiffe_id.is_some() && self.telemetry.direction == TrafficDirection::Inbound {
+            record.set_source_meta(peer_meta);
+        }
         let limits = &self.listener.limits;
 
         // hyper's HTTP/1 buffer bounds the head only to 8 KiB at its finest, so
@@ -455,19 +482,27 @@ impl HttpProxy {
         let authority = match request_authority(&request) {
             Some(a) => a,
             None => {
-                let reply = LocalReply::new(StatusCode::BAD_REQUEST, "missing host", None);
+                let reply = LocalReply::new(
+                    StatusCode::BAD_REQUEST,
+                    "missing host",
+                    Some(ResponseFlag::DownstreamProtocolError),
+                );
                 return local_response(&reply, grpc, &mut record);
             }
         };
         let Ok(authority_text) = authority.to_str() else {
-            let reply = LocalReply::new(StatusCode::BAD_REQUEST, "invalid host", None);
+            let reply = LocalReply::new(
+                StatusCode::BAD_REQUEST,
+                "invalid host",
+                Some(ResponseFlag::DownstreamProtocolError),
+            );
             return local_response(&reply, grpc, &mut record);
         };
         if request.uri().path() == "*" && request.method() != Method::OPTIONS {
             let reply = LocalReply::new(
                 StatusCode::BAD_REQUEST,
                 "invalid path",
-                Some(ResponseFlag::DownstreamLimit),
+                Some(ResponseFlag::DownstreamProtocolError),
             );
             return local_response(&reply, grpc, &mut record);
         }
@@ -486,7 +521,7 @@ impl HttpProxy {
                 let reply = LocalReply::new(
                     StatusCode::BAD_REQUEST,
                     "invalid path",
-                    Some(ResponseFlag::DownstreamLimit),
+                    Some(ResponseFlag::DownstreamProtocolError),
                 );
                 return local_response(&reply, grpc, &mut record);
             }
@@ -494,6 +529,7 @@ impl HttpProxy {
         // Forwarding headers are settled before any policy looks: a caller's
         // own x-forwarded-client-cert or x-forwarded-proto must not count.
         hdr::set_forwarding(request.headers_mut(), &peer, self.trust_downstream);
+        record.note_request(&request);
         if let Some(rbac) = &config.rbac {
             if let Some(reply) = self.authorize(rbac, &peer, &request, authority_text) {
                 return local_response(&reply, grpc, &mut record);
@@ -521,7 +557,17 @@ impl HttpProxy {
             );
             return local_response(&reply, grpc, &mut record);
         };
-        record.set_route(&route.name);
+        record.set_route(&route.name, route.access_log);
+        // Picked before the route's own policies, so a refused call still
+        // names the service it was for.
+        let target = match &route.action {
+            crate::route::RouteAction::Forward(forward) => {
+                let cluster = forward.targets.pick(rand::random());
+                record.set_cluster(cluster);
+                Some(cluster)
+            }
+            _ => None,
+        };
         if let Some(limit) = &route.rate_limit {
             if let Some(response) =
                 self.rate_limited(limit, &route.name, &peer, &request, grpc, &mut record)
@@ -565,8 +611,16 @@ impl HttpProxy {
             crate::route::RouteAction::Forward(forward) => {
                 let path_match = &route.matcher.path;
                 let normalize = config.normalize;
+                let cluster_name = target.unwrap_or_else(|| forward.targets.pick(rand::random()));
                 self.forward(
-                    request, normalize, authority, forward, path_match, grpc, record,
+                    request,
+                    normalize,
+                    authority,
+                    forward,
+                    cluster_name,
+                    path_match,
+                    grpc,
+                    record,
                 )
                 .await
             }
@@ -590,14 +644,16 @@ impl HttpProxy {
         normalize: crate::route::normalize::PathNormalization,
         authority: HeaderValue,
         forward: &Forward,
+        cluster_name: &Arc<str>,
         path_match: &crate::route::PathMatch,
         grpc: bool,
         mut record: CallRecord,
     ) -> Response<ResponseBody> {
-        let cluster_name = forward.targets.pick(rand::random());
-        record.set_cluster(cluster_name);
         let Some(cluster) = self.clusters.get(cluster_name) else {
-            let reply = LocalReply::from_upstream(&UpstreamError::NoHealthyEndpoint);
+            let reply = LocalReply {
+                flag: Some(ResponseFlag::NoClusterFound),
+                ..LocalReply::from_upstream(&UpstreamError::NoHealthyEndpoint)
+            };
             return local_response(&reply, grpc, &mut record);
         };
         let cluster = &cluster;
@@ -617,8 +673,11 @@ impl HttpProxy {
         ) {
             Some(head) => head,
             None => {
-                let reply =
-                    LocalReply::new(StatusCode::BAD_REQUEST, "invalid request target", None);
+                let reply = LocalReply::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid request target",
+                    Some(ResponseFlag::DownstreamProtocolError),
+                );
                 return local_response(&reply, grpc, &mut record);
             }
         };
@@ -667,7 +726,8 @@ impl HttpProxy {
             let body = match &mut source {
                 BodySource::Buffered(data, trailers) => RequestBody::replay(data, trailers),
                 BodySource::Streaming(incoming) => match incoming.take() {
-                    Some(incoming) => RequestBody::streaming(incoming, body_limit),
+                    Some(incoming) => RequestBody::streaming(incoming, body_limit)
+                        .counted(record.request_counter()),
                     None => RequestBody::Empty,
                 },
             };
@@ -690,12 +750,27 @@ impl HttpProxy {
                 Some(t) => tokio::time::timeout(t, send).await.ok(),
                 None => Some(send.await),
             };
+            // Whatever came of it, the endpoint tried is the one to report;
+            // its identity is known once a handshake has been made.
+            let pool = &endpoint.endpoint().pool;
+            record.set_upstream(pool.address(), pool.peer_principal(), pool.peer_meta());
 
             let retry_reason: &'static str;
             let failure: LocalReply;
             match result {
                 Some(Ok((mut response, pooled))) => {
                     let status = response.status().as_u16();
+                    record.upstream_responded();
+                    // Only a mesh peer (proven by its certificate) may say who it is.
+                    if let Some(meta) = response.headers_mut().remove(&X_POSTERN_PEER) {
+                        if pool.peer_principal().is_some() {
+                            pool.note_peer_meta(&meta);
+                            record.set_destination_meta(Some(meta));
+                        }
+                    }
+                    if grpc {
+                        record.set_grpc_status(response.headers());
+                    }
                     let outcome = if status >= 500 {
                         Outcome::ServerError
                     } else {
@@ -897,6 +972,12 @@ impl HttpProxy {
                 Version::HTTP_2
             }
         };
+        // Sidecars tell each other who they are, only over mesh mTLS.
+        if cluster.tls().is_some_and(|tls| tls.force_http2) {
+            if let Some(meta) = &self.telemetry.hub.local_header {
+                headers.insert(&X_POSTERN_PEER, meta.clone());
+            }
+        }
         let uri = Uri::from_parts(uri_parts).ok()?;
         Some(UpstreamHead {
             method,

@@ -46,6 +46,7 @@ pub struct ListenerManager {
     local_id: Option<Arc<SpiffeId>>,
     drain_timeout: Duration,
     draining: AtomicBool,
+    telemetry: Arc<crate::telemetry::TelemetryHub>,
 }
 
 impl std::fmt::Debug for ListenerManager {
@@ -65,8 +66,9 @@ fn shape(listener: &Listener) -> String {
         }
     };
     format!(
-        "{} {} {} {:?}",
+        "{} {:?} {} {} {:?}",
         listener.address,
+        listener.direction,
         serde_json::to_string(&listener.limits).unwrap_or_default(),
         protocol,
         listener.tls
@@ -81,6 +83,7 @@ impl ListenerManager {
         identity: Option<Arc<IdentityHandle>>,
         local_id: Option<Arc<SpiffeId>>,
         drain_timeout: Duration,
+        telemetry: Arc<crate::telemetry::TelemetryHub>,
     ) -> ListenerManager {
         ListenerManager {
             running: Mutex::new(HashMap::new()),
@@ -90,6 +93,7 @@ impl ListenerManager {
             local_id,
             drain_timeout,
             draining: AtomicBool::new(false),
+            telemetry,
         }
     }
 
@@ -180,6 +184,7 @@ impl ListenerManager {
             tls,
             local_id: self.local_id.clone(),
             http: http.clone(),
+            telemetry: self.telemetry.clone(),
         };
         let accept = tokio::spawn(run_listener(socket, listener.clone(), context, shutdown));
         Ok(Running {

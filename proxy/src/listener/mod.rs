@@ -95,6 +95,8 @@ pub struct ListenerContext {
     pub local_id: Option<Arc<SpiffeId>>,
     /// The routes-and-policies cell a config change swaps (HTTP listeners).
     pub http: Option<Arc<arc_swap::ArcSwap<crate::http::proxy::HttpConfig>>>,
+    /// Process-wide telemetry settings and sinks.
+    pub telemetry: Arc<crate::telemetry::TelemetryHub>,
 }
 
 /// Accepts connections on a bound listener until the drain starts.
@@ -110,6 +112,7 @@ pub async fn run_listener(
         tls,
         local_id,
         http: http_cell,
+        telemetry: hub,
     } = context;
     let limit = Arc::new(Semaphore::new(listener.limits.max_connections));
     let http = match &listener.protocol {
@@ -123,7 +126,11 @@ pub async fn run_listener(
                     ))
                 }),
                 clusters: clusters.clone(),
-                call_metrics: crate::telemetry::CallMetrics::new(listener.name.clone()),
+                telemetry: crate::telemetry::ListenerTelemetry::new(
+                    hub.clone(),
+                    listener.name.clone(),
+                    listener.direction,
+                ),
                 tracker: tracker.clone(),
                 shutdown: shutdown.clone(),
             }),
@@ -131,6 +138,11 @@ pub async fn run_listener(
         )),
         ListenerProtocol::Tcp(_) => None,
     };
+    let tcp_telemetry = crate::telemetry::ListenerTelemetry::new(
+        hub.clone(),
+        listener.name.clone(),
+        listener.direction,
+    );
     let name = listener.name.clone();
     let active = metrics::gauge!(names::DOWNSTREAM_CONNECTIONS_ACTIVE, "listener" => name.clone());
     let total = metrics::counter!(names::DOWNSTREAM_CONNECTIONS_TOTAL, "listener" => name.clone());
@@ -175,7 +187,7 @@ pub async fn run_listener(
                     let local_port = stream.local_addr().map_or(0, |a| a.port());
                     if let Some((io, peer_tls)) = tls.accept(stream).await {
                         let downstream = Arc::new(DownstreamPeer::new(
-                            peer.ip(),
+                            peer,
                             local_port,
                             &peer_tls,
                             local_id.as_deref(),
@@ -196,20 +208,18 @@ pub async fn run_listener(
             None => {
                 let listener = listener.clone();
                 let clusters = clusters.clone();
+                let telemetry = tcp_telemetry.clone();
                 tokio::spawn(async move {
                     let local_port = stream.local_addr().map_or(0, |a| a.port());
                     if let Some((io, peer_tls)) = tls.accept(stream).await {
-                        let downstream = DownstreamPeer::new(
-                            peer.ip(),
-                            local_port,
-                            &peer_tls,
-                            local_id.as_deref(),
-                        );
+                        let downstream =
+                            DownstreamPeer::new(peer, local_port, &peer_tls, local_id.as_deref());
                         crate::tcp::serve_connection(
                             io,
                             &downstream,
                             listener,
                             clusters,
+                            &telemetry,
                             conn_shutdown,
                         )
                         .await;

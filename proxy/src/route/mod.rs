@@ -38,6 +38,8 @@ pub struct VirtualHost {
 pub struct Route {
     /// Local rate limit on this route, when configured.
     pub rate_limit: Option<Arc<crate::ratelimit::LocalRateLimit>>,
+    /// Access-log filter and sampling, when the route sets its own.
+    pub access_log: Option<crate::telemetry::access_log::LogPolicyFile>,
     /// Name for metrics and logs.
     pub name: Arc<str>,
     /// The conditions.

@@ -12,7 +12,9 @@ use tokio::net::TcpStream;
 use crate::cluster::{ClusterManager, Outcome, UpstreamError};
 use crate::config::{Listener, ListenerProtocol};
 use crate::listener::Shutdown;
+use crate::telemetry::log::{CallKind, CallLog};
 use crate::telemetry::metrics as names;
+use crate::telemetry::{ListenerTelemetry, ResponseFlag, ResponseFlags};
 use crate::tls::{DownstreamIo, UpstreamIo};
 
 const COPY_BUF: usize = 16 * 1024;
@@ -23,17 +25,21 @@ pub async fn serve_connection(
     peer: &crate::http::headers::DownstreamPeer,
     listener: Arc<Listener>,
     clusters: Arc<ClusterManager>,
+    telemetry: &Arc<ListenerTelemetry>,
     mut shutdown: Shutdown,
 ) {
     let ListenerProtocol::Tcp(route) = &listener.protocol else {
         return;
     };
+    let mut call = TcpCall::new(telemetry, peer, &route.cluster);
     let Some(cluster) = clusters.get(&route.cluster) else {
         tracing::warn!(listener = %listener.name, cluster = %route.cluster, "tcp proxy cluster missing");
+        call.flags.insert(ResponseFlag::NoHealthyUpstream);
         return;
     };
     if let Some(rbac) = &route.rbac {
         if !authorize(rbac, peer, &listener.name) {
+            call.flags.insert(ResponseFlag::RbacDenied);
             metrics::counter!(
                 names::TCP_CONNECTIONS_TOTAL,
                 "listener" => listener.name.clone(),
@@ -55,7 +61,10 @@ pub async fn serve_connection(
     };
     let _permit = match cluster.try_open_connection() {
         Ok(permit) => permit,
-        Err(_) => return outcome("overflow"),
+        Err(_) => {
+            call.flags.insert(ResponseFlag::UpstreamOverflow);
+            return outcome("overflow");
+        }
     };
     // Try each endpoint at most once: a refused connect moves on to the next.
     let mut upstream = None;
@@ -89,9 +98,25 @@ pub async fn serve_connection(
         cluster.report(endpoint.endpoint(), Outcome::ConnectFailure);
         metrics::counter!(names::UPSTREAM_CONNECT_FAILURES_TOTAL, "cluster" => cluster.name.clone()).increment(1);
     }
-    let Some((upstream, _endpoint_guard)) = upstream else {
+    let Some((upstream, endpoint_guard)) = upstream else {
+        call.flags.insert(if cluster.endpoints().is_empty() {
+            ResponseFlag::NoHealthyUpstream
+        } else {
+            ResponseFlag::UpstreamConnectFailure
+        });
         return outcome("connect_failure");
     };
+    call.upstream_host = Some(endpoint_guard.endpoint().address);
+    if let UpstreamIo::Tls(tls) = &upstream {
+        if cluster.tls().is_some_and(|t| t.force_http2) {
+            call.upstream_principal = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(postern_certs::peer_spiffe_id)
+                .map(|id| Arc::from(id.as_str()));
+        }
+    }
     if let DownstreamIo::Plain(tcp) = &downstream {
         let _ = tcp.set_nodelay(true);
     }
@@ -103,15 +128,119 @@ pub async fn serve_connection(
         // TCP has no way to ask a peer to finish; a drain lets the pair run
         // until the drain time is up.
         _ = shutdown.force.changed() => {
+            call.flags.insert(ResponseFlag::DownstreamClosed);
             return outcome("drained");
         }
     };
     let (sent, received, how) = result;
+    call.bytes_received = sent;
+    call.bytes_sent = received;
+    match how {
+        "error" => call.flags.insert(ResponseFlag::UpstreamReset),
+        "idle_timeout" => call.flags.insert(ResponseFlag::StreamIdleTimeout),
+        _ => {}
+    }
     metrics::counter!(names::TCP_BYTES_TOTAL, "listener" => listener.name.clone(), "direction" => "upstream")
         .increment(sent);
     metrics::counter!(names::TCP_BYTES_TOTAL, "listener" => listener.name.clone(), "direction" => "downstream")
         .increment(received);
     outcome(how);
+}
+
+/// The record of one proxied connection, written to Istio's TCP metrics
+/// and the log sinks when dropped, however the connection ended.
+struct TcpCall<'a> {
+    telemetry: &'a Arc<ListenerTelemetry>,
+    peer: &'a crate::http::headers::DownstreamPeer,
+    cluster: &'a Arc<str>,
+    start: Instant,
+    start_time: std::time::SystemTime,
+    flags: ResponseFlags,
+    bytes_received: u64,
+    bytes_sent: u64,
+    upstream_host: Option<std::net::SocketAddr>,
+    upstream_principal: Option<Arc<str>>,
+}
+
+impl<'a> TcpCall<'a> {
+    fn new(
+        telemetry: &'a Arc<ListenerTelemetry>,
+        peer: &'a crate::http::headers::DownstreamPeer,
+        cluster: &'a Arc<str>,
+    ) -> Self {
+        TcpCall {
+            telemetry,
+            peer,
+            cluster,
+            start: Instant::now(),
+            start_time: std::time::SystemTime::now(),
+            flags: ResponseFlags::default(),
+            bytes_received: 0,
+            bytes_sent: 0,
+            upstream_host: None,
+            upstream_principal: None,
+        }
+    }
+}
+
+impl Drop for TcpCall<'_> {
+    fn drop(&mut self) {
+        let labels = self.telemetry.labels(
+            self.peer,
+            None,
+            self.upstream_principal.as_deref(),
+            None,
+            Some(self.cluster),
+            "tcp",
+        );
+        let opened = self.telemetry.istio.tcp(&labels, ResponseFlags::default());
+        opened.opened.increment(1);
+        let series = self.telemetry.istio.tcp(&labels, self.flags);
+        series.closed.increment(1);
+        series.sent.increment(self.bytes_sent);
+        series.received.increment(self.bytes_received);
+        let hub = &self.telemetry.hub;
+        let Some(log) = hub
+            .access_log
+            .as_ref()
+            .filter(|log| log.policy.admits_call(0, self.flags))
+        else {
+            return;
+        };
+        let call = CallLog {
+            kind: CallKind::Tcp,
+            direction: self.telemetry.direction,
+            start_time: self.start_time,
+            duration: self.start.elapsed(),
+            listener: self.telemetry.listener.clone(),
+            protocol: "TCP",
+            method: None,
+            authority: None,
+            path: None,
+            user_agent: None,
+            request_id: None,
+            trace_id: None,
+            status: 0,
+            grpc_status: None,
+            flags: self.flags,
+            bytes_received: self.bytes_received,
+            bytes_sent: self.bytes_sent,
+            upstream_ttfb: None,
+            upstream_host: self.upstream_host,
+            cluster: Some(self.cluster.clone()),
+            route: None,
+            downstream_addr: self.peer.remote,
+            downstream_principal: self
+                .peer
+                .spiffe_id
+                .as_ref()
+                .map(|id| Arc::from(id.as_str())),
+            upstream_principal: self.upstream_principal.clone(),
+            mtls: self.peer.spiffe_id.is_some(),
+            request_headers: Vec::new(),
+        };
+        log.write(&call);
+    }
 }
 
 /// Connection-level RBAC: principals and the destination port. A refusal

@@ -1,12 +1,16 @@
 //! Telemetry: tracing setup, metric names, and the per-call record that
 //! feeds metrics when a call ends.
 
+pub mod access_log;
+pub mod istio;
 pub mod log;
 pub mod metrics;
+pub mod record;
+
+pub use record::{CallRecord, ListenerTelemetry, TelemetryHub};
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, OnceLock, RwLock};
-use std::time::Instant;
 
 use ::metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -24,11 +28,23 @@ pub fn prometheus_handle() -> Option<PrometheusHandle> {
 pub fn install_prometheus_recorder() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full(names::HTTP_REQUEST_DURATION_SECONDS.to_string()),
+            let buckets = [
+                (
+                    names::HTTP_REQUEST_DURATION_SECONDS,
                     names::DURATION_BUCKETS,
-                )
+                ),
+                (
+                    istio::REQUEST_DURATION_MILLISECONDS,
+                    istio::DURATION_BUCKETS_MS,
+                ),
+                (istio::REQUEST_BYTES, istio::SIZE_BUCKETS),
+                (istio::RESPONSE_BYTES, istio::SIZE_BUCKETS),
+            ];
+            let builder = buckets
+                .iter()
+                .try_fold(PrometheusBuilder::new(), |builder, (name, buckets)| {
+                    builder.set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -36,19 +52,94 @@ pub fn install_prometheus_recorder() -> PrometheusHandle {
             // this handle renders an empty registry rather than failing start-up.
             let _ = ::metrics::set_global_recorder(recorder);
             names::describe();
+            istio::describe();
+            access_log::describe();
             handle
         })
         .clone()
 }
 
-/// Sets up `tracing` output from `RUST_LOG` (default `info`) once.
-pub fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// How runtime log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+type FilterHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+static LOG_FILTER: OnceLock<(FilterHandle, RwLock<String>)> = OnceLock::new();
+
+/// Sets up `tracing` output once: `level` (filter directives such as
+/// `info,postern=debug`), else `RUST_LOG`, else `info`. The level can be
+/// changed later with [`set_log_level`].
+pub fn init_tracing(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _};
+    let directives = level
+        .map(str::to_string)
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".to_string());
+    let (directives, filter) = match EnvFilter::try_new(&directives) {
+        Ok(filter) => (directives, filter),
+        Err(_) => ("info".to_string(), EnvFilter::new("info")),
+    };
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let output = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .try_init()
+        .is_ok()
+    {
+        let _ = LOG_FILTER.set((handle, RwLock::new(directives)));
+    }
+}
+
+/// A log level change that could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LogLevelError {
+    /// The directives do not parse.
+    #[error("invalid log level {0:?}: use e.g. `debug` or `info,postern=trace`")]
+    Invalid(String),
+    /// This process did not set up logging through [`init_tracing`].
+    #[error("logging is not reloadable in this process")]
+    NotReloadable,
+}
+
+/// Replaces the log filter at runtime (admin `POST /logging?level=...`).
+pub fn set_log_level(directives: &str) -> Result<(), LogLevelError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(directives)
+        .map_err(|_| LogLevelError::Invalid(directives.to_string()))?;
+    let (handle, current) = LOG_FILTER.get().ok_or(LogLevelError::NotReloadable)?;
+    handle
+        .reload(filter)
+        .map_err(|_| LogLevelError::NotReloadable)?;
+    if let Ok(mut current) = current.write() {
+        *current = directives.to_string();
+    }
+    tracing::info!(level = directives, "log level changed");
+    Ok(())
+}
+
+/// The log filter in force, when logging is reloadable.
+pub fn log_level() -> Option<String> {
+    let (_, current) = LOG_FILTER.get()?;
+    current.read().ok().map(|c| c.clone())
 }
 
 /// Response flags: a short code for each way a call did not go plainly.
@@ -79,6 +170,12 @@ pub enum ResponseFlag {
     RbacDenied,
     /// A local rate limit refused the request.
     RateLimited,
+    /// The connection or stream idled out.
+    StreamIdleTimeout,
+    /// The request was malformed (bad host, target or path).
+    DownstreamProtocolError,
+    /// The route named a cluster that does not exist.
+    NoClusterFound,
 }
 
 impl ResponseFlag {
@@ -97,13 +194,16 @@ impl ResponseFlag {
             ResponseFlag::DownstreamClosed => "DC",
             ResponseFlag::DirectResponse => "DR",
             ResponseFlag::DownstreamLimit => "DL",
+            ResponseFlag::StreamIdleTimeout => "SI",
+            ResponseFlag::DownstreamProtocolError => "DPE",
+            ResponseFlag::NoClusterFound => "NC",
         }
     }
 }
 
 impl ResponseFlag {
     /// Every flag, in the order codes are listed.
-    pub const ALL: [ResponseFlag; 12] = [
+    pub const ALL: [ResponseFlag; 15] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectFailure,
@@ -116,6 +216,9 @@ impl ResponseFlag {
         ResponseFlag::DownstreamLimit,
         ResponseFlag::RbacDenied,
         ResponseFlag::RateLimited,
+        ResponseFlag::StreamIdleTimeout,
+        ResponseFlag::DownstreamProtocolError,
+        ResponseFlag::NoClusterFound,
     ];
 
     fn bit(self) -> u16 {
@@ -167,7 +270,7 @@ impl ResponseFlags {
             .map(ResponseFlag::code)
             .collect::<Vec<_>>()
             .join(",");
-        // At most 2^12 combinations, each leaked once.
+        // At most 2^15 combinations, each leaked once.
         let mut map = match JOINED.write() {
             Ok(map) => map,
             Err(poisoned) => poisoned.into_inner(),
@@ -247,7 +350,7 @@ impl std::hash::Hasher for AddressHasher {
 
 /// Route and cluster names by address; the map keeps them alive, so an
 /// address cannot be reused by another name while it is a key.
-type CounterKey = (usize, usize, u16, Option<ResponseFlag>);
+type CounterKey = (usize, usize, u16, ResponseFlags);
 type NamePair = (Arc<str>, Arc<str>);
 
 fn address(name: &Arc<str>) -> usize {
@@ -269,10 +372,10 @@ impl CallMetrics {
         route: &Arc<str>,
         cluster: &Arc<str>,
         status: u16,
-        flag: Option<ResponseFlag>,
+        flags: ResponseFlags,
         seconds: f64,
     ) {
-        let key = (address(route), address(cluster), status, flag);
+        let key = (address(route), address(cluster), status, flags);
         let counter = self
             .counters
             .read()
@@ -285,7 +388,7 @@ impl CallMetrics {
                 "route" => route.clone(),
                 "cluster" => cluster.clone(),
                 "code" => status_label(status),
-                "flags" => flag.map_or("-", ResponseFlag::code),
+                "flags" => flags.as_str(),
             );
             if let Ok(mut map) = self.counters.write() {
                 map.insert(key, (counter.clone(), (route.clone(), cluster.clone())));
@@ -313,85 +416,5 @@ impl CallMetrics {
             histogram
         });
         histogram.record(seconds);
-    }
-}
-
-/// One HTTP call, recorded to metrics when its response ends.
-#[derive(Debug)]
-pub struct CallRecord {
-    start: Instant,
-    metrics: Arc<CallMetrics>,
-    route: Arc<str>,
-    cluster: Arc<str>,
-    status: u16,
-    flag: Option<ResponseFlag>,
-    finished: bool,
-}
-
-impl CallRecord {
-    /// Starts a record for a call counted in `metrics`.
-    pub fn new(start: Instant, metrics: &Arc<CallMetrics>) -> Self {
-        static NONE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("none"));
-        CallRecord {
-            start,
-            metrics: metrics.clone(),
-            route: NONE.clone(),
-            cluster: NONE.clone(),
-            status: 0,
-            flag: None,
-            finished: false,
-        }
-    }
-
-    /// When the call started.
-    pub fn start(&self) -> Instant {
-        self.start
-    }
-
-    /// Sets the matched route.
-    pub fn set_route(&mut self, route: &Arc<str>) {
-        self.route = route.clone();
-    }
-
-    /// Sets the chosen cluster.
-    pub fn set_cluster(&mut self, cluster: &Arc<str>) {
-        self.cluster = cluster.clone();
-    }
-
-    /// Sets the response status.
-    pub fn set_status(&mut self, status: u16) {
-        self.status = status;
-    }
-
-    /// Sets the response flag (the first one set wins).
-    pub fn set_flag(&mut self, flag: ResponseFlag) {
-        self.flag.get_or_insert(flag);
-    }
-
-    /// The upstream failed while streaming the body.
-    pub fn upstream_reset(&mut self) {
-        self.set_flag(ResponseFlag::UpstreamReset);
-    }
-
-    /// The downstream stopped reading before the body ended.
-    pub fn downstream_incomplete(&mut self) {
-        self.set_flag(ResponseFlag::DownstreamClosed);
-    }
-
-    /// Writes the record to metrics; later calls do nothing.
-    pub fn finish(&mut self) {
-        if self.finished {
-            return;
-        }
-        self.finished = true;
-        let seconds = self.start.elapsed().as_secs_f64();
-        self.metrics
-            .record(&self.route, &self.cluster, self.status, self.flag, seconds);
-    }
-}
-
-impl Drop for CallRecord {
-    fn drop(&mut self) {
-        self.finish();
     }
 }

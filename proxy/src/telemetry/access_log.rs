@@ -1,0 +1,597 @@
+//! Access logs: one JSON line per call, to stdout or a file.
+//!
+//! Lines are formatted on the calling task and handed to a writer thread
+//! through a bounded queue; when the output cannot keep up, lines are
+//! dropped and counted rather than slowing calls down.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use http::HeaderName;
+use serde::{Deserialize, Serialize};
+
+use super::log::CallLog;
+use super::ResponseFlag;
+
+/// Access-log lines written.
+pub const ACCESS_LOG_WRITTEN_TOTAL: &str = "postern_access_log_lines_total";
+/// Access-log lines dropped because the output could not keep up.
+pub const ACCESS_LOG_DROPPED_TOTAL: &str = "postern_access_log_dropped_total";
+
+/// Describes the access-log metrics.
+pub fn describe() {
+    metrics::describe_counter!(ACCESS_LOG_WRITTEN_TOTAL, "Access-log lines written");
+    metrics::describe_counter!(
+        ACCESS_LOG_DROPPED_TOTAL,
+        "Access-log lines dropped because the output could not keep up"
+    );
+}
+
+/// A field of an access-log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogField {
+    /// RFC 3339 start time, UTC, with microseconds.
+    StartTime,
+    /// Listener name.
+    Listener,
+    /// `inbound` or `outbound`.
+    Direction,
+    /// Request method.
+    Method,
+    /// Request authority.
+    Authority,
+    /// Normalised path and query (secrets in the query redacted).
+    Path,
+    /// `HTTP/1.1`, `HTTP/2`, `TCP`, …
+    Protocol,
+    /// Response status (0: none sent).
+    Status,
+    /// gRPC status.
+    GrpcStatus,
+    /// Response flags (`-` when none).
+    Flags,
+    /// Request body bytes (TCP: bytes from downstream).
+    BytesReceived,
+    /// Response body bytes (TCP: bytes to downstream).
+    BytesSent,
+    /// Duration in milliseconds.
+    DurationMs,
+    /// Upstream time to first byte (response headers), in milliseconds.
+    UpstreamTtfbMs,
+    /// Upstream endpoint address.
+    UpstreamHost,
+    /// Cluster.
+    Cluster,
+    /// Route name.
+    Route,
+    /// `x-request-id`.
+    RequestId,
+    /// W3C trace id.
+    TraceId,
+    /// Downstream peer address.
+    DownstreamAddress,
+    /// Downstream peer SPIFFE ID.
+    DownstreamPrincipal,
+    /// Upstream peer SPIFFE ID.
+    UpstreamPrincipal,
+    /// `user-agent`.
+    UserAgent,
+}
+
+impl LogField {
+    /// The default line: every field.
+    pub const ALL: [LogField; 23] = [
+        LogField::StartTime,
+        LogField::Listener,
+        LogField::Direction,
+        LogField::Method,
+        LogField::Authority,
+        LogField::Path,
+        LogField::Protocol,
+        LogField::Status,
+        LogField::GrpcStatus,
+        LogField::Flags,
+        LogField::BytesReceived,
+        LogField::BytesSent,
+        LogField::DurationMs,
+        LogField::UpstreamTtfbMs,
+        LogField::UpstreamHost,
+        LogField::Cluster,
+        LogField::Route,
+        LogField::RequestId,
+        LogField::TraceId,
+        LogField::DownstreamAddress,
+        LogField::DownstreamPrincipal,
+        LogField::UpstreamPrincipal,
+        LogField::UserAgent,
+    ];
+
+    fn key(self) -> &'static str {
+        match self {
+            LogField::StartTime => "start_time",
+            LogField::Listener => "listener",
+            LogField::Direction => "direction",
+            LogField::Method => "method",
+            LogField::Authority => "authority",
+            LogField::Path => "path",
+            LogField::Protocol => "protocol",
+            LogField::Status => "status",
+            LogField::GrpcStatus => "grpc_status",
+            LogField::Flags => "flags",
+            LogField::BytesReceived => "bytes_received",
+            LogField::BytesSent => "bytes_sent",
+            LogField::DurationMs => "duration_ms",
+            LogField::UpstreamTtfbMs => "upstream_ttfb_ms",
+            LogField::UpstreamHost => "upstream_host",
+            LogField::Cluster => "cluster",
+            LogField::Route => "route",
+            LogField::RequestId => "request_id",
+            LogField::TraceId => "trace_id",
+            LogField::DownstreamAddress => "downstream_address",
+            LogField::DownstreamPrincipal => "downstream_principal",
+            LogField::UpstreamPrincipal => "upstream_principal",
+            LogField::UserAgent => "user_agent",
+        }
+    }
+}
+
+/// Which calls are logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFilter {
+    /// Every call.
+    #[default]
+    All,
+    /// Calls that failed: status 0 or ≥ 400, or a flag other than `DR`.
+    Errors,
+}
+
+/// Sampling and filtering, for the whole log or one route.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogPolicyFile {
+    /// Which calls are logged.
+    #[serde(default)]
+    pub filter: LogFilter,
+    /// Fraction of the calls that pass the filter to log, 0 to 1.
+    #[serde(default = "one")]
+    pub sample: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for LogPolicyFile {
+    fn default() -> Self {
+        LogPolicyFile {
+            filter: LogFilter::All,
+            sample: 1.0,
+        }
+    }
+}
+
+impl LogPolicyFile {
+    /// Whether this call is logged (drawing the sample).
+    pub fn admits_call(&self, status: u16, flags: super::ResponseFlags) -> bool {
+        let passes = match self.filter {
+            LogFilter::All => true,
+            LogFilter::Errors => {
+                status == 0
+                    || status >= 400
+                    || flags.iter().any(|f| f != ResponseFlag::DirectResponse)
+            }
+        };
+        passes && (self.sample >= 1.0 || rand::random::<f64>() < self.sample)
+    }
+
+    /// Field-path errors, relative to this policy.
+    pub fn validate(&self) -> Option<(&'static str, String)> {
+        (!(0.0..=1.0).contains(&self.sample)).then(|| {
+            (
+                "sample",
+                format!("must be between 0 and 1, not {}", self.sample),
+            )
+        })
+    }
+}
+
+/// Where access-log lines go.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum LogOutput {
+    /// Standard output (`stdout`).
+    Stdout(StdoutTag),
+    /// A file, appended to.
+    File(PathBuf),
+}
+
+/// The literal `stdout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StdoutTag {
+    /// Standard output.
+    Stdout,
+}
+
+/// The `telemetry.access_log` section.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogFile {
+    /// `stdout` or a file path.
+    #[serde(default = "stdout")]
+    pub output: LogOutput,
+    /// Fields of each line, in order; all of them when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<Vec<LogField>>,
+    /// Request headers to add to each line (as `req_<name>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_headers: Vec<String>,
+    /// Header names whose values are replaced by `[REDACTED]`, besides
+    /// `authorization`, `proxy-authorization`, `cookie`, `set-cookie`,
+    /// `x-api-key` and `api-key`, which always are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redact_headers: Vec<String>,
+    /// Query parameters whose values are redacted in `path`, besides
+    /// `api_key`, `apikey`, `key`, `token`, `access_token`, `password`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redact_query: Vec<String>,
+    /// Default filter and sampling; routes may override.
+    #[serde(default, flatten)]
+    pub policy: LogPolicyFile,
+    /// Lines queued for the writer; past it lines are dropped and counted.
+    #[serde(default = "default_buffer")]
+    pub buffer: usize,
+}
+
+fn stdout() -> LogOutput {
+    LogOutput::Stdout(StdoutTag::Stdout)
+}
+
+fn default_buffer() -> usize {
+    8192
+}
+
+const ALWAYS_REDACTED_HEADERS: [&str; 6] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "api-key",
+];
+const ALWAYS_REDACTED_QUERY: [&str; 6] = [
+    "api_key",
+    "apikey",
+    "key",
+    "token",
+    "access_token",
+    "password",
+];
+const REDACTED: &str = "[REDACTED]";
+
+/// A compiled access log with its writer.
+#[derive(Debug)]
+pub struct AccessLog {
+    fields: Vec<LogField>,
+    /// Extra request headers to capture, and whether each is redacted.
+    request_headers: Vec<(HeaderName, bool)>,
+    redact_query: Vec<String>,
+    /// The default policy.
+    pub policy: LogPolicyFile,
+    queue: SyncSender<Vec<u8>>,
+}
+
+/// A bad access-log setting: the field and the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct AccessLogError {
+    /// Field path within `access_log`.
+    pub field: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl AccessLogFile {
+    /// Checks the settings; errors name the field within `access_log`.
+    pub fn validate(&self) -> Vec<AccessLogError> {
+        let mut errors = Vec::new();
+        for (i, name) in self
+            .request_headers
+            .iter()
+            .chain(&self.redact_headers)
+            .enumerate()
+        {
+            if HeaderName::from_bytes(name.as_bytes()).is_err() {
+                let field = if i < self.request_headers.len() {
+                    format!("request_headers[{i}]")
+                } else {
+                    format!("redact_headers[{}]", i - self.request_headers.len())
+                };
+                errors.push(AccessLogError {
+                    field,
+                    reason: format!("{name:?} is not a valid header name"),
+                });
+            }
+        }
+        if let Some((field, reason)) = self.policy.validate() {
+            errors.push(AccessLogError {
+                field: field.into(),
+                reason,
+            });
+        }
+        if self.buffer == 0 {
+            errors.push(AccessLogError {
+                field: "buffer".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        errors
+    }
+}
+
+impl AccessLog {
+    /// Opens the output and starts the writer thread.
+    pub fn start(file: &AccessLogFile) -> std::io::Result<Arc<AccessLog>> {
+        let output: Box<dyn Write + Send> = match &file.output {
+            LogOutput::Stdout(_) => Box::new(std::io::stdout()),
+            LogOutput::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+        };
+        let (queue, lines) = sync_channel(file.buffer.max(1));
+        std::thread::Builder::new()
+            .name("postern-access-log".into())
+            .spawn(move || write_lines(lines, output))?;
+        let redacted = |name: &str| {
+            ALWAYS_REDACTED_HEADERS.contains(&name)
+                || file
+                    .redact_headers
+                    .iter()
+                    .any(|r| r.eq_ignore_ascii_case(name))
+        };
+        Ok(Arc::new(AccessLog {
+            fields: file
+                .fields
+                .clone()
+                .unwrap_or_else(|| LogField::ALL.to_vec()),
+            request_headers: file
+                .request_headers
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                .map(|h| {
+                    let redact = redacted(h.as_str());
+                    (h, redact)
+                })
+                .collect(),
+            redact_query: ALWAYS_REDACTED_QUERY
+                .iter()
+                .map(|s| s.to_string())
+                .chain(file.redact_query.iter().map(|q| q.to_ascii_lowercase()))
+                .collect(),
+            policy: file.policy,
+            queue,
+        }))
+    }
+
+    /// Request headers to keep for the line, with secrets already redacted.
+    pub fn capture(&self, headers: &http::HeaderMap) -> Vec<(HeaderName, http::HeaderValue)> {
+        self.request_headers
+            .iter()
+            .filter_map(|(name, redact)| {
+                let value = headers.get(name)?;
+                let value = if *redact {
+                    http::HeaderValue::from_static(REDACTED)
+                } else {
+                    value.clone()
+                };
+                Some((name.clone(), value))
+            })
+            .collect()
+    }
+
+    /// Queues the line for a call; drops it (counted) if the writer is behind.
+    pub fn write(&self, log: &CallLog) {
+        let line = self.format(log);
+        match self.queue.try_send(line) {
+            Ok(()) => metrics::counter!(ACCESS_LOG_WRITTEN_TOTAL).increment(1),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                metrics::counter!(ACCESS_LOG_DROPPED_TOTAL).increment(1)
+            }
+        }
+    }
+
+    /// The JSON line for a call, newline included.
+    pub fn format(&self, log: &CallLog) -> Vec<u8> {
+        let mut out = Vec::with_capacity(512);
+        out.push(b'{');
+        let mut first = true;
+        for field in &self.fields {
+            let value = self.value(*field, log);
+            if matches!(value, Value::Null) && !matches!(field, LogField::Status) {
+                continue;
+            }
+            put_key(&mut out, &mut first, field.key());
+            value.write(&mut out);
+        }
+        for (name, value) in &log.request_headers {
+            let key = format!("req_{}", name.as_str());
+            put_key(&mut out, &mut first, &key);
+            Value::Text(&String::from_utf8_lossy(value.as_bytes())).write(&mut out);
+        }
+        out.extend_from_slice(b"}\n");
+        out
+    }
+
+    fn value<'a>(&self, field: LogField, log: &'a CallLog) -> Value<'a> {
+        use Value::*;
+        let text =
+            |v: Option<&'a http::HeaderValue>| v.and_then(|v| v.to_str().ok()).map_or(Null, Text);
+        match field {
+            LogField::StartTime => Owned(rfc3339(log.start_time)),
+            LogField::Listener => Text(&log.listener),
+            LogField::Direction => Text(match log.direction {
+                super::log::TrafficDirection::Inbound => "inbound",
+                super::log::TrafficDirection::Outbound => "outbound",
+            }),
+            LogField::Method => log.method.as_ref().map_or(Null, |m| Text(m.as_str())),
+            LogField::Authority => text(log.authority.as_ref()),
+            LogField::Path => log
+                .path
+                .as_deref()
+                .map_or(Null, |p| Owned(redact_query(p, &self.redact_query))),
+            LogField::Protocol => Text(log.protocol),
+            LogField::Status => Number(u64::from(log.status)),
+            LogField::GrpcStatus => log.grpc_status.map_or(Null, |g| Number(u64::from(g))),
+            LogField::Flags => Text(log.flags.as_str()),
+            LogField::BytesReceived => Number(log.bytes_received),
+            LogField::BytesSent => Number(log.bytes_sent),
+            LogField::DurationMs => Float(log.duration.as_secs_f64() * 1000.0),
+            LogField::UpstreamTtfbMs => log
+                .upstream_ttfb
+                .map_or(Null, |d| Float(d.as_secs_f64() * 1000.0)),
+            LogField::UpstreamHost => log.upstream_host.map_or(Null, |a| Owned(a.to_string())),
+            LogField::Cluster => log.cluster.as_deref().map_or(Null, Text),
+            LogField::Route => log.route.as_deref().map_or(Null, Text),
+            LogField::RequestId => text(log.request_id.as_ref()),
+            LogField::TraceId => log.trace_id.as_deref().map_or(Null, Text),
+            LogField::DownstreamAddress => Owned(log.downstream_addr.to_string()),
+            LogField::DownstreamPrincipal => log.downstream_principal.as_deref().map_or(Null, Text),
+            LogField::UpstreamPrincipal => log.upstream_principal.as_deref().map_or(Null, Text),
+            LogField::UserAgent => text(log.user_agent.as_ref()),
+        }
+    }
+}
+
+enum Value<'a> {
+    Null,
+    Text(&'a str),
+    Owned(String),
+    Number(u64),
+    Float(f64),
+}
+
+impl Value<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Value::Null => out.extend_from_slice(b"null"),
+            Value::Text(s) => write_json_string(out, s),
+            Value::Owned(s) => write_json_string(out, s),
+            Value::Number(n) => {
+                let _ = write!(out, "{n}");
+            }
+            Value::Float(f) => {
+                let _ = write!(out, "{:.3}", f);
+            }
+        }
+    }
+}
+
+fn put_key(out: &mut Vec<u8>, first: &mut bool, key: &str) {
+    if !*first {
+        out.push(b',');
+    }
+    *first = false;
+    write_json_string(out, key);
+    out.push(b':');
+}
+
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // serde_json escapes control characters and quotes; a caller-chosen
+    // value can never break the line.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// The path with the values of secret query parameters replaced.
+fn redact_query(path: &str, secrets: &[String]) -> String {
+    let Some((base, query)) = path.split_once('?') else {
+        return path.to_string();
+    };
+    let mut out = String::with_capacity(path.len());
+    out.push_str(base);
+    out.push('?');
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+        if secrets.iter().any(|s| s.eq_ignore_ascii_case(name)) && pair.contains('=') {
+            out.push_str(name);
+            out.push('=');
+            out.push_str(REDACTED);
+        } else {
+            out.push_str(pair);
+        }
+    }
+    out
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ`, computed without a date library.
+fn rfc3339(time: std::time::SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (h, m, s) = (rest / 3600, rest % 3600 / 60, rest % 60);
+    // Howard Hinnant's civil-from-days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{:06}Z",
+        since.subsec_micros()
+    )
+}
+
+fn write_lines(lines: Receiver<Vec<u8>>, output: Box<dyn Write + Send>) {
+    let mut output = std::io::BufWriter::with_capacity(64 * 1024, output);
+    while let Ok(line) = lines.recv() {
+        let _ = output.write_all(&line);
+        // Write what is queued in one go, then flush so that a quiet proxy's
+        // last lines are not held back.
+        while let Ok(line) = lines.try_recv() {
+            let _ = output.write_all(&line);
+        }
+        let _ = output.flush();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_rfc3339() {
+        let t = UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123456Z");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        let leap = UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn secret_query_parameters_are_redacted() {
+        let secrets: Vec<String> = ALWAYS_REDACTED_QUERY
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            redact_query("/a?x=1&api_key=s3cret&Token=t&keyless", &secrets),
+            "/a?x=1&api_key=[REDACTED]&Token=[REDACTED]&keyless"
+        );
+        assert_eq!(redact_query("/plain", &secrets), "/plain");
+    }
+}
