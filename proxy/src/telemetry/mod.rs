@@ -2,6 +2,7 @@
 //! feeds metrics when a call ends.
 
 pub mod metrics;
+pub mod trace;
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, OnceLock, RwLock};
