@@ -49,6 +49,13 @@ pub const RBAC_SHADOW_DENIALS_TOTAL: &str = "postern_rbac_shadow_denials_total";
 /// `listener`, `scope` (`listener` or the route name), `mode`.
 pub const RATELIMIT_LIMITED_TOTAL: &str = "postern_ratelimit_limited_total";
 
+/// Trace spans the OTLP collector accepted.
+pub const TRACING_SPANS_EXPORTED_TOTAL: &str = "postern_tracing_spans_exported_total";
+/// Trace spans lost, by `reason`: `queue_full` (the export queue was full
+/// when the call ended), `export_failed` (the collector did not take the
+/// batch in time), `shutdown` (the export task had stopped).
+pub const TRACING_SPANS_DROPPED_TOTAL: &str = "postern_tracing_spans_dropped_total";
+
 /// Buckets for request durations, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -77,6 +84,7 @@ pub fn describe() {
     );
     postern_certs::rotation::metric::describe();
     postern_xds::metric::describe();
+    super::trace::describe();
     describe_histogram!(
         HTTP_REQUEST_DURATION_SECONDS,
         Unit::Seconds,

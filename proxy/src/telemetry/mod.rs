@@ -6,6 +6,7 @@ pub mod istio;
 pub mod log;
 pub mod metrics;
 pub mod record;
+pub mod trace;
 
 pub use record::{CallRecord, ListenerTelemetry, TelemetryHub};
 
