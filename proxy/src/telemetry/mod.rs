@@ -1,6 +1,7 @@
 //! Telemetry: tracing setup, metric names, and the per-call record that
 //! feeds metrics when a call ends.
 
+pub mod als;
 pub mod log;
 pub mod metrics;
 
