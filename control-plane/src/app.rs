@@ -1,5 +1,5 @@
-//! `postern-control serve`: ADS from a watched mesh file and, optionally,
-//! the CA, on one plaintext gRPC server.
+//! `postern-control serve`: ADS from a watched mesh file, the access-log
+//! service and, optionally, the CA, on one plaintext gRPC server.
 //!
 //! [`run`] is the whole command after flag parsing; [`serve`] is the server
 //! alone, for tests that want the control plane in-process.
@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::ads::AdsServer;
+use crate::als::AlsServer;
 use crate::ca::{Authenticator, Ca, CaService};
 use crate::mesh::{load_mesh, watch_mesh, MeshError};
 
@@ -24,12 +25,14 @@ use crate::mesh::{load_mesh, watch_mesh, MeshError};
 pub struct ServeOptions {
     /// The YAML mesh description to serve over ADS.
     pub mesh: PathBuf,
-    /// Where to listen for gRPC (ADS and the CA).
+    /// Where to listen for gRPC (ADS, ALS and the CA).
     pub listen: SocketAddr,
     /// How often to check the mesh file for changes.
     pub poll: Duration,
     /// The CA to run, if any.
     pub ca: Option<CaOptions>,
+    /// How often to print the access-log summary to stdout; zero: never.
+    pub als_summary_interval: Duration,
 }
 
 /// Settings of the optional CA.
@@ -85,9 +88,10 @@ pub fn load_tokens(path: &Path) -> anyhow::Result<Authenticator> {
     Authenticator::new(pairs).with_context(|| format!("invalid ca tokens file {}", path.display()))
 }
 
-/// Serves `ads` and, if given, `ca` as plaintext gRPC on `listener` until
-/// `shutdown` completes, then ends the ADS streams
-/// ([`AdsServer::close_streams`]), drains open calls and returns.
+/// Serves `ads` and, if given, `als` and `ca` as plaintext gRPC on
+/// `listener` until `shutdown` completes, then ends the ADS and ALS streams
+/// ([`AdsServer::close_streams`], [`AlsServer::close_streams`]), drains
+/// open calls and returns.
 ///
 /// # Errors
 ///
@@ -95,16 +99,22 @@ pub fn load_tokens(path: &Path) -> anyhow::Result<Authenticator> {
 pub async fn serve(
     listener: TcpListener,
     ads: AdsServer,
+    als: Option<AlsServer>,
     ca: Option<CaService>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let closer = ads.clone();
+    let als_closer = als.clone();
     let shutdown = async move {
         shutdown.await;
         closer.close_streams();
+        if let Some(als) = als_closer {
+            als.close_streams();
+        }
     };
     tonic::transport::Server::builder()
         .add_service(ads.into_service())
+        .add_optional_service(als.map(AlsServer::into_service))
         .add_optional_service(ca.map(CaService::into_server))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await
@@ -112,7 +122,8 @@ pub async fn serve(
 
 /// Runs `postern-control serve`: loads the mesh file (failing fast if it is
 /// invalid), sets up the CA if asked, binds, then serves until `shutdown`
-/// completes while [`watch_mesh`] serves each new revision of the file.
+/// completes while [`watch_mesh`] serves each new revision of the file and,
+/// unless the interval is zero, the access-log summary is printed.
 ///
 /// # Errors
 ///
@@ -144,11 +155,17 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
     let addr = listener
         .local_addr()
         .context("could not read the bound address")?;
-    tracing::info!(%addr, ca = ca.is_some(), "control plane serving ads");
+    tracing::info!(%addr, ca = ca.is_some(), "control plane serving ads and als");
 
+    let als = AlsServer::new();
+    let printer = (!options.als_summary_interval.is_zero())
+        .then(|| tokio::spawn(als.clone().print_summaries(options.als_summary_interval)));
     let watcher = tokio::spawn(watch_mesh(options.mesh.clone(), ads.clone(), options.poll));
-    let served = serve(listener, ads, ca, shutdown).await;
+    let served = serve(listener, ads, Some(als), ca, shutdown).await;
     watcher.abort();
+    if let Some(printer) = printer {
+        printer.abort();
+    }
     served.context("grpc server failed")?;
     tracing::info!("control plane stopped");
     Ok(())
@@ -173,6 +190,11 @@ fn ca_service(options: &CaOptions) -> anyhow::Result<CaService> {
 #[cfg(test)]
 mod tests {
     use futures_util::StreamExt;
+    use postern_proto::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
+    use postern_proto::envoy::service::accesslog::v3::stream_access_logs_message::{
+        Identifier, LogEntries, TcpAccessLogEntries,
+    };
+    use postern_proto::envoy::service::accesslog::v3::StreamAccessLogsMessage;
     use postern_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     use postern_proto::envoy::service::discovery::v3::DiscoveryRequest;
     use postern_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
@@ -225,7 +247,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, ads, Some(ca), async {
+        let als = AlsServer::new();
+        let mut als_events = als.events();
+        let server = tokio::spawn(serve(listener, ads, Some(als), Some(ca), async {
             let _ = stopped.await;
         }));
 
@@ -250,17 +274,39 @@ mod tests {
 
         // The CA answers on the same port (and refuses a caller without a
         // token).
-        let mut ca_client = IstioCertificateServiceClient::connect(url).await.unwrap();
+        let mut ca_client = IstioCertificateServiceClient::connect(url.clone())
+            .await
+            .unwrap();
         let status = ca_client
             .create_certificate(IstioCertificateRequest::default())
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unauthenticated);
 
-        // Shutdown ends the open ADS stream rather than waiting for it.
+        // So does the access-log service, whose stream stays open.
+        let mut als_client = AccessLogServiceClient::connect(url).await.unwrap();
+        let message = StreamAccessLogsMessage {
+            identifier: Some(Identifier::default()),
+            log_entries: Some(LogEntries::TcpLogs(TcpAccessLogEntries {
+                log_entry: vec![Default::default()],
+            })),
+        };
+        let als_call = tokio::spawn(async move {
+            als_client
+                .stream_access_logs(
+                    futures_util::stream::iter([message]).chain(futures_util::stream::pending()),
+                )
+                .await
+        });
+        assert_eq!(als_events.recv().await.unwrap().tcp().len(), 1);
+
+        // Shutdown ends the open ADS and ALS streams rather than waiting
+        // for them.
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
         let status = responses.message().await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let status = als_call.await.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable);
     }
 }

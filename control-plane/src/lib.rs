@@ -6,13 +6,16 @@
 //! - [`mesh`]: the YAML mesh description, its translation to Envoy
 //!   resources, and a watcher that serves each new revision of the file.
 //! - [`ca`]: a CA that signs workload CSRs over the Istio CA gRPC API.
-//! - [`app`]: the `postern-control serve` wiring of all three on one gRPC
+//! - [`als`]: an access-log service that receives the proxies' per-call
+//!   entries and keeps a per-route summary.
+//! - [`app`]: the `postern-control serve` wiring of them all on one gRPC
 //!   server.
 //!
 //! It knows nothing of the data plane: it only speaks the APIs the proxy
 //! consumes, so Envoy can be pointed at it too.
 
 pub mod ads;
+pub mod als;
 pub mod app;
 pub mod ca;
 pub mod mesh;

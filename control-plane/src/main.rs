@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve ADS (SotW and delta) from a YAML mesh file, and optionally a CA.
+    /// Serve ADS (SotW and delta) from a YAML mesh file, the access-log
+    /// service, and optionally a CA.
     Serve(ServeArgs),
 }
 
@@ -31,7 +32,7 @@ struct ServeArgs {
     /// The YAML mesh description; changes are picked up while running.
     #[arg(long, value_name = "FILE")]
     mesh: PathBuf,
-    /// Address for the gRPC server (ADS and the CA).
+    /// Address for the gRPC server (ADS, ALS and the CA).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15010")]
     listen: SocketAddr,
     /// How often to check the mesh file for changes.
@@ -46,6 +47,10 @@ struct ServeArgs {
     /// Write the CA's root certificate (PEM) to this file.
     #[arg(long, value_name = "FILE", requires = "ca_trust_domain")]
     ca_root_out: Option<PathBuf>,
+    /// Print the per-route access-log summary to stdout this often (only
+    /// when new entries arrived); 0 turns it off.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    als_summary_interval: Duration,
 }
 
 #[tokio::main]
@@ -72,6 +77,7 @@ async fn main() -> ExitCode {
                 tokens,
                 root_out: args.ca_root_out,
             }),
+        als_summary_interval: args.als_summary_interval,
     };
     match app::run(options, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

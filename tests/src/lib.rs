@@ -7,6 +7,7 @@
 //! files under `tests/` hold the scenarios; this crate holds no assertions
 //! about the proxy itself.
 
+pub mod als;
 pub mod client;
 pub mod control;
 pub mod envoy;

@@ -2,6 +2,7 @@
 //! feeds metrics when a call ends.
 
 pub mod access_log;
+pub mod als;
 pub mod istio;
 pub mod log;
 pub mod metrics;
