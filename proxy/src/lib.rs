@@ -14,6 +14,7 @@ pub mod http;
 pub mod listener;
 pub mod ratelimit;
 pub mod route;
+pub mod sidecar;
 pub mod tcp;
 pub mod telemetry;
 pub mod tls;

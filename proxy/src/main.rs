@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use postern::config::file::XdsProtocolFile;
 use postern::config::{BootstrapOverrides, Config, ConfigError};
 use postern::demo::{self, DemoOptions};
+use postern::sidecar::{inject, iptables, wait_ready, webhook};
 use postern::{telemetry, Proxy};
 
 #[derive(Parser)]
@@ -44,6 +45,13 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: SocketAddr,
     },
+    /// Install, print (--dry-run) or remove (--cleanup) the nat rules that
+    /// capture a pod's TCP; run by the sidecar's init container.
+    Iptables(iptables::IptablesArgs),
+    /// Add the sidecar to Kubernetes manifests, or serve that as an admission webhook.
+    Inject(inject::InjectArgs),
+    /// Wait until a proxy's admin server answers GET /ready with 200.
+    WaitReady(wait_ready::WaitReadyArgs),
 }
 
 /// Where config comes from: a file, flags and environment variables.
@@ -136,7 +144,70 @@ fn main() -> ExitCode {
             let (proxy, help) = demo::start(DemoOptions { listen, admin }).await?;
             Ok((proxy, Some(help)))
         }),
+        Command::Iptables(args) => exit_with(iptables::run_cli(&args)),
+        Command::Inject(args) => match args.command {
+            Some(inject::InjectCommand::Webhook(args)) => serve_webhook(&args),
+            None => exit_with(
+                inject::run_cli(args.file.as_deref(), &args.options).map(|out| print!("{out}")),
+            ),
+        },
+        Command::WaitReady(args) => {
+            block_on(async move { wait_ready::wait_ready(args.admin_address, args.timeout).await })
+        }
     }
+}
+
+fn exit_with<E: std::error::Error>(result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // Each message already carries its cause.
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a short helper command on a single-threaded runtime.
+fn block_on<E: std::error::Error>(
+    future: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => exit_with(runtime.block_on(future)),
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve_webhook(args: &webhook::WebhookArgs) -> ExitCode {
+    telemetry::init_tracing();
+    block_on(async move {
+        let server = webhook::WebhookServer::bind(args).await?;
+        tracing::info!(addr = ?server.local_addr().ok(), "injection webhook serving");
+        server
+            .serve(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = term.recv() => {}
+                            _ = tokio::signal::ctrl_c() => {}
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+                tracing::info!("shutting down");
+            })
+            .await;
+        Ok::<(), webhook::WebhookError>(())
+    })
 }
 
 fn report_config_error(source: &str, err: &ConfigError) -> ExitCode {

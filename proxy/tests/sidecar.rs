@@ -1,0 +1,588 @@
+//! End-to-end tests of the sidecar helpers through the `postern` binary:
+//! `iptables` inside network namespaces made for the test (rules, rerun,
+//! cleanup, and where real connections end up), `wait-ready` against a
+//! running `postern run`, and `inject` on the command line.
+//!
+//! The namespace tests need root, `ip`, `iptables`, `setpriv`, `timeout`
+//! and `bash`; `.ci/run` installs iptables. They fail, naming what is
+//! missing, rather than skip.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use postern::sidecar::iptables::{self, CaptureConfig, Existing, Family};
+
+fn postern() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_postern"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `program args`, asserting it succeeds; returns stdout.
+fn ok(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}\n{}",
+        output.status,
+        text(&output.stderr)
+    );
+    text(&output.stdout)
+}
+
+// ---------------------------------------------------------------------------
+// Network namespaces.
+// ---------------------------------------------------------------------------
+
+/// A network namespace made for one test, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(role: &str) -> Netns {
+        let name = format!("postern-test-{}-{role}", std::process::id());
+        ok("ip", &["netns", "add", &name]);
+        let ns = Netns(name);
+        ns.ok("ip", &["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip netns exec NAME` followed by `args`.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.0]).args(args);
+        command
+    }
+
+    fn ok(&self, program: &str, args: &[&str]) -> String {
+        let mut all = vec!["netns", "exec", &self.0, program];
+        all.extend_from_slice(args);
+        ok("ip", &all)
+    }
+
+    fn postern(&self, args: &[&str]) -> Output {
+        self.command(&[env!("CARGO_BIN_EXE_postern")])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// What `(ip|ip6)tables-save -t nat` shows.
+    fn nat(&self, family: Family) -> String {
+        let save = match family {
+            Family::V4 => "iptables-save",
+            Family::V6 => "ip6tables-save",
+        };
+        self.ok(save, &["-t", "nat"])
+    }
+
+    /// Connects to `addr` as `uid:gid` and returns what the server said
+    /// (its name and port), or the failure.
+    fn connect(&self, uid: u32, gid: u32, addr: &str) -> String {
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let script = format!("exec 3<>/dev/tcp/{host}/{port} && cat <&3");
+        let output = self
+            .command(&[
+                "setpriv",
+                &format!("--reuid={uid}"),
+                &format!("--regid={gid}"),
+                "--clear-groups",
+                "timeout",
+                "5",
+                "bash",
+                "-c",
+                &script,
+            ])
+            .output()
+            .unwrap();
+        if output.status.success() {
+            text(&output.stdout).trim().to_owned()
+        } else {
+            format!("failed: {}", text(&output.stderr).trim())
+        }
+    }
+
+    /// Starts TCP servers on `ports` (0.0.0.0) that answer `NAME:PORT` and
+    /// close; they run until the returned child is dropped.
+    fn serve(&self, name: &str, ports: &[u16]) -> Server {
+        let exe = std::env::current_exe().unwrap();
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let mut child = self
+            .command(&[
+                exe.to_str().unwrap(),
+                "netns_helper",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(HELPER_ENV, format!("{name}:{}", ports.join(",")))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line == "READY" {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("servers in the namespace came up");
+        Server(child)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const HELPER_ENV: &str = "POSTERN_TEST_NETNS_SERVE";
+
+/// Not a test of its own: the servers that `Netns::serve` runs inside a
+/// namespace, by running this test binary there. Without its variable set
+/// it returns at once.
+#[test]
+fn netns_helper() {
+    let Ok(spec) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let (name, ports) = spec.split_once(':').unwrap();
+    for port in ports.split(',') {
+        let listener = std::net::TcpListener::bind(format!("0.0.0.0:{port}")).unwrap();
+        let reply = format!("{name}:{port}\n");
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().map_while(Result::ok) {
+                let _ = stream.write_all(reply.as_bytes());
+            }
+        });
+    }
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Two namespaces joined by a veth pair: the pod (10.203.0.2) and a peer
+/// (10.203.0.1), both on a /24 that exists only between them.
+fn pod_and_peer() -> (Netns, Netns) {
+    let pod = Netns::new("pod");
+    let peer = Netns::new("peer");
+    pod.ok(
+        "ip",
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.0,
+        ],
+    );
+    for (ns, addr) in [(&pod, "10.203.0.2/24"), (&peer, "10.203.0.1/24")] {
+        ns.ok("ip", &["addr", "add", addr, "dev", "eth0"]);
+        ns.ok("ip", &["link", "set", "eth0", "up"]);
+    }
+    (pod, peer)
+}
+
+const POD: &str = "10.203.0.2";
+const PEER: &str = "10.203.0.1";
+const APP: (u32, u32) = (0, 0);
+const PROXY: (u32, u32) = (1337, 1337);
+
+#[test]
+fn iptables_captures_app_traffic_and_spares_the_proxy() {
+    let (pod, peer) = pod_and_peer();
+    let flags = [
+        "iptables",
+        "--exclude-inbound-ports",
+        "2222",
+        "--exclude-outbound-ports",
+        "5555",
+        "--exclude-outbound-cidrs",
+        "10.203.0.128/25,fd00::/8",
+    ];
+    // Twice: the second run must replace the rules, not add to them.
+    for run in 0..2 {
+        let output = pod.postern(&flags);
+        assert!(
+            output.status.success(),
+            "run {run}: {}",
+            text(&output.stderr)
+        );
+    }
+    let config = CaptureConfig {
+        exclude_inbound: vec![iptables::PortSpec::One(2222)],
+        exclude_outbound: vec![iptables::PortSpec::One(5555)],
+        exclude_outbound_cidrs: vec![
+            "10.203.0.128/25".parse().unwrap(),
+            "fd00::/8".parse().unwrap(),
+        ],
+        ..CaptureConfig::default()
+    };
+    for family in [Family::V4, Family::V6] {
+        let saved = pod.nat(family);
+        let count = |line: &str| saved.lines().filter(|l| *l == line).count();
+        assert_eq!(
+            count("-A PREROUTING -p tcp -j POSTERN_INBOUND"),
+            1,
+            "{saved}"
+        );
+        assert_eq!(count("-A OUTPUT -p tcp -j POSTERN_OUTPUT"), 1, "{saved}");
+        let ours = saved
+            .lines()
+            .filter(|l| l.starts_with("-A POSTERN_"))
+            .count();
+        assert_eq!(
+            ours,
+            iptables::rules(&config, family).len() - 2,
+            "{family:?}: {saved}"
+        );
+        assert_eq!(Existing::parse(&saved).chains.len(), 4, "{saved}");
+    }
+
+    let _pod_servers = pod.serve("pod", &[15001, 15006, 8080, 2222]);
+    let _peer_servers = peer.serve("peer", &[80, 53, 5555]);
+    let cases = [
+        // Inbound from another pod: captured unless the port is excluded.
+        (&peer, APP, format!("{POD}:8080"), "pod:15006"),
+        (&peer, APP, format!("{POD}:2222"), "pod:2222"),
+        // Outbound from the app: captured, except excluded ports and DNS.
+        (&pod, APP, format!("{PEER}:80"), "pod:15001"),
+        (&pod, APP, format!("{PEER}:5555"), "peer:5555"),
+        (&pod, APP, format!("{PEER}:53"), "peer:53"),
+        // The app talking to itself, by loopback or by its own IP.
+        (&pod, APP, "127.0.0.1:8080".to_owned(), "pod:8080"),
+        (&pod, APP, format!("{POD}:8080"), "pod:8080"),
+        // The proxy's own calls leave as they are (by UID, or by GID alone).
+        (&pod, PROXY, format!("{PEER}:80"), "peer:80"),
+        (&pod, (1000, 1337), format!("{PEER}:80"), "peer:80"),
+        (&pod, PROXY, "127.0.0.1:8080".to_owned(), "pod:8080"),
+        // The proxy calling its own pod's IP is an inbound call...
+        (&pod, PROXY, format!("{POD}:8080"), "pod:15006"),
+        // ...unless the port is excluded from inbound capture.
+        (&pod, PROXY, format!("{POD}:2222"), "pod:2222"),
+    ];
+    let mut wrong = Vec::new();
+    for (ns, (uid, gid), addr, expected) in &cases {
+        let got = ns.connect(*uid, *gid, addr);
+        if got != *expected {
+            wrong.push(format!(
+                "{} as {uid}:{gid} to {addr}: got {got:?}, expected {expected:?}",
+                ns.0
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{}\n{}",
+        wrong.join("\n"),
+        pod.nat(Family::V4)
+    );
+
+    // Cleanup removes everything, twice is no error, and traffic flows
+    // uncaptured again.
+    for _ in 0..2 {
+        let output = pod.postern(&["iptables", "--cleanup"]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    for family in [Family::V4, Family::V6] {
+        let saved = pod.nat(family);
+        assert!(!saved.contains("POSTERN"), "{saved}");
+    }
+    assert_eq!(pod.connect(0, 0, &format!("{PEER}:80")), "peer:80");
+}
+
+#[test]
+fn iptables_dry_run_prints_the_rules_and_changes_nothing() {
+    let ns = Netns::new("dry");
+    let output = ns.postern(&[
+        "iptables",
+        "--dry-run",
+        "--exclude-outbound-cidrs",
+        "fd00::/8",
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let config = CaptureConfig {
+        exclude_outbound_cidrs: vec!["fd00::/8".parse().unwrap()],
+        ..CaptureConfig::default()
+    };
+    let expected = format!(
+        "# IPv4\n{}# IPv6\n{}",
+        iptables::render(&config, Family::V4, &Existing::default()),
+        iptables::render(&config, Family::V6, &Existing::default())
+    );
+    assert_eq!(text(&output.stdout), expected);
+    assert!(!ns.nat(Family::V4).contains("POSTERN"));
+    assert!(!ns.nat(Family::V6).contains("POSTERN"));
+}
+
+#[test]
+fn iptables_names_the_failing_command_and_its_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("iptables-save");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"can't initialize iptables table 'nat'\" >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let output = postern()
+        .args(["iptables", "--ipv6", "false"])
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("`iptables-save -t nat` failed"), "{stderr}");
+    assert!(
+        stderr.contains("can't initialize iptables table 'nat'"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("exit status: 3"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------
+// wait-ready against a running proxy.
+// ---------------------------------------------------------------------------
+
+/// `postern run` with piped stderr; killed on drop.
+struct Running {
+    child: Child,
+    admin: SocketAddr,
+}
+
+impl Running {
+    /// Starts `postern run ARGS` and reads the admin address it bound from
+    /// its log.
+    fn start(args: &[&str]) -> Running {
+        let mut child = postern()
+            .arg("run")
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut log = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let plain = strip_ansi(&line);
+                if let Some(addr) = plain
+                    .contains("admin server listening")
+                    .then(|| plain.split("addr=").nth(1))
+                    .flatten()
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                {
+                    let _ = tx.send(Ok(addr));
+                }
+                log.push_str(&plain);
+                log.push('\n');
+            }
+            let _ = tx.send(Err(log));
+        });
+        let admin = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(addr)) => addr,
+            other => panic!("postern run never announced its admin address: {other:?}"),
+        };
+        Running { child, admin }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ ... final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn wait_ready(admin: SocketAddr, timeout: &str) -> Output {
+    postern()
+        .args(["wait-ready", "--admin-address", &admin.to_string()])
+        .args(["--timeout", timeout])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn wait_ready_returns_once_postern_run_is_ready() {
+    let config = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+    std::fs::write(
+        config.path(),
+        r#"
+admin: { address: 127.0.0.1:0 }
+listeners:
+  - name: edge
+    address: 127.0.0.1:0
+    kind: http
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - match: {}
+            direct_response: { status: 200, body: ok }
+"#,
+    )
+    .unwrap();
+    let proxy = Running::start(&["--config", config.path().to_str().unwrap()]);
+    let output = wait_ready(proxy.admin, "30s");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+}
+
+#[test]
+fn wait_ready_fails_on_a_proxy_that_never_gets_its_config() {
+    // A "control plane" that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let xds = format!("http://{}", silent.local_addr().unwrap());
+    let proxy = Running::start(&[
+        "--node-id",
+        "sidecar~127.0.0.1~web.shop~shop.svc.cluster.local",
+        "--xds-address",
+        &xds,
+        "--admin-address",
+        "127.0.0.1:0",
+    ]);
+    let output = wait_ready(proxy.admin, "1s");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains(&proxy.admin.to_string()), "{stderr}");
+    assert!(stderr.contains("503"), "{stderr}");
+    assert!(stderr.contains("first complete config"), "{stderr}");
+}
+
+#[test]
+fn wait_ready_fails_when_nothing_listens() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let output = wait_ready(addr, "300ms");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("was not ready after"), "{stderr}");
+    assert!(stderr.contains("cannot connect"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------
+// inject on the command line.
+// ---------------------------------------------------------------------------
+
+fn inject(stdin: &str, args: &[&str]) -> Output {
+    let mut child = postern()
+        .arg("inject")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn inject_reads_files_and_stdin_and_a_second_pass_changes_nothing() {
+    let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/app.yaml");
+    let from_file = postern().args(["inject", "-f"]).arg(&app).output().unwrap();
+    assert!(from_file.status.success(), "{}", text(&from_file.stderr));
+    let from_stdin = inject(&std::fs::read_to_string(&app).unwrap(), &[]);
+    assert_eq!(from_file.stdout, from_stdin.stdout);
+    assert_eq!(
+        text(&from_file.stderr),
+        "Deployment shop/web: injected\nCronJob shop/report: injected\n"
+    );
+
+    let again = inject(&text(&from_file.stdout), &["-f", "-"]);
+    assert!(again.status.success());
+    assert_eq!(again.stdout, from_file.stdout);
+    assert!(
+        text(&again.stderr).contains("Deployment shop/web: unchanged (already injected)"),
+        "{}",
+        text(&again.stderr)
+    );
+}
+
+#[test]
+fn inject_flags_reach_the_pod_spec_and_bad_input_fails_cleanly() {
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: a, image: a}]}\n";
+    let output = inject(
+        pod,
+        &[
+            "--image",
+            "registry.example.com/postern:0.1.0",
+            "--init-image",
+            "registry.example.com/postern-init:0.1.0",
+            "--xds-address",
+            "https://istiod.istio-system.svc:15012",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let out = text(&output.stdout);
+    for needle in [
+        "image: registry.example.com/postern:0.1.0",
+        "image: registry.example.com/postern-init:0.1.0",
+        "value: https://istiod.istio-system.svc:15012",
+    ] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+
+    let bad = pod.replace(
+        "{name: p}",
+        "{name: p, annotations: {postern.dev/proxy-cpu: lots}}",
+    );
+    let output = inject(&bad, &[]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty());
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.starts_with("error: Pod p: annotation postern.dev/proxy-cpu: \"lots\""),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,134 @@
+//! Every Kubernetes manifest in `deploy/`, and what `postern inject` makes
+//! of it, validates against the Kubernetes API schemas (strict: unknown
+//! fields are errors) with `kubernetes-validate`, a PyPI package that ships
+//! the schemas, so it runs offline. `.ci/run` installs it; without it these
+//! tests fail.
+//!
+//! The version is pinned to the oldest Kubernetes Postern supports: native
+//! sidecars (`restartPolicy: Always` on an init container) are on by
+//! default from 1.29.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use postern::sidecar::inject::{inject_yaml, InjectOptions, Outcome};
+
+const KUBERNETES_VERSION: &str = "1.29.0";
+
+fn manifests() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 3,
+        "manifests in {}: {files:?}",
+        dir.display()
+    );
+    files
+}
+
+/// Validates `yaml` (named `name` in messages) and fails the test with the
+/// validator's report if it does not pass.
+fn assert_valid(name: &str, yaml: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir
+        .path()
+        .join(Path::new(name).file_name().expect("a file name"));
+    std::fs::write(&file, yaml).expect("write manifest");
+    let output = Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+        .arg(&file)
+        .output()
+        .expect("kubernetes-validate must be installed (pip install kubernetes-validate; .ci/run does it)");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && !report.contains("ERROR"),
+        "{name} does not validate against Kubernetes {KUBERNETES_VERSION}:\n{report}"
+    );
+    let documents = yaml.matches("\n---\n").count() + 1;
+    assert_eq!(
+        report.matches(" passed for resource ").count(),
+        documents,
+        "every document of {name} was checked:\n{report}"
+    );
+}
+
+#[test]
+fn deploy_manifests_validate() {
+    for file in manifests() {
+        let yaml = std::fs::read_to_string(&file).expect("read manifest");
+        assert_valid(&file.display().to_string(), &yaml);
+    }
+}
+
+#[test]
+fn injected_manifests_validate() {
+    for file in manifests() {
+        let yaml = std::fs::read_to_string(&file).expect("read manifest");
+        let (injected, _) = inject_yaml(&yaml, &InjectOptions::default()).expect("inject");
+        assert_valid(&format!("injected-{}", file.display()), &injected);
+    }
+}
+
+/// Every annotation set at once, on every workload kind.
+#[test]
+fn every_annotation_and_kind_validates_once_injected() {
+    let annotations = r#"
+        postern.dev/opaque-ports: "3306,9000-9100"
+        postern.dev/exclude-inbound-ports: "22"
+        postern.dev/exclude-outbound-ports: "5432,6379"
+        postern.dev/exclude-outbound-cidrs: "169.254.169.254/32,fd00::/8"
+        postern.dev/proxy-cpu: "500m"
+        postern.dev/proxy-memory: "256Mi"
+        postern.dev/log-level: "info,postern=debug""#;
+    let template = |indent: usize| {
+        let pad = " ".repeat(indent);
+        let annotations: String = annotations
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| format!("{pad}    {}\n", l.trim()))
+            .collect();
+        format!(
+            "{pad}metadata:\n{pad}  labels: {{ app: x }}\n{pad}  annotations:\n{annotations}\
+             {pad}spec:\n{pad}  restartPolicy: OnFailure\n\
+             {pad}  containers: [{{ name: app, image: app:1 }}]\n"
+        )
+    };
+    let always = |t: String| t.replace("OnFailure", "Always");
+    let input = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{ name: p, annotations: {{ postern.dev/log-level: debug }} }}\n\
+         spec: {{ containers: [{{ name: app, image: app:1 }}] }}\n\
+         ---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{ name: d }}\n\
+         spec:\n  selector: {{ matchLabels: {{ app: x }} }}\n  template:\n{}\
+         ---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{ name: s }}\n\
+         spec:\n  serviceName: s\n  selector: {{ matchLabels: {{ app: x }} }}\n  template:\n{}\
+         ---\napiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{ name: ds }}\n\
+         spec:\n  selector: {{ matchLabels: {{ app: x }} }}\n  template:\n{}\
+         ---\napiVersion: batch/v1\nkind: Job\nmetadata: {{ name: j }}\nspec:\n  template:\n{}\
+         ---\napiVersion: batch/v1\nkind: CronJob\nmetadata: {{ name: c }}\n\
+         spec:\n  schedule: \"0 * * * *\"\n  jobTemplate:\n    spec:\n      template:\n{}",
+        always(template(4)),
+        always(template(4)),
+        always(template(4)),
+        template(4),
+        template(8),
+    );
+    assert_valid("kinds.yaml", &input);
+    let (injected, reports) = inject_yaml(&input, &InjectOptions::default()).expect("inject");
+    assert_eq!(reports.len(), 6);
+    assert!(
+        reports.iter().all(|r| r.outcome == Outcome::Injected),
+        "{reports:?}"
+    );
+    assert_valid("kinds-injected.yaml", &injected);
+}
