@@ -146,7 +146,10 @@ fn main() -> ExitCode {
         }),
         Command::Iptables(args) => exit_with(iptables::run_cli(&args)),
         Command::Inject(args) => match args.command {
-            Some(inject::InjectCommand::Webhook(args)) => serve_webhook(&args),
+            Some(inject::InjectCommand::Webhook(args)) => {
+                logging();
+                serve_webhook(&args)
+            }
             None => exit_with(
                 inject::run_cli(args.file.as_deref(), &args.options).map(|out| print!("{out}")),
             ),
@@ -185,7 +188,6 @@ fn block_on<E: std::error::Error>(
 }
 
 fn serve_webhook(args: &webhook::WebhookArgs) -> ExitCode {
-    telemetry::init_tracing();
     block_on(async move {
         let server = webhook::WebhookServer::bind(args).await?;
         tracing::info!(addr = ?server.local_addr().ok(), "injection webhook serving");

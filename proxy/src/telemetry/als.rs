@@ -529,7 +529,7 @@ fn text(value: &http::HeaderValue) -> String {
 /// Envoy's response flags for `flags`, where Postern's flag means what
 /// Envoy's does; none when nothing maps.
 ///
-/// NR, UH, UF, UR, UT, UO, URX, DC and RL map one to one. RBAC maps to
+/// NR, UH, UF, UR, UT, UO, URX, DC, RL, SI, DPE and NC map one to one. RBAC maps to
 /// `unauthorized_details` with reason unspecified (Envoy's ext_authz uses
 /// `EXTERNAL_SERVICE`). DR (a direct response; Envoy's DR is a downstream
 /// reset) and DL (a downstream limit) have no Envoy counterpart.
@@ -547,6 +547,9 @@ pub fn envoy_response_flags(flags: ResponseFlags) -> Option<data::ResponseFlags>
             ResponseFlag::RetryLimitExceeded => &mut out.upstream_retry_limit_exceeded,
             ResponseFlag::DownstreamClosed => &mut out.downstream_connection_termination,
             ResponseFlag::RateLimited => &mut out.rate_limited,
+            ResponseFlag::StreamIdleTimeout => &mut out.stream_idle_timeout,
+            ResponseFlag::DownstreamProtocolError => &mut out.downstream_protocol_error,
+            ResponseFlag::NoClusterFound => &mut out.no_cluster_found,
             ResponseFlag::RbacDenied => {
                 out.unauthorized_details = Some(Unauthorized {
                     reason: unauthorized::Reason::Unspecified as i32,
