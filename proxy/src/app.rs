@@ -98,8 +98,9 @@ impl Proxy {
         let telemetry = crate::telemetry::TelemetryHub::from_config(
             &config.source.telemetry,
             local_id.as_deref(),
+            envoy_node(&config.source),
         )
-        .context("cannot open the access log")?;
+        .context("cannot start telemetry")?;
         let listeners = Arc::new(ListenerManager::new(
             clusters.clone(),
             tracker.clone(),
@@ -327,13 +328,9 @@ fn start_identity(
     Ok((handle, tokio::spawn(rotator.run())))
 }
 
-/// Starts the ADS client that feeds `runtime` from the control plane.
-fn start_xds(
-    xds: &crate::config::file::XdsFile,
-    file: &crate::config::ConfigFile,
-    runtime: Arc<Runtime>,
-    sds: Option<(Arc<SdsSource>, crate::config::file::SdsSourceFile)>,
-) -> anyhow::Result<JoinHandle<()>> {
+/// The node this proxy reports as, to the control plane and the
+/// access-log collector.
+pub fn envoy_node(file: &crate::config::ConfigFile) -> postern_xds::Node {
     use postern_proto::google::protobuf::{value::Kind, Struct, Value};
     let node_file = file.node.clone().unwrap_or_default();
     let metadata = (!node_file.metadata.is_empty()).then(|| Struct {
@@ -350,13 +347,23 @@ fn start_xds(
             })
             .collect(),
     });
-    let node = postern_xds::Node {
+    postern_xds::Node {
         id: node_file.id.clone(),
         cluster: node_file.cluster.clone(),
         metadata,
         user_agent_name: "postern".into(),
         ..Default::default()
-    };
+    }
+}
+
+/// Starts the ADS client that feeds `runtime` from the control plane.
+fn start_xds(
+    xds: &crate::config::file::XdsFile,
+    file: &crate::config::ConfigFile,
+    runtime: Arc<Runtime>,
+    sds: Option<(Arc<SdsSource>, crate::config::file::SdsSourceFile)>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let node = envoy_node(file);
     let mut client_config = postern_xds::ClientConfig::new(xds.address.clone(), node);
     client_config.protocol = match xds.protocol {
         crate::config::file::XdsProtocolFile::Sotw => postern_xds::Protocol::StateOfTheWorld,

@@ -659,3 +659,299 @@ clusters:
     assert_eq!(lines[1]["status"], 500);
     assert_eq!(lines[2]["path"], "/last");
 }
+
+/// Two sidecars with tracing to `receiver`: the client's outbound listener
+/// in plain HTTP, mesh mTLS to the server's inbound listener, then `app`.
+async fn traced_pair(
+    ca: &TestCa,
+    dir: &Path,
+    receiver: &postern_tests::otlp::OtlpReceiver,
+    app: SocketAddr,
+) -> (Proxy, Proxy) {
+    let tracing = format!(
+        "telemetry:\n  tracing: {{ collector: \"{}\", export_interval: 50ms }}",
+        receiver.endpoint()
+    );
+    let server = start_ready(&format!(
+        r#"
+identity:
+{identity}
+{tracing}
+listeners:
+  - name: traced-in
+    address: 127.0.0.1:0
+    kind: http
+    mtls: {{ mode: strict }}
+    tracing: {{ sampling: 0 }}
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - name: app
+            match: {{}}
+            cluster: app
+clusters:
+  - name: app
+    endpoints: [{{ address: "{app}" }}]
+"#,
+        identity = file_identity(ca, dir, "traced-server", SERVER_ID),
+    ))
+    .await;
+    let client = start_ready(&format!(
+        r#"
+identity:
+{identity}
+{tracing}
+listeners:
+  - name: traced-out
+    address: 127.0.0.1:0
+    kind: http
+    tracing: {{ sampling: 1 }}
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - name: to-reviews
+            match: {{}}
+            cluster: reviews
+clusters:
+  - name: reviews
+    endpoints: [{{ address: "{server}" }}]
+    tls: {{ mode: mesh, identities: ["{SERVER_ID}"] }}
+"#,
+        identity = file_identity(ca, dir, "traced-client", CLIENT_ID),
+        server = listener(&server, "traced-in"),
+    ))
+    .await;
+    (client, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_continues_through_two_sidecars() {
+    let _recorder = postern::telemetry::install_prometheus_recorder();
+    let receiver = postern_tests::otlp::OtlpReceiver::start().await;
+    let app = HttpBackend::start("app").await;
+    let ca = TestCa::new("tracing");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (client, _server) = traced_pair(&ca, dir.path(), &receiver, app.addr()).await;
+    let out = listener(&client, "traced-out");
+
+    // A caller's W3C context, sampled: both sidecars continue it.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let response = send(
+        out,
+        http::Request::get("/items?page=1")
+            .header("host", "reviews")
+            .header("traceparent", format!("00-{trace}-{caller_span}-01"))
+            .header("tracestate", "vendor=kept")
+            .body(postern_tests::client::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let spans = receiver.wait_for_spans(2, Duration::from_secs(10)).await;
+    let client_span = spans
+        .iter()
+        .find(|s| s.parent_span_id() == caller_span)
+        .expect("the client sidecar's span is a child of the caller's");
+    let server_span = spans
+        .iter()
+        .find(|s| s.parent_span_id() == client_span.span_id())
+        .expect("the server sidecar's span is a child of the client sidecar's");
+    assert_eq!(client_span.trace_id(), trace);
+    assert_eq!(server_span.trace_id(), trace);
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    assert_eq!(client_span.kind(), SpanKind::Client);
+    assert_eq!(server_span.kind(), SpanKind::Server);
+    assert_eq!(server_span.str_attr("http.request.method"), Some("GET"));
+    assert_eq!(server_span.str_attr("url.path"), Some("/items"));
+    assert_eq!(server_span.int_attr("http.response.status_code"), Some(200));
+    assert_eq!(server_span.str_attr("postern.route"), Some("app"));
+    assert_eq!(
+        server_span.str_attr("postern.peer.principal"),
+        Some(CLIENT_ID)
+    );
+    assert_eq!(client_span.str_attr("postern.cluster"), Some("reviews"));
+    // The app sees the trace continued from the server sidecar's span.
+    let seen = app.last_request();
+    let parent = seen
+        .header("traceparent")
+        .expect("traceparent reaches the app");
+    assert_eq!(
+        parent,
+        format!("00-{trace}-{}-01", server_span.span_id()),
+        "the app's parent is the server sidecar's span"
+    );
+    assert_eq!(seen.header("tracestate"), Some("vendor=kept"));
+
+    // B3 single header in, B3 continued out (with W3C alongside).
+    let b3_trace = "80f198ee56343ba864fe8b2a57d3eff7";
+    let response = send(
+        out,
+        http::Request::get("/b3")
+            .header("host", "reviews")
+            .header("b3", format!("{b3_trace}-e457b5a2e4d86bd1-1"))
+            .body(postern_tests::client::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let seen = app.last_request();
+    let b3 = seen.header("b3").expect("b3 continued");
+    assert!(b3.starts_with(&format!("{b3_trace}-")), "{b3}");
+    assert!(!b3.contains("e457b5a2e4d86bd1"), "a new span id: {b3}");
+    assert!(seen
+        .header("traceparent")
+        .is_some_and(|t| t.contains(b3_trace)));
+    receiver.wait_for_spans(4, Duration::from_secs(10)).await;
+
+    // Not sampled by the caller: context still flows, nothing is exported.
+    let quiet = "0af7651916cd43dd8448eb211c80319c";
+    let response = send(
+        out,
+        http::Request::get("/quiet")
+            .header("host", "reviews")
+            .header("traceparent", format!("00-{quiet}-b7ad6b7169203331-00"))
+            .body(postern_tests::client::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let seen = app.last_request();
+    let parent = seen.header("traceparent").expect("traceparent");
+    assert!(
+        parent.contains(quiet) && parent.ends_with("-00"),
+        "{parent}"
+    );
+    // One more sampled call flushes behind it; the unsampled trace never shows.
+    let response = send(
+        out,
+        http::Request::get("/after")
+            .header("host", "reviews")
+            .header("traceparent", format!("00-{trace}-{caller_span}-01"))
+            .body(postern_tests::client::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let spans = receiver.wait_for_spans(6, Duration::from_secs(10)).await;
+    assert!(spans.iter().all(|s| s.trace_id() != quiet));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_stream_to_the_collector_and_traffic_ignores_a_dead_one() {
+    let _recorder = postern::telemetry::install_prometheus_recorder();
+    let collector = postern_tests::als::Collector::start().await;
+    let mut events = collector.server.events();
+    let app = HttpBackend::start("app").await;
+    let echo = TcpBackend::echo().await;
+    let yaml = |als: &str, prefix: &str| {
+        format!(
+            r#"
+node: {{ id: sidecar-{prefix}, cluster: shop }}
+telemetry:
+  access_log_service: {{ address: "{als}", log_name: calls, flush_interval: 20ms, buffer: 8, request_headers: [x-tenant, authorization] }}
+listeners:
+  - name: {prefix}-http
+    address: 127.0.0.1:0
+    kind: http
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - name: {prefix}-route
+            match: {{}}
+            cluster: app
+  - name: {prefix}-tcp
+    address: 127.0.0.1:0
+    kind: tcp
+    tcp: {{ cluster: echo }}
+clusters:
+  - name: app
+    endpoints: [{{ address: "{app}" }}]
+  - name: echo
+    endpoints: [{{ address: "{echo}" }}]
+"#,
+            app = app.addr(),
+            echo = echo.addr(),
+        )
+    };
+    let proxy = start_proxy(&yaml(&collector.url(), "als")).await;
+    let response = send(
+        listener(&proxy, "als-http"),
+        http::Request::get("/cart")
+            .header("host", "shop")
+            .header("x-tenant", "acme")
+            .header("authorization", "Bearer secret")
+            .body(postern_tests::client::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let mut tcp = tokio::net::TcpStream::connect(listener(&proxy, "als-tcp"))
+        .await
+        .expect("tcp");
+    tcp.write_all(b"ping").await.expect("write");
+    let mut back = [0u8; 4];
+    tcp.read_exact(&mut back).await.expect("echo");
+    drop(tcp);
+    let received = postern_tests::als::wait_entries(&mut events, 2).await;
+    let identifier = &received[0].identifier;
+    assert_eq!(received[0].log_name(), "calls");
+    assert_eq!(
+        identifier.node.as_ref().map(|n| n.id.as_str()),
+        Some("sidecar-als")
+    );
+    let http_entry = received
+        .iter()
+        .flat_map(|e| e.http().to_vec())
+        .next()
+        .expect("an HTTP entry");
+    let request = http_entry.request.as_ref().expect("request");
+    assert_eq!(request.path, "/cart");
+    assert_eq!(request.authority, "shop");
+    assert_eq!(
+        request.request_headers.get("x-tenant").map(String::as_str),
+        Some("acme")
+    );
+    assert_eq!(
+        request
+            .request_headers
+            .get("authorization")
+            .map(String::as_str),
+        Some("[REDACTED]")
+    );
+    let common = http_entry.common_properties.as_ref().expect("common");
+    assert_eq!(common.route_name, "als-route");
+    assert_eq!(common.upstream_cluster, "app");
+    assert_eq!(
+        http_entry
+            .response
+            .as_ref()
+            .and_then(|r| r.response_code)
+            .map(|c| c.value),
+        Some(200)
+    );
+    let tcp_entry = received
+        .iter()
+        .flat_map(|e| e.tcp().to_vec())
+        .next()
+        .expect("a TCP entry");
+    let props = tcp_entry.connection_properties.expect("connection");
+    assert_eq!((props.received_bytes, props.sent_bytes), (4, 4));
+
+    // A collector that is gone: every call still succeeds at once, and
+    // what the small buffer cannot hold is dropped and counted.
+    let dead = postern_tests::dead_addr();
+    let lonely = start_proxy(&yaml(&format!("http://{dead}"), "dead")).await;
+    let addr = listener(&lonely, "dead-http");
+    for _ in 0..40 {
+        assert_eq!(get(addr, "shop", "/cart").await.status, 200);
+    }
+    wait_until("drops counted", || async {
+        let text = metrics_text(lonely.admin_addr()).await;
+        count(&text, "postern_als_entries_dropped_total", &[]) >= 30.0
+    })
+    .await;
+}

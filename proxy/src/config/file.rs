@@ -54,6 +54,13 @@ pub struct TelemetryFile {
     /// One JSON line per call; none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<crate::telemetry::access_log::AccessLogFile>,
+    /// Calls streamed to a collector over Envoy's access-log service; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log_service: Option<crate::telemetry::als::AlsConfig>,
+    /// Spans exported over OTLP/gRPC; none when absent (trace headers still
+    /// pass through untouched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<crate::telemetry::trace::TracingConfig>,
 }
 
 impl Default for TelemetryFile {
@@ -62,6 +69,8 @@ impl Default for TelemetryFile {
             workload: WorkloadFile::default(),
             max_peers: default_max_peers(),
             access_log: None,
+            access_log_service: None,
+            tracing: None,
         }
     }
 }
@@ -452,6 +461,24 @@ pub struct ListenerFile {
     /// Istio's `reporter` label. Default: inbound with mesh mTLS, else outbound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_direction: Option<crate::telemetry::log::TrafficDirection>,
+    /// Head sampling of new traces (with `telemetry.tracing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<ListenerTracingFile>,
+}
+
+/// Tracing settings of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTracingFile {
+    /// Fraction of calls without a sampling decision that start a sampled
+    /// trace, 0 to 1 (default 0.01, as Istio). A caller's decision is kept.
+    #[serde(default = "default_trace_sampling")]
+    pub sampling: f64,
+}
+
+/// Istio's default head-sampling ratio.
+pub fn default_trace_sampling() -> f64 {
+    0.01
 }
 
 /// Per-listener limits.

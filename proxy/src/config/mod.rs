@@ -184,6 +184,8 @@ pub struct Listener {
     pub tls: ListenerTls,
     /// Which side of the workload it faces, for telemetry.
     pub direction: crate::telemetry::log::TrafficDirection,
+    /// Head-sampling ratio of new traces.
+    pub trace_sampling: f64,
 }
 
 /// What a listener serves.

@@ -185,6 +185,18 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
             limits: listener.limits.clone(),
             protocol,
             tls,
+            trace_sampling: listener.tracing.map_or_else(
+                super::file::default_trace_sampling,
+                |t| {
+                    if !(0.0..=1.0).contains(&t.sampling) {
+                        errors.push(
+                            format!("{path}.tracing.sampling"),
+                            format!("must be between 0 and 1, not {}", t.sampling),
+                        );
+                    }
+                    t.sampling
+                },
+            ),
             direction: listener.traffic_direction.unwrap_or(if mesh_inbound {
                 crate::telemetry::log::TrafficDirection::Inbound
             } else {
@@ -196,6 +208,18 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
     if let Some(log) = &file.telemetry.access_log {
         for err in log.validate() {
             errors.push(format!("telemetry.access_log.{}", err.field), err.reason);
+        }
+    }
+    if let Some(als) = &file.telemetry.access_log_service {
+        if let Err(problems) = als.validate() {
+            for (field, reason) in problems {
+                errors.push(format!("telemetry.access_log_service.{field}"), reason);
+            }
+        }
+    }
+    if let Some(tracing) = &file.telemetry.tracing {
+        if let Err(err) = tracing.validate() {
+            errors.push("telemetry.tracing", err.to_string());
         }
     }
     if file.telemetry.max_peers == 0 {

@@ -836,6 +836,7 @@ pub fn listener(
         mtls: None,
         tls: None,
         // Envoy's enum: 1 inbound, 2 outbound; unspecified keeps the default.
+        tracing: None,
         traffic_direction: match l.traffic_direction {
             1 => Some(crate::telemetry::log::TrafficDirection::Inbound),
             2 => Some(crate::telemetry::log::TrafficDirection::Outbound),

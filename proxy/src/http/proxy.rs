@@ -713,6 +713,8 @@ impl HttpProxy {
         let deadline = forward.timeout.map(|t| record.start() + t);
         let mut attempt: u32 = 0;
         let mut _retry_guard: Option<RetryGuard> = None;
+        let mut head = head;
+        record.inject_trace(&mut head.headers);
         let mut head = Some(head);
         loop {
             attempt += 1;

@@ -126,11 +126,7 @@ pub async fn run_listener(
                     ))
                 }),
                 clusters: clusters.clone(),
-                telemetry: crate::telemetry::ListenerTelemetry::new(
-                    hub.clone(),
-                    listener.name.clone(),
-                    listener.direction,
-                ),
+                telemetry: crate::telemetry::ListenerTelemetry::new(hub.clone(), &listener),
                 tracker: tracker.clone(),
                 shutdown: shutdown.clone(),
             }),
@@ -138,11 +134,7 @@ pub async fn run_listener(
         )),
         ListenerProtocol::Tcp(_) => None,
     };
-    let tcp_telemetry = crate::telemetry::ListenerTelemetry::new(
-        hub.clone(),
-        listener.name.clone(),
-        listener.direction,
-    );
+    let tcp_telemetry = crate::telemetry::ListenerTelemetry::new(hub.clone(), &listener);
     let name = listener.name.clone();
     let active = metrics::gauge!(names::DOWNSTREAM_CONNECTIONS_ACTIVE, "listener" => name.clone());
     let total = metrics::counter!(names::DOWNSTREAM_CONNECTIONS_TOTAL, "listener" => name.clone());

@@ -200,13 +200,13 @@ impl Drop for TcpCall<'_> {
         series.sent.increment(self.bytes_sent);
         series.received.increment(self.bytes_received);
         let hub = &self.telemetry.hub;
-        let Some(log) = hub
+        let log = hub
             .access_log
             .as_ref()
-            .filter(|log| log.policy.admits_call(0, self.flags))
-        else {
+            .filter(|log| log.policy.admits_call(0, self.flags));
+        if log.is_none() && hub.als.is_none() {
             return;
-        };
+        }
         let call = CallLog {
             kind: CallKind::Tcp,
             direction: self.telemetry.direction,
@@ -239,7 +239,12 @@ impl Drop for TcpCall<'_> {
             mtls: self.peer.spiffe_id.is_some(),
             request_headers: Vec::new(),
         };
-        log.write(&call);
+        if let Some(log) = log {
+            log.write(&call);
+        }
+        if let Some(als) = &hub.als {
+            als.send(&call);
+        }
     }
 }
 

@@ -274,12 +274,63 @@ const ALWAYS_REDACTED_QUERY: [&str; 6] = [
 ];
 const REDACTED: &str = "[REDACTED]";
 
+/// Request headers kept for the log sinks, with secrets replaced.
+#[derive(Debug, Default, Clone)]
+pub struct HeaderCapture {
+    /// Each header kept, and whether its value is redacted.
+    headers: Vec<(HeaderName, bool)>,
+}
+
+impl HeaderCapture {
+    /// Keeps `names` (invalid ones skipped), redacting the always-secret
+    /// headers and `redact`.
+    pub fn new<'a>(
+        names: impl IntoIterator<Item = &'a String>,
+        redact: &[String],
+    ) -> HeaderCapture {
+        let mut headers: Vec<(HeaderName, bool)> = Vec::new();
+        for name in names {
+            let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+                continue;
+            };
+            if headers.iter().any(|(h, _)| *h == name) {
+                continue;
+            }
+            let secret = ALWAYS_REDACTED_HEADERS.contains(&name.as_str())
+                || redact.iter().any(|r| r.eq_ignore_ascii_case(name.as_str()));
+            headers.push((name, secret));
+        }
+        HeaderCapture { headers }
+    }
+
+    /// Whether no header is kept.
+    pub fn is_empty(&self) -> bool {
+        self.headers.is_empty()
+    }
+
+    /// The kept headers of a request, secrets replaced by `[REDACTED]`.
+    pub fn capture(&self, headers: &http::HeaderMap) -> Vec<(HeaderName, http::HeaderValue)> {
+        self.headers
+            .iter()
+            .filter_map(|(name, redact)| {
+                let value = headers.get(name)?;
+                let value = if *redact {
+                    http::HeaderValue::from_static(REDACTED)
+                } else {
+                    value.clone()
+                };
+                Some((name.clone(), value))
+            })
+            .collect()
+    }
+}
+
 /// A compiled access log with its writer.
 #[derive(Debug)]
 pub struct AccessLog {
     fields: Vec<LogField>,
-    /// Extra request headers to capture, and whether each is redacted.
-    request_headers: Vec<(HeaderName, bool)>,
+    /// Request headers the line shows.
+    request_headers: Vec<HeaderName>,
     redact_query: Vec<String>,
     /// The default policy.
     pub policy: LogPolicyFile,
@@ -350,13 +401,6 @@ impl AccessLog {
         std::thread::Builder::new()
             .name("postern-access-log".into())
             .spawn(move || write_lines(lines, output))?;
-        let redacted = |name: &str| {
-            ALWAYS_REDACTED_HEADERS.contains(&name)
-                || file
-                    .redact_headers
-                    .iter()
-                    .any(|r| r.eq_ignore_ascii_case(name))
-        };
         Ok(Arc::new(AccessLog {
             fields: file
                 .fields
@@ -366,10 +410,6 @@ impl AccessLog {
                 .request_headers
                 .iter()
                 .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
-                .map(|h| {
-                    let redact = redacted(h.as_str());
-                    (h, redact)
-                })
                 .collect(),
             redact_query: ALWAYS_REDACTED_QUERY
                 .iter()
@@ -379,22 +419,6 @@ impl AccessLog {
             policy: file.policy,
             queue,
         }))
-    }
-
-    /// Request headers to keep for the line, with secrets already redacted.
-    pub fn capture(&self, headers: &http::HeaderMap) -> Vec<(HeaderName, http::HeaderValue)> {
-        self.request_headers
-            .iter()
-            .filter_map(|(name, redact)| {
-                let value = headers.get(name)?;
-                let value = if *redact {
-                    http::HeaderValue::from_static(REDACTED)
-                } else {
-                    value.clone()
-                };
-                Some((name.clone(), value))
-            })
-            .collect()
     }
 
     /// Queues the line for a call; drops it (counted) if the writer is behind.
@@ -421,7 +445,11 @@ impl AccessLog {
             put_key(&mut out, &mut first, field.key());
             value.write(&mut out);
         }
-        for (name, value) in &log.request_headers {
+        for (name, value) in log
+            .request_headers
+            .iter()
+            .filter(|(name, _)| self.request_headers.contains(name))
+        {
             let key = format!("req_{}", name.as_str());
             put_key(&mut out, &mut first, &key);
             Value::Text(&String::from_utf8_lossy(value.as_bytes())).write(&mut out);

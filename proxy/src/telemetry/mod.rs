@@ -56,6 +56,7 @@ pub fn install_prometheus_recorder() -> PrometheusHandle {
             names::describe();
             istio::describe();
             access_log::describe();
+            als::describe();
             handle
         })
         .clone()

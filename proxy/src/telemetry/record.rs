@@ -8,9 +8,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderValue, Method, Version};
 
-use super::access_log::{AccessLog, LogPolicyFile};
+use super::access_log::{AccessLog, HeaderCapture, LogPolicyFile};
+use super::als::AlsSink;
 use super::istio::{CallLabels, IstioMetrics, PeerInterner};
 use super::log::{CallKind, CallLog, TrafficDirection, WorkloadLabels};
+use super::trace::{span_name, CallSpan, SpanKind, TraceContext, Tracer};
 use super::{CallMetrics, ResponseFlag, ResponseFlags};
 use crate::http::headers::DownstreamPeer;
 
@@ -26,6 +28,23 @@ pub struct TelemetryHub {
     pub peers: PeerInterner,
     /// The access log, when configured.
     pub access_log: Option<Arc<AccessLog>>,
+    /// The access-log stream to a collector, when configured.
+    pub als: Option<AlsSink>,
+    /// The span exporter, when configured.
+    pub tracer: Option<Tracer>,
+    /// Request headers the log sinks keep.
+    pub capture: HeaderCapture,
+}
+
+/// Telemetry that could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryStartError {
+    /// The access-log file cannot be opened.
+    #[error("cannot open the access log")]
+    AccessLog(#[source] std::io::Error),
+    /// The span exporter cannot be built.
+    #[error("cannot start tracing")]
+    Tracing(#[source] super::trace::TraceError),
 }
 
 /// Default bound on distinct peers in metric labels.
@@ -37,21 +56,27 @@ impl TelemetryHub {
         local: WorkloadLabels,
         max_peers: usize,
         access_log: Option<Arc<AccessLog>>,
-    ) -> Arc<TelemetryHub> {
+    ) -> TelemetryHub {
         let local_header = local.header_value();
-        Arc::new(TelemetryHub {
+        TelemetryHub {
             local: Arc::new(local),
             local_header,
             peers: PeerInterner::new(max_peers),
             access_log,
-        })
+            als: None,
+            tracer: None,
+            capture: HeaderCapture::default(),
+        }
     }
 
-    /// The hub a config describes; `identity` is this workload's SPIFFE ID.
+    /// The hub a config describes; `identity` is this workload's SPIFFE ID
+    /// and `node` how it names itself to a collector. Starts the sinks'
+    /// background tasks, so it runs inside the tokio runtime.
     pub fn from_config(
         file: &crate::config::file::TelemetryFile,
         identity: Option<&postern_certs::SpiffeId>,
-    ) -> std::io::Result<Arc<TelemetryHub>> {
+        node: postern_xds::Node,
+    ) -> Result<Arc<TelemetryHub>, TelemetryStartError> {
         let w = &file.workload;
         let text = |v: &Option<String>| v.as_deref().map(Arc::<str>::from);
         let mut local = WorkloadLabels::unknown();
@@ -82,18 +107,50 @@ impl TelemetryHub {
         if let Some(cluster) = text(&w.cluster) {
             local.cluster = cluster;
         }
-        let access_log = file.access_log.as_ref().map(AccessLog::start).transpose()?;
-        Ok(TelemetryHub::new(local, file.max_peers, access_log))
+        let access_log = file
+            .access_log
+            .as_ref()
+            .map(AccessLog::start)
+            .transpose()
+            .map_err(TelemetryStartError::AccessLog)?;
+        let mut hub = TelemetryHub::new(local, file.max_peers, access_log);
+        hub.tracer = file
+            .tracing
+            .as_ref()
+            .map(Tracer::new)
+            .transpose()
+            .map_err(TelemetryStartError::Tracing)?;
+        hub.als = file
+            .access_log_service
+            .as_ref()
+            .map(|als| AlsSink::start(als.clone(), node));
+        let no_strings = Vec::new();
+        let (logged, redacted) = file
+            .access_log
+            .as_ref()
+            .map_or((&no_strings, &no_strings), |a| {
+                (&a.request_headers, &a.redact_headers)
+            });
+        let streamed = file
+            .access_log_service
+            .as_ref()
+            .map_or(&no_strings, |a| &a.request_headers);
+        hub.capture = HeaderCapture::new(logged.iter().chain(streamed), redacted);
+        Ok(Arc::new(hub))
     }
 
     /// Metrics only: unknown local labels, no log sinks.
     pub fn metrics_only() -> Arc<TelemetryHub> {
-        TelemetryHub::new(WorkloadLabels::unknown(), DEFAULT_MAX_PEERS, None)
+        Arc::new(TelemetryHub::new(
+            WorkloadLabels::unknown(),
+            DEFAULT_MAX_PEERS,
+            None,
+        ))
     }
 
     /// Whether any sink reads more than the metric labels.
     fn wants_details(&self) -> bool {
-        self.access_log.is_some()
+        self.access_log.is_some() || self.als.is_some()
     }
 }
 
@@ -106,6 +163,8 @@ pub struct ListenerTelemetry {
     pub listener: Arc<str>,
     /// Which side of the workload the listener faces.
     pub direction: TrafficDirection,
+    /// Head-sampling ratio of new traces.
+    pub trace_sampling: f64,
     /// `postern_http_*` handles.
     pub postern: Arc<CallMetrics>,
     /// `istio_*` handles.
@@ -116,15 +175,15 @@ impl ListenerTelemetry {
     /// Telemetry for a listener.
     pub fn new(
         hub: Arc<TelemetryHub>,
-        listener: Arc<str>,
-        direction: TrafficDirection,
+        listener: &crate::config::Listener,
     ) -> Arc<ListenerTelemetry> {
         Arc::new(ListenerTelemetry {
-            postern: CallMetrics::new(listener.clone()),
-            istio: IstioMetrics::new(direction),
+            postern: CallMetrics::new(listener.name.clone()),
+            istio: IstioMetrics::new(listener.direction),
             hub,
-            listener,
-            direction,
+            listener: listener.name.clone(),
+            direction: listener.direction,
+            trace_sampling: listener.trace_sampling,
         })
     }
 
@@ -206,7 +265,7 @@ pub struct CallRecord {
     source_meta: Option<HeaderValue>,
     destination_meta: Option<HeaderValue>,
     details: Option<Box<Details>>,
-    trace_id: Option<String>,
+    span: Option<CallSpan>,
     finished: bool,
 }
 
@@ -256,14 +315,45 @@ impl CallRecord {
             source_meta: None,
             destination_meta: None,
             details: None,
-            trace_id: None,
+            span: None,
             finished: false,
         };
         if telemetry.hub.wants_details() {
             record.details = Some(Box::default());
             record.note_request(request);
         }
+        if let Some(tracer) = &telemetry.hub.tracer {
+            let parent = TraceContext::extract(request.headers());
+            let kind = match telemetry.direction {
+                TrafficDirection::Inbound => SpanKind::Server,
+                TrafficDirection::Outbound => SpanKind::Client,
+            };
+            let mut span = tracer.start_span(
+                parent.as_ref(),
+                telemetry.trace_sampling,
+                kind,
+                span_name(request.method()),
+            );
+            if span.is_sampled() {
+                span.record_request(request);
+                span.set_url_scheme(if peer.tls { "https" } else { "http" });
+                span.set_client_address(peer.addr);
+                span.set_peer_address(peer.remote);
+                if let Some(id) = &peer.spiffe_id {
+                    span.set_peer_principal(id.as_str());
+                }
+            }
+            record.span = Some(span);
+        }
         record
+    }
+
+    /// Writes the call's trace context into the upstream request's headers
+    /// (when tracing is on; otherwise the caller's headers pass as they are).
+    pub fn inject_trace(&self, headers: &mut http::HeaderMap) {
+        if let Some(span) = &self.span {
+            span.inject(headers);
+        }
     }
 
     /// When the call started.
@@ -292,8 +382,9 @@ impl CallRecord {
         );
         details.user_agent = headers.get(http::header::USER_AGENT).cloned();
         details.request_id = headers.get(&crate::http::headers::X_REQUEST_ID).cloned();
-        if let Some(log) = &self.telemetry.hub.access_log {
-            details.request_headers = log.capture(headers);
+        let capture = &self.telemetry.hub.capture;
+        if !capture.is_empty() {
+            details.request_headers = capture.capture(headers);
         }
     }
 
@@ -344,11 +435,6 @@ impl CallRecord {
     /// Adds a response flag.
     pub fn set_flag(&mut self, flag: ResponseFlag) {
         self.flags.insert(flag);
-    }
-
-    /// The W3C trace id of the call.
-    pub fn set_trace_id(&mut self, trace_id: String) {
-        self.trace_id = Some(trace_id);
     }
 
     /// The upstream endpoint tried: its address, the identity it proved and
@@ -435,12 +521,34 @@ impl CallRecord {
                 response_bytes: self.response_bytes,
             },
         );
+        let trace_id = self.span.take().map(|mut span| {
+            let trace_id = span.trace_id_hex();
+            if span.is_sampled() {
+                if self.status != 0 {
+                    span.set_status_code(self.status);
+                }
+                for flag in self.flags.iter() {
+                    span.set_response_flag(flag);
+                }
+                if self.routed {
+                    span.set_route(&self.route);
+                }
+                if self.clustered {
+                    span.set_cluster(&self.cluster);
+                }
+                if let Some(address) = self.upstream_host {
+                    span.set_upstream_address(address);
+                }
+            }
+            span.end();
+            trace_id
+        });
         let hub = &telemetry.hub;
         let log_admitted = hub.access_log.as_ref().filter(|log| {
             let policy = self.log_policy.unwrap_or(log.policy);
             policy.admits_call(self.status, self.flags)
         });
-        if log_admitted.is_none() {
+        if log_admitted.is_none() && hub.als.is_none() {
             return;
         }
         let details = self.details.take().unwrap_or_default();
@@ -456,7 +564,7 @@ impl CallRecord {
             path: details.path,
             user_agent: details.user_agent,
             request_id: details.request_id,
-            trace_id: self.trace_id.take(),
+            trace_id,
             status: self.status,
             grpc_status: self.grpc_status,
             flags: self.flags,
@@ -478,6 +586,9 @@ impl CallRecord {
         };
         if let Some(log) = log_admitted {
             log.write(&call);
+        }
+        if let Some(als) = &hub.als {
+            als.send(&call);
         }
     }
 }
