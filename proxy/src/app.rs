@@ -107,8 +107,9 @@ impl Proxy {
             identity.clone(),
             local_id,
             config.drain_timeout,
-            telemetry,
+            telemetry.clone(),
         ));
+        let hub = telemetry;
         if let Err(err) = listeners.apply(&config.listeners) {
             listeners.drain_all().await;
             listeners.force_all();
@@ -189,6 +190,11 @@ impl Proxy {
                 }
                 admin_task.abort();
                 drop(state);
+                // The last calls' lines must not die with the process.
+                if let Some(log) = &hub.access_log {
+                    let log = log.clone();
+                    let _ = tokio::task::spawn_blocking(move || log.flush()).await;
+                }
                 tracing::info!("drained");
             })
         };

@@ -51,6 +51,9 @@ pub struct TelemetryFile {
     /// Distinct peers kept as metric labels; later ones share `other` labels.
     #[serde(default = "default_max_peers")]
     pub max_peers: usize,
+    /// Count every call in Istio's standard metrics too (default on).
+    #[serde(default = "default_true")]
+    pub istio_metrics: bool,
     /// One JSON line per call; none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<crate::telemetry::access_log::AccessLogFile>,
@@ -68,6 +71,7 @@ impl Default for TelemetryFile {
         TelemetryFile {
             workload: WorkloadFile::default(),
             max_peers: default_max_peers(),
+            istio_metrics: true,
             access_log: None,
             access_log_service: None,
             tracing: None,

@@ -185,21 +185,23 @@ impl<'a> TcpCall<'a> {
 
 impl Drop for TcpCall<'_> {
     fn drop(&mut self) {
-        let labels = self.telemetry.labels(
-            self.peer,
-            None,
-            self.upstream_principal.as_deref(),
-            None,
-            Some(self.cluster),
-            "tcp",
-        );
-        let opened = self.telemetry.istio.tcp(&labels, ResponseFlags::default());
-        opened.opened.increment(1);
-        let series = self.telemetry.istio.tcp(&labels, self.flags);
-        series.closed.increment(1);
-        series.sent.increment(self.bytes_sent);
-        series.received.increment(self.bytes_received);
         let hub = &self.telemetry.hub;
+        if hub.istio_metrics {
+            let labels = self.telemetry.labels(
+                self.peer,
+                None,
+                self.upstream_principal.as_deref(),
+                None,
+                Some(self.cluster),
+                "tcp",
+            );
+            let opened = self.telemetry.istio.tcp(&labels, ResponseFlags::default());
+            opened.opened.increment(1);
+            let series = self.telemetry.istio.tcp(&labels, self.flags);
+            series.closed.increment(1);
+            series.sent.increment(self.bytes_sent);
+            series.received.increment(self.bytes_received);
+        }
         let log = hub
             .access_log
             .as_ref()

@@ -6,7 +6,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -334,7 +333,8 @@ pub struct AccessLog {
     redact_query: Vec<String>,
     /// The default policy.
     pub policy: LogPolicyFile,
-    queue: SyncSender<Vec<u8>>,
+    pending: Arc<Pending>,
+    max_lines: usize,
 }
 
 /// A bad access-log setting: the field and the reason.
@@ -397,10 +397,11 @@ impl AccessLog {
                     .open(path)?,
             ),
         };
-        let (queue, lines) = sync_channel(file.buffer.max(1));
+        let pending = Arc::new(Pending::default());
+        let writer = pending.clone();
         std::thread::Builder::new()
             .name("postern-access-log".into())
-            .spawn(move || write_lines(lines, output))?;
+            .spawn(move || write_lines(writer, output))?;
         Ok(Arc::new(AccessLog {
             fields: file
                 .fields
@@ -417,19 +418,24 @@ impl AccessLog {
                 .chain(file.redact_query.iter().map(|q| q.to_ascii_lowercase()))
                 .collect(),
             policy: file.policy,
-            queue,
+            pending,
+            max_lines: file.buffer.max(1),
         }))
     }
 
     /// Queues the line for a call; drops it (counted) if the writer is behind.
     pub fn write(&self, log: &CallLog) {
         let line = self.format(log);
-        match self.queue.try_send(line) {
-            Ok(()) => metrics::counter!(ACCESS_LOG_WRITTEN_TOTAL).increment(1),
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                metrics::counter!(ACCESS_LOG_DROPPED_TOTAL).increment(1)
-            }
+        if self.pending.push(&line, self.max_lines) {
+            metrics::counter!(ACCESS_LOG_WRITTEN_TOTAL).increment(1);
+        } else {
+            metrics::counter!(ACCESS_LOG_DROPPED_TOTAL).increment(1);
         }
+    }
+
+    /// Writes out every queued line (at shutdown), waiting at most a few seconds.
+    pub fn flush(&self) {
+        self.pending.flush();
     }
 
     /// The JSON line for a call, newline included.
@@ -583,16 +589,116 @@ fn rfc3339(time: std::time::SystemTime) -> String {
     )
 }
 
-fn write_lines(lines: Receiver<Vec<u8>>, output: Box<dyn Write + Send>) {
-    let mut output = std::io::BufWriter::with_capacity(64 * 1024, output);
-    while let Ok(line) = lines.recv() {
-        let _ = output.write_all(&line);
-        // Write what is queued in one go, then flush so that a quiet proxy's
-        // last lines are not held back.
-        while let Ok(line) = lines.try_recv() {
-            let _ = output.write_all(&line);
+/// How long a line may wait before it is written. Under load the buffer
+/// reaches [`FLUSH_BYTES`] first and goes out in one write; a quiet
+/// proxy's last lines go out after this long.
+const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+/// Pending bytes that wake the writer before [`FLUSH_AFTER`].
+const FLUSH_BYTES: usize = 64 * 1024;
+
+/// Lines waiting for the writer thread. Calls append under a short lock;
+/// the writer wakes once per [`FLUSH_BYTES`] or [`FLUSH_AFTER`], never per
+/// line: waking a thread per call costs more than the call itself.
+#[derive(Debug, Default)]
+struct Pending {
+    state: std::sync::Mutex<PendingState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct PendingState {
+    data: Vec<u8>,
+    lines: usize,
+    closed: bool,
+    /// Bumped after each write, so `flush` can wait for its own lines.
+    written: u64,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends a line unless `max_lines` are already waiting.
+    fn push(&self, line: &[u8], max_lines: usize) -> bool {
+        let mut state = self.lock();
+        if state.lines >= max_lines {
+            return false;
         }
-        let _ = output.flush();
+        let before = state.data.len();
+        state.data.extend_from_slice(line);
+        state.lines += 1;
+        let wake = before == 0 || (before < FLUSH_BYTES && state.data.len() >= FLUSH_BYTES);
+        drop(state);
+        if wake {
+            self.wake.notify_all();
+        }
+        true
+    }
+
+    /// Blocks until what is pending now has been written (or the writer is gone).
+    fn flush(&self) {
+        let mut state = self.lock();
+        if state.data.is_empty() || state.closed {
+            return;
+        }
+        let target = state.written + 1;
+        state.closed = true;
+        self.wake.notify_all();
+        while state.written < target || !state.data.is_empty() {
+            let (next, timeout) = self
+                .wake
+                .wait_timeout(state, std::time::Duration::from_secs(5))
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            state = next;
+            if timeout.timed_out() {
+                break;
+            }
+        }
+    }
+}
+
+fn write_lines(pending: Arc<Pending>, output: Box<dyn Write + Send>) {
+    let mut output = output;
+    loop {
+        let (chunk, closed) = {
+            let mut state = pending.lock();
+            while state.data.is_empty() && !state.closed {
+                state = pending
+                    .wake
+                    .wait(state)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            // Let lines gather unless the buffer is already large.
+            let deadline = std::time::Instant::now() + FLUSH_AFTER;
+            while state.data.len() < FLUSH_BYTES && !state.closed {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                state = pending
+                    .wake
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+            state.lines = 0;
+            (std::mem::take(&mut state.data), state.closed)
+        };
+        if !chunk.is_empty() {
+            let _ = output.write_all(&chunk);
+            let _ = output.flush();
+        }
+        let mut state = pending.lock();
+        state.written += 1;
+        // A flush closes the buffer only until its lines are out.
+        if closed && state.data.is_empty() {
+            state.closed = false;
+        }
+        drop(state);
+        pending.wake.notify_all();
     }
 }
 

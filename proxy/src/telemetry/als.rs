@@ -1160,7 +1160,18 @@ impl Worker {
                     biased;
                     result = &mut call => return failed(result),
                     log = self.queue.recv() => match log {
-                        Some(log) => self.add(&log),
+                        Some(log) => {
+                            self.add(&log);
+                            // Take what else is queued in this wake-up: one
+                            // pass through the select per entry would cost
+                            // more than converting the entry.
+                            while self.outbox.is_empty() {
+                                match self.queue.try_recv() {
+                                    Ok(log) => self.add(&log),
+                                    Err(_) => break,
+                                }
+                            }
+                        }
                         None => {
                             closing = true;
                             self.outbox.extend(self.batcher.take_all());

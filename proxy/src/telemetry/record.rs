@@ -34,6 +34,8 @@ pub struct TelemetryHub {
     pub tracer: Option<Tracer>,
     /// Request headers the log sinks keep.
     pub capture: HeaderCapture,
+    /// Count calls in Istio's metrics too.
+    pub istio_metrics: bool,
 }
 
 /// Telemetry that could not be started.
@@ -66,6 +68,7 @@ impl TelemetryHub {
             als: None,
             tracer: None,
             capture: HeaderCapture::default(),
+            istio_metrics: true,
         }
     }
 
@@ -114,6 +117,7 @@ impl TelemetryHub {
             .transpose()
             .map_err(TelemetryStartError::AccessLog)?;
         let mut hub = TelemetryHub::new(local, file.max_peers, access_log);
+        hub.istio_metrics = file.istio_metrics;
         hub.tracer = file
             .tracing
             .as_ref()
@@ -502,25 +506,27 @@ impl CallRecord {
             .request_bytes
             .as_ref()
             .map_or(0, |c| c.load(Ordering::Relaxed));
-        let labels = telemetry.labels(
-            &self.peer,
-            self.source_meta.as_ref().map(HeaderValue::as_bytes),
-            self.upstream_principal.as_deref(),
-            self.destination_meta.as_ref().map(HeaderValue::as_bytes),
-            self.clustered.then_some(&self.cluster),
-            if self.grpc { "grpc" } else { "http" },
-        );
-        telemetry.istio.record_http(
-            &labels,
-            &super::istio::HttpOutcome {
-                code: self.status,
-                grpc: self.grpc_status,
-                flags: self.flags,
-                millis: duration.as_secs_f64() * 1000.0,
-                request_bytes,
-                response_bytes: self.response_bytes,
-            },
-        );
+        if telemetry.hub.istio_metrics {
+            let labels = telemetry.labels(
+                &self.peer,
+                self.source_meta.as_ref().map(HeaderValue::as_bytes),
+                self.upstream_principal.as_deref(),
+                self.destination_meta.as_ref().map(HeaderValue::as_bytes),
+                self.clustered.then_some(&self.cluster),
+                if self.grpc { "grpc" } else { "http" },
+            );
+            telemetry.istio.record_http(
+                &labels,
+                &super::istio::HttpOutcome {
+                    code: self.status,
+                    grpc: self.grpc_status,
+                    flags: self.flags,
+                    millis: duration.as_secs_f64() * 1000.0,
+                    request_bytes,
+                    response_bytes: self.response_bytes,
+                },
+            );
+        }
         let trace_id = self.span.take().map(|mut span| {
             let trace_id = span.trace_id_hex();
             if span.is_sampled() {
