@@ -8,6 +8,7 @@
 //! about the proxy itself.
 
 pub mod als;
+pub mod capture;
 pub mod client;
 pub mod control;
 pub mod envoy;

@@ -474,6 +474,9 @@ pub struct ListenerLimitsFile {
     pub idle_timeout: Duration,
     /// Request body size limit; past it: 413. Unlimited when absent.
     pub max_request_body_bytes: Option<u64>,
+    /// Request headers named with an underscore: `allow` (default),
+    /// `reject_request` (400) or `drop_header`.
+    pub headers_with_underscores: crate::http::headers::UnderscoreHeaders,
 }
 
 impl Default for ListenerLimitsFile {
@@ -486,6 +489,7 @@ impl Default for ListenerLimitsFile {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_request_body_bytes: None,
+            headers_with_underscores: crate::http::headers::UnderscoreHeaders::Allow,
         }
     }
 }

@@ -6,8 +6,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::body::ResponseBody;
 use super::conn::{ConnActivity, ConnState, CountingStream};
-use super::headers::DownstreamPeer;
+use super::headers::{self as hdr, DownstreamPeer, RejectedHead};
 use super::proxy::HttpProxy;
 use crate::config::file::ListenerLimitsFile;
 use crate::listener::{signalled, Shutdown};
@@ -75,11 +76,14 @@ pub async fn serve_connection(
     let service = {
         let activity = activity.clone();
         let proxy = proxy.clone();
-        service_fn(move |request: Request<Incoming>| {
+        service_fn(move |mut request: Request<Incoming>| {
             let proxy = proxy.clone();
             let guard = activity.begin();
             let peer = peer.clone();
             async move {
+                if let Err(rejected) = screen_request(&mut request, &proxy) {
+                    return Ok::<_, Infallible>(reject_head(&request, rejected, &proxy));
+                }
                 let response = proxy.handle(peer, request).await;
                 let (parts, body) = response.into_parts();
                 Ok::<_, Infallible>(http::Response::from_parts(parts, body.with_activity(guard)))
@@ -131,6 +135,56 @@ pub async fn serve_connection(
     if let Err(err) = result {
         on_connection_error(&*err, &shutdown.listener);
     }
+}
+
+/// Checks what hyper let through before anything routes on it, and strips
+/// what only Postern may say.
+fn screen_request(request: &mut Request<Incoming>, proxy: &HttpProxy) -> Result<(), RejectedHead> {
+    hdr::check_request_head(
+        request.method(),
+        request.uri(),
+        request.version(),
+        request.headers(),
+    )?;
+    hdr::sanitize_inbound(
+        request.headers_mut(),
+        proxy.listener.limits.headers_with_underscores,
+    )
+}
+
+/// The answer to a refused request head. On HTTP/1 the connection closes
+/// after it: what follows a malformed head cannot be trusted to be framed
+/// as the client meant.
+fn reject_head(
+    request: &Request<Incoming>,
+    rejected: RejectedHead,
+    proxy: &HttpProxy,
+) -> http::Response<ResponseBody> {
+    tracing::debug!(
+        method = %request.method(),
+        reason = rejected.reason,
+        "request head refused"
+    );
+    metrics::counter!(
+        names::DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
+        "listener" => proxy.listener.name.clone(),
+        "limit" => "malformed_request",
+    )
+    .increment(1);
+    let mut response = http::Response::new(ResponseBody::full(rejected.reason));
+    *response.status_mut() = rejected.status;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    if request.version() < http::Version::HTTP_2 {
+        headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// Answers 408 on a connection whose request head is too slow, and closes
