@@ -13,6 +13,7 @@ pub mod client;
 pub mod control;
 pub mod envoy;
 pub mod grpc;
+pub mod h2raw;
 pub mod http_backend;
 pub mod mesh;
 pub mod otlp;

@@ -469,7 +469,8 @@ pub struct ListenerLimitsFile {
     /// Time allowed to receive a whole request head (slowloris guard).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// A connection with no request in flight is closed after this long.
+    /// A connection with no request in flight, or with requests in flight
+    /// but no byte moving either way, is closed after this long.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Request body size limit; past it: 413. Unlimited when absent.

@@ -98,6 +98,9 @@ pub async fn serve_connection(
     timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     timers.tick().await;
     let mut head_started: Option<Instant> = None;
+    // Bytes moved at the last tick with a request in flight, and since when
+    // that count has not changed.
+    let mut stalled: Option<(u64, Instant)> = None;
     let mut draining = false;
     // Pinned once: rebuilding these futures on every wake-up of a busy
     // connection costs more than the request itself.
@@ -114,8 +117,24 @@ pub async fn serve_connection(
                 conn.as_mut().graceful_shutdown();
             }
             _ = timers.tick() => match activity.state() {
-                ConnState::Busy => head_started = None,
+                ConnState::Busy => {
+                    head_started = None;
+                    // A client that stops reading (or opens no flow-control
+                    // window) holds its requests and their upstream
+                    // connections forever unless something counts it idle.
+                    let moved = activity.bytes_moved();
+                    match stalled {
+                        Some((before, since)) if before == moved => {
+                            if since.elapsed() >= idle_timeout {
+                                count_limit(&shutdown.listener, "idle_timeout");
+                                return;
+                            }
+                        }
+                        _ => stalled = Some((moved, Instant::now())),
+                    }
+                }
                 ConnState::ReadingHead => {
+                    stalled = None;
                     let since = *head_started.get_or_insert_with(Instant::now);
                     if since.elapsed() >= head_timeout {
                         reject_slow_head(&spare, plaintext, &shutdown.listener);
@@ -124,6 +143,7 @@ pub async fn serve_connection(
                 }
                 ConnState::Idle(idle) => {
                     head_started = None;
+                    stalled = None;
                     if idle >= idle_timeout && !draining {
                         draining = true;
                         conn.as_mut().graceful_shutdown();
@@ -165,12 +185,7 @@ fn reject_head(
         reason = rejected.reason,
         "request head refused"
     );
-    metrics::counter!(
-        names::DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
-        "listener" => proxy.listener.name.clone(),
-        "limit" => "malformed_request",
-    )
-    .increment(1);
+    count_limit(&proxy.listener.name, "malformed_request");
     let mut response = http::Response::new(ResponseBody::full(rejected.reason));
     *response.status_mut() = rejected.status;
     let headers = response.headers_mut();
@@ -197,10 +212,14 @@ fn reject_slow_head(spare: &std::net::TcpStream, plaintext: bool, listener: &Arc
         );
     }
     let _ = socket.shutdown(std::net::Shutdown::Both);
+    count_limit(listener, "header_read_timeout");
+}
+
+fn count_limit(listener: &Arc<str>, limit: &'static str) {
     metrics::counter!(
         names::DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
         "listener" => listener.clone(),
-        "limit" => "header_read_timeout",
+        "limit" => limit,
     )
     .increment(1);
 }
