@@ -5,8 +5,10 @@
 //! use hyper (whose client the proxy uses to talk upstream), so a framing
 //! mistake on the proxy's side cannot be hidden by a parser that shares its
 //! leniencies. Each well-formed request gets `200` with a body naming its
-//! connection and sequence number; anything else is recorded as a
-//! violation and the connection is closed.
+//! connection and sequence number (or, with `x-capture-body-bytes: N` or a
+//! target of `/bytes/N`, a body of `N` bytes written as fast as the proxy
+//! takes them); anything
+//! else is recorded as a violation and the connection is closed.
 //!
 //! "Well-formed" here is what a careful proxy emits, not what a server must
 //! tolerate: CRLF line ends only, token header names, no whitespace before
@@ -80,7 +82,7 @@ pub struct CapturedConn {
     /// Bytes of a request that had started but not finished when the peer
     /// closed (a request cut off mid-way, e.g. a body that failed).
     pub incomplete: Vec<u8>,
-    /// The peer closed the connection.
+    /// The peer closed the connection (seen on a read, or a failed write).
     pub closed: bool,
 }
 
@@ -219,6 +221,12 @@ async fn serve(mut stream: TcpStream, conn: Arc<Mutex<CapturedConn>>, index: usi
                     let body = format!("capture conn={index} seq={seq}");
                     seq += 1;
                     let head_only = request.method == "HEAD";
+                    let big: Option<u64> = request
+                        .header_all("x-capture-body-bytes")
+                        .first()
+                        .copied()
+                        .or_else(|| request.target.strip_prefix("/bytes/"))
+                        .and_then(|v| v.parse().ok());
                     conn.lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .requests
@@ -232,7 +240,20 @@ async fn serve(mut stream: TcpStream, conn: Arc<Mutex<CapturedConn>>, index: usi
                     if !head_only {
                         response.extend_from_slice(body.as_bytes());
                     }
-                    if stream.write_all(&response).await.is_err() {
+                    if let Some(len) = big {
+                        response = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n")
+                            .into_bytes();
+                    }
+                    let mut written = stream.write_all(&response).await;
+                    let chunk = vec![b'x'; 64 * 1024];
+                    let mut left = big.unwrap_or(0);
+                    while left > 0 && written.is_ok() {
+                        let n = left.min(chunk.len() as u64) as usize;
+                        written = stream.write_all(&chunk[..n]).await;
+                        left -= n as u64;
+                    }
+                    if written.is_err() {
+                        conn.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
                         return;
                     }
                 }

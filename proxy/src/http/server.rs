@@ -101,6 +101,7 @@ pub async fn serve_connection(
     // Bytes moved at the last tick with a request in flight, and since when
     // that count has not changed.
     let mut stalled: Option<(u64, Instant)> = None;
+    let mut idle_closing = false;
     let mut draining = false;
     // Pinned once: rebuilding these futures on every wake-up of a busy
     // connection costs more than the request itself.
@@ -116,12 +117,14 @@ pub async fn serve_connection(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = timers.tick() => match activity.state() {
-                ConnState::Busy => {
-                    head_started = None;
-                    // A client that stops reading (or opens no flow-control
-                    // window) holds its requests and their upstream
-                    // connections forever unless something counts it idle.
+            _ = timers.tick() => {
+                let state = activity.state();
+                // A client that stops reading (or opens no flow-control
+                // window) holds its requests, their upstream connections
+                // and hyper's unflushed buffers forever unless something
+                // counts it idle: requests in flight, or an idle close still
+                // flushing, with no byte moving either way.
+                if state == ConnState::Busy || idle_closing {
                     let moved = activity.bytes_moved();
                     match stalled {
                         Some((before, since)) if before == moved => {
@@ -132,24 +135,28 @@ pub async fn serve_connection(
                         }
                         _ => stalled = Some((moved, Instant::now())),
                     }
-                }
-                ConnState::ReadingHead => {
+                } else {
                     stalled = None;
-                    let since = *head_started.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= head_timeout {
-                        reject_slow_head(&spare, plaintext, &shutdown.listener);
-                        return;
+                }
+                match state {
+                    ConnState::Busy => head_started = None,
+                    ConnState::ReadingHead => {
+                        let since = *head_started.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= head_timeout {
+                            reject_slow_head(&spare, plaintext, &shutdown.listener);
+                            return;
+                        }
+                    }
+                    ConnState::Idle(idle) => {
+                        head_started = None;
+                        if idle >= idle_timeout && !draining {
+                            draining = true;
+                            idle_closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
                     }
                 }
-                ConnState::Idle(idle) => {
-                    head_started = None;
-                    stalled = None;
-                    if idle >= idle_timeout && !draining {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
-            },
+            }
         }
     };
     if let Err(err) = result {
