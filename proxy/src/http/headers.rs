@@ -356,6 +356,24 @@ pub fn check_request_head(
     }
 }
 
+/// The forms of an authority that host rules are checked against: the host
+/// as the router sees it (lower case, no trailing dot, no port) and, when a
+/// port was given, that host with the port. So `ADMIN.shop.:8080` meets a
+/// rule on `admin.shop` or on `admin.shop:8080`, as it reaches the same
+/// virtual host.
+pub fn authority_forms(authority: &str) -> (String, Option<String>) {
+    let (host, port) = match authority.rfind(':') {
+        // An IPv6 literal keeps its colons inside brackets.
+        Some(colon) if !authority[colon..].contains(']') => {
+            (&authority[..colon], Some(&authority[colon + 1..]))
+        }
+        _ => (authority, None),
+    };
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let with_port = port.map(|p| format!("{host}:{p}"));
+    (host, with_port)
+}
+
 /// `x-forwarded-client-cert`: the mTLS peer's identity, Envoy's format.
 pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
@@ -541,6 +559,16 @@ mod inbound_tests {
         let h2 = Version::HTTP_2;
         assert_eq!(check("GET", "http://a/", h2, &[("host", "A")]), None);
         assert_eq!(check("GET", "http://a/", h2, &[("host", "b")]), Some(400));
+    }
+
+    #[test]
+    fn authority_forms_ignore_case_dot_and_port() {
+        assert_eq!(
+            authority_forms("Admin.Shop.:8080"),
+            ("admin.shop".to_owned(), Some("admin.shop:8080".to_owned()))
+        );
+        assert_eq!(authority_forms("a"), ("a".to_owned(), None));
+        assert_eq!(authority_forms("[::1]"), ("[::1]".to_owned(), None));
     }
 
     #[test]
