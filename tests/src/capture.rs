@@ -321,8 +321,11 @@ fn field(line: &[u8]) -> Result<(String, String), String> {
     ))
 }
 
+/// Header lines in order, and where the bytes after the empty line start.
+type Fields = (Vec<(String, String)>, usize);
+
 /// Reads header lines from `at` up to and including the empty line.
-fn fields(buf: &[u8], mut at: usize) -> Result<Option<(Vec<(String, String)>, usize)>, String> {
+fn fields(buf: &[u8], mut at: usize) -> Result<Option<Fields>, String> {
     let mut out = Vec::new();
     loop {
         let Some((l, next)) = line(buf, at)? else {
