@@ -8,10 +8,12 @@
 //! about the proxy itself.
 
 pub mod als;
+pub mod capture;
 pub mod client;
 pub mod control;
 pub mod envoy;
 pub mod grpc;
+pub mod h2raw;
 pub mod http_backend;
 pub mod mesh;
 pub mod otlp;

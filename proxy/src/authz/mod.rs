@@ -105,9 +105,14 @@ impl HeaderCondition {
         // The host is the request's authority, however it was sent (Host,
         // :authority, absolute-form target): the one the router used.
         if self.name == http::header::HOST {
+            // Case, a trailing dot or a port must not dodge a rule the
+            // router would still send to the same virtual host.
             let found = match &self.value {
                 None => !authority.is_empty(),
-                Some(m) => m.matches(authority),
+                Some(m) => {
+                    let (host, with_port) = crate::http::headers::authority_forms(authority);
+                    m.matches(&host) || with_port.is_some_and(|h| m.matches(&h))
+                }
             };
             return found != self.invert;
         }

@@ -500,11 +500,15 @@ pub struct ListenerLimitsFile {
     /// Time allowed to receive a whole request head (slowloris guard).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// A connection with no request in flight is closed after this long.
+    /// A connection with no request in flight, or with requests in flight
+    /// but no byte moving either way, is closed after this long.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Request body size limit; past it: 413. Unlimited when absent.
     pub max_request_body_bytes: Option<u64>,
+    /// Request headers named with an underscore: `allow` (default),
+    /// `reject_request` (400) or `drop_header`.
+    pub headers_with_underscores: crate::http::headers::UnderscoreHeaders,
 }
 
 impl Default for ListenerLimitsFile {
@@ -517,6 +521,7 @@ impl Default for ListenerLimitsFile {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_request_body_bytes: None,
+            headers_with_underscores: crate::http::headers::UnderscoreHeaders::Allow,
         }
     }
 }

@@ -5,7 +5,9 @@
 //! waits for its next request, which would close idle connections after a
 //! few seconds and answer 408 to clients that sent nothing. So the idle
 //! timeout and the header-read timeout are both kept here, told apart by
-//! whether any byte arrived since the last request ended.
+//! whether any byte arrived since the last request ended. A connection with
+//! requests in flight but no byte moving either way (a client that stopped
+//! reading, or a zero flow-control window) counts as idle too.
 
 use std::io;
 use std::pin::Pin;
@@ -21,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct ConnActivity {
     in_flight: AtomicUsize,
     bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
     bytes_read_when_done: AtomicU64,
     last_done: Mutex<Instant>,
     /// HTTP/2: bytes between requests are control frames, not a slow head.
@@ -44,6 +47,7 @@ impl ConnActivity {
         Arc::new(ConnActivity {
             in_flight: AtomicUsize::new(0),
             bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
             bytes_read_when_done: AtomicU64::new(0),
             last_done: Mutex::new(Instant::now()),
             http2: AtomicBool::new(false),
@@ -54,6 +58,11 @@ impl ConnActivity {
     pub fn begin(self: &Arc<Self>) -> ActivityGuard {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         ActivityGuard(self.clone())
+    }
+
+    /// Bytes read and written so far: while it stays the same, nothing moves.
+    pub fn bytes_moved(&self) -> u64 {
+        self.bytes_read.load(Ordering::Acquire) + self.bytes_written.load(Ordering::Acquire)
     }
 
     /// The connection's state now.
@@ -127,13 +136,26 @@ impl<S: AsyncRead + Unpin> AsyncRead for CountingStream<S> {
     }
 }
 
+impl<S> CountingStream<S> {
+    fn count_written(&self, polled: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = polled {
+            self.activity
+                .bytes_written
+                .fetch_add(*n as u64, Ordering::AcqRel);
+        }
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for CountingStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.count_written(&polled);
+        polled
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -149,7 +171,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountingStream<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.count_written(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -1,9 +1,11 @@
 //! Header handling between hops: hop-by-hop removal (RFC 9110 §7.6.1),
-//! forwarding headers, request ids.
+//! forwarding headers, request ids, and the checks on a request head that
+//! hyper lets through but a proxy must not forward.
 
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Uri, Version};
 
 /// Header carrying the request id.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -137,6 +139,9 @@ pub fn set_forwarding(
     if let Some(value) = value {
         headers.insert(&X_FORWARDED_FOR, value);
     }
+    if !trust_downstream {
+        strip_forwarding_claims(headers);
+    }
     if !trust_downstream || !headers.contains_key(&X_FORWARDED_PROTO) {
         let proto = if downstream.tls { "https" } else { "http" };
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
@@ -157,6 +162,216 @@ pub fn set_forwarding(
     if !keep_id {
         headers.insert(&X_REQUEST_ID, new_request_id());
     }
+}
+
+/// Removes what an untrusted client may say about the hops before it,
+/// beyond the `x-forwarded-for` list the proxy appends to: backends (and
+/// web frameworks behind a "trusted proxy" setting) believe these from us.
+fn strip_forwarding_claims(headers: &mut HeaderMap) {
+    let claims: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let name = name.as_str();
+            (name.starts_with("x-forwarded-")
+                && name != X_FORWARDED_FOR.as_str()
+                && name != X_FORWARDED_CLIENT_CERT.as_str())
+                || name == "forwarded"
+                || name == "x-real-ip"
+        })
+        .cloned()
+        .collect();
+    for name in claims {
+        headers.remove(name);
+    }
+}
+
+/// What to do with a request header whose name holds an underscore
+/// (Envoy's `headers_with_underscores_action`). Whatever is chosen, a name
+/// that spells a header the proxy manages with underscores
+/// (`x_forwarded_for`, `x_postern_peer`, ...) is always dropped: CGI-style
+/// backends read it as the real one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoreHeaders {
+    /// Forward them (the default, as in Envoy).
+    #[default]
+    Allow,
+    /// Answer 400 and close.
+    RejectRequest,
+    /// Remove them and forward the rest.
+    DropHeader,
+}
+
+/// Whether a request header name (dashes form) is one the proxy frames,
+/// routes or sets by, or one of its own, so that no other spelling of it
+/// may pass.
+fn is_managed(dashed: &str) -> bool {
+    // Framing and routing headers too: a backend that folds `_` into `-`
+    // would otherwise frame or route by a header the proxy ignored.
+    dashed == "content-length"
+        || dashed == "transfer-encoding"
+        || dashed == "host"
+        || dashed.starts_with("x-forwarded-")
+        || dashed.starts_with("x-postern-")
+        || dashed == "forwarded"
+        || dashed == "x-real-ip"
+        || dashed == X_REQUEST_ID.as_str()
+}
+
+/// Removes from a downstream request what only Postern may say:
+/// `x-postern-*` (but `x-postern-peer`, which the request path reads from a
+/// proven mesh peer and removes itself) and underscore spellings of managed
+/// headers; then applies `underscores`.
+///
+/// # Errors
+///
+/// [`RejectedHead`] when `underscores` is `RejectRequest` and a name has an
+/// underscore.
+pub fn sanitize_inbound(
+    headers: &mut HeaderMap,
+    underscores: UnderscoreHeaders,
+) -> Result<(), RejectedHead> {
+    let mut drop: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let text = name.as_str();
+        if text.starts_with("x-postern-") {
+            if text != "x-postern-peer" {
+                drop.push(name.clone());
+            }
+        } else if text.contains('_') {
+            if is_managed(&text.replace('_', "-")) {
+                drop.push(name.clone());
+            } else {
+                match underscores {
+                    UnderscoreHeaders::Allow => {}
+                    UnderscoreHeaders::DropHeader => drop.push(name.clone()),
+                    UnderscoreHeaders::RejectRequest => {
+                        return Err(RejectedHead::bad("header name with underscore"))
+                    }
+                }
+            }
+        }
+    }
+    for name in drop {
+        headers.remove(name);
+    }
+    Ok(())
+}
+
+/// A request head refused before routing: the status and a short reason
+/// for the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RejectedHead {
+    /// Status to answer.
+    pub status: StatusCode,
+    /// Plain-text reason, also the response body.
+    pub reason: &'static str,
+}
+
+impl RejectedHead {
+    fn bad(reason: &'static str) -> Self {
+        RejectedHead {
+            status: StatusCode::BAD_REQUEST,
+            reason,
+        }
+    }
+}
+
+/// Checks the framing and target of a request head for what hyper accepts
+/// but RFC 9112 calls malformed, or what would reach the upstream in a
+/// different shape than routes and policies saw:
+///
+/// - `Transfer-Encoding` other than one `chunked` (hyper only checks that
+///   the last coding is chunked; `gzip, chunked` would arrive upstream as an
+///   unlabelled gzip body, `chunked, chunked` is forbidden);
+/// - an HTTP/1.1 request without exactly one `Host` (RFC 9112 §3.2);
+/// - a `Host` or target authority that is not `host[:port]`, e.g. with
+///   userinfo or spaces;
+/// - an HTTP/2 `host` that names another authority than `:authority`;
+/// - `CONNECT` (not supported: 405), an authority-form target on another
+///   method, and `*` on any method but `OPTIONS`.
+///
+/// # Errors
+///
+/// The status and reason to answer with.
+pub fn check_request_head(
+    method: &Method,
+    uri: &Uri,
+    version: Version,
+    headers: &HeaderMap,
+) -> Result<(), RejectedHead> {
+    if method == Method::CONNECT {
+        return Err(RejectedHead {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            reason: "CONNECT is not supported",
+        });
+    }
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        let single_chunked = first
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked");
+        if !single_chunked || codings.next().is_some() {
+            return Err(RejectedHead::bad("unsupported transfer-encoding"));
+        }
+    }
+    match uri.path_and_query().map(|pq| pq.path()) {
+        Some("*") if method == Method::OPTIONS => {}
+        Some(path) if path.starts_with('/') => {}
+        _ => return Err(RejectedHead::bad("invalid request target")),
+    }
+    if let Some(authority) = uri.authority() {
+        if authority.as_str().contains('@') {
+            return Err(RejectedHead::bad("userinfo in request target"));
+        }
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(RejectedHead::bad("more than one host header"));
+    }
+    if let Some(host) = host {
+        let valid = !host.is_empty()
+            && !host.as_bytes().contains(&b'@')
+            && http::uri::Authority::try_from(host.as_bytes()).is_ok();
+        if !valid {
+            return Err(RejectedHead::bad("invalid host header"));
+        }
+    }
+    match version {
+        Version::HTTP_11 if host.is_none() => Err(RejectedHead::bad("missing host header")),
+        Version::HTTP_2 => match (uri.authority(), host) {
+            (Some(authority), Some(host))
+                if !authority
+                    .as_str()
+                    .as_bytes()
+                    .eq_ignore_ascii_case(host.as_bytes()) =>
+            {
+                Err(RejectedHead::bad("host differs from :authority"))
+            }
+            _ => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// The forms of an authority that host rules are checked against: the host
+/// as the router sees it (lower case, no trailing dot, no port) and, when a
+/// port was given, that host with the port. So `ADMIN.shop.:8080` meets a
+/// rule on `admin.shop` or on `admin.shop:8080`, as it reaches the same
+/// virtual host.
+pub fn authority_forms(authority: &str) -> (String, Option<String>) {
+    let (host, port) = match authority.rfind(':') {
+        // An IPv6 literal keeps its colons inside brackets.
+        Some(colon) if !authority[colon..].contains(']') => {
+            (&authority[..colon], Some(&authority[colon + 1..]))
+        }
+        _ => (authority, None),
+    };
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let with_port = port.map(|p| format!("{host}:{p}"));
+    (host, with_port)
 }
 
 /// `x-forwarded-client-cert`: the mTLS peer's identity, Envoy's format.
@@ -287,6 +502,131 @@ mod tests {
         set_forwarding(&mut trusted, &peer, true);
         assert_eq!(trusted.get(&X_FORWARDED_PROTO).unwrap(), "https");
         assert_eq!(trusted.get(&X_REQUEST_ID).unwrap(), "client-chosen");
+    }
+}
+
+#[cfg(test)]
+mod inbound_tests {
+    use super::*;
+
+    fn check(method: &str, uri: &str, version: Version, headers: &[(&str, &str)]) -> Option<u16> {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        check_request_head(
+            &Method::from_bytes(method.as_bytes()).unwrap(),
+            &uri.parse().unwrap(),
+            version,
+            &map,
+        )
+        .err()
+        .map(|r| r.status.as_u16())
+    }
+
+    #[test]
+    fn request_heads_hyper_lets_through() {
+        let h11 = Version::HTTP_11;
+        assert_eq!(check("GET", "/", h11, &[("host", "a:80")]), None);
+        assert_eq!(check("OPTIONS", "*", h11, &[("host", "a")]), None);
+        assert_eq!(check("GET", "http://a/x", h11, &[("host", "b")]), None);
+        let te = |v| check("POST", "/", h11, &[("host", "a"), ("transfer-encoding", v)]);
+        assert_eq!(te("Chunked"), None);
+        assert_eq!(te("gzip, chunked"), Some(400));
+        assert_eq!(te("chunked, chunked"), Some(400));
+        assert_eq!(check("GET", "/", h11, &[]), Some(400));
+        assert_eq!(
+            check("GET", "/", h11, &[("host", "a"), ("host", "a")]),
+            Some(400)
+        );
+        assert_eq!(check("GET", "/", h11, &[("host", "a b")]), Some(400));
+        assert_eq!(check("GET", "/", h11, &[("host", "u@a")]), Some(400));
+        assert_eq!(check("GET", "/", h11, &[("host", "a/b")]), Some(400));
+        assert_eq!(
+            check("GET", "http://u@a/", h11, &[("host", "a")]),
+            Some(400)
+        );
+        assert_eq!(check("GET", "*", h11, &[("host", "a")]), Some(400));
+        assert_eq!(check("GET", "a:80", h11, &[("host", "a")]), Some(400));
+        assert_eq!(
+            check("CONNECT", "a:443", h11, &[("host", "a:443")]),
+            Some(405)
+        );
+        assert_eq!(check("GET", "/", Version::HTTP_10, &[]), None);
+        let h2 = Version::HTTP_2;
+        assert_eq!(check("GET", "http://a/", h2, &[("host", "A")]), None);
+        assert_eq!(check("GET", "http://a/", h2, &[("host", "b")]), Some(400));
+    }
+
+    #[test]
+    fn authority_forms_ignore_case_dot_and_port() {
+        assert_eq!(
+            authority_forms("Admin.Shop.:8080"),
+            ("admin.shop".to_owned(), Some("admin.shop:8080".to_owned()))
+        );
+        assert_eq!(authority_forms("a"), ("a".to_owned(), None));
+        assert_eq!(authority_forms("[::1]"), ("[::1]".to_owned(), None));
+    }
+
+    #[test]
+    fn inbound_sanitising_and_underscores() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x-postern-overloaded",
+            "x-postern-peer",
+            "x_forwarded_for",
+            "x_postern_peer",
+            "x_request_id",
+            "x_custom",
+        ] {
+            h.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));
+        }
+        let mut allowed = h.clone();
+        sanitize_inbound(&mut allowed, UnderscoreHeaders::Allow).unwrap();
+        let mut names: Vec<&str> = allowed.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["x-postern-peer", "x_custom"]);
+        let mut dropped = h.clone();
+        sanitize_inbound(&mut dropped, UnderscoreHeaders::DropHeader).unwrap();
+        assert!(dropped.get("x_custom").is_none());
+        assert!(sanitize_inbound(&mut h, UnderscoreHeaders::RejectRequest).is_err());
+    }
+
+    #[test]
+    fn untrusted_forwarding_claims_are_dropped() {
+        let peer = DownstreamPeer::new(
+            "127.0.0.9:1".parse().unwrap(),
+            8080,
+            &crate::tls::PeerTls::default(),
+            None,
+        );
+        let mut h = HeaderMap::new();
+        for name in [
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "forwarded",
+            "x-real-ip",
+        ] {
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static("evil"),
+            );
+        }
+        let mut trusted = h.clone();
+        set_forwarding(&mut h, &peer, false);
+        for name in [
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "forwarded",
+            "x-real-ip",
+        ] {
+            assert!(h.get(name).is_none(), "{name}");
+        }
+        set_forwarding(&mut trusted, &peer, true);
+        assert_eq!(trusted.get("x-forwarded-host").unwrap(), "evil");
     }
 }
 

@@ -6,8 +6,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::body::ResponseBody;
 use super::conn::{ConnActivity, ConnState, CountingStream};
-use super::headers::DownstreamPeer;
+use super::headers::{self as hdr, DownstreamPeer, RejectedHead};
 use super::proxy::HttpProxy;
 use crate::config::file::ListenerLimitsFile;
 use crate::listener::{signalled, Shutdown};
@@ -75,11 +76,14 @@ pub async fn serve_connection(
     let service = {
         let activity = activity.clone();
         let proxy = proxy.clone();
-        service_fn(move |request: Request<Incoming>| {
+        service_fn(move |mut request: Request<Incoming>| {
             let proxy = proxy.clone();
             let guard = activity.begin();
             let peer = peer.clone();
             async move {
+                if let Err(rejected) = screen_request(&mut request, &proxy) {
+                    return Ok::<_, Infallible>(reject_head(&request, rejected, &proxy));
+                }
                 let response = proxy.handle(peer, request).await;
                 let (parts, body) = response.into_parts();
                 Ok::<_, Infallible>(http::Response::from_parts(parts, body.with_activity(guard)))
@@ -94,6 +98,10 @@ pub async fn serve_connection(
     timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     timers.tick().await;
     let mut head_started: Option<Instant> = None;
+    // Bytes moved at the last tick with a request in flight, and since when
+    // that count has not changed.
+    let mut stalled: Option<(u64, Instant)> = None;
+    let mut idle_closing = false;
     let mut draining = false;
     // Pinned once: rebuilding these futures on every wake-up of a busy
     // connection costs more than the request itself.
@@ -109,28 +117,96 @@ pub async fn serve_connection(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = timers.tick() => match activity.state() {
-                ConnState::Busy => head_started = None,
-                ConnState::ReadingHead => {
-                    let since = *head_started.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= head_timeout {
-                        reject_slow_head(&spare, plaintext, &shutdown.listener);
-                        return;
+            _ = timers.tick() => {
+                let state = activity.state();
+                // A client that stops reading (or opens no flow-control
+                // window) holds its requests, their upstream connections
+                // and hyper's unflushed buffers forever unless something
+                // counts it idle: requests in flight, or an idle close still
+                // flushing, with no byte moving either way.
+                if state == ConnState::Busy || idle_closing {
+                    let moved = activity.bytes_moved();
+                    match stalled {
+                        Some((before, since)) if before == moved => {
+                            if since.elapsed() >= idle_timeout {
+                                count_limit(&shutdown.listener, "idle_timeout");
+                                return;
+                            }
+                        }
+                        _ => stalled = Some((moved, Instant::now())),
+                    }
+                } else {
+                    stalled = None;
+                }
+                match state {
+                    ConnState::Busy => head_started = None,
+                    ConnState::ReadingHead => {
+                        let since = *head_started.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= head_timeout {
+                            reject_slow_head(&spare, plaintext, &shutdown.listener);
+                            return;
+                        }
+                    }
+                    ConnState::Idle(idle) => {
+                        head_started = None;
+                        if idle >= idle_timeout && !draining {
+                            draining = true;
+                            idle_closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
                     }
                 }
-                ConnState::Idle(idle) => {
-                    head_started = None;
-                    if idle >= idle_timeout && !draining {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
-            },
+            }
         }
     };
     if let Err(err) = result {
         on_connection_error(&*err, &shutdown.listener);
     }
+}
+
+/// Checks what hyper let through before anything routes on it, and strips
+/// what only Postern may say.
+fn screen_request(request: &mut Request<Incoming>, proxy: &HttpProxy) -> Result<(), RejectedHead> {
+    hdr::check_request_head(
+        request.method(),
+        request.uri(),
+        request.version(),
+        request.headers(),
+    )?;
+    hdr::sanitize_inbound(
+        request.headers_mut(),
+        proxy.listener.limits.headers_with_underscores,
+    )
+}
+
+/// The answer to a refused request head. On HTTP/1 the connection closes
+/// after it: what follows a malformed head cannot be trusted to be framed
+/// as the client meant.
+fn reject_head(
+    request: &Request<Incoming>,
+    rejected: RejectedHead,
+    proxy: &HttpProxy,
+) -> http::Response<ResponseBody> {
+    tracing::debug!(
+        method = %request.method(),
+        reason = rejected.reason,
+        "request head refused"
+    );
+    count_limit(&proxy.listener.name, "malformed_request");
+    let mut response = http::Response::new(ResponseBody::full(rejected.reason));
+    *response.status_mut() = rejected.status;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    if request.version() < http::Version::HTTP_2 {
+        headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// Answers 408 on a connection whose request head is too slow, and closes
@@ -143,10 +219,14 @@ fn reject_slow_head(spare: &std::net::TcpStream, plaintext: bool, listener: &Arc
         );
     }
     let _ = socket.shutdown(std::net::Shutdown::Both);
+    count_limit(listener, "header_read_timeout");
+}
+
+fn count_limit(listener: &Arc<str>, limit: &'static str) {
     metrics::counter!(
         names::DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
         "listener" => listener.clone(),
-        "limit" => "header_read_timeout",
+        "limit" => limit,
     )
     .increment(1);
 }
