@@ -6,6 +6,7 @@
 //! regexes, cluster settings, listener settings. Validation happens once here,
 //! so the hot path trusts the model. No I/O besides reading the file.
 
+pub mod capture;
 pub mod file;
 mod rbac;
 mod tls;
@@ -104,6 +105,12 @@ pub struct BootstrapOverrides {
     pub app: Option<String>,
     /// `telemetry.workload.version`.
     pub app_version: Option<String>,
+    /// `opaque_ports`.
+    pub opaque_ports: Option<Vec<capture::PortRange>>,
+    /// `state_dir`.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// `outbound_drain_wait`.
+    pub outbound_drain_wait: Option<Duration>,
 }
 
 impl BootstrapOverrides {
@@ -126,6 +133,7 @@ impl BootstrapOverrides {
                         client_key: None,
                         initial_backoff: std::time::Duration::from_millis(500),
                         max_backoff: std::time::Duration::from_secs(30),
+                        initial_fetch_timeout: file::default_initial_fetch_timeout(),
                     })
                 }
             }
@@ -135,6 +143,15 @@ impl BootstrapOverrides {
         }
         if let Some(admin) = self.admin_address {
             file.admin.address = admin;
+        }
+        if let Some(ports) = &self.opaque_ports {
+            file.opaque_ports = ports.clone();
+        }
+        if let Some(dir) = &self.state_dir {
+            file.state_dir = Some(dir.clone());
+        }
+        if let Some(wait) = self.outbound_drain_wait {
+            file.outbound_drain_wait = wait;
         }
         let workload = &mut file.telemetry.workload;
         for (flag, field) in [
@@ -193,6 +210,8 @@ pub enum ListenerProtocol {
     Http(HttpListener),
     /// Raw TCP to one cluster.
     Tcp(TcpRoute),
+    /// Traffic redirected by iptables, routed by original destination.
+    Capture(capture::CaptureListener),
 }
 
 /// HTTP connection manager settings.

@@ -833,6 +833,7 @@ pub fn listener(
         http: HttpSettingsFile::default(),
         virtual_hosts: Vec::new(),
         tcp: None,
+        capture: None,
         mtls: None,
         tls: None,
         // Envoy's enum: 1 inbound, 2 outbound; unspecified keeps the default.

@@ -32,6 +32,7 @@ struct Running {
     shape: String,
     addr: SocketAddr,
     http: Option<Arc<ArcSwap<HttpConfig>>>,
+    capture: Option<Arc<ArcSwap<Listener>>>,
     drain: watch::Sender<bool>,
     force: watch::Sender<bool>,
     accept: JoinHandle<()>,
@@ -64,6 +65,9 @@ fn shape(listener: &Listener) -> String {
         ListenerProtocol::Tcp(tcp) => {
             format!("tcp {} {:?} {:?}", tcp.cluster, tcp.idle_timeout, tcp.rbac)
         }
+        // Services, detection and policies are swapped in place; the
+        // direction decides what the accept loop does.
+        ListenerProtocol::Capture(capture) => format!("capture {:?}", capture.direction),
     };
     format!(
         "{} {:?} {} {} {:?}",
@@ -131,6 +135,9 @@ impl ListenerManager {
                 {
                     swap.store(Arc::new(HttpConfig::of(http)));
                 }
+                if let Some(swap) = &current.capture {
+                    swap.store(listener.clone());
+                }
                 current.listener = listener.clone();
                 continue;
             }
@@ -168,7 +175,11 @@ impl ListenerManager {
             ListenerProtocol::Http(http) => {
                 Some(Arc::new(ArcSwap::from_pointee(HttpConfig::of(http))))
             }
-            ListenerProtocol::Tcp(_) => None,
+            ListenerProtocol::Tcp(_) | ListenerProtocol::Capture(_) => None,
+        };
+        let capture = match &listener.protocol {
+            ListenerProtocol::Capture(_) => Some(Arc::new(ArcSwap::new(listener.clone()))),
+            _ => None,
         };
         let (drain, drain_rx) = watch::channel(false);
         let (force, force_rx) = watch::channel(false);
@@ -185,6 +196,7 @@ impl ListenerManager {
             local_id: self.local_id.clone(),
             http: http.clone(),
             telemetry: self.telemetry.clone(),
+            capture: capture.clone(),
         };
         let accept = tokio::spawn(run_listener(socket, listener.clone(), context, shutdown));
         Ok(Running {
@@ -192,6 +204,7 @@ impl ListenerManager {
             shape: shape(listener),
             addr,
             http,
+            capture,
             drain,
             force,
             accept,
