@@ -201,6 +201,19 @@ pub struct Listener {
     pub tls: ListenerTls,
     /// Which side of the workload it faces, for telemetry.
     pub direction: crate::telemetry::log::TrafficDirection,
+    /// When it stops accepting in a drain.
+    pub drain: DrainPhase,
+}
+
+/// When a listener stops accepting once a drain has started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainPhase {
+    /// At once: callers are told to go elsewhere (inbound, gateways).
+    Immediate,
+    /// Once the app is gone or `outbound_drain_wait` has passed: the app
+    /// may still be calling out while it finishes (outbound capture
+    /// listeners, and listeners set `traffic_direction: outbound`).
+    AfterApp,
 }
 
 /// What a listener serves.

@@ -188,7 +188,16 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
             .as_ref()
             .is_some_and(|m| m.mode != super::file::MtlsMode::Disable);
         let capture_direction = listener.capture.as_ref().map(|c| c.direction);
+        // Only a declared outbound side waits for the app: a gateway's
+        // listeners (outbound by default, for telemetry) drain at once.
+        let app_side = listener.traffic_direction.or(capture_direction)
+            == Some(crate::telemetry::log::TrafficDirection::Outbound);
         listeners.push(Arc::new(Listener {
+            drain: if app_side {
+                super::DrainPhase::AfterApp
+            } else {
+                super::DrainPhase::Immediate
+            },
             name: Arc::from(listener.name.as_str()),
             address: listener.address,
             limits: listener.limits.clone(),

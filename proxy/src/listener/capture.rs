@@ -152,6 +152,8 @@ pub struct CaptureShared {
     pub hub: Arc<TelemetryHub>,
     /// Drain and force signals.
     pub shutdown: Shutdown,
+    /// Where the app's addresses are noted, for the drain.
+    pub app: Arc<super::drain::AppAddresses>,
 }
 
 /// A running capture listener: its shared parts and the config a change
@@ -480,6 +482,7 @@ impl CaptureFront {
             }
         };
         let app = app_address(destination);
+        self.shared.app.record(app);
         let shutdown = self.shared.shutdown.clone();
         if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
             if let Some(proxy) = self.inbound_proxy(runtime, capture, app) {

@@ -48,6 +48,7 @@ pub struct ListenerManager {
     drain_timeout: Duration,
     draining: AtomicBool,
     telemetry: Arc<crate::telemetry::TelemetryHub>,
+    app: Arc<super::drain::AppAddresses>,
 }
 
 impl std::fmt::Debug for ListenerManager {
@@ -98,6 +99,7 @@ impl ListenerManager {
             drain_timeout,
             draining: AtomicBool::new(false),
             telemetry,
+            app: Default::default(),
         }
     }
 
@@ -197,6 +199,7 @@ impl ListenerManager {
             http: http.clone(),
             telemetry: self.telemetry.clone(),
             capture: capture.clone(),
+            app: self.app.clone(),
         };
         let accept = tokio::spawn(run_listener(socket, listener.clone(), context, shutdown));
         Ok(Running {
@@ -231,11 +234,19 @@ impl ListenerManager {
     /// Starts the drain of every listener; none is started afterwards.
     /// Resolves when every accept loop has stopped.
     pub async fn drain_all(&self) {
+        self.drain_where(|_| true).await;
+    }
+
+    /// Starts the drain of the listeners `which` picks; no listener is
+    /// started or changed afterwards. Resolves when their accept loops
+    /// have stopped.
+    pub async fn drain_where(&self, which: impl Fn(&Listener) -> bool) {
         let accepts: Vec<JoinHandle<()>> = match self.running.lock() {
             Ok(mut running) => {
                 self.draining.store(true, Ordering::Release);
                 running
                     .values_mut()
+                    .filter(|r| which(&r.listener))
                     .map(|r| {
                         r.drain.send_replace(true);
                         std::mem::replace(&mut r.accept, tokio::spawn(async {}))
@@ -247,6 +258,18 @@ impl ListenerManager {
         for accept in accepts {
             let _ = accept.await;
         }
+    }
+
+    /// Whether a running listener matches `which`.
+    pub fn any(&self, which: impl Fn(&Listener) -> bool) -> bool {
+        self.running
+            .lock()
+            .is_ok_and(|running| running.values().any(|r| which(&r.listener)))
+    }
+
+    /// The app addresses inbound capture has forwarded to.
+    pub fn app_addresses(&self) -> &super::drain::AppAddresses {
+        &self.app
     }
 
     /// Tells every connection to close now.

@@ -3,6 +3,7 @@
 
 pub mod capture;
 pub mod detect;
+pub mod drain;
 pub mod manager;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -101,6 +102,8 @@ pub struct ListenerContext {
     pub telemetry: Arc<crate::telemetry::TelemetryHub>,
     /// The settings cell a config change swaps (capture listeners).
     pub capture: Option<Arc<arc_swap::ArcSwap<Listener>>>,
+    /// Where inbound capture notes the app's addresses, for the drain.
+    pub app: Arc<drain::AppAddresses>,
 }
 
 /// Accepts connections on a bound listener until the drain starts.
@@ -118,6 +121,7 @@ pub async fn run_listener(
         http: http_cell,
         telemetry: hub,
         capture: capture_cell,
+        app,
     } = context;
     let limit = Arc::new(Semaphore::new(listener.limits.max_connections));
     let http = match &listener.protocol {
@@ -152,6 +156,7 @@ pub async fn run_listener(
                 local_id: local_id.clone(),
                 hub: hub.clone(),
                 shutdown: shutdown.clone(),
+                app,
             },
             capture_cell.unwrap_or_else(|| Arc::new(arc_swap::ArcSwap::new(listener.clone()))),
         )),
