@@ -47,7 +47,8 @@ type Table<T> = BTreeMap<String, Entry<T>>;
 /// Accepted dynamic resources, by type and name.
 #[derive(Debug, Clone, Default)]
 struct Resources {
-    listeners: Table<(ListenerFile, RouteSource)>,
+    /// Listeners, where their routes come from, and whether they bind.
+    listeners: Table<(ListenerFile, RouteSource, bool)>,
     routes: Table<Vec<VirtualHostFile>>,
     clusters: Table<(ClusterFile, EndpointSource)>,
     endpoints: Table<Vec<EndpointFile>>,
@@ -288,8 +289,9 @@ impl XdsHandler {
             }
             file.clusters.push(cluster);
         }
+        let mut virtuals = Vec::new();
         for entry in state.listeners.values() {
-            let (listener, source) = &entry.value;
+            let (listener, source, binds) = &entry.value;
             let mut listener = listener.clone();
             if let RouteSource::Rds(name) = source {
                 match state.routes.get(name) {
@@ -300,8 +302,13 @@ impl XdsHandler {
                     }
                 }
             }
-            file.listeners.push(listener);
+            if *binds {
+                file.listeners.push(listener);
+            } else {
+                virtuals.push(listener);
+            }
         }
+        translate::attach_virtual_listeners(&mut file.listeners, &virtuals);
         (file, warming)
     }
 
@@ -355,10 +362,9 @@ impl XdsHandler {
         let kind: &'static str = match type_url {
             type_url::LISTENER => {
                 let converted = Self::translate_all(&resources, |r| {
-                    translate::listener(
-                        &translate::decode::<Listener>(&r.body, type_url::LISTENER)?,
-                        sds_names,
-                    )
+                    let listener = translate::decode::<Listener>(&r.body, type_url::LISTENER)?;
+                    let (file, routes) = translate::listener(&listener, sds_names)?;
+                    Ok((file, routes, translate::binds_to_port(&listener)))
                 })?;
                 Self::merge(&mut state.listeners, converted, &removed, replace_all);
                 type_url::LISTENER
@@ -423,8 +429,8 @@ impl XdsHandler {
             && state.seen.contains(type_url::CLUSTER)
             && !warming;
         let status = dynamic_status(&state);
-        let to_save = (ready && !replaying && self.last_known_good.is_some())
-            .then(|| state.raw.clone());
+        let to_save =
+            (ready && !replaying && self.last_known_good.is_some()).then(|| state.raw.clone());
         if let Ok(mut current) = self.state.lock() {
             *current = state;
         }
@@ -471,7 +477,9 @@ impl XdsHandler {
                     report_config_source(Some("xds"));
                     self.runtime.set_config_note(None);
                     if previous == Source::LastKnownGood {
-                        tracing::info!("the control plane's config replaces the last-known-good one");
+                        tracing::info!(
+                            "the control plane's config replaces the last-known-good one"
+                        );
                     }
                 }
             }
@@ -623,5 +631,43 @@ impl Handler for XdsHandler {
 
     fn on_connection(&self, connected: bool) {
         tracing::info!(connected, "xDS stream");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    #[test]
+    fn config_source_gauge_marks_one_source() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            super::report_config_source(Some("xds"));
+            super::report_config_source(Some("last_known_good"));
+        });
+        let mut values: Vec<(String, f64)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| {
+                let source = key.key().labels().next().unwrap().value().to_string();
+                let DebugValue::Gauge(value) = value else {
+                    panic!("not a gauge");
+                };
+                (source, value.into_inner())
+            })
+            .collect();
+        values.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            values,
+            [
+                ("last_known_good".to_string(), 1.0),
+                ("static".to_string(), 0.0),
+                ("xds".to_string(), 0.0)
+            ]
+        );
     }
 }

@@ -3,6 +3,8 @@
 //! over), `POST /quitquitquit`, and the last-known-good config that lets a
 //! restarted proxy serve while the control plane is unreachable.
 
+#![allow(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -52,7 +54,10 @@ async fn drain_stops_the_inbound_side_first_and_the_outbound_side_once_the_app_i
     wait_until("the inbound side to stop accepting", || refuses(inbound)).await;
     // The app can still make new calls while it finishes.
     let response = get(outbound, "svc", "/").await;
-    assert_eq!((response.status.as_u16(), response.text()), (200, "out".into()));
+    assert_eq!(
+        (response.status.as_u16(), response.text()),
+        (200, "out".into())
+    );
     assert!(!refuses(outbound).await);
 
     // Once the app's last connection is gone, so is the outbound side,
@@ -172,9 +177,7 @@ async fn config_source(proxy: &Proxy) -> String {
 async fn a_restart_without_the_control_plane_serves_the_last_known_good_config() {
     let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
     let state = tempfile::tempdir().unwrap();
-    let saved = state
-        .path()
-        .join(postern::xds::last_known_good::FILE_NAME);
+    let saved = state.path().join(postern::xds::last_known_good::FILE_NAME);
     let mut cp = ControlPlane::start(mesh("1", a.addr())).await;
 
     let first = start_proxy(&bootstrap(&cp, state.path())).await;

@@ -158,6 +158,22 @@ pub struct CaptureFile {
     pub connect_timeout: Duration,
 }
 
+impl CaptureFile {
+    /// A capture block for `direction` with every default.
+    pub fn new(direction: TrafficDirection) -> CaptureFile {
+        CaptureFile {
+            direction,
+            detection_timeout: default_detection_timeout(),
+            opaque_ports: Vec::new(),
+            unknown_destinations: UnknownDestinations::default(),
+            services: Vec::new(),
+            rbac: None,
+            tcp_idle_timeout: default_tcp_idle(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
 fn default_detection_timeout() -> Duration {
     DEFAULT_DETECTION_TIMEOUT
 }

@@ -77,7 +77,7 @@ pub async fn run(listeners: &ListenerManager, tracker: &ConnectionTracker, plan:
             _ = tokio::time::sleep_until(wait_until) => {
                 tracing::info!("outbound drain wait over; outbound listeners stop accepting");
             }
-            _ = app_gone(tracker, listeners) => {
+            _ = app_gone(tracker, listeners.app_addresses()) => {
                 tracing::info!("the app is gone; outbound listeners stop accepting");
             }
         }
@@ -98,7 +98,7 @@ pub async fn run(listeners: &ListenerManager, tracker: &ConnectionTracker, plan:
 }
 
 /// Resolves once no connection is open and no known app address accepts.
-async fn app_gone(tracker: &ConnectionTracker, listeners: &ListenerManager) {
+async fn app_gone(tracker: &ConnectionTracker, app: &AppAddresses) {
     let mut check = tokio::time::interval(APP_CHECK_INTERVAL);
     loop {
         check.tick().await;
@@ -106,10 +106,11 @@ async fn app_gone(tracker: &ConnectionTracker, listeners: &ListenerManager) {
             continue;
         }
         let mut listening = false;
-        for addr in listeners.app_addresses().list() {
+        for addr in app.list() {
             // Refused is the answer sought; anything else (accepted, or a
             // timeout) means the app may still be there.
-            let probe = tokio::time::timeout(APP_CHECK_INTERVAL, tokio::net::TcpStream::connect(addr));
+            let probe =
+                tokio::time::timeout(APP_CHECK_INTERVAL, tokio::net::TcpStream::connect(addr));
             if !matches!(probe.await, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused)
             {
                 listening = true;
@@ -119,5 +120,34 @@ async fn app_gone(tracker: &ConnectionTracker, listeners: &ListenerManager) {
         if !listening {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_app_is_gone_once_nothing_is_open_and_its_ports_refuse() {
+        let tracker = Arc::new(ConnectionTracker::default());
+        let app = AppAddresses::default();
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        app.record(socket.local_addr().unwrap());
+        let open = tracker.track();
+        let gone = app_gone(&tracker, &app);
+        tokio::pin!(gone);
+        let pending = Duration::from_millis(250);
+        assert!(tokio::time::timeout(pending, &mut gone).await.is_err());
+        // Nothing open, but the app still listens.
+        drop(open);
+        assert!(tokio::time::timeout(pending, &mut gone).await.is_err());
+        drop(socket);
+        tokio::time::timeout(Duration::from_secs(5), gone)
+            .await
+            .expect("gone once its port refuses");
     }
 }

@@ -184,7 +184,10 @@ impl Store {
         };
         let file: SavedFile = serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))?;
         if file.format != FORMAT {
-            return Err(invalid(format!("format {} (expected {FORMAT})", file.format)));
+            return Err(invalid(format!(
+                "format {} (expected {FORMAT})",
+                file.format
+            )));
         }
         if file.node != self.node {
             return Err(LastKnownGoodError::OtherNode {
@@ -215,7 +218,11 @@ impl Store {
             }
             types.push((kind, resources));
         }
-        if let Some(unknown) = file.types.keys().find(|k| !REPLAY_ORDER.contains(&k.as_str())) {
+        if let Some(unknown) = file
+            .types
+            .keys()
+            .find(|k| !REPLAY_ORDER.contains(&k.as_str()))
+        {
             return Err(invalid(format!("unexpected resource type {unknown}")));
         }
         Ok(Some(Saved {
@@ -245,7 +252,10 @@ mod tests {
     #[test]
     fn saved_resources_come_back_in_replay_order() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(dir.path(), "sidecar~10.0.0.5~web.shop~shop.svc.cluster.local");
+        let store = Store::new(
+            dir.path(),
+            "sidecar~10.0.0.5~web.shop~shop.svc.cluster.local",
+        );
         assert!(store.load().unwrap().is_none());
         let mut raw = RawResources::new();
         for (kind, name, value) in [
@@ -264,7 +274,10 @@ mod tests {
             order,
             [type_url::CLUSTER, type_url::LISTENER, type_url::ROUTE]
         );
-        assert_eq!(saved.types[2].1, vec![resource(type_url::ROUTE, "r", b"\x0a\x01r")]);
+        assert_eq!(
+            saved.types[2].1,
+            vec![resource(type_url::ROUTE, "r", b"\x0a\x01r")]
+        );
         assert!(saved.saved_at.elapsed().unwrap() < Duration::from_secs(60));
         assert!(!dir.path().join("xds-last-known-good.json.tmp").exists());
     }
@@ -272,7 +285,9 @@ mod tests {
     #[test]
     fn another_nodes_or_a_damaged_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        Store::new(dir.path(), "a").save(&RawResources::new()).unwrap();
+        Store::new(dir.path(), "a")
+            .save(&RawResources::new())
+            .unwrap();
         let err = Store::new(dir.path(), "b").load().unwrap_err();
         assert!(matches!(err, LastKnownGoodError::OtherNode { .. }), "{err}");
         std::fs::write(dir.path().join(FILE_NAME), "{").unwrap();
