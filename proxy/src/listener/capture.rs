@@ -165,6 +165,7 @@ pub struct CaptureFront {
     builder: Arc<auto::Builder<TokioExecutor>>,
     telemetry: Arc<ListenerTelemetry>,
     detections: DetectionCounters,
+    passthrough: Arc<str>,
 }
 
 impl std::fmt::Debug for CaptureFront {
@@ -221,39 +222,15 @@ impl CaptureFront {
             listener.name.clone(),
             listener.direction,
         );
-        let builder = Arc::new(crate::http::server::builder(&listener.limits));
-        let detections = DetectionCounters::new(&listener.name);
-        let front = CaptureFront {
-            built: ArcSwap::from_pointee(CaptureRuntime {
-                listener: listener.clone(),
-                services: HashMap::new(),
-                inbound: Mutex::new(HashMap::new()),
-            }),
+        Arc::new(CaptureFront {
+            builder: Arc::new(crate::http::server::builder(&listener.limits)),
+            detections: DetectionCounters::new(&listener.name),
+            built: ArcSwap::from_pointee(build_runtime(&shared, &telemetry, listener)),
+            passthrough: Arc::from(PASSTHROUGH_CLUSTER),
             shared,
             config,
-            builder,
             telemetry,
-            detections,
-        };
-        front.built.store(Arc::new(front.build(listener)));
-        Arc::new(front)
-    }
-
-    fn build(&self, listener: Arc<Listener>) -> CaptureRuntime {
-        let mut services = HashMap::new();
-        if let ListenerProtocol::Capture(capture) = &listener.protocol {
-            for (address, service) in &capture.services {
-                if let Some(routes) = &service.routes {
-                    let proxy = self.http_proxy(&listener, capture, routes.clone());
-                    services.insert(*address, proxy);
-                }
-            }
-        }
-        CaptureRuntime {
-            listener,
-            services,
-            inbound: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// What the current config built; rebuilt on first use after a change.
@@ -264,32 +241,9 @@ impl CaptureFront {
             return built;
         }
         // Two connections racing here build twice; both results are equal.
-        let fresh = Arc::new(self.build(config));
+        let fresh = Arc::new(build_runtime(&self.shared, &self.telemetry, config));
         self.built.store(fresh.clone());
         fresh
-    }
-
-    fn http_proxy(
-        &self,
-        listener: &Arc<Listener>,
-        capture: &CaptureListener,
-        routes: Arc<RouteTable>,
-    ) -> Arc<HttpProxy> {
-        let http = &capture.http;
-        Arc::new(HttpProxy {
-            listener: listener.clone(),
-            trust_downstream: http.trust_downstream,
-            config: Arc::new(ArcSwap::from_pointee(HttpConfig {
-                normalize: http.normalize,
-                rbac: http.rbac.clone(),
-                rate_limit: http.rate_limit.clone(),
-                routes,
-            })),
-            clusters: self.shared.clusters.clone(),
-            telemetry: self.telemetry.clone(),
-            tracker: self.shared.tracker.clone(),
-            shutdown: self.shared.shutdown.clone(),
-        })
     }
 
     /// Serves one accepted connection to its end.
@@ -415,7 +369,7 @@ impl CaptureFront {
                     io,
                     &peer,
                     &listener.name,
-                    &Arc::from(PASSTHROUGH_CLUSTER),
+                    &self.passthrough,
                     destination,
                     capture.connect_timeout,
                     capture.tcp_idle_timeout,
@@ -538,13 +492,67 @@ impl CaptureFront {
                 return None;
             }
         }
-        let proxy = self.http_proxy(&runtime.listener, capture, Arc::new(inbound_routes(port)));
+        let proxy = http_proxy(
+            &self.shared,
+            &self.telemetry,
+            &runtime.listener,
+            capture,
+            Arc::new(inbound_routes(port)),
+        );
         let mut cache = runtime.inbound.lock().ok()?;
         if cache.len() < MAX_INBOUND_PORTS {
             cache.insert(port, proxy.clone());
         }
         Some(proxy)
     }
+}
+
+/// Builds what one version of a capture listener's config needs: the HTTP
+/// fronts of its outbound services.
+fn build_runtime(
+    shared: &CaptureShared,
+    telemetry: &Arc<ListenerTelemetry>,
+    listener: Arc<Listener>,
+) -> CaptureRuntime {
+    let mut services = HashMap::new();
+    if let ListenerProtocol::Capture(capture) = &listener.protocol {
+        for (address, service) in &capture.services {
+            if let Some(routes) = &service.routes {
+                let proxy = http_proxy(shared, telemetry, &listener, capture, routes.clone());
+                services.insert(*address, proxy);
+            }
+        }
+    }
+    CaptureRuntime {
+        listener,
+        services,
+        inbound: Mutex::new(HashMap::new()),
+    }
+}
+
+/// An HTTP front with the listener's HTTP settings around `routes`.
+fn http_proxy(
+    shared: &CaptureShared,
+    telemetry: &Arc<ListenerTelemetry>,
+    listener: &Arc<Listener>,
+    capture: &CaptureListener,
+    routes: Arc<RouteTable>,
+) -> Arc<HttpProxy> {
+    let http = &capture.http;
+    Arc::new(HttpProxy {
+        listener: listener.clone(),
+        trust_downstream: http.trust_downstream,
+        config: Arc::new(ArcSwap::from_pointee(HttpConfig {
+            normalize: http.normalize,
+            rbac: http.rbac.clone(),
+            rate_limit: http.rate_limit.clone(),
+            routes,
+        })),
+        clusters: shared.clusters.clone(),
+        telemetry: telemetry.clone(),
+        tracker: shared.tracker.clone(),
+        shutdown: shared.shutdown.clone(),
+    })
 }
 
 /// The cluster an inbound capture listener uses for an app port (Istio's
