@@ -63,6 +63,11 @@ impl Runtime {
     pub fn set_config_ready(&self, ready: bool) {
         self.admin.config_ready.store(ready, Ordering::Release);
     }
+
+    /// Sets what `/ready` adds about where the config came from.
+    pub fn set_config_note(&self, note: Option<String>) {
+        self.admin.config_note.store(note.map(Arc::new));
+    }
 }
 
 impl Proxy {
@@ -75,6 +80,7 @@ impl Proxy {
         let admin_addr = admin_socket.local_addr()?;
 
         let (drain_tx, drain_rx) = watch::channel(false);
+        let (quit_tx, quit_rx) = watch::channel(false);
         // Secrets from SDS reach the rotation loop through this source.
         let sds_names = config.identity.as_ref().and_then(|i| match &i.source {
             crate::config::IdentitySource::Sds(names) => Some(names.clone()),
@@ -126,6 +132,8 @@ impl Proxy {
             identity: identity.clone(),
             dynamic: Default::default(),
             config_ready: AtomicBool::new(true),
+            quit: quit_tx,
+            config_note: Default::default(),
         });
         let admin_task = tokio::spawn(admin::serve(admin_socket, state.clone()));
         tracing::info!(addr = %admin_addr, "admin server listening");
@@ -157,7 +165,10 @@ impl Proxy {
             })
         };
 
-        let drain_timeout = config.drain_timeout;
+        let plan = crate::listener::drain::DrainPlan {
+            timeout: config.drain_timeout,
+            outbound_wait: config.source.outbound_drain_wait,
+        };
         let supervisor = {
             let listeners = listeners.clone();
             let state = state.clone();
@@ -169,19 +180,13 @@ impl Proxy {
                         break;
                     }
                 }
-                tracing::info!(timeout = ?drain_timeout, "draining");
-                listeners.drain_all().await;
-                if tokio::time::timeout(drain_timeout, tracker.wait_idle())
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(
-                        open = tracker.live(),
-                        "drain timeout passed; closing open connections"
-                    );
-                    listeners.force_all();
-                    // Connection tasks end at their next poll; give them a moment to release sockets.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait_idle()).await;
+                tracing::info!(timeout = ?plan.timeout, outbound_wait = ?plan.outbound_wait, "draining");
+                tokio::select! {
+                    _ = crate::listener::drain::run(&listeners, &tracker, plan) => {}
+                    _ = crate::listener::signalled(quit_rx) => {
+                        tracing::info!("quitting at once");
+                        listeners.force_all();
+                    }
                 }
                 reaper.abort();
                 readiness.abort();
@@ -211,7 +216,10 @@ impl Proxy {
                 runtime.clone(),
                 sds.zip(sds_names),
             )?),
-            None => None,
+            None => {
+                crate::xds::report_config_source(Some("static"));
+                None
+            }
         };
         let supervisor = tokio::spawn(async move {
             let _ = supervisor.await;
@@ -398,6 +406,7 @@ fn start_xds(
     let handler = crate::xds::XdsHandler::new(base, runtime, sds);
     let client = postern_xds::XdsClient::new(client_config, handler.clone());
     handler.attach(client.subscriptions(), client.status());
+    handler.start_fallback(xds.initial_fetch_timeout);
     tracing::info!(address = %xds.address, "connecting to the xDS control plane");
     Ok(tokio::spawn(client.run()))
 }

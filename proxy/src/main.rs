@@ -87,6 +87,24 @@ struct Bootstrap {
     /// This workload's `version` label (`telemetry.workload.version`).
     #[arg(long, env = "POSTERN_APP_VERSION")]
     app_version: Option<String>,
+    /// Ports never sniffed on capture listeners, e.g. `3306,9000-9100` (`opaque_ports`).
+    #[arg(long, env = "POSTERN_OPAQUE_PORTS", value_parser = parse_opaque_ports)]
+    opaque_ports: Option<OpaquePorts>,
+    /// Writable directory for the last-known-good dynamic config (`state_dir`).
+    #[arg(long, env = "POSTERN_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// How long outbound listeners keep accepting once a drain starts, e.g. `5s` (`outbound_drain_wait`).
+    #[arg(long, env = "POSTERN_OUTBOUND_DRAIN_WAIT", value_parser = humantime::parse_duration)]
+    outbound_drain_wait: Option<std::time::Duration>,
+}
+
+/// A port list as one flag value (clap would take a bare `Vec` for a
+/// repeated flag).
+#[derive(Clone)]
+struct OpaquePorts(Vec<postern::config::capture::PortRange>);
+
+fn parse_opaque_ports(s: &str) -> Result<OpaquePorts, String> {
+    postern::config::capture::parse_port_list(s).map(OpaquePorts)
 }
 
 impl Bootstrap {
@@ -104,6 +122,9 @@ impl Bootstrap {
             workload_namespace: self.workload_namespace.clone(),
             app: self.app.clone(),
             app_version: self.app_version.clone(),
+            opaque_ports: self.opaque_ports.clone().map(|ports| ports.0),
+            state_dir: self.state_dir.clone(),
+            outbound_drain_wait: self.outbound_drain_wait,
         };
         Config::from_bootstrap(self.config.as_deref(), &overrides)
     }

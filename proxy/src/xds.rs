@@ -6,10 +6,19 @@
 //! Warming: a listener waiting for its RouteConfiguration and a cluster
 //! waiting for its ClusterLoadAssignment are left out of the running config
 //! until what they need has arrived.
+//!
+//! Each complete config applied is saved (`last_known_good`) when the
+//! bootstrap names a state directory; if the control plane has delivered
+//! nothing complete within `xds.initial_fetch_timeout`, the saved one is
+//! replayed through the same path, and live updates replace it as they
+//! come.
+
+pub mod last_known_good;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use postern_proto::envoy::config::cluster::v3::Cluster;
 use postern_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -38,12 +47,38 @@ type Table<T> = BTreeMap<String, Entry<T>>;
 /// Accepted dynamic resources, by type and name.
 #[derive(Debug, Clone, Default)]
 struct Resources {
-    listeners: Table<(ListenerFile, RouteSource)>,
+    /// Listeners, where their routes come from, and whether they bind.
+    listeners: Table<(ListenerFile, RouteSource, bool)>,
     routes: Table<Vec<VirtualHostFile>>,
     clusters: Table<(ClusterFile, EndpointSource)>,
     endpoints: Table<Vec<EndpointFile>>,
     /// Types that have had at least one accepted update.
     seen: BTreeSet<&'static str>,
+    /// The accepted resources as they came, for the last-known-good file.
+    raw: last_known_good::RawResources,
+    /// Types whose tables hold a replayed last-known-good config: the
+    /// first live update of such a type replaces the whole table.
+    replayed: BTreeSet<&'static str>,
+}
+
+/// Where the running dynamic config came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Nothing complete yet.
+    Waiting,
+    /// The control plane.
+    Live,
+    /// The saved last-known-good config.
+    LastKnownGood,
+}
+
+/// Sets `postern_config_source`: 1 for `current` (`static`, `xds`,
+/// `last_known_good`), 0 for the others.
+pub fn report_config_source(current: Option<&'static str>) {
+    for source in ["static", "xds", "last_known_good"] {
+        let value = if Some(source) == current { 1.0 } else { 0.0 };
+        metrics::gauge!(crate::telemetry::metrics::CONFIG_SOURCE, "source" => source).set(value);
+    }
 }
 
 /// Applies xDS updates to a running proxy.
@@ -56,6 +91,10 @@ pub struct XdsHandler {
     nacks: Mutex<BTreeMap<String, String>>,
     subscriptions: OnceLock<Subscriptions>,
     status: OnceLock<StatusHandle>,
+    last_known_good: Option<last_known_good::Store>,
+    source: Mutex<Source>,
+    /// True while a saved config is being replayed (it is not saved again).
+    replaying: AtomicBool,
 }
 
 impl std::fmt::Debug for XdsHandler {
@@ -73,6 +112,11 @@ impl XdsHandler {
         sds: Option<(Arc<SdsSource>, SdsSourceFile)>,
     ) -> Arc<XdsHandler> {
         runtime.set_config_ready(false);
+        report_config_source(None);
+        let last_known_good = base.state_dir.as_ref().map(|dir| {
+            let node = base.node.as_ref().map_or("", |n| n.id.as_str());
+            last_known_good::Store::new(dir, node)
+        });
         Arc::new(XdsHandler {
             base,
             sds,
@@ -81,7 +125,88 @@ impl XdsHandler {
             nacks: Mutex::new(BTreeMap::new()),
             subscriptions: OnceLock::new(),
             status: OnceLock::new(),
+            last_known_good,
+            source: Mutex::new(Source::Waiting),
+            replaying: AtomicBool::new(false),
         })
+    }
+
+    /// After `after`, serves the last-known-good config if the control
+    /// plane has not delivered a complete one by then (and there is a
+    /// saved one).
+    pub fn start_fallback(self: &Arc<Self>, after: Duration) {
+        if self.last_known_good.is_none() {
+            return;
+        }
+        let handler = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            handler.serve_last_known_good();
+        });
+    }
+
+    /// Replays the saved config unless a live one is complete already.
+    /// Returns whether the proxy now serves it.
+    pub fn serve_last_known_good(&self) -> bool {
+        let Some(store) = &self.last_known_good else {
+            return false;
+        };
+        if self.source.lock().map_or(true, |s| *s != Source::Waiting) {
+            return false;
+        }
+        let saved = match store.load() {
+            Ok(Some(saved)) => saved,
+            Ok(None) => {
+                tracing::info!(
+                    path = %store.path().display(),
+                    "no complete config from the control plane yet, and no last-known-good config saved"
+                );
+                return false;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot use the last-known-good config");
+                return false;
+            }
+        };
+        let seen = self
+            .state
+            .lock()
+            .map(|s| s.seen.clone())
+            .unwrap_or_default();
+        self.replaying.store(true, Ordering::Release);
+        let mut failed = false;
+        for (kind, resources) in saved.types {
+            // A type the control plane has already sent stays live.
+            if seen.contains(kind) {
+                continue;
+            }
+            let update = Update::State {
+                version_info: String::new(),
+                resources,
+            };
+            if let Err(errors) = self.apply(kind, update) {
+                for e in errors {
+                    tracing::warn!(type_url = kind, resource = %e.name, reason = %e.reason, "last-known-good resource rejected");
+                }
+                failed = true;
+            }
+            if let Ok(mut state) = self.state.lock() {
+                state.replayed.insert(kind);
+            }
+        }
+        self.replaying.store(false, Ordering::Release);
+        let serving = matches!(self.source.lock().as_deref(), Ok(Source::LastKnownGood));
+        let saved_at = humantime::format_rfc3339_seconds(saved.saved_at);
+        if serving {
+            tracing::warn!(
+                %saved_at,
+                failed,
+                "the control plane has not delivered a complete config; serving the last-known-good one"
+            );
+        } else {
+            tracing::warn!(%saved_at, "the last-known-good config is not complete; still waiting for the control plane");
+        }
+        serving
     }
 
     /// Connects the handler to its client, for RDS/EDS subscriptions and
@@ -164,8 +289,9 @@ impl XdsHandler {
             }
             file.clusters.push(cluster);
         }
+        let mut virtuals = Vec::new();
         for entry in state.listeners.values() {
-            let (listener, source) = &entry.value;
+            let (listener, source, binds) = &entry.value;
             let mut listener = listener.clone();
             if let RouteSource::Rds(name) = source {
                 match state.routes.get(name) {
@@ -176,8 +302,13 @@ impl XdsHandler {
                     }
                 }
             }
-            file.listeners.push(listener);
+            if *binds {
+                file.listeners.push(listener);
+            } else {
+                virtuals.push(listener);
+            }
         }
+        translate::attach_virtual_listeners(&mut file.listeners, &virtuals);
         (file, warming)
     }
 
@@ -205,6 +336,7 @@ impl XdsHandler {
     }
 
     fn apply(&self, type_url: &str, update: Update) -> Result<(), Vec<ResourceError>> {
+        let replaying = self.replaying.load(Ordering::Acquire);
         let (resources, removed, replace_all) = match update {
             Update::State { resources, .. } => {
                 // State of the world: LDS and CDS carry everything, so what
@@ -223,13 +355,16 @@ impl XdsHandler {
             Ok(state) => state.clone(),
             Err(_) => return Err(internal(&names, "state lock poisoned")),
         };
+        // What a replay left behind goes as soon as the control plane
+        // speaks for the type.
+        let was_replayed = !replaying && state.replayed.remove(type_url);
+        let replace_all = replace_all || was_replayed;
         let kind: &'static str = match type_url {
             type_url::LISTENER => {
                 let converted = Self::translate_all(&resources, |r| {
-                    translate::listener(
-                        &translate::decode::<Listener>(&r.body, type_url::LISTENER)?,
-                        sds_names,
-                    )
+                    let listener = translate::decode::<Listener>(&r.body, type_url::LISTENER)?;
+                    let (file, routes) = translate::listener(&listener, sds_names)?;
+                    Ok((file, routes, translate::binds_to_port(&listener)))
                 })?;
                 Self::merge(&mut state.listeners, converted, &removed, replace_all);
                 type_url::LISTENER
@@ -272,6 +407,16 @@ impl XdsHandler {
             }
         };
         state.seen.insert(kind);
+        let raw = state.raw.entry(kind).or_default();
+        if replace_all {
+            raw.clear();
+        }
+        for name in &removed {
+            raw.remove(name);
+        }
+        for resource in resources {
+            raw.insert(resource.name.clone(), resource);
+        }
 
         let (file, warming) = self.assemble(&state);
         let config = Config::from_dynamic_model(file).map_err(|err| {
@@ -284,6 +429,8 @@ impl XdsHandler {
             && state.seen.contains(type_url::CLUSTER)
             && !warming;
         let status = dynamic_status(&state);
+        let to_save =
+            (ready && !replaying && self.last_known_good.is_some()).then(|| state.raw.clone());
         if let Ok(mut current) = self.state.lock() {
             *current = state;
         }
@@ -299,9 +446,49 @@ impl XdsHandler {
         }
         if ready {
             self.runtime.set_config_ready(true);
+            self.note_complete(replaying, to_save);
         }
         self.publish_status(status);
         applied.map_err(|err| internal(&names, &format!("{err:#}")))
+    }
+
+    /// Records that a complete config runs, where it came from, and saves
+    /// a live one as the last-known-good config.
+    fn note_complete(&self, replaying: bool, to_save: Option<last_known_good::RawResources>) {
+        let source = if replaying {
+            Source::LastKnownGood
+        } else {
+            Source::Live
+        };
+        let previous = match self.source.lock() {
+            Ok(mut current) => std::mem::replace(&mut *current, source),
+            Err(_) => source,
+        };
+        if previous != source {
+            match source {
+                Source::LastKnownGood => {
+                    report_config_source(Some("last_known_good"));
+                    self.runtime.set_config_note(Some(
+                        "serving the last-known-good config; the control plane has not delivered one yet"
+                            .into(),
+                    ));
+                }
+                _ => {
+                    report_config_source(Some("xds"));
+                    self.runtime.set_config_note(None);
+                    if previous == Source::LastKnownGood {
+                        tracing::info!(
+                            "the control plane's config replaces the last-known-good one"
+                        );
+                    }
+                }
+            }
+        }
+        if let (Some(store), Some(raw)) = (&self.last_known_good, to_save) {
+            if let Err(err) = store.save(&raw) {
+                tracing::warn!(error = %err, "last-known-good config not saved");
+            }
+        }
     }
 
     /// Secrets go straight to the identity's rotation loop, which checks
@@ -357,6 +544,14 @@ impl XdsHandler {
         }
         if let Ok(nacks) = self.nacks.lock() {
             status["last_nack_by_resource"] = serde_json::json!(*nacks);
+        }
+        if let Ok(source) = self.source.lock() {
+            status["source"] = match *source {
+                Source::Waiting => "waiting",
+                Source::Live => "xds",
+                Source::LastKnownGood => "last_known_good",
+            }
+            .into();
         }
         self.runtime.set_dynamic_status(status);
     }
@@ -436,5 +631,43 @@ impl Handler for XdsHandler {
 
     fn on_connection(&self, connected: bool) {
         tracing::info!(connected, "xDS stream");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    #[test]
+    fn config_source_gauge_marks_one_source() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            super::report_config_source(Some("xds"));
+            super::report_config_source(Some("last_known_good"));
+        });
+        let mut values: Vec<(String, f64)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| {
+                let source = key.key().labels().next().unwrap().value().to_string();
+                let DebugValue::Gauge(value) = value else {
+                    panic!("not a gauge");
+                };
+                (source, value.into_inner())
+            })
+            .collect();
+        values.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            values,
+            [
+                ("last_known_good".to_string(), 1.0),
+                ("static".to_string(), 0.0),
+                ("xds".to_string(), 0.0)
+            ]
+        );
     }
 }

@@ -98,7 +98,7 @@ fn validate_accepts_a_valid_config() {
 
 #[test]
 fn validate_accepts_the_example_configs() {
-    for name in ["gateway.yaml", "sidecar-mtls.yaml"] {
+    for name in ["gateway.yaml", "sidecar-mtls.yaml", "sidecar-capture.yaml"] {
         let example = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../deploy/examples")
             .join(name);

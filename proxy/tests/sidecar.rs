@@ -1,6 +1,7 @@
 //! End-to-end tests of the sidecar helpers through the `postern` binary:
 //! `iptables` inside network namespaces made for the test (rules, rerun,
-//! cleanup, and where real connections end up), `wait-ready` against a
+//! cleanup, and where real connections end up), two pods with capture
+//! rules and a sidecar each talking over mTLS, `wait-ready` against a
 //! running `postern run`, and `inject` on the command line.
 //!
 //! The namespace tests need root, `ip`, `iptables`, `setpriv`, `timeout`
@@ -115,8 +116,19 @@ impl Netns {
     /// Starts TCP servers on `ports` (0.0.0.0) that answer `NAME:PORT` and
     /// close; they run until the returned child is dropped.
     fn serve(&self, name: &str, ports: &[u16]) -> Server {
+        self.serve_apps(name, ports, &[])
+    }
+
+    /// `serve`, plus HTTP servers on `http_ports` that answer `NAME PATH`.
+    fn serve_apps(&self, name: &str, ports: &[u16], http_ports: &[u16]) -> Server {
         let exe = std::env::current_exe().unwrap();
-        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let list = |ports: &[u16]| {
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let mut child = self
             .command(&[
                 exe.to_str().unwrap(),
@@ -124,7 +136,8 @@ impl Netns {
                 "--exact",
                 "--nocapture",
             ])
-            .env(HELPER_ENV, format!("{name}:{}", ports.join(",")))
+            .env(HELPER_ENV, format!("{name}:{}", list(ports)))
+            .env(HTTP_HELPER_ENV, list(http_ports))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -160,6 +173,7 @@ impl Drop for Server {
 }
 
 const HELPER_ENV: &str = "POSTERN_TEST_NETNS_SERVE";
+const HTTP_HELPER_ENV: &str = "POSTERN_TEST_NETNS_HTTP";
 
 /// Not a test of its own: the servers that `Netns::serve` runs inside a
 /// namespace, by running this test binary there. Without its variable set
@@ -170,7 +184,8 @@ fn netns_helper() {
         return;
     };
     let (name, ports) = spec.split_once(':').unwrap();
-    for port in ports.split(',') {
+    // Server-first: each says who it is as soon as a client connects.
+    for port in ports.split(',').filter(|p| !p.is_empty()) {
         let listener = std::net::TcpListener::bind(format!("0.0.0.0:{port}")).unwrap();
         let reply = format!("{name}:{port}\n");
         std::thread::spawn(move || {
@@ -179,10 +194,49 @@ fn netns_helper() {
             }
         });
     }
+    // HTTP/1.1 with keep-alive: answers `NAME PATH` to every request.
+    let http_ports = std::env::var(HTTP_HELPER_ENV).unwrap_or_default();
+    for port in http_ports.split(',').filter(|p| !p.is_empty()) {
+        let listener = std::net::TcpListener::bind(format!("0.0.0.0:{port}")).unwrap();
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let name = name.clone();
+                std::thread::spawn(move || serve_http(stream, &name));
+            }
+        });
+    }
     println!("READY");
     std::io::stdout().flush().unwrap();
     loop {
         std::thread::park();
+    }
+}
+
+/// Answers GET requests (no bodies) until the client closes.
+fn serve_http(stream: std::net::TcpStream, name: &str) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut line = String::new();
+        let mut close = false;
+        while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+            close |= line.eq_ignore_ascii_case("connection: close\r\n");
+            line.clear();
+        }
+        let path = request_line.split(' ').nth(1).unwrap_or("?");
+        let body = format!("{name} {path}\n");
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() || close {
+            return;
+        }
     }
 }
 
@@ -359,6 +413,332 @@ fn iptables_names_the_failing_command_and_its_stderr() {
         "{stderr}"
     );
     assert!(stderr.contains("exit status: 3"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------
+// Two pods, each with its app, a sidecar and the capture rules.
+// ---------------------------------------------------------------------------
+
+const CLIENT_IP: &str = "10.204.0.1";
+const SERVER_IP: &str = "10.204.0.2";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/test/sa/client";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/test/sa/server";
+
+/// Two pods on one /24, joined by a veth pair.
+fn two_pods() -> (Netns, Netns) {
+    let client = Netns::new("client");
+    let server = Netns::new("server");
+    client.ok(
+        "ip",
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &server.0,
+        ],
+    );
+    for (ns, addr) in [(&client, CLIENT_IP), (&server, SERVER_IP)] {
+        ns.ok("ip", &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ns.ok("ip", &["link", "set", "eth0", "up"]);
+    }
+    (client, server)
+}
+
+/// A test CA's root and a certificate for each pod, in a directory the
+/// proxy's UID can read.
+fn mesh_files() -> tempfile::TempDir {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let dir = tempfile::tempdir().unwrap();
+    let mut root = CertificateParams::default();
+    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let root_key = KeyPair::generate().unwrap();
+    let root_pem = root.self_signed(&root_key).unwrap().pem();
+    let issuer = Issuer::new(root, root_key);
+    std::fs::write(dir.path().join("root.pem"), &root_pem).unwrap();
+    for (name, id) in [("client", CLIENT_ID), ("server", SERVER_ID)] {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2090, 1, 1);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+    let readable = |path: &Path, mode| {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap()
+    };
+    readable(dir.path(), 0o755);
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        readable(&entry.unwrap().path(), 0o644);
+    }
+    dir
+}
+
+/// The `identity` section for one of `mesh_files`' certificates.
+fn identity(dir: &Path, name: &str, id: &str) -> String {
+    let file = |f: &str| dir.join(f).display().to_string();
+    format!(
+        "identity:\n  spiffe_id: {id}\n  source:\n    files: {{ cert: {}, key: {}, bundle: {} }}\n",
+        file(&format!("{name}.pem")),
+        file(&format!("{name}.key")),
+        file("root.pem"),
+    )
+}
+
+/// `postern run` inside a namespace as the proxy's UID, its log kept for
+/// failure messages; killed on drop.
+struct Sidecar {
+    child: Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Sidecar {
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Netns {
+    /// Starts a sidecar on `config` (its admin on 127.0.0.1:15000) and
+    /// waits until it is ready.
+    fn sidecar(&self, config: &str, env: &[(&str, &str)], dir: &Path, name: &str) -> Sidecar {
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, config).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let mut command = self.command(&[
+            "setpriv",
+            &format!("--reuid={}", PROXY.0),
+            &format!("--regid={}", PROXY.1),
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_postern"),
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+        ]);
+        let mut child = command
+            .envs(env.iter().copied())
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info,postern=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&strip_ansi(&line));
+                log.push('\n');
+            }
+        });
+        let sidecar = Sidecar { child, log };
+        let ready = self.postern(&[
+            "wait-ready",
+            "--admin-address",
+            "127.0.0.1:15000",
+            "--timeout",
+            "30s",
+        ]);
+        assert!(
+            ready.status.success(),
+            "{name} sidecar not ready: {}\n{}",
+            text(&ready.stderr),
+            sidecar.log()
+        );
+        sidecar
+    }
+
+    /// One plain HTTP/1.1 GET as the app (root); the whole response, or the
+    /// failure.
+    fn http_get(&self, addr: &str, path: &str) -> String {
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let script = format!(
+            "exec 3<>/dev/tcp/{host}/{port} && printf 'GET {path} HTTP/1.1\\r\\nHost: {addr}\\r\\nConnection: close\\r\\n\\r\\n' >&3 && cat <&3"
+        );
+        let output = self
+            .command(&["timeout", "10", "bash", "-c", &script])
+            .output()
+            .unwrap();
+        if output.status.success() {
+            text(&output.stdout)
+        } else {
+            format!("failed: {}", text(&output.stderr).trim())
+        }
+    }
+
+    /// The sidecar's Prometheus metrics.
+    fn metrics(&self) -> String {
+        self.http_get("127.0.0.1:15000", "/metrics")
+    }
+}
+
+/// The sum of `name`'s series whose labels include every one of `labels`.
+fn metric(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn detections(metrics: &str, listener: &str, result: &str) -> f64 {
+    metric(
+        metrics,
+        "postern_protocol_detection_total",
+        &[
+            &format!("listener=\"{listener}\""),
+            &format!("result=\"{result}\""),
+        ],
+    )
+}
+
+#[test]
+fn two_pods_talk_through_capture_over_mtls_and_cleanup_restores_direct_traffic() {
+    let (client, server) = two_pods();
+    let dir = mesh_files();
+    let output = client.postern(&["iptables"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let output = server.postern(&["iptables", "--exclude-inbound-ports", "9999"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let _apps = server.serve_apps("server", &[2525, 2526, 9999], &[8080]);
+
+    let mesh_cluster = |name: &str, port: u16| {
+        format!(
+            "  - name: {name}\n    endpoints: [{{ address: \"{SERVER_IP}:{port}\" }}]\n    tls: {{ mode: mesh, identities: [\"{SERVER_ID}\"] }}\n"
+        )
+    };
+    let client_config = format!(
+        r#"admin: {{ address: "127.0.0.1:15000" }}
+{identity}clusters:
+{web}{banner}{opaque}listeners:
+  - name: outbound
+    address: 0.0.0.0:15001
+    kind: capture
+    capture:
+      direction: outbound
+      services:
+        - {{ address: "{SERVER_IP}:8080", cluster: web }}
+        - {{ address: "{SERVER_IP}:2525", cluster: banner }}
+        - {{ address: "{SERVER_IP}:2526", cluster: banner-opaque }}
+"#,
+        identity = identity(dir.path(), "client", CLIENT_ID),
+        web = mesh_cluster("web", 8080),
+        banner = mesh_cluster("banner", 2525),
+        opaque = mesh_cluster("banner-opaque", 2526),
+    );
+    let server_config = format!(
+        r#"admin: {{ address: "127.0.0.1:15000" }}
+{identity}listeners:
+  - name: inbound
+    address: 0.0.0.0:15006
+    kind: capture
+    mtls: {{ mode: strict, allowed_identities: ["{CLIENT_ID}"] }}
+    capture: {{ direction: inbound }}
+"#,
+        identity = identity(dir.path(), "server", SERVER_ID),
+    );
+    let opaque = [("POSTERN_OPAQUE_PORTS", "2526")];
+    let client_proxy = client.sidecar(&client_config, &opaque, dir.path(), "client");
+    let server_proxy = server.sidecar(&server_config, &opaque, dir.path(), "server");
+    let logs = || {
+        format!(
+            "client:\n{}\nserver:\n{}",
+            client_proxy.log(),
+            server_proxy.log()
+        )
+    };
+
+    // Plain HTTP from the app arrives as plain HTTP at the other app; in
+    // between it is mTLS (the server's inbound side takes nothing else),
+    // and the server's sidecar knows who called.
+    let response = client.http_get(&format!("{SERVER_IP}:8080"), "/hello");
+    assert!(
+        response.starts_with("HTTP/1.1 200") && response.ends_with("server /hello\n"),
+        "{response}\n{}",
+        logs()
+    );
+    let server_metrics = server.metrics();
+    let mtls_calls = metric(
+        &server_metrics,
+        "istio_requests_total",
+        &[
+            "reporter=\"destination\"",
+            &format!("source_principal=\"{CLIENT_ID}\""),
+            "connection_security_policy=\"mutual_tls\"",
+            "response_code=\"200\"",
+        ],
+    );
+    assert_eq!(mtls_calls, 1.0, "{server_metrics}");
+    let client_metrics = client.metrics();
+    assert_eq!(
+        detections(&client_metrics, "outbound", "http1"),
+        1.0,
+        "{client_metrics}"
+    );
+    assert_eq!(
+        detections(&server_metrics, "inbound", "http2"),
+        1.0,
+        "{server_metrics}"
+    );
+
+    // A server-first protocol: each side waits for the client's first bytes
+    // at most the detection timeout (100ms), then proxies what comes.
+    let start = std::time::Instant::now();
+    let banner = client.connect(APP.0, APP.1, &format!("{SERVER_IP}:2525"));
+    let waited = start.elapsed();
+    assert_eq!(banner, "server:2525", "{}", logs());
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    assert_eq!(detections(&client.metrics(), "outbound", "timeout"), 1.0);
+    assert_eq!(detections(&server.metrics(), "inbound", "timeout"), 1.0);
+
+    // A port declared opaque (POSTERN_OPAQUE_PORTS) is never sniffed.
+    let banner = client.connect(APP.0, APP.1, &format!("{SERVER_IP}:2526"));
+    assert_eq!(banner, "server:2526", "{}", logs());
+    let (client_metrics, server_metrics) = (client.metrics(), server.metrics());
+    assert_eq!(detections(&client_metrics, "outbound", "opaque"), 1.0);
+    assert_eq!(detections(&server_metrics, "inbound", "opaque"), 1.0);
+    assert_eq!(detections(&client_metrics, "outbound", "timeout"), 1.0);
+
+    // A destination no service matches is passed through as it is (here to
+    // a port the server's rules do not capture).
+    let banner = client.connect(APP.0, APP.1, &format!("{SERVER_IP}:9999"));
+    assert_eq!(banner, "server:9999", "{}", logs());
+    let passthrough = metric(
+        &client.metrics(),
+        "postern_tcp_connections_total",
+        &["listener=\"outbound\"", "cluster=\"PassthroughCluster\""],
+    );
+    assert_eq!(passthrough, 1.0);
+
+    // Without the rules, the app reaches the other app directly.
+    for ns in [&client, &server] {
+        let output = ns.postern(&["iptables", "--cleanup"]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    let response = client.http_get(&format!("{SERVER_IP}:8080"), "/direct");
+    assert!(response.ends_with("server /direct\n"), "{response}");
+    let client_metrics = client.metrics();
+    let sniffed: f64 = ["http1", "http2", "tls", "opaque", "timeout"]
+        .iter()
+        .map(|result| detections(&client_metrics, "outbound", result))
+        .sum();
+    assert_eq!(sniffed, 4.0, "{client_metrics}");
+    let calls = metric(
+        &server.metrics(),
+        "istio_requests_total",
+        &["reporter=\"destination\""],
+    );
+    assert_eq!(calls, 1.0);
 }
 
 // ---------------------------------------------------------------------------

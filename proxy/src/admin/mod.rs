@@ -31,6 +31,11 @@ pub struct AdminState {
     pub config_ready: AtomicBool,
     /// The workload identity, when configured.
     pub identity: Option<Arc<postern_certs::IdentityHandle>>,
+    /// Set by `POST /quitquitquit`: stop now, without a drain.
+    pub quit: watch::Sender<bool>,
+    /// Said by `/ready` after `ready`: why the config is what it is (such
+    /// as a last-known-good config standing in for the control plane).
+    pub config_note: arc_swap::ArcSwapOption<String>,
 }
 
 impl AdminState {
@@ -134,7 +139,10 @@ async fn handle(
                     "not ready: waiting for the first complete config from the control plane\n",
                 )
             } else if state.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready\n")
+                match state.config_note.load_full() {
+                    Some(note) => text(StatusCode::OK, format!("ready: {note}\n")),
+                    None => text(StatusCode::OK, "ready\n"),
+                }
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
@@ -193,15 +201,23 @@ async fn handle(
             state.drain.send_replace(true);
             text(StatusCode::OK, "draining\n")
         }
+        (&Method::POST, "/quitquitquit") => {
+            tracing::info!("exit requested through the admin server");
+            state.quit.send_replace(true);
+            // The drain flag is what the binary waits on before exiting.
+            state.drain.send_replace(true);
+            text(StatusCode::OK, "quitting\n")
+        }
         (
             _,
-            "/ready" | "/healthz" | "/metrics" | "/config_dump" | "/certs" | "/drain" | "/logging",
+            "/ready" | "/healthz" | "/metrics" | "/config_dump" | "/certs" | "/drain"
+            | "/logging" | "/quitquitquit",
         ) => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: GET /ready, GET /healthz, GET /metrics, GET /config_dump, GET /certs, GET|POST /logging, POST /drain\n",
+            "endpoints: GET /ready, GET /healthz, GET /metrics, GET /config_dump, GET /certs, GET|POST /logging, POST /drain, POST /quitquitquit\n",
         ),
     };
     Ok(response)

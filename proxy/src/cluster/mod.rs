@@ -22,11 +22,19 @@ pub use pool::{PooledConnection, UpstreamError};
 
 type ClusterMap = HashMap<Arc<str>, Arc<Cluster>>;
 
+/// Most clusters the proxy makes for itself (`ClusterManager::local`): two
+/// per app port an inbound capture listener has forwarded to.
+pub const MAX_LOCAL_CLUSTERS: usize = 1024;
+
 /// All clusters by name. The map is swapped whole on a config change; a
 /// request holds the `Arc<Cluster>` it picked to its end.
 #[derive(Debug, Default)]
 pub struct ClusterManager {
     clusters: arc_swap::ArcSwap<ClusterMap>,
+    /// Clusters made at run time rather than configured; config changes
+    /// leave them alone.
+    local: arc_swap::ArcSwap<ClusterMap>,
+    local_insert: std::sync::Mutex<()>,
     identity: Option<Arc<postern_certs::IdentityHandle>>,
 }
 
@@ -40,6 +48,8 @@ impl ClusterManager {
     ) -> Result<Self, crate::tls::TlsSetupError> {
         let manager = ClusterManager {
             clusters: Default::default(),
+            local: Default::default(),
+            local_insert: Default::default(),
             identity: identity.cloned(),
         };
         manager.update(settings, tls)?;
@@ -85,16 +95,46 @@ impl ClusterManager {
         Ok(())
     }
 
-    /// The cluster with this name.
+    /// The cluster with this name, configured or made at run time.
     pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {
-        self.clusters.load().get(name).cloned()
+        self.clusters
+            .load()
+            .get(name)
+            .cloned()
+            .or_else(|| self.local.load().get(name).cloned())
+    }
+
+    /// The plaintext cluster `name` that the proxy makes for itself (such
+    /// as an app port behind an inbound capture listener), built from
+    /// `make` the first time. `None` once `MAX_LOCAL_CLUSTERS` exist.
+    pub fn local(&self, name: &str, make: impl FnOnce() -> ClusterFile) -> Option<Arc<Cluster>> {
+        if let Some(cluster) = self.local.load().get(name) {
+            return Some(cluster.clone());
+        }
+        // Inserts are rare (once per app port): copying the map is cheaper
+        // than locking every lookup.
+        let _guard = self.local_insert.lock().ok()?;
+        let current = self.local.load_full();
+        if let Some(cluster) = current.get(name) {
+            return Some(cluster.clone());
+        }
+        if current.len() >= MAX_LOCAL_CLUSTERS {
+            return None;
+        }
+        let cluster = Arc::new(Cluster::new(Arc::new(make())));
+        let mut next = (*current).clone();
+        next.insert(Arc::from(name), cluster.clone());
+        self.local.store(Arc::new(next));
+        Some(cluster)
     }
 
     /// Closes idle connections past their timeout in every cluster.
     pub fn reap_idle(&self) {
-        for cluster in self.clusters.load().values() {
-            for endpoint in &cluster.endpoints {
-                endpoint.pool.reap_idle();
+        for map in [self.clusters.load(), self.local.load()] {
+            for cluster in map.values() {
+                for endpoint in &cluster.endpoints {
+                    endpoint.pool.reap_idle();
+                }
             }
         }
     }

@@ -21,6 +21,18 @@ pub struct ConfigFile {
     /// How long a drain (SIGTERM or `POST /drain`) waits for in-flight calls.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// How long outbound listeners keep accepting once a drain has started
+    /// (the app may still be finishing its work); inbound ones stop at once.
+    #[serde(default = "default_outbound_drain_wait", with = "humantime_serde")]
+    pub outbound_drain_wait: Duration,
+    /// Original destination ports never sniffed on any capture listener
+    /// (`POSTERN_OPAQUE_PORTS`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub opaque_ports: Vec<super::capture::PortRange>,
+    /// A writable directory for the last-known-good dynamic config
+    /// (`POSTERN_STATE_DIR`); nothing is saved when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
     /// Listeners, each bound to one address.
     #[serde(default)]
     pub listeners: Vec<ListenerFile>,
@@ -143,6 +155,15 @@ pub struct XdsFile {
     /// Longest delay between reconnects (default 30s).
     #[serde(default = "default_xds_max_backoff", with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// How long to wait for the first complete config before serving the
+    /// last-known-good one from `state_dir` (default 5s).
+    #[serde(default = "default_initial_fetch_timeout", with = "humantime_serde")]
+    pub initial_fetch_timeout: Duration,
+}
+
+/// Default `xds.initial_fetch_timeout`.
+pub fn default_initial_fetch_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_xds_initial_backoff() -> Duration {
@@ -402,6 +423,10 @@ fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
+fn default_outbound_drain_wait() -> Duration {
+    Duration::from_secs(5)
+}
+
 /// The admin HTTP server.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -431,6 +456,8 @@ pub enum ListenerKind {
     Http,
     /// Raw TCP to one cluster.
     Tcp,
+    /// Traffic redirected by iptables, routed by its original destination.
+    Capture,
 }
 
 /// One listener.
@@ -455,6 +482,9 @@ pub struct ListenerFile {
     /// TCP proxy settings (only for `kind: tcp`, where it is required).
     #[serde(default)]
     pub tcp: Option<TcpProxyFile>,
+    /// Capture settings (only for `kind: capture`, where it is required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<super::capture::CaptureFile>,
     /// Mesh mTLS with the workload identity; plaintext when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<ListenerMtlsFile>,

@@ -6,6 +6,7 @@
 //! regexes, cluster settings, listener settings. Validation happens once here,
 //! so the hot path trusts the model. No I/O besides reading the file.
 
+pub mod capture;
 pub mod file;
 mod rbac;
 mod tls;
@@ -104,6 +105,12 @@ pub struct BootstrapOverrides {
     pub app: Option<String>,
     /// `telemetry.workload.version`.
     pub app_version: Option<String>,
+    /// `opaque_ports`.
+    pub opaque_ports: Option<Vec<capture::PortRange>>,
+    /// `state_dir`.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// `outbound_drain_wait`.
+    pub outbound_drain_wait: Option<Duration>,
 }
 
 impl BootstrapOverrides {
@@ -126,6 +133,7 @@ impl BootstrapOverrides {
                         client_key: None,
                         initial_backoff: std::time::Duration::from_millis(500),
                         max_backoff: std::time::Duration::from_secs(30),
+                        initial_fetch_timeout: file::default_initial_fetch_timeout(),
                     })
                 }
             }
@@ -135,6 +143,15 @@ impl BootstrapOverrides {
         }
         if let Some(admin) = self.admin_address {
             file.admin.address = admin;
+        }
+        if let Some(ports) = &self.opaque_ports {
+            file.opaque_ports = ports.clone();
+        }
+        if let Some(dir) = &self.state_dir {
+            file.state_dir = Some(dir.clone());
+        }
+        if let Some(wait) = self.outbound_drain_wait {
+            file.outbound_drain_wait = wait;
         }
         let workload = &mut file.telemetry.workload;
         for (flag, field) in [
@@ -186,6 +203,19 @@ pub struct Listener {
     pub direction: crate::telemetry::log::TrafficDirection,
     /// Head-sampling ratio of new traces.
     pub trace_sampling: f64,
+    /// When it stops accepting in a drain.
+    pub drain: DrainPhase,
+}
+
+/// When a listener stops accepting once a drain has started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainPhase {
+    /// At once: callers are told to go elsewhere (inbound, gateways).
+    Immediate,
+    /// Once the app is gone or `outbound_drain_wait` has passed: the app
+    /// may still be calling out while it finishes (outbound capture
+    /// listeners, and listeners set `traffic_direction: outbound`).
+    AfterApp,
 }
 
 /// What a listener serves.
@@ -195,6 +225,8 @@ pub enum ListenerProtocol {
     Http(HttpListener),
     /// Raw TCP to one cluster.
     Tcp(TcpRoute),
+    /// Traffic redirected by iptables, routed by original destination.
+    Capture(capture::CaptureListener),
 }
 
 /// HTTP connection manager settings.

@@ -32,7 +32,7 @@ impl Errors {
         Errors(Vec::new(), true)
     }
 
-    fn strict_references(&self) -> bool {
+    pub(super) fn strict_references(&self) -> bool {
         !self.1
     }
 
@@ -88,6 +88,12 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                 format!("duplicate listener name \"{}\"", listener.name),
             );
         }
+        if listener.capture.is_some() && listener.kind != ListenerKind::Capture {
+            errors.push(
+                format!("{path}.capture"),
+                "only capture listeners take a capture block",
+            );
+        }
         if listener.address.port() != 0 && !addresses.insert(listener.address) {
             errors.push(
                 format!("{path}.address"),
@@ -106,26 +112,28 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                         "an http listener needs at least one virtual host",
                     );
                 }
-                let routes = build_route_table(listener, &path, &cluster_names, &mut errors);
-                ListenerProtocol::Http(HttpListener {
-                    trust_downstream: listener.http.trust_downstream,
-                    normalize: crate::route::normalize::PathNormalization {
-                        enabled: listener.http.normalize_path,
-                        merge_slashes: listener.http.merge_slashes,
-                        escaped_slashes: listener.http.escaped_slashes,
-                    },
-                    rbac: listener.http.rbac.as_ref().map(|rbac| {
-                        super::rbac::build_rbac(rbac, &format!("{path}.http.rbac"), &mut errors)
-                    }),
-                    rate_limit: listener.http.local_rate_limit.as_ref().map(|limit| {
-                        super::rbac::build_rate_limit(
-                            limit,
-                            &format!("{path}.http.local_rate_limit"),
-                            &mut errors,
-                        )
-                    }),
-                    routes: Arc::new(routes),
-                })
+                let routes =
+                    build_route_table(&listener.virtual_hosts, &path, &cluster_names, &mut errors);
+                ListenerProtocol::Http(build_http(listener, &path, routes, &mut errors))
+            }
+            ListenerKind::Capture => {
+                let http = build_http(
+                    listener,
+                    &path,
+                    RouteTable::new(Vec::new(), &[]),
+                    &mut errors,
+                );
+                match super::capture::build(
+                    listener,
+                    &path,
+                    &file.opaque_ports,
+                    http,
+                    &cluster_names,
+                    &mut errors,
+                ) {
+                    Some(capture) => ListenerProtocol::Capture(capture),
+                    None => continue,
+                }
             }
             ListenerKind::Tcp => {
                 if !listener.virtual_hosts.is_empty() {
@@ -179,7 +187,17 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
             .mtls
             .as_ref()
             .is_some_and(|m| m.mode != super::file::MtlsMode::Disable);
+        let capture_direction = listener.capture.as_ref().map(|c| c.direction);
+        // Only a declared outbound side waits for the app: a gateway's
+        // listeners (outbound by default, for telemetry) drain at once.
+        let app_side = listener.traffic_direction.or(capture_direction)
+            == Some(crate::telemetry::log::TrafficDirection::Outbound);
         listeners.push(Arc::new(Listener {
+            drain: if app_side {
+                super::DrainPhase::AfterApp
+            } else {
+                super::DrainPhase::Immediate
+            },
             name: Arc::from(listener.name.as_str()),
             address: listener.address,
             limits: listener.limits.clone(),
@@ -197,11 +215,13 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                     t.sampling
                 },
             ),
-            direction: listener.traffic_direction.unwrap_or(if mesh_inbound {
-                crate::telemetry::log::TrafficDirection::Inbound
-            } else {
-                crate::telemetry::log::TrafficDirection::Outbound
-            }),
+            direction: listener.traffic_direction.or(capture_direction).unwrap_or(
+                if mesh_inbound {
+                    crate::telemetry::log::TrafficDirection::Inbound
+                } else {
+                    crate::telemetry::log::TrafficDirection::Outbound
+                },
+            ),
         }));
     }
 
@@ -289,6 +309,32 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
         identity,
         source: Arc::new(file),
     })
+}
+
+/// The HTTP connection manager settings of a listener, around `routes`.
+fn build_http(
+    listener: &ListenerFile,
+    path: &str,
+    routes: RouteTable,
+    errors: &mut Errors,
+) -> HttpListener {
+    HttpListener {
+        trust_downstream: listener.http.trust_downstream,
+        normalize: crate::route::normalize::PathNormalization {
+            enabled: listener.http.normalize_path,
+            merge_slashes: listener.http.merge_slashes,
+            escaped_slashes: listener.http.escaped_slashes,
+        },
+        rbac: listener
+            .http
+            .rbac
+            .as_ref()
+            .map(|rbac| super::rbac::build_rbac(rbac, &format!("{path}.http.rbac"), errors)),
+        rate_limit: listener.http.local_rate_limit.as_ref().map(|limit| {
+            super::rbac::build_rate_limit(limit, &format!("{path}.http.local_rate_limit"), errors)
+        }),
+        routes: Arc::new(routes),
+    }
 }
 
 fn check_limits(limits: &ListenerLimitsFile, path: &str, errors: &mut Errors) {
@@ -392,8 +438,10 @@ fn check_cluster(cluster: &ClusterFile, path: &str, errors: &mut Errors) {
     }
 }
 
-fn build_route_table(
-    listener: &ListenerFile,
+/// Compiles virtual hosts; `path` is where they sit (`listeners[0]`), and
+/// errors name `{path}.virtual_hosts[i]…`.
+pub(super) fn build_route_table(
+    virtual_hosts: &[VirtualHostFile],
     path: &str,
     clusters: &HashSet<&str>,
     errors: &mut Errors,
@@ -402,7 +450,7 @@ fn build_route_table(
     let mut all_domains = Vec::new();
     let mut vhost_names = HashSet::new();
     let mut seen_domains: HashMap<String, usize> = HashMap::new();
-    for (v, vhost) in listener.virtual_hosts.iter().enumerate() {
+    for (v, vhost) in virtual_hosts.iter().enumerate() {
         let vpath = format!("{path}.virtual_hosts[{v}]");
         if !vhost_names.insert(vhost.name.as_str()) {
             errors.push(
@@ -430,7 +478,7 @@ fn build_route_table(
                     dpath,
                     format!(
                         "domain \"{domain}\" is already served by virtual host \"{}\"",
-                        listener.virtual_hosts[other].name
+                        virtual_hosts[other].name
                     ),
                 );
                 continue;

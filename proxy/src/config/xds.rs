@@ -833,6 +833,7 @@ pub fn listener(
         http: HttpSettingsFile::default(),
         virtual_hosts: Vec::new(),
         tcp: None,
+        capture: None,
         mtls: None,
         tls: None,
         // Envoy's enum: 1 inbound, 2 outbound; unspecified keeps the default.
@@ -845,7 +846,10 @@ pub fn listener(
     };
     let mut source = RouteSource::None;
     if !l.listener_filters.is_empty() {
-        ctx.unsupported("listener_filters");
+        ctx.err(
+            "listener_filters",
+            "not supported by Postern (inbound capture from xDS is not supported yet: use a static kind: capture listener)",
+        );
     }
     if l.default_filter_chain.is_some() {
         ctx.unsupported("default_filter_chain");
@@ -895,7 +899,103 @@ pub fn listener(
         [] => ctx.err("filter_chains", "needs one filter chain"),
         _ => ctx.unsupported("filter_chains (more than one)"),
     }
+    if l.use_original_dst.as_ref().is_some_and(|v| v.value) {
+        original_dst(l, &mut file, &mut ctx);
+    }
+    if !binds_to_port(l) {
+        // A virtual listener becomes a service of the capture listeners:
+        // only its routes or cluster carry over.
+        if file.mtls.is_some() {
+            ctx.unsupported(
+                "filter_chains[0].transport_socket (on a listener with bind_to_port: false)",
+            );
+        }
+        if file.http.rbac.is_some() || file.http.local_rate_limit.is_some() {
+            ctx.unsupported(
+                "HTTP filters other than the router (on a listener with bind_to_port: false)",
+            );
+        }
+    }
     ctx.finish((file, source))
+}
+
+/// Whether a Listener binds its address (`bind_to_port`, default true).
+/// One that does not is only reached through a `use_original_dst`
+/// listener, by the original destination of a connection.
+pub fn binds_to_port(l: &listener::Listener) -> bool {
+    l.bind_to_port.as_ref().is_none_or(|v| v.value)
+}
+
+/// Hands listeners that bind no port (`virtuals`) to the outbound capture
+/// listeners among `listeners` as services: their address, and their
+/// routes (HTTP) or cluster (TCP).
+pub fn attach_virtual_listeners(listeners: &mut [ListenerFile], virtuals: &[ListenerFile]) {
+    use crate::config::capture::{CaptureServiceFile, ServiceProtocol};
+    for listener in listeners.iter_mut() {
+        let Some(capture) = listener
+            .capture
+            .as_mut()
+            .filter(|c| c.direction == crate::telemetry::log::TrafficDirection::Outbound)
+        else {
+            continue;
+        };
+        for v in virtuals {
+            capture.services.push(CaptureServiceFile {
+                address: v.address,
+                cluster: v.tcp.as_ref().map(|tcp| tcp.cluster.clone()),
+                virtual_hosts: v.virtual_hosts.clone(),
+                // The control plane chose tcp_proxy: no sniffing.
+                protocol: if v.tcp.is_some() {
+                    ServiceProtocol::Opaque
+                } else {
+                    ServiceProtocol::Auto
+                },
+            });
+        }
+    }
+}
+
+/// Istio's names for what unmatched destinations of a capture listener get.
+const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+
+/// A `use_original_dst` listener (Istio's `virtualOutbound`) as an
+/// outbound capture listener. Its tcp_proxy says what unmatched
+/// destinations get: `PassthroughCluster` (allow) or `BlackHoleCluster`
+/// (block); those clusters need not exist.
+fn original_dst(l: &listener::Listener, file: &mut ListenerFile, ctx: &mut Ctx) {
+    use crate::config::capture::{CaptureFile, UnknownDestinations};
+    // Envoy's enum: 2 is OUTBOUND.
+    if l.traffic_direction != 2 {
+        ctx.err(
+            "use_original_dst",
+            "only on a listener with traffic_direction OUTBOUND (inbound capture from xDS is not supported yet)",
+        );
+        return;
+    }
+    let Some(tcp) = file.tcp.take() else {
+        ctx.err(
+            "use_original_dst",
+            "the filter chain must be a tcp_proxy to PassthroughCluster or BlackHoleCluster (what unmatched destinations get)",
+        );
+        return;
+    };
+    let unknown = match tcp.cluster.as_str() {
+        PASSTHROUGH_CLUSTER => UnknownDestinations::Allow,
+        BLACKHOLE_CLUSTER => UnknownDestinations::Block,
+        other => {
+            ctx.err(
+                "filter_chains[0].filters[0].cluster",
+                format!("\"{other}\": a use_original_dst listener sends unmatched destinations to PassthroughCluster or BlackHoleCluster"),
+            );
+            return;
+        }
+    };
+    let mut capture = CaptureFile::new(crate::telemetry::log::TrafficDirection::Outbound);
+    capture.unknown_destinations = unknown;
+    capture.tcp_idle_timeout = tcp.idle_timeout;
+    file.kind = ListenerKind::Capture;
+    file.capture = Some(capture);
 }
 
 fn http_connection_manager(

@@ -407,3 +407,130 @@ fn local_rate_limit_filter_maps_enabled_enforced_and_bucket() {
     let problems = translate(config(Some(50), Some(100))).unwrap_err();
     assert!(problems[0].contains("filter_enabled"), "{problems:?}");
 }
+
+fn tcp_listener(name: &str, address: Option<core::Address>, cluster: &str) -> listener::Listener {
+    let proxy = tcp_proxy::TcpProxy {
+        stat_prefix: name.into(),
+        cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(
+            cluster.into(),
+        )),
+        ..Default::default()
+    };
+    listener::Listener {
+        name: name.into(),
+        address,
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![listener::Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(any(&proxy))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn use_original_dst_listeners_become_outbound_capture_listeners() {
+    use crate::config::capture::UnknownDestinations;
+    use postern_proto::google::protobuf::BoolValue;
+    let outbound = |cluster: &str| {
+        let mut l = tcp_listener("virtualOutbound", socket("0.0.0.0", 15001), cluster);
+        l.use_original_dst = Some(BoolValue { value: true });
+        l.traffic_direction = 2;
+        l
+    };
+    for (cluster, unknown) in [
+        ("PassthroughCluster", UnknownDestinations::Allow),
+        ("BlackHoleCluster", UnknownDestinations::Block),
+    ] {
+        let (file, source) = listener(&outbound(cluster), None).unwrap();
+        assert_eq!(file.kind, ListenerKind::Capture);
+        assert!(file.tcp.is_none());
+        assert_eq!(file.capture.unwrap().unknown_destinations, unknown);
+        assert_eq!(source, RouteSource::None);
+    }
+    let problems = listener(&outbound("reviews"), None).unwrap_err();
+    assert!(
+        problems[0].contains("PassthroughCluster or BlackHoleCluster"),
+        "{problems:?}"
+    );
+    let mut inbound = outbound("PassthroughCluster");
+    inbound.traffic_direction = 1;
+    let problems = listener(&inbound, None).unwrap_err();
+    assert!(problems[0].starts_with("use_original_dst"), "{problems:?}");
+    let mut http = http_listener(Vec::new());
+    http.use_original_dst = Some(BoolValue { value: true });
+    http.traffic_direction = 2;
+    let problems = listener(&http, None).unwrap_err();
+    assert!(problems[0].contains("tcp_proxy"), "{problems:?}");
+}
+
+#[test]
+fn listeners_that_bind_no_port_become_services_of_the_capture_listener() {
+    use crate::config::capture::ServiceProtocol;
+    use crate::config::{Config, ListenerProtocol};
+    use postern_proto::google::protobuf::BoolValue;
+    let mut capture = tcp_listener(
+        "virtualOutbound",
+        socket("0.0.0.0", 15001),
+        "PassthroughCluster",
+    );
+    capture.use_original_dst = Some(BoolValue { value: true });
+    capture.traffic_direction = 2;
+    let mut db = tcp_listener("10.96.0.30_5432", socket("10.96.0.30", 5432), "db");
+    db.bind_to_port = Some(BoolValue { value: false });
+    let mut web = http_listener(Vec::new());
+    web.address = socket("0.0.0.0", 9080);
+    web.bind_to_port = Some(BoolValue { value: false });
+    assert!(binds_to_port(&capture) && !binds_to_port(&db) && !binds_to_port(&web));
+
+    let (mut capture, _) = listener(&capture, None).unwrap();
+    let (db, _) = listener(&db, None).unwrap();
+    let (mut web, source) = listener(&web, None).unwrap();
+    assert_eq!(source, RouteSource::Rds("rc".into()));
+    web.virtual_hosts = route_configuration(&route::RouteConfiguration {
+        name: "rc".into(),
+        virtual_hosts: vec![route::VirtualHost {
+            name: "all".into(),
+            domains: vec!["*".into()],
+            routes: vec![route_to("reviews")],
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .unwrap();
+    attach_virtual_listeners(std::slice::from_mut(&mut capture), &[db, web]);
+    let services = &capture.capture.as_ref().unwrap().services;
+    assert_eq!(services.len(), 2);
+    assert_eq!(services[0].cluster.as_deref(), Some("db"));
+    assert_eq!(services[0].protocol, ServiceProtocol::Opaque);
+    assert_eq!(services[1].virtual_hosts.len(), 1);
+    assert_eq!(services[1].protocol, ServiceProtocol::Auto);
+
+    let mut file: ConfigFile = serde_yaml_ng::from_str("{}").unwrap();
+    file.listeners.push(capture);
+    let config = Config::from_dynamic_model(file).unwrap();
+    let ListenerProtocol::Capture(compiled) = &config.listeners[0].protocol else {
+        panic!("not a capture listener");
+    };
+    assert!(compiled
+        .service("10.96.0.30:5432".parse().unwrap())
+        .is_some());
+    assert!(compiled
+        .service("10.96.0.99:9080".parse().unwrap())
+        .is_some());
+
+    // A virtual listener's own mTLS or policies would be dropped: refused.
+    let mut secured = http_listener(vec![http_filter(
+        "envoy.filters.http.rbac",
+        "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+        false,
+    )]);
+    secured.bind_to_port = Some(BoolValue { value: false });
+    let problems = listener(&secured, None).unwrap_err();
+    assert!(
+        problems.iter().any(|p| p.contains("bind_to_port: false")),
+        "{problems:?}"
+    );
+}

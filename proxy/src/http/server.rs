@@ -57,10 +57,7 @@ pub async fn serve_connection(
 ) {
     // A second handle on the socket lets us answer 408 and close when a
     // request head is too slow, whatever state hyper is in.
-    let tcp = match &stream {
-        DownstreamIo::Plain(tcp) => tcp,
-        DownstreamIo::Tls(tls) => tls.get_ref().0,
-    };
+    let tcp = stream.tcp();
     let _ = tcp.set_nodelay(true);
     let spare = match socket2::SockRef::from(tcp).try_clone() {
         Ok(socket) => std::net::TcpStream::from(socket),
@@ -69,7 +66,7 @@ pub async fn serve_connection(
             return;
         }
     };
-    let plaintext = matches!(stream, DownstreamIo::Plain(_));
+    let plaintext = stream.is_plaintext();
     let activity = ConnActivity::new();
     let limits = &proxy.listener.limits;
     let (idle_timeout, head_timeout) = (limits.idle_timeout, limits.header_read_timeout);

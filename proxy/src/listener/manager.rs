@@ -32,6 +32,7 @@ struct Running {
     shape: String,
     addr: SocketAddr,
     http: Option<Arc<ArcSwap<HttpConfig>>>,
+    capture: Option<Arc<ArcSwap<Listener>>>,
     drain: watch::Sender<bool>,
     force: watch::Sender<bool>,
     accept: JoinHandle<()>,
@@ -47,6 +48,7 @@ pub struct ListenerManager {
     drain_timeout: Duration,
     draining: AtomicBool,
     telemetry: Arc<crate::telemetry::TelemetryHub>,
+    app: Arc<super::drain::AppAddresses>,
 }
 
 impl std::fmt::Debug for ListenerManager {
@@ -64,6 +66,9 @@ fn shape(listener: &Listener) -> String {
         ListenerProtocol::Tcp(tcp) => {
             format!("tcp {} {:?} {:?}", tcp.cluster, tcp.idle_timeout, tcp.rbac)
         }
+        // Services, detection and policies are swapped in place; the
+        // direction decides what the accept loop does.
+        ListenerProtocol::Capture(capture) => format!("capture {:?}", capture.direction),
     };
     format!(
         "{} {:?} {} {} {:?}",
@@ -94,6 +99,7 @@ impl ListenerManager {
             drain_timeout,
             draining: AtomicBool::new(false),
             telemetry,
+            app: Default::default(),
         }
     }
 
@@ -130,6 +136,9 @@ impl ListenerManager {
                     (&current.http, &listener.protocol)
                 {
                     swap.store(Arc::new(HttpConfig::of(http)));
+                }
+                if let Some(swap) = &current.capture {
+                    swap.store(listener.clone());
                 }
                 current.listener = listener.clone();
                 continue;
@@ -168,7 +177,11 @@ impl ListenerManager {
             ListenerProtocol::Http(http) => {
                 Some(Arc::new(ArcSwap::from_pointee(HttpConfig::of(http))))
             }
-            ListenerProtocol::Tcp(_) => None,
+            ListenerProtocol::Tcp(_) | ListenerProtocol::Capture(_) => None,
+        };
+        let capture = match &listener.protocol {
+            ListenerProtocol::Capture(_) => Some(Arc::new(ArcSwap::new(listener.clone()))),
+            _ => None,
         };
         let (drain, drain_rx) = watch::channel(false);
         let (force, force_rx) = watch::channel(false);
@@ -185,6 +198,8 @@ impl ListenerManager {
             local_id: self.local_id.clone(),
             http: http.clone(),
             telemetry: self.telemetry.clone(),
+            capture: capture.clone(),
+            app: self.app.clone(),
         };
         let accept = tokio::spawn(run_listener(socket, listener.clone(), context, shutdown));
         Ok(Running {
@@ -192,6 +207,7 @@ impl ListenerManager {
             shape: shape(listener),
             addr,
             http,
+            capture,
             drain,
             force,
             accept,
@@ -218,11 +234,19 @@ impl ListenerManager {
     /// Starts the drain of every listener; none is started afterwards.
     /// Resolves when every accept loop has stopped.
     pub async fn drain_all(&self) {
+        self.drain_where(|_| true).await;
+    }
+
+    /// Starts the drain of the listeners `which` picks; no listener is
+    /// started or changed afterwards. Resolves when their accept loops
+    /// have stopped.
+    pub async fn drain_where(&self, which: impl Fn(&Listener) -> bool) {
         let accepts: Vec<JoinHandle<()>> = match self.running.lock() {
             Ok(mut running) => {
                 self.draining.store(true, Ordering::Release);
                 running
                     .values_mut()
+                    .filter(|r| which(&r.listener))
                     .map(|r| {
                         r.drain.send_replace(true);
                         std::mem::replace(&mut r.accept, tokio::spawn(async {}))
@@ -234,6 +258,18 @@ impl ListenerManager {
         for accept in accepts {
             let _ = accept.await;
         }
+    }
+
+    /// Whether a running listener matches `which`.
+    pub fn any(&self, which: impl Fn(&Listener) -> bool) -> bool {
+        self.running
+            .lock()
+            .is_ok_and(|running| running.values().any(|r| which(&r.listener)))
+    }
+
+    /// The app addresses inbound capture has forwarded to.
+    pub fn app_addresses(&self) -> &super::drain::AppAddresses {
+        &self.app
     }
 
     /// Tells every connection to close now.

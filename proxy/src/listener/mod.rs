@@ -1,6 +1,9 @@
-//! Accept loops: bind, per-listener connection limits, hand-off to the HTTP
-//! or TCP path, and drain.
+//! Accept loops: bind, per-listener connection limits, hand-off to the HTTP,
+//! TCP or capture path, and drain.
 
+pub mod capture;
+pub mod detect;
+pub mod drain;
 pub mod manager;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -97,6 +100,10 @@ pub struct ListenerContext {
     pub http: Option<Arc<arc_swap::ArcSwap<crate::http::proxy::HttpConfig>>>,
     /// Process-wide telemetry settings and sinks.
     pub telemetry: Arc<crate::telemetry::TelemetryHub>,
+    /// The settings cell a config change swaps (capture listeners).
+    pub capture: Option<Arc<arc_swap::ArcSwap<Listener>>>,
+    /// Where inbound capture notes the app's addresses, for the drain.
+    pub app: Arc<drain::AppAddresses>,
 }
 
 /// Accepts connections on a bound listener until the drain starts.
@@ -113,6 +120,8 @@ pub async fn run_listener(
         local_id,
         http: http_cell,
         telemetry: hub,
+        capture: capture_cell,
+        app,
     } = context;
     let limit = Arc::new(Semaphore::new(listener.limits.max_connections));
     let http = match &listener.protocol {
@@ -132,7 +141,22 @@ pub async fn run_listener(
             }),
             Arc::new(crate::http::server::builder(&listener.limits)),
         )),
-        ListenerProtocol::Tcp(_) => None,
+        ListenerProtocol::Tcp(_) | ListenerProtocol::Capture(_) => None,
+    };
+    let capture = match &listener.protocol {
+        ListenerProtocol::Capture(_) => Some(capture::CaptureFront::new(
+            capture::CaptureShared {
+                clusters: clusters.clone(),
+                tracker: tracker.clone(),
+                tls: tls.clone(),
+                local_id: local_id.clone(),
+                hub: hub.clone(),
+                shutdown: shutdown.clone(),
+                app,
+            },
+            capture_cell.unwrap_or_else(|| Arc::new(arc_swap::ArcSwap::new(listener.clone()))),
+        )),
+        _ => None,
     };
     let tcp_telemetry = crate::telemetry::ListenerTelemetry::new(hub.clone(), &listener);
     let name = listener.name.clone();
@@ -169,6 +193,15 @@ pub async fn run_listener(
         let active = active.clone();
         let tls = tls.clone();
         let local_id = local_id.clone();
+        if let Some(front) = &capture {
+            let front = front.clone();
+            tokio::spawn(async move {
+                front.serve(stream, peer).await;
+                active.decrement(1.0);
+                drop((permit, tracked));
+            });
+            continue;
+        }
         match &http {
             Some((proxy, builder)) => {
                 let proxy = proxy.clone();

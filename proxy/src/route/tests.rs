@@ -20,7 +20,7 @@ clusters:
     let config = Config::from_yaml(&yaml).unwrap();
     match &config.listeners[0].protocol {
         ListenerProtocol::Http(http) => http.routes.clone(),
-        ListenerProtocol::Tcp(_) => unreachable!(),
+        _ => unreachable!(),
     }
 }
 

@@ -613,6 +613,9 @@ fn proxy_container(options: &InjectOptions, settings: &PodSettings) -> Value {
         ),
         env_value("POSTERN_XDS_ADDRESS", &options.xds_address),
         env_value("POSTERN_ADMIN_ADDRESS", ADMIN_ADDRESS),
+        // The last-known-good config outlives a restart of the proxy
+        // container, not of the pod: that is what an emptyDir keeps.
+        env_value("POSTERN_STATE_DIR", STATE_DIR),
     ];
     if let Some(level) = &settings.log_level {
         env.push(env_value("RUST_LOG", level));

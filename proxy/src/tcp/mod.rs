@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use crate::cluster::{ClusterManager, Outcome, UpstreamError};
 use crate::config::{Listener, ListenerProtocol};
 use crate::listener::Shutdown;
+use crate::route::TcpRoute;
 use crate::telemetry::log::{CallKind, CallLog};
 use crate::telemetry::metrics as names;
 use crate::telemetry::{ListenerTelemetry, ResponseFlag, ResponseFlags};
@@ -26,23 +27,46 @@ pub async fn serve_connection(
     listener: Arc<Listener>,
     clusters: Arc<ClusterManager>,
     telemetry: &Arc<ListenerTelemetry>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     let ListenerProtocol::Tcp(route) = &listener.protocol else {
         return;
     };
+    serve_route(
+        downstream,
+        peer,
+        &listener.name,
+        route,
+        &clusters,
+        telemetry,
+        shutdown,
+    )
+    .await;
+}
+
+/// Proxies one downstream connection to the cluster of `route`, after its
+/// connection-level RBAC.
+pub async fn serve_route(
+    downstream: DownstreamIo,
+    peer: &crate::http::headers::DownstreamPeer,
+    listener: &Arc<str>,
+    route: &TcpRoute,
+    clusters: &ClusterManager,
+    telemetry: &Arc<ListenerTelemetry>,
+    shutdown: Shutdown,
+) {
     let mut call = TcpCall::new(telemetry, peer, &route.cluster);
     let Some(cluster) = clusters.get(&route.cluster) else {
-        tracing::warn!(listener = %listener.name, cluster = %route.cluster, "tcp proxy cluster missing");
+        tracing::warn!(listener = %listener, cluster = %route.cluster, "tcp proxy cluster missing");
         call.flags.insert(ResponseFlag::NoHealthyUpstream);
         return;
     };
     if let Some(rbac) = &route.rbac {
-        if !authorize(rbac, peer, &listener.name) {
+        if !authorize(rbac, peer, listener) {
             call.flags.insert(ResponseFlag::RbacDenied);
             metrics::counter!(
                 names::TCP_CONNECTIONS_TOTAL,
-                "listener" => listener.name.clone(),
+                "listener" => listener.clone(),
                 "cluster" => route.cluster.clone(),
                 "result" => "rbac_denied",
             )
@@ -53,7 +77,7 @@ pub async fn serve_connection(
     let outcome = |result: &'static str| {
         metrics::counter!(
             names::TCP_CONNECTIONS_TOTAL,
-            "listener" => listener.name.clone(),
+            "listener" => listener.clone(),
             "cluster" => cluster.name.clone(),
             "result" => result,
         )
@@ -117,11 +141,84 @@ pub async fn serve_connection(
                 .map(|id| Arc::from(id.as_str()));
         }
     }
-    if let DownstreamIo::Plain(tcp) = &downstream {
-        let _ = tcp.set_nodelay(true);
-    }
+    outcome(
+        pump(
+            downstream,
+            upstream,
+            &mut call,
+            listener,
+            route.idle_timeout,
+            shutdown,
+        )
+        .await,
+    );
+}
 
-    let relay = relay(downstream, upstream, route.idle_timeout);
+/// Proxies one downstream connection straight to `addr`, with no cluster:
+/// captured traffic passed through to its original destination, and
+/// inbound calls handed to the app. `label` stands for the cluster in
+/// metrics and logs.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_address(
+    downstream: DownstreamIo,
+    peer: &crate::http::headers::DownstreamPeer,
+    listener: &Arc<str>,
+    label: &Arc<str>,
+    addr: std::net::SocketAddr,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    telemetry: &Arc<ListenerTelemetry>,
+    shutdown: Shutdown,
+) {
+    let mut call = TcpCall::new(telemetry, peer, label);
+    let outcome = |result: &'static str| {
+        metrics::counter!(
+            names::TCP_CONNECTIONS_TOTAL,
+            "listener" => listener.clone(),
+            "cluster" => label.clone(),
+            "result" => result,
+        )
+        .increment(1);
+    };
+    let upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            tracing::debug!(%addr, error = %err, "tcp connect failed");
+            call.flags.insert(ResponseFlag::UpstreamConnectFailure);
+            return outcome("connect_failure");
+        }
+        Err(_) => {
+            tracing::debug!(%addr, "tcp connect timed out");
+            call.flags.insert(ResponseFlag::UpstreamConnectFailure);
+            return outcome("connect_failure");
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    call.upstream_host = Some(addr);
+    let how = pump(
+        downstream,
+        UpstreamIo::Plain(upstream),
+        &mut call,
+        listener,
+        idle_timeout,
+        shutdown,
+    )
+    .await;
+    outcome(how);
+}
+
+/// Relays a connected pair until it ends, idles out or the drain time is
+/// up; records what it carried and returns how it ended.
+async fn pump(
+    downstream: DownstreamIo,
+    upstream: UpstreamIo,
+    call: &mut TcpCall<'_>,
+    listener: &Arc<str>,
+    idle_timeout: Duration,
+    mut shutdown: Shutdown,
+) -> &'static str {
+    let _ = downstream.tcp().set_nodelay(true);
+    let relay = relay(downstream, upstream, idle_timeout);
     tokio::pin!(relay);
     let result = tokio::select! {
         result = &mut relay => result,
@@ -129,7 +226,7 @@ pub async fn serve_connection(
         // until the drain time is up.
         _ = shutdown.force.changed() => {
             call.flags.insert(ResponseFlag::DownstreamClosed);
-            return outcome("drained");
+            return "drained";
         }
     };
     let (sent, received, how) = result;
@@ -140,11 +237,11 @@ pub async fn serve_connection(
         "idle_timeout" => call.flags.insert(ResponseFlag::StreamIdleTimeout),
         _ => {}
     }
-    metrics::counter!(names::TCP_BYTES_TOTAL, "listener" => listener.name.clone(), "direction" => "upstream")
+    metrics::counter!(names::TCP_BYTES_TOTAL, "listener" => listener.clone(), "direction" => "upstream")
         .increment(sent);
-    metrics::counter!(names::TCP_BYTES_TOTAL, "listener" => listener.name.clone(), "direction" => "downstream")
+    metrics::counter!(names::TCP_BYTES_TOTAL, "listener" => listener.clone(), "direction" => "downstream")
         .increment(received);
-    outcome(how);
+    how
 }
 
 /// The record of one proxied connection, written to Istio's TCP metrics
@@ -252,7 +349,7 @@ impl Drop for TcpCall<'_> {
 
 /// Connection-level RBAC: principals and the destination port. A refusal
 /// is logged and counted; the caller closes the connection.
-fn authorize(
+pub(crate) fn authorize(
     rbac: &crate::authz::Rbac,
     peer: &crate::http::headers::DownstreamPeer,
     listener: &Arc<str>,

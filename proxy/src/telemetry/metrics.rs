@@ -56,6 +56,14 @@ pub const TRACING_SPANS_EXPORTED_TOTAL: &str = "postern_tracing_spans_exported_t
 /// batch in time), `shutdown` (the export task had stopped).
 pub const TRACING_SPANS_DROPPED_TOTAL: &str = "postern_tracing_spans_dropped_total";
 
+/// Captured connections by how their protocol was told, by `listener`,
+/// `result` (`http1`, `http2`, `tls`, `opaque`, `timeout`: the client sent
+/// nothing decisive in time).
+pub const PROTOCOL_DETECTION_TOTAL: &str = "postern_protocol_detection_total";
+/// Where the running config came from: 1 for the current `source`
+/// (`static`, `xds`, `last_known_good`), 0 for the others.
+pub const CONFIG_SOURCE: &str = "postern_config_source";
+
 /// Buckets for request durations, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -111,4 +119,12 @@ pub fn describe() {
     describe_counter!(OUTLIER_EJECTIONS_TOTAL, "Outlier ejections");
     describe_counter!(TCP_CONNECTIONS_TOTAL, "TCP proxy connections finished");
     describe_counter!(TCP_BYTES_TOTAL, Unit::Bytes, "TCP proxy bytes");
+    describe_counter!(
+        PROTOCOL_DETECTION_TOTAL,
+        "Captured connections by detected protocol (timeout: proxied as opaque after waiting)"
+    );
+    describe_gauge!(
+        CONFIG_SOURCE,
+        "1 for where the running config came from (static, xds, last_known_good)"
+    );
 }

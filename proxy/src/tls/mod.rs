@@ -63,6 +63,41 @@ pub enum DownstreamIo {
     Plain(TcpStream),
     /// TLS terminated here.
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Either of the above, with the bytes protocol detection read put back
+    /// in front.
+    Sniffed(Box<crate::listener::detect::Rewind<DownstreamIo>>),
+}
+
+impl DownstreamIo {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            DownstreamIo::Plain(tcp) => tcp,
+            DownstreamIo::Tls(tls) => tls.get_ref().0,
+            DownstreamIo::Sniffed(rewind) => rewind.get_ref().tcp(),
+        }
+    }
+
+    /// Whether the client speaks plaintext (no TLS terminated here).
+    pub fn is_plaintext(&self) -> bool {
+        match self {
+            DownstreamIo::Plain(_) => true,
+            DownstreamIo::Tls(_) => false,
+            DownstreamIo::Sniffed(rewind) => rewind.get_ref().is_plaintext(),
+        }
+    }
+}
+
+/// A captured connection after the TLS decision.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The stream.
+    pub io: DownstreamIo,
+    /// What the handshake proved.
+    pub peer: PeerTls,
+    /// The client sent nothing within the wait it was given: a
+    /// server-first protocol, to be proxied as it is.
+    pub silent: bool,
 }
 
 /// What the handshake told about the peer.
@@ -150,6 +185,30 @@ impl DownstreamTls {
     /// Peeks at the first byte and runs the handshake if it is TLS. `None`
     /// when the connection is refused (logged and counted).
     pub async fn accept(&self, stream: TcpStream) -> Option<(DownstreamIo, PeerTls)> {
+        self.accept_within(stream, None)
+            .await
+            .map(|accepted| (accepted.io, accepted.peer))
+    }
+
+    /// `accept` for a captured connection: where plaintext is allowed, a
+    /// client silent for `silence` is taken as plaintext at once, so a
+    /// server-first protocol is not held up by the handshake timeout.
+    pub async fn accept_captured(&self, stream: TcpStream, silence: Duration) -> Option<Accepted> {
+        self.accept_within(stream, Some(silence)).await
+    }
+
+    async fn accept_within(
+        &self,
+        stream: TcpStream,
+        silence: Option<Duration>,
+    ) -> Option<Accepted> {
+        let plain = |stream, silent| {
+            Some(Accepted {
+                io: DownstreamIo::Plain(stream),
+                peer: PeerTls::default(),
+                silent,
+            })
+        };
         let DownstreamKind::Tls {
             acceptor,
             accept_plaintext,
@@ -157,10 +216,14 @@ impl DownstreamTls {
             mesh,
         } = &self.kind
         else {
-            return Some((DownstreamIo::Plain(stream), PeerTls::default()));
+            return plain(stream, false);
         };
         let peer = stream.peer_addr().ok();
-        let first = tokio::time::timeout(*timeout, async {
+        let wait = match silence {
+            Some(silence) if *accept_plaintext => silence,
+            _ => *timeout,
+        };
+        let first = tokio::time::timeout(wait, async {
             let mut byte = [0u8; 1];
             stream
                 .peek(&mut byte)
@@ -174,9 +237,7 @@ impl DownstreamTls {
             Ok(Ok(None)) | Ok(Err(_)) => return None,
             // Server-first protocols (MySQL, SMTP) send nothing until the
             // server speaks: on a permissive listener silence is plaintext.
-            Err(_) if *accept_plaintext => {
-                return Some((DownstreamIo::Plain(stream), PeerTls::default()));
-            }
+            Err(_) if *accept_plaintext => return plain(stream, true),
             Err(_) => {
                 self.refuse(
                     "handshake_timeout",
@@ -188,7 +249,7 @@ impl DownstreamTls {
         };
         if first != TLS_HANDSHAKE_RECORD {
             if *accept_plaintext {
-                return Some((DownstreamIo::Plain(stream), PeerTls::default()));
+                return plain(stream, false);
             }
             self.refuse(
                 "plaintext",
@@ -210,13 +271,14 @@ impl DownstreamTls {
                 } else {
                     None
                 };
-                Some((
-                    DownstreamIo::Tls(Box::new(tls)),
-                    PeerTls {
+                Some(Accepted {
+                    io: DownstreamIo::Tls(Box::new(tls)),
+                    peer: PeerTls {
                         tls: true,
                         spiffe_id,
                     },
-                ))
+                    silent: false,
+                })
             }
             Ok(Err(err)) => {
                 let reason = io_failure_reason(&err);
@@ -464,7 +526,7 @@ pub enum UpstreamIo {
 }
 
 macro_rules! delegate_io {
-    ($ty:ident) => {
+    ($ty:ident $(, $boxed:ident)*) => {
         impl AsyncRead for $ty {
             fn poll_read(
                 self: Pin<&mut Self>,
@@ -474,6 +536,7 @@ macro_rules! delegate_io {
                 match self.get_mut() {
                     $ty::Plain(s) => Pin::new(s).poll_read(cx, buf),
                     $ty::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+                    $($ty::$boxed(s) => Pin::new(s.as_mut()).poll_read(cx, buf),)*
                 }
             }
         }
@@ -487,6 +550,7 @@ macro_rules! delegate_io {
                 match self.get_mut() {
                     $ty::Plain(s) => Pin::new(s).poll_write(cx, buf),
                     $ty::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+                    $($ty::$boxed(s) => Pin::new(s.as_mut()).poll_write(cx, buf),)*
                 }
             }
 
@@ -494,6 +558,7 @@ macro_rules! delegate_io {
                 match self.get_mut() {
                     $ty::Plain(s) => Pin::new(s).poll_flush(cx),
                     $ty::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+                    $($ty::$boxed(s) => Pin::new(s.as_mut()).poll_flush(cx),)*
                 }
             }
 
@@ -501,6 +566,7 @@ macro_rules! delegate_io {
                 match self.get_mut() {
                     $ty::Plain(s) => Pin::new(s).poll_shutdown(cx),
                     $ty::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+                    $($ty::$boxed(s) => Pin::new(s.as_mut()).poll_shutdown(cx),)*
                 }
             }
 
@@ -512,6 +578,7 @@ macro_rules! delegate_io {
                 match self.get_mut() {
                     $ty::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
                     $ty::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+                    $($ty::$boxed(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),)*
                 }
             }
 
@@ -519,11 +586,12 @@ macro_rules! delegate_io {
                 match self {
                     $ty::Plain(s) => s.is_write_vectored(),
                     $ty::Tls(s) => s.is_write_vectored(),
+                    $($ty::$boxed(s) => s.is_write_vectored(),)*
                 }
             }
         }
     };
 }
 
-delegate_io!(DownstreamIo);
+delegate_io!(DownstreamIo, Sniffed);
 delegate_io!(UpstreamIo);
