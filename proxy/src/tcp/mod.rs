@@ -342,7 +342,7 @@ impl Drop for TcpCall<'_> {
             log.write(&call);
         }
         if let Some(als) = &hub.als {
-            als.send(&call);
+            als.send_owned(call);
         }
     }
 }

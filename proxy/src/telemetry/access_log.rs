@@ -425,8 +425,16 @@ impl AccessLog {
 
     /// Queues the line for a call; drops it (counted) if the writer is behind.
     pub fn write(&self, log: &CallLog) {
-        let line = self.format(log);
-        if self.pending.push(&line, self.max_lines) {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(1024));
+        }
+        let pushed = SCRATCH.with(|scratch| {
+            let mut line = scratch.borrow_mut();
+            line.clear();
+            self.format_into(log, &mut line);
+            self.pending.push(&line, self.max_lines)
+        });
+        if pushed {
             metrics::counter!(ACCESS_LOG_WRITTEN_TOTAL).increment(1);
         } else {
             metrics::counter!(ACCESS_LOG_DROPPED_TOTAL).increment(1);
@@ -441,6 +449,12 @@ impl AccessLog {
     /// The JSON line for a call, newline included.
     pub fn format(&self, log: &CallLog) -> Vec<u8> {
         let mut out = Vec::with_capacity(512);
+        self.format_into(log, &mut out);
+        out
+    }
+
+    /// Appends the JSON line for a call to `out`.
+    fn format_into(&self, log: &CallLog, out: &mut Vec<u8>) {
         out.push(b'{');
         let mut first = true;
         for field in &self.fields {
@@ -448,8 +462,8 @@ impl AccessLog {
             if matches!(value, Value::Null) && !matches!(field, LogField::Status) {
                 continue;
             }
-            put_key(&mut out, &mut first, field.key());
-            value.write(&mut out);
+            put_key(out, &mut first, field.key());
+            value.write(out);
         }
         for (name, value) in log
             .request_headers
@@ -457,11 +471,10 @@ impl AccessLog {
             .filter(|(name, _)| self.request_headers.contains(name))
         {
             let key = format!("req_{}", name.as_str());
-            put_key(&mut out, &mut first, &key);
-            Value::Text(&String::from_utf8_lossy(value.as_bytes())).write(&mut out);
+            put_key(out, &mut first, &key);
+            Value::Text(&String::from_utf8_lossy(value.as_bytes())).write(out);
         }
         out.extend_from_slice(b"}\n");
-        out
     }
 
     fn value<'a>(&self, field: LogField, log: &'a CallLog) -> Value<'a> {
@@ -469,7 +482,7 @@ impl AccessLog {
         let text =
             |v: Option<&'a http::HeaderValue>| v.and_then(|v| v.to_str().ok()).map_or(Null, Text);
         match field {
-            LogField::StartTime => Owned(rfc3339(log.start_time)),
+            LogField::StartTime => Time(log.start_time),
             LogField::Listener => Text(&log.listener),
             LogField::Direction => Text(match log.direction {
                 super::log::TrafficDirection::Inbound => "inbound",
@@ -491,12 +504,12 @@ impl AccessLog {
             LogField::UpstreamTtfbMs => log
                 .upstream_ttfb
                 .map_or(Null, |d| Float(d.as_secs_f64() * 1000.0)),
-            LogField::UpstreamHost => log.upstream_host.map_or(Null, |a| Owned(a.to_string())),
+            LogField::UpstreamHost => log.upstream_host.map_or(Null, Address),
             LogField::Cluster => log.cluster.as_deref().map_or(Null, Text),
             LogField::Route => log.route.as_deref().map_or(Null, Text),
             LogField::RequestId => text(log.request_id.as_ref()),
             LogField::TraceId => log.trace_id.as_deref().map_or(Null, Text),
-            LogField::DownstreamAddress => Owned(log.downstream_addr.to_string()),
+            LogField::DownstreamAddress => Address(log.downstream_addr),
             LogField::DownstreamPrincipal => log.downstream_principal.as_deref().map_or(Null, Text),
             LogField::UpstreamPrincipal => log.upstream_principal.as_deref().map_or(Null, Text),
             LogField::UserAgent => text(log.user_agent.as_ref()),
@@ -508,6 +521,8 @@ enum Value<'a> {
     Null,
     Text(&'a str),
     Owned(String),
+    Time(std::time::SystemTime),
+    Address(std::net::SocketAddr),
     Number(u64),
     Float(f64),
 }
@@ -518,6 +533,15 @@ impl Value<'_> {
             Value::Null => out.extend_from_slice(b"null"),
             Value::Text(s) => write_json_string(out, s),
             Value::Owned(s) => write_json_string(out, s),
+            // Digits, dots, colons and brackets need no escaping.
+            Value::Time(t) => {
+                out.push(b'"');
+                write_rfc3339(out, *t);
+                out.push(b'"');
+            }
+            Value::Address(a) => {
+                let _ = write!(out, "\"{a}\"");
+            }
             Value::Number(n) => {
                 let _ = write!(out, "{n}");
             }
@@ -567,8 +591,16 @@ fn redact_query(path: &str, secrets: &[String]) -> String {
     out
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.ffffffZ`, computed without a date library.
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
+#[cfg(test)]
 fn rfc3339(time: std::time::SystemTime) -> String {
+    let mut out = Vec::new();
+    write_rfc3339(&mut out, time);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Writes `YYYY-MM-DDTHH:MM:SS.ffffffZ`, computed without a date library.
+fn write_rfc3339(out: &mut Vec<u8>, time: std::time::SystemTime) {
     let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rest) = (secs / 86_400, secs % 86_400);
@@ -583,10 +615,11 @@ fn rfc3339(time: std::time::SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
+    let _ = write!(
+        out,
         "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{:06}Z",
         since.subsec_micros()
-    )
+    );
 }
 
 /// How long a line may wait before it is written. Under load the buffer
@@ -662,6 +695,8 @@ impl Pending {
 
 fn write_lines(pending: Arc<Pending>, output: Box<dyn Write + Send>) {
     let mut output = output;
+    // Two buffers swapped in turn, so appending never reallocates once warm.
+    let mut spare: Vec<u8> = Vec::with_capacity(2 * FLUSH_BYTES);
     loop {
         let (chunk, closed) = {
             let mut state = pending.lock();
@@ -685,12 +720,15 @@ fn write_lines(pending: Arc<Pending>, output: Box<dyn Write + Send>) {
                     .0;
             }
             state.lines = 0;
-            (std::mem::take(&mut state.data), state.closed)
+            std::mem::swap(&mut state.data, &mut spare);
+            (std::mem::take(&mut spare), state.closed)
         };
         if !chunk.is_empty() {
             let _ = output.write_all(&chunk);
             let _ = output.flush();
         }
+        spare = chunk;
+        spare.clear();
         let mut state = pending.lock();
         state.written += 1;
         // A flush closes the buffer only until its lines are out.

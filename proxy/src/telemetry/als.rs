@@ -929,8 +929,14 @@ impl AlsSink {
     /// queue is full. Never waits; the conversion happens on the
     /// background task.
     pub fn send(&self, log: &CallLog) {
+        self.send_owned(log.clone());
+    }
+
+    /// Like [`AlsSink::send`], for a record the caller no longer needs:
+    /// saves the copy.
+    pub fn send_owned(&self, log: CallLog) {
         match self.inner.queue.try_reserve() {
-            Ok(permit) => permit.send(log.clone()),
+            Ok(permit) => permit.send(log),
             // Full: the newest call is the one dropped, so a long outage
             // keeps the calls from its start and the queue needs no lock.
             Err(_) => {

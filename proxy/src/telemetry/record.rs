@@ -594,7 +594,7 @@ impl CallRecord {
             log.write(&call);
         }
         if let Some(als) = &hub.als {
-            als.send(&call);
+            als.send_owned(call);
         }
     }
 }
