@@ -361,9 +361,20 @@ impl XdsHandler {
         let replace_all = replace_all || was_replayed;
         let kind: &'static str = match type_url {
             type_url::LISTENER => {
+                // gRPC access loggers name a cluster; the bootstrap's static
+                // clusters are the ones known before any CDS arrives.
+                let log_clusters = |name: &str| {
+                    self.base
+                        .clusters
+                        .iter()
+                        .find(|c| c.name == name)
+                        .and_then(|c| c.endpoints.first())
+                        .map(|e| format!("http://{}", e.address))
+                };
                 let converted = Self::translate_all(&resources, |r| {
                     let listener = translate::decode::<Listener>(&r.body, type_url::LISTENER)?;
-                    let (file, routes) = translate::listener(&listener, sds_names)?;
+                    let (file, routes) =
+                        translate::listener_with(&listener, sds_names, &log_clusters)?;
                     Ok((file, routes, translate::binds_to_port(&listener)))
                 })?;
                 Self::merge(&mut state.listeners, converted, &removed, replace_all);

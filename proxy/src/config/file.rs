@@ -498,6 +498,10 @@ pub struct ListenerFile {
     /// Head sampling of new traces (with `telemetry.tracing`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<ListenerTracingFile>,
+    /// This listener's calls streamed to their own collector, instead of
+    /// `telemetry.access_log_service`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log_service: Option<crate::telemetry::als::AlsConfig>,
 }
 
 /// Tracing settings of a listener.

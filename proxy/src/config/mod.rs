@@ -203,6 +203,8 @@ pub struct Listener {
     pub direction: crate::telemetry::log::TrafficDirection,
     /// Head-sampling ratio of new traces.
     pub trace_sampling: f64,
+    /// Its own access-log stream, instead of the process-wide one.
+    pub als: Option<crate::telemetry::als::AlsConfig>,
     /// When it stops accepting in a drain.
     pub drain: DrainPhase,
 }

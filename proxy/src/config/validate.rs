@@ -203,6 +203,13 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
             limits: listener.limits.clone(),
             protocol,
             tls,
+            als: listener.access_log_service.clone().inspect(|als| {
+                if let Err(problems) = als.validate() {
+                    for (field, reason) in problems {
+                        errors.push(format!("{path}.access_log_service.{field}"), reason);
+                    }
+                }
+            }),
             trace_sampling: listener.tracing.map_or_else(
                 super::file::default_trace_sampling,
                 |t| {

@@ -823,6 +823,16 @@ pub fn listener(
     l: &listener::Listener,
     sds: Option<&SdsSourceFile>,
 ) -> Result<(ListenerFile, RouteSource), Problems> {
+    listener_with(l, sds, &|_| None)
+}
+
+/// Like [`listener`], resolving the clusters that gRPC access loggers name
+/// (`envoy_grpc.cluster_name`) to collector addresses with `log_clusters`.
+pub fn listener_with(
+    l: &listener::Listener,
+    sds: Option<&SdsSourceFile>,
+    log_clusters: &dyn Fn(&str) -> Option<String>,
+) -> Result<(ListenerFile, RouteSource), Problems> {
     let mut ctx = Ctx::new();
     let address = socket_address(&l.address, "address", &mut ctx);
     let mut file = ListenerFile {
@@ -838,6 +848,7 @@ pub fn listener(
         tls: None,
         // Envoy's enum: 1 inbound, 2 outbound; unspecified keeps the default.
         tracing: None,
+        access_log_service: None,
         traffic_direction: match l.traffic_direction {
             1 => Some(crate::telemetry::log::TrafficDirection::Inbound),
             2 => Some(crate::telemetry::log::TrafficDirection::Outbound),
@@ -874,7 +885,7 @@ pub fn listener(
                         Some(listener::filter::ConfigType::TypedConfig(any)) if any.type_url == HCM_TYPE => {
                             match decode::<hcm::HttpConnectionManager>(any, HCM_TYPE) {
                                 Ok(manager) => {
-                                    source = http_connection_manager(&manager, fpath, &mut file, &mut ctx)
+                                    source = http_connection_manager(&manager, fpath, &mut file, &mut ctx, log_clusters)
                                 }
                                 Err(problems) => ctx.err(fpath, problems.join("; ")),
                             }
@@ -883,7 +894,7 @@ pub fn listener(
                             if any.type_url == TCP_PROXY_TYPE =>
                         {
                             match decode::<tcp_proxy::TcpProxy>(any, TCP_PROXY_TYPE) {
-                                Ok(proxy) => tcp(&proxy, fpath, &mut file, &mut ctx),
+                                Ok(proxy) => tcp(&proxy, fpath, &mut file, &mut ctx, log_clusters),
                                 Err(problems) => ctx.err(fpath, problems.join("; ")),
                             }
                         }
@@ -998,14 +1009,67 @@ fn original_dst(l: &listener::Listener, file: &mut ListenerFile, ctx: &mut Ctx) 
     file.capture = Some(capture);
 }
 
+/// The gRPC access logger of a filter, as the listener's access-log
+/// stream. Envoy's file and stdout loggers are skipped with a log line: the
+/// bootstrap's `telemetry.access_log` writes this proxy's lines, and what
+/// is logged changes no traffic.
+fn access_loggers(
+    loggers: &[postern_proto::envoy::config::accesslog::v3::AccessLog],
+    path: &str,
+    ctx: &mut Ctx,
+    log_clusters: &dyn Fn(&str) -> Option<String>,
+) -> Option<crate::telemetry::als::AlsConfig> {
+    use postern_proto::envoy::config::accesslog::v3::access_log::ConfigType;
+    let mut found = None;
+    for (i, logger) in loggers.iter().enumerate() {
+        let lpath = format!("{path}.access_log[{i}]");
+        let Some(ConfigType::TypedConfig(any)) = &logger.config_type else {
+            ctx.unsupported(format!("{lpath}.config_type (only typed_config)"));
+            continue;
+        };
+        if !any.type_url.ends_with("GrpcAccessLogConfig") {
+            tracing::info!(logger = %logger.name, type_url = %any.type_url, "access logger skipped; telemetry.access_log in the bootstrap writes this proxy's access log");
+            continue;
+        }
+        if logger.filter.is_some() {
+            ctx.unsupported(format!("{lpath}.filter"));
+            continue;
+        }
+        if found.is_some() {
+            ctx.unsupported(format!("{lpath} (a second gRPC access logger)"));
+            continue;
+        }
+        match crate::telemetry::als::AlsConfig::from_envoy(any, log_clusters) {
+            Ok(config) => found = Some(config),
+            Err(reason) => ctx.err(format!("{lpath}.typed_config"), reason),
+        }
+    }
+    found
+}
+
 fn http_connection_manager(
     m: &hcm::HttpConnectionManager,
     path: &str,
     file: &mut ListenerFile,
     ctx: &mut Ctx,
+    log_clusters: &dyn Fn(&str) -> Option<String>,
 ) -> RouteSource {
     use hcm::http_connection_manager::RouteSpecifier;
     file.kind = ListenerKind::Http;
+    file.access_log_service = access_loggers(&m.access_log, path, ctx, log_clusters);
+    if let Some(tracing) = &m.tracing {
+        // The collector is the bootstrap's (`telemetry.tracing`); the
+        // listener's share of new traces comes from here.
+        if let Some(percent) = &tracing.random_sampling {
+            let sampling = (percent.value / 100.0).clamp(0.0, 1.0);
+            file.tracing = Some(ListenerTracingFile { sampling });
+        }
+        if tracing.provider.is_some() {
+            tracing::info!(
+                "tracing provider from xDS ignored; spans go to telemetry.tracing's collector"
+            );
+        }
+    }
     for (i, filter) in m.http_filters.iter().enumerate() {
         let fpath = format!("{path}.http_filters[{i}]");
         let type_url = match &filter.config_type {
@@ -1104,9 +1168,16 @@ fn http_connection_manager(
     }
 }
 
-fn tcp(p: &tcp_proxy::TcpProxy, path: &str, file: &mut ListenerFile, ctx: &mut Ctx) {
+fn tcp(
+    p: &tcp_proxy::TcpProxy,
+    path: &str,
+    file: &mut ListenerFile,
+    ctx: &mut Ctx,
+    log_clusters: &dyn Fn(&str) -> Option<String>,
+) {
     use tcp_proxy::tcp_proxy::ClusterSpecifier;
     file.kind = ListenerKind::Tcp;
+    file.access_log_service = access_loggers(&p.access_log, path, ctx, log_clusters);
     let cluster = match &p.cluster_specifier {
         Some(ClusterSpecifier::Cluster(name)) => name.clone(),
         _ => {

@@ -534,3 +534,106 @@ fn listeners_that_bind_no_port_become_services_of_the_capture_listener() {
         "{problems:?}"
     );
 }
+
+fn logged_listener(
+    loggers: Vec<postern_proto::envoy::config::accesslog::v3::AccessLog>,
+    sampling: Option<f64>,
+) -> listener::Listener {
+    let manager = hcm::HttpConnectionManager {
+        stat_prefix: "in".into(),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                route_config_name: "rc".into(),
+                ..Default::default()
+            },
+        )),
+        access_log: loggers,
+        tracing: sampling.map(|value| hcm::http_connection_manager::Tracing {
+            random_sampling: Some(postern_proto::envoy::r#type::v3::Percent { value }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    listener::Listener {
+        name: "in".into(),
+        address: socket("127.0.0.1", 15006),
+        traffic_direction: core::TrafficDirection::Inbound as i32,
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![listener::Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(any(&manager))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn grpc_logger(cluster: &str) -> postern_proto::envoy::config::accesslog::v3::AccessLog {
+    use postern_proto::envoy::extensions::access_loggers::grpc::v3 as grpc;
+    let config = grpc::HttpGrpcAccessLogConfig {
+        common_config: Some(grpc::CommonGrpcAccessLogConfig {
+            log_name: "mesh".into(),
+            grpc_service: Some(core::GrpcService {
+                target_specifier: Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(
+                    core::grpc_service::EnvoyGrpc {
+                        cluster_name: cluster.into(),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }),
+            transport_api_version: core::ApiVersion::V3 as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    postern_proto::envoy::config::accesslog::v3::AccessLog {
+        name: "envoy.access_loggers.http_grpc".into(),
+        config_type: Some(
+            postern_proto::envoy::config::accesslog::v3::access_log::ConfigType::TypedConfig(any(
+                &config,
+            )),
+        ),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn grpc_access_logger_and_trace_sampling_map_onto_the_listener() {
+    let resolve = |name: &str| (name == "als").then(|| "http://127.0.0.1:9901".to_string());
+    let (file, _) = listener_with(
+        &logged_listener(vec![grpc_logger("als")], Some(25.0)),
+        None,
+        &resolve,
+    )
+    .unwrap();
+    let als = file.access_log_service.expect("access-log stream");
+    assert_eq!(als.address, "http://127.0.0.1:9901");
+    assert_eq!(als.log_name, "mesh");
+    assert_eq!(file.tracing.map(|t| t.sampling), Some(0.25));
+    assert_eq!(
+        file.traffic_direction,
+        Some(crate::telemetry::log::TrafficDirection::Inbound)
+    );
+
+    // A cluster the bootstrap does not know, and a filtered logger, are refused by name.
+    let problems = listener_with(
+        &logged_listener(vec![grpc_logger("nowhere")], None),
+        None,
+        &resolve,
+    )
+    .unwrap_err();
+    assert!(
+        problems.iter().any(|p| p.contains("access_log[0]")),
+        "{problems:?}"
+    );
+    let mut filtered = grpc_logger("als");
+    filtered.filter = Some(Default::default());
+    let problems =
+        listener_with(&logged_listener(vec![filtered], None), None, &resolve).unwrap_err();
+    assert!(
+        problems.iter().any(|p| p.contains("access_log[0].filter")),
+        "{problems:?}"
+    );
+}

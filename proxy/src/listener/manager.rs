@@ -71,9 +71,10 @@ fn shape(listener: &Listener) -> String {
         ListenerProtocol::Capture(capture) => format!("capture {:?}", capture.direction),
     };
     format!(
-        "{} {:?} {} {} {:?}",
+        "{} {:?} {:?} {} {} {:?}",
         listener.address,
         listener.direction,
+        listener.als,
         serde_json::to_string(&listener.limits).unwrap_or_default(),
         protocol,
         listener.tls

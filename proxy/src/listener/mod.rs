@@ -124,6 +124,8 @@ pub async fn run_listener(
         app,
     } = context;
     let limit = Arc::new(Semaphore::new(listener.limits.max_connections));
+    // One per listener: HTTP and TCP paths share its handles and sinks.
+    let tcp_telemetry = crate::telemetry::ListenerTelemetry::new(hub.clone(), &listener);
     let http = match &listener.protocol {
         ListenerProtocol::Http(http) => Some((
             Arc::new(HttpProxy {
@@ -135,7 +137,7 @@ pub async fn run_listener(
                     ))
                 }),
                 clusters: clusters.clone(),
-                telemetry: crate::telemetry::ListenerTelemetry::new(hub.clone(), &listener),
+                telemetry: tcp_telemetry.clone(),
                 tracker: tracker.clone(),
                 shutdown: shutdown.clone(),
             }),
@@ -158,7 +160,6 @@ pub async fn run_listener(
         )),
         _ => None,
     };
-    let tcp_telemetry = crate::telemetry::ListenerTelemetry::new(hub.clone(), &listener);
     let name = listener.name.clone();
     let active = metrics::gauge!(names::DOWNSTREAM_CONNECTIONS_ACTIVE, "listener" => name.clone());
     let total = metrics::counter!(names::DOWNSTREAM_CONNECTIONS_TOTAL, "listener" => name.clone());

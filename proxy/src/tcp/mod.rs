@@ -303,7 +303,8 @@ impl Drop for TcpCall<'_> {
             .access_log
             .as_ref()
             .filter(|log| log.policy.admits_call(0, self.flags));
-        if log.is_none() && hub.als.is_none() {
+        let als = self.telemetry.als();
+        if log.is_none() && als.is_none() {
             return;
         }
         let call = CallLog {
@@ -341,7 +342,7 @@ impl Drop for TcpCall<'_> {
         if let Some(log) = log {
             log.write(&call);
         }
-        if let Some(als) = &hub.als {
+        if let Some(als) = als {
             als.send_owned(call);
         }
     }

@@ -36,6 +36,12 @@ pub struct TelemetryHub {
     pub capture: HeaderCapture,
     /// Count calls in Istio's metrics too.
     pub istio_metrics: bool,
+    /// How this proxy names itself to collectors.
+    pub node: postern_xds::Node,
+}
+
+fn hub_node(hub: &TelemetryHub) -> postern_xds::Node {
+    hub.node.clone()
 }
 
 /// Telemetry that could not be started.
@@ -69,6 +75,7 @@ impl TelemetryHub {
             tracer: None,
             capture: HeaderCapture::default(),
             istio_metrics: true,
+            node: postern_xds::Node::default(),
         }
     }
 
@@ -127,7 +134,8 @@ impl TelemetryHub {
         hub.als = file
             .access_log_service
             .as_ref()
-            .map(|als| AlsSink::start(als.clone(), node));
+            .map(|als| AlsSink::start(als.clone(), node.clone()));
+        hub.node = node;
         let no_strings = Vec::new();
         let (logged, redacted) = file
             .access_log
@@ -156,6 +164,11 @@ impl TelemetryHub {
     fn wants_details(&self) -> bool {
         self.access_log.is_some() || self.als.is_some()
     }
+
+    /// Whether any sink of `listener` reads more than the metric labels.
+    fn listener_wants_details(&self, listener: &ListenerTelemetry) -> bool {
+        self.wants_details() || listener.als.is_some()
+    }
 }
 
 /// What one listener's calls are recorded with.
@@ -169,6 +182,8 @@ pub struct ListenerTelemetry {
     pub direction: TrafficDirection,
     /// Head-sampling ratio of new traces.
     pub trace_sampling: f64,
+    /// The listener's own access-log stream, else the hub's.
+    als: Option<AlsSink>,
     /// `postern_http_*` handles.
     pub postern: Arc<CallMetrics>,
     /// `istio_*` handles.
@@ -184,11 +199,20 @@ impl ListenerTelemetry {
         Arc::new(ListenerTelemetry {
             postern: CallMetrics::new(listener.name.clone()),
             istio: IstioMetrics::new(listener.direction),
-            hub,
+            hub: hub.clone(),
             listener: listener.name.clone(),
             direction: listener.direction,
             trace_sampling: listener.trace_sampling,
+            als: listener
+                .als
+                .clone()
+                .map(|config| AlsSink::start(config, hub_node(&hub))),
         })
+    }
+
+    /// Where this listener's calls are streamed, if anywhere.
+    pub fn als(&self) -> Option<&AlsSink> {
+        self.als.as_ref().or(self.hub.als.as_ref())
     }
 
     /// The labels of a call between `downstream` and an upstream with
@@ -322,7 +346,7 @@ impl CallRecord {
             span: None,
             finished: false,
         };
-        if telemetry.hub.wants_details() {
+        if telemetry.hub.listener_wants_details(telemetry) {
             record.details = Some(Box::default());
             record.note_request(request);
         }
@@ -554,7 +578,8 @@ impl CallRecord {
             let policy = self.log_policy.unwrap_or(log.policy);
             policy.admits_call(self.status, self.flags)
         });
-        if log_admitted.is_none() && hub.als.is_none() {
+        let als = telemetry.als();
+        if log_admitted.is_none() && als.is_none() {
             return;
         }
         let details = self.details.take().unwrap_or_default();
@@ -593,7 +618,7 @@ impl CallRecord {
         if let Some(log) = log_admitted {
             log.write(&call);
         }
-        if let Some(als) = &hub.als {
+        if let Some(als) = als {
             als.send_owned(call);
         }
     }
