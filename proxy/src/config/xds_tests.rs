@@ -534,3 +534,5 @@ fn listeners_that_bind_no_port_become_services_of_the_capture_listener() {
         "{problems:?}"
     );
 }
+
+mod jwt;

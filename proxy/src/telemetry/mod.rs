@@ -179,6 +179,11 @@ pub enum ResponseFlag {
     DownstreamProtocolError,
     /// The route named a cluster that does not exist.
     NoClusterFound,
+    /// JWT authentication refused the request (missing or invalid token).
+    /// Envoy has no flag for this; `UJWT` is Postern's own code, kept
+    /// apart from `UAEX` so that bad tokens are not read as an external
+    /// authorization service failing.
+    UnauthorizedJwt,
 }
 
 impl ResponseFlag {
@@ -200,13 +205,14 @@ impl ResponseFlag {
             ResponseFlag::StreamIdleTimeout => "SI",
             ResponseFlag::DownstreamProtocolError => "DPE",
             ResponseFlag::NoClusterFound => "NC",
+            ResponseFlag::UnauthorizedJwt => "UJWT",
         }
     }
 }
 
 impl ResponseFlag {
     /// Every flag, in the order codes are listed.
-    pub const ALL: [ResponseFlag; 15] = [
+    pub const ALL: [ResponseFlag; 16] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectFailure,
@@ -222,6 +228,7 @@ impl ResponseFlag {
         ResponseFlag::StreamIdleTimeout,
         ResponseFlag::DownstreamProtocolError,
         ResponseFlag::NoClusterFound,
+        ResponseFlag::UnauthorizedJwt,
     ];
 
     fn bit(self) -> u16 {
