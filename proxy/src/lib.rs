@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authn;
 pub mod authz;
 pub mod cluster;
 pub mod config;

@@ -2,7 +2,8 @@
 //!
 //! Everything here runs in the test process on `127.0.0.1:0`: test backends
 //! (an HTTP echo server, a gRPC echo service, a WebSocket echo server, TCP
-//! echo servers, an OTLP trace receiver), HTTP/1 and HTTP/2 clients, a helper that starts the proxy
+//! echo servers, an OTLP trace receiver, a JWT issuer with its key
+//! server), HTTP/1 and HTTP/2 clients, a helper that starts the proxy
 //! in-process from YAML, and bounded waits for eventual conditions. The test
 //! files under `tests/` hold the scenarios; this crate holds no assertions
 //! about the proxy itself.
@@ -15,6 +16,7 @@ pub mod envoy;
 pub mod grpc;
 pub mod h2raw;
 pub mod http_backend;
+pub mod jwt;
 pub mod mesh;
 pub mod otlp;
 pub mod prom;

@@ -2,7 +2,7 @@
 //! of its permissions and any of its principals match; `allow` lets a
 //! request through only if some policy matches, `deny` stops it if one
 //! does, `log` only reports. No I/O: the caller passes what the request and
-//! its connection proved.
+//! its connection proved (SPIFFE ID, verified JWT claims).
 
 use std::net::IpAddr;
 
@@ -146,6 +146,14 @@ pub enum Principal {
     SourceIp(Cidr),
     /// A request header.
     Header(HeaderCondition),
+    /// A claim of a verified JWT (an array claim matches when one of its
+    /// elements does).
+    JwtClaim {
+        /// The claim.
+        claim: crate::authn::jwt::ClaimPath,
+        /// What its value must be.
+        value: StringMatch,
+    },
     /// All of these.
     And(Vec<Principal>),
     /// Any of these.
@@ -221,6 +229,8 @@ pub struct RequestFacts<'a> {
     pub headers: &'a HeaderMap,
     /// The authority the request was routed by.
     pub authority: &'a str,
+    /// Tokens verified by JWT authentication (empty on TCP).
+    pub jwt: &'a [crate::authn::VerifiedJwt],
 }
 
 /// The outcome of one rule set.
@@ -240,6 +250,10 @@ impl Principal {
             Principal::Authenticated(Some(m)) => facts.peer_id.is_some_and(|id| m.matches(id)),
             Principal::SourceIp(cidr) => cidr.contains(facts.peer_ip),
             Principal::Header(h) => h.matches(facts.headers, facts.authority),
+            Principal::JwtClaim { claim, value } => facts
+                .jwt
+                .iter()
+                .any(|token| token.claims.any_value(claim, |text| value.matches(text))),
             Principal::And(all) => all.iter().all(|p| p.matches(facts)),
             Principal::Or(any) => any.iter().any(|p| p.matches(facts)),
             Principal::Not(p) => !p.matches(facts),

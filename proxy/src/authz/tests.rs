@@ -14,6 +14,7 @@ fn facts<'a>(
         path,
         headers,
         authority: "api.shop",
+        jwt: &[],
     }
 }
 
@@ -188,4 +189,51 @@ fn repeated_headers_are_one_joined_value_and_host_is_the_authority() {
     let mut f = facts(None, &get, "/", &lying);
     f.authority = "admin.shop";
     assert!(matches!(deny_admin_host.evaluate(&f), Decision::Denied(_)));
+}
+
+#[test]
+fn jwt_claim_principals_match_any_verified_token() {
+    use crate::authn::jwt::{ClaimPath, Claims};
+    let token = |provider: &str, claims: serde_json::Value| crate::authn::VerifiedJwt {
+        provider: provider.into(),
+        claims: std::sync::Arc::new(match claims {
+            serde_json::Value::Object(map) => Claims::new(map),
+            _ => unreachable!(),
+        }),
+    };
+    let admins = Rules {
+        action: RbacAction::Allow,
+        policies: vec![policy(
+            "admins",
+            vec![Permission::Any],
+            vec![Principal::JwtClaim {
+                claim: ClaimPath::parse("realm.roles").unwrap(),
+                value: StringMatch::Exact("admin".into()),
+            }],
+        )],
+    };
+    let (get, h) = (Method::GET, HeaderMap::new());
+    let reader = [token(
+        "a",
+        serde_json::json!({"realm": {"roles": ["reader"]}}),
+    )];
+    let both = [
+        reader[0].clone(),
+        token(
+            "b",
+            serde_json::json!({"realm": {"roles": ["reader", "admin"]}}),
+        ),
+    ];
+    let mut f = facts(None, &get, "/", &h);
+    assert!(
+        matches!(admins.evaluate(&f), Decision::Denied(_)),
+        "no token"
+    );
+    f.jwt = &reader;
+    assert!(matches!(admins.evaluate(&f), Decision::Denied(_)));
+    f.jwt = &both;
+    assert_eq!(
+        admins.evaluate(&f),
+        Decision::Allowed(Some("admins".into()))
+    );
 }

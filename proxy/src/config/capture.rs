@@ -282,6 +282,7 @@ impl CaptureListener {
 pub fn forward_all(name: &str, cluster: Arc<str>) -> RouteTable {
     let route = crate::route::Route {
         rate_limit: None,
+        jwt: None,
         access_log: None,
         name: Arc::from("default"),
         matcher: RouteMatch::default(),

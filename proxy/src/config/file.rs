@@ -579,6 +579,9 @@ pub struct HttpSettingsFile {
     /// A local rate limit on every request of the listener.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_rate_limit: Option<LocalRateLimitFile>,
+    /// JWT authentication, before RBAC; none when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtAuthnFile>,
 }
 
 /// A token-bucket rate limit, kept in this proxy.
@@ -621,6 +624,10 @@ pub struct RateLimitKeyFile {
     /// A request header's value; requests without it share a bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header: Option<String>,
+    /// A claim of the verified JWT (`sub`, or a dotted path); requests
+    /// without one share a bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_claim: Option<String>,
 }
 
 impl Default for HttpSettingsFile {
@@ -632,6 +639,7 @@ impl Default for HttpSettingsFile {
             escaped_slashes: Default::default(),
             rbac: None,
             local_rate_limit: None,
+            jwt: None,
         }
     }
 }
@@ -719,6 +727,9 @@ pub struct PrincipalFile {
     /// A request header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header: Option<HeaderMatchFile>,
+    /// A claim of a verified JWT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_claim: Option<JwtClaimMatchFile>,
     /// All of these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub and: Option<Vec<PrincipalFile>>,
@@ -728,6 +739,23 @@ pub struct PrincipalFile {
     /// Not this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not: Option<Box<PrincipalFile>>,
+}
+
+/// A JWT claim condition: the claim and exactly one of `exact`, `prefix`, `regex`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtClaimMatchFile {
+    /// Claim name; dots reach into nested objects (`realm.roles`).
+    pub name: String,
+    /// Equal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    /// Starts with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Whole-value regex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
 }
 
 /// A permission: exactly one field.
@@ -758,6 +786,175 @@ pub struct PermissionFile {
     /// Not this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not: Option<Box<PermissionFile>>,
+}
+
+/// JWT authentication on a listener (Envoy's `JwtAuthentication`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtAuthnFile {
+    /// Token issuers, by name.
+    #[serde(default)]
+    pub providers: std::collections::BTreeMap<String, JwtProviderFile>,
+    /// Requirements by request match; the first rule that matches applies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<JwtRuleFile>,
+    /// Named requirements that routes pick with `jwt.requirement`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub requirement_map: std::collections::BTreeMap<String, JwtRequirementFile>,
+    /// Let CORS preflight requests through without a check.
+    #[serde(default)]
+    pub bypass_cors_preflight: bool,
+    /// Answer failures with a bare 401: no `WWW-Authenticate`, no body.
+    #[serde(default)]
+    pub strip_failure_response: bool,
+}
+
+/// One token issuer.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtProviderFile {
+    /// Required `iss`; any issuer when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// `aud` must name one of these; not checked when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// Where the verification keys come from.
+    pub jwks: JwksSourceFile,
+    /// Headers a token is taken from; with `from_params` both empty,
+    /// `Authorization: Bearer` and then `?access_token=`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_headers: Vec<JwtHeaderFile>,
+    /// Query parameters a token is taken from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_params: Vec<String>,
+    /// Keep the token in the request sent upstream (default: removed).
+    #[serde(default)]
+    pub forward: bool,
+    /// A header that gets the verified payload, base64url-encoded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_payload_header: Option<String>,
+    /// Claims copied into request headers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claim_to_headers: Vec<ClaimToHeaderFile>,
+    /// Tolerance on `exp` and `nbf` (default 60s, as Envoy).
+    #[serde(default = "default_clock_skew", with = "humantime_serde")]
+    pub clock_skew: Duration,
+    /// Refuse tokens without `exp`.
+    #[serde(default)]
+    pub require_expiration: bool,
+}
+
+fn default_clock_skew() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// Where a provider's keys come from: exactly one field.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksSourceFile {
+    /// A JWKS document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<String>,
+    /// A file holding a JWKS document, read when the config is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// A JWKS fetched through a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteJwksFile>,
+}
+
+/// A JWKS fetched over HTTP through a cluster.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteJwksFile {
+    /// `http://` or `https://` URI; its path is requested and its host sent as `Host`.
+    pub uri: String,
+    /// The cluster the request goes through.
+    pub cluster: String,
+    /// How long fetched keys are used (default 10m, as Envoy).
+    #[serde(default = "default_jwks_cache", with = "humantime_serde")]
+    pub cache_duration: Duration,
+    /// Time allowed for one fetch (default 5s).
+    #[serde(default = "default_jwks_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Shortest time between two fetches caused by tokens naming an
+    /// unknown `kid` (default 30s).
+    #[serde(default = "default_jwks_refetch", with = "humantime_serde")]
+    pub min_refetch_interval: Duration,
+}
+
+fn default_jwks_cache() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_jwks_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_jwks_refetch() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// A header that carries a token.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtHeaderFile {
+    /// Header name.
+    pub name: String,
+    /// What precedes the token (`Bearer `), compared without ASCII case.
+    #[serde(default)]
+    pub value_prefix: String,
+}
+
+/// A claim copied into a request header.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimToHeaderFile {
+    /// Claim name; dots reach into nested objects.
+    pub claim: String,
+    /// Header to set.
+    pub header: String,
+}
+
+/// A rule: a request match and what it requires.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtRuleFile {
+    /// Conditions, as a route's `match`.
+    #[serde(rename = "match")]
+    pub matcher: RouteMatchFile,
+    /// What matching requests must present; no check when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requires: Option<JwtRequirementFile>,
+}
+
+/// A requirement: exactly one of `provider`, `any`, `all`,
+/// `allow_missing`, `allow_missing_or_failed`, `requirement`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtRequirementFile {
+    /// A valid token of this provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// With `provider`: accept these audiences instead of the provider's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audiences: Option<Vec<String>>,
+    /// Any of these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub any: Option<Vec<JwtRequirementFile>>,
+    /// All of these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all: Option<Vec<JwtRequirementFile>>,
+    /// No token is fine, an invalid one is not (`true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_missing: Option<bool>,
+    /// Anything passes; valid tokens still yield claims (`true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_missing_or_failed: Option<bool>,
+    /// The `requirement_map` entry of this name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requirement: Option<String>,
 }
 
 /// A virtual host: routes for a set of Host/:authority values.
@@ -810,9 +1007,24 @@ pub struct RouteFile {
     /// A local rate limit on this route's requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_rate_limit: Option<LocalRateLimitFile>,
+    /// This route's JWT requirement, from the listener's `requirement_map`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<RouteJwtFile>,
     /// Access-log filter and sampling for this route's calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<crate::telemetry::access_log::LogPolicyFile>,
+}
+
+/// A route's JWT setting (Envoy's `PerRouteConfig`): exactly one field.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteJwtFile {
+    /// No JWT check on this route (`true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+    /// The name of an entry of the listener's `http.jwt.requirement_map`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requirement: Option<String>,
 }
 
 /// Route match conditions; all given conditions must hold.

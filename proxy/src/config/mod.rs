@@ -8,6 +8,9 @@
 
 pub mod capture;
 pub mod file;
+mod jwt;
+#[cfg(test)]
+mod jwt_tests;
 mod rbac;
 mod tls;
 mod validate;
@@ -242,6 +245,8 @@ pub struct HttpListener {
     pub rbac: Option<Arc<crate::authz::Rbac>>,
     /// Local rate limit on every request, when configured.
     pub rate_limit: Option<Arc<crate::ratelimit::LocalRateLimit>>,
+    /// JWT authentication, when configured.
+    pub jwt: Option<Arc<crate::authn::JwtAuthn>>,
     /// Virtual hosts and routes.
     pub routes: Arc<RouteTable>,
 }

@@ -143,6 +143,7 @@ fn principal(p: &PrincipalFile, path: &str, errors: &mut Errors) -> Principal {
         p.spiffe_id.is_some(),
         p.source_ip.is_some(),
         p.header.is_some(),
+        p.jwt_claim.is_some(),
         p.and.is_some(),
         p.or.is_some(),
         p.not.is_some(),
@@ -194,6 +195,25 @@ fn principal(p: &PrincipalFile, path: &str, errors: &mut Errors) -> Principal {
     }
     if let Some(h) = &p.header {
         return Principal::Header(header(h, &format!("{path}.header"), errors));
+    }
+    if let Some(c) = &p.jwt_claim {
+        let cpath = format!("{path}.jwt_claim");
+        let Some(claim) = crate::authn::jwt::ClaimPath::parse(&c.name) else {
+            errors.push(
+                format!("{cpath}.name"),
+                format!("\"{}\" is not a claim name", c.name),
+            );
+            return Principal::Not(Box::new(Principal::Any));
+        };
+        let value = StringMatchFile {
+            exact: c.exact.clone(),
+            prefix: c.prefix.clone(),
+            regex: c.regex.clone(),
+        };
+        return Principal::JwtClaim {
+            claim,
+            value: string_match(&value, &cpath, errors),
+        };
     }
     if let Some(all) = &p.and {
         return Principal::And(list(all, "and", errors));
@@ -289,10 +309,20 @@ pub(super) fn build_rate_limit(
     }
     let key = match &file.key {
         None => RateLimitKey::Shared,
-        Some(k) => match (k.spiffe_id, k.remote_address, &k.header) {
-            (Some(true), None, None) => RateLimitKey::SpiffeId,
-            (None, Some(true), None) => RateLimitKey::RemoteAddress,
-            (None, None, Some(name)) => {
+        Some(k) => match (k.spiffe_id, k.remote_address, &k.header, &k.jwt_claim) {
+            (Some(true), None, None, None) => RateLimitKey::SpiffeId,
+            (None, Some(true), None, None) => RateLimitKey::RemoteAddress,
+            (None, None, None, Some(claim)) => match crate::authn::jwt::ClaimPath::parse(claim) {
+                Some(claim) => RateLimitKey::JwtClaim(claim),
+                None => {
+                    errors.push(
+                        format!("{path}.key.jwt_claim"),
+                        format!("\"{claim}\" is not a claim name"),
+                    );
+                    RateLimitKey::Shared
+                }
+            },
+            (None, None, Some(name), None) => {
                 match http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
                     Ok(name) => RateLimitKey::Header(name),
                     Err(_) => {
@@ -304,7 +334,7 @@ pub(super) fn build_rate_limit(
             _ => {
                 errors.push(
                     format!("{path}.key"),
-                    "give exactly one of spiffe_id: true, remote_address: true, header",
+                    "give exactly one of spiffe_id: true, remote_address: true, header, jwt_claim",
                 );
                 RateLimitKey::Shared
             }
@@ -346,6 +376,12 @@ pub(super) fn check_connection_level(file: &RbacFile, path: &str, errors: &mut E
             errors.push(
                 path.to_string(),
                 "a TCP listener's RBAC cannot match headers",
+            );
+        }
+        if p.jwt_claim.is_some() {
+            errors.push(
+                path.to_string(),
+                "a TCP listener's RBAC cannot match JWT claims",
             );
         }
         for (key, list) in [("and", &p.and), ("or", &p.or)] {

@@ -114,13 +114,23 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                 }
                 let routes =
                     build_route_table(&listener.virtual_hosts, &path, &cluster_names, &mut errors);
-                ListenerProtocol::Http(build_http(listener, &path, routes, &mut errors))
+                if errors.strict_references() {
+                    check_route_jwt_names(listener, &path, &mut errors);
+                }
+                ListenerProtocol::Http(build_http(
+                    listener,
+                    &path,
+                    routes,
+                    &cluster_names,
+                    &mut errors,
+                ))
             }
             ListenerKind::Capture => {
                 let http = build_http(
                     listener,
                     &path,
                     RouteTable::new(Vec::new(), &[]),
+                    &cluster_names,
                     &mut errors,
                 );
                 match super::capture::build(
@@ -323,6 +333,7 @@ fn build_http(
     listener: &ListenerFile,
     path: &str,
     routes: RouteTable,
+    clusters: &HashSet<&str>,
     errors: &mut Errors,
 ) -> HttpListener {
     HttpListener {
@@ -340,7 +351,36 @@ fn build_http(
         rate_limit: listener.http.local_rate_limit.as_ref().map(|limit| {
             super::rbac::build_rate_limit(limit, &format!("{path}.http.local_rate_limit"), errors)
         }),
+        jwt: listener
+            .http
+            .jwt
+            .as_ref()
+            .map(|jwt| super::jwt::build_jwt(jwt, &format!("{path}.http.jwt"), clusters, errors)),
         routes: Arc::new(routes),
+    }
+}
+
+/// A route's `jwt.requirement` must name an entry of its listener's
+/// `requirement_map` (static config; from xDS an unknown name fails the
+/// request instead, as the route may arrive before its listener).
+fn check_route_jwt_names(listener: &ListenerFile, path: &str, errors: &mut Errors) {
+    let map = listener.http.jwt.as_ref().map(|jwt| &jwt.requirement_map);
+    for (v, vhost) in listener.virtual_hosts.iter().enumerate() {
+        for (r, route) in vhost.routes.iter().enumerate() {
+            let Some(jwt) = &route.jwt else { continue };
+            let rpath = format!("{path}.virtual_hosts[{v}].routes[{r}].jwt");
+            match map {
+                None => errors.push(rpath, "the listener has no http.jwt section"),
+                Some(map) => {
+                    if let Some(name) = jwt.requirement.as_ref().filter(|n| !map.contains_key(*n)) {
+                        errors.push(
+                            format!("{rpath}.requirement"),
+                            format!("unknown requirement \"{name}\" (not in the listener's http.jwt.requirement_map)"),
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -671,6 +711,10 @@ fn build_route(
         rate_limit: route.local_rate_limit.as_ref().map(|limit| {
             super::rbac::build_rate_limit(limit, &format!("{path}.local_rate_limit"), errors)
         }),
+        jwt: route
+            .jwt
+            .as_ref()
+            .map(|jwt| super::jwt::route_jwt(jwt, &format!("{path}.jwt"), errors)),
         access_log: route.access_log.inspect(|policy| {
             if let Some((field, reason)) = policy.validate() {
                 errors.push(format!("{path}.access_log.{field}"), reason);
@@ -721,7 +765,7 @@ fn build_value_match(
     }
 }
 
-fn build_match(m: &RouteMatchFile, path: &str, errors: &mut Errors) -> RouteMatch {
+pub(super) fn build_match(m: &RouteMatchFile, path: &str, errors: &mut Errors) -> RouteMatch {
     let path_match = match &m.path {
         None => PathMatch::Any,
         Some(p) => {

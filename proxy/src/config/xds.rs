@@ -211,9 +211,7 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
     {
         ctx.unsupported(format!("{path}.*_headers_to_add/remove"));
     }
-    if !r.typed_per_filter_config.is_empty() {
-        ctx.unsupported(format!("{path}.typed_per_filter_config"));
-    }
+    let jwt = route_filter_configs(&r.typed_per_filter_config, path, ctx);
     let matcher = route_match(r.r#match.as_ref(), &format!("{path}.match"), ctx);
     let mut out = RouteFile {
         name: (!r.name.is_empty()).then(|| r.name.clone()),
@@ -226,6 +224,7 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
         retry: None,
         rewrite: None,
         local_rate_limit: None,
+        jwt,
         access_log: None,
     };
     match &r.action {
@@ -921,7 +920,10 @@ pub fn listener_with(
                 "filter_chains[0].transport_socket (on a listener with bind_to_port: false)",
             );
         }
-        if file.http.rbac.is_some() || file.http.local_rate_limit.is_some() {
+        if file.http.rbac.is_some()
+            || file.http.local_rate_limit.is_some()
+            || file.http.jwt.is_some()
+        {
             ctx.unsupported(
                 "HTTP filters other than the router (on a listener with bind_to_port: false)",
             );
@@ -1088,6 +1090,15 @@ fn http_connection_manager(
             if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type {
                 file.http.local_rate_limit =
                     local_rate_limit_filter(any, &format!("{fpath}.typed_config"), ctx);
+            }
+            continue;
+        }
+        if type_url == JWT_AUTHN_TYPE {
+            if file.http.jwt.is_some() {
+                ctx.unsupported(format!("{fpath} (a second JWT authentication filter)"));
+            }
+            if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type {
+                file.http.jwt = jwt_filter(any, &format!("{fpath}.typed_config"), ctx);
             }
             continue;
         }
@@ -1610,10 +1621,108 @@ fn rbac_principal(p: &rbac::Principal, path: &str, ctx: &mut Ctx) -> PrincipalFi
             header: header_match(h, &format!("{path}.header"), ctx),
             ..Default::default()
         },
+        Some(Identifier::Metadata(m)) => {
+            jwt_metadata_principal(m, &format!("{path}.metadata"), ctx)
+        }
+        Some(Identifier::SourcedMetadata(sourced))
+            if sourced.metadata_source == rbac::MetadataSource::Dynamic as i32 =>
+        {
+            match &sourced.metadata_matcher {
+                Some(m) => jwt_metadata_principal(
+                    m,
+                    &format!("{path}.sourced_metadata.metadata_matcher"),
+                    ctx,
+                ),
+                None => {
+                    ctx.err(
+                        format!("{path}.sourced_metadata.metadata_matcher"),
+                        "is required",
+                    );
+                    PrincipalFile::default()
+                }
+            }
+        }
         _ => {
             ctx.unsupported(format!("{path}.identifier"));
             PrincipalFile::default()
         }
+    }
+}
+
+/// The filter whose metadata carries verified JWT payloads.
+const JWT_AUTHN_FILTER: &str = "envoy.filters.http.jwt_authn";
+
+/// A metadata principal on `envoy.filters.http.jwt_authn` (`path`: the
+/// provider's `payload_in_metadata` key, then the claim) as a `jwt_claim`
+/// principal. The first key is not kept: Postern matches the claims of
+/// every token verified for the request.
+fn jwt_metadata_principal(
+    m: &matcher::MetadataMatcher,
+    path: &str,
+    ctx: &mut Ctx,
+) -> PrincipalFile {
+    use matcher::metadata_matcher::path_segment::Segment;
+    use matcher::value_matcher::MatchPattern;
+    if m.filter != JWT_AUTHN_FILTER {
+        ctx.unsupported(format!(
+            "{path}.filter {:?} (only {JWT_AUTHN_FILTER})",
+            m.filter
+        ));
+        return PrincipalFile::default();
+    }
+    let keys: Vec<&str> = m
+        .path
+        .iter()
+        .filter_map(|s| s.segment.as_ref().map(|Segment::Key(key)| key.as_str()))
+        .collect();
+    if keys.len() < 2 || keys.len() != m.path.len() {
+        ctx.err(
+            format!("{path}.path"),
+            "needs the payload key and then the claim (keys only)",
+        );
+        return PrincipalFile::default();
+    }
+    let mut pattern = m.value.as_ref().and_then(|v| v.match_pattern.as_ref());
+    // A list claim matches when one element does, as every claim in Postern.
+    if let Some(MatchPattern::ListMatch(list)) = pattern {
+        pattern = match &list.match_pattern {
+            Some(matcher::list_matcher::MatchPattern::OneOf(inner)) => inner.match_pattern.as_ref(),
+            None => None,
+        };
+    }
+    let value = match pattern {
+        Some(MatchPattern::StringMatch(sm)) => rbac_string(sm, &format!("{path}.value"), ctx),
+        Some(MatchPattern::BoolMatch(b)) => StringMatchFile {
+            exact: Some(b.to_string()),
+            ..Default::default()
+        },
+        Some(MatchPattern::PresentMatch(true)) => StringMatchFile {
+            regex: Some("(?s).*".into()),
+            ..Default::default()
+        },
+        _ => {
+            ctx.unsupported(format!(
+                "{path}.value (only string_match, bool_match, present_match: true, list_match.one_of)"
+            ));
+            StringMatchFile::default()
+        }
+    };
+    let principal = PrincipalFile {
+        jwt_claim: Some(JwtClaimMatchFile {
+            name: keys[1..].join("."),
+            exact: value.exact,
+            prefix: value.prefix,
+            regex: value.regex,
+        }),
+        ..Default::default()
+    };
+    if m.invert {
+        PrincipalFile {
+            not: Some(Box::new(principal)),
+            ..Default::default()
+        }
+    } else {
+        principal
     }
 }
 
@@ -1764,5 +1873,294 @@ fn local_rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<Local
         key: None,
         shadow: !enforced,
         max_keys: 1,
+    })
+}
+
+// -------------------------------------------------------------- jwt_authn --
+
+use postern_proto::envoy::extensions::filters::http::jwt_authn::v3 as jwt_authn;
+
+/// Type URL of the JWT authentication filter's config.
+const JWT_AUTHN_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication";
+/// Type URL of its per-route config.
+const JWT_PER_ROUTE_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig";
+/// Type URL of the wrapper Envoy allows around any per-route config.
+const FILTER_CONFIG_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.FilterConfig";
+
+/// A route's `typed_per_filter_config`: the JWT filter's `PerRouteConfig`
+/// becomes the route's `jwt`; anything else is NACKed.
+fn route_filter_configs(
+    configs: &std::collections::HashMap<String, Any>,
+    path: &str,
+    ctx: &mut Ctx,
+) -> Option<RouteJwtFile> {
+    use jwt_authn::per_route_config::RequirementSpecifier;
+    let mut jwt = None;
+    let mut names: Vec<&String> = configs.keys().collect();
+    names.sort();
+    for name in names {
+        let fpath = format!("{path}.typed_per_filter_config[{name}]");
+        let mut any = &configs[name];
+        let wrapped;
+        if any.type_url == FILTER_CONFIG_TYPE {
+            match decode::<route::FilterConfig>(any, FILTER_CONFIG_TYPE) {
+                Ok(wrapper) => {
+                    wrapped = wrapper.config.unwrap_or_default();
+                    any = &wrapped;
+                }
+                Err(problems) => {
+                    ctx.err(&fpath, problems.join("; "));
+                    continue;
+                }
+            }
+        }
+        if any.type_url != JWT_PER_ROUTE_TYPE {
+            ctx.unsupported(format!("{fpath} ({})", any.type_url));
+            continue;
+        }
+        let config: jwt_authn::PerRouteConfig = match decode(any, JWT_PER_ROUTE_TYPE) {
+            Ok(config) => config,
+            Err(problems) => {
+                ctx.err(&fpath, problems.join("; "));
+                continue;
+            }
+        };
+        jwt = match config.requirement_specifier {
+            Some(RequirementSpecifier::Disabled(true)) => Some(RouteJwtFile {
+                disabled: Some(true),
+                requirement: None,
+            }),
+            Some(RequirementSpecifier::RequirementName(name)) => Some(RouteJwtFile {
+                disabled: None,
+                requirement: Some(name),
+            }),
+            Some(RequirementSpecifier::Disabled(false)) | None => None,
+        };
+    }
+    jwt
+}
+
+fn jwt_requirement(r: &jwt_authn::JwtRequirement, path: &str, ctx: &mut Ctx) -> JwtRequirementFile {
+    use jwt_authn::jwt_requirement::RequiresType;
+    let list = |items: &[jwt_authn::JwtRequirement], key: &str, ctx: &mut Ctx| {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, r)| jwt_requirement(r, &format!("{path}.{key}[{i}]"), ctx))
+            .collect::<Vec<_>>()
+    };
+    match &r.requires_type {
+        Some(RequiresType::ProviderName(name)) => JwtRequirementFile {
+            provider: Some(name.clone()),
+            ..Default::default()
+        },
+        Some(RequiresType::ProviderAndAudiences(p)) => JwtRequirementFile {
+            provider: Some(p.provider_name.clone()),
+            audiences: Some(p.audiences.clone()),
+            ..Default::default()
+        },
+        Some(RequiresType::RequiresAny(any)) => JwtRequirementFile {
+            any: Some(list(&any.requirements, "requires_any", ctx)),
+            ..Default::default()
+        },
+        Some(RequiresType::RequiresAll(all)) => JwtRequirementFile {
+            all: Some(list(&all.requirements, "requires_all", ctx)),
+            ..Default::default()
+        },
+        Some(RequiresType::AllowMissing(_)) => JwtRequirementFile {
+            allow_missing: Some(true),
+            ..Default::default()
+        },
+        // An empty requirement verifies nothing and refuses nothing.
+        Some(RequiresType::AllowMissingOrFailed(_)) | None => JwtRequirementFile {
+            allow_missing_or_failed: Some(true),
+            ..Default::default()
+        },
+        Some(RequiresType::ExtractOnlyWithoutValidation(_)) => {
+            ctx.unsupported(format!("{path}.extract_only_without_validation"));
+            JwtRequirementFile::default()
+        }
+    }
+}
+
+fn jwt_provider(p: &jwt_authn::JwtProvider, path: &str, ctx: &mut Ctx) -> JwtProviderFile {
+    use jwt_authn::jwt_provider::JwksSourceSpecifier;
+    for (field, set) in [
+        ("subjects", p.subjects.is_some()),
+        ("max_lifetime", p.max_lifetime.is_some()),
+        ("from_cookies", !p.from_cookies.is_empty()),
+        ("pad_forward_payload_header", p.pad_forward_payload_header),
+        (
+            "normalize_payload_in_metadata",
+            p.normalize_payload_in_metadata.is_some(),
+        ),
+    ] {
+        if set {
+            ctx.unsupported(format!("{path}.{field}"));
+        }
+    }
+    let jwks = match &p.jwks_source_specifier {
+        Some(JwksSourceSpecifier::LocalJwks(source)) => match &source.specifier {
+            Some(core::data_source::Specifier::InlineString(text)) => JwksSourceFile {
+                inline: Some(text.clone()),
+                ..Default::default()
+            },
+            Some(core::data_source::Specifier::InlineBytes(bytes)) => JwksSourceFile {
+                inline: Some(String::from_utf8_lossy(bytes).into_owned()),
+                ..Default::default()
+            },
+            Some(core::data_source::Specifier::Filename(name)) => JwksSourceFile {
+                file: Some(name.into()),
+                ..Default::default()
+            },
+            _ => {
+                ctx.unsupported(format!(
+                    "{path}.local_jwks (only inline_string, inline_bytes, filename)"
+                ));
+                JwksSourceFile::default()
+            }
+        },
+        Some(JwksSourceSpecifier::RemoteJwks(remote)) => {
+            let rpath = format!("{path}.remote_jwks");
+            if remote.retry_policy.is_some() {
+                ctx.unsupported(format!("{rpath}.retry_policy"));
+            }
+            let uri = remote.http_uri.clone().unwrap_or_default();
+            let cluster = match uri.http_upstream_type {
+                Some(core::http_uri::HttpUpstreamType::Cluster(cluster)) => cluster,
+                None => {
+                    ctx.err(format!("{rpath}.http_uri.cluster"), "is required");
+                    String::new()
+                }
+            };
+            let timeout = duration_field(&uri.timeout, &format!("{rpath}.http_uri.timeout"), ctx);
+            let cache = duration_field(
+                &remote.cache_duration,
+                &format!("{rpath}.cache_duration"),
+                ctx,
+            );
+            JwksSourceFile {
+                remote: Some(RemoteJwksFile {
+                    uri: uri.uri,
+                    cluster,
+                    cache_duration: cache
+                        .filter(|d| !d.is_zero())
+                        .unwrap_or(Duration::from_secs(600)),
+                    timeout: timeout
+                        .filter(|d| !d.is_zero())
+                        .unwrap_or(Duration::from_secs(5)),
+                    min_refetch_interval: Duration::from_secs(30),
+                }),
+                ..Default::default()
+            }
+        }
+        None => {
+            ctx.err(format!("{path}.jwks_source_specifier"), "is required");
+            JwksSourceFile::default()
+        }
+    };
+    JwtProviderFile {
+        issuer: (!p.issuer.is_empty()).then(|| p.issuer.clone()),
+        audiences: p.audiences.clone(),
+        jwks,
+        from_headers: p
+            .from_headers
+            .iter()
+            .map(|h| JwtHeaderFile {
+                name: h.name.clone(),
+                value_prefix: h.value_prefix.clone(),
+            })
+            .collect(),
+        from_params: p.from_params.clone(),
+        forward: p.forward,
+        forward_payload_header: (!p.forward_payload_header.is_empty())
+            .then(|| p.forward_payload_header.clone()),
+        claim_to_headers: p
+            .claim_to_headers
+            .iter()
+            .map(|c| ClaimToHeaderFile {
+                claim: if c.claim_path.is_empty() {
+                    c.claim_name.clone()
+                } else {
+                    c.claim_path
+                        .iter()
+                        .map(|s| s.key.as_str())
+                        .collect::<Vec<_>>()
+                        .join(".")
+                },
+                header: c.header_name.clone(),
+            })
+            .collect(),
+        // Envoy reads 0 (unset) as its default, 60 seconds.
+        clock_skew: Duration::from_secs(match p.clock_skew_seconds {
+            0 => 60,
+            n => u64::from(n),
+        }),
+        require_expiration: p.require_expiration,
+    }
+}
+
+/// The JWT authentication filter's config as the listener's `jwt`.
+fn jwt_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<JwtAuthnFile> {
+    use jwt_authn::requirement_rule::RequirementType;
+    let config: jwt_authn::JwtAuthentication = match decode(any, JWT_AUTHN_TYPE) {
+        Ok(config) => config,
+        Err(problems) => {
+            ctx.err(path, problems.join("; "));
+            return None;
+        }
+    };
+    if config.filter_state_rules.is_some() {
+        ctx.unsupported(format!("{path}.filter_state_rules"));
+    }
+    let providers = config
+        .providers
+        .iter()
+        .map(|(name, p)| {
+            (
+                name.clone(),
+                jwt_provider(p, &format!("{path}.providers[{name}]"), ctx),
+            )
+        })
+        .collect();
+    let rules = config
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            let rpath = format!("{path}.rules[{i}]");
+            JwtRuleFile {
+                matcher: route_match(rule.r#match.as_ref(), &format!("{rpath}.match"), ctx),
+                requires: match &rule.requirement_type {
+                    Some(RequirementType::Requires(r)) => {
+                        Some(jwt_requirement(r, &format!("{rpath}.requires"), ctx))
+                    }
+                    Some(RequirementType::RequirementName(name)) => Some(JwtRequirementFile {
+                        requirement: Some(name.clone()),
+                        ..Default::default()
+                    }),
+                    None => None,
+                },
+            }
+        })
+        .collect();
+    let requirement_map = config
+        .requirement_map
+        .iter()
+        .map(|(name, r)| {
+            (
+                name.clone(),
+                jwt_requirement(r, &format!("{path}.requirement_map[{name}]"), ctx),
+            )
+        })
+        .collect();
+    Some(JwtAuthnFile {
+        providers,
+        rules,
+        requirement_map,
+        bypass_cors_preflight: config.bypass_cors_preflight,
+        strip_failure_response: config.strip_failure_response,
     })
 }

@@ -56,6 +56,8 @@ pub struct HttpConfig {
     pub rbac: Option<Arc<crate::authz::Rbac>>,
     /// Rate limit on every request of the listener.
     pub rate_limit: Option<Arc<crate::ratelimit::LocalRateLimit>>,
+    /// JWT authentication, before RBAC.
+    pub jwt: Option<Arc<crate::authn::JwtAuthn>>,
     /// Virtual hosts and routes.
     pub routes: Arc<RouteTable>,
 }
@@ -67,7 +69,16 @@ impl HttpConfig {
             normalize: http.normalize,
             rbac: http.rbac.clone(),
             rate_limit: http.rate_limit.clone(),
+            jwt: http.jwt.clone(),
             routes: http.routes.clone(),
+        }
+    }
+
+    /// Carries over what the config it replaces learned at run time
+    /// (fetched JWT keys), so a config push costs no refetch.
+    pub fn adopt(&self, previous: &HttpConfig) {
+        if let (Some(jwt), Some(old)) = (&self.jwt, &previous.jwt) {
+            jwt.adopt(old);
         }
     }
 }
@@ -280,16 +291,19 @@ fn replace_path<B>(request: &mut Request<B>, path: &str) -> Result<(), LocalRepl
 
 impl HttpProxy {
     /// Takes a token; the 429 to send when the limit refuses the request.
+    #[allow(clippy::too_many_arguments)]
     fn rate_limited<B>(
         &self,
         limit: &crate::ratelimit::LocalRateLimit,
         scope: &str,
         peer: &hdr::DownstreamPeer,
         request: &Request<B>,
+        jwt: &[crate::authn::VerifiedJwt],
         grpc: bool,
         record: &mut CallRecord,
     ) -> Option<Response<ResponseBody>> {
         use crate::ratelimit::{RateLimitKey, Take};
+        let claim_key;
         let key = match &limit.key {
             RateLimitKey::Shared => "",
             RateLimitKey::SpiffeId => peer.spiffe_id.as_deref().map_or("", |id| id.as_str()),
@@ -300,6 +314,10 @@ impl HttpProxy {
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or(""),
+            RateLimitKey::JwtClaim(claim) => {
+                claim_key = jwt.iter().find_map(|token| token.claims.text(claim));
+                claim_key.as_deref().unwrap_or("")
+            }
         };
         let Take::Limited { retry_after } = limit.limiter.take(key, Instant::now()) else {
             return None;
@@ -344,6 +362,7 @@ impl HttpProxy {
         peer: &hdr::DownstreamPeer,
         request: &Request<B>,
         authority: &str,
+        jwt: &[crate::authn::VerifiedJwt],
     ) -> Option<LocalReply> {
         use crate::authz::{Decision, RbacAction, RequestFacts};
         let facts = RequestFacts {
@@ -357,6 +376,7 @@ impl HttpProxy {
             path: request.uri().path(),
             headers: request.headers(),
             authority,
+            jwt,
         };
         if let Some(shadow) = &rbac.shadow {
             if let Decision::Denied(policy) = shadow.evaluate(&facts) {
@@ -405,6 +425,73 @@ impl HttpProxy {
             }
             Decision::Allowed(_) => None,
         }
+    }
+
+    /// JWT authentication: the verified tokens, or the 401 to send.
+    async fn authenticate(
+        &self,
+        config: &HttpConfig,
+        request: &mut Request<Incoming>,
+        authority: &str,
+        grpc: bool,
+        record: &mut CallRecord,
+    ) -> Result<Vec<crate::authn::VerifiedJwt>, Response<ResponseBody>> {
+        let Some(jwt) = &config.jwt else {
+            return Ok(Vec::new());
+        };
+        // Routes may pick the requirement; the router looks again later,
+        // on the request as authentication left it.
+        let route = if config.routes.has_jwt_overrides() {
+            let view = RequestView {
+                authority,
+                path: request.uri().path(),
+                query: request.uri().query(),
+                method: request.method(),
+                headers: request.headers(),
+            };
+            config
+                .routes
+                .route(&view)
+                .and_then(|(_, route)| route.jwt.as_ref())
+        } else {
+            None
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        // Boxed: only listeners with JWT pay for its state in every
+        // request's future.
+        let failure = match Box::pin(jwt.authenticate(
+            request,
+            authority,
+            route,
+            &self.clusters,
+            now,
+        ))
+        .await
+        {
+            Ok(verified) => return Ok(verified),
+            Err(failure) => failure,
+        };
+        tracing::debug!(listener = %self.listener.name, %failure, path = request.uri().path(), "JWT authentication failed");
+        let message = match (&failure, jwt.strip_failure_response) {
+            (_, true) => "",
+            (crate::authn::AuthnFailure::Missing, false) => "Jwt is missing",
+            (crate::authn::AuthnFailure::Invalid { .. }, false) => "Jwt verification fails",
+        };
+        let reply = LocalReply::new(
+            StatusCode::UNAUTHORIZED,
+            message,
+            Some(ResponseFlag::UnauthorizedJwt),
+        );
+        let mut response = local_response(&reply, grpc, record);
+        if !jwt.strip_failure_response {
+            let challenge = www_authenticate(request, authority, &failure);
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        Err(response)
     }
 
     /// Handles one downstream request from the peer whose IP is `peer`;
@@ -530,14 +617,21 @@ impl HttpProxy {
         // own x-forwarded-client-cert or x-forwarded-proto must not count.
         hdr::set_forwarding(request.headers_mut(), &peer, self.trust_downstream);
         record.note_request(&request);
+        let jwt = match self
+            .authenticate(&config, &mut request, authority_text, grpc, &mut record)
+            .await
+        {
+            Ok(verified) => verified,
+            Err(response) => return response,
+        };
         if let Some(rbac) = &config.rbac {
-            if let Some(reply) = self.authorize(rbac, &peer, &request, authority_text) {
+            if let Some(reply) = self.authorize(rbac, &peer, &request, authority_text, &jwt) {
                 return local_response(&reply, grpc, &mut record);
             }
         }
         if let Some(limit) = &config.rate_limit {
             if let Some(response) =
-                self.rate_limited(limit, "listener", &peer, &request, grpc, &mut record)
+                self.rate_limited(limit, "listener", &peer, &request, &jwt, grpc, &mut record)
             {
                 return response;
             }
@@ -570,7 +664,7 @@ impl HttpProxy {
         };
         if let Some(limit) = &route.rate_limit {
             if let Some(response) =
-                self.rate_limited(limit, &route.name, &peer, &request, grpc, &mut record)
+                self.rate_limited(limit, &route.name, &peer, &request, &jwt, grpc, &mut record)
             {
                 return response;
             }
@@ -1079,6 +1173,31 @@ async fn tunnel(
         _ = relay => {}
         _ = force.changed() => {}
     }
+}
+
+/// The RFC 6750 challenge for a JWT failure; the realm is the request URL
+/// without its query, as Envoy sends it.
+fn www_authenticate<B>(
+    request: &Request<B>,
+    authority: &str,
+    failure: &crate::authn::AuthnFailure,
+) -> HeaderValue {
+    let scheme = request
+        .headers()
+        .get(&hdr::X_FORWARDED_PROTO)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("http");
+    let realm = format!("{scheme}://{authority}{}", request.uri().path())
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
+    // RFC 6750 §3.1: a request with no credentials gets no error code.
+    let challenge = match failure {
+        crate::authn::AuthnFailure::Missing => format!("Bearer realm=\"{realm}\""),
+        crate::authn::AuthnFailure::Invalid { .. } => {
+            format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")
+        }
+    };
+    HeaderValue::from_str(&challenge).unwrap_or_else(|_| HeaderValue::from_static("Bearer"))
 }
 
 /// Host or :authority of a request; a header value, so HTTP/1 requests

@@ -542,6 +542,7 @@ fn http_proxy(
             normalize: http.normalize,
             rbac: http.rbac.clone(),
             rate_limit: http.rate_limit.clone(),
+            jwt: http.jwt.clone(),
             routes,
         })),
         clusters: shared.clusters.clone(),
@@ -599,6 +600,7 @@ static GRPC_CONTENT_TYPE: LazyLock<Option<regex::Regex>> =
 fn inbound_routes(port: u16) -> RouteTable {
     let forward = |grpc: bool, matcher: RouteMatch| crate::route::Route {
         rate_limit: None,
+        jwt: None,
         access_log: None,
         name: Arc::from(if grpc { "inbound-grpc" } else { "inbound" }),
         matcher,

@@ -136,7 +136,9 @@ impl ListenerManager {
                 if let (Some(swap), ListenerProtocol::Http(http)) =
                     (&current.http, &listener.protocol)
                 {
-                    swap.store(Arc::new(HttpConfig::of(http)));
+                    let next = HttpConfig::of(http);
+                    next.adopt(&swap.load());
+                    swap.store(Arc::new(next));
                 }
                 if let Some(swap) = &current.capture {
                     swap.store(listener.clone());

@@ -1,6 +1,6 @@
 //! Local rate limits: token buckets, one per limit or one per key (caller
-//! SPIFFE ID, header value, remote address), with the clock passed in so
-//! the arithmetic is pure. Keyed buckets are bounded in number: idle
+//! SPIFFE ID, header value, remote address, JWT claim), with the clock
+//! passed in so the arithmetic is pure. Keyed buckets are bounded in number: idle
 //! (refilled) buckets are dropped first, then the least recently used.
 
 use std::collections::HashMap;
@@ -183,6 +183,8 @@ pub enum RateLimitKey {
     RemoteAddress,
     /// A request header's value.
     Header(http::HeaderName),
+    /// A claim of the first verified JWT that has it.
+    JwtClaim(crate::authn::jwt::ClaimPath),
 }
 
 /// A configured local rate limit.

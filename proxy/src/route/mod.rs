@@ -22,6 +22,8 @@ pub struct RouteTable {
     /// `(".example.com", index)`, longest suffix first.
     suffixes: Vec<(String, usize)>,
     wildcard: Option<usize>,
+    /// Some route sets its own JWT requirement.
+    jwt_overrides: bool,
 }
 
 /// A virtual host.
@@ -38,6 +40,8 @@ pub struct VirtualHost {
 pub struct Route {
     /// Local rate limit on this route, when configured.
     pub rate_limit: Option<Arc<crate::ratelimit::LocalRateLimit>>,
+    /// This route's JWT setting, when it overrides the listener's rules.
+    pub jwt: Option<crate::authn::RouteJwt>,
     /// Access-log filter and sampling, when the route sets its own.
     pub access_log: Option<crate::telemetry::access_log::LogPolicyFile>,
     /// Name for metrics and logs.
@@ -306,12 +310,23 @@ impl RouteTable {
             }
         }
         suffixes.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+        let jwt_overrides = vhosts
+            .iter()
+            .flat_map(|v| v.routes.iter())
+            .any(|r| r.jwt.is_some());
         RouteTable {
             vhosts,
             exact,
             suffixes,
             wildcard,
+            jwt_overrides,
         }
+    }
+
+    /// Whether some route sets its own JWT requirement, so authentication
+    /// must find the route first.
+    pub fn has_jwt_overrides(&self) -> bool {
+        self.jwt_overrides
     }
 
     /// The virtual hosts.

@@ -370,6 +370,7 @@ pub(crate) fn authorize(
         path: "",
         headers: &headers,
         authority: "",
+        jwt: &[],
     };
     if let Some(Decision::Denied(policy)) = rbac.shadow.as_ref().map(|s| s.evaluate(&facts)) {
         tracing::info!(listener = %listener, policy, "RBAC shadow rules would close the connection");

@@ -179,6 +179,11 @@ pub enum ResponseFlag {
     DownstreamProtocolError,
     /// The route named a cluster that does not exist.
     NoClusterFound,
+    /// JWT authentication refused the request (missing or invalid token).
+    /// Envoy has no flag for this; `UJWT` is Postern's own code, kept
+    /// apart from `UAEX` so that bad tokens are not read as an external
+    /// authorization service failing.
+    UnauthorizedJwt,
 }
 
 impl ResponseFlag {
@@ -200,13 +205,14 @@ impl ResponseFlag {
             ResponseFlag::StreamIdleTimeout => "SI",
             ResponseFlag::DownstreamProtocolError => "DPE",
             ResponseFlag::NoClusterFound => "NC",
+            ResponseFlag::UnauthorizedJwt => "UJWT",
         }
     }
 }
 
 impl ResponseFlag {
     /// Every flag, in the order codes are listed.
-    pub const ALL: [ResponseFlag; 15] = [
+    pub const ALL: [ResponseFlag; 16] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectFailure,
@@ -222,17 +228,18 @@ impl ResponseFlag {
         ResponseFlag::StreamIdleTimeout,
         ResponseFlag::DownstreamProtocolError,
         ResponseFlag::NoClusterFound,
+        ResponseFlag::UnauthorizedJwt,
     ];
 
-    fn bit(self) -> u16 {
-        1 << (self as u16)
+    fn bit(self) -> u32 {
+        1 << (self as u32)
     }
 }
 
 /// The set of flags a call collected; `-` when empty, else the codes joined
 /// by commas, as Envoy prints them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct ResponseFlags(u16);
+pub struct ResponseFlags(u32);
 
 impl ResponseFlags {
     /// Adds a flag.
@@ -260,7 +267,7 @@ impl ResponseFlags {
     /// The label and log value: `-`, or codes joined by commas. Interned, so
     /// a metric label costs no allocation per call.
     pub fn as_str(self) -> &'static str {
-        static JOINED: LazyLock<RwLock<HashMap<u16, &'static str>>> =
+        static JOINED: LazyLock<RwLock<HashMap<u32, &'static str>>> =
             LazyLock::new(|| RwLock::new(HashMap::new()));
         if self.0 == 0 {
             return "-";
@@ -273,7 +280,8 @@ impl ResponseFlags {
             .map(ResponseFlag::code)
             .collect::<Vec<_>>()
             .join(",");
-        // At most 2^15 combinations, each leaked once.
+        // Each combination that occurs is leaked once; calls collect a few
+        // flags at most, so only a handful of combinations ever do.
         let mut map = match JOINED.write() {
             Ok(map) => map,
             Err(poisoned) => poisoned.into_inner(),
