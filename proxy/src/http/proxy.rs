@@ -470,9 +470,21 @@ impl HttpProxy {
         ))
         .await
         {
-            Ok(verified) => return Ok(verified),
+            Ok(verified) => {
+                let result = if verified.is_empty() {
+                    "none"
+                } else {
+                    "verified"
+                };
+                self.count_jwt(result);
+                return Ok(verified);
+            }
             Err(failure) => failure,
         };
+        self.count_jwt(match failure {
+            crate::authn::AuthnFailure::Missing => "missing",
+            crate::authn::AuthnFailure::Invalid { .. } => "invalid",
+        });
         tracing::debug!(listener = %self.listener.name, %failure, path = request.uri().path(), "JWT authentication failed");
         let message = match (&failure, jwt.strip_failure_response) {
             (_, true) => "",
@@ -719,6 +731,15 @@ impl HttpProxy {
                 .await
             }
         }
+    }
+
+    fn count_jwt(&self, result: &'static str) {
+        metrics::counter!(
+            names::JWT_AUTHN_TOTAL,
+            "listener" => self.listener.name.clone(),
+            "result" => result,
+        )
+        .increment(1);
     }
 
     fn count_limit(&self, limit: &'static str) {

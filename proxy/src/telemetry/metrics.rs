@@ -40,6 +40,9 @@ pub const DOWNSTREAM_TLS_FAILURES_TOTAL: &str = "postern_downstream_tls_failures
 /// `peer_rejected` when the server refused our certificate).
 pub const UPSTREAM_TLS_FAILURES_TOTAL: &str = "postern_upstream_tls_failures_total";
 
+/// JWT authentication outcomes, by `listener`, `result` (`verified`,
+/// `none`: no token needed and none given, `missing`, `invalid`).
+pub const JWT_AUTHN_TOTAL: &str = "postern_jwt_authn_total";
 /// Requests refused by RBAC, by `listener`, `policy` (`none`: no allow policy matched).
 pub const RBAC_DENIALS_TOTAL: &str = "postern_rbac_denials_total";
 /// Requests the shadow rules would have refused, by `listener`, `policy`.
@@ -82,6 +85,7 @@ pub fn describe() {
         "Upstream TLS handshakes that failed, by reason"
     );
     describe_counter!(RBAC_DENIALS_TOTAL, "Requests refused by RBAC, by policy");
+    describe_counter!(JWT_AUTHN_TOTAL, "JWT authentication outcomes");
     describe_counter!(
         RATELIMIT_LIMITED_TOTAL,
         "Requests refused by a local rate limit (mode=shadow: would have been)"
