@@ -211,8 +211,16 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
     {
         ctx.unsupported(format!("{path}.*_headers_to_add/remove"));
     }
-    if !r.typed_per_filter_config.is_empty() {
-        ctx.unsupported(format!("{path}.typed_per_filter_config"));
+    // Envoy limits one route with the local rate limit filter's per-route
+    // config; no other per-route filter config is understood.
+    let mut local_rate_limit = None;
+    for (name, config) in &r.typed_per_filter_config {
+        let field = format!("{path}.typed_per_filter_config[{name}]");
+        if config.type_url == LOCAL_RATELIMIT_TYPE {
+            local_rate_limit = local_rate_limit_filter(config, &field, ctx);
+        } else {
+            ctx.unsupported(field);
+        }
     }
     let matcher = route_match(r.r#match.as_ref(), &format!("{path}.match"), ctx);
     let mut out = RouteFile {
@@ -225,7 +233,7 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
         timeout: None,
         retry: None,
         rewrite: None,
-        local_rate_limit: None,
+        local_rate_limit,
         access_log: None,
     };
     match &r.action {
@@ -1166,7 +1174,7 @@ fn check_sds_names(
     let Some(names) = sds else {
         ctx.err(
             path,
-            "TLS from xDS uses the workload identity: configure identity.source.sds",
+            "TLS from xDS uses the workload identity: configure an identity",
         );
         return Vec::new();
     };
