@@ -8,9 +8,13 @@
 //! the types (SotW) or resources (delta) that changed for that client. Every
 //! ACK and NACK is logged (`info` / `warn`) and published as an [`AdsEvent`].
 //!
-//! Boundaries: every node gets the same snapshot (no per-node views), and
-//! resources are opaque `Any`s here; building them from a mesh description is
-//! [`crate::mesh`]'s job.
+//! A snapshot may also hold resources for some nodes only
+//! ([`Snapshot::add_for_node`]): each stream serves its node's view
+//! ([`Snapshot::for_node`]), chosen by the `node.id` of its first request.
+//!
+//! Boundaries: the node id is taken on trust (nodes are not authenticated),
+//! and resources are opaque `Any`s here; building them from a mesh
+//! description is [`crate::mesh`]'s job.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -64,6 +68,8 @@ pub struct Snapshot {
     pub version: String,
     /// Resources by type URL (see `postern_proto::type_url`), then by name.
     pub resources: BTreeMap<String, BTreeMap<String, Any>>,
+    /// Resources only some nodes get: by `node.id`, then as `resources`.
+    pub node_resources: BTreeMap<String, BTreeMap<String, BTreeMap<String, Any>>>,
 }
 
 impl Snapshot {
@@ -72,7 +78,36 @@ impl Snapshot {
         Snapshot {
             version: version.into(),
             resources: BTreeMap::new(),
+            node_resources: BTreeMap::new(),
         }
+    }
+
+    /// Adds `body` as the resource `name` of `type_url` for the node
+    /// `node_id` alone, replacing any such resource of that node. In the
+    /// node's view it hides a shared resource of the same type and name.
+    pub fn add_for_node(&mut self, node_id: &str, type_url: &str, name: &str, body: Any) {
+        self.node_resources
+            .entry(node_id.to_owned())
+            .or_default()
+            .entry(type_url.to_owned())
+            .or_default()
+            .insert(name.to_owned(), body);
+    }
+
+    /// What the node `node_id` is served: the shared resources and its
+    /// own, with this snapshot's version and no node resources left.
+    pub fn for_node(&self, node_id: &str) -> Snapshot {
+        let mut view = Snapshot {
+            version: self.version.clone(),
+            resources: self.resources.clone(),
+            node_resources: BTreeMap::new(),
+        };
+        for (type_url, of_type) in self.node_resources.get(node_id).into_iter().flatten() {
+            for (name, body) in of_type {
+                view.add(type_url, name, body.clone());
+            }
+        }
+        view
     }
 
     /// Adds `body` as the resource `name` of `type_url`, replacing any
@@ -326,6 +361,9 @@ struct Conn<T> {
     server: AdsServer,
     tx: mpsc::Sender<Result<T, Status>>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// The snapshot as installed, every node's resources included.
+    installed: Arc<Snapshot>,
+    /// What this stream serves: `installed` as its node sees it.
     snapshot: Arc<Snapshot>,
     closing: watch::Receiver<bool>,
     /// `None` until the first request.
@@ -335,16 +373,23 @@ struct Conn<T> {
 impl<T> Conn<T> {
     fn new(server: AdsServer, tx: mpsc::Sender<Result<T, Status>>) -> Conn<T> {
         let mut snapshots = server.watch_snapshot();
-        let snapshot = snapshots.borrow_and_update().clone();
+        let installed = snapshots.borrow_and_update().clone();
         let closing = server.shared.closing.subscribe();
         Conn {
             server,
             tx,
             snapshots,
-            snapshot,
+            snapshot: node_view(&installed, ""),
+            installed,
             closing,
             node_id: None,
         }
+    }
+
+    /// Takes the newly installed snapshot.
+    fn refresh(&mut self) {
+        self.installed = self.snapshots.borrow_and_update().clone();
+        self.snapshot = node_view(&self.installed, self.node_id());
     }
 
     fn node_id(&self) -> &str {
@@ -362,6 +407,7 @@ impl<T> Conn<T> {
         tracing::Span::current().record("node", node_id.as_str());
         tracing::info!(node = %node_id, "ads stream connected");
         self.server.emit(&node_id, "", AdsEventKind::Connected);
+        self.snapshot = node_view(&self.installed, &node_id);
         self.node_id = Some(node_id);
     }
 
@@ -406,6 +452,16 @@ impl<T> Conn<T> {
             tracing::info!(node = %node_id, reason, "ads stream disconnected");
             self.server.emit(node_id, "", AdsEventKind::Disconnected);
         }
+    }
+}
+
+/// `installed` as the node `node_id` sees it; the same `Arc` when no node
+/// has resources of its own, so streams share one copy.
+fn node_view(installed: &Arc<Snapshot>, node_id: &str) -> Arc<Snapshot> {
+    if installed.node_resources.is_empty() {
+        installed.clone()
+    } else {
+        Arc::new(installed.for_node(node_id))
     }
 }
 
@@ -513,7 +569,7 @@ impl SotwStream {
                     if changed.is_err() {
                         break "server dropped".to_owned();
                     }
-                    self.conn.snapshot = self.conn.snapshots.borrow_and_update().clone();
+                    self.conn.refresh();
                     if self.push_changed().await.is_err() {
                         break "client stopped reading".to_owned();
                     }
@@ -713,7 +769,7 @@ impl DeltaStream {
                     if changed.is_err() {
                         break "server dropped".to_owned();
                     }
-                    self.conn.snapshot = self.conn.snapshots.borrow_and_update().clone();
+                    self.conn.refresh();
                     if self.push_changed().await.is_err() {
                         break "client stopped reading".to_owned();
                     }

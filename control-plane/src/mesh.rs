@@ -15,16 +15,27 @@
 //!   - name: db
 //!     address: 127.0.0.1:15432
 //!     tcp: { cluster: db }        # TCP: TcpProxy
+//!   - name: api-inbound
+//!     address: 127.0.0.1:15006
+//!     route: api-inbound
+//!     nodes: [api-v1]             # served to these node ids only (default: all)
+//!     mtls: { allow: [spiffe://cluster.local/ns/shop/sa/outbound] }
+//!     rbac:                       # HTTP RBAC filter: allow | deny
+//!       action: deny
+//!       policies:
+//!         - { name: no-admin, paths: [{ prefix: /admin }], principals: [] }
 //! routes:
 //!   - name: outbound-routes
 //!     virtual_hosts:
 //!       - name: web
 //!         domains: ["*"]
 //!         routes:
-//!           - prefix: /api        # or `path: /exact`, or `regex: ...`
+//!           - name: api           # optional; names the route in logs
+//!             prefix: /api        # or `path: /exact`, or `regex: ...`
 //!             headers: [{ name: x-canary, exact: "1" }]
 //!             cluster: api        # or `weighted: [{ cluster: a, weight: 90 }, ...]`
 //!             timeout: 5s
+//!             rate_limit: { max_tokens: 10, fill_interval: 1s }
 //! services:
 //!   - name: api
 //!     endpoints: [{ address: 127.0.0.1:9001, weight: 1 }]
@@ -32,14 +43,20 @@
 //!     protocol: http1             # http2: explicit HTTP/2 upstream
 //!     connect_timeout: 5s
 //!     max_connections: 1024
+//!     tls: { identities: [spiffe://cluster.local/ns/shop/sa/api] }
 //! ```
 //!
 //! Every field not listed is an error, and errors name the field path (e.g.
 //! `services[0].endpoints[1].address`). References between entries (a
 //! listener's route configuration, a route's clusters) must resolve.
 //!
-//! Boundaries: no TLS, secrets or policies yet; the mesh is served to every
-//! node alike.
+//! Mesh mTLS (listener `mtls`, service `tls`) names the workload identity's
+//! SDS secrets by Istio's names, `default` and `ROOTCA`; the control plane
+//! serves no secrets, so each proxy brings its identity (Postern: `files` or
+//! `istio_ca`). Policies: [`policy`].
+//!
+//! Boundaries: listeners may be per node; route configurations and services
+//! are served to every node alike.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -72,8 +89,11 @@ use serde::Deserialize;
 
 use crate::ads::{pack, AdsServer, Fnv1a, Snapshot};
 
+pub mod policy;
 #[cfg(test)]
 mod tests;
+
+use policy::{MtlsSpec, RateLimitSpec, RbacSpec, ServiceTlsSpec};
 
 /// Network filter name of the HTTP connection manager.
 pub const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
@@ -338,6 +358,13 @@ struct ListenerSpec {
     route: Option<String>,
     #[serde(default)]
     tcp: Option<TcpSpec>,
+    /// Node ids served this listener; empty: every node.
+    #[serde(default)]
+    nodes: Vec<String>,
+    #[serde(default)]
+    mtls: Option<MtlsSpec>,
+    #[serde(default)]
+    rbac: Option<RbacSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -366,6 +393,8 @@ struct VirtualHostSpec {
 #[serde(deny_unknown_fields)]
 struct RouteSpec {
     #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
     prefix: Option<String>,
     #[serde(default)]
     path: Option<String>,
@@ -379,6 +408,8 @@ struct RouteSpec {
     weighted: Option<Vec<WeightedSpec>>,
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
+    #[serde(default)]
+    rate_limit: Option<RateLimitSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -409,6 +440,8 @@ struct ServiceSpec {
     connect_timeout: Duration,
     #[serde(default)]
     max_connections: Option<u32>,
+    #[serde(default)]
+    tls: Option<ServiceTlsSpec>,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -484,16 +517,35 @@ impl MeshFile {
             config.validate(&path, &services)?;
         }
         let mut listeners = BTreeSet::new();
-        let mut addresses = BTreeSet::new();
         for (i, listener) in self.listeners.iter().enumerate() {
             let path = format!("listeners[{i}]");
             unique_name(&mut listeners, &listener.name, &path, "listener")?;
-            // Port 0 binds a fresh port each time, so only fixed ports clash.
-            if listener.address.port() != 0 && !addresses.insert(listener.address) {
+            listener.validate_nodes(&path)?;
+            // Port 0 binds a fresh port each time, so only fixed ports clash,
+            // and only on a node that gets both listeners.
+            let clash = self.listeners[..i].iter().any(|other| {
+                other.address == listener.address && other.shares_a_node_with(listener)
+            });
+            if listener.address.port() != 0 && clash {
                 return Err(invalid(
                     format!("{path}.address"),
-                    format!("address {} is used by another listener", listener.address),
+                    format!(
+                        "address {} is used by another listener of the same node",
+                        listener.address
+                    ),
                 ));
+            }
+            if let Some(mtls) = &listener.mtls {
+                mtls.validate(&format!("{path}.mtls"))?;
+            }
+            if let Some(rbac) = &listener.rbac {
+                if listener.route.is_none() {
+                    return Err(invalid(
+                        format!("{path}.rbac"),
+                        "rbac is an HTTP filter: only on a listener with `route`",
+                    ));
+                }
+                rbac.validate(&format!("{path}.rbac"))?;
             }
             match (&listener.route, &listener.tcp) {
                 (Some(route), None) => {
@@ -516,6 +568,29 @@ impl MeshFile {
             }
         }
         Ok(())
+    }
+}
+
+impl ListenerSpec {
+    fn validate_nodes(&self, path: &str) -> Result<(), MeshError> {
+        let mut seen = BTreeSet::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.is_empty() || !seen.insert(node.as_str()) {
+                return Err(invalid(
+                    format!("{path}.nodes[{i}]"),
+                    format!("node id {node:?} is empty or listed twice"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether some node is served both listeners (an empty list is every
+    /// node).
+    fn shares_a_node_with(&self, other: &ListenerSpec) -> bool {
+        self.nodes.is_empty()
+            || other.nodes.is_empty()
+            || self.nodes.iter().any(|node| other.nodes.contains(node))
     }
 }
 
@@ -551,6 +626,9 @@ impl ServiceSpec {
                     "endpoint weight must be at least 1",
                 ));
             }
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate(&format!("{path}.tls"))?;
         }
         Ok(())
     }
@@ -592,6 +670,15 @@ const MAX_PROTO_SECONDS: u64 = 315_576_000_000;
 
 impl RouteSpec {
     fn validate(&self, path: &str, services: &BTreeSet<&str>) -> Result<(), MeshError> {
+        if self.name.as_deref() == Some("") {
+            return Err(invalid(
+                format!("{path}.name"),
+                "route name is empty; leave it out or give one",
+            ));
+        }
+        if let Some(limit) = &self.rate_limit {
+            limit.validate(&format!("{path}.rate_limit"))?;
+        }
         let matches = [&self.prefix, &self.path, &self.regex]
             .iter()
             .filter(|m| m.is_some())
@@ -701,12 +788,33 @@ fn ads_config_source() -> core_v3::ConfigSource {
 impl MeshFile {
     fn to_snapshot(&self, version: String) -> Snapshot {
         let mut snapshot = Snapshot::new(version);
+        // Route configurations with a per-route rate limit: Envoy applies
+        // one only when the listener has the filter.
+        let rate_limited: BTreeSet<&str> = self
+            .routes
+            .iter()
+            .filter(|config| {
+                config
+                    .virtual_hosts
+                    .iter()
+                    .flat_map(|vhost| &vhost.routes)
+                    .any(|route| route.rate_limit.is_some())
+            })
+            .map(|config| config.name.as_str())
+            .collect();
         for listener in &self.listeners {
-            snapshot.add(
-                type_url::LISTENER,
-                &listener.name,
-                pack(&listener.to_envoy()),
-            );
+            let limited = listener
+                .route
+                .as_deref()
+                .is_some_and(|route| rate_limited.contains(route));
+            let body = pack(&listener.to_envoy(limited));
+            if listener.nodes.is_empty() {
+                snapshot.add(type_url::LISTENER, &listener.name, body);
+            } else {
+                for node in &listener.nodes {
+                    snapshot.add_for_node(node, type_url::LISTENER, &listener.name, body.clone());
+                }
+            }
         }
         for config in &self.routes {
             snapshot.add(type_url::ROUTE, &config.name, pack(&config.to_envoy()));
@@ -724,9 +832,25 @@ impl MeshFile {
 }
 
 impl ListenerSpec {
-    fn to_envoy(&self) -> listener_v3::Listener {
+    /// `rate_limited`: some route of its route configuration has a rate
+    /// limit.
+    fn to_envoy(&self, rate_limited: bool) -> listener_v3::Listener {
         let network_filter = match (&self.route, &self.tcp) {
             (Some(route), _) => {
+                let mut http_filters = Vec::new();
+                if let Some(rbac) = &self.rbac {
+                    http_filters.push(rbac.to_filter());
+                }
+                if rate_limited {
+                    http_filters.push(policy::rate_limit_filter());
+                }
+                http_filters.push(hcm_v3::HttpFilter {
+                    name: ROUTER.to_owned(),
+                    config_type: Some(http_filter::ConfigType::TypedConfig(pack(
+                        &Router::default(),
+                    ))),
+                    ..Default::default()
+                });
                 let hcm = hcm_v3::HttpConnectionManager {
                     stat_prefix: self.name.clone(),
                     route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(
@@ -735,13 +859,7 @@ impl ListenerSpec {
                             route_config_name: route.clone(),
                         },
                     )),
-                    http_filters: vec![hcm_v3::HttpFilter {
-                        name: ROUTER.to_owned(),
-                        config_type: Some(http_filter::ConfigType::TypedConfig(pack(
-                            &Router::default(),
-                        ))),
-                        ..Default::default()
-                    }],
+                    http_filters,
                     ..Default::default()
                 };
                 listener_v3::Filter {
@@ -768,6 +886,7 @@ impl ListenerSpec {
             address: Some(socket_address(self.address)),
             filter_chains: vec![listener_v3::FilterChain {
                 filters: vec![network_filter],
+                transport_socket: self.mtls.as_ref().map(MtlsSpec::transport_socket),
                 ..Default::default()
             }],
             ..Default::default()
@@ -841,6 +960,17 @@ impl RouteSpec {
             }
         };
         route_v3::Route {
+            name: self.name.clone().unwrap_or_default(),
+            typed_per_filter_config: self
+                .rate_limit
+                .iter()
+                .map(|limit| {
+                    (
+                        policy::LOCAL_RATE_LIMIT.to_owned(),
+                        limit.per_route_config(),
+                    )
+                })
+                .collect(),
             r#match: Some(route_v3::RouteMatch {
                 path_specifier: Some(path_specifier),
                 headers,
@@ -903,6 +1033,7 @@ impl ServiceSpec {
                 ..Default::default()
             }),
             typed_extension_protocol_options,
+            transport_socket: self.tls.as_ref().map(ServiceTlsSpec::transport_socket),
             ..Default::default()
         }
     }

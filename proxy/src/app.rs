@@ -87,6 +87,14 @@ impl Proxy {
             _ => None,
         });
         let sds = sds_names.as_ref().map(|_| SdsSource::new());
+        // TLS contexts from xDS name the identity's secrets. An identity
+        // from files or a CA answers to Istio's names, as istio-agent's
+        // local SDS server would for Envoy.
+        let tls_names = config.identity.as_ref().map(|_| {
+            sds_names
+                .clone()
+                .unwrap_or_else(crate::config::file::SdsSourceFile::istio)
+        });
         let (identity, rotator) = match &config.identity {
             Some(settings) => {
                 let (handle, task) = start_identity(settings, sds.as_ref())?;
@@ -215,6 +223,7 @@ impl Proxy {
                 &config.source,
                 runtime.clone(),
                 sds.zip(sds_names),
+                tls_names,
             )?),
             None => {
                 crate::xds::report_config_source(Some("static"));
@@ -376,6 +385,7 @@ fn start_xds(
     file: &crate::config::ConfigFile,
     runtime: Arc<Runtime>,
     sds: Option<(Arc<SdsSource>, crate::config::file::SdsSourceFile)>,
+    tls_names: Option<crate::config::file::SdsSourceFile>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let node = envoy_node(file);
     let mut client_config = postern_xds::ClientConfig::new(xds.address.clone(), node);
@@ -403,7 +413,7 @@ fn start_xds(
     // The handler merges dynamic resources into the static part of the
     // file (its xds and node sections stay, so the whole still validates).
     let base = file.clone();
-    let handler = crate::xds::XdsHandler::new(base, runtime, sds);
+    let handler = crate::xds::XdsHandler::new(base, runtime, sds, tls_names);
     let client = postern_xds::XdsClient::new(client_config, handler.clone());
     handler.attach(client.subscriptions(), client.status());
     handler.start_fallback(xds.initial_fetch_timeout);

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use postern::config::file::XdsProtocolFile;
 use postern::config::{BootstrapOverrides, Config, ConfigError};
-use postern::demo::{self, DemoOptions};
+use postern::demo::{self, Demo, DemoOptions};
 use postern::sidecar::{inject, iptables, wait_ready, webhook};
 use postern::{telemetry, Proxy};
 
@@ -36,14 +36,19 @@ enum Command {
     Run(Bootstrap),
     /// Check a config file (and flags) and report every problem with its field path.
     Validate(Bootstrap),
-    /// Run the proxy in front of built-in example backends.
+    /// Run a small mesh in this process: the reference control plane and
+    /// CA, two example services and their sidecars, with mTLS and policies.
     Demo {
-        /// Address of the demo's HTTP listener.
+        /// Address of the edge listener (on the frontend's sidecar).
         #[arg(long, default_value = "127.0.0.1:10000")]
         listen: SocketAddr,
-        /// Address of the admin server.
+        /// Address of the frontend sidecar's admin server; the reviews
+        /// sidecars take the next two ports.
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: SocketAddr,
+        /// Address of the control plane (ADS, CA, access-log collector).
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        control_plane: SocketAddr,
     },
     /// Install, print (--dry-run) or remove (--cleanup) the nat rules that
     /// capture a pod's TCP; run by the sidecar's init container.
@@ -161,10 +166,27 @@ fn main() -> ExitCode {
                 Ok((Proxy::start(config).await?, None))
             })
         }
-        Command::Demo { listen, admin } => run(logging, || async move {
-            let (proxy, help) = demo::start(DemoOptions { listen, admin }).await?;
-            Ok((proxy, Some(help)))
-        }),
+        Command::Demo {
+            listen,
+            admin,
+            control_plane,
+        } => {
+            let level = cli
+                .log_level
+                .or_else(|| std::env::var("RUST_LOG").ok())
+                .unwrap_or_else(|| demo::LOG_FILTER.to_owned());
+            let logging = move || telemetry::init_tracing(log_format, Some(&level));
+            run(logging, || async move {
+                let options = DemoOptions {
+                    listen,
+                    admin,
+                    control_plane,
+                };
+                let demo = Demo::start(options).await?;
+                let help = demo.help().to_owned();
+                Ok((demo, Some(help)))
+            })
+        }
         Command::Iptables(args) => exit_with(iptables::run_cli(&args)),
         Command::Inject(args) => match args.command {
             Some(inject::InjectCommand::Webhook(args)) => {
@@ -245,10 +267,46 @@ fn report_config_error(source: &str, err: &ConfigError) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn run<F, Fut>(logging: impl FnOnce(), start: F) -> ExitCode
+/// What `run` serves until a signal: one proxy, or the demo's mesh.
+trait Served {
+    fn drain(&self);
+    async fn drained_started(&self);
+    async fn wait(self) -> anyhow::Result<()>;
+}
+
+impl Served for Proxy {
+    fn drain(&self) {
+        Proxy::drain(self);
+    }
+
+    async fn drained_started(&self) {
+        Proxy::drained_started(self).await;
+    }
+
+    async fn wait(self) -> anyhow::Result<()> {
+        Proxy::wait(self).await
+    }
+}
+
+impl Served for Demo {
+    fn drain(&self) {
+        Demo::drain(self);
+    }
+
+    async fn drained_started(&self) {
+        Demo::drained_started(self).await;
+    }
+
+    async fn wait(self) -> anyhow::Result<()> {
+        Ok(Demo::wait(self).await?)
+    }
+}
+
+fn run<S, F, Fut>(logging: impl FnOnce(), start: F) -> ExitCode
 where
+    S: Served,
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<(Proxy, Option<String>)>>,
+    Fut: std::future::Future<Output = anyhow::Result<(S, Option<String>)>>,
 {
     logging();
     telemetry::install_prometheus_recorder();
@@ -293,7 +351,7 @@ where
 
 /// Starts the drain on SIGTERM or SIGINT; returns at once if a drain was
 /// started another way (the admin server), when `wait` takes over.
-async fn wait_for_signal(proxy: &Proxy) -> anyhow::Result<()> {
+async fn wait_for_signal(proxy: &impl Served) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

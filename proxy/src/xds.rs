@@ -86,6 +86,9 @@ pub struct XdsHandler {
     base: ConfigFile,
     /// Where SDS secrets for the workload identity go, and their names.
     sds: Option<(Arc<SdsSource>, SdsSourceFile)>,
+    /// The secret names TLS contexts may use for the workload identity;
+    /// `None` without an identity.
+    tls_names: Option<SdsSourceFile>,
     runtime: Arc<Runtime>,
     state: Mutex<Resources>,
     nacks: Mutex<BTreeMap<String, String>>,
@@ -105,11 +108,14 @@ impl std::fmt::Debug for XdsHandler {
 
 impl XdsHandler {
     /// A handler that merges dynamic resources into `base` (the bootstrap's
-    /// static part) and applies the result to `runtime`.
+    /// static part) and applies the result to `runtime`. `sds`: where SDS
+    /// secrets go, for an SDS identity; `tls_names`: the secret names that
+    /// mean the workload identity in TLS contexts, for any identity.
     pub fn new(
         base: ConfigFile,
         runtime: Arc<Runtime>,
         sds: Option<(Arc<SdsSource>, SdsSourceFile)>,
+        tls_names: Option<SdsSourceFile>,
     ) -> Arc<XdsHandler> {
         runtime.set_config_ready(false);
         report_config_source(None);
@@ -120,6 +126,7 @@ impl XdsHandler {
         Arc::new(XdsHandler {
             base,
             sds,
+            tls_names,
             runtime,
             state: Mutex::new(Resources::default()),
             nacks: Mutex::new(BTreeMap::new()),
@@ -347,7 +354,7 @@ impl XdsHandler {
             Update::Delta { added, removed, .. } => (added, removed, false),
         };
         let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
-        let sds_names = self.sds.as_ref().map(|(_, names)| names);
+        let sds_names = self.tls_names.as_ref();
         if type_url == type_url::SECRET {
             return self.apply_secrets(&resources, &removed);
         }

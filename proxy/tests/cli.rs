@@ -1,6 +1,6 @@
 //! End-to-end tests of the `postern` binary: `validate` on good and bad
-//! configs, graceful drain on SIGTERM, and flat memory while 100 MiB bodies
-//! stream through.
+//! configs, graceful drain on SIGTERM, flat memory while 100 MiB bodies
+//! stream through, and the demo mesh.
 
 use std::convert::Infallible;
 use std::io::Write as _;
@@ -678,84 +678,167 @@ async fn hundred_mib_bodies_stream_with_flat_memory() {
     );
 }
 
-/// Reads the demo's stdout until its help text names the addresses.
-fn demo_addresses(child: &mut Child) -> (SocketAddr, SocketAddr) {
+/// The demo's addresses, as its help text names them.
+struct DemoAddresses {
+    edge: SocketAddr,
+    frontend_admin: SocketAddr,
+    reviews_v1_admin: SocketAddr,
+}
+
+/// Reads the demo's stdout until its help text ends.
+fn demo_addresses(child: &mut Child) -> DemoAddresses {
     use std::io::BufRead as _;
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = std::io::BufReader::new(stdout).lines();
-    let (mut http, mut admin) = (None, None);
+    let (mut edge, mut frontend_admin, mut reviews_v1_admin) = (None, None, None);
     for line in lines.by_ref() {
         let line = line.expect("demo stdout");
-        let addr_after = |marker: &str| -> Option<SocketAddr> {
-            let rest = &line[line.find(marker)? + marker.len()..];
-            rest.split('/').next()?.parse().ok()
+        // `... admin 127.0.0.1:15000  edge 127.0.0.1:10000`
+        let after = |word: &str| -> Option<SocketAddr> {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == word)?;
+            words.next()?.parse().ok()
         };
-        if http.is_none() && line.contains("/hello ") {
-            http = addr_after("curl -s http://");
-        }
-        if line.contains("/metrics") {
-            admin = addr_after("curl -s http://");
+        match line.split_whitespace().next() {
+            Some("frontend") => {
+                edge = after("edge");
+                frontend_admin = after("admin");
+            }
+            Some("reviews-v1") => reviews_v1_admin = after("admin"),
+            _ => {}
         }
         if line.contains("Ctrl-C") {
             break;
         }
     }
-    // Keep draining so the demo never blocks on a full pipe.
+    // Keep draining (access-log summaries) so the demo never blocks on a
+    // full pipe.
     std::thread::spawn(move || for _ in lines {});
+    DemoAddresses {
+        edge: edge.expect("demo names its edge listener"),
+        frontend_admin: frontend_admin.expect("demo names the frontend admin"),
+        reviews_v1_admin: reviews_v1_admin.expect("demo names the reviews-v1 admin"),
+    }
+}
+
+/// `GET path` with `headers` on a new connection: status, the app that
+/// served it (`x-served-by`), and the body.
+async fn demo_get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Option<String>, String) {
+    let mut request = Request::get(path).header("host", "demo");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(empty()).expect("request");
+    let response = send(addr, request).await.expect("response");
+    let status = response.status().as_u16();
+    let served_by = response
+        .headers()
+        .get("x-served-by")
+        .map(|v| v.to_str().expect("ascii x-served-by").to_owned());
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     (
-        http.expect("demo names its listener"),
-        admin.expect("demo names its admin server"),
+        status,
+        served_by,
+        String::from_utf8_lossy(&body).into_owned(),
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_serves_its_examples_and_drains_on_sigterm() {
+async fn demo_runs_a_mesh_with_mtls_routing_and_policies_and_stops_on_sigterm() {
+    const FRONTEND_ID: &str = "spiffe://cluster.local/ns/demo/sa/frontend";
     let stderr = tempfile::NamedTempFile::new().expect("stderr file");
     let child = postern()
         .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--control-plane", "127.0.0.1:0"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr.reopen().expect("reopen stderr file"))
         .spawn()
         .expect("start postern demo");
     let mut demo = Running { child, stderr };
-    let (http, admin) = demo_addresses(&mut demo.child);
+    let at = demo_addresses(&mut demo.child);
 
-    let hello = send(
-        http,
-        Request::get("/hello")
-            .header("host", "demo")
-            .body(empty())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(hello.status(), 200);
-    let backend = hello.headers()["x-backend"].to_str().unwrap().to_owned();
-    assert!(backend.starts_with("hello-v"), "{backend}");
-    let body = hello.into_body().collect().await.unwrap().to_bytes();
-    assert!(String::from_utf8_lossy(&body).starts_with("hello from hello-v"));
+    // The canary header pins v2; the reply says the call crossed mTLS
+    // from the frontend's identity.
+    let (status, served_by, body) = demo_get(at.edge, "/reviews/1", &[("x-canary", "1")]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(served_by.as_deref(), Some("reviews-v2"));
+    assert!(body.contains(&format!("called by {FRONTEND_ID}")), "{body}");
 
-    let pinned = Request::get("/hello")
-        .header("host", "demo")
-        .header("x-canary", "1")
-        .body(empty())
-        .unwrap();
+    // Without it the 80/20 split sends calls to both versions. The split is
+    // random: 200 calls all missing one side has odds below 1e-19.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let (status, served_by, body) = demo_get(at.edge, "/reviews/1", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        seen.insert(served_by.expect("x-served-by"));
+        if seen.len() == 2 {
+            break;
+        }
+    }
     assert_eq!(
-        send(http, pinned).await.unwrap().headers()["x-backend"],
-        "hello-v2"
+        seen.into_iter().collect::<Vec<_>>(),
+        ["reviews-v1", "reviews-v2"]
     );
-    assert_eq!(http_status(http, "/old").await, Some(302));
-    assert_eq!(http_status(http, "/status").await, Some(200));
-    assert_eq!(http_status(http, "/echo/x").await, Some(200));
-    assert_eq!(http_status(admin, "/ready").await, Some(200));
+
+    // RBAC at the reviews sidecar refuses /reviews/admin.
+    let (status, served_by, body) = demo_get(at.edge, "/reviews/admin", &[]).await;
+    assert_eq!((status, served_by), (403, None), "{body}");
+
+    // The rate-limited route takes one call, then answers 429.
+    let (status, _, body) = demo_get(at.edge, "/reviews/top", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, served_by, body) = demo_get(at.edge, "/reviews/top", &[]).await;
+    assert_eq!((status, served_by), (429, None), "{body}");
+
+    // reviews-v1's sidecar counted calls from the frontend's verified
+    // identity over mutual TLS.
+    let (status, _, metrics) = demo_get(at.reviews_v1_admin, "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    let inbound = metrics.lines().find(|line| {
+        line.starts_with("istio_requests_total{")
+            && line.contains(r#"reporter="destination""#)
+            && line.contains(r#"destination_workload="reviews-v1""#)
+            && line.contains(r#"response_code="200""#)
+    });
+    let inbound = inbound.unwrap_or_else(|| panic!("no inbound series in:\n{metrics}"));
+    assert!(
+        inbound.contains(&format!(r#"source_principal="{FRONTEND_ID}""#)),
+        "{inbound}"
+    );
+    assert!(
+        inbound.contains(r#"connection_security_policy="mutual_tls""#),
+        "{inbound}"
+    );
+
+    // The frontend's config came from the control plane.
+    let (status, _, dump) = demo_get(at.frontend_admin, "/config_dump", &[]).await;
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config_dump json");
+    let dynamic = &dump["dynamic"];
+    assert!(dynamic["listeners"]["edge"].is_object(), "{dynamic}");
+    assert!(dynamic["routes"]["edge"].is_object(), "{dynamic}");
+    for cluster in ["reviews-v1", "reviews-v2", "frontend"] {
+        assert!(dynamic["clusters"][cluster].is_object(), "{dynamic}");
+    }
+    let (status, _, _) = demo_get(at.frontend_admin, "/certs", &[]).await;
+    assert_eq!(status, 200);
 
     let status = Command::new("kill")
         .args(["-TERM", &demo.pid().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let exit = demo.exited(Duration::from_secs(15)).await;
+    let exit = demo.exited(Duration::from_secs(20)).await;
     assert!(
         exit.is_some_and(|s| s.success()),
         "demo exit: {exit:?}: {}",

@@ -1,7 +1,8 @@
 //! Mesh mTLS configured entirely from xDS: listener and cluster TLS
 //! contexts that reference SDS secrets, the workload certificate and trust
 //! bundle delivered as Secrets, rotated by pushing new ones, and a bad
-//! secret NACKed while the installed identity keeps serving.
+//! secret NACKed while the installed identity keeps serving; and the same
+//! contexts served by an identity from a CA, under Istio's secret names.
 
 use std::net::SocketAddr;
 
@@ -9,7 +10,7 @@ use postern_control::ads::{AdsEventKind, Snapshot};
 use postern_proto::type_url;
 use postern_tests::control::{is_nack, wait_event, ControlPlane};
 use postern_tests::envoy::{certificate_secret, http_listener, root_secret, static_cluster};
-use postern_tests::mesh::TestCa;
+use postern_tests::mesh::{CaServer, TestCa};
 use postern_tests::{eventually, get, start_proxy, wait_until, HttpBackend, Proxy};
 
 const ID_A: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -168,5 +169,59 @@ async fn tls_contexts_naming_other_secrets_are_nacked() {
     assert!(
         error.contains("tls_certificate_sds_secret_configs"),
         "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_contexts_use_a_ca_identity_under_istios_secret_names() {
+    let ca = CaServer::start(
+        "cluster.local",
+        std::time::Duration::from_secs(3600),
+        &[ID_A, ID_B],
+    )
+    .await;
+    let bootstrap = |cp: &ControlPlane, node: &str, id: &str, token: usize| {
+        format!(
+            r#"
+node: {{ id: "{node}" }}
+xds: {{ address: "{}", initial_backoff: 50ms, max_backoff: 500ms }}
+identity:
+  spiffe_id: {id}
+  source:
+    istio_ca: {{ address: "{}", token_file: "{}", trust_bundle: "{}" }}
+"#,
+            cp.url(),
+            ca.address,
+            ca.token_files[token].display(),
+            ca.root_file.display(),
+        )
+    };
+    let app = HttpBackend::start("app").await;
+
+    // The TLS contexts name `default` and `ROOTCA`, and no Secret is served.
+    let mut b_snapshot = Snapshot::new("1");
+    b_snapshot.add_message(
+        "b-in",
+        &http_listener("b-in", any_port(), "app", Some(&[ID_A])),
+    );
+    b_snapshot.add_message("app", &static_cluster("app", app.addr(), None));
+    let b_cp = ControlPlane::start(b_snapshot).await;
+    let b = start_proxy(&bootstrap(&b_cp, "b", ID_B, 1)).await;
+    ready(&b).await;
+    let b_addr = b.listener_addr("b-in").expect("b-in bound");
+
+    let mut a_snapshot = Snapshot::new("1");
+    a_snapshot.add_message("a-out", &http_listener("a-out", any_port(), "b", None));
+    a_snapshot.add_message("b", &static_cluster("b", b_addr, Some(&[ID_B])));
+    let a_cp = ControlPlane::start(a_snapshot).await;
+    let a = start_proxy(&bootstrap(&a_cp, "a", ID_A, 0)).await;
+    ready(&a).await;
+    let a_addr = a.listener_addr("a-out").expect("a-out bound");
+
+    let response = get(a_addr, "api", "/items").await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(
+        app.last_request().header("x-forwarded-client-cert"),
+        Some(format!("By={ID_B};URI={ID_A}").as_str())
     );
 }

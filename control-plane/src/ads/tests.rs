@@ -510,3 +510,68 @@ async fn delta_explicit_subscriptions() {
     assert_eq!(delta_names(&third), ["zz"]);
     assert!(third.removed_resources.is_empty());
 }
+
+#[test]
+fn node_view_adds_the_nodes_own_resources_and_hides_shared_ones() {
+    let mut snapshot = snapshot("v1", &["shared", "both"]);
+    snapshot.add_for_node("n1", CLUSTER, "own", pack(&cluster("own", 1)));
+    snapshot.add_for_node("n1", CLUSTER, "both", pack(&cluster("both", 7)));
+    snapshot.add_for_node("n2", CLUSTER, "theirs", pack(&cluster("theirs", 1)));
+
+    let view = snapshot.for_node("n1");
+    assert_eq!(view.version, "v1");
+    assert!(view.node_resources.is_empty());
+    assert_eq!(
+        view.of_type(CLUSTER).map(|(n, _)| n).collect::<Vec<_>>(),
+        ["both", "own", "shared"]
+    );
+    assert_eq!(view.get(CLUSTER, "both"), Some(&pack(&cluster("both", 7))));
+    // A node with nothing of its own sees the shared resources alone.
+    assert_eq!(
+        snapshot
+            .for_node("n3")
+            .of_type(CLUSTER)
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>(),
+        ["both", "shared"]
+    );
+}
+
+#[tokio::test]
+async fn each_stream_is_served_its_nodes_view() {
+    let server = AdsServer::new();
+    let mut first = snapshot("v1", &["shared"]);
+    first.add_for_node("n1", CLUSTER, "n1-only", pack(&cluster("n1-only", 1)));
+    first.add_for_node("n2", CLUSTER, "n2-only", pack(&cluster("n2-only", 1)));
+    server.set_snapshot(first);
+    let mut client = start(&server).await;
+
+    // SotW stream of node n1.
+    let mut n1 = sotw(&mut client).await;
+    n1.send(sotw_request(CLUSTER, &[])).await;
+    let response = n1.recv().await;
+    assert_eq!(cluster_names(&response.resources), ["n1-only", "shared"]);
+    n1.send(sotw_ack(CLUSTER, &response)).await;
+
+    // Delta stream of node n2.
+    let mut n2 = delta(&mut client).await;
+    n2.send(delta_subscribe(CLUSTER, &[])).await;
+    let response = n2.recv().await;
+    assert_eq!(delta_names(&response), ["n2-only", "shared"]);
+    n2.send(delta_ack(&response)).await;
+
+    // A change to one node's resources reaches that node only; the other
+    // hears nothing (its next message is the one after).
+    let mut second = snapshot("v2", &["shared"]);
+    second.add_for_node("n1", CLUSTER, "n1-only", pack(&cluster("n1-only", 2)));
+    second.add_for_node("n2", CLUSTER, "n2-only", pack(&cluster("n2-only", 1)));
+    server.set_snapshot(second);
+    let pushed = n1.recv().await;
+    assert_eq!(pushed.version_info, "v2");
+    assert_eq!(cluster_names(&pushed.resources), ["n1-only", "shared"]);
+    let mut third = snapshot("v3", &["shared", "new"]);
+    third.add_for_node("n1", CLUSTER, "n1-only", pack(&cluster("n1-only", 2)));
+    third.add_for_node("n2", CLUSTER, "n2-only", pack(&cluster("n2-only", 1)));
+    server.set_snapshot(third);
+    assert_eq!(delta_names(&n2.recv().await), ["new"]);
+}

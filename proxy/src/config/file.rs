@@ -261,6 +261,16 @@ pub struct SdsSourceFile {
     pub validation: String,
 }
 
+impl SdsSourceFile {
+    /// Istio's names: `default` and `ROOTCA`.
+    pub fn istio() -> SdsSourceFile {
+        SdsSourceFile {
+            certificate: default_sds_certificate(),
+            validation: default_sds_validation(),
+        }
+    }
+}
+
 fn default_sds_certificate() -> String {
     "default".into()
 }

@@ -211,7 +211,7 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
     {
         ctx.unsupported(format!("{path}.*_headers_to_add/remove"));
     }
-    let jwt = route_filter_configs(&r.typed_per_filter_config, path, ctx);
+    let (jwt, local_rate_limit) = route_filter_configs(&r.typed_per_filter_config, path, ctx);
     let matcher = route_match(r.r#match.as_ref(), &format!("{path}.match"), ctx);
     let mut out = RouteFile {
         name: (!r.name.is_empty()).then(|| r.name.clone()),
@@ -223,7 +223,7 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
         timeout: None,
         retry: None,
         rewrite: None,
-        local_rate_limit: None,
+        local_rate_limit,
         jwt,
         access_log: None,
     };
@@ -1248,7 +1248,7 @@ fn check_sds_names(
     let Some(names) = sds else {
         ctx.err(
             path,
-            "TLS from xDS uses the workload identity: configure identity.source.sds",
+            "TLS from xDS uses the workload identity: configure an identity",
         );
         return Vec::new();
     };
@@ -1895,9 +1895,11 @@ fn route_filter_configs(
     configs: &std::collections::HashMap<String, Any>,
     path: &str,
     ctx: &mut Ctx,
-) -> Option<RouteJwtFile> {
+) -> (Option<RouteJwtFile>, Option<LocalRateLimitFile>) {
     use jwt_authn::per_route_config::RequirementSpecifier;
     let mut jwt = None;
+    // Envoy's local rate limit filter takes its per-route config here too.
+    let mut local_rate_limit = None;
     let mut names: Vec<&String> = configs.keys().collect();
     names.sort();
     for name in names {
@@ -1915,6 +1917,10 @@ fn route_filter_configs(
                     continue;
                 }
             }
+        }
+        if any.type_url == LOCAL_RATELIMIT_TYPE {
+            local_rate_limit = local_rate_limit_filter(any, &fpath, ctx);
+            continue;
         }
         if any.type_url != JWT_PER_ROUTE_TYPE {
             ctx.unsupported(format!("{fpath} ({})", any.type_url));
@@ -1939,7 +1945,7 @@ fn route_filter_configs(
             Some(RequirementSpecifier::Disabled(false)) | None => None,
         };
     }
-    jwt
+    (jwt, local_rate_limit)
 }
 
 fn jwt_requirement(r: &jwt_authn::JwtRequirement, path: &str, ctx: &mut Ctx) -> JwtRequirementFile {

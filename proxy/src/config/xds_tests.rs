@@ -408,6 +408,64 @@ fn local_rate_limit_filter_maps_enabled_enforced_and_bucket() {
     assert!(problems[0].contains("filter_enabled"), "{problems:?}");
 }
 
+#[test]
+fn per_route_local_rate_limit_config_limits_that_route() {
+    use postern_proto::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+    use postern_proto::envoy::r#type::v3::{FractionalPercent, TokenBucket};
+    let all = || core::RuntimeFractionalPercent {
+        default_value: Some(FractionalPercent {
+            numerator: 100,
+            denominator: 0,
+        }),
+        ..Default::default()
+    };
+    let limit = LocalRateLimit {
+        stat_prefix: "route".into(),
+        token_bucket: Some(TokenBucket {
+            max_tokens: 1,
+            tokens_per_fill: None,
+            fill_interval: Some(postern_proto::google::protobuf::Duration {
+                seconds: 10,
+                nanos: 0,
+            }),
+        }),
+        filter_enabled: Some(all()),
+        filter_enforced: Some(all()),
+        ..Default::default()
+    };
+    let mut limited = route_to("api");
+    limited
+        .typed_per_filter_config
+        .insert("envoy.filters.http.local_ratelimit".into(), any(&limit));
+    let hosts = route_configuration(&config_of(vec![limited, route_to("api")])).unwrap();
+    let routes = &hosts[0].routes;
+    let bucket = routes[0].local_rate_limit.as_ref().expect("route limit");
+    assert_eq!(
+        (bucket.max_tokens, bucket.tokens_per_fill, bucket.shadow),
+        (1, Some(1), false)
+    );
+    assert_eq!(bucket.fill_interval, std::time::Duration::from_secs(10));
+    assert!(routes[1].local_rate_limit.is_none());
+
+    // Any other per-route filter config is refused by name.
+    let mut other = route_to("api");
+    other.typed_per_filter_config.insert(
+        "envoy.filters.http.rbac".into(),
+        Any {
+            type_url: "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
+                .into(),
+            value: Vec::new(),
+        },
+    );
+    let problems = route_configuration(&config_of(vec![other])).unwrap_err();
+    assert!(
+        problems[0].starts_with(
+            "virtual_hosts[0].routes[0].typed_per_filter_config[envoy.filters.http.rbac]"
+        ),
+        "{problems:?}"
+    );
+}
+
 fn tcp_listener(name: &str, address: Option<core::Address>, cluster: &str) -> listener::Listener {
     let proxy = tcp_proxy::TcpProxy {
         stat_prefix: name.into(),
