@@ -382,7 +382,7 @@ async fn peers(bin: &Path, dir: &Path) {
     println!();
     println!("| max_peers | callers | RSS (MiB) | istio_requests_total series | /metrics bytes |");
     println!("|---:|---:|---:|---:|---:|");
-    for max_peers in [1000u64, 1_000_000] {
+    for max_peers in [256u64, 1_000_000] {
         let (port, admin) = (free_port(), free_port());
         let config = dir.join(format!("peers-{max_peers}.yaml"));
         std::fs::write(

@@ -56,7 +56,7 @@ pub enum TelemetryStartError {
 }
 
 /// Default bound on distinct peers in metric labels.
-pub const DEFAULT_MAX_PEERS: usize = 1000;
+pub const DEFAULT_MAX_PEERS: usize = 256;
 
 impl TelemetryHub {
     /// A hub with the given local labels and sinks.
