@@ -132,6 +132,22 @@ impl Postern {
         Some((status, body))
     }
 
+    /// CPU seconds the process has used (user + system).
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .unwrap_or_default();
+        // Fields 14 and 15, counted after the `)` that ends the command name.
+        let fields: Vec<&str> = stat
+            .rsplit_once(") ")
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        // USER_HZ is 100 on Linux.
+        ticks as f64 / 100.0
+    }
+
     fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
@@ -154,6 +170,8 @@ impl Drop for Postern {
 struct WrkResult {
     rps: f64,
     p99_ms: f64,
+    /// Postern CPU per request, in microseconds.
+    cpu_us: f64,
 }
 
 fn wrk(port: u16, seconds: u64, conns: u64) -> WrkResult {
@@ -179,7 +197,11 @@ fn wrk(port: u16, seconds: u64, conns: u64) -> WrkResult {
         .and_then(|l| l.split_whitespace().nth(1))
         .map(parse_wrk_duration)
         .unwrap_or(f64::NAN);
-    WrkResult { rps, p99_ms: p99 }
+    WrkResult {
+        rps,
+        p99_ms: p99,
+        cpu_us: f64::NAN,
+    }
 }
 
 fn parse_wrk_duration(text: &str) -> f64 {
@@ -311,20 +333,28 @@ async fn cost(bin: &Path, dir: &Path) {
     .await;
     let mut off_runs = Vec::new();
     let mut on_runs = Vec::new();
+    // CPU per request is the steadier figure on a shared machine: other
+    // load slows both sides' throughput, but not the work each call takes.
+    // wrk runs off the runtime: the backend and collectors live on it.
+    async fn measured(postern: &Postern, port: u16, seconds: u64, conns: u64) -> WrkResult {
+        let before = postern.cpu_seconds();
+        let mut result = tokio::task::spawn_blocking(move || wrk(port, seconds, conns))
+            .await
+            .expect("wrk");
+        let requests = result.rps * seconds as f64;
+        result.cpu_us = (postern.cpu_seconds() - before) * 1e6 / requests.max(1.0);
+        result
+    }
     for _ in 0..rounds {
-        let (a, b) = tokio::task::spawn_blocking(move || {
-            (wrk(off_port, seconds, conns), wrk(on_port, seconds, conns))
-        })
-        .await
-        .expect("wrk");
-        off_runs.push(a);
-        on_runs.push(b);
+        off_runs.push(measured(&off, off_port, seconds, conns).await);
+        on_runs.push(measured(&on, on_port, seconds, conns).await);
     }
     let mean = |runs: &[WrkResult], f: fn(&WrkResult) -> f64| {
         runs.iter().map(f).sum::<f64>() / runs.len().max(1) as f64
     };
     let (off_rps, on_rps) = (mean(&off_runs, |r| r.rps), mean(&on_runs, |r| r.rps));
     let (off_p99, on_p99) = (mean(&off_runs, |r| r.p99_ms), mean(&on_runs, |r| r.p99_ms));
+    let (off_cpu, on_cpu) = (mean(&off_runs, |r| r.cpu_us), mean(&on_runs, |r| r.cpu_us));
     // Give the sinks a moment to drain what is queued before counting.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let lines = std::fs::read_to_string(&access_log)
@@ -336,23 +366,35 @@ async fn cost(bin: &Path, dir: &Path) {
     println!();
     println!("on: {parts}; trace sampling {sampling}");
     println!();
-    println!("| telemetry | req/s | p99 (ms) | RSS (MiB) |");
-    println!("|---|---:|---:|---:|");
+    println!("| telemetry | req/s | p99 (ms) | Postern CPU per request (µs) | RSS (MiB) |");
+    println!("|---|---:|---:|---:|---:|");
     println!(
-        "| all off (no Istio metrics, logs, stream or traces) | {off_rps:.0} | {off_p99:.2} | {:.1} |",
+        "| all off (no Istio metrics, logs, stream or traces) | {off_rps:.0} | {off_p99:.2} | {off_cpu:.1} | {:.1} |",
         off.rss_kib() as f64 / 1024.0
     );
     println!(
-        "| on | {on_rps:.0} | {on_p99:.2} | {:.1} |",
+        "| on | {on_rps:.0} | {on_p99:.2} | {on_cpu:.1} | {:.1} |",
         on.rss_kib() as f64 / 1024.0
     );
     println!();
     println!(
-        "all-on throughput = {:.3} x all-off (cost {:.1}%); p99 {:.2}x",
+        "on throughput = {:.3} x off (cost {:.1}%); p99 {:.2}x; CPU per request {:.3}x (cost {:.1}%)",
         on_rps / off_rps,
         (1.0 - on_rps / off_rps) * 100.0,
-        on_p99 / off_p99
+        on_p99 / off_p99,
+        on_cpu / off_cpu,
+        (on_cpu / off_cpu - 1.0) * 100.0
     );
+    for (i, (a, b)) in off_runs.iter().zip(&on_runs).enumerate() {
+        println!(
+            "round {}: off {:.0} req/s {:.1} µs/req, on {:.0} req/s {:.1} µs/req",
+            i + 1,
+            a.rps,
+            a.cpu_us,
+            b.rps,
+            b.cpu_us
+        );
+    }
     println!(
         "work done by the all-on proxy: {lines} access-log lines, {streamed} ALS entries received, {exported} spans received"
     );
