@@ -134,8 +134,8 @@ impl Postern {
 
     /// CPU seconds the process has used (user + system).
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // Fields 14 and 15, counted after the `)` that ends the command name.
         let fields: Vec<&str> = stat
             .rsplit_once(") ")
