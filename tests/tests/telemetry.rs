@@ -726,6 +726,22 @@ clusters:
     (client, server)
 }
 
+/// `GET path` to the traced pair with the given trace headers; the status.
+async fn traced_get(out: SocketAddr, path: &str, headers: &[(&str, String)]) -> u16 {
+    let mut request = http::Request::get(path).header("host", "reviews");
+    for (name, value) in headers {
+        request = request.header(*name, value.as_str());
+    }
+    let response = send(
+        out,
+        request
+            .body(postern_tests::client::empty())
+            .expect("request"),
+    )
+    .await;
+    response.status.as_u16()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_context_continues_through_two_sidecars() {
     let _recorder = postern::telemetry::install_prometheus_recorder();
@@ -739,17 +755,18 @@ async fn trace_context_continues_through_two_sidecars() {
     // A caller's W3C context, sampled: both sidecars continue it.
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
-    let response = send(
-        out,
-        http::Request::get("/items?page=1")
-            .header("host", "reviews")
-            .header("traceparent", format!("00-{trace}-{caller_span}-01"))
-            .header("tracestate", "vendor=kept")
-            .body(postern_tests::client::empty())
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(response.status, 200);
+    assert_eq!(
+        traced_get(
+            out,
+            "/items?page=1",
+            &[
+                ("traceparent", format!("00-{trace}-{caller_span}-01")),
+                ("tracestate", "vendor=kept".to_string())
+            ]
+        )
+        .await,
+        200
+    );
     let spans = receiver.wait_for_spans(2, Duration::from_secs(10)).await;
     let client_span = spans
         .iter()
@@ -787,16 +804,15 @@ async fn trace_context_continues_through_two_sidecars() {
 
     // B3 single header in, B3 continued out (with W3C alongside).
     let b3_trace = "80f198ee56343ba864fe8b2a57d3eff7";
-    let response = send(
-        out,
-        http::Request::get("/b3")
-            .header("host", "reviews")
-            .header("b3", format!("{b3_trace}-e457b5a2e4d86bd1-1"))
-            .body(postern_tests::client::empty())
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(response.status, 200);
+    assert_eq!(
+        traced_get(
+            out,
+            "/b3",
+            &[("b3", format!("{b3_trace}-e457b5a2e4d86bd1-1"))]
+        )
+        .await,
+        200
+    );
     let seen = app.last_request();
     let b3 = seen.header("b3").expect("b3 continued");
     assert!(b3.starts_with(&format!("{b3_trace}-")), "{b3}");
@@ -808,16 +824,15 @@ async fn trace_context_continues_through_two_sidecars() {
 
     // Not sampled by the caller: context still flows, nothing is exported.
     let quiet = "0af7651916cd43dd8448eb211c80319c";
-    let response = send(
-        out,
-        http::Request::get("/quiet")
-            .header("host", "reviews")
-            .header("traceparent", format!("00-{quiet}-b7ad6b7169203331-00"))
-            .body(postern_tests::client::empty())
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(response.status, 200);
+    assert_eq!(
+        traced_get(
+            out,
+            "/quiet",
+            &[("traceparent", format!("00-{quiet}-b7ad6b7169203331-00"))]
+        )
+        .await,
+        200
+    );
     let seen = app.last_request();
     let parent = seen.header("traceparent").expect("traceparent");
     assert!(
@@ -825,16 +840,15 @@ async fn trace_context_continues_through_two_sidecars() {
         "{parent}"
     );
     // One more sampled call flushes behind it; the unsampled trace never shows.
-    let response = send(
-        out,
-        http::Request::get("/after")
-            .header("host", "reviews")
-            .header("traceparent", format!("00-{trace}-{caller_span}-01"))
-            .body(postern_tests::client::empty())
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(response.status, 200);
+    assert_eq!(
+        traced_get(
+            out,
+            "/after",
+            &[("traceparent", format!("00-{trace}-{caller_span}-01"))]
+        )
+        .await,
+        200
+    );
     let spans = receiver.wait_for_spans(6, Duration::from_secs(10)).await;
     assert!(spans.iter().all(|s| s.trace_id() != quiet));
 }
