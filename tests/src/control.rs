@@ -64,9 +64,15 @@ impl ControlPlane {
 
     /// Starts a fresh server on the same address with `snapshot`.
     pub async fn restart(&mut self, snapshot: Snapshot) {
+        self.restart_with(AdsServer::new(), snapshot).await;
+    }
+
+    /// Like [`ControlPlane::restart`] with a server made by the caller, who
+    /// can then watch its events from the first connection on.
+    pub async fn restart_with(&mut self, server: AdsServer, snapshot: Snapshot) {
         self.stop().await;
         let listener = TcpListener::bind(self.addr).await.expect("rebind ads");
-        *self = ControlPlane::serve(listener, AdsServer::new(), snapshot);
+        *self = ControlPlane::serve(listener, server, snapshot);
     }
 }
 

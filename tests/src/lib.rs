@@ -3,7 +3,7 @@
 //! Everything here runs in the test process on `127.0.0.1:0`: test backends
 //! (an HTTP echo server, a gRPC echo service, a WebSocket echo server, TCP
 //! echo servers, an OTLP trace receiver, a JWT issuer with its key
-//! server), HTTP/1 and HTTP/2 clients, a helper that starts the proxy
+//! server, upstreams that fail on cue), HTTP/1 and HTTP/2 clients, a helper that starts the proxy
 //! in-process from YAML, and bounded waits for eventual conditions. The test
 //! files under `tests/` hold the scenarios; this crate holds no assertions
 //! about the proxy itself.
@@ -13,6 +13,7 @@ pub mod capture;
 pub mod client;
 pub mod control;
 pub mod envoy;
+pub mod fault;
 pub mod grpc;
 pub mod h2raw;
 pub mod http_backend;

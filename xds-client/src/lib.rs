@@ -39,6 +39,7 @@ mod sotw;
 mod state;
 
 pub use client::XdsClient;
+pub use resource::sotw_resources;
 pub use state::{StatusHandle, Subscriptions, TypeStatus};
 
 /// One xDS resource as the control plane sent it.

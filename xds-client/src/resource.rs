@@ -41,8 +41,14 @@ pub(crate) fn type_label(type_url: &str) -> &'static str {
 }
 
 /// Turns the bodies of a state-of-the-world response into resources,
-/// unwrapping `Resource` wrappers, or lists what is wrong with them.
-pub(crate) fn sotw_resources(
+/// unwrapping `Resource` wrappers, or lists what is wrong with them: what
+/// the client hands the [`Handler`](crate::Handler) as [`Update::State`](crate::Update::State).
+///
+/// # Errors
+///
+/// One [`ResourceError`] per body that has no name, cannot be unwrapped, or
+/// is of another type than `type_url`.
+pub fn sotw_resources(
     type_url: &str,
     version: &str,
     bodies: Vec<Any>,

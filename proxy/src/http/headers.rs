@@ -59,8 +59,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .map(str::trim)
             .filter(|t| !t.is_empty() && !is_fixed_connection_token(t))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            // Never let a client strip end-to-end headers the proxy relies on.
-            .filter(|name| name != header::HOST && name != header::CONTENT_LENGTH)
+            // Never let a client strip what the proxy frames or routes by or
+            // has just set: `Connection: x-forwarded-for` would hide the
+            // client's address from the backend (found by fuzzing).
+            .filter(|name| !is_managed(name.as_str()))
             .collect();
         for name in named {
             headers.remove(&name);
@@ -460,6 +462,46 @@ mod tests {
         assert!(h.get(header::UPGRADE).is_none());
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert_eq!(h.get("x-keep").unwrap(), "1");
+    }
+
+    #[test]
+    fn connection_cannot_name_away_what_the_proxy_sets() {
+        // The shape of the fuzz crash: tokens among empty list elements.
+        let peer = DownstreamPeer::new(
+            "127.0.0.9:1".parse().unwrap(),
+            8080,
+            &crate::tls::PeerTls::default(),
+            None,
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static(
+                "clo,,x-request-id,,x-forwarded-for,x-forwarded-proto,,x-forwarded-client-cert, host, content-length, x-postern-peer, x-other",
+            ),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        set_forwarding(&mut h, &peer, false);
+        h.insert(
+            &crate::telemetry::istio::X_POSTERN_PEER,
+            HeaderValue::from_static("m"),
+        );
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        for name in [
+            X_REQUEST_ID.as_str(),
+            X_FORWARDED_FOR.as_str(),
+            X_FORWARDED_PROTO.as_str(),
+            "host",
+            "content-length",
+            "x-postern-peer",
+        ] {
+            assert_eq!(h.get(name), before.get(name), "{name}");
+        }
+        assert!(h.get("x-other").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
     }
 
     #[test]

@@ -162,8 +162,13 @@ pub async fn serve_connection(
 }
 
 /// Checks what hyper let through before anything routes on it, and strips
-/// what only Postern may say.
-fn screen_request(request: &mut Request<Incoming>, proxy: &HttpProxy) -> Result<(), RejectedHead> {
+/// what only Postern may say. Public, with [`reject_head`], so the fuzz
+/// targets drive the exact front end a listener runs.
+///
+/// # Errors
+///
+/// The answer to give instead of routing the request.
+pub fn screen_request<B>(request: &mut Request<B>, proxy: &HttpProxy) -> Result<(), RejectedHead> {
     hdr::check_request_head(
         request.method(),
         request.uri(),
@@ -179,8 +184,8 @@ fn screen_request(request: &mut Request<Incoming>, proxy: &HttpProxy) -> Result<
 /// The answer to a refused request head. On HTTP/1 the connection closes
 /// after it: what follows a malformed head cannot be trusted to be framed
 /// as the client meant.
-fn reject_head(
-    request: &Request<Incoming>,
+pub fn reject_head<B>(
+    request: &Request<B>,
     rejected: RejectedHead,
     proxy: &HttpProxy,
 ) -> http::Response<ResponseBody> {
