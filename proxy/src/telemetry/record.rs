@@ -257,7 +257,7 @@ impl ListenerTelemetry {
 struct Details {
     method: Option<Method>,
     authority: Option<HeaderValue>,
-    path: Option<String>,
+    path: Option<http::uri::PathAndQuery>,
     user_agent: Option<HeaderValue>,
     request_id: Option<HeaderValue>,
     request_headers: Vec<(http::HeaderName, HeaderValue)>,
@@ -402,12 +402,9 @@ impl CallRecord {
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             .or_else(|| headers.get(http::header::HOST).cloned());
-        details.path = Some(
-            request
-                .uri()
-                .path_and_query()
-                .map_or_else(|| request.uri().path().to_string(), |pq| pq.to_string()),
-        );
+        // A shared copy: this runs again once the path is normalised, and
+        // only a written line needs the text.
+        details.path = request.uri().path_and_query().cloned();
         details.user_agent = headers.get(http::header::USER_AGENT).cloned();
         details.request_id = headers.get(&crate::http::headers::X_REQUEST_ID).cloned();
         let capture = &self.telemetry.hub.capture;
@@ -592,7 +589,7 @@ impl CallRecord {
             protocol: self.protocol,
             method: details.method,
             authority: details.authority,
-            path: details.path,
+            path: details.path.map(|p| p.as_str().to_string()),
             user_agent: details.user_agent,
             request_id: details.request_id,
             trace_id,
