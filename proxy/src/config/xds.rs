@@ -2105,6 +2105,12 @@ fn jwt_provider(p: &jwt_authn::JwtProvider, path: &str, ctx: &mut Ctx) -> JwtPro
             n => u64::from(n),
         }),
         require_expiration: p.require_expiration,
+        // Envoy caches only when `jwt_cache_config` is set; a cache changes
+        // no outcome, so Postern keeps one either way (size 0 is Envoy's 100).
+        cache_size: match &p.jwt_cache_config {
+            Some(cache) if cache.jwt_cache_size > 0 => cache.jwt_cache_size as usize,
+            _ => crate::authn::VerifiedCache::DEFAULT_CAPACITY,
+        },
     }
 }
 
