@@ -825,7 +825,7 @@ pub fn listener(
     listener_with(l, sds, &|_| None)
 }
 
-/// Like [`listener`], resolving the clusters that gRPC access loggers name
+/// Like [`listener()`], resolving the clusters that gRPC access loggers name
 /// (`envoy_grpc.cluster_name`) to collector addresses with `log_clusters`.
 pub fn listener_with(
     l: &listener::Listener,
