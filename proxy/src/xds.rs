@@ -353,6 +353,9 @@ impl XdsHandler {
             }
         }
         translate::attach_virtual_listeners(&mut file.listeners, &virtuals);
+        if let Some(reason) = translate::original_dst_reference(&file.listeners, &original_dst) {
+            return Err(reason);
+        }
         Ok((file, warming))
     }
 

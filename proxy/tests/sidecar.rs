@@ -125,6 +125,17 @@ impl Netns {
 
     /// `serve`, plus HTTP servers on `http_ports` that answer `NAME PATH`.
     fn serve_apps(&self, name: &str, ports: &[u16], http_ports: &[u16]) -> Server {
+        self.serve_apps_env(name, ports, http_ports, &[])
+    }
+
+    /// `serve_apps` with more variables for the helper.
+    fn serve_apps_env(
+        &self,
+        name: &str,
+        ports: &[u16],
+        http_ports: &[u16],
+        env: &[(&str, &str)],
+    ) -> Server {
         let exe = std::env::current_exe().unwrap();
         let list = |ports: &[u16]| {
             ports
@@ -142,6 +153,7 @@ impl Netns {
             ])
             .env(HELPER_ENV, format!("{name}:{}", list(ports)))
             .env(HTTP_HELPER_ENV, list(http_ports))
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -217,6 +229,24 @@ fn netns_helper() {
     }
 }
 
+/// Where `/slow` notes its arrival (`arrived`) and waits for the test's
+/// go-ahead (`release`).
+const SLOW_DIR_ENV: &str = "POSTERN_TEST_NETNS_SLOW_DIR";
+
+/// A request in flight for as long as the test wants: says it has arrived,
+/// then waits until released.
+fn hold_until_released() {
+    let Ok(dir) = std::env::var(SLOW_DIR_ENV) else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    std::fs::write(dir.join("arrived"), b"").unwrap();
+    let give_up = std::time::Instant::now() + Duration::from_secs(20);
+    while !dir.join("release").exists() && std::time::Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Answers GET requests (no bodies) until the client closes.
 fn serve_http(stream: std::net::TcpStream, name: &str) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -233,6 +263,9 @@ fn serve_http(stream: std::net::TcpStream, name: &str) {
             line.clear();
         }
         let path = request_line.split(' ').nth(1).unwrap_or("?");
+        if path == "/slow" {
+            hold_until_released();
+        }
         let body = format!("{name} {path}\n");
         let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
@@ -1321,4 +1354,126 @@ xds: {{ address: "http://127.0.0.1:{xds_port}", initial_backoff: 50ms, max_backo
     // leaves the client pod uncaptured.)
     let plaintext = client.connect(PROXY.0, PROXY.1, &format!("{SERVER_IP}:2525"));
     assert!(!plaintext.contains("server:2525"), "{plaintext}");
+}
+
+// ---------------------------------------------------------------------------
+// SIGTERM: the inbound side drains first.
+// ---------------------------------------------------------------------------
+
+/// Polls `condition` every 20ms for at most `limit`; panics naming `what`.
+fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let give_up = std::time::Instant::now() + limit;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_drains_inbound_first_and_keeps_outbound_until_the_app_is_gone() {
+    // The pod (10.204.0.1) has the sidecar, with both capture listeners;
+    // the peer (10.204.0.2) is a plain host the pod's app calls and that
+    // calls the pod's app.
+    let (pod, peer) = two_pods();
+    let dir = tempfile::tempdir().unwrap();
+    let slow = dir.path().join("slow");
+    std::fs::create_dir(&slow).unwrap();
+    let output = pod.postern(&["iptables"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let app = pod.serve_apps_env(
+        "pod",
+        &[],
+        &[8080],
+        &[(SLOW_DIR_ENV, slow.to_str().unwrap())],
+    );
+    let _peer_apps = peer.serve("peer", &[2525]);
+    let config = r#"admin: { address: "127.0.0.1:15000" }
+drain_timeout: 60s
+outbound_drain_wait: 60s
+listeners:
+  - name: outbound
+    address: 0.0.0.0:15001
+    kind: capture
+    capture: { direction: outbound }
+  - name: inbound
+    address: 0.0.0.0:15006
+    kind: capture
+    capture: { direction: inbound }
+"#;
+    let mut sidecar = pod.sidecar(config, &[], dir.path(), "pod");
+    let pod_app = format!("{CLIENT_IP}:8080");
+    let peer_banner = format!("{SERVER_IP}:2525");
+    assert!(peer
+        .http_get(&pod_app, "/before")
+        .ends_with("pod /before\n"));
+    assert_eq!(pod.connect(APP.0, APP.1, &peer_banner), "peer:2525");
+
+    // A call to the app in flight through the inbound side, held by the
+    // app until the test releases it.
+    let in_flight = {
+        let script = format!(
+            "exec 3<>/dev/tcp/{CLIENT_IP}/8080 && printf 'GET /slow HTTP/1.1\\r\\nHost: pod\\r\\n\\r\\n' >&3 && cat <&3"
+        );
+        peer.command(&["timeout", "20", "bash", "-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    wait_for(
+        "the slow call to reach the app",
+        Duration::from_secs(10),
+        || slow.join("arrived").exists(),
+    );
+
+    let start = std::time::Instant::now();
+    ok("kill", &["-TERM", &sidecar.child.id().to_string()]);
+    // The inbound side stops taking calls at once (the redirected port
+    // refuses)...
+    wait_for(
+        "the inbound side to refuse",
+        Duration::from_secs(10),
+        || !peer.http_get(&pod_app, "/after").contains("pod /after"),
+    );
+    // ...while the app's outbound calls still go out.
+    assert_eq!(
+        pod.connect(APP.0, APP.1, &peer_banner),
+        "peer:2525",
+        "{}",
+        sidecar.log()
+    );
+    // The call in flight finishes, and its connection is closed after it
+    // (cat returns: nothing kept alive).
+    std::fs::write(slow.join("release"), b"").unwrap();
+    let finished = in_flight.wait_with_output().unwrap();
+    let response = text(&finished.stdout);
+    assert!(finished.status.success(), "{response}\n{}", sidecar.log());
+    assert!(
+        response.starts_with("HTTP/1.1 200") && response.ends_with("pod /slow\n"),
+        "{response}"
+    );
+    assert!(
+        response.to_ascii_lowercase().contains("connection: close"),
+        "{response}"
+    );
+    assert_eq!(pod.connect(APP.0, APP.1, &peer_banner), "peer:2525");
+
+    // The app goes: the outbound side stops and the proxy exits, long
+    // before outbound_drain_wait and drain_timeout (60s).
+    drop(app);
+    wait_for("the proxy to exit", Duration::from_secs(20), || {
+        sidecar.child.try_wait().unwrap().is_some()
+    });
+    let status = sidecar.child.wait().unwrap();
+    assert!(status.success(), "{status}\n{}", sidecar.log());
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(pod
+        .connect(APP.0, APP.1, &peer_banner)
+        .starts_with("failed"));
 }

@@ -941,6 +941,54 @@ pub fn check_app_target(
     }
 }
 
+/// The first place among `listeners` that sends traffic to one of the
+/// `original_dst` clusters, as `listener L: field: reason`. Such a cluster
+/// has no endpoints: only a capture listener knows where a connection was
+/// headed, and it names the cluster only through its filter chains.
+pub fn original_dst_reference(
+    listeners: &[ListenerFile],
+    original_dst: &std::collections::BTreeSet<&str>,
+) -> Option<String> {
+    let routes = |hosts: &[VirtualHostFile], path: &str| {
+        hosts.iter().enumerate().find_map(|(i, host)| {
+            host.routes.iter().enumerate().find_map(|(j, route)| {
+                let weighted = route.weighted_clusters.iter().flatten().map(|w| &w.cluster);
+                route
+                    .cluster
+                    .iter()
+                    .chain(weighted)
+                    .find(|c| original_dst.contains(c.as_str()))
+                    .map(|c| (format!("{path}virtual_hosts[{i}].routes[{j}]"), c.clone()))
+            })
+        })
+    };
+    listeners.iter().find_map(|l| {
+        let tcp = l
+            .tcp
+            .as_ref()
+            .filter(|t| original_dst.contains(t.cluster.as_str()))
+            .map(|t| ("tcp.cluster".to_string(), t.cluster.clone()));
+        let services = l.capture.iter().flat_map(|c| c.services.iter().enumerate());
+        let found = tcp.or_else(|| routes(&l.virtual_hosts, "")).or_else(|| {
+            services.clone().find_map(|(i, service)| {
+                let path = format!("capture.services[{i}].");
+                service
+                    .cluster
+                    .as_ref()
+                    .filter(|c| original_dst.contains(c.as_str()))
+                    .map(|c| (format!("{path}cluster"), c.clone()))
+                    .or_else(|| routes(&service.virtual_hosts, &path))
+            })
+        });
+        found.map(|(field, cluster)| {
+            format!(
+                "listener {}: {field}: cluster \"{cluster}\" is ORIGINAL_DST, which only capture listeners' filter chains can use (not supported here)",
+                l.name
+            )
+        })
+    })
+}
+
 /// Like [`listener_with`], with the clusters an inbound capture listener
 /// names.
 pub fn listener_parts(

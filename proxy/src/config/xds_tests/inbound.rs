@@ -435,3 +435,44 @@ fn original_dst_clusters_pass_through_and_refuse_other_targets() {
         );
     }
 }
+
+#[test]
+fn original_dst_clusters_are_refused_outside_capture_chains() {
+    let original_dst = std::collections::BTreeSet::from([PASSTHROUGH]);
+    let (tcp, _) = listener(
+        &tcp_listener("db", socket("0.0.0.0", 5432), PASSTHROUGH),
+        None,
+    )
+    .unwrap();
+    let (mut http, _) = listener(&http_listener(Vec::new()), None).unwrap();
+    http.virtual_hosts = route_configuration(&route::RouteConfiguration {
+        name: "rc".into(),
+        virtual_hosts: vec![route::VirtualHost {
+            name: "all".into(),
+            domains: vec!["*".into()],
+            routes: vec![route_to("web"), route_to(PASSTHROUGH)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .unwrap();
+    let inbound = listener_parts(&virtual_inbound(), Some(&sds()), &|_| None)
+        .unwrap()
+        .file;
+    assert_eq!(
+        original_dst_reference(&[inbound.clone()], &original_dst),
+        None
+    );
+    let reason = original_dst_reference(&[inbound.clone(), tcp], &original_dst).unwrap();
+    assert!(
+        reason.starts_with(
+            "listener db: tcp.cluster: cluster \"InboundPassthroughClusterIpv4\" is ORIGINAL_DST"
+        ),
+        "{reason}"
+    );
+    let reason = original_dst_reference(&[inbound, http], &original_dst).unwrap();
+    assert!(
+        reason.starts_with("listener in: virtual_hosts[0].routes[1]: "),
+        "{reason}"
+    );
+}
