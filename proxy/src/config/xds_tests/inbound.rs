@@ -460,7 +460,7 @@ fn original_dst_clusters_are_refused_outside_capture_chains() {
         .unwrap()
         .file;
     assert_eq!(
-        original_dst_reference(&[inbound.clone()], &original_dst),
+        original_dst_reference(std::slice::from_ref(&inbound), &original_dst),
         None
     );
     let reason = original_dst_reference(&[inbound.clone(), tcp], &original_dst).unwrap();
