@@ -639,6 +639,37 @@ fn detections(metrics: &str, listener: &str, result: &str) -> f64 {
     )
 }
 
+/// Both sidecars' logs, for failure messages.
+fn both_logs(client: &Sidecar, server: &Sidecar) -> String {
+    format!("client:\n{}\nserver:\n{}", client.log(), server.log())
+}
+
+/// A plain HTTP GET of `path` from the client pod's app to the server pod's
+/// app on 8080 that must arrive, over mTLS with the client's SPIFFE ID
+/// (the server's sidecar counts exactly one such call); the server
+/// sidecar's metrics after it.
+fn call_over_mtls(client: &Netns, server: &Netns, path: &str, logs: &dyn Fn() -> String) -> String {
+    let response = client.http_get(&format!("{SERVER_IP}:8080"), path);
+    assert!(
+        response.starts_with("HTTP/1.1 200") && response.ends_with(&format!("server {path}\n")),
+        "{response}\n{}",
+        logs()
+    );
+    let server_metrics = server.metrics();
+    let mtls_calls = metric(
+        &server_metrics,
+        "istio_requests_total",
+        &[
+            "reporter=\"destination\"",
+            &format!("source_principal=\"{CLIENT_ID}\""),
+            "connection_security_policy=\"mutual_tls\"",
+            "response_code=\"200\"",
+        ],
+    );
+    assert_eq!(mtls_calls, 1.0, "{server_metrics}");
+    server_metrics
+}
+
 /// The client pod's sidecar: outbound capture with mesh clusters for the
 /// server's HTTP port 8080 and banner ports 2525 and 2526.
 fn client_config(dir: &Path) -> String {
@@ -693,35 +724,12 @@ fn two_pods_talk_through_capture_over_mtls_and_cleanup_restores_direct_traffic()
     let opaque = [("POSTERN_OPAQUE_PORTS", "2526")];
     let client_proxy = client.sidecar(&client_config, &opaque, dir.path(), "client");
     let server_proxy = server.sidecar(&server_config, &opaque, dir.path(), "server");
-    let logs = || {
-        format!(
-            "client:\n{}\nserver:\n{}",
-            client_proxy.log(),
-            server_proxy.log()
-        )
-    };
+    let logs = || both_logs(&client_proxy, &server_proxy);
 
     // Plain HTTP from the app arrives as plain HTTP at the other app; in
     // between it is mTLS (the server's inbound side takes nothing else),
     // and the server's sidecar knows who called.
-    let response = client.http_get(&format!("{SERVER_IP}:8080"), "/hello");
-    assert!(
-        response.starts_with("HTTP/1.1 200") && response.ends_with("server /hello\n"),
-        "{response}\n{}",
-        logs()
-    );
-    let server_metrics = server.metrics();
-    let mtls_calls = metric(
-        &server_metrics,
-        "istio_requests_total",
-        &[
-            "reporter=\"destination\"",
-            &format!("source_principal=\"{CLIENT_ID}\""),
-            "connection_security_policy=\"mutual_tls\"",
-            "response_code=\"200\"",
-        ],
-    );
-    assert_eq!(mtls_calls, 1.0, "{server_metrics}");
+    let server_metrics = call_over_mtls(&client, &server, "/hello", &logs);
     let client_metrics = client.metrics();
     assert_eq!(
         detections(&client_metrics, "outbound", "http1"),
@@ -1304,34 +1312,11 @@ xds: {{ address: "http://127.0.0.1:{xds_port}", initial_backoff: 50ms, max_backo
     );
     let client_proxy = client.sidecar(&client_config(dir.path()), &[], dir.path(), "client");
     let server_proxy = server.sidecar(&server_config, &[], dir.path(), "server");
-    let logs = || {
-        format!(
-            "client:\n{}\nserver:\n{}",
-            client_proxy.log(),
-            server_proxy.log()
-        )
-    };
+    let logs = || both_logs(&client_proxy, &server_proxy);
 
     // HTTP to the port with its own chain: over mTLS, to the app, with the
     // caller's SPIFFE ID known on the server's side.
-    let response = client.http_get(&format!("{SERVER_IP}:8080"), "/from-xds");
-    assert!(
-        response.starts_with("HTTP/1.1 200") && response.ends_with("server /from-xds\n"),
-        "{response}\n{}",
-        logs()
-    );
-    let server_metrics = server.metrics();
-    let mtls_calls = metric(
-        &server_metrics,
-        "istio_requests_total",
-        &[
-            "reporter=\"destination\"",
-            &format!("source_principal=\"{CLIENT_ID}\""),
-            "connection_security_policy=\"mutual_tls\"",
-            "response_code=\"200\"",
-        ],
-    );
-    assert_eq!(mtls_calls, 1.0, "{server_metrics}");
+    let server_metrics = call_over_mtls(&client, &server, "/from-xds", &logs);
     assert_eq!(
         detections(&server_metrics, "virtualInbound", "http2"),
         1.0,

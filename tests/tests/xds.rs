@@ -614,43 +614,17 @@ async fn rbac_filter_from_xds_is_enforced_and_bad_ones_nacked() {
 fn virtual_inbound(cluster_name: &str) -> postern_proto::envoy::config::listener::v3::Listener {
     use postern_proto::envoy::config::core::v3 as core;
     use postern_proto::envoy::config::listener::v3 as listener;
-    use postern_proto::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
-    use prost::Message as _;
-    let proxy = tcp_proxy::TcpProxy {
-        stat_prefix: "inbound".into(),
-        cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(
-            cluster_name.into(),
-        )),
+    let mut inbound = postern_tests::envoy::tcp_listener(
+        "virtualInbound",
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        cluster_name,
+    );
+    inbound.traffic_direction = core::TrafficDirection::Inbound as i32;
+    inbound.listener_filters = vec![listener::ListenerFilter {
+        name: "envoy.filters.listener.original_dst".into(),
         ..Default::default()
-    };
-    listener::Listener {
-        name: "virtualInbound".into(),
-        address: Some(core::Address {
-            address: Some(core::address::Address::SocketAddress(core::SocketAddress {
-                address: "127.0.0.1".into(),
-                port_specifier: Some(core::socket_address::PortSpecifier::PortValue(0)),
-                ..Default::default()
-            })),
-        }),
-        traffic_direction: core::TrafficDirection::Inbound as i32,
-        listener_filters: vec![listener::ListenerFilter {
-            name: "envoy.filters.listener.original_dst".into(),
-            ..Default::default()
-        }],
-        filter_chains: vec![listener::FilterChain {
-            filters: vec![listener::Filter {
-                name: "envoy.filters.network.tcp_proxy".into(),
-                config_type: Some(listener::filter::ConfigType::TypedConfig(
-                    postern_proto::google::protobuf::Any {
-                        type_url: "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy".into(),
-                        value: proxy.encode_to_vec(),
-                    },
-                )),
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    }];
+    inbound
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1172,7 +1172,7 @@ fn original_dst(l: &listener::Listener, file: &mut ListenerFile, ctx: &mut Ctx) 
     if l.traffic_direction != 2 {
         ctx.err(
             "use_original_dst",
-            "only on a listener with traffic_direction OUTBOUND (inbound capture from xDS is not supported yet)",
+            "only on a listener with traffic_direction OUTBOUND (inbound capture from xDS is a listener with the original_dst listener filter)",
         );
         return;
     }
@@ -1399,7 +1399,7 @@ fn inbound_capture(
         let chain_mtls = chain.transport_socket.as_ref().and_then(|socket| {
             downstream_tls(socket, &format!("{cpath}.transport_socket"), sds, ctx)
         });
-        if chain_mtls.is_none() && tls_expected == Some(true) && chain.transport_socket.is_none() {
+        if tls_expected == Some(true) && chain.transport_socket.is_none() {
             ctx.unsupported(format!(
                 "{cpath} (TLS passed through to the app: Postern's inbound side terminates mesh mTLS or takes plaintext)"
             ));
