@@ -350,13 +350,13 @@ async fn connection_storms_past_listener_and_global_caps_are_refused_fast() {
 }
 
 /// Opens `count` HTTP/1.1 and `count` HTTP/2 connections, one request on
-/// each, to a listener with a 1 s idle timeout, and checks that they are
+/// each, to a listener with a 2 s idle timeout, and checks that they are
 /// all closed by the proxy after it (and not before), with every
 /// descriptor back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_reaped_at_the_idle_timeout() {
     const COUNT: usize = 250;
-    const IDLE: Duration = Duration::from_secs(1);
+    const IDLE: Duration = Duration::from_secs(2);
     let _serial = SERIAL.lock().await;
     let _recorder = postern::telemetry::install_prometheus_recorder();
     let proxy = start_proxy(
@@ -365,7 +365,7 @@ async fn idle_connections_are_reaped_at_the_idle_timeout() {
           - name: idle
             address: 127.0.0.1:0
             kind: http
-            limits: { idle_timeout: 1s }
+            limits: { idle_timeout: 2s }
             virtual_hosts:
               - name: all
                 domains: ["*"]
@@ -404,8 +404,14 @@ async fn idle_connections_are_reaped_at_the_idle_timeout() {
     // Meaningful only if opening them all took less than the idle timeout.
     if opened_in < IDLE {
         assert_eq!(open, (2 * COUNT) as f64, "closed before the idle timeout");
-        // One descriptor each on the client's side and on the proxy's.
-        assert!(fds_open >= fds_before + 4 * COUNT, "{fds_open} descriptors");
+        // One descriptor each on the client's side and on the proxy's;
+        // the margin is for sockets of earlier tests still closing.
+        let added = fds_open.abs_diff(fds_before);
+        assert!(
+            added.abs_diff(4 * COUNT) <= 50,
+            "{added} descriptors for {} connections",
+            2 * COUNT
+        );
     }
 
     let reaped_in = eventually("every idle connection closed", || async {
