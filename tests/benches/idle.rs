@@ -32,20 +32,7 @@ const SOURCES: u8 = 8;
 /// handshake completes on the client side while the proxy cannot take it.
 const WAVE: usize = 100;
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A port free now; Postern is started with it named up front.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+use postern_tests::bench::{env_or, free_port};
 
 struct Postern {
     child: Child,
@@ -119,13 +106,7 @@ listeners:
     }
 
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+        postern_tests::bench::rss_kib(self.child.id())
     }
 
     fn fds(&self) -> usize {
@@ -259,8 +240,8 @@ async fn phase(bin: &Path, dir: &Path, name: &str, count: usize) -> String {
 async fn main() {
     let bin = PathBuf::from(std::env::var("POSTERN_BIN").expect("set POSTERN_BIN"));
     let dir = tempfile::tempdir().expect("temp dir");
-    let h1 = env("H1_CONNS", 20_000);
-    let h2 = env("H2_CONNS", 5_000);
+    let h1 = env_or("H1_CONNS", 20_000) as usize;
+    let h2 = env_or("H2_CONNS", 5_000) as usize;
     let phases = std::env::var("PHASES").unwrap_or_else(|_| "http1,http2,http1-silent".into());
     let mut lines = vec![
         "| phase | connections opened | open in Postern | opened in (s) | RSS before (KiB) | RSS after (KiB) | bytes per connection | KiB per connection | descriptors per connection |".to_string(),
