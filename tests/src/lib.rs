@@ -19,6 +19,7 @@ pub mod grpc;
 pub mod h2raw;
 pub mod http_backend;
 pub mod jwt;
+pub mod load;
 pub mod mesh;
 pub mod otlp;
 pub mod prom;
