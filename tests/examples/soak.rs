@@ -6,8 +6,12 @@
 //!
 //! ```text
 //! soak [--duration SECS] [--warmup SECS] [--window SECS] [--sample-every SECS]
-//!      [--big-mib MIB] [--postern PATH] [--log FILE]
+//!      [--big-mib MIB] [--cert-lifetime SECS] [--push-every-ms MS]
+//!      [--postern PATH] [--log FILE]
 //! ```
+//!
+//! `--cert-lifetime` (default 4) and `--push-every-ms` (default 100) turn
+//! rotation and pushes down, to tell which one a growth comes from.
 //!
 //! Prints the figures and exits 1 if any request was lost, duplicated,
 //! corrupted or failed (the slopes are reported, not judged).
@@ -24,6 +28,8 @@ struct Args {
     window: u64,
     sample_every: u64,
     big_mib: u64,
+    cert_lifetime: u64,
+    push_every_ms: u64,
     postern: Option<PathBuf>,
     log: Option<PathBuf>,
 }
@@ -35,6 +41,8 @@ fn parse() -> Result<Args, String> {
         window: 60,
         sample_every: 10,
         big_mib: 1024,
+        cert_lifetime: 4,
+        push_every_ms: 100,
         postern: None,
         log: None,
     };
@@ -48,6 +56,8 @@ fn parse() -> Result<Args, String> {
             "--window" => args.window = number(value()?)?,
             "--sample-every" => args.sample_every = number(value()?)?.max(1),
             "--big-mib" => args.big_mib = number(value()?)?,
+            "--cert-lifetime" => args.cert_lifetime = number(value()?)?.max(2),
+            "--push-every-ms" => args.push_every_ms = number(value()?)?.max(1),
             "--postern" => args.postern = Some(PathBuf::from(value()?)),
             "--log" => args.log = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown flag {other}")),
@@ -73,6 +83,8 @@ fn main() -> ExitCode {
         let mut config = LoadConfig::new(postern, Duration::from_secs(args.duration));
         config.big_bytes = args.big_mib << 20;
         config.sample_every = Duration::from_secs(args.sample_every);
+        config.cert_lifetime = Duration::from_secs(args.cert_lifetime);
+        config.push_every = Duration::from_millis(args.push_every_ms);
         config.log_file = args.log;
         // A fifth of the run, at most five minutes: caches, pools and
         // allocator arenas fill first.

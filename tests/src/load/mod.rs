@@ -147,6 +147,8 @@ pub struct Report {
     pub proxy_certificates: usize,
     /// mTLS handshakes the upstreams completed.
     pub handshakes: u64,
+    /// Of those, resumed sessions (no certificate presented).
+    pub resumed: u64,
     /// Certificates the upstreams installed (their own rotations).
     pub upstream_rotations: u64,
     /// Resource samples of the proxy.
@@ -661,6 +663,7 @@ identity:
         nacks,
         proxy_certificates: ledger.client_certificates(),
         handshakes: ledger.handshakes(),
+        resumed: ledger.resumed(),
         upstream_rotations: upstream_identity.generation(),
         samples: lock(&samples).clone(),
         big,
@@ -958,8 +961,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "certificates: {} distinct proxy client certificates over {} upstream handshakes; upstream identity installed {} times",
-            self.proxy_certificates, self.handshakes, self.upstream_rotations
+            "certificates: {} distinct proxy client certificates over {} upstream handshakes ({} resumed); upstream identity installed {} times",
+            self.proxy_certificates, self.handshakes, self.resumed, self.upstream_rotations
         );
         for b in &self.big {
             let _ = writeln!(

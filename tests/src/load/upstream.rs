@@ -74,6 +74,7 @@ pub struct Ledger {
     arrivals: Mutex<HashMap<String, Vec<Arc<Mutex<Arrival>>>>>,
     client_certs: Mutex<HashSet<String>>,
     handshakes: AtomicU64,
+    resumed: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -111,9 +112,20 @@ impl Ledger {
         self.handshakes.load(Ordering::Relaxed)
     }
 
-    fn note_handshake(&self, certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) {
+    /// How many of those handshakes resumed an earlier session (TLS 1.3
+    /// PSK): the client presented no certificate, and the one the session
+    /// began with stands for it.
+    pub fn resumed(&self) -> u64 {
+        self.resumed.load(Ordering::Relaxed)
+    }
+
+    fn note_handshake(&self, tls: &rustls::ServerConnection) {
         self.handshakes.fetch_add(1, Ordering::Relaxed);
-        if let Some(leaf) = certs.and_then(|c| c.first()) {
+        if tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            self.resumed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Some(leaf) = tls.peer_certificates().and_then(|c| c.first()) {
             lock(&self.client_certs).insert(body::sha256_hex(leaf.as_ref()));
         }
     }
@@ -210,7 +222,7 @@ async fn accept_http(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Ar
                     let Ok(stream) = acceptor.accept(stream).await else {
                         return;
                     };
-                    ledger.note_handshake(stream.get_ref().1.peer_certificates());
+                    ledger.note_handshake(stream.get_ref().1);
                     let _ = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -406,9 +418,7 @@ async fn accept_tcp(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Sh
             let Ok(stream) = acceptor.accept(stream).await else {
                 return;
             };
-            shared
-                .ledger
-                .note_handshake(stream.get_ref().1.peer_certificates());
+            shared.ledger.note_handshake(stream.get_ref().1);
             let _ = serve_tcp(stream, &shared).await;
         });
         while conns.try_join_next().is_some() {}
