@@ -7,11 +7,13 @@
 //! ```text
 //! soak [--duration SECS] [--warmup SECS] [--window SECS] [--sample-every SECS]
 //!      [--big-mib MIB] [--cert-lifetime SECS] [--push-every-ms MS]
+//!      [--push-only routes|endpoints]
 //!      [--postern PATH] [--log FILE]
 //! ```
 //!
 //! `--cert-lifetime` (default 4) and `--push-every-ms` (default 100) turn
-//! rotation and pushes down, to tell which one a growth comes from.
+//! rotation and pushes down, and `--push-only routes|endpoints` narrows what
+//! a push changes, to tell which one a growth comes from.
 //!
 //! Prints the figures and exits 1 if any request was lost, duplicated,
 //! corrupted or failed (the slopes are reported, not judged).
@@ -30,6 +32,7 @@ struct Args {
     big_mib: u64,
     cert_lifetime: u64,
     push_every_ms: u64,
+    push_only: Option<String>,
     postern: Option<PathBuf>,
     log: Option<PathBuf>,
 }
@@ -43,6 +46,7 @@ fn parse() -> Result<Args, String> {
         big_mib: 1024,
         cert_lifetime: 4,
         push_every_ms: 100,
+        push_only: None,
         postern: None,
         log: None,
     };
@@ -58,6 +62,13 @@ fn parse() -> Result<Args, String> {
             "--big-mib" => args.big_mib = number(value()?)?,
             "--cert-lifetime" => args.cert_lifetime = number(value()?)?.max(2),
             "--push-every-ms" => args.push_every_ms = number(value()?)?.max(1),
+            "--push-only" => {
+                let v = value()?;
+                if v != "routes" && v != "endpoints" {
+                    return Err(format!("--push-only {v}: routes or endpoints"));
+                }
+                args.push_only = Some(v);
+            }
             "--postern" => args.postern = Some(PathBuf::from(value()?)),
             "--log" => args.log = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown flag {other}")),
@@ -85,6 +96,10 @@ fn main() -> ExitCode {
         config.sample_every = Duration::from_secs(args.sample_every);
         config.cert_lifetime = Duration::from_secs(args.cert_lifetime);
         config.push_every = Duration::from_millis(args.push_every_ms);
+        if let Some(only) = args.push_only.as_deref() {
+            config.changes.routes = only == "routes";
+            config.changes.endpoints = only == "endpoints";
+        }
         config.log_file = args.log;
         // A fifth of the run, at most five minutes: caches, pools and
         // allocator arenas fill first.

@@ -44,9 +44,20 @@ pub const PROXY_ID: &str = "spiffe://cluster.local/ns/load/sa/postern";
 /// The upstreams' SPIFFE ID.
 pub const UPSTREAM_ID: &str = "spiffe://cluster.local/ns/load/sa/upstream";
 
+/// What each push changes (both by default).
+#[derive(Debug, Clone, Copy)]
+pub struct Changes {
+    /// Route order, weights and the version route (RDS).
+    pub routes: bool,
+    /// Every cluster's endpoint, moved to the other upstream (EDS).
+    pub endpoints: bool,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
+    /// What each push changes.
+    pub changes: Changes,
     /// The `postern` binary.
     pub postern: PathBuf,
     /// How long the mixed load runs before the drain.
@@ -77,6 +88,10 @@ impl LoadConfig {
     /// Settings for a run of `duration` against the binary at `postern`.
     pub fn new(postern: PathBuf, duration: Duration) -> Self {
         LoadConfig {
+            changes: Changes {
+                routes: true,
+                endpoints: true,
+            },
             postern,
             duration,
             big_bytes: 64 << 20,
@@ -194,9 +209,15 @@ impl From<&Upstream> for Ends {
 /// with the routes in the other order, other weights and the endpoints of
 /// every cluster on the other upstream. A route naming the version makes
 /// each push a real change.
-fn mesh_yaml(version: u64, a: Ends, b: Ends) -> String {
-    let flip = version % 2 == 1;
-    let (x, y) = if flip { (b, a) } else { (a, b) };
+fn mesh_yaml(version: u64, a: Ends, b: Ends, changes: Changes) -> String {
+    let odd = version % 2 == 1;
+    let flip = odd && changes.routes;
+    let (x, y) = if odd && changes.endpoints {
+        (b, a)
+    } else {
+        (a, b)
+    };
+    let marker = if changes.routes { version } else { 0 };
     let (w1, w2, w3, w4) = if flip {
         (30, 70, 40, 60)
     } else {
@@ -230,7 +251,7 @@ routes:
       - name: load
         domains: ["*"]
         routes:
-          - {{ path: /push/{version}, cluster: plain }}
+          - {{ path: /push/{marker}, cluster: plain }}
 {routes}services:
   - name: plain
     endpoints: [{{ address: "{}" }}]
@@ -248,8 +269,8 @@ routes:
     )
 }
 
-fn snapshot(version: u64, a: Ends, b: Ends) -> Snapshot {
-    parse_mesh(&mesh_yaml(version, a, b), version.to_string()).expect("load mesh")
+fn snapshot(version: u64, a: Ends, b: Ends, changes: Changes) -> Snapshot {
+    parse_mesh(&mesh_yaml(version, a, b, changes), version.to_string()).expect("load mesh")
 }
 
 /// Keeps an identity for `id` from `ca` in a handle, renewed at half its
@@ -439,7 +460,7 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     let b = Upstream::start("b", ledger.clone(), upstream_identity.clone(), PROXY_ID).await;
 
     let (ends_a, ends_b) = (Ends::from(&a), Ends::from(&b));
-    let cp = ControlPlane::start(snapshot(1, ends_a, ends_b)).await;
+    let cp = ControlPlane::start(snapshot(1, ends_a, ends_b, config.changes)).await;
     let acks = Arc::new(AtomicU64::new(0));
     let nacks: Arc<Mutex<Vec<String>>> = Arc::default();
     let mut events = cp.server.events();
@@ -537,11 +558,12 @@ identity:
     let pushes = Arc::new(AtomicU64::new(1));
     let push_stop = Arc::new(AtomicBool::new(false));
     let pusher = {
-        let (pushes, push_stop, server, every) = (
+        let (pushes, push_stop, server, every, changes) = (
             pushes.clone(),
             push_stop.clone(),
             cp.server.clone(),
             config.push_every,
+            config.changes,
         );
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -550,7 +572,7 @@ identity:
             while !push_stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 let version = pushes.fetch_add(1, Ordering::Relaxed) + 1;
-                server.set_snapshot(snapshot(version, ends_a, ends_b));
+                server.set_snapshot(snapshot(version, ends_a, ends_b, changes));
             }
         })
     };
