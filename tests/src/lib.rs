@@ -4,7 +4,9 @@
 //! (an HTTP echo server, a gRPC echo service, a WebSocket echo server, TCP
 //! echo servers, an OTLP trace receiver, a JWT issuer with its key
 //! server, upstreams that fail on cue), HTTP/1 and HTTP/2 clients, a helper that starts the proxy
-//! in-process from YAML, and bounded waits for eventual conditions. The test
+//! in-process from YAML, bounded waits for eventual conditions, and the
+//! mixed load with its integrity ledger that the integrity suite and the
+//! soak run against the binary ([`load`]). The test
 //! files under `tests/` hold the scenarios; this crate holds no assertions
 //! about the proxy itself.
 
@@ -19,6 +21,7 @@ pub mod grpc;
 pub mod h2raw;
 pub mod http_backend;
 pub mod jwt;
+pub mod load;
 pub mod mesh;
 pub mod otlp;
 pub mod prom;
