@@ -142,6 +142,80 @@ fn base64_encode(bytes: &[u8]) -> String {
     out
 }
 
+/// One in-memory handshake; how it went (full or resumed).
+fn handshake(
+    client: &Arc<rustls::ClientConfig>,
+    server: &Arc<rustls::ServerConfig>,
+) -> Option<rustls::HandshakeKind> {
+    let name = rustls_pki_types::ServerName::try_from("mesh.invalid").unwrap();
+    let mut client = rustls::ClientConnection::new(client.clone(), name).unwrap();
+    let mut server = rustls::ServerConnection::new(server.clone()).unwrap();
+    let mut buffer = Vec::new();
+    for _ in 0..10 {
+        buffer.clear();
+        while client.wants_write() {
+            client.write_tls(&mut buffer).unwrap();
+        }
+        let mut input = &buffer[..];
+        while !input.is_empty() {
+            server.read_tls(&mut input).unwrap();
+        }
+        server.process_new_packets().unwrap();
+        buffer.clear();
+        while server.wants_write() {
+            server.write_tls(&mut buffer).unwrap();
+        }
+        let mut input = &buffer[..];
+        while !input.is_empty() {
+            client.read_tls(&mut input).unwrap();
+        }
+        client.process_new_packets().unwrap();
+        if !client.is_handshaking() && !server.is_handshaking() && !server.wants_write() {
+            break;
+        }
+    }
+    assert!(!client.is_handshaking() && !server.is_handshaking());
+    assert!(
+        server.peer_certificates().is_some(),
+        "the client showed a certificate"
+    );
+    client.handshake_kind()
+}
+
+#[test]
+fn mesh_connections_never_resume_a_session() {
+    let ca = TestCa::new("mesh");
+    let identity_of = |uri: &str| {
+        let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let rc_key = KeyPair::try_from(&key.private_key_der()).unwrap();
+        let handle = IdentityHandle::new();
+        handle.install(
+            Identity::new(
+                vec![ca.leaf(uri, &rc_key, -60, 3600)],
+                key.private_key_der(),
+                ca.bundle(),
+                "test",
+            )
+            .unwrap(),
+        );
+        handle
+    };
+    let server = Arc::new(
+        tls::mesh_server_config(identity_of(API), AllowedPeers::Any, vec![b"h2".to_vec()]).unwrap(),
+    );
+    let client = Arc::new(
+        tls::mesh_client_config(identity_of(WEB), AllowedPeers::Any, vec![b"h2".to_vec()]).unwrap(),
+    );
+    // Each connection checks the peer's current certificate: one resumed
+    // from an earlier session would skip it, past its expiry if need be.
+    for _ in 0..3 {
+        assert_eq!(
+            handshake(&client, &server),
+            Some(rustls::HandshakeKind::Full)
+        );
+    }
+}
+
 #[test]
 fn identity_requires_matching_key_and_trusted_chain() {
     let ca = TestCa::new("mesh");

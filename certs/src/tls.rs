@@ -264,6 +264,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
 /// Server side of mesh mTLS: presents the current identity and checks the
 /// client's SPIFFE ID. TLS 1.2 and 1.3 with ring's default (AEAD-only) suites.
+/// No session resumption: a resumed session skips the client's
+/// certificate, so a peer could keep calling on one that has expired, or
+/// whose root left the bundle, for as long as the session lived. Mesh
+/// connections are long-lived and multiplexed, so a full handshake each
+/// costs little.
 pub fn mesh_server_config(
     identity: Arc<IdentityHandle>,
     allowed: AllowedPeers,
@@ -278,11 +283,14 @@ pub fn mesh_server_config(
         )))
         .with_cert_resolver(Arc::new(IdentityResolver(identity)));
     config.alpn_protocols = alpn;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
 /// Client side of mesh mTLS: presents the current identity and checks the
-/// server's SPIFFE ID against `allowed`.
+/// server's SPIFFE ID against `allowed`, on every connection: no session
+/// resumption, for the reason [`mesh_server_config`] gives.
 pub fn mesh_client_config(
     identity: Arc<IdentityHandle>,
     allowed: AllowedPeers,
@@ -297,5 +305,6 @@ pub fn mesh_client_config(
         )))
         .with_client_cert_resolver(Arc::new(IdentityResolver(identity)));
     config.alpn_protocols = alpn;
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }

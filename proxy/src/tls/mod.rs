@@ -370,6 +370,12 @@ fn edge_server_config(listener: &str, edge: &EdgeTls) -> Result<ServerConfig, Tl
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(edge)));
     config.alpn_protocols = edge.alpn.clone();
+    if edge.client_auth.is_some() {
+        // A resumed session skips the client certificate: with client
+        // auth, every connection shows a current one (as mesh mTLS does).
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(config)
 }
 
