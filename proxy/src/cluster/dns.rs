@@ -160,7 +160,7 @@ fn install(
 
 /// Every address of every endpoint (the first one only for a logical DNS
 /// cluster), each with its endpoint's weight, without repeats.
-fn endpoint_list(
+pub(super) fn endpoint_list(
     settings: &ClusterFile,
     resolved: &[Option<Vec<SocketAddr>>],
 ) -> Vec<(SocketAddr, u32)> {

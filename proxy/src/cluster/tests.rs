@@ -307,3 +307,26 @@ async fn dns_named_endpoints_resolve_and_survive_unrelated_updates() {
     assert!(manager.get("local").is_none());
     assert!(manager.dns.lock().unwrap().is_empty());
 }
+
+#[test]
+fn dns_endpoint_lists_keep_weights_drop_repeats_and_follow_the_type() {
+    let yaml =
+        "name: d\nendpoints: [{ address: \"a.test:80\", weight: 3 }, { address: \"b.test:80\" }]\n";
+    let mut file: ClusterFile = serde_yaml_ng::from_str(yaml).unwrap();
+    let (x, y, z): (SocketAddr, SocketAddr, SocketAddr) = (
+        "10.0.0.1:80".parse().unwrap(),
+        "10.0.0.2:80".parse().unwrap(),
+        "10.0.0.3:80".parse().unwrap(),
+    );
+    // `b.test` has never answered: only `a.test`'s addresses, each weighted 3;
+    // an address both names share is one endpoint.
+    let resolved = [Some(vec![x, y]), None];
+    assert_eq!(dns::endpoint_list(&file, &resolved), [(x, 3), (y, 3)]);
+    let resolved = [Some(vec![x, y]), Some(vec![y, z])];
+    assert_eq!(
+        dns::endpoint_list(&file, &resolved),
+        [(x, 3), (y, 3), (z, 1)]
+    );
+    file.dns_type = crate::config::file::DnsType::Logical;
+    assert_eq!(dns::endpoint_list(&file, &resolved), [(x, 3), (y, 1)]);
+}
