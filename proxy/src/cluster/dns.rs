@@ -42,6 +42,51 @@ impl Drop for DnsTask {
 /// Resolver tasks by cluster name.
 pub(super) type DnsTasks = HashMap<Arc<str>, DnsTask>;
 
+type LookupFn = dyn Fn(String, u16) -> futures_util::future::BoxFuture<'static, std::io::Result<Vec<SocketAddr>>>
+    + Send
+    + Sync;
+
+/// Looks a name up: the system resolver (`/etc/hosts`, then DNS), or a
+/// scripted one in tests.
+#[derive(Clone)]
+pub(super) struct Resolver(Arc<LookupFn>);
+
+impl Resolver {
+    /// The system resolver.
+    pub(super) fn system() -> Resolver {
+        Resolver(Arc::new(|host: String, port: u16| {
+            Box::pin(async move {
+                tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .map(Iterator::collect)
+            })
+        }))
+    }
+
+    /// A resolver that answers with `lookup`.
+    #[cfg(test)]
+    pub(super) fn from_fn(
+        lookup: impl Fn(String, u16) -> std::io::Result<Vec<SocketAddr>> + Send + Sync + 'static,
+    ) -> Resolver {
+        Resolver(Arc::new(move |host, port| {
+            let answer = lookup(host, port);
+            Box::pin(async move { answer })
+        }))
+    }
+}
+
+impl Default for Resolver {
+    fn default() -> Self {
+        Resolver::system()
+    }
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
 /// Whether a cluster names any endpoint by DNS.
 pub(super) fn is_dns(settings: &ClusterFile) -> bool {
     settings.endpoints.iter().any(|e| e.address.ip().is_none())
@@ -53,6 +98,7 @@ pub(super) fn start(
     template: Arc<Cluster>,
     clusters: &Arc<arc_swap::ArcSwap<ClusterMap>>,
     tasks: &Arc<Mutex<DnsTasks>>,
+    resolver: &Resolver,
 ) -> DnsTask {
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -67,6 +113,7 @@ pub(super) fn start(
                     Arc::downgrade(tasks),
                     id,
                     ready_tx,
+                    resolver.clone(),
                 ))
                 .abort_handle(),
         ),
@@ -89,6 +136,7 @@ async fn run(
     tasks: Weak<Mutex<DnsTasks>>,
     id: u64,
     ready: watch::Sender<bool>,
+    resolver: Resolver,
 ) {
     let settings = template.settings.clone();
     let name = template.name.clone();
@@ -98,7 +146,7 @@ async fn run(
     loop {
         let mut failed = false;
         for (i, endpoint) in settings.endpoints.iter().enumerate() {
-            match resolve(&endpoint.address, settings.dns_lookup_family).await {
+            match resolve(&endpoint.address, settings.dns_lookup_family, &resolver).await {
                 Ok(addresses) => last[i] = Some(addresses),
                 Err(reason) => {
                     failed = true;
@@ -184,12 +232,13 @@ pub(super) fn endpoint_list(
 async fn resolve(
     address: &EndpointAddress,
     family: DnsLookupFamily,
+    resolver: &Resolver,
 ) -> Result<Vec<SocketAddr>, String> {
     let (host, port) = match address {
         EndpointAddress::Ip(addr) => return Ok(vec![*addr]),
-        EndpointAddress::Name { host, port } => (host.as_str(), *port),
+        EndpointAddress::Name { host, port } => (host.clone(), *port),
     };
-    let found = tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((host, port)))
+    let found = tokio::time::timeout(LOOKUP_TIMEOUT, (resolver.0)(host, port))
         .await
         .map_err(|_| format!("no answer in {LOOKUP_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())?;

@@ -35,6 +35,7 @@ pub struct ClusterManager {
     /// Resolver tasks of the clusters with DNS-named endpoints; also the
     /// lock under which the map changes.
     dns: Arc<std::sync::Mutex<dns::DnsTasks>>,
+    resolver: dns::Resolver,
     /// Clusters made at run time rather than configured; config changes
     /// leave them alone.
     local: arc_swap::ArcSwap<ClusterMap>,
@@ -53,6 +54,7 @@ impl ClusterManager {
         let manager = ClusterManager {
             clusters: Default::default(),
             dns: Default::default(),
+            resolver: Default::default(),
             local: Default::default(),
             local_insert: Default::default(),
             identity: identity.cloned(),
@@ -115,7 +117,10 @@ impl ClusterManager {
                 if let Some(existing) = current.get(&name) {
                     clusters.insert(name.clone(), existing.clone());
                 }
-                next_tasks.insert(name, dns::start(cluster, &self.clusters, &self.dns));
+                next_tasks.insert(
+                    name,
+                    dns::start(cluster, &self.clusters, &self.dns, &self.resolver),
+                );
             } else {
                 clusters.insert(name, cluster);
             }

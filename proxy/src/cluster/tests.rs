@@ -330,3 +330,64 @@ fn dns_endpoint_lists_keep_weights_drop_repeats_and_follow_the_type() {
     file.dns_type = crate::config::file::DnsType::Logical;
     assert_eq!(dns::endpoint_list(&file, &resolved), [(x, 3), (y, 1)]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_lookup_keeps_the_last_addresses_until_one_succeeds() {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    let (a, b): (SocketAddr, SocketAddr) = (
+        "10.0.0.1:80".parse().unwrap(),
+        "10.0.0.2:80".parse().unwrap(),
+    );
+    // Answers in turn: a, a failure, then b (for ever after).
+    let script = Arc::new(Mutex::new(VecDeque::from([
+        Ok(vec![a]),
+        Err(std::io::ErrorKind::NotFound),
+        Ok(vec![b]),
+    ])));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let resolver = {
+        let (script, calls) = (script.clone(), calls.clone());
+        dns::Resolver::from_fn(move |host, port| {
+            assert_eq!((host.as_str(), port), ("svc.test", 80));
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut script = script.lock().unwrap();
+            let next = if script.len() > 1 {
+                script.pop_front().unwrap()
+            } else {
+                script[0].clone()
+            };
+            next.map_err(std::io::Error::from)
+        })
+    };
+    let manager = ClusterManager {
+        resolver,
+        ..Default::default()
+    };
+    let yaml = "name: svc\nendpoints: [{ address: \"svc.test:80\" }]\ndns_refresh_rate: 1s\n";
+    let file: Arc<ClusterFile> = Arc::new(serde_yaml_ng::from_str(yaml).unwrap());
+    manager
+        .update(std::slice::from_ref(&file), &Default::default())
+        .unwrap();
+    manager.dns_warmed().await;
+    let addresses = |m: &ClusterManager| -> Vec<SocketAddr> {
+        m.get("svc")
+            .map(|c| c.endpoints().iter().map(|e| e.address).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(addresses(&manager), [a]);
+    let first = manager.get("svc").unwrap();
+
+    // The failed round: nothing changes, not even the cluster's identity.
+    while calls.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(addresses(&manager), [a]);
+    assert!(Arc::ptr_eq(&first, &manager.get("svc").unwrap()));
+
+    // The next answer replaces the set.
+    while calls.load(Ordering::SeqCst) < 3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(addresses(&manager), [b]);
+}
