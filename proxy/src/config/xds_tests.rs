@@ -697,5 +697,6 @@ fn grpc_access_logger_and_trace_sampling_map_onto_the_listener() {
     );
 }
 
+mod inbound;
 mod jwt;
 mod mutations;
