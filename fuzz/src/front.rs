@@ -85,6 +85,7 @@ fn fronts() -> &'static Fronts {
                             drain: drain.clone(),
                             force: force.clone(),
                         },
+                        overload: postern::overload::Overload::new(&config.source.overload),
                     });
                     fronts.push(Front {
                         builder: builder(&listener.limits),

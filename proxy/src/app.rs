@@ -117,6 +117,7 @@ impl Proxy {
             envoy_node(&config.source),
         )
         .context("cannot start telemetry")?;
+        let overload = crate::overload::Overload::new(&config.source.overload);
         let listeners = Arc::new(ListenerManager::new(
             clusters.clone(),
             tracker.clone(),
@@ -124,6 +125,7 @@ impl Proxy {
             local_id,
             config.drain_timeout,
             telemetry.clone(),
+            overload.clone(),
         ));
         let hub = telemetry;
         if let Err(err) = listeners.apply(&config.listeners) {
@@ -175,6 +177,7 @@ impl Proxy {
             })
         };
 
+        let sampler = overload.start_sampler();
         let plan = crate::listener::drain::DrainPlan {
             timeout: config.drain_timeout,
             outbound_wait: config.source.outbound_drain_wait,
@@ -200,6 +203,9 @@ impl Proxy {
                 }
                 reaper.abort();
                 readiness.abort();
+                if let Some(sampler) = sampler {
+                    sampler.abort();
+                }
                 if let Some(rotator) = rotator {
                     rotator.abort();
                 }

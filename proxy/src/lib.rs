@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod listener;
+pub mod overload;
 pub mod ratelimit;
 pub mod route;
 pub mod sidecar;

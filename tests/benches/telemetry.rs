@@ -30,20 +30,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use postern_tests::mesh::{probe_connector, TestCa};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A port free now; benchmarks start processes that need one named up front.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+use postern_tests::bench::{env_or as env, free_port};
 
 /// Counts spans, keeps nothing.
 #[derive(Default, Clone)]
@@ -149,14 +136,7 @@ impl Postern {
     }
 
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        postern_tests::bench::rss_kib(self.child.id())
     }
 }
 

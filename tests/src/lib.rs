@@ -9,6 +9,7 @@
 //! about the proxy itself.
 
 pub mod als;
+pub mod bench;
 pub mod capture;
 pub mod client;
 pub mod control;

@@ -51,6 +51,42 @@ pub struct ConfigFile {
     /// Who this workload is to telemetry, and where call logs go.
     #[serde(default)]
     pub telemetry: TelemetryFile,
+    /// Process-wide overload protection: a global connection cap and
+    /// actions under memory pressure.
+    #[serde(default)]
+    pub overload: OverloadFile,
+}
+
+/// The `overload` section: limits of the whole process, above the
+/// listeners' own.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OverloadFile {
+    /// Downstream connections open at once across every listener; more are
+    /// accepted and closed at once.
+    pub max_connections: usize,
+    /// Resident memory budget in bytes; no memory action when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rss_bytes: Option<u64>,
+    /// Share of `max_rss_bytes` from which new requests are answered 503.
+    pub shed_at: f64,
+    /// Share of `max_rss_bytes` from which no connection is accepted.
+    pub pause_accept_at: f64,
+    /// How often the resident set is read.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+}
+
+impl Default for OverloadFile {
+    fn default() -> Self {
+        OverloadFile {
+            max_connections: 50_000,
+            max_rss_bytes: None,
+            shed_at: 0.95,
+            pause_accept_at: 0.98,
+            check_interval: Duration::from_millis(250),
+        }
+    }
 }
 
 /// The `telemetry` section.

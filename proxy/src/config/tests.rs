@@ -450,3 +450,44 @@ fn endpoints_may_be_dns_names_with_refresh_settings() {
     assert_error(&logical, "clusters[0].endpoints", "exactly one endpoint");
     assert_error(&logical, "clusters[0].dns_refresh_rate", "at least 1ms");
 }
+
+#[test]
+fn overload_settings_are_checked() {
+    let ok = format!(
+        "overload: {{ max_connections: 100, max_rss_bytes: 1000000, shed_at: 0.5, pause_accept_at: 0.5, check_interval: 50ms }}\n{BASE}"
+    );
+    let config = Config::from_yaml(&ok).unwrap();
+    assert_eq!(config.source.overload.max_rss_bytes, Some(1_000_000));
+    assert_eq!(
+        Config::from_yaml(BASE).unwrap().source.overload,
+        file::OverloadFile::default()
+    );
+
+    let with = |section: &str| format!("overload: {{ {section} }}\n{BASE}");
+    assert_error(
+        &with("max_connections: 0"),
+        "overload.max_connections",
+        "more than 0",
+    );
+    assert_error(
+        &with("max_rss_bytes: 0"),
+        "overload.max_rss_bytes",
+        "more than 0",
+    );
+    assert_error(&with("shed_at: 1.5"), "overload.shed_at", "at most 1");
+    assert_error(
+        &with("shed_at: 0.9, pause_accept_at: 0.8"),
+        "overload.pause_accept_at",
+        "at least shed_at",
+    );
+    assert_error(
+        &with("check_interval: 1ms"),
+        "overload.check_interval",
+        "at least 10ms",
+    );
+    assert_error(
+        &with("max_rss: 5"),
+        "overload.max_rss",
+        "unknown field `max_rss`",
+    );
+}

@@ -326,6 +326,7 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
         }
     }
 
+    check_overload(&file.overload, &mut errors);
     if !errors.0.is_empty() {
         return Err(ConfigError::Invalid(errors.0));
     }
@@ -393,6 +394,36 @@ fn check_route_jwt_names(listener: &ListenerFile, path: &str, errors: &mut Error
                 }
             }
         }
+    }
+}
+
+fn check_overload(overload: &OverloadFile, errors: &mut Errors) {
+    if overload.max_connections == 0 {
+        errors.push("overload.max_connections", "must be more than 0");
+    }
+    if overload.max_rss_bytes == Some(0) {
+        errors.push("overload.max_rss_bytes", "must be more than 0");
+    }
+    for (name, value) in [
+        ("shed_at", overload.shed_at),
+        ("pause_accept_at", overload.pause_accept_at),
+    ] {
+        if !(value > 0.0 && value <= 1.0) {
+            errors.push(
+                format!("overload.{name}"),
+                "must be a share of max_rss_bytes, more than 0 and at most 1",
+            );
+        }
+    }
+    if overload.pause_accept_at < overload.shed_at {
+        errors.push(
+            "overload.pause_accept_at",
+            "must be at least shed_at: accepting stops only once requests are shed",
+        );
+    }
+    // Each sample reads /proc; faster than this costs CPU for no gain.
+    if overload.check_interval < Duration::from_millis(10) {
+        errors.push("overload.check_interval", "must be at least 10ms");
     }
 }
 

@@ -181,3 +181,96 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountingStream<S> {
         self.inner.is_write_vectored()
     }
 }
+
+/// A stream that can be taken back from whoever polls it (hyper), so that
+/// the connection's timers can answer and close it whatever state hyper is
+/// in. Once taken, reads see end of stream and writes fail.
+///
+/// It replaces a duplicated descriptor per connection: only one task ever
+/// polls the stream and takes it, so the lock is never contended.
+#[derive(Debug)]
+pub struct Detachable<S>(Arc<Mutex<Option<S>>>);
+
+/// Takes the stream of a [`Detachable`] back.
+#[derive(Debug)]
+pub struct DetachHandle<S>(Arc<Mutex<Option<S>>>);
+
+impl<S> Detachable<S> {
+    /// Wraps `inner`; the handle takes it back.
+    pub fn new(inner: S) -> (Self, DetachHandle<S>) {
+        let shared = Arc::new(Mutex::new(Some(inner)));
+        (Detachable(shared.clone()), DetachHandle(shared))
+    }
+
+    fn with<T>(
+        &self,
+        gone: impl FnOnce() -> Poll<io::Result<T>>,
+        f: impl FnOnce(Pin<&mut S>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>>
+    where
+        S: Unpin,
+    {
+        let Ok(mut guard) = self.0.lock() else {
+            return Poll::Ready(Err(io::Error::other("connection state poisoned")));
+        };
+        match guard.as_mut() {
+            Some(inner) => f(Pin::new(inner)),
+            None => gone(),
+        }
+    }
+}
+
+impl<S> DetachHandle<S> {
+    /// The stream, unless it was taken already.
+    pub fn take(&self) -> Option<S> {
+        self.0.lock().ok()?.take()
+    }
+}
+
+fn detached<T>() -> Poll<io::Result<T>> {
+    Poll::Ready(Err(io::ErrorKind::NotConnected.into()))
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Detachable<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.with(|| Poll::Ready(Ok(())), |inner| inner.poll_read(cx, buf))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Detachable<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.with(detached, |inner| inner.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(detached, |inner| inner.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|| Poll::Ready(Ok(())), |inner| inner.poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.with(detached, |inner| inner.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(AsyncWrite::is_write_vectored))
+            .unwrap_or(false)
+    }
+}

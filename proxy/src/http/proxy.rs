@@ -45,6 +45,9 @@ pub struct HttpProxy {
     pub tracker: Arc<ConnectionTracker>,
     /// Closes tunnels when the drain time is up.
     pub shutdown: Shutdown,
+    /// The process's overload state: past its memory threshold, requests
+    /// are shed.
+    pub overload: Arc<crate::overload::Overload>,
 }
 
 /// What a config change swaps in an HTTP listener without touching its
@@ -556,6 +559,22 @@ impl HttpProxy {
         let peer_meta = request.headers_mut().remove(&X_POSTERN_PEER);
         if peer.spiffe_id.is_some() && self.telemetry.direction == TrafficDirection::Inbound {
             record.set_source_meta(peer_meta);
+        }
+        if self.overload.shedding() {
+            metrics::counter!(
+                names::OVERLOAD_SHED_REQUESTS_TOTAL,
+                "listener" => self.listener.name.clone(),
+            )
+            .increment(1);
+            let reply = LocalReply {
+                overloaded: true,
+                ..LocalReply::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "proxy overloaded",
+                    Some(ResponseFlag::OverloadManager),
+                )
+            };
+            return local_response(&reply, grpc, &mut record);
         }
         let limits = &self.listener.limits;
 

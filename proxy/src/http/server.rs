@@ -2,12 +2,12 @@
 //! knowledge) on one port, limits, idle timeout and graceful drain.
 
 use std::convert::Infallible;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt as _;
 
 use super::body::ResponseBody;
-use super::conn::{ConnActivity, ConnState, CountingStream};
+use super::conn::{ConnActivity, ConnState, CountingStream, Detachable};
 use super::headers::{self as hdr, DownstreamPeer, RejectedHead};
 use super::proxy::HttpProxy;
 use crate::config::file::ListenerLimitsFile;
@@ -19,6 +19,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+
+/// Longest wait to write a 408 to a client whose request head was too slow.
+const SLOW_HEAD_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Smallest read buffer hyper accepts.
 const MIN_BUF: usize = 8192;
@@ -55,18 +58,11 @@ pub async fn serve_connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     shutdown: Shutdown,
 ) {
-    // A second handle on the socket lets us answer 408 and close when a
-    // request head is too slow, whatever state hyper is in.
-    let tcp = stream.tcp();
-    let _ = tcp.set_nodelay(true);
-    let spare = match socket2::SockRef::from(tcp).try_clone() {
-        Ok(socket) => std::net::TcpStream::from(socket),
-        Err(err) => {
-            tracing::debug!(error = %err, "cannot set up connection");
-            return;
-        }
-    };
+    let _ = stream.tcp().set_nodelay(true);
     let plaintext = stream.is_plaintext();
+    // Taking the stream back from hyper lets us answer 408 and close when
+    // a request head is too slow, whatever state hyper is in.
+    let (stream, detach) = Detachable::new(stream);
     let activity = ConnActivity::new();
     let limits = &proxy.listener.limits;
     let (idle_timeout, head_timeout) = (limits.idle_timeout, limits.header_read_timeout);
@@ -140,7 +136,7 @@ pub async fn serve_connection(
                     ConnState::ReadingHead => {
                         let since = *head_started.get_or_insert_with(Instant::now);
                         if since.elapsed() >= head_timeout {
-                            reject_slow_head(&spare, plaintext, &shutdown.listener);
+                            reject_slow_head(detach.take(), plaintext, &shutdown.listener).await;
                             return;
                         }
                     }
@@ -213,15 +209,21 @@ pub fn reject_head<B>(
 
 /// Answers 408 on a connection whose request head is too slow, and closes
 /// it. Under TLS the answer would need the session, so it just closes.
-fn reject_slow_head(spare: &std::net::TcpStream, plaintext: bool, listener: &Arc<str>) {
-    let mut socket = spare;
-    if plaintext {
-        let _ = socket.write_all(
-            b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
-        );
-    }
-    let _ = socket.shutdown(std::net::Shutdown::Both);
+async fn reject_slow_head(stream: Option<DownstreamIo>, plaintext: bool, listener: &Arc<str>) {
     count_limit(listener, "header_read_timeout");
+    let Some(mut stream) = stream else { return };
+    if plaintext {
+        // The answer fits any socket buffer; a peer that filled it by not
+        // reading gets no wait.
+        let _ = tokio::time::timeout(
+            SLOW_HEAD_ANSWER_WAIT,
+            stream.write_all(
+                b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            ),
+        )
+        .await;
+    }
+    let _ = socket2::SockRef::from(stream.tcp()).shutdown(std::net::Shutdown::Both);
 }
 
 fn count_limit(listener: &Arc<str>, limit: &'static str) {

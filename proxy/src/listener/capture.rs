@@ -154,6 +154,8 @@ pub struct CaptureShared {
     pub shutdown: Shutdown,
     /// Where the app's addresses are noted, for the drain.
     pub app: Arc<super::drain::AppAddresses>,
+    /// The process's overload state, for shedding HTTP requests.
+    pub overload: Arc<crate::overload::Overload>,
 }
 
 /// A running capture listener: its shared parts and the config a change
@@ -555,6 +557,7 @@ fn http_proxy(
         telemetry: telemetry.clone(),
         tracker: shared.tracker.clone(),
         shutdown: shared.shutdown.clone(),
+        overload: shared.overload.clone(),
     })
 }
 

@@ -49,6 +49,7 @@ pub struct ListenerManager {
     draining: AtomicBool,
     telemetry: Arc<crate::telemetry::TelemetryHub>,
     app: Arc<super::drain::AppAddresses>,
+    overload: Arc<crate::overload::Overload>,
 }
 
 impl std::fmt::Debug for ListenerManager {
@@ -90,6 +91,7 @@ impl ListenerManager {
         local_id: Option<Arc<SpiffeId>>,
         drain_timeout: Duration,
         telemetry: Arc<crate::telemetry::TelemetryHub>,
+        overload: Arc<crate::overload::Overload>,
     ) -> ListenerManager {
         ListenerManager {
             running: Mutex::new(HashMap::new()),
@@ -101,6 +103,7 @@ impl ListenerManager {
             draining: AtomicBool::new(false),
             telemetry,
             app: Default::default(),
+            overload,
         }
     }
 
@@ -203,6 +206,7 @@ impl ListenerManager {
             telemetry: self.telemetry.clone(),
             capture: capture.clone(),
             app: self.app.clone(),
+            overload: self.overload.clone(),
         };
         let accept = tokio::spawn(run_listener(socket, listener.clone(), context, shutdown));
         Ok(Running {

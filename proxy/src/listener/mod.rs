@@ -104,6 +104,8 @@ pub struct ListenerContext {
     pub capture: Option<Arc<arc_swap::ArcSwap<Listener>>>,
     /// Where inbound capture notes the app's addresses, for the drain.
     pub app: Arc<drain::AppAddresses>,
+    /// The global connection cap and overload state.
+    pub overload: Arc<crate::overload::Overload>,
 }
 
 /// Accepts connections on a bound listener until the drain starts.
@@ -122,6 +124,7 @@ pub async fn run_listener(
         telemetry: hub,
         capture: capture_cell,
         app,
+        overload,
     } = context;
     let limit = Arc::new(Semaphore::new(listener.limits.max_connections));
     // One per listener: HTTP and TCP paths share its handles and sinks.
@@ -140,6 +143,7 @@ pub async fn run_listener(
                 telemetry: tcp_telemetry.clone(),
                 tracker: tracker.clone(),
                 shutdown: shutdown.clone(),
+                overload: overload.clone(),
             }),
             Arc::new(crate::http::server::builder(&listener.limits)),
         )),
@@ -155,6 +159,7 @@ pub async fn run_listener(
                 hub: hub.clone(),
                 shutdown: shutdown.clone(),
                 app,
+                overload: overload.clone(),
             },
             capture_cell.unwrap_or_else(|| Arc::new(arc_swap::ArcSwap::new(listener.clone()))),
         )),
@@ -165,7 +170,10 @@ pub async fn run_listener(
     let total = metrics::counter!(names::DOWNSTREAM_CONNECTIONS_TOTAL, "listener" => name.clone());
     loop {
         let accepted = tokio::select! {
-            accepted = socket.accept() => accepted,
+            // While the process is overloaded new connections wait in the
+            // kernel's listen queue (and past it, SYNs are dropped and
+            // retried by clients) instead of costing memory here.
+            accepted = overload.accept(&socket) => accepted,
             _ = shutdown.drain.changed() => break,
         };
         let (stream, peer) = match accepted {
@@ -177,7 +185,7 @@ pub async fn run_listener(
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(listener_permit) = limit.clone().try_acquire_owned() else {
             metrics::counter!(
                 names::DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
                 "listener" => name.clone(),
@@ -187,6 +195,17 @@ pub async fn run_listener(
             drop(stream);
             continue;
         };
+        let Some(global_permit) = overload.try_connection() else {
+            metrics::counter!(
+                names::DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
+                "listener" => name.clone(),
+                "limit" => "global_connections",
+            )
+            .increment(1);
+            drop(stream);
+            continue;
+        };
+        let permit = (listener_permit, global_permit);
         total.increment(1);
         active.increment(1.0);
         let tracked = tracker.track();

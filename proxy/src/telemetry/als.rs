@@ -550,6 +550,7 @@ pub fn envoy_response_flags(flags: ResponseFlags) -> Option<data::ResponseFlags>
             ResponseFlag::StreamIdleTimeout => &mut out.stream_idle_timeout,
             ResponseFlag::DownstreamProtocolError => &mut out.downstream_protocol_error,
             ResponseFlag::NoClusterFound => &mut out.no_cluster_found,
+            ResponseFlag::OverloadManager => &mut out.overload_manager,
             ResponseFlag::RbacDenied | ResponseFlag::UnauthorizedJwt => {
                 out.unauthorized_details = Some(Unauthorized {
                     reason: unauthorized::Reason::Unspecified as i32,

@@ -70,6 +70,14 @@ pub const PROTOCOL_DETECTION_TOTAL: &str = "postern_protocol_detection_total";
 /// (`static`, `xds`, `last_known_good`), 0 for the others.
 pub const CONFIG_SOURCE: &str = "postern_config_source";
 
+/// The overload state: 0 normal, 1 shedding requests, 2 accepting paused.
+pub const OVERLOAD_STATE: &str = "postern_overload_state";
+/// Resident memory as the overload sampler last read it (only with
+/// `overload.max_rss_bytes`).
+pub const OVERLOAD_RSS_BYTES: &str = "postern_overload_rss_bytes";
+/// Requests answered 503 because the process was overloaded, by `listener`.
+pub const OVERLOAD_SHED_REQUESTS_TOTAL: &str = "postern_overload_shed_requests_total";
+
 /// Buckets for request durations, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -133,6 +141,19 @@ pub fn describe() {
     describe_counter!(
         PROTOCOL_DETECTION_TOTAL,
         "Captured connections by detected protocol (timeout: proxied as opaque after waiting)"
+    );
+    describe_gauge!(
+        OVERLOAD_STATE,
+        "Overload state: 0 normal, 1 shedding requests, 2 accepting paused"
+    );
+    describe_gauge!(
+        OVERLOAD_RSS_BYTES,
+        Unit::Bytes,
+        "Resident memory as the overload sampler last read it"
+    );
+    describe_counter!(
+        OVERLOAD_SHED_REQUESTS_TOTAL,
+        "Requests answered 503 because the process was overloaded"
     );
     describe_gauge!(
         CONFIG_SOURCE,

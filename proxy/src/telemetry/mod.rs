@@ -184,6 +184,8 @@ pub enum ResponseFlag {
     /// apart from `UAEX` so that bad tokens are not read as an external
     /// authorization service failing.
     UnauthorizedJwt,
+    /// The process was overloaded and shed the request.
+    OverloadManager,
 }
 
 impl ResponseFlag {
@@ -206,13 +208,14 @@ impl ResponseFlag {
             ResponseFlag::DownstreamProtocolError => "DPE",
             ResponseFlag::NoClusterFound => "NC",
             ResponseFlag::UnauthorizedJwt => "UJWT",
+            ResponseFlag::OverloadManager => "OM",
         }
     }
 }
 
 impl ResponseFlag {
     /// Every flag, in the order codes are listed.
-    pub const ALL: [ResponseFlag; 16] = [
+    pub const ALL: [ResponseFlag; 17] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectFailure,
@@ -229,6 +232,7 @@ impl ResponseFlag {
         ResponseFlag::DownstreamProtocolError,
         ResponseFlag::NoClusterFound,
         ResponseFlag::UnauthorizedJwt,
+        ResponseFlag::OverloadManager,
     ];
 
     fn bit(self) -> u32 {
