@@ -110,7 +110,7 @@ pub fn apply(bytes: &[u8]) -> Outcome {
             type_url::ROUTE => translate::decode::<RouteConfiguration>(body, type_url::ROUTE)
                 .and_then(|rc| {
                     let mut listener = rds_listener(&resource.name);
-                    listener.virtual_hosts = translate::route_configuration(&rc)?;
+                    translate::route_configuration(&rc)?.apply_to(&mut listener);
                     file.listeners.push(listener);
                     Ok(())
                 }),

@@ -107,6 +107,8 @@ impl Proxy {
             &config.upstream_tls,
             identity.as_ref(),
         )?);
+        // Listeners start once DNS-named clusters have their first answers.
+        clusters.dns_warmed().await;
         let tracker = Arc::new(ConnectionTracker::default());
         let local_id = config.identity.as_ref().map(|i| Arc::new(i.id.clone()));
         let telemetry = crate::telemetry::TelemetryHub::from_config(

@@ -29,7 +29,7 @@ use postern_xds::{Handler, Resource, ResourceError, StatusHandle, Subscriptions,
 
 use crate::app::Runtime;
 use crate::config::file::SdsSourceFile;
-use crate::config::file::{ClusterFile, ConfigFile, EndpointFile, VirtualHostFile};
+use crate::config::file::{ClusterFile, ConfigFile, EndpointFile};
 use crate::config::xds::{self as translate, EndpointSource, Problems, RouteSource, SecretValue};
 use crate::config::Config;
 use postern_certs::SdsSource;
@@ -56,7 +56,7 @@ type Table<T> = BTreeMap<String, Entry<T>>;
 struct Resources {
     /// Listeners, where their routes come from, and whether they bind.
     listeners: Table<Translated>,
-    routes: Table<Vec<VirtualHostFile>>,
+    routes: Table<translate::RouteConfigFile>,
     clusters: Table<(ClusterFile, EndpointSource)>,
     endpoints: Table<Vec<EndpointFile>>,
     /// Types that have had at least one accepted update.
@@ -339,7 +339,7 @@ impl XdsHandler {
             let mut listener = translated.file.clone();
             if let RouteSource::Rds(name) = source {
                 match state.routes.get(name) {
-                    Some(routes) => listener.virtual_hosts = routes.value.clone(),
+                    Some(routes) => routes.value.apply_to(&mut listener),
                     None => {
                         warming = true;
                         continue;

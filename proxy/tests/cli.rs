@@ -282,7 +282,8 @@ fn validate_rejects_bad_values() {
     );
     assert_rejected(
         "bad address",
-        &valid_with("address: 127.0.0.1:9", "address: localhost:9"),
+        // A DNS name is fine (`localhost:9`); this is neither name nor IP.
+        &valid_with("address: 127.0.0.1:9", "address: \"local host:9\""),
         &["clusters[0].endpoints[0].address"],
     );
 }

@@ -4,6 +4,7 @@
 //! A `Cluster` is runtime state that outlives any one config snapshot; the
 //! `ClusterManager` keys clusters by name.
 
+mod dns;
 mod lb;
 pub mod pool;
 
@@ -30,7 +31,11 @@ pub const MAX_LOCAL_CLUSTERS: usize = 1024;
 /// request holds the `Arc<Cluster>` it picked to its end.
 #[derive(Debug, Default)]
 pub struct ClusterManager {
-    clusters: arc_swap::ArcSwap<ClusterMap>,
+    clusters: Arc<arc_swap::ArcSwap<ClusterMap>>,
+    /// Resolver tasks of the clusters with DNS-named endpoints; also the
+    /// lock under which the map changes.
+    dns: Arc<std::sync::Mutex<dns::DnsTasks>>,
+    resolver: dns::Resolver,
     /// Clusters made at run time rather than configured; config changes
     /// leave them alone.
     local: arc_swap::ArcSwap<ClusterMap>,
@@ -48,6 +53,8 @@ impl ClusterManager {
     ) -> Result<Self, crate::tls::TlsSetupError> {
         let manager = ClusterManager {
             clusters: Default::default(),
+            dns: Default::default(),
+            resolver: Default::default(),
             local: Default::default(),
             local_insert: Default::default(),
             identity: identity.cloned(),
@@ -65,16 +72,31 @@ impl ClusterManager {
         settings: &[Arc<ClusterFile>],
         tls: &std::collections::HashMap<Arc<str>, crate::config::UpstreamTlsConfig>,
     ) -> Result<(), crate::tls::TlsSetupError> {
+        // Resolver tasks swap clusters in under this lock too.
+        let mut tasks = self.dns.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.clusters.load_full();
         let mut clusters = HashMap::with_capacity(settings.len());
+        let mut next_tasks = dns::DnsTasks::new();
         for s in settings {
             let name: Arc<str> = Arc::from(s.name.as_str());
-            if let Some(existing) = current.get(&name) {
+            let dns_named = dns::is_dns(s);
+            if dns_named {
+                if let Some(task) = tasks.remove(&name) {
+                    if same_settings(&task.settings, s) {
+                        // The task carries on; whatever it last swapped in stays.
+                        if let Some(existing) = current.get(&name) {
+                            clusters.insert(name.clone(), existing.clone());
+                        }
+                        next_tasks.insert(name, task);
+                        continue;
+                    }
+                }
+            } else if let Some(existing) = current.get(&name) {
                 if same_settings(&existing.settings, s) {
                     clusters.insert(name, existing.clone());
                     continue;
                 }
-                if same_but_endpoints(&existing.settings, s) {
+                if same_but_endpoints(&existing.settings, s) && !dns::is_dns(&existing.settings) {
                     clusters.insert(name, Arc::new(Cluster::with_endpoints(existing, s.clone())));
                     continue;
                 }
@@ -88,11 +110,39 @@ impl ClusterManager {
                 )?)),
                 None => None,
             };
-            let cluster = Cluster::with_tls(s.clone(), connector);
-            clusters.insert(name, Arc::new(cluster));
+            let cluster = Arc::new(Cluster::with_tls(s.clone(), connector));
+            if dns_named {
+                // Warming: the cluster it replaces (if any) serves until
+                // the first lookups are done.
+                if let Some(existing) = current.get(&name) {
+                    clusters.insert(name.clone(), existing.clone());
+                }
+                next_tasks.insert(
+                    name,
+                    dns::start(cluster, &self.clusters, &self.dns, &self.resolver),
+                );
+            } else {
+                clusters.insert(name, cluster);
+            }
         }
+        // Tasks left in `tasks` belong to removed or changed clusters; they
+        // stop when dropped here.
+        *tasks = next_tasks;
         self.clusters.store(Arc::new(clusters));
         Ok(())
+    }
+
+    /// Waits until every DNS-named cluster has done its first lookups
+    /// (found or not), so a new config does not start with them empty.
+    pub async fn dns_warmed(&self) {
+        let receivers: Vec<_> = match self.dns.lock() {
+            Ok(tasks) => tasks.values().map(|t| t.ready.clone()).collect(),
+            Err(_) => return,
+        };
+        for mut ready in receivers {
+            // An error means the task stopped: nothing more to wait for.
+            let _ = ready.wait_for(|done| *done).await;
+        }
     }
 
     /// The cluster with this name, configured or made at run time.
@@ -141,20 +191,30 @@ impl ClusterManager {
 }
 
 fn new_endpoint(
-    e: &crate::config::file::EndpointFile,
+    address: SocketAddr,
+    weight: u32,
     pool_settings: &Arc<PoolSettings>,
     limits: &Arc<ConnectionLimits>,
 ) -> Arc<Endpoint> {
     Arc::new(Endpoint {
-        address: e.address,
-        weight: e.weight.max(1),
+        address,
+        weight: weight.max(1),
         active_requests: AtomicUsize::new(0),
         consecutive_5xx: AtomicU32::new(0),
         consecutive_connect_failures: AtomicU32::new(0),
         ejected_until_ms: AtomicU64::new(0),
         ejections: AtomicU32::new(0),
-        pool: EndpointPool::new(e.address, pool_settings.clone(), limits.clone()),
+        pool: EndpointPool::new(address, pool_settings.clone(), limits.clone()),
     })
+}
+
+/// The IP endpoints of a cluster's settings, with their weights.
+fn ip_endpoints(settings: &ClusterFile) -> Vec<(SocketAddr, u32)> {
+    settings
+        .endpoints
+        .iter()
+        .filter_map(|e| Some((e.address.ip()?, e.weight)))
+        .collect()
 }
 
 /// Whether two settings differ in their endpoints only.
@@ -300,11 +360,15 @@ impl Cluster {
             max_idle: settings.pool.max_idle_per_endpoint,
             idle_timeout: settings.pool.idle_timeout,
         });
-        let endpoints: Vec<Arc<Endpoint>> = settings
-            .endpoints
-            .iter()
-            .map(|e| new_endpoint(e, &pool_settings, &limits))
-            .collect();
+        // A DNS-named cluster gets its endpoints from its resolver task.
+        let endpoints: Vec<Arc<Endpoint>> = if dns::is_dns(&settings) {
+            Vec::new()
+        } else {
+            ip_endpoints(&settings)
+                .into_iter()
+                .map(|(address, weight)| new_endpoint(address, weight, &pool_settings, &limits))
+                .collect()
+        };
         let balancer = Balancer::new(settings.lb, &endpoints);
         Cluster {
             name,
@@ -324,22 +388,34 @@ impl Cluster {
     /// keep their pools, load and outlier state; the connection limits and
     /// TLS are shared with `previous`.
     pub fn with_endpoints(previous: &Cluster, settings: Arc<ClusterFile>) -> Self {
+        let list = ip_endpoints(&settings);
+        Cluster::with_addresses(previous, settings, &list)
+    }
+
+    /// Like [`Cluster::with_endpoints`], with the endpoints given as
+    /// addresses and weights (from DNS).
+    pub fn with_addresses(
+        previous: &Cluster,
+        settings: Arc<ClusterFile>,
+        list: &[(SocketAddr, u32)],
+    ) -> Self {
         let mut taken = Vec::new();
-        let endpoints: Vec<Arc<Endpoint>> = settings
-            .endpoints
+        let endpoints: Vec<Arc<Endpoint>> = list
             .iter()
-            .map(|e| {
+            .map(|&(address, weight)| {
                 previous
                     .endpoints
                     .iter()
                     .find(|p| {
-                        p.address == e.address
-                            && p.weight == e.weight.max(1)
+                        p.address == address
+                            && p.weight == weight.max(1)
                             && !taken.iter().any(|t| Arc::ptr_eq(t, p))
                     })
                     .cloned()
                     .inspect(|p| taken.push(p.clone()))
-                    .unwrap_or_else(|| new_endpoint(e, &previous.pool_settings, &previous.limits))
+                    .unwrap_or_else(|| {
+                        new_endpoint(address, weight, &previous.pool_settings, &previous.limits)
+                    })
             })
             .collect();
         let balancer = Balancer::new(settings.lb, &endpoints);

@@ -13,7 +13,7 @@ fn cluster(
         .iter()
         .enumerate()
         .map(|(i, w)| EndpointFile {
-            address: SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)),
+            address: SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)).into(),
             weight: *w,
         })
         .collect();
@@ -225,7 +225,7 @@ fn an_endpoint_update_keeps_the_state_of_endpoints_that_stay() {
     let mut next = (*before.settings).clone();
     next.endpoints.remove(1);
     next.endpoints.push(EndpointFile {
-        address: SocketAddr::from(([127, 0, 0, 1], 10_999)),
+        address: SocketAddr::from(([127, 0, 0, 1], 10_999)).into(),
         weight: 1,
     });
     manager
@@ -251,4 +251,143 @@ fn an_endpoint_update_keeps_the_state_of_endpoints_that_stay() {
         .unwrap();
     let rebuilt = manager.get("c").unwrap();
     assert!(!Arc::ptr_eq(&rebuilt.endpoints()[0], &ejected));
+}
+
+#[test]
+fn lookup_families_pick_addresses_as_envoy_does() {
+    use crate::config::file::DnsLookupFamily as F;
+    let v4: SocketAddr = "127.0.0.1:80".parse().unwrap();
+    let v6: SocketAddr = "[::1]:80".parse().unwrap();
+    let both = vec![v6, v4];
+    let cases = [
+        (F::V4Only, both.clone(), vec![v4]),
+        (F::V6Only, both.clone(), vec![v6]),
+        (F::Auto, both.clone(), vec![v6]),
+        (F::Auto, vec![v4], vec![v4]),
+        (F::V4Preferred, both.clone(), vec![v4]),
+        (F::V4Preferred, vec![v6], vec![v6]),
+        (F::All, both.clone(), both.clone()),
+        (F::V6Only, vec![v4], vec![]),
+    ];
+    for (family, input, expected) in cases {
+        assert_eq!(dns::pick_family(input, family), expected, "{family:?}");
+    }
+}
+
+#[tokio::test]
+async fn dns_named_endpoints_resolve_and_survive_unrelated_updates() {
+    let yaml = "name: local\nendpoints: [{ address: \"localhost:10443\", weight: 2 }, { address: \"127.0.0.2:10443\" }]\ndns_lookup_family: v4_only\ndns_refresh_rate: 1h\n";
+    let file: Arc<ClusterFile> = Arc::new(serde_yaml_ng::from_str(yaml).unwrap());
+    let manager =
+        ClusterManager::new(std::slice::from_ref(&file), &Default::default(), None).unwrap();
+    // Warming: not served before the first lookups are done.
+    manager.dns_warmed().await;
+    let cluster = manager
+        .get("local")
+        .expect("installed after the first lookups");
+    let addresses: Vec<(SocketAddr, u32)> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| (e.address, e.weight))
+        .collect();
+    assert_eq!(
+        addresses,
+        [
+            ("127.0.0.1:10443".parse().unwrap(), 2),
+            ("127.0.0.2:10443".parse().unwrap(), 1)
+        ]
+    );
+    // The same settings again keep the resolved cluster and its task.
+    manager
+        .update(std::slice::from_ref(&file), &Default::default())
+        .unwrap();
+    assert!(Arc::ptr_eq(&cluster, &manager.get("local").unwrap()));
+    // Removing the cluster stops its task and drops it.
+    manager.update(&[], &Default::default()).unwrap();
+    assert!(manager.get("local").is_none());
+    assert!(manager.dns.lock().unwrap().is_empty());
+}
+
+#[test]
+fn dns_endpoint_lists_keep_weights_drop_repeats_and_follow_the_type() {
+    let yaml =
+        "name: d\nendpoints: [{ address: \"a.test:80\", weight: 3 }, { address: \"b.test:80\" }]\n";
+    let mut file: ClusterFile = serde_yaml_ng::from_str(yaml).unwrap();
+    let (x, y, z): (SocketAddr, SocketAddr, SocketAddr) = (
+        "10.0.0.1:80".parse().unwrap(),
+        "10.0.0.2:80".parse().unwrap(),
+        "10.0.0.3:80".parse().unwrap(),
+    );
+    // `b.test` has never answered: only `a.test`'s addresses, each weighted 3;
+    // an address both names share is one endpoint.
+    let resolved = [Some(vec![x, y]), None];
+    assert_eq!(dns::endpoint_list(&file, &resolved), [(x, 3), (y, 3)]);
+    let resolved = [Some(vec![x, y]), Some(vec![y, z])];
+    assert_eq!(
+        dns::endpoint_list(&file, &resolved),
+        [(x, 3), (y, 3), (z, 1)]
+    );
+    file.dns_type = crate::config::file::DnsType::Logical;
+    assert_eq!(dns::endpoint_list(&file, &resolved), [(x, 3), (y, 1)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_lookup_keeps_the_last_addresses_until_one_succeeds() {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    let (a, b): (SocketAddr, SocketAddr) = (
+        "10.0.0.1:80".parse().unwrap(),
+        "10.0.0.2:80".parse().unwrap(),
+    );
+    // Answers in turn: a, a failure, then b (for ever after).
+    let script = Arc::new(Mutex::new(VecDeque::from([
+        Ok(vec![a]),
+        Err(std::io::ErrorKind::NotFound),
+        Ok(vec![b]),
+    ])));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let resolver = {
+        let (script, calls) = (script.clone(), calls.clone());
+        dns::Resolver::from_fn(move |host, port| {
+            assert_eq!((host.as_str(), port), ("svc.test", 80));
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut script = script.lock().unwrap();
+            let next = if script.len() > 1 {
+                script.pop_front().unwrap()
+            } else {
+                script[0].clone()
+            };
+            next.map_err(std::io::Error::from)
+        })
+    };
+    let manager = ClusterManager {
+        resolver,
+        ..Default::default()
+    };
+    let yaml = "name: svc\nendpoints: [{ address: \"svc.test:80\" }]\ndns_refresh_rate: 1s\n";
+    let file: Arc<ClusterFile> = Arc::new(serde_yaml_ng::from_str(yaml).unwrap());
+    manager
+        .update(std::slice::from_ref(&file), &Default::default())
+        .unwrap();
+    manager.dns_warmed().await;
+    let addresses = |m: &ClusterManager| -> Vec<SocketAddr> {
+        m.get("svc")
+            .map(|c| c.endpoints().iter().map(|e| e.address).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(addresses(&manager), [a]);
+    let first = manager.get("svc").unwrap();
+
+    // The failed round: nothing changes, not even the cluster's identity.
+    while calls.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(addresses(&manager), [a]);
+    assert!(Arc::ptr_eq(&first, &manager.get("svc").unwrap()));
+
+    // The next answer replaces the set.
+    while calls.load(Ordering::SeqCst) < 3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(addresses(&manager), [b]);
 }

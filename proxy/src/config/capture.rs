@@ -291,11 +291,14 @@ pub fn forward_all(name: &str, cluster: Arc<str>) -> RouteTable {
             timeout: None,
             retry: None,
             rewrite: Default::default(),
+            target_headers: Vec::new(),
         }),
+        headers: None,
     };
     let vhost = VirtualHost {
         name: Arc::from(name),
         routes: vec![route],
+        headers: None,
     };
     RouteTable::new(vec![vhost], &[vec!["*".to_string()]])
 }

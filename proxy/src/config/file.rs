@@ -628,6 +628,15 @@ pub struct HttpSettingsFile {
     /// JWT authentication, before RBAC; none when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtAuthnFile>,
+    /// Header changes for every route of the listener (Envoy's route
+    /// configuration level).
+    #[serde(skip_serializing_if = "HeaderMutationsFile::is_empty")]
+    pub headers: HeaderMutationsFile,
+    /// Apply header changes from the least specific level to the most
+    /// specific one, so that a route's own changes win (default off: the
+    /// listener's changes are applied last, as in Envoy).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub most_specific_header_mutations_wins: bool,
 }
 
 /// A token-bucket rate limit, kept in this proxy.
@@ -686,8 +695,76 @@ impl Default for HttpSettingsFile {
             rbac: None,
             local_rate_limit: None,
             jwt: None,
+            headers: HeaderMutationsFile::default(),
+            most_specific_header_mutations_wins: false,
         }
     }
+}
+
+/// Header changes at one level of the route table (Envoy's
+/// `request_headers_to_add` / `_remove` and `response_headers_to_add` /
+/// `_remove`). Within a level, removals come before additions.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderMutationsFile {
+    /// Headers added to the request sent upstream.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub request_headers_to_add: Vec<HeaderAddFile>,
+    /// Headers removed from the request sent upstream.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub request_headers_to_remove: Vec<String>,
+    /// Headers added to the response sent downstream.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub response_headers_to_add: Vec<HeaderAddFile>,
+    /// Headers removed from the response sent downstream.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub response_headers_to_remove: Vec<String>,
+}
+
+impl HeaderMutationsFile {
+    /// Whether no change is configured.
+    pub fn is_empty(&self) -> bool {
+        self.request_headers_to_add.is_empty()
+            && self.request_headers_to_remove.is_empty()
+            && self.response_headers_to_add.is_empty()
+            && self.response_headers_to_remove.is_empty()
+    }
+}
+
+/// One header to add (Envoy's `HeaderValueOption`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderAddFile {
+    /// Header name (case-insensitive).
+    pub name: String,
+    /// Value; may use command operators such as `%REQ(x-user)%`.
+    pub value: String,
+    /// What to do when the header is already there (default
+    /// `append_if_exists_or_add`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append_action: Option<AppendAction>,
+    /// Deprecated form of `append_action`: true appends, false overwrites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append: Option<bool>,
+    /// Add the header even when its value comes out empty.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_empty_value: bool,
+}
+
+/// What an added header does to one already present (Envoy's
+/// `HeaderAppendAction`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppendAction {
+    /// Add another value; add the header if absent.
+    #[default]
+    AppendIfExistsOrAdd,
+    /// Add only if absent.
+    AddIfAbsent,
+    /// Replace every value; add the header if absent.
+    OverwriteIfExistsOrAdd,
+    /// Replace every value; nothing if absent.
+    OverwriteIfExists,
 }
 
 /// RBAC: enforced rules and shadow rules.
@@ -1021,6 +1098,9 @@ pub struct VirtualHostFile {
     pub domains: Vec<String>,
     /// Routes, tried in order; the first match wins.
     pub routes: Vec<RouteFile>,
+    /// Header changes for every route of this virtual host.
+    #[serde(default, skip_serializing_if = "HeaderMutationsFile::is_empty")]
+    pub headers: HeaderMutationsFile,
 }
 
 /// A route: a match and exactly one action.
@@ -1067,6 +1147,9 @@ pub struct RouteFile {
     /// Access-log filter and sampling for this route's calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<crate::telemetry::access_log::LogPolicyFile>,
+    /// Header changes for this route's requests and responses.
+    #[serde(default, skip_serializing_if = "HeaderMutationsFile::is_empty")]
+    pub headers: HeaderMutationsFile,
 }
 
 /// A route's JWT setting (Envoy's `PerRouteConfig`): exactly one field.
@@ -1159,6 +1242,9 @@ pub struct WeightedClusterFile {
     pub cluster: String,
     /// Relative weight; 0 takes no traffic.
     pub weight: u32,
+    /// Header changes when this cluster is picked.
+    #[serde(default, skip_serializing_if = "HeaderMutationsFile::is_empty")]
+    pub headers: HeaderMutationsFile,
 }
 
 /// A response made by the proxy itself.
@@ -1366,6 +1452,49 @@ pub struct ClusterFile {
     /// TLS to the endpoints; plaintext when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTlsFile>,
+    /// How often endpoints named by DNS are resolved again (default 5s).
+    #[serde(default = "default_dns_refresh_rate", with = "humantime_serde")]
+    pub dns_refresh_rate: Duration,
+    /// Address families a DNS name resolves to (default `v4_preferred`).
+    #[serde(default)]
+    pub dns_lookup_family: DnsLookupFamily,
+    /// `strict`: every address of every name is an endpoint (default);
+    /// `logical`: the first address of the one endpoint only.
+    #[serde(default)]
+    pub dns_type: DnsType,
+}
+
+/// Default `dns_refresh_rate` (Envoy's).
+pub fn default_dns_refresh_rate() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Which addresses of a DNS name are used (Envoy's `DnsLookupFamily`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DnsLookupFamily {
+    /// IPv6 addresses if there are any, else IPv4 ones (Envoy's default).
+    Auto,
+    /// IPv4 only.
+    V4Only,
+    /// IPv6 only.
+    V6Only,
+    /// IPv4 addresses if there are any, else IPv6 ones.
+    #[default]
+    V4Preferred,
+    /// Both.
+    All,
+}
+
+/// How a DNS-named cluster turns answers into endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DnsType {
+    /// Every address is an endpoint (Envoy's `STRICT_DNS`).
+    #[default]
+    Strict,
+    /// The first address only (Envoy's `LOGICAL_DNS`).
+    Logical,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -1376,11 +1505,106 @@ fn default_connect_timeout() -> Duration {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointFile {
-    /// IP and port.
-    pub address: SocketAddr,
+    /// `ip:port`, or `name:port` resolved by DNS.
+    pub address: EndpointAddress,
     /// Relative weight (default 1, at least 1).
     #[serde(default = "default_weight")]
     pub weight: u32,
+}
+
+/// Where an endpoint is: an IP address, or a DNS name resolved at run time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EndpointAddress {
+    /// An IP address and port.
+    Ip(SocketAddr),
+    /// A DNS name and port.
+    Name {
+        /// The name, lower case, without a trailing dot.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+}
+
+impl EndpointAddress {
+    /// The port.
+    pub fn port(&self) -> u16 {
+        match self {
+            EndpointAddress::Ip(addr) => addr.port(),
+            EndpointAddress::Name { port, .. } => *port,
+        }
+    }
+
+    /// The address, when it is an IP address.
+    pub fn ip(&self) -> Option<SocketAddr> {
+        match self {
+            EndpointAddress::Ip(addr) => Some(*addr),
+            EndpointAddress::Name { .. } => None,
+        }
+    }
+}
+
+impl From<SocketAddr> for EndpointAddress {
+    fn from(addr: SocketAddr) -> Self {
+        EndpointAddress::Ip(addr)
+    }
+}
+
+impl std::fmt::Display for EndpointAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndpointAddress::Ip(addr) => addr.fmt(f),
+            EndpointAddress::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl std::str::FromStr for EndpointAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(EndpointAddress::Ip(addr));
+        }
+        let bad = || format!("\"{text}\" is not ip:port or name:port");
+        let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+        let port = port.parse::<u16>().map_err(|_| bad())?;
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        // RFC 1123 labels; `_` too, as service names in DNS often have it.
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        // A last label of digits only is a mistyped IP address, not a name.
+        let numeric = host
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+        if !valid || numeric {
+            return Err(bad());
+        }
+        Ok(EndpointAddress::Name { host, port })
+    }
+}
+
+impl Serialize for EndpointAddress {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for EndpointAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 fn default_weight() -> u32 {

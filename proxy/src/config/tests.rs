@@ -361,6 +361,97 @@ fn xds_bootstrap_is_checked_with_field_paths() {
 }
 
 #[test]
+fn header_mutations_compile_at_every_level_and_bad_ones_name_their_field() {
+    let yaml = BASE
+        .replace(
+            "    kind: http\n",
+            "    kind: http\n    http:\n      most_specific_header_mutations_wins: true\n      headers:\n        response_headers_to_add: [{ name: x-served-by, value: \"%HOSTNAME%\" }]\n",
+        )
+        .replace(
+            "        domains: [\"*\"]\n",
+            "        domains: [\"*\"]\n        headers: { request_headers_to_remove: [x-debug] }\n",
+        )
+        .replace(
+            "            cluster: backend\n",
+            "            cluster: backend\n            headers:\n              request_headers_to_add:\n                - { name: x-client, value: \"%DOWNSTREAM_REMOTE_ADDRESS%\", append_action: overwrite_if_exists_or_add }\n",
+        );
+    Config::from_yaml(&yaml).unwrap();
+
+    let bad = yaml.replace("%DOWNSTREAM_REMOTE_ADDRESS%", "%DOWNSTREAM_NOPE%");
+    assert_error(
+        &bad,
+        "listeners[0].virtual_hosts[0].routes[0].headers.request_headers_to_add[0].value",
+        "unknown command operator %DOWNSTREAM_NOPE%",
+    );
+    let bad = yaml.replace("[x-debug]", "[Host]");
+    assert_error(
+        &bad,
+        "listeners[0].virtual_hosts[0].headers.request_headers_to_remove[0]",
+        "pseudo-headers and host may not be modified",
+    );
+    let bad = yaml.replace(
+        "append_action: overwrite_if_exists_or_add",
+        "append_action: sometimes",
+    );
+    assert_error(
+        &bad,
+        "listeners[0].virtual_hosts[0].routes[0].headers.request_headers_to_add[0].append_action",
+        "unknown variant `sometimes`",
+    );
+    let weighted = BASE.replace(
+        "            cluster: backend\n",
+        "            weighted_clusters:\n              - { cluster: backend, weight: 1, headers: { response_headers_to_add: [{ name: x-postern-peer, value: x }] } }\n",
+    );
+    assert_error(
+        &weighted,
+        "listeners[0].virtual_hosts[0].routes[0].weighted_clusters[0].headers.response_headers_to_add[0].name",
+        "x-postern-* headers are Postern's own",
+    );
+}
+
+#[test]
+fn endpoints_may_be_dns_names_with_refresh_settings() {
+    let yaml = BASE.replace(
+        "    endpoints: [{ address: 127.0.0.1:9 }]",
+        "    endpoints: [{ address: \"LocalHost:9\" }]\n    dns_refresh_rate: 250ms\n    dns_lookup_family: v4_only",
+    );
+    let config = Config::from_yaml(&yaml).unwrap();
+    let cluster = &config.clusters[0];
+    assert_eq!(cluster.endpoints[0].address.to_string(), "localhost:9");
+    assert_eq!(cluster.dns_refresh_rate, Duration::from_millis(250));
+    assert_eq!(cluster.dns_lookup_family, file::DnsLookupFamily::V4Only);
+    // Defaults: Envoy's refresh rate; IPv4 first, as local backends mostly listen there.
+    let defaults = Config::from_yaml(&yaml.replace(
+        "    dns_refresh_rate: 250ms\n    dns_lookup_family: v4_only",
+        "",
+    ))
+    .unwrap();
+    assert_eq!(
+        defaults.clusters[0].dns_refresh_rate,
+        Duration::from_secs(5)
+    );
+    assert_eq!(
+        defaults.clusters[0].dns_lookup_family,
+        file::DnsLookupFamily::V4Preferred
+    );
+
+    for (address, reason) in [
+        ("\"bad_host!:80\"", "is not ip:port or name:port"),
+        ("\"localhost\"", "is not ip:port or name:port"),
+        ("\"300.1.1.1:80\"", "is not ip:port or name:port"),
+    ] {
+        let bad = BASE.replace("127.0.0.1:9 }", &format!("{address} }}"));
+        assert_error(&bad, "clusters[0].endpoints[0].address", reason);
+    }
+    let logical = BASE.replace(
+        "    endpoints: [{ address: 127.0.0.1:9 }]",
+        "    endpoints: [{ address: \"a.test:9\" }, { address: \"b.test:9\" }]\n    dns_type: logical\n    dns_refresh_rate: 0s",
+    );
+    assert_error(&logical, "clusters[0].endpoints", "exactly one endpoint");
+    assert_error(&logical, "clusters[0].dns_refresh_rate", "at least 1ms");
+}
+
+#[test]
 fn overload_settings_are_checked() {
     let ok = format!(
         "overload: {{ max_connections: 100, max_rss_bytes: 1000000, shed_at: 0.5, pause_accept_at: 0.5, check_interval: 50ms }}\n{BASE}"

@@ -112,8 +112,14 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                         "an http listener needs at least one virtual host",
                     );
                 }
+                let global = compile_mutations(
+                    &listener.http.headers,
+                    &format!("{path}.http.headers"),
+                    &mut errors,
+                );
                 let routes =
-                    build_route_table(&listener.virtual_hosts, &path, &cluster_names, &mut errors);
+                    build_route_table(&listener.virtual_hosts, &path, &cluster_names, &mut errors)
+                        .with_headers(global, listener.http.most_specific_header_mutations_wins);
                 if errors.strict_references() {
                     check_route_jwt_names(listener, &path, &mut errors);
                 }
@@ -126,6 +132,12 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                 ))
             }
             ListenerKind::Capture => {
+                if !listener.http.headers.is_empty() {
+                    errors.push(
+                        format!("{path}.http.headers"),
+                        "only http listeners take header changes (put them on a service's virtual hosts)",
+                    );
+                }
                 let http = build_http(
                     listener,
                     &path,
@@ -470,6 +482,15 @@ fn check_cluster(cluster: &ClusterFile, path: &str, errors: &mut Errors) {
             );
         }
     }
+    if cluster.dns_refresh_rate < Duration::from_millis(1) {
+        errors.push(format!("{path}.dns_refresh_rate"), "must be at least 1ms");
+    }
+    if cluster.dns_type == DnsType::Logical && cluster.endpoints.len() != 1 {
+        errors.push(
+            format!("{path}.endpoints"),
+            "a logical DNS cluster takes exactly one endpoint",
+        );
+    }
     if cluster.connect_timeout.is_zero() {
         errors.push(format!("{path}.connect_timeout"), "must be more than 0");
     }
@@ -580,6 +601,7 @@ pub(super) fn build_route_table(
         vhosts.push(VirtualHost {
             name: Arc::from(vhost.name.as_str()),
             routes,
+            headers: compile_mutations(&vhost.headers, &format!("{vpath}.headers"), errors),
         });
         all_domains.push(domains);
     }
@@ -675,6 +697,7 @@ fn build_route(
             errors,
         ))
     } else {
+        let mut target_headers = Vec::new();
         let targets = if let Some(weighted) = &route.weighted_clusters {
             let wpath = format!("{path}.weighted_clusters");
             if weighted.is_empty() {
@@ -682,6 +705,16 @@ fn build_route(
             }
             let mut cumulative = Vec::new();
             let mut total = 0u64;
+            target_headers = weighted
+                .iter()
+                .enumerate()
+                .map(|(w, target)| {
+                    compile_mutations(&target.headers, &format!("{wpath}[{w}].headers"), errors)
+                })
+                .collect();
+            if target_headers.iter().all(Option::is_none) {
+                target_headers.clear();
+            }
             for (w, target) in weighted.iter().enumerate() {
                 if errors.strict_references() && !clusters.contains(target.cluster.as_str()) {
                     errors.push(
@@ -728,6 +761,7 @@ fn build_route(
             timeout,
             retry,
             rewrite,
+            target_headers,
         })
     };
 
@@ -751,9 +785,19 @@ fn build_route(
                 errors.push(format!("{path}.access_log.{field}"), reason);
             }
         }),
+        headers: compile_mutations(&route.headers, &format!("{path}.headers"), errors),
         matcher,
         action,
     }
+}
+
+/// One level's header changes, compiled; `None` when there are none.
+fn compile_mutations(
+    file: &HeaderMutationsFile,
+    path: &str,
+    errors: &mut Errors,
+) -> Option<Arc<crate::route::mutation::HeaderMutations>> {
+    crate::route::mutation::HeaderMutations::compile(file, path, &mut |p, r| errors.push(p, r))
 }
 
 fn compile_regex(pattern: &str, path: &str, errors: &mut Errors) -> Option<Regex> {

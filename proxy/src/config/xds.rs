@@ -105,12 +105,25 @@ fn duration_field(
     converted
 }
 
-/// A `SocketAddress` with an IP literal (names would need DNS).
+/// A `SocketAddress` with an IP literal.
 fn socket_address(
     address: &Option<core::Address>,
     field: &str,
     ctx: &mut Ctx,
 ) -> Option<SocketAddr> {
+    match endpoint_address(address, field, false, ctx)? {
+        EndpointAddress::Ip(addr) => Some(addr),
+        EndpointAddress::Name { .. } => None,
+    }
+}
+
+/// A `SocketAddress` with an IP literal, or a DNS name where `names` allows.
+fn endpoint_address(
+    address: &Option<core::Address>,
+    field: &str,
+    names: bool,
+    ctx: &mut Ctx,
+) -> Option<EndpointAddress> {
     let Some(core::address::Address::SocketAddress(socket)) =
         address.as_ref().and_then(|a| a.address.as_ref())
     else {
@@ -131,15 +144,25 @@ fn socket_address(
         );
         return None;
     };
-    match socket.address.parse::<IpAddr>() {
-        Ok(ip) => Some(SocketAddr::new(ip, port)),
+    if let Ok(ip) = socket.address.parse::<IpAddr>() {
+        return Some(EndpointAddress::Ip(SocketAddr::new(ip, port)));
+    }
+    if !names {
+        ctx.err(
+            format!("{field}.address"),
+            format!(
+                "\"{}\" is not an IP address (DNS names need a STRICT_DNS or LOGICAL_DNS cluster)",
+                socket.address
+            ),
+        );
+        return None;
+    }
+    match format!("{}:{port}", socket.address).parse::<EndpointAddress>() {
+        Ok(address) => Some(address),
         Err(_) => {
             ctx.err(
                 format!("{field}.address"),
-                format!(
-                    "\"{}\" is not an IP address (DNS names are not supported yet)",
-                    socket.address
-                ),
+                format!("\"{}\" is not a DNS name", socket.address),
             );
             None
         }
@@ -148,17 +171,40 @@ fn socket_address(
 
 // ----------------------------------------------------------------- routes --
 
+/// A RouteConfiguration as Postern sees it: the virtual hosts of a
+/// listener and the header changes for all of them.
+#[derive(Debug, Clone, Default)]
+pub struct RouteConfigFile {
+    /// The virtual hosts.
+    pub virtual_hosts: Vec<VirtualHostFile>,
+    /// Header changes for every route.
+    pub headers: HeaderMutationsFile,
+    /// `most_specific_header_mutations_wins`.
+    pub most_specific_header_mutations_wins: bool,
+}
+
+impl RouteConfigFile {
+    /// Puts these routes into an HTTP listener.
+    pub fn apply_to(&self, listener: &mut ListenerFile) {
+        listener.virtual_hosts = self.virtual_hosts.clone();
+        listener.http.headers = self.headers.clone();
+        listener.http.most_specific_header_mutations_wins =
+            self.most_specific_header_mutations_wins;
+    }
+}
+
 /// A RouteConfiguration as the virtual hosts of a listener.
-pub fn route_configuration(
-    rc: &route::RouteConfiguration,
-) -> Result<Vec<VirtualHostFile>, Problems> {
+pub fn route_configuration(rc: &route::RouteConfiguration) -> Result<RouteConfigFile, Problems> {
     let mut ctx = Ctx::new();
-    if !rc.request_headers_to_add.is_empty() || !rc.request_headers_to_remove.is_empty() {
-        ctx.unsupported("request_headers_to_add/remove");
-    }
-    if !rc.response_headers_to_add.is_empty() || !rc.response_headers_to_remove.is_empty() {
-        ctx.unsupported("response_headers_to_add/remove");
-    }
+    let headers = header_mutations(
+        [&rc.request_headers_to_add, &rc.response_headers_to_add],
+        [
+            &rc.request_headers_to_remove,
+            &rc.response_headers_to_remove,
+        ],
+        "",
+        &mut ctx,
+    );
     if rc.vhds.is_some() {
         ctx.unsupported("vhds");
     }
@@ -168,20 +214,131 @@ pub fn route_configuration(
         .enumerate()
         .map(|(i, vh)| virtual_host(vh, &format!("virtual_hosts[{i}]"), &mut ctx))
         .collect();
-    ctx.finish(hosts)
+    ctx.finish(RouteConfigFile {
+        virtual_hosts: hosts,
+        headers,
+        most_specific_header_mutations_wins: rc.most_specific_header_mutations_wins,
+    })
+}
+
+/// The `*_headers_to_add` / `*_headers_to_remove` fields of one level
+/// (`[request, response]` each); `prefix` is the level's field path.
+fn header_mutations(
+    add: [&[core::HeaderValueOption]; 2],
+    remove: [&[String]; 2],
+    prefix: &str,
+    ctx: &mut Ctx,
+) -> HeaderMutationsFile {
+    let dot = if prefix.is_empty() { "" } else { "." };
+    let mut out = HeaderMutationsFile::default();
+    for (side, options) in ["request", "response"].iter().zip(add) {
+        let list: Vec<HeaderAddFile> = options
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| {
+                header_add(o, &format!("{prefix}{dot}{side}_headers_to_add[{i}]"), ctx)
+            })
+            .collect();
+        match *side {
+            "request" => out.request_headers_to_add = list,
+            _ => out.response_headers_to_add = list,
+        }
+    }
+    for (side, names) in ["request", "response"].iter().zip(remove) {
+        for (i, name) in names.iter().enumerate() {
+            if let Err(reason) = crate::route::mutation::check_name(name) {
+                ctx.err(
+                    format!("{prefix}{dot}{side}_headers_to_remove[{i}]"),
+                    reason,
+                );
+            }
+        }
+        match *side {
+            "request" => out.request_headers_to_remove = names.to_vec(),
+            _ => out.response_headers_to_remove = names.to_vec(),
+        }
+    }
+    out
+}
+
+/// One `HeaderValueOption`, checked here so that a NACK names the field.
+fn header_add(o: &core::HeaderValueOption, path: &str, ctx: &mut Ctx) -> Option<HeaderAddFile> {
+    use core::header_value_option::HeaderAppendAction as A;
+    let Some(header) = &o.header else {
+        ctx.err(format!("{path}.header"), "is required");
+        return None;
+    };
+    if let Err(reason) = crate::route::mutation::check_name(&header.key) {
+        ctx.err(format!("{path}.header.key"), reason);
+        return None;
+    }
+    let value = if header.raw_value.is_empty() {
+        header.value.clone()
+    } else {
+        if !header.value.is_empty() {
+            ctx.err(
+                format!("{path}.header"),
+                "give value or raw_value, not both",
+            );
+        }
+        match String::from_utf8(header.raw_value.clone()) {
+            Ok(text) => text,
+            Err(_) => {
+                ctx.unsupported(format!("{path}.header.raw_value (only UTF-8)"));
+                return None;
+            }
+        }
+    };
+    if let Err(reason) = crate::route::mutation::check_value(&value) {
+        let field = if header.raw_value.is_empty() {
+            "value"
+        } else {
+            "raw_value"
+        };
+        ctx.err(format!("{path}.header.{field}"), reason);
+        return None;
+    }
+    let append_action = match A::try_from(o.append_action) {
+        Ok(A::AppendIfExistsOrAdd) => AppendAction::AppendIfExistsOrAdd,
+        Ok(A::AddIfAbsent) => AppendAction::AddIfAbsent,
+        Ok(A::OverwriteIfExistsOrAdd) => AppendAction::OverwriteIfExistsOrAdd,
+        Ok(A::OverwriteIfExists) => AppendAction::OverwriteIfExists,
+        Err(_) => {
+            ctx.unsupported(format!("{path}.append_action {}", o.append_action));
+            return None;
+        }
+    };
+    #[allow(deprecated)]
+    let append = o.append.as_ref().map(|b| b.value);
+    if append.is_some() && o.append_action != A::AppendIfExistsOrAdd as i32 {
+        ctx.err(
+            format!("{path}.append"),
+            "both append and append_action are set",
+        );
+        return None;
+    }
+    Some(HeaderAddFile {
+        name: header.key.clone(),
+        value,
+        append_action: append.is_none().then_some(append_action),
+        append,
+        keep_empty_value: o.keep_empty_value,
+    })
 }
 
 fn virtual_host(vh: &route::VirtualHost, path: &str, ctx: &mut Ctx) -> VirtualHostFile {
     if vh.require_tls != 0 {
         ctx.unsupported(format!("{path}.require_tls"));
     }
-    if !vh.request_headers_to_add.is_empty()
-        || !vh.request_headers_to_remove.is_empty()
-        || !vh.response_headers_to_add.is_empty()
-        || !vh.response_headers_to_remove.is_empty()
-    {
-        ctx.unsupported(format!("{path}.*_headers_to_add/remove"));
-    }
+    let headers = header_mutations(
+        [&vh.request_headers_to_add, &vh.response_headers_to_add],
+        [
+            &vh.request_headers_to_remove,
+            &vh.response_headers_to_remove,
+        ],
+        path,
+        ctx,
+    );
     if !vh.rate_limits.is_empty() {
         ctx.unsupported(format!("{path}.rate_limits"));
     }
@@ -200,17 +357,17 @@ fn virtual_host(vh: &route::VirtualHost, path: &str, ctx: &mut Ctx) -> VirtualHo
             .enumerate()
             .filter_map(|(i, r)| route_entry(r, &format!("{path}.routes[{i}]"), ctx))
             .collect(),
+        headers,
     }
 }
 
 fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile> {
-    if !r.request_headers_to_add.is_empty()
-        || !r.request_headers_to_remove.is_empty()
-        || !r.response_headers_to_add.is_empty()
-        || !r.response_headers_to_remove.is_empty()
-    {
-        ctx.unsupported(format!("{path}.*_headers_to_add/remove"));
-    }
+    let headers = header_mutations(
+        [&r.request_headers_to_add, &r.response_headers_to_add],
+        [&r.request_headers_to_remove, &r.response_headers_to_remove],
+        path,
+        ctx,
+    );
     let (jwt, local_rate_limit) = route_filter_configs(&r.typed_per_filter_config, path, ctx);
     let matcher = route_match(r.r#match.as_ref(), &format!("{path}.match"), ctx);
     let mut out = RouteFile {
@@ -226,6 +383,7 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
         local_rate_limit,
         jwt,
         access_log: None,
+        headers,
     };
     match &r.action {
         Some(route::route::Action::Route(action)) => {
@@ -422,9 +580,16 @@ fn route_action(a: &route::RouteAction, path: &str, out: &mut RouteFile, ctx: &m
                     ));
                     continue;
                 }
+                let cpath = format!("{path}.weighted_clusters.clusters[{i}]");
                 clusters.push(WeightedClusterFile {
                     cluster: c.name.clone(),
                     weight: c.weight.as_ref().map_or(0, |w| w.value),
+                    headers: header_mutations(
+                        [&c.request_headers_to_add, &c.response_headers_to_add],
+                        [&c.request_headers_to_remove, &c.response_headers_to_remove],
+                        &cpath,
+                        ctx,
+                    ),
                 });
             }
             out.weighted_clusters = Some(clusters);
@@ -604,6 +769,9 @@ pub enum EndpointSource {
 
 /// A Cluster as a cluster file entry (without endpoints for EDS clusters),
 /// and where its endpoints come from.
+// The DNS fields are deprecated in favour of the DNS cluster extension, but
+// control planes (istiod among them) still send them.
+#[allow(deprecated)]
 pub fn cluster(
     c: &cluster::Cluster,
     sds: Option<&SdsSourceFile>,
@@ -619,6 +787,7 @@ pub fn cluster(
         None => T::Static as i32,
     };
     let mut endpoints = Vec::new();
+    let mut dns_type = DnsType::Strict;
     let source = if discovery == T::Eds as i32 {
         let service = c
             .eds_cluster_config
@@ -627,10 +796,26 @@ pub fn cluster(
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| c.name.clone());
         EndpointSource::Eds(service)
-    } else if discovery == T::Static as i32 || discovery == T::StrictDns as i32 {
+    } else if discovery == T::Static as i32
+        || discovery == T::StrictDns as i32
+        || discovery == T::LogicalDns as i32
+    {
+        let dns = discovery != T::Static as i32;
+        if discovery == T::LogicalDns as i32 {
+            dns_type = DnsType::Logical;
+        }
         match &c.load_assignment {
-            Some(cla) => endpoints = cla_endpoints(cla, "load_assignment", &mut ctx),
-            None => ctx.err("load_assignment", "a STATIC cluster needs its endpoints"),
+            Some(cla) => endpoints = cla_endpoints(cla, "load_assignment", dns, &mut ctx),
+            None => ctx.err(
+                "load_assignment",
+                "a STATIC or DNS cluster needs its endpoints",
+            ),
+        }
+        if dns_type == DnsType::Logical && endpoints.len() != 1 {
+            ctx.err(
+                "load_assignment",
+                "a LOGICAL_DNS cluster takes exactly one endpoint",
+            );
         }
         EndpointSource::Inline
     } else if discovery == T::OriginalDst as i32 {
@@ -638,10 +823,50 @@ pub fn cluster(
         EndpointSource::OriginalDst
     } else {
         ctx.unsupported(format!(
-            "type {discovery} (only STATIC, STRICT_DNS with IP addresses, EDS, ORIGINAL_DST)"
+            "type {discovery} (only STATIC, STRICT_DNS, LOGICAL_DNS, EDS, ORIGINAL_DST)"
         ));
         EndpointSource::Inline
     };
+    let dns_refresh_rate = match duration_field(&c.dns_refresh_rate, "dns_refresh_rate", &mut ctx) {
+        Some(rate) if rate < Duration::from_millis(1) => {
+            ctx.err("dns_refresh_rate", "must be at least 1ms");
+            default_dns_refresh_rate()
+        }
+        Some(rate) => rate,
+        None => default_dns_refresh_rate(),
+    };
+    let dns_lookup_family = {
+        use cluster::cluster::DnsLookupFamily as F;
+        match F::try_from(c.dns_lookup_family) {
+            Ok(F::Auto) => DnsLookupFamily::Auto,
+            Ok(F::V4Only) => DnsLookupFamily::V4Only,
+            Ok(F::V6Only) => DnsLookupFamily::V6Only,
+            Ok(F::V4Preferred) => DnsLookupFamily::V4Preferred,
+            Ok(F::All) => DnsLookupFamily::All,
+            Err(_) => {
+                ctx.unsupported(format!("dns_lookup_family {}", c.dns_lookup_family));
+                DnsLookupFamily::Auto
+            }
+        }
+    };
+    // Each of these changes when or how names are resolved; the system
+    // resolver on a fixed period is all Postern does.
+    if c.respect_dns_ttl {
+        ctx.unsupported("respect_dns_ttl");
+    }
+    if c.dns_failure_refresh_rate.is_some() {
+        ctx.unsupported("dns_failure_refresh_rate");
+    }
+    if c.dns_jitter.is_some() {
+        ctx.unsupported("dns_jitter");
+    }
+    if !c.dns_resolvers.is_empty()
+        || c.use_tcp_for_dns_lookups
+        || c.dns_resolution_config.is_some()
+        || c.typed_dns_resolver_config.is_some()
+    {
+        ctx.unsupported("dns_resolvers / dns_resolution_config / typed_dns_resolver_config");
+    }
     let lb = match L::try_from(c.lb_policy) {
         Ok(L::ClusterProvided) if source == EndpointSource::OriginalDst => LbPolicy::RoundRobin,
         _ if source == EndpointSource::OriginalDst => {
@@ -759,6 +984,9 @@ pub fn cluster(
         retry_budget: RetryBudgetFile::default(),
         outlier_detection,
         tls,
+        dns_refresh_rate,
+        dns_lookup_family,
+        dns_type,
     };
     ctx.finish((file, source))
 }
@@ -803,14 +1031,16 @@ pub fn load_assignment(
     cla: &endpoint::ClusterLoadAssignment,
 ) -> Result<Vec<EndpointFile>, Problems> {
     let mut ctx = Ctx::new();
-    let endpoints = cla_endpoints(cla, "endpoints", &mut ctx);
+    let endpoints = cla_endpoints(cla, "endpoints", false, &mut ctx);
     ctx.finish(endpoints)
 }
 
-/// Healthy (or unknown) endpoints of the best priority present.
+/// Healthy (or unknown) endpoints of the best priority present; DNS names
+/// are allowed where `names` says (DNS clusters).
 fn cla_endpoints(
     cla: &endpoint::ClusterLoadAssignment,
     path: &str,
+    names: bool,
     ctx: &mut Ctx,
 ) -> Vec<EndpointFile> {
     let best = cla.endpoints.iter().map(|l| l.priority).min().unwrap_or(0);
@@ -832,9 +1062,12 @@ fn cla_endpoints(
                 ctx.unsupported(format!("{epath}.endpoint_name"));
                 continue;
             };
-            let Some(address) =
-                socket_address(&ep.address, &format!("{epath}.endpoint.address"), ctx)
-            else {
+            let Some(address) = endpoint_address(
+                &ep.address,
+                &format!("{epath}.endpoint.address"),
+                names,
+                ctx,
+            ) else {
                 continue;
             };
             if !healthy {
@@ -928,9 +1161,9 @@ pub fn check_app_target(
         ));
     };
     let to_app = !endpoints.is_empty()
-        && endpoints
-            .iter()
-            .all(|e| e.address.ip().is_loopback() && e.address.port() == port);
+        && endpoints.iter().all(|e| {
+            e.address.ip().is_some_and(|a| a.ip().is_loopback()) && e.address.port() == port
+        });
     if to_app {
         Ok(())
     } else {
@@ -1765,7 +1998,7 @@ fn http_connection_manager(
         Some(RouteSpecifier::Rds(rds)) => RouteSource::Rds(rds.route_config_name.clone()),
         Some(RouteSpecifier::RouteConfig(rc)) => {
             match route_configuration(rc) {
-                Ok(hosts) => file.virtual_hosts = hosts,
+                Ok(routes) => routes.apply_to(file),
                 Err(problems) => {
                     for p in problems {
                         ctx.err(format!("{path}.route_config"), p);

@@ -20,6 +20,7 @@ use crate::cluster::{Cluster, ClusterManager, Outcome, RetryGuard, UpstreamError
 use crate::config::file::UpstreamProtocol;
 use crate::config::Listener;
 use crate::listener::{ConnectionTracker, Shutdown, TrackedConnection};
+use crate::route::mutation::{Facts, Plan, UpstreamAddress};
 use crate::route::{Forward, Redirect, RequestView, RetryPolicy, RouteTable};
 use crate::telemetry::istio::X_POSTERN_PEER;
 use crate::telemetry::log::TrafficDirection;
@@ -233,6 +234,23 @@ fn local_response(
             .insert(&X_POSTERN_OVERLOADED, HeaderValue::from_static("true"));
     }
     response
+}
+
+/// What response header values may read of a request that has gone upstream.
+struct KeptRequest {
+    authority: HeaderValue,
+    uri: Uri,
+    method: Method,
+    version: Version,
+    /// Only when some value reads request headers.
+    headers: Option<HeaderMap>,
+}
+
+/// The route's request header changes and what their values read.
+struct RequestMutation<'a> {
+    plan: &'a Plan<'a>,
+    peer: &'a hdr::DownstreamPeer,
+    start: std::time::SystemTime,
 }
 
 /// The request body, as later tries can use it.
@@ -674,7 +692,7 @@ impl HttpProxy {
             method: request.method(),
             headers: request.headers(),
         };
-        let Some((_vhost, route)) = config.routes.route(&view) else {
+        let Some((vhost, route)) = config.routes.route(&view) else {
             let reply = LocalReply::new(
                 StatusCode::NOT_FOUND,
                 "no route",
@@ -687,9 +705,9 @@ impl HttpProxy {
         // names the service it was for.
         let target = match &route.action {
             crate::route::RouteAction::Forward(forward) => {
-                let cluster = forward.targets.pick(rand::random());
+                let (index, cluster) = forward.targets.pick_indexed(rand::random());
                 record.set_cluster(cluster);
-                Some(cluster)
+                Some((index, cluster))
             }
             _ => None,
         };
@@ -700,8 +718,22 @@ impl HttpProxy {
                 return response;
             }
         }
+        let plan = config
+            .routes
+            .mutations(vhost, route, target.map(|(index, _)| index));
+        // What response values may read once the request has gone upstream.
+        let kept = plan.changes_response().then(|| KeptRequest {
+            authority: authority.clone(),
+            uri: request.uri().clone(),
+            method: request.method().clone(),
+            version: request.version(),
+            headers: plan
+                .response_reads_request()
+                .then(|| request.headers().clone()),
+        });
+        let start_time = std::time::SystemTime::now() - start.elapsed();
 
-        match &route.action {
+        let mut response = match &route.action {
             crate::route::RouteAction::Direct { status, body } => {
                 record.set_flag(ResponseFlag::DirectResponse);
                 record.set_status(status.as_u16());
@@ -736,7 +768,14 @@ impl HttpProxy {
             crate::route::RouteAction::Forward(forward) => {
                 let path_match = &route.matcher.path;
                 let normalize = config.normalize;
-                let cluster_name = target.unwrap_or_else(|| forward.targets.pick(rand::random()));
+                let cluster_name = target
+                    .map(|(_, name)| name)
+                    .unwrap_or_else(|| forward.targets.pick(rand::random()));
+                let mutate = RequestMutation {
+                    plan: &plan,
+                    peer: &peer,
+                    start: start_time,
+                };
                 self.forward(
                     request,
                     normalize,
@@ -746,10 +785,28 @@ impl HttpProxy {
                     path_match,
                     grpc,
                     record,
+                    &mutate,
                 )
                 .await
             }
+        };
+        // Envoy's order: after the route is chosen, every answer gets the
+        // response changes, local replies and direct responses included.
+        if let Some(kept) = &kept {
+            let upstream = response.extensions().get::<UpstreamAddress>().map(|a| a.0);
+            let facts = Facts {
+                peer: &peer,
+                authority: kept.authority.to_str().unwrap_or(""),
+                path: kept.uri.path(),
+                method: &kept.method,
+                version: kept.version,
+                start: start_time,
+                upstream,
+                request_headers: kept.headers.as_ref(),
+            };
+            plan.apply_response(response.headers_mut(), &facts);
         }
+        response
     }
 
     fn count_jwt(&self, result: &'static str) {
@@ -782,6 +839,7 @@ impl HttpProxy {
         path_match: &crate::route::PathMatch,
         grpc: bool,
         mut record: CallRecord,
+        mutate: &RequestMutation<'_>,
     ) -> Response<ResponseBody> {
         let Some(cluster) = self.clusters.get(cluster_name) else {
             let reply = LocalReply {
@@ -802,10 +860,29 @@ impl HttpProxy {
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
         let (parts, body) = request.into_parts();
+        let changes_request = mutate.plan.changes_request();
+        let downstream = changes_request.then(|| (authority.clone(), parts.version));
         let head = match self.upstream_head(
             parts, normalize, authority, forward, path_match, upgrade, cluster,
         ) {
-            Some(head) => head,
+            Some(mut head) => {
+                // After hop-by-hop removal, so a client's `Connection` header
+                // cannot take away what the route adds.
+                if let Some((authority, version)) = &downstream {
+                    let facts = Facts {
+                        peer: mutate.peer,
+                        authority: authority.to_str().unwrap_or(""),
+                        path: head.uri.path(),
+                        method: &head.method,
+                        version: *version,
+                        start: mutate.start,
+                        upstream: None,
+                        request_headers: None,
+                    };
+                    mutate.plan.apply_request(&mut head.headers, &facts);
+                }
+                head
+            }
             None => {
                 let reply = LocalReply::new(
                     StatusCode::BAD_REQUEST,
@@ -944,6 +1021,7 @@ impl HttpProxy {
                     record.set_status(status);
                     let (mut parts, body) = response.into_parts();
                     hdr::strip_hop_by_hop(&mut parts.headers, false);
+                    parts.extensions.insert(UpstreamAddress(pool.address()));
                     parts.version = Version::HTTP_11;
                     let body = ResponseBody::upstream(UpstreamResponse {
                         inner: body,

@@ -580,7 +580,7 @@ fn app_cluster(
     ClusterFile {
         name: name.to_string(),
         endpoints: vec![EndpointFile {
-            address: app,
+            address: app.into(),
             weight: 1,
         }],
         lb: Default::default(),
@@ -597,6 +597,9 @@ fn app_cluster(
         retry_budget: Default::default(),
         outlier_detection: None,
         tls: None,
+        dns_refresh_rate: crate::config::file::default_dns_refresh_rate(),
+        dns_lookup_family: Default::default(),
+        dns_type: Default::default(),
     }
 }
 
@@ -618,7 +621,9 @@ fn inbound_routes(port: u16) -> RouteTable {
             timeout: None,
             retry: None,
             rewrite: Default::default(),
+            target_headers: Vec::new(),
         }),
+        headers: None,
     };
     let mut routes = Vec::new();
     // The regex is a literal that compiles; without it gRPC would only
@@ -640,6 +645,7 @@ fn inbound_routes(port: u16) -> RouteTable {
     let vhost = VirtualHost {
         name: Arc::from(format!("inbound|{port}").as_str()),
         routes,
+        headers: None,
     };
     RouteTable::new(vec![vhost], &[vec!["*".to_string()]])
 }

@@ -2,6 +2,7 @@
 //! match holds. No I/O; the types here are built once by `config` and read by
 //! every request.
 
+pub mod mutation;
 pub mod normalize;
 
 use std::collections::HashMap;
@@ -24,6 +25,10 @@ pub struct RouteTable {
     wildcard: Option<usize>,
     /// Some route sets its own JWT requirement.
     jwt_overrides: bool,
+    /// Header changes for every route (the route configuration level).
+    headers: Option<Arc<mutation::HeaderMutations>>,
+    /// Apply header changes from the least specific level up.
+    most_specific_wins: bool,
 }
 
 /// A virtual host.
@@ -33,6 +38,8 @@ pub struct VirtualHost {
     pub name: Arc<str>,
     /// Routes, in match order.
     pub routes: Vec<Route>,
+    /// Header changes for every route of this virtual host.
+    pub headers: Option<Arc<mutation::HeaderMutations>>,
 }
 
 /// A route.
@@ -50,6 +57,8 @@ pub struct Route {
     pub matcher: RouteMatch,
     /// What to do on a match.
     pub action: RouteAction,
+    /// Header changes for this route.
+    pub headers: Option<Arc<mutation::HeaderMutations>>,
 }
 
 /// Conditions of a route; all must hold.
@@ -137,6 +146,16 @@ pub struct Forward {
     pub retry: Option<RetryPolicy>,
     /// Rewrites before forwarding.
     pub rewrite: Rewrite,
+    /// Header changes of each weighted cluster, by index in `targets`
+    /// (empty when none has any).
+    pub target_headers: Vec<Option<Arc<mutation::HeaderMutations>>>,
+}
+
+impl Forward {
+    /// The header changes of the target at `index`, if any.
+    pub fn target_headers(&self, index: usize) -> Option<&mutation::HeaderMutations> {
+        self.target_headers.get(index)?.as_deref()
+    }
 }
 
 /// One cluster or a weighted split.
@@ -151,13 +170,20 @@ pub enum Targets {
 impl Targets {
     /// Picks a cluster; `roll` is uniform in `0..u64::MAX`.
     pub fn pick(&self, roll: u64) -> &Arc<str> {
+        self.pick_indexed(roll).1
+    }
+
+    /// Picks a cluster, with its index among the targets.
+    pub fn pick_indexed(&self, roll: u64) -> (usize, &Arc<str>) {
         match self {
-            Targets::Single(name) => name,
+            Targets::Single(name) => (0, name),
             Targets::Weighted(cumulative) => {
                 let total = cumulative.last().map(|(_, w)| *w).unwrap_or(1).max(1);
                 let point = roll % total;
-                let index = cumulative.partition_point(|(_, upto)| *upto <= point);
-                &cumulative[index.min(cumulative.len() - 1)].0
+                let index = cumulative
+                    .partition_point(|(_, upto)| *upto <= point)
+                    .min(cumulative.len() - 1);
+                (index, &cumulative[index].0)
             }
         }
     }
@@ -320,7 +346,41 @@ impl RouteTable {
             suffixes,
             wildcard,
             jwt_overrides,
+            headers: None,
+            most_specific_wins: false,
         }
+    }
+
+    /// The same table with route-configuration-level header changes.
+    pub fn with_headers(
+        mut self,
+        headers: Option<Arc<mutation::HeaderMutations>>,
+        most_specific_wins: bool,
+    ) -> RouteTable {
+        self.headers = headers;
+        self.most_specific_wins = most_specific_wins;
+        self
+    }
+
+    /// The header changes that apply to `route` of `vhost`, with the
+    /// weighted cluster `target` if one was picked.
+    pub fn mutations<'a>(
+        &'a self,
+        vhost: &'a VirtualHost,
+        route: &'a Route,
+        target: Option<usize>,
+    ) -> mutation::Plan<'a> {
+        let weighted = match (&route.action, target) {
+            (RouteAction::Forward(forward), Some(index)) => forward.target_headers(index),
+            _ => None,
+        };
+        mutation::Plan::new(
+            self.headers.as_deref(),
+            vhost.headers.as_deref(),
+            route.headers.as_deref(),
+            weighted,
+            self.most_specific_wins,
+        )
     }
 
     /// Whether some route sets its own JWT requirement, so authentication

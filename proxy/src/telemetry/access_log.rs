@@ -633,7 +633,7 @@ fn rfc3339(time: std::time::SystemTime) -> String {
 }
 
 /// Writes `YYYY-MM-DDTHH:MM:SS.ffffffZ`, computed without a date library.
-fn write_rfc3339(out: &mut Vec<u8>, time: std::time::SystemTime) {
+pub(crate) fn write_rfc3339(out: &mut Vec<u8>, time: std::time::SystemTime) {
     let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rest) = (secs / 86_400, secs % 86_400);

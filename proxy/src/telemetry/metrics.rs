@@ -24,6 +24,9 @@ pub const UPSTREAM_TIMEOUTS_TOTAL: &str = "postern_upstream_timeouts_total";
 pub const UPSTREAM_RESETS_TOTAL: &str = "postern_upstream_resets_total";
 /// Circuit-breaker trips, by `cluster` and `resource` (requests, pending requests, retries).
 pub const UPSTREAM_OVERFLOW_TOTAL: &str = "postern_upstream_overflow_total";
+/// Rounds of DNS lookups of a DNS-named cluster, by `cluster` and `result`
+/// (`success`, or `failure` when a name kept its last addresses).
+pub const DNS_RESOLUTIONS_TOTAL: &str = "postern_dns_resolutions_total";
 /// Outlier ejections, by `cluster` and `reason`.
 pub const OUTLIER_EJECTIONS_TOTAL: &str = "postern_outlier_ejections_total";
 /// TCP proxy connections finished, by `listener`, `cluster`.
@@ -129,6 +132,10 @@ pub fn describe() {
     describe_counter!(UPSTREAM_RESETS_TOTAL, "Upstream resets and protocol errors");
     describe_counter!(UPSTREAM_OVERFLOW_TOTAL, "Circuit-breaker trips");
     describe_counter!(OUTLIER_EJECTIONS_TOTAL, "Outlier ejections");
+    describe_counter!(
+        DNS_RESOLUTIONS_TOTAL,
+        "Rounds of DNS lookups of DNS-named clusters, by result"
+    );
     describe_counter!(TCP_CONNECTIONS_TOTAL, "TCP proxy connections finished");
     describe_counter!(TCP_BYTES_TOTAL, Unit::Bytes, "TCP proxy bytes");
     describe_counter!(

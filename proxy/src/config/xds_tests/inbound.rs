@@ -455,7 +455,8 @@ fn original_dst_clusters_are_refused_outside_capture_chains() {
         }],
         ..Default::default()
     })
-    .unwrap();
+    .unwrap()
+    .virtual_hosts;
     let inbound = listener_parts(&virtual_inbound(), Some(&sds()), &|_| None)
         .unwrap()
         .file;

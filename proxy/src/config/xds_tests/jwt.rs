@@ -249,7 +249,9 @@ fn jwt_authn_maps_providers_rules_and_requirements() {
     // And the whole compiles, with the idp cluster still to come.
     let mut config: ConfigFile = serde_yaml_ng::from_str("{}").unwrap();
     let mut file = file;
-    file.virtual_hosts = route_configuration(&config_of(vec![route_to("api")])).unwrap();
+    file.virtual_hosts = route_configuration(&config_of(vec![route_to("api")]))
+        .unwrap()
+        .virtual_hosts;
     config.listeners.push(file);
     Config::from_dynamic_model(config).unwrap();
 }
@@ -309,7 +311,7 @@ fn per_route_config_picks_a_requirement_or_disables_the_check() {
         }),
     );
     let hosts = route_configuration(&config_of(vec![named, off])).unwrap();
-    let routes = &hosts[0].routes;
+    let routes = &hosts.virtual_hosts[0].routes;
     assert_eq!(
         routes[0].jwt.as_ref().unwrap().requirement.as_deref(),
         Some("strict")
