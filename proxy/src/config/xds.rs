@@ -182,9 +182,6 @@ fn virtual_host(vh: &route::VirtualHost, path: &str, ctx: &mut Ctx) -> VirtualHo
     {
         ctx.unsupported(format!("{path}.*_headers_to_add/remove"));
     }
-    if !vh.rate_limits.is_empty() {
-        ctx.unsupported(format!("{path}.rate_limits"));
-    }
     if vh.matcher.is_some() {
         ctx.unsupported(format!("{path}.matcher"));
     }
@@ -200,6 +197,7 @@ fn virtual_host(vh: &route::VirtualHost, path: &str, ctx: &mut Ctx) -> VirtualHo
             .enumerate()
             .filter_map(|(i, r)| route_entry(r, &format!("{path}.routes[{i}]"), ctx))
             .collect(),
+        rate_limits: rate_limits(&vh.rate_limits, &format!("{path}.rate_limits"), ctx),
     }
 }
 
@@ -224,6 +222,8 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
         retry: None,
         rewrite: None,
         local_rate_limit,
+        rate_limits: Vec::new(),
+        include_vh_rate_limits: false,
         jwt,
         access_log: None,
     };
@@ -468,8 +468,10 @@ fn route_action(a: &route::RouteAction, path: &str, out: &mut RouteFile, ctx: &m
     if !a.request_mirror_policies.is_empty() {
         ctx.unsupported(format!("{path}.request_mirror_policies"));
     }
-    if !a.rate_limits.is_empty() {
-        ctx.unsupported(format!("{path}.rate_limits"));
+    out.rate_limits = rate_limits(&a.rate_limits, &format!("{path}.rate_limits"), ctx);
+    #[allow(deprecated)]
+    if a.include_vh_rate_limits.as_ref().is_some_and(|v| v.value) {
+        out.include_vh_rate_limits = true;
     }
     if a.retry_policy_typed_config.is_some() {
         ctx.unsupported(format!("{path}.retry_policy_typed_config"));
@@ -922,6 +924,7 @@ pub fn listener_with(
         }
         if file.http.rbac.is_some()
             || file.http.local_rate_limit.is_some()
+            || file.http.rate_limit_service.is_some()
             || file.http.jwt.is_some()
         {
             ctx.unsupported(
@@ -1090,6 +1093,16 @@ fn http_connection_manager(
             if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type {
                 file.http.local_rate_limit =
                     local_rate_limit_filter(any, &format!("{fpath}.typed_config"), ctx);
+            }
+            continue;
+        }
+        if type_url == RATELIMIT_TYPE {
+            if file.http.rate_limit_service.is_some() {
+                ctx.unsupported(format!("{fpath} (a second rate limit filter)"));
+            }
+            if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type {
+                file.http.rate_limit_service =
+                    rate_limit_filter(any, &format!("{fpath}.typed_config"), ctx);
             }
             continue;
         }
@@ -1874,6 +1887,267 @@ fn local_rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<Local
         shadow: !enforced,
         max_keys: 1,
     })
+}
+
+/// Type URL of the HTTP rate limit filter's config (global limits).
+const RATELIMIT_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit";
+
+/// The rate limit filter's config as the listener's `rate_limit_service`;
+/// `None` when the filter is not enabled.
+fn rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<RateLimitServiceFile> {
+    use postern_proto::envoy::config::core::v3::grpc_service::TargetSpecifier;
+    use postern_proto::envoy::extensions::filters::http::ratelimit::v3::rate_limit::XRateLimitHeadersRfcVersion;
+    use postern_proto::envoy::extensions::filters::http::ratelimit::v3::RateLimit;
+    let config: RateLimit = match decode(any, RATELIMIT_TYPE) {
+        Ok(config) => config,
+        Err(problems) => {
+            ctx.err(path, problems.join("; "));
+            return None;
+        }
+    };
+    if config.domain.is_empty() {
+        ctx.err(format!("{path}.domain"), "is required");
+    }
+    if !matches!(config.request_type.as_str(), "" | "both") {
+        ctx.unsupported(format!(
+            "{path}.request_type: {:?} (only both)",
+            config.request_type
+        ));
+    }
+    if config
+        .rate_limited_status
+        .as_ref()
+        .is_some_and(|s| s.code != 429)
+    {
+        ctx.unsupported(format!("{path}.rate_limited_status (only 429)"));
+    }
+    if config
+        .status_on_error
+        .as_ref()
+        .is_some_and(|s| s.code != 500)
+    {
+        ctx.unsupported(format!("{path}.status_on_error (only 500)"));
+    }
+    if !config.response_headers_to_add.is_empty() {
+        ctx.unsupported(format!("{path}.response_headers_to_add"));
+    }
+    if config.failure_mode_deny_percent.is_some() {
+        ctx.unsupported(format!("{path}.failure_mode_deny_percent"));
+    }
+    if !config.rate_limits.is_empty() {
+        ctx.unsupported(format!(
+            "{path}.rate_limits (put them on the route or virtual host)"
+        ));
+    }
+    if config.enable_retry_after_header {
+        ctx.unsupported(format!("{path}.enable_retry_after_header"));
+    }
+    let x_ratelimit_headers =
+        match XRateLimitHeadersRfcVersion::try_from(config.enable_x_ratelimit_headers) {
+            Ok(XRateLimitHeadersRfcVersion::Off) => false,
+            Ok(XRateLimitHeadersRfcVersion::DraftVersion03) => true,
+            Err(_) => {
+                ctx.unsupported(format!(
+                    "{path}.enable_x_ratelimit_headers: {}",
+                    config.enable_x_ratelimit_headers
+                ));
+                false
+            }
+        };
+    // A filter enabled for a share of requests, or enforced for none, is
+    // not something Postern does.
+    let enabled = match config.filter_enabled {
+        None => true,
+        Some(_) => match all_or_nothing(&config.filter_enabled) {
+            Some(enabled) => enabled,
+            None => {
+                ctx.unsupported(format!("{path}.filter_enabled (only 0% or 100%)"));
+                true
+            }
+        },
+    };
+    if config.filter_enforced.is_some() && all_or_nothing(&config.filter_enforced) != Some(true) {
+        ctx.unsupported(format!("{path}.filter_enforced (only 100%)"));
+    }
+    let timeout = match duration_field(&config.timeout, &format!("{path}.timeout"), ctx) {
+        None => crate::ratelimit::global::DEFAULT_TIMEOUT,
+        Some(t) if t.is_zero() => {
+            ctx.unsupported(format!("{path}.timeout: 0 (no timeout)"));
+            crate::ratelimit::global::DEFAULT_TIMEOUT
+        }
+        Some(t) => t,
+    };
+    let spath = format!("{path}.rate_limit_service");
+    let mut cluster = None;
+    match &config.rate_limit_service {
+        None => ctx.err(&spath, "is required"),
+        Some(service) => {
+            // 0 is AUTO, which Envoy treats as v3 now; 1 is the removed v2.
+            if service.transport_api_version == 1 {
+                ctx.unsupported(format!("{spath}.transport_api_version (only V3)"));
+            }
+            let gpath = format!("{spath}.grpc_service");
+            match &service.grpc_service {
+                None => ctx.err(&gpath, "is required"),
+                Some(grpc) => {
+                    if !grpc.initial_metadata.is_empty() {
+                        ctx.unsupported(format!("{gpath}.initial_metadata"));
+                    }
+                    if grpc.retry_policy.is_some() {
+                        ctx.unsupported(format!("{gpath}.retry_policy"));
+                    }
+                    match &grpc.target_specifier {
+                        Some(TargetSpecifier::EnvoyGrpc(envoy)) => {
+                            if envoy.cluster_name.is_empty() {
+                                ctx.err(format!("{gpath}.envoy_grpc.cluster_name"), "is required");
+                            }
+                            if !envoy.authority.is_empty() {
+                                ctx.unsupported(format!("{gpath}.envoy_grpc.authority"));
+                            }
+                            if envoy.retry_policy.is_some() {
+                                ctx.unsupported(format!("{gpath}.envoy_grpc.retry_policy"));
+                            }
+                            cluster = Some(envoy.cluster_name.clone());
+                        }
+                        Some(TargetSpecifier::GoogleGrpc(_)) => {
+                            ctx.unsupported(format!("{gpath}.google_grpc (use envoy_grpc)"))
+                        }
+                        None => ctx.err(&gpath, "needs envoy_grpc"),
+                    }
+                }
+            }
+        }
+    }
+    if !enabled {
+        return None;
+    }
+    Some(RateLimitServiceFile {
+        domain: config.domain,
+        cluster,
+        address: None,
+        timeout,
+        failure_mode_deny: config.failure_mode_deny,
+        stage: config.stage,
+        enable_x_ratelimit_headers: x_ratelimit_headers,
+        rate_limited_as_resource_exhausted: config.rate_limited_as_resource_exhausted,
+        disable_x_envoy_ratelimited_header: config.disable_x_envoy_ratelimited_header,
+    })
+}
+
+/// Route or virtual host `rate_limits`.
+fn rate_limits(list: &[route::RateLimit], path: &str, ctx: &mut Ctx) -> Vec<RateLimitPolicyFile> {
+    use route::rate_limit::action::ActionSpecifier as A;
+    list.iter()
+        .enumerate()
+        .map(|(i, limit)| {
+            let lpath = format!("{path}[{i}]");
+            if !limit.disable_key.is_empty() {
+                ctx.unsupported(format!("{lpath}.disable_key"));
+            }
+            if limit.limit.is_some() {
+                ctx.unsupported(format!("{lpath}.limit"));
+            }
+            if limit.hits_addend.is_some() {
+                ctx.unsupported(format!("{lpath}.hits_addend"));
+            }
+            if limit.apply_on_stream_done {
+                ctx.unsupported(format!("{lpath}.apply_on_stream_done"));
+            }
+            if limit.x_ratelimit_option != 0 {
+                ctx.unsupported(format!("{lpath}.x_ratelimit_option"));
+            }
+            let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+            let actions = limit
+                .actions
+                .iter()
+                .enumerate()
+                .filter_map(|(a, action)| {
+                    let apath = format!("{lpath}.actions[{a}]");
+                    let mut out = RateLimitActionFile::default();
+                    match &action.action_specifier {
+                        Some(A::SourceCluster(_)) => out.source_cluster = Some(EmptyFile {}),
+                        Some(A::DestinationCluster(_)) => {
+                            out.destination_cluster = Some(EmptyFile {})
+                        }
+                        Some(A::RemoteAddress(_)) => out.remote_address = Some(EmptyFile {}),
+                        Some(A::RequestHeaders(h)) => {
+                            out.request_headers = Some(RequestHeadersActionFile {
+                                header_name: h.header_name.clone(),
+                                descriptor_key: h.descriptor_key.clone(),
+                                skip_if_absent: h.skip_if_absent,
+                            })
+                        }
+                        Some(A::GenericKey(g)) => {
+                            out.generic_key = Some(GenericKeyActionFile {
+                                descriptor_value: g.descriptor_value.clone(),
+                                descriptor_key: nonempty(&g.descriptor_key),
+                            })
+                        }
+                        Some(A::HeaderValueMatch(m)) => {
+                            let headers = m
+                                .headers
+                                .iter()
+                                .enumerate()
+                                .filter_map(|(h, header)| {
+                                    header_match(
+                                        header,
+                                        &format!("{apath}.header_value_match.headers[{h}]"),
+                                        ctx,
+                                    )
+                                })
+                                .collect();
+                            out.header_value_match = Some(HeaderValueMatchActionFile {
+                                descriptor_value: m.descriptor_value.clone(),
+                                descriptor_key: nonempty(&m.descriptor_key),
+                                default_value: nonempty(&m.default_value),
+                                expect_match: m.expect_match.as_ref().is_none_or(|v| v.value),
+                                headers,
+                            })
+                        }
+                        Some(A::QueryParameters(_)) => {
+                            ctx.unsupported(format!("{apath}.query_parameters"));
+                            return None;
+                        }
+                        Some(A::MaskedRemoteAddress(_)) => {
+                            ctx.unsupported(format!("{apath}.masked_remote_address"));
+                            return None;
+                        }
+                        Some(A::RemoteAddressMatch(_)) => {
+                            ctx.unsupported(format!("{apath}.remote_address_match"));
+                            return None;
+                        }
+                        Some(A::QueryParameterValueMatch(_)) => {
+                            ctx.unsupported(format!("{apath}.query_parameter_value_match"));
+                            return None;
+                        }
+                        #[allow(deprecated)]
+                        Some(A::DynamicMetadata(_)) => {
+                            ctx.unsupported(format!("{apath}.dynamic_metadata"));
+                            return None;
+                        }
+                        Some(A::Metadata(_)) => {
+                            ctx.unsupported(format!("{apath}.metadata"));
+                            return None;
+                        }
+                        Some(A::Extension(_)) => {
+                            ctx.unsupported(format!("{apath}.extension"));
+                            return None;
+                        }
+                        None => {
+                            ctx.err(&apath, "needs an action");
+                            return None;
+                        }
+                    }
+                    Some(out)
+                })
+                .collect();
+            RateLimitPolicyFile {
+                stage: limit.stage.as_ref().map_or(0, |s| s.value),
+                actions,
+            }
+        })
+        .collect()
 }
 
 // -------------------------------------------------------------- jwt_authn --

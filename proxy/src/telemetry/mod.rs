@@ -171,7 +171,7 @@ pub enum ResponseFlag {
     DownstreamLimit,
     /// RBAC refused the request.
     RbacDenied,
-    /// A local rate limit refused the request.
+    /// A local rate limit or the rate-limit service refused the request.
     RateLimited,
     /// The connection or stream idled out.
     StreamIdleTimeout,
@@ -184,6 +184,8 @@ pub enum ResponseFlag {
     /// apart from `UAEX` so that bad tokens are not read as an external
     /// authorization service failing.
     UnauthorizedJwt,
+    /// The rate-limit service failed and `failure_mode_deny` refused the request.
+    RateLimitServiceError,
 }
 
 impl ResponseFlag {
@@ -206,13 +208,14 @@ impl ResponseFlag {
             ResponseFlag::DownstreamProtocolError => "DPE",
             ResponseFlag::NoClusterFound => "NC",
             ResponseFlag::UnauthorizedJwt => "UJWT",
+            ResponseFlag::RateLimitServiceError => "RLSE",
         }
     }
 }
 
 impl ResponseFlag {
     /// Every flag, in the order codes are listed.
-    pub const ALL: [ResponseFlag; 16] = [
+    pub const ALL: [ResponseFlag; 17] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectFailure,
@@ -229,6 +232,7 @@ impl ResponseFlag {
         ResponseFlag::DownstreamProtocolError,
         ResponseFlag::NoClusterFound,
         ResponseFlag::UnauthorizedJwt,
+        ResponseFlag::RateLimitServiceError,
     ];
 
     fn bit(self) -> u32 {
