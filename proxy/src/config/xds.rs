@@ -866,6 +866,8 @@ pub fn listener_with(
     if l.default_filter_chain.is_some() {
         ctx.unsupported("default_filter_chain");
     }
+    let mut network_rbac = None;
+    let mut network_rbac_present = false;
     match l.filter_chains.as_slice() {
         [chain] => {
             if chain
@@ -879,9 +881,30 @@ pub fn listener_with(
                 file.mtls =
                     downstream_tls(socket, "filter_chains[0].transport_socket", sds, &mut ctx);
             }
-            match chain.filters.as_slice() {
+            // A network RBAC filter may stand before a tcp_proxy.
+            let (rbac_filter_config, filters) = match chain.filters.as_slice() {
+                [first, rest @ ..]
+                    if !rest.is_empty()
+                        && matches!(&first.config_type, Some(listener::filter::ConfigType::TypedConfig(any)) if any.type_url == NETWORK_RBAC_TYPE) =>
+                {
+                    (Some(first), rest)
+                }
+                all => (None, all),
+            };
+            if let Some(filter) = rbac_filter_config {
+                if let Some(listener::filter::ConfigType::TypedConfig(any)) = &filter.config_type {
+                    network_rbac = network_rbac_filter(
+                        any,
+                        "filter_chains[0].filters[0].typed_config",
+                        &mut ctx,
+                    );
+                    network_rbac_present = true;
+                }
+            }
+            let offset = usize::from(rbac_filter_config.is_some());
+            match filters {
                 [filter] => {
-                    let fpath = "filter_chains[0].filters[0]";
+                    let fpath = if offset == 0 { "filter_chains[0].filters[0]" } else { "filter_chains[0].filters[1]" };
                     match filter.config_type.as_ref() {
                         Some(listener::filter::ConfigType::TypedConfig(any)) if any.type_url == HCM_TYPE => {
                             match decode::<hcm::HttpConnectionManager>(any, HCM_TYPE) {
@@ -905,7 +928,15 @@ pub fn listener_with(
                         _ => ctx.err(format!("{fpath}.typed_config"), "is required"),
                     }
                 }
-                _ => ctx.unsupported("filter_chains[0].filters (exactly one network filter: http_connection_manager or tcp_proxy)"),
+                _ => ctx.unsupported("filter_chains[0].filters (exactly one network filter: http_connection_manager or tcp_proxy, the latter optionally after envoy.filters.network.rbac)"),
+            }
+            if network_rbac_present {
+                match &mut file.tcp {
+                    Some(tcp) => tcp.rbac = network_rbac.take(),
+                    None => ctx.unsupported(
+                        "filter_chains[0].filters[0] (a network RBAC filter only before a tcp_proxy)",
+                    ),
+                }
             }
         }
         [] => ctx.err("filter_chains", "needs one filter chain"),
@@ -1795,6 +1826,39 @@ fn rbac_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<RbacFile> {
         };
     if config.matcher.is_some() || config.shadow_matcher.is_some() {
         ctx.unsupported(format!("{path}.matcher"));
+    }
+    Some(RbacFile {
+        rules: config
+            .rules
+            .as_ref()
+            .map(|r| rbac_rules(r, &format!("{path}.rules"), ctx)),
+        shadow: config
+            .shadow_rules
+            .as_ref()
+            .map(|r| rbac_rules(r, &format!("{path}.shadow_rules"), ctx)),
+    })
+}
+
+/// Type URL of the network (L4) RBAC filter's config.
+const NETWORK_RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+
+/// The network RBAC filter's config as a TCP listener's `rbac`. Postern
+/// checks a connection when it opens and again whenever the policy
+/// changes, so both enforcement types hold.
+fn network_rbac_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<RbacFile> {
+    let config: postern_proto::envoy::extensions::filters::network::rbac::v3::Rbac =
+        match decode(any, NETWORK_RBAC_TYPE) {
+            Ok(config) => config,
+            Err(problems) => {
+                ctx.err(path, problems.join("; "));
+                return None;
+            }
+        };
+    if config.matcher.is_some() || config.shadow_matcher.is_some() {
+        ctx.unsupported(format!("{path}.matcher"));
+    }
+    if config.delay_deny.is_some() {
+        ctx.unsupported(format!("{path}.delay_deny"));
     }
     Some(RbacFile {
         rules: config

@@ -867,3 +867,65 @@ fn route_and_virtual_host_rate_limits_map_actions() {
         "{text}"
     );
 }
+
+#[test]
+fn network_rbac_before_a_tcp_proxy_is_the_listeners_rbac() {
+    use postern_proto::envoy::config::rbac::v3 as rbac;
+    use postern_proto::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
+    let rules = rbac::Rbac {
+        action: rbac::rbac::Action::Deny as i32,
+        policies: [(
+            "no-one".to_string(),
+            rbac::Policy {
+                permissions: vec![rbac::Permission {
+                    rule: Some(rbac::permission::Rule::Any(true)),
+                }],
+                principals: vec![rbac::Principal {
+                    identifier: Some(rbac::principal::Identifier::Any(true)),
+                }],
+                ..Default::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    };
+    let filter = |config: &NetworkRbac| listener::Filter {
+        name: "envoy.filters.network.rbac".into(),
+        config_type: Some(listener::filter::ConfigType::TypedConfig(any(config))),
+    };
+    let config = NetworkRbac {
+        stat_prefix: "db".into(),
+        rules: Some(rules.clone()),
+        ..Default::default()
+    };
+    let mut l = tcp_listener("db", socket("127.0.0.1", 0), "db");
+    l.filter_chains[0].filters.insert(0, filter(&config));
+    let (file, _) = listener(&l, None).unwrap();
+    let tcp = file.tcp.expect("tcp listener");
+    let mapped = tcp.rbac.expect("rbac mapped").rules.expect("rules");
+    assert_eq!(mapped.policies.len(), 1);
+    assert_eq!(mapped.policies[0].name, "no-one");
+
+    // delay_deny would change behaviour; network RBAC before an HTTP
+    // connection manager is not taken either.
+    let mut delayed = config.clone();
+    delayed.delay_deny = Some(postern_proto::google::protobuf::Duration {
+        seconds: 1,
+        nanos: 0,
+    });
+    let mut l = tcp_listener("db", socket("127.0.0.1", 0), "db");
+    l.filter_chains[0].filters.insert(0, filter(&delayed));
+    let problems = listener(&l, None).unwrap_err();
+    assert!(
+        problems[0].contains("filter_chains[0].filters[0].typed_config.delay_deny"),
+        "{problems:?}"
+    );
+    let mut http = http_listener(Vec::new());
+    http.filter_chains[0].filters.insert(0, filter(&config));
+    let problems = listener(&http, None).unwrap_err();
+    assert!(
+        problems[0].contains("only before a tcp_proxy"),
+        "{problems:?}"
+    );
+}

@@ -357,6 +357,7 @@ impl CaptureFront {
                     &self.shared.clusters,
                     &self.telemetry,
                     shutdown,
+                    None,
                 )
                 .await;
             }
