@@ -24,6 +24,7 @@ use postern_proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitRe
 use postern_proto::type_url;
 use postern_tests::control::{is_ack, is_nack, wait_event, ControlPlane};
 use postern_tests::envoy::{http_listener_with_filters, static_cluster};
+use postern_tests::prom::scrape;
 use postern_tests::{
     dead_addr, empty, get, listener as listener_addr, request, send, start_proxy, wait_until,
     HttpBackend, Proxy, TestResponse,
@@ -93,6 +94,7 @@ fn user_request(user: &str) -> http::Request<postern_tests::Body> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reference_service_limits_each_descriptor_exactly() {
+    let _recorder = postern::telemetry::install_prometheus_recorder();
     let backend = HttpBackend::start("backend").await;
     let (rls_addr, rls) = reference_rls(LIMITS).await;
     let proxy = start_proxy(&format!(
@@ -182,9 +184,26 @@ async fn the_reference_service_limits_each_descriptor_exactly() {
     let response = send(addr, grpc).await;
     assert_eq!(response.status, 200);
     assert_eq!(response.header("grpc-status"), Some("14"));
+
+    // Every call that asked the service is counted by its answer.
+    let admin = proxy.admin_addr();
+    let count = |result: &'static str| async move {
+        scrape(
+            admin,
+            "postern_ratelimit_global_total",
+            &[("listener", "web"), ("result", result)],
+        )
+        .await
+    };
+    assert_eq!(count("ok").await, 4.0, "alice's three and bob's one");
+    assert_eq!(
+        count("over_limit").await,
+        6.0,
+        "alice's five and the gRPC call"
+    );
 }
 
-fn failure_listeners(service: &str, timeout: &str) -> String {
+fn failure_listeners(prefix: &str, service: &str, timeout: &str) -> String {
     let listener = |name: &str, deny: bool| {
         format!(
             r#"
@@ -205,16 +224,16 @@ fn failure_listeners(service: &str, timeout: &str) -> String {
     };
     format!(
         "listeners:{}{}\n",
-        listener("open", false),
-        listener("closed", true)
+        listener(&format!("{prefix}-open"), false),
+        listener(&format!("{prefix}-closed"), true)
     )
 }
 
-async fn failure_proxy(service: &str, timeout: &str) -> (Proxy, HttpBackend) {
+async fn failure_proxy(prefix: &str, service: &str, timeout: &str) -> (Proxy, HttpBackend) {
     let backend = HttpBackend::start("backend").await;
     let yaml = format!(
         "{}clusters:\n  - name: backend\n    endpoints: [{{ address: \"{}\" }}]\n",
-        failure_listeners(service, timeout),
+        failure_listeners(prefix, service, timeout),
         backend.addr()
     );
     (start_proxy(&yaml).await, backend)
@@ -222,11 +241,12 @@ async fn failure_proxy(service: &str, timeout: &str) -> (Proxy, HttpBackend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_service_down_calls_pass_or_fail_as_configured() {
-    let (proxy, backend) = failure_proxy(&dead_addr().to_string(), "1s").await;
-    let open = get(listener_addr(&proxy, "open"), "api", "/").await;
+    let _recorder = postern::telemetry::install_prometheus_recorder();
+    let (proxy, backend) = failure_proxy("down", &dead_addr().to_string(), "1s").await;
+    let open = get(listener_addr(&proxy, "down-open"), "api", "/").await;
     assert_eq!(open.status, 200, "fail open: {}", open.text());
     assert_eq!(open.backend(), Some("backend"));
-    let closed = get(listener_addr(&proxy, "closed"), "api", "/").await;
+    let closed = get(listener_addr(&proxy, "down-closed"), "api", "/").await;
     assert_eq!(closed.status, 500);
     assert_eq!(closed.text(), "rate limit service error");
     assert_eq!(
@@ -234,6 +254,19 @@ async fn with_the_service_down_calls_pass_or_fail_as_configured() {
         1,
         "the refused call never went upstream"
     );
+    let admin = proxy.admin_addr();
+    for (listener, result) in [
+        ("down-open", "failure_mode_allowed"),
+        ("down-closed", "error"),
+    ] {
+        let counted = scrape(
+            admin,
+            "postern_ratelimit_global_total",
+            &[("listener", listener), ("result", result)],
+        )
+        .await;
+        assert_eq!(counted, 1.0, "{listener} {result}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,16 +275,16 @@ async fn a_service_slower_than_the_timeout_counts_as_down() {
         Stalled,
     )))
     .await;
-    let (proxy, _backend) = failure_proxy(&stalled.to_string(), "150ms").await;
+    let (proxy, _backend) = failure_proxy("slow", &stalled.to_string(), "150ms").await;
     let started = Instant::now();
-    let open = get(listener_addr(&proxy, "open"), "api", "/").await;
+    let open = get(listener_addr(&proxy, "slow-open"), "api", "/").await;
     let waited = started.elapsed();
     assert_eq!(open.status, 200, "{}", open.text());
     assert!(
         waited >= Duration::from_millis(150) && waited < Duration::from_secs(3),
         "waited {waited:?}"
     );
-    let closed = get(listener_addr(&proxy, "closed"), "api", "/").await;
+    let closed = get(listener_addr(&proxy, "slow-closed"), "api", "/").await;
     assert_eq!(closed.status, 500);
 }
 

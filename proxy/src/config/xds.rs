@@ -1824,19 +1824,32 @@ fn rbac_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<RbacFile> {
                 return None;
             }
         };
-    if config.matcher.is_some() || config.shadow_matcher.is_some() {
+    let matchers = config.matcher.is_some() || config.shadow_matcher.is_some();
+    Some(rbac_file(
+        config.rules.as_ref(),
+        config.shadow_rules.as_ref(),
+        matchers,
+        path,
+        ctx,
+    ))
+}
+
+/// Rules and shadow rules of an HTTP or network RBAC filter; matchers
+/// (the other way to write rules) are not supported.
+fn rbac_file(
+    rules: Option<&postern_proto::envoy::config::rbac::v3::Rbac>,
+    shadow: Option<&postern_proto::envoy::config::rbac::v3::Rbac>,
+    matchers: bool,
+    path: &str,
+    ctx: &mut Ctx,
+) -> RbacFile {
+    if matchers {
         ctx.unsupported(format!("{path}.matcher"));
     }
-    Some(RbacFile {
-        rules: config
-            .rules
-            .as_ref()
-            .map(|r| rbac_rules(r, &format!("{path}.rules"), ctx)),
-        shadow: config
-            .shadow_rules
-            .as_ref()
-            .map(|r| rbac_rules(r, &format!("{path}.shadow_rules"), ctx)),
-    })
+    RbacFile {
+        rules: rules.map(|r| rbac_rules(r, &format!("{path}.rules"), ctx)),
+        shadow: shadow.map(|r| rbac_rules(r, &format!("{path}.shadow_rules"), ctx)),
+    }
 }
 
 /// Type URL of the network (L4) RBAC filter's config.
@@ -1854,22 +1867,17 @@ fn network_rbac_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<RbacFile>
                 return None;
             }
         };
-    if config.matcher.is_some() || config.shadow_matcher.is_some() {
-        ctx.unsupported(format!("{path}.matcher"));
-    }
     if config.delay_deny.is_some() {
         ctx.unsupported(format!("{path}.delay_deny"));
     }
-    Some(RbacFile {
-        rules: config
-            .rules
-            .as_ref()
-            .map(|r| rbac_rules(r, &format!("{path}.rules"), ctx)),
-        shadow: config
-            .shadow_rules
-            .as_ref()
-            .map(|r| rbac_rules(r, &format!("{path}.shadow_rules"), ctx)),
-    })
+    let matchers = config.matcher.is_some() || config.shadow_matcher.is_some();
+    Some(rbac_file(
+        config.rules.as_ref(),
+        config.shadow_rules.as_ref(),
+        matchers,
+        path,
+        ctx,
+    ))
 }
 
 // ------------------------------------------------------------ rate limits --
@@ -2169,33 +2177,20 @@ fn rate_limits(list: &[route::RateLimit], path: &str, ctx: &mut Ctx) -> Vec<Rate
                                 headers,
                             })
                         }
-                        Some(A::QueryParameters(_)) => {
-                            ctx.unsupported(format!("{apath}.query_parameters"));
-                            return None;
-                        }
-                        Some(A::MaskedRemoteAddress(_)) => {
-                            ctx.unsupported(format!("{apath}.masked_remote_address"));
-                            return None;
-                        }
-                        Some(A::RemoteAddressMatch(_)) => {
-                            ctx.unsupported(format!("{apath}.remote_address_match"));
-                            return None;
-                        }
-                        Some(A::QueryParameterValueMatch(_)) => {
-                            ctx.unsupported(format!("{apath}.query_parameter_value_match"));
-                            return None;
-                        }
-                        #[allow(deprecated)]
-                        Some(A::DynamicMetadata(_)) => {
-                            ctx.unsupported(format!("{apath}.dynamic_metadata"));
-                            return None;
-                        }
-                        Some(A::Metadata(_)) => {
-                            ctx.unsupported(format!("{apath}.metadata"));
-                            return None;
-                        }
-                        Some(A::Extension(_)) => {
-                            ctx.unsupported(format!("{apath}.extension"));
+                        Some(other) => {
+                            let field = match other {
+                                A::QueryParameters(_) => "query_parameters",
+                                A::MaskedRemoteAddress(_) => "masked_remote_address",
+                                A::RemoteAddressMatch(_) => "remote_address_match",
+                                A::QueryParameterValueMatch(_) => "query_parameter_value_match",
+                                #[allow(deprecated)]
+                                A::DynamicMetadata(_) => "dynamic_metadata",
+                                A::Metadata(_) => "metadata",
+                                A::Extension(_) => "extension",
+                                // The ones handled above never get here.
+                                _ => "action_specifier",
+                            };
+                            ctx.unsupported(format!("{apath}.{field}"));
                             return None;
                         }
                         None => {

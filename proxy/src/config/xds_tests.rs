@@ -627,20 +627,25 @@ fn logged_listener(
     }
 }
 
+/// A gRPC service reached through `cluster`.
+fn envoy_grpc(cluster: &str) -> core::GrpcService {
+    core::GrpcService {
+        target_specifier: Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(
+            core::grpc_service::EnvoyGrpc {
+                cluster_name: cluster.into(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
 fn grpc_logger(cluster: &str) -> postern_proto::envoy::config::accesslog::v3::AccessLog {
     use postern_proto::envoy::extensions::access_loggers::grpc::v3 as grpc;
     let config = grpc::HttpGrpcAccessLogConfig {
         common_config: Some(grpc::CommonGrpcAccessLogConfig {
             log_name: "mesh".into(),
-            grpc_service: Some(core::GrpcService {
-                target_specifier: Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(
-                    core::grpc_service::EnvoyGrpc {
-                        cluster_name: cluster.into(),
-                        ..Default::default()
-                    },
-                )),
-                ..Default::default()
-            }),
+            grpc_service: Some(envoy_grpc(cluster)),
             transport_api_version: core::ApiVersion::V3 as i32,
             ..Default::default()
         }),
@@ -722,15 +727,7 @@ fn rls_config(
         failure_mode_deny: true,
         enable_x_ratelimit_headers: 1,
         rate_limit_service: Some(RateLimitServiceConfig {
-            grpc_service: Some(core::GrpcService {
-                target_specifier: Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(
-                    core::grpc_service::EnvoyGrpc {
-                        cluster_name: cluster.into(),
-                        ..Default::default()
-                    },
-                )),
-                ..Default::default()
-            }),
+            grpc_service: Some(envoy_grpc(cluster)),
             transport_api_version: core::ApiVersion::V3 as i32,
         }),
         ..Default::default()

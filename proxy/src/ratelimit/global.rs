@@ -70,7 +70,7 @@ pub struct GlobalRateLimit {
     pub source_cluster: Arc<str>,
     /// The channel to `RlsTarget::Address`, made at first use (it needs a
     /// runtime) and handed on to the config that replaces this one.
-    channel: Arc<OnceLock<tonic::transport::Channel>>,
+    channel: OnceLock<tonic::transport::Channel>,
 }
 
 impl GlobalRateLimit {
@@ -86,20 +86,12 @@ impl GlobalRateLimit {
             rate_limited_as_resource_exhausted: false,
             x_envoy_ratelimited_header: true,
             source_cluster: Arc::from(""),
-            channel: Arc::new(OnceLock::new()),
+            channel: OnceLock::new(),
         }
     }
 
-    /// Keeps the previous config's channel when the address is the same, so
-    /// a config push costs no reconnect.
-    pub fn adopt(&mut self, previous: &GlobalRateLimit) {
-        if self.target == previous.target {
-            self.channel = previous.channel.clone();
-        }
-    }
-
-    /// Shares `previous`'s channel when the address is the same (for
-    /// configs already behind an `Arc`).
+    /// Takes over `previous`'s channel when the address is the same, so a
+    /// config push costs no reconnect.
     pub fn share_channel(&self, previous: &GlobalRateLimit) {
         if self.target == previous.target {
             if let Some(channel) = previous.channel.get() {
