@@ -29,11 +29,18 @@ use postern_xds::{Handler, Resource, ResourceError, StatusHandle, Subscriptions,
 
 use crate::app::Runtime;
 use crate::config::file::SdsSourceFile;
-use crate::config::file::{ClusterFile, ConfigFile, EndpointFile, ListenerFile, VirtualHostFile};
+use crate::config::file::{ClusterFile, ConfigFile, EndpointFile, VirtualHostFile};
 use crate::config::xds::{self as translate, EndpointSource, Problems, RouteSource, SecretValue};
 use crate::config::Config;
 use postern_certs::SdsSource;
 use postern_proto::envoy::extensions::transport_sockets::tls::v3::Secret;
+
+/// A listener as translated, and whether it binds its address.
+#[derive(Debug, Clone)]
+struct Translated {
+    listener: translate::TranslatedListener,
+    binds: bool,
+}
 
 #[derive(Debug, Clone)]
 struct Entry<T> {
@@ -48,7 +55,7 @@ type Table<T> = BTreeMap<String, Entry<T>>;
 #[derive(Debug, Clone, Default)]
 struct Resources {
     /// Listeners, where their routes come from, and whether they bind.
-    listeners: Table<(ListenerFile, RouteSource, bool)>,
+    listeners: Table<Translated>,
     routes: Table<Vec<VirtualHostFile>>,
     clusters: Table<(ClusterFile, EndpointSource)>,
     endpoints: Table<Vec<EndpointFile>>,
@@ -278,28 +285,58 @@ impl XdsHandler {
         }
     }
 
-    /// The config to run: static resources plus every warm dynamic one.
-    fn assemble(&self, state: &Resources) -> (ConfigFile, bool) {
+    /// The config to run: static resources plus every warm dynamic one;
+    /// whether something is still warming. An inbound capture listener
+    /// whose filter chains name a cluster that does not lead to the app is
+    /// an error naming the listener and the field.
+    fn assemble(&self, state: &Resources) -> Result<(ConfigFile, bool), String> {
         let mut file = self.base.clone();
         let mut warming = false;
+        // ORIGINAL_DST clusters have no endpoints of their own: only capture
+        // listeners use them, by name.
+        let mut original_dst = BTreeSet::new();
         for entry in state.clusters.values() {
             let (cluster, source) = &entry.value;
             let mut cluster = cluster.clone();
-            if let EndpointSource::Eds(service) = source {
-                match state.endpoints.get(service) {
+            match source {
+                EndpointSource::Eds(service) => match state.endpoints.get(service) {
                     Some(endpoints) => cluster.endpoints = endpoints.value.clone(),
                     None => {
                         warming = true;
                         continue;
                     }
+                },
+                EndpointSource::OriginalDst => {
+                    original_dst.insert(entry.value.0.name.as_str());
+                    continue;
                 }
+                EndpointSource::Inline => {}
             }
             file.clusters.push(cluster);
         }
         let mut virtuals = Vec::new();
-        for entry in state.listeners.values() {
-            let (listener, source, binds) = &entry.value;
-            let mut listener = listener.clone();
+        'listeners: for (name, entry) in &state.listeners {
+            let Translated {
+                listener: translated,
+                binds,
+            } = &entry.value;
+            for target in &translated.app_targets {
+                let endpoints = file
+                    .clusters
+                    .iter()
+                    .find(|c| c.name == target.cluster)
+                    .map(|c| c.endpoints.as_slice());
+                let is_original_dst = original_dst.contains(target.cluster.as_str());
+                if endpoints.is_none() && !is_original_dst {
+                    // Not arrived (or not warm) yet: the listener waits.
+                    warming = true;
+                    continue 'listeners;
+                }
+                translate::check_app_target(target, is_original_dst, endpoints.unwrap_or(&[]))
+                    .map_err(|reason| format!("listener {name}: {reason}"))?;
+            }
+            let source = &translated.routes;
+            let mut listener = translated.file.clone();
             if let RouteSource::Rds(name) = source {
                 match state.routes.get(name) {
                     Some(routes) => listener.virtual_hosts = routes.value.clone(),
@@ -316,14 +353,17 @@ impl XdsHandler {
             }
         }
         translate::attach_virtual_listeners(&mut file.listeners, &virtuals);
-        (file, warming)
+        if let Some(reason) = translate::original_dst_reference(&file.listeners, &original_dst) {
+            return Err(reason);
+        }
+        Ok((file, warming))
     }
 
     fn wanted(state: &Resources) -> (Vec<String>, Vec<String>) {
         let routes: BTreeSet<String> = state
             .listeners
             .values()
-            .filter_map(|e| match &e.value.1 {
+            .filter_map(|e| match &e.value.listener.routes {
                 RouteSource::Rds(name) => Some(name.clone()),
                 _ => None,
             })
@@ -333,7 +373,7 @@ impl XdsHandler {
             .values()
             .filter_map(|e| match &e.value.1 {
                 EndpointSource::Eds(name) => Some(name.clone()),
-                EndpointSource::Inline => None,
+                EndpointSource::Inline | EndpointSource::OriginalDst => None,
             })
             .collect();
         (
@@ -380,9 +420,10 @@ impl XdsHandler {
                 };
                 let converted = Self::translate_all(&resources, |r| {
                     let listener = translate::decode::<Listener>(&r.body, type_url::LISTENER)?;
-                    let (file, routes) =
-                        translate::listener_with(&listener, sds_names, &log_clusters)?;
-                    Ok((file, routes, translate::binds_to_port(&listener)))
+                    Ok(Translated {
+                        listener: translate::listener_parts(&listener, sds_names, &log_clusters)?,
+                        binds: translate::binds_to_port(&listener),
+                    })
                 })?;
                 Self::merge(&mut state.listeners, converted, &removed, replace_all);
                 type_url::LISTENER
@@ -436,7 +477,9 @@ impl XdsHandler {
             raw.insert(resource.name.clone(), resource);
         }
 
-        let (file, warming) = self.assemble(&state);
+        let (file, warming) = self
+            .assemble(&state)
+            .map_err(|reason| internal(&names, &reason))?;
         let config = Config::from_dynamic_model(file).map_err(|err| {
             let reason = err.to_string().replace('\n', "; ");
             internal(&names, &reason)

@@ -18,6 +18,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use postern::sidecar::iptables::{self, CaptureConfig, Existing, Family};
+use prost::Message as _;
 
 fn postern() -> Command {
     Command::new(env!("CARGO_BIN_EXE_postern"))
@@ -51,7 +52,10 @@ struct Netns(String);
 
 impl Netns {
     fn new(role: &str) -> Netns {
-        let name = format!("postern-test-{}-{role}", std::process::id());
+        // Tests run in parallel: each namespace gets its own number.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("postern-test-{}-{n}-{role}", std::process::id());
         ok("ip", &["netns", "add", &name]);
         let ns = Netns(name);
         ns.ok("ip", &["link", "set", "lo", "up"]);
@@ -121,6 +125,17 @@ impl Netns {
 
     /// `serve`, plus HTTP servers on `http_ports` that answer `NAME PATH`.
     fn serve_apps(&self, name: &str, ports: &[u16], http_ports: &[u16]) -> Server {
+        self.serve_apps_env(name, ports, http_ports, &[])
+    }
+
+    /// `serve_apps` with more variables for the helper.
+    fn serve_apps_env(
+        &self,
+        name: &str,
+        ports: &[u16],
+        http_ports: &[u16],
+        env: &[(&str, &str)],
+    ) -> Server {
         let exe = std::env::current_exe().unwrap();
         let list = |ports: &[u16]| {
             ports
@@ -138,6 +153,7 @@ impl Netns {
             ])
             .env(HELPER_ENV, format!("{name}:{}", list(ports)))
             .env(HTTP_HELPER_ENV, list(http_ports))
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -213,6 +229,24 @@ fn netns_helper() {
     }
 }
 
+/// Where `/slow` notes its arrival (`arrived`) and waits for the test's
+/// go-ahead (`release`).
+const SLOW_DIR_ENV: &str = "POSTERN_TEST_NETNS_SLOW_DIR";
+
+/// A request in flight for as long as the test wants: says it has arrived,
+/// then waits until released.
+fn hold_until_released() {
+    let Ok(dir) = std::env::var(SLOW_DIR_ENV) else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    std::fs::write(dir.join("arrived"), b"").unwrap();
+    let give_up = std::time::Instant::now() + Duration::from_secs(20);
+    while !dir.join("release").exists() && std::time::Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Answers GET requests (no bodies) until the client closes.
 fn serve_http(stream: std::net::TcpStream, name: &str) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -229,6 +263,9 @@ fn serve_http(stream: std::net::TcpStream, name: &str) {
             line.clear();
         }
         let path = request_line.split(' ').nth(1).unwrap_or("?");
+        if path == "/slow" {
+            hold_until_released();
+        }
         let body = format!("{name} {path}\n");
         let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
@@ -602,68 +639,19 @@ fn detections(metrics: &str, listener: &str, result: &str) -> f64 {
     )
 }
 
-#[test]
-fn two_pods_talk_through_capture_over_mtls_and_cleanup_restores_direct_traffic() {
-    let (client, server) = two_pods();
-    let dir = mesh_files();
-    let output = client.postern(&["iptables"]);
-    assert!(output.status.success(), "{}", text(&output.stderr));
-    let output = server.postern(&["iptables", "--exclude-inbound-ports", "9999"]);
-    assert!(output.status.success(), "{}", text(&output.stderr));
-    let _apps = server.serve_apps("server", &[2525, 2526, 9999], &[8080]);
+/// Both sidecars' logs, for failure messages.
+fn both_logs(client: &Sidecar, server: &Sidecar) -> String {
+    format!("client:\n{}\nserver:\n{}", client.log(), server.log())
+}
 
-    let mesh_cluster = |name: &str, port: u16| {
-        format!(
-            "  - name: {name}\n    endpoints: [{{ address: \"{SERVER_IP}:{port}\" }}]\n    tls: {{ mode: mesh, identities: [\"{SERVER_ID}\"] }}\n"
-        )
-    };
-    let client_config = format!(
-        r#"admin: {{ address: "127.0.0.1:15000" }}
-{identity}clusters:
-{web}{banner}{opaque}listeners:
-  - name: outbound
-    address: 0.0.0.0:15001
-    kind: capture
-    capture:
-      direction: outbound
-      services:
-        - {{ address: "{SERVER_IP}:8080", cluster: web }}
-        - {{ address: "{SERVER_IP}:2525", cluster: banner }}
-        - {{ address: "{SERVER_IP}:2526", cluster: banner-opaque }}
-"#,
-        identity = identity(dir.path(), "client", CLIENT_ID),
-        web = mesh_cluster("web", 8080),
-        banner = mesh_cluster("banner", 2525),
-        opaque = mesh_cluster("banner-opaque", 2526),
-    );
-    let server_config = format!(
-        r#"admin: {{ address: "127.0.0.1:15000" }}
-{identity}listeners:
-  - name: inbound
-    address: 0.0.0.0:15006
-    kind: capture
-    mtls: {{ mode: strict, allowed_identities: ["{CLIENT_ID}"] }}
-    capture: {{ direction: inbound }}
-"#,
-        identity = identity(dir.path(), "server", SERVER_ID),
-    );
-    let opaque = [("POSTERN_OPAQUE_PORTS", "2526")];
-    let client_proxy = client.sidecar(&client_config, &opaque, dir.path(), "client");
-    let server_proxy = server.sidecar(&server_config, &opaque, dir.path(), "server");
-    let logs = || {
-        format!(
-            "client:\n{}\nserver:\n{}",
-            client_proxy.log(),
-            server_proxy.log()
-        )
-    };
-
-    // Plain HTTP from the app arrives as plain HTTP at the other app; in
-    // between it is mTLS (the server's inbound side takes nothing else),
-    // and the server's sidecar knows who called.
-    let response = client.http_get(&format!("{SERVER_IP}:8080"), "/hello");
+/// A plain HTTP GET of `path` from the client pod's app to the server pod's
+/// app on 8080 that must arrive, over mTLS with the client's SPIFFE ID
+/// (the server's sidecar counts exactly one such call); the server
+/// sidecar's metrics after it.
+fn call_over_mtls(client: &Netns, server: &Netns, path: &str, logs: &dyn Fn() -> String) -> String {
+    let response = client.http_get(&format!("{SERVER_IP}:8080"), path);
     assert!(
-        response.starts_with("HTTP/1.1 200") && response.ends_with("server /hello\n"),
+        response.starts_with("HTTP/1.1 200") && response.ends_with(&format!("server {path}\n")),
         "{response}\n{}",
         logs()
     );
@@ -679,6 +667,69 @@ fn two_pods_talk_through_capture_over_mtls_and_cleanup_restores_direct_traffic()
         ],
     );
     assert_eq!(mtls_calls, 1.0, "{server_metrics}");
+    server_metrics
+}
+
+/// The client pod's sidecar: outbound capture with mesh clusters for the
+/// server's HTTP port 8080 and banner ports 2525 and 2526.
+fn client_config(dir: &Path) -> String {
+    let mesh_cluster = |name: &str, port: u16| {
+        format!(
+            "  - name: {name}\n    endpoints: [{{ address: \"{SERVER_IP}:{port}\" }}]\n    tls: {{ mode: mesh, identities: [\"{SERVER_ID}\"] }}\n"
+        )
+    };
+    format!(
+        r#"admin: {{ address: "127.0.0.1:15000" }}
+{identity}clusters:
+{web}{banner}{opaque}listeners:
+  - name: outbound
+    address: 0.0.0.0:15001
+    kind: capture
+    capture:
+      direction: outbound
+      services:
+        - {{ address: "{SERVER_IP}:8080", cluster: web }}
+        - {{ address: "{SERVER_IP}:2525", cluster: banner }}
+        - {{ address: "{SERVER_IP}:2526", cluster: banner-opaque }}
+"#,
+        identity = identity(dir, "client", CLIENT_ID),
+        web = mesh_cluster("web", 8080),
+        banner = mesh_cluster("banner", 2525),
+        opaque = mesh_cluster("banner-opaque", 2526),
+    )
+}
+
+#[test]
+fn two_pods_talk_through_capture_over_mtls_and_cleanup_restores_direct_traffic() {
+    let (client, server) = two_pods();
+    let dir = mesh_files();
+    let output = client.postern(&["iptables"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let output = server.postern(&["iptables", "--exclude-inbound-ports", "9999"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let _apps = server.serve_apps("server", &[2525, 2526, 9999], &[8080]);
+
+    let client_config = client_config(dir.path());
+    let server_config = format!(
+        r#"admin: {{ address: "127.0.0.1:15000" }}
+{identity}listeners:
+  - name: inbound
+    address: 0.0.0.0:15006
+    kind: capture
+    mtls: {{ mode: strict, allowed_identities: ["{CLIENT_ID}"] }}
+    capture: {{ direction: inbound }}
+"#,
+        identity = identity(dir.path(), "server", SERVER_ID),
+    );
+    let opaque = [("POSTERN_OPAQUE_PORTS", "2526")];
+    let client_proxy = client.sidecar(&client_config, &opaque, dir.path(), "client");
+    let server_proxy = server.sidecar(&server_config, &opaque, dir.path(), "server");
+    let logs = || both_logs(&client_proxy, &server_proxy);
+
+    // Plain HTTP from the app arrives as plain HTTP at the other app; in
+    // between it is mTLS (the server's inbound side takes nothing else),
+    // and the server's sidecar knows who called.
+    let server_metrics = call_over_mtls(&client, &server, "/hello", &logs);
     let client_metrics = client.metrics();
     assert_eq!(
         detections(&client_metrics, "outbound", "http1"),
@@ -691,22 +742,27 @@ fn two_pods_talk_through_capture_over_mtls_and_cleanup_restores_direct_traffic()
         "{server_metrics}"
     );
 
-    // A server-first protocol: each side waits for the client's first bytes
-    // at most the detection timeout (100ms), then proxies what comes.
+    // A server-first protocol: the client's side waits for the app's first
+    // bytes at most the detection timeout (100ms), then proxies what comes
+    // as TCP and says so in the mTLS handshake (ALPN), so the server's side
+    // does not wait a second time.
     let start = std::time::Instant::now();
     let banner = client.connect(APP.0, APP.1, &format!("{SERVER_IP}:2525"));
     let waited = start.elapsed();
     assert_eq!(banner, "server:2525", "{}", logs());
     assert!(waited < Duration::from_secs(3), "{waited:?}");
     assert_eq!(detections(&client.metrics(), "outbound", "timeout"), 1.0);
-    assert_eq!(detections(&server.metrics(), "inbound", "timeout"), 1.0);
+    let server_metrics = server.metrics();
+    assert_eq!(detections(&server_metrics, "inbound", "timeout"), 0.0);
+    assert_eq!(detections(&server_metrics, "inbound", "opaque"), 1.0);
 
     // A port declared opaque (POSTERN_OPAQUE_PORTS) is never sniffed.
     let banner = client.connect(APP.0, APP.1, &format!("{SERVER_IP}:2526"));
     assert_eq!(banner, "server:2526", "{}", logs());
     let (client_metrics, server_metrics) = (client.metrics(), server.metrics());
     assert_eq!(detections(&client_metrics, "outbound", "opaque"), 1.0);
-    assert_eq!(detections(&server_metrics, "inbound", "opaque"), 1.0);
+    assert_eq!(detections(&server_metrics, "inbound", "opaque"), 2.0);
+    assert_eq!(detections(&server_metrics, "inbound", "timeout"), 0.0);
     assert_eq!(detections(&client_metrics, "outbound", "timeout"), 1.0);
 
     // A destination no service matches is passed through as it is (here to
@@ -965,4 +1021,444 @@ fn inject_flags_reach_the_pod_spec_and_bad_input_fails_cleanly() {
         stderr.starts_with("error: Pod p: annotation postern.dev/proxy-cpu: \"lots\""),
         "{stderr}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Inbound capture from xDS.
+// ---------------------------------------------------------------------------
+
+const XDS_HELPER_ENV: &str = "POSTERN_TEST_NETNS_XDS";
+
+/// Istio's `virtualInbound` in its strict-mTLS form, as a control plane
+/// sends it: the original destination recovered by a listener filter,
+/// port 8080 to `inbound|8080||` (the app on loopback), every other port
+/// sniffed (HTTP and TCP chains) and passed through by an `ORIGINAL_DST`
+/// cluster.
+fn virtual_inbound_resources() -> postern_control::ads::Snapshot {
+    use postern_proto::envoy::config::cluster::v3 as cluster;
+    use postern_proto::envoy::config::core::v3 as core;
+    use postern_proto::envoy::config::endpoint::v3 as endpoint;
+    use postern_proto::envoy::config::listener::v3 as listener;
+    use postern_proto::envoy::config::route::v3 as route;
+    use postern_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    use postern_proto::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+    use postern_proto::envoy::extensions::transport_sockets::tls::v3 as tls;
+    use postern_proto::envoy::r#type::matcher::v3 as matcher;
+    use postern_proto::google::protobuf::{Any, BoolValue, UInt32Value};
+
+    let pack = |type_url: &str, value: Vec<u8>| Any {
+        type_url: type_url.into(),
+        value,
+    };
+    let address = |ip: &str, port: u32| core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: ip.into(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    };
+    let sds = |name: &str| tls::SdsSecretConfig {
+        name: name.into(),
+        ..Default::default()
+    };
+    let mtls = tls::DownstreamTlsContext {
+        require_client_certificate: Some(BoolValue { value: true }),
+        common_tls_context: Some(tls::CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds("default")],
+            validation_context_type: Some(
+                tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+                    tls::common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(tls::CertificateValidationContext {
+                            match_typed_subject_alt_names: vec![tls::SubjectAltNameMatcher {
+                                san_type: tls::subject_alt_name_matcher::SanType::Uri as i32,
+                                matcher: Some(matcher::StringMatcher {
+                                    match_pattern: Some(
+                                        matcher::string_matcher::MatchPattern::Exact(
+                                            CLIENT_ID.into(),
+                                        ),
+                                    ),
+                                    ignore_case: false,
+                                }),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let transport_socket = core::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(core::transport_socket::ConfigType::TypedConfig(pack(
+            "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            mtls.encode_to_vec(),
+        ))),
+    };
+    let http = |cluster: &str| {
+        let route = route::Route {
+            r#match: Some(route::RouteMatch {
+                path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+                ..Default::default()
+            }),
+            action: Some(route::route::Action::Route(route::RouteAction {
+                cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                    cluster.into(),
+                )),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let manager = hcm::HttpConnectionManager {
+            stat_prefix: "inbound".into(),
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
+                route::RouteConfiguration {
+                    name: "inbound".into(),
+                    virtual_hosts: vec![route::VirtualHost {
+                        name: "inbound|http".into(),
+                        domains: vec!["*".into()],
+                        routes: vec![route],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        listener::Filter {
+            name: "envoy.filters.network.http_connection_manager".into(),
+            config_type: Some(listener::filter::ConfigType::TypedConfig(pack(
+                "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                manager.encode_to_vec(),
+            ))),
+        }
+    };
+    let tcp = |cluster: &str| {
+        let proxy = tcp_proxy::TcpProxy {
+            stat_prefix: "inbound".into(),
+            cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(
+                cluster.into(),
+            )),
+            ..Default::default()
+        };
+        listener::Filter {
+            name: "envoy.filters.network.tcp_proxy".into(),
+            config_type: Some(listener::filter::ConfigType::TypedConfig(pack(
+                "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                proxy.encode_to_vec(),
+            ))),
+        }
+    };
+    let chain =
+        |port: Option<u32>, alpn: &[&str], filter: listener::Filter| listener::FilterChain {
+            filter_chain_match: Some(listener::FilterChainMatch {
+                destination_port: port.map(|value| UInt32Value { value }),
+                transport_protocol: "tls".into(),
+                application_protocols: alpn.iter().map(|a| a.to_string()).collect(),
+                ..Default::default()
+            }),
+            transport_socket: Some(transport_socket.clone()),
+            filters: vec![filter],
+            ..Default::default()
+        };
+    let listener_filter = |name: &str, message: &str| listener::ListenerFilter {
+        name: format!("envoy.filters.listener.{name}"),
+        config_type: Some(listener::listener_filter::ConfigType::TypedConfig(pack(
+            &format!("type.googleapis.com/envoy.extensions.filters.listener.{name}.v3.{message}"),
+            Vec::new(),
+        ))),
+        ..Default::default()
+    };
+    let http_alpn = ["istio-http/1.0", "istio-http/1.1", "istio-h2"];
+    let inbound = listener::Listener {
+        name: "virtualInbound".into(),
+        address: Some(address("0.0.0.0", 15006)),
+        traffic_direction: core::TrafficDirection::Inbound as i32,
+        listener_filters: vec![
+            listener_filter("original_dst", "OriginalDst"),
+            listener_filter("tls_inspector", "TlsInspector"),
+            listener_filter("http_inspector", "HttpInspector"),
+        ],
+        continue_on_listener_filters_timeout: true,
+        filter_chains: vec![
+            chain(Some(8080), &http_alpn, http("inbound|8080||")),
+            chain(None, &http_alpn, http("InboundPassthroughClusterIpv4")),
+            chain(None, &["istio"], tcp("InboundPassthroughClusterIpv4")),
+        ],
+        ..Default::default()
+    };
+    let passthrough = cluster::Cluster {
+        name: "InboundPassthroughClusterIpv4".into(),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        lb_policy: cluster::cluster::LbPolicy::ClusterProvided as i32,
+        upstream_bind_config: Some(core::BindConfig {
+            source_address: Some(core::SocketAddress {
+                address: "127.0.0.6".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let app = cluster::Cluster {
+        name: "inbound|8080||".into(),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::Static as i32,
+        )),
+        load_assignment: Some(endpoint::ClusterLoadAssignment {
+            cluster_name: "inbound|8080||".into(),
+            endpoints: vec![endpoint::LocalityLbEndpoints {
+                lb_endpoints: vec![endpoint::LbEndpoint {
+                    host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+                        endpoint::Endpoint {
+                            address: Some(address("127.0.0.1", 8080)),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut snapshot = postern_control::ads::Snapshot::new("1");
+    snapshot.add_message("virtualInbound", &inbound);
+    snapshot.add_message("InboundPassthroughClusterIpv4", &passthrough);
+    snapshot.add_message("inbound|8080||", &app);
+    snapshot
+}
+
+/// Not a test of its own: the control plane `xds_inbound_capture_…` runs
+/// inside the server's namespace, by running this test binary there. It
+/// serves `virtual_inbound_resources` on 127.0.0.1 and prints its port.
+/// Without its variable set it returns at once.
+#[test]
+fn netns_xds_helper() {
+    if std::env::var(XDS_HELPER_ENV).is_err() {
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = postern_control::ads::AdsServer::new();
+        server.set_snapshot(virtual_inbound_resources());
+        println!("XDS {port}");
+        std::io::stdout().flush().unwrap();
+        tonic::transport::Server::builder()
+            .add_service(server.into_service())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+}
+
+impl Netns {
+    /// Runs `netns_xds_helper` in the namespace; its port on 127.0.0.1.
+    fn control_plane(&self) -> (Server, u16) {
+        let exe = std::env::current_exe().unwrap();
+        let mut child = self
+            .command(&[
+                exe.to_str().unwrap(),
+                "netns_xds_helper",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(XDS_HELPER_ENV, "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(port) = line.strip_prefix("XDS ") {
+                    let _ = tx.send(port.parse::<u16>().unwrap());
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("control plane in the namespace came up");
+        (Server(child), port)
+    }
+}
+
+#[test]
+fn xds_inbound_capture_serves_mtls_and_passes_other_ports_through() {
+    let (client, server) = two_pods();
+    let dir = mesh_files();
+    for ns in [&client, &server] {
+        let output = ns.postern(&["iptables"]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    let _apps = server.serve_apps("server", &[2525], &[8080]);
+    let (_control_plane, xds_port) = server.control_plane();
+    let server_config = format!(
+        r#"admin: {{ address: "127.0.0.1:15000" }}
+node: {{ id: "sidecar~{SERVER_IP}~server.test~test.svc.cluster.local" }}
+xds: {{ address: "http://127.0.0.1:{xds_port}", initial_backoff: 50ms, max_backoff: 500ms }}
+{identity}"#,
+        identity = identity(dir.path(), "server", SERVER_ID),
+    );
+    let client_proxy = client.sidecar(&client_config(dir.path()), &[], dir.path(), "client");
+    let server_proxy = server.sidecar(&server_config, &[], dir.path(), "server");
+    let logs = || both_logs(&client_proxy, &server_proxy);
+
+    // HTTP to the port with its own chain: over mTLS, to the app, with the
+    // caller's SPIFFE ID known on the server's side.
+    let server_metrics = call_over_mtls(&client, &server, "/from-xds", &logs);
+    assert_eq!(
+        detections(&server_metrics, "virtualInbound", "http2"),
+        1.0,
+        "{server_metrics}"
+    );
+
+    // A port with no chain of its own: the catch-all chains, through the
+    // ORIGINAL_DST cluster to the app's port; a server-first protocol,
+    // sniffed once (on the client's side).
+    let banner = client.connect(APP.0, APP.1, &format!("{SERVER_IP}:2525"));
+    assert_eq!(banner, "server:2525", "{}", logs());
+    let server_metrics = server.metrics();
+    assert_eq!(
+        detections(&server_metrics, "virtualInbound", "timeout"),
+        0.0
+    );
+    assert_eq!(detections(&server_metrics, "virtualInbound", "opaque"), 1.0);
+
+    // Plaintext is refused: the chains are all mTLS. (The proxy's UID
+    // leaves the client pod uncaptured.)
+    let plaintext = client.connect(PROXY.0, PROXY.1, &format!("{SERVER_IP}:2525"));
+    assert!(!plaintext.contains("server:2525"), "{plaintext}");
+}
+
+// ---------------------------------------------------------------------------
+// SIGTERM: the inbound side drains first.
+// ---------------------------------------------------------------------------
+
+/// Polls `condition` every 20ms for at most `limit`; panics naming `what`.
+fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let give_up = std::time::Instant::now() + limit;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_drains_inbound_first_and_keeps_outbound_until_the_app_is_gone() {
+    // The pod (10.204.0.1) has the sidecar, with both capture listeners;
+    // the peer (10.204.0.2) is a plain host the pod's app calls and that
+    // calls the pod's app.
+    let (pod, peer) = two_pods();
+    let dir = tempfile::tempdir().unwrap();
+    let slow = dir.path().join("slow");
+    std::fs::create_dir(&slow).unwrap();
+    let output = pod.postern(&["iptables"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let app = pod.serve_apps_env(
+        "pod",
+        &[],
+        &[8080],
+        &[(SLOW_DIR_ENV, slow.to_str().unwrap())],
+    );
+    let _peer_apps = peer.serve("peer", &[2525]);
+    let config = r#"admin: { address: "127.0.0.1:15000" }
+drain_timeout: 60s
+outbound_drain_wait: 60s
+listeners:
+  - name: outbound
+    address: 0.0.0.0:15001
+    kind: capture
+    capture: { direction: outbound }
+  - name: inbound
+    address: 0.0.0.0:15006
+    kind: capture
+    capture: { direction: inbound }
+"#;
+    let mut sidecar = pod.sidecar(config, &[], dir.path(), "pod");
+    let pod_app = format!("{CLIENT_IP}:8080");
+    let peer_banner = format!("{SERVER_IP}:2525");
+    assert!(peer
+        .http_get(&pod_app, "/before")
+        .ends_with("pod /before\n"));
+    assert_eq!(pod.connect(APP.0, APP.1, &peer_banner), "peer:2525");
+
+    // A call to the app in flight through the inbound side, held by the
+    // app until the test releases it.
+    let in_flight = {
+        let script = format!(
+            "exec 3<>/dev/tcp/{CLIENT_IP}/8080 && printf 'GET /slow HTTP/1.1\\r\\nHost: pod\\r\\n\\r\\n' >&3 && cat <&3"
+        );
+        peer.command(&["timeout", "20", "bash", "-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    wait_for(
+        "the slow call to reach the app",
+        Duration::from_secs(10),
+        || slow.join("arrived").exists(),
+    );
+
+    let start = std::time::Instant::now();
+    ok("kill", &["-TERM", &sidecar.child.id().to_string()]);
+    // The inbound side stops taking calls at once (the redirected port
+    // refuses)...
+    wait_for(
+        "the inbound side to refuse",
+        Duration::from_secs(10),
+        || !peer.http_get(&pod_app, "/after").contains("pod /after"),
+    );
+    // ...while the app's outbound calls still go out.
+    assert_eq!(
+        pod.connect(APP.0, APP.1, &peer_banner),
+        "peer:2525",
+        "{}",
+        sidecar.log()
+    );
+    // The call in flight finishes, and its connection is closed after it
+    // (cat returns: nothing kept alive).
+    std::fs::write(slow.join("release"), b"").unwrap();
+    let finished = in_flight.wait_with_output().unwrap();
+    let response = text(&finished.stdout);
+    assert!(finished.status.success(), "{response}\n{}", sidecar.log());
+    assert!(
+        response.starts_with("HTTP/1.1 200") && response.ends_with("pod /slow\n"),
+        "{response}"
+    );
+    assert!(
+        response.to_ascii_lowercase().contains("connection: close"),
+        "{response}"
+    );
+    assert_eq!(pod.connect(APP.0, APP.1, &peer_banner), "peer:2525");
+
+    // The app goes: the outbound side stops and the proxy exits, long
+    // before outbound_drain_wait and drain_timeout (60s).
+    drop(app);
+    wait_for("the proxy to exit", Duration::from_secs(20), || {
+        sidecar.child.try_wait().unwrap().is_some()
+    });
+    let status = sidecar.child.wait().unwrap();
+    assert!(status.success(), "{status}\n{}", sidecar.log());
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(pod
+        .connect(APP.0, APP.1, &peer_banner)
+        .starts_with("failed"));
 }

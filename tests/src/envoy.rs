@@ -163,6 +163,30 @@ pub fn http_listener_with_filters(
     }
 }
 
+/// A listener on `addr` with one filter chain: a TCP proxy to `cluster`.
+pub fn tcp_listener(name: &str, addr: SocketAddr, cluster: &str) -> listener::Listener {
+    use postern_proto::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+    let proxy = tcp_proxy::TcpProxy {
+        stat_prefix: name.into(),
+        cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(
+            cluster.into(),
+        )),
+        ..Default::default()
+    };
+    listener::Listener {
+        name: name.into(),
+        address: address(addr),
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![listener::Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(pack(&proxy))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 /// A STATIC cluster of one endpoint; with `peers`, mesh mTLS that requires
 /// the server to be one of those SPIFFE IDs.
 pub fn static_cluster(name: &str, addr: SocketAddr, peers: Option<&[&str]>) -> cluster::Cluster {

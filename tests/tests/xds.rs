@@ -607,3 +607,83 @@ async fn rbac_filter_from_xds_is_enforced_and_bad_ones_nacked() {
     );
     assert_eq!(proxy.listener_addr("xds-http"), Some(addr), "not rebound");
 }
+
+/// An inbound capture listener (Istio's `virtualInbound` shape: the
+/// `original_dst` listener filter, one TCP chain for every port) whose chain
+/// names `cluster`.
+fn virtual_inbound(cluster_name: &str) -> postern_proto::envoy::config::listener::v3::Listener {
+    use postern_proto::envoy::config::core::v3 as core;
+    use postern_proto::envoy::config::listener::v3 as listener;
+    let mut inbound = postern_tests::envoy::tcp_listener(
+        "virtualInbound",
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        cluster_name,
+    );
+    inbound.traffic_direction = core::TrafficDirection::Inbound as i32;
+    inbound.listener_filters = vec![listener::ListenerFilter {
+        name: "envoy.filters.listener.original_dst".into(),
+        ..Default::default()
+    }];
+    inbound
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_capture_chains_must_lead_to_the_app() {
+    let a = HttpBackend::start("a").await;
+    let good = mesh("1", "svc-a", &[("svc-a", a.addr())]);
+    let cp = ControlPlane::start(good.clone()).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+
+    // A chain for every port that names an ordinary cluster (svc-a, on a
+    // port of its own): calls would go somewhere other than where Postern's
+    // inbound side sends them. NACKed, naming listener, field and cluster.
+    let mut wrong = good.clone();
+    wrong.version = "2".into();
+    wrong.add_message("virtualInbound", &virtual_inbound("svc-a"));
+    cp.server.set_snapshot(wrong);
+    let nack = wait_event(&mut events, "listener NACK", |e| {
+        is_nack(e, type_url::LISTENER)
+    })
+    .await;
+    let AdsEventKind::Nack { error, .. } = nack.kind else {
+        unreachable!()
+    };
+    assert!(
+        error.contains(
+            "listener virtualInbound: filter_chains[0].filters[0].cluster: \"svc-a\" is not an ORIGINAL_DST cluster"
+        ),
+        "{error}"
+    );
+    assert!(proxy.listener_addr("virtualInbound").is_none());
+
+    // With an ORIGINAL_DST cluster it is accepted and bound.
+    let mut passthrough = good.clone();
+    passthrough.version = "3".into();
+    passthrough.add_message(
+        "virtualInbound",
+        &virtual_inbound("InboundPassthroughClusterIpv4"),
+    );
+    passthrough.add_message(
+        "InboundPassthroughClusterIpv4",
+        &cluster::Cluster {
+            name: "InboundPassthroughClusterIpv4".into(),
+            cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+                cluster::cluster::DiscoveryType::OriginalDst as i32,
+            )),
+            lb_policy: cluster::cluster::LbPolicy::ClusterProvided as i32,
+            ..Default::default()
+        },
+    );
+    cp.server.set_snapshot(passthrough);
+    wait_event(&mut events, "listener ACK", |e| {
+        is_ack(e, type_url::LISTENER, "3")
+    })
+    .await;
+    eventually("the inbound capture listener is bound", || async {
+        proxy.listener_addr("virtualInbound").map(|_| ())
+    })
+    .await;
+    assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
+}

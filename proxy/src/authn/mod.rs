@@ -17,7 +17,7 @@ pub mod remote;
 mod tests;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 
@@ -85,6 +85,93 @@ pub struct Provider {
     pub clock_skew: u64,
     /// Refuse tokens without `exp`.
     pub require_expiration: bool,
+    /// Tokens this provider verified lately.
+    pub cache: VerifiedCache,
+}
+
+/// Longest token kept in a [`VerifiedCache`]: bounds its memory at
+/// capacity × this, while typical tokens (under 2 KiB) all fit.
+pub const MAX_CACHED_TOKEN_BYTES: usize = 4 * 1024;
+
+/// Tokens that verified, by their exact text, with the key set that
+/// verified them: a caller presenting the same token again skips decoding
+/// and the signature check (tens of µs for RSA and ECDSA), as Envoy's
+/// `jwt_cache_config` does. Time claims are checked again on every use,
+/// and an entry is void once its provider's keys change. Only verified
+/// tokens enter, so callers with forged tokens cannot fill it.
+#[derive(Debug)]
+pub struct VerifiedCache {
+    capacity: usize,
+    entries: Mutex<HashMap<Box<str>, CachedToken>>,
+}
+
+#[derive(Debug, Clone)]
+struct CachedToken {
+    keys: Arc<Jwks>,
+    claims: Arc<Claims>,
+    payload: Arc<str>,
+}
+
+impl VerifiedCache {
+    /// Envoy's default `jwt_cache_size`.
+    pub const DEFAULT_CAPACITY: usize = 100;
+
+    /// A cache of at most `capacity` tokens; `0` turns caching off.
+    pub fn new(capacity: usize) -> VerifiedCache {
+        VerifiedCache {
+            capacity,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How many tokens it may hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// How many tokens it holds.
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+    }
+
+    /// Whether it holds no token.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, token: &str) -> Option<CachedToken> {
+        if self.capacity == 0 {
+            return None;
+        }
+        self.entries.lock().ok()?.get(token).cloned()
+    }
+
+    fn forget(&self, token: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.remove(token);
+        }
+    }
+
+    fn insert(&self, token: &str, entry: CachedToken, rules: &ClaimRules<'_>, now: u64) {
+        if self.capacity == 0 || token.len() > MAX_CACHED_TOKEN_BYTES {
+            return;
+        }
+        let Ok(mut entries) = self.entries.lock() else {
+            return;
+        };
+        if entries.len() >= self.capacity {
+            entries.retain(|_, cached| jwt::check_claims(&cached.claims, rules, now).is_ok());
+        }
+        if entries.len() >= self.capacity {
+            // Still full of live tokens: make room by dropping one; which
+            // one is up to the hasher's random order, so no caller can aim
+            // at another's entry.
+            if let Some(victim) = entries.keys().next().cloned() {
+                entries.remove(&victim);
+            }
+        }
+        entries.insert(token.into(), entry);
+    }
 }
 
 /// What a request must present.
@@ -191,7 +278,7 @@ enum Outcome {
     /// Signature and time claims hold (audiences are checked per requirement).
     Verified {
         claims: Arc<Claims>,
-        payload: String,
+        payload: Arc<str>,
     },
 }
 
@@ -222,12 +309,41 @@ impl Provider {
             })
     }
 
+    /// The current key set, fetched if it must be.
+    async fn current_keys<F: JwksFetcher>(&self, fetcher: &Arc<F>) -> Result<Arc<Jwks>, Outcome> {
+        match &self.keys {
+            KeySource::Static(keys) => Ok(keys.clone()),
+            KeySource::Remote(remote) => remote.keys(fetcher).await.map_err(|err| {
+                tracing::warn!(provider = %self.name, uri = %remote.source().uri, error = %err, "JWKS unavailable");
+                Outcome::Failed(InvalidReason::Keys(err.to_string()))
+            }),
+        }
+    }
+
     async fn verify<F: JwksFetcher>(&self, token: &str, fetcher: &Arc<F>, now: u64) -> Outcome {
+        let rules = self.rules();
+        if let Some(cached) = self.cache.get(token) {
+            // Verified by this provider, so of its issuer; time moves on.
+            if let Err(err) = jwt::check_claims(&cached.claims, &rules, now) {
+                self.cache.forget(token);
+                return Outcome::Failed(err.into());
+            }
+            match self.current_keys(fetcher).await {
+                Ok(keys) if Arc::ptr_eq(&keys, &cached.keys) => {
+                    return Outcome::Verified {
+                        claims: cached.claims,
+                        payload: cached.payload,
+                    };
+                }
+                // New keys: the signature is checked against them below.
+                Ok(_) => self.cache.forget(token),
+                Err(outcome) => return outcome,
+            }
+        }
         let decoded = match jwt::decode(token) {
             Ok(decoded) => decoded,
             Err(err) => return Outcome::Failed(err.into()),
         };
-        let rules = self.rules();
         // Providers share locations: a token of another issuer is not this
         // provider's to refuse.
         if jwt::check_issuer(&decoded.claims, &rules).is_err() {
@@ -236,27 +352,30 @@ impl Provider {
         if let Err(err) = jwt::check_claims(&decoded.claims, &rules, now) {
             return Outcome::Failed(err.into());
         }
-        let keys = match &self.keys {
-            KeySource::Static(keys) => keys.clone(),
-            KeySource::Remote(remote) => match remote.keys(fetcher).await {
-                Ok(keys) => keys,
-                Err(err) => {
-                    tracing::warn!(provider = %self.name, uri = %remote.source().uri, error = %err, "JWKS unavailable");
-                    return Outcome::Failed(InvalidReason::Keys(err.to_string()));
-                }
-            },
+        let mut keys = match self.current_keys(fetcher).await {
+            Ok(keys) => keys,
+            Err(outcome) => return outcome,
         };
         let mut verdict = decoded.verify_signature(&keys);
         if let (Err(JwtError::UnknownKid(_)), KeySource::Remote(remote)) = (&verdict, &self.keys) {
             if let Some(fresh) = remote.refetch_for_unknown_kid(fetcher, &keys).await {
                 verdict = decoded.verify_signature(&fresh);
+                keys = fresh;
             }
         }
         match verdict {
-            Ok(()) => Outcome::Verified {
-                claims: Arc::new(decoded.claims),
-                payload: decoded.payload_segment.to_string(),
-            },
+            Ok(()) => {
+                let entry = CachedToken {
+                    keys,
+                    claims: Arc::new(decoded.claims),
+                    payload: Arc::from(decoded.payload_segment),
+                };
+                self.cache.insert(token, entry.clone(), &rules, now);
+                Outcome::Verified {
+                    claims: entry.claims,
+                    payload: entry.payload,
+                }
+            }
             Err(err) => Outcome::Failed(err.into()),
         }
     }
@@ -276,12 +395,14 @@ fn header_token(headers: &HeaderMap, name: &HeaderName, prefix: &str) -> Option<
             }
             &text[prefix.len()..]
         };
-        let token: String = rest
-            .trim_start()
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '='))
-            .collect();
-        (!token.is_empty()).then_some(token)
+        let rest = rest.trim_start();
+        // Token characters are ASCII, so the first other byte ends the run
+        // on a character boundary.
+        let end = rest
+            .bytes()
+            .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'=')))
+            .unwrap_or(rest.len());
+        (end > 0).then(|| rest[..end].to_string())
     })
 }
 

@@ -440,6 +440,7 @@ fn provider(name: &str, keys: KeySource) -> Provider {
         )],
         clock_skew: 60,
         require_expiration: false,
+        cache: VerifiedCache::new(VerifiedCache::DEFAULT_CAPACITY),
     }
 }
 
@@ -540,6 +541,136 @@ async fn a_valid_token_yields_claims_headers_and_is_stripped() {
             .unwrap_err(),
         AuthnFailure::Missing
     );
+}
+
+async fn authenticate_bearer(
+    authn: &JwtAuthn,
+    fetcher: &Arc<FakeFetcher>,
+    token: &str,
+    now: u64,
+) -> Result<Vec<VerifiedJwt>, AuthnFailure> {
+    let mut req = request("/x", &[("authorization", &bearer(token))]);
+    authn
+        .authenticate(&mut req, "api", None, fetcher, now)
+        .await
+}
+
+#[tokio::test]
+async fn verified_tokens_are_cached_and_rechecked_in_time() {
+    let signer = Signer::new(Algorithm::Es256, Some("k"));
+    let keys = KeySource::Static(Arc::new(jwks_of(&[&signer])));
+    let authn = authn(vec![provider("a", keys)], everything(REQUIRE_A));
+    let fetcher = FakeFetcher::serving(&[]);
+    let cache = &authn.providers()[0].cache;
+    let token = signer.token(claims());
+
+    let first = authenticate_bearer(&authn, &fetcher, &token, NOW)
+        .await
+        .unwrap();
+    assert_eq!(cache.len(), 1);
+    let again = authenticate_bearer(&authn, &fetcher, &token, NOW)
+        .await
+        .unwrap();
+    assert!(
+        Arc::ptr_eq(&first[0].claims, &again[0].claims),
+        "the second call is served from the cache"
+    );
+    // Claims from the cache still meet each requirement's audiences.
+    let other = Requirement::Provider {
+        index: 0,
+        audiences: Some(vec!["billing".into()]),
+    };
+    let picky = JwtAuthn::new(
+        vec![Provider {
+            cache: VerifiedCache::new(10),
+            ..provider("a", KeySource::Static(Arc::new(jwks_of(&[&signer]))))
+        }],
+        everything(other),
+        HashMap::new(),
+        true,
+        false,
+    );
+    for _ in 0..2 {
+        assert!(authenticate_bearer(&picky, &fetcher, &token, NOW)
+            .await
+            .is_err());
+    }
+
+    // Time passes: a cached token expires like any other, and leaves.
+    let later = NOW + 600 + 61;
+    assert!(matches!(
+        authenticate_bearer(&authn, &fetcher, &token, later).await,
+        Err(AuthnFailure::Invalid {
+            reason: InvalidReason::Token(JwtError::Expired),
+            ..
+        })
+    ));
+    assert!(cache.is_empty());
+
+    // Forged tokens never enter; the cache stays within its bound.
+    let forger = Signer::new(Algorithm::Es256, Some("k"));
+    for _ in 0..5 {
+        assert!(
+            authenticate_bearer(&authn, &fetcher, &forger.token(claims()), NOW)
+                .await
+                .is_err()
+        );
+    }
+    assert!(cache.is_empty());
+    for i in 0..(VerifiedCache::DEFAULT_CAPACITY + 50) {
+        let mut c = claims();
+        c["jti"] = json!(i);
+        authenticate_bearer(&authn, &fetcher, &signer.token(c), NOW)
+            .await
+            .unwrap();
+    }
+    assert_eq!(cache.len(), VerifiedCache::DEFAULT_CAPACITY);
+
+    // Size 0: nothing is kept.
+    let uncached = JwtAuthn::new(
+        vec![Provider {
+            cache: VerifiedCache::new(0),
+            ..provider("a", KeySource::Static(Arc::new(jwks_of(&[&signer]))))
+        }],
+        everything(REQUIRE_A),
+        HashMap::new(),
+        true,
+        false,
+    );
+    authenticate_bearer(&uncached, &fetcher, &token, NOW)
+        .await
+        .unwrap();
+    assert!(uncached.providers()[0].cache.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cached_token_is_void_once_its_key_leaves_the_set() {
+    let old = Signer::new(Algorithm::Es256, Some("old"));
+    let new = Signer::new(Algorithm::Es256, Some("new"));
+    let fetcher = FakeFetcher::serving(&[&old]);
+    let keys = remote(Duration::from_secs(30));
+    let authn = authn(
+        vec![provider("a", KeySource::Remote(keys.clone()))],
+        everything(REQUIRE_A),
+    );
+    let token = old.token(claims());
+    authenticate_bearer(&authn, &fetcher, &token, NOW)
+        .await
+        .unwrap();
+    assert_eq!(authn.providers()[0].cache.len(), 1);
+
+    // The issuer drops the old key; once the set is refreshed the cached
+    // verdict no longer holds.
+    fetcher.serve(&[&new]);
+    tokio::time::sleep(Duration::from_secs(81)).await;
+    assert!(fetcher.fetches() >= 2, "the background refresh ran");
+    assert!(authenticate_bearer(&authn, &fetcher, &token, NOW)
+        .await
+        .is_err());
+    assert!(authn.providers()[0].cache.is_empty());
+    authenticate_bearer(&authn, &fetcher, &new.token(claims()), NOW)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

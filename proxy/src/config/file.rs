@@ -1021,6 +1021,14 @@ pub struct JwtProviderFile {
     /// Refuse tokens without `exp`.
     #[serde(default)]
     pub require_expiration: bool,
+    /// Verified tokens remembered, so a repeated token skips the signature
+    /// check; `0` turns the cache off.
+    #[serde(default = "default_jwt_cache_size")]
+    pub cache_size: usize,
+}
+
+fn default_jwt_cache_size() -> usize {
+    crate::authn::VerifiedCache::DEFAULT_CAPACITY
 }
 
 fn default_clock_skew() -> Duration {

@@ -12,7 +12,9 @@ use super::validate::Errors;
 use crate::authn::jwks::Jwks;
 use crate::authn::jwt::ClaimPath;
 use crate::authn::remote::{RemoteJwks, RemoteSource};
-use crate::authn::{JwtAuthn, KeySource, Provider, Requirement, RouteJwt, Rule, TokenLocation};
+use crate::authn::{
+    JwtAuthn, KeySource, Provider, Requirement, RouteJwt, Rule, TokenLocation, VerifiedCache,
+};
 
 /// Compiles a listener's `http.jwt`.
 pub(super) fn build_jwt(
@@ -163,6 +165,7 @@ fn provider(
         claim_to_headers,
         clock_skew: file.clock_skew.as_secs(),
         require_expiration: file.require_expiration,
+        cache: VerifiedCache::new(file.cache_size),
     }
 }
 

@@ -254,6 +254,14 @@ pub struct HttpListener {
     pub routes: Arc<RouteTable>,
 }
 
+impl HttpListener {
+    /// Whether any policy looks at requests (RBAC, rate limit, JWT): then
+    /// HTTP must be seen as HTTP, not carried as TCP.
+    pub fn has_request_policy(&self) -> bool {
+        self.rbac.is_some() || self.rate_limit.is_some() || self.jwt.is_some()
+    }
+}
+
 impl Config {
     /// Parses, validates and compiles a YAML config.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {

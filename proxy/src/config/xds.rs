@@ -599,6 +599,9 @@ pub enum EndpointSource {
     Inline,
     /// By EDS, under this service name.
     Eds(String),
+    /// None: each connection goes to its original destination
+    /// (`ORIGINAL_DST`); only capture listeners can use such a cluster.
+    OriginalDst,
 }
 
 /// A Cluster as a cluster file entry (without endpoints for EDS clusters),
@@ -632,13 +635,24 @@ pub fn cluster(
             None => ctx.err("load_assignment", "a STATIC cluster needs its endpoints"),
         }
         EndpointSource::Inline
+    } else if discovery == T::OriginalDst as i32 {
+        original_dst_cluster(c, &mut ctx);
+        EndpointSource::OriginalDst
     } else {
         ctx.unsupported(format!(
-            "type {discovery} (only STATIC, STRICT_DNS with IP addresses, EDS)"
+            "type {discovery} (only STATIC, STRICT_DNS with IP addresses, EDS, ORIGINAL_DST)"
         ));
         EndpointSource::Inline
     };
     let lb = match L::try_from(c.lb_policy) {
+        Ok(L::ClusterProvided) if source == EndpointSource::OriginalDst => LbPolicy::RoundRobin,
+        _ if source == EndpointSource::OriginalDst => {
+            ctx.err(
+                "lb_policy",
+                "an ORIGINAL_DST cluster takes CLUSTER_PROVIDED (the connection names the endpoint)",
+            );
+            LbPolicy::RoundRobin
+        }
         Ok(L::RoundRobin) => LbPolicy::RoundRobin,
         Ok(L::LeastRequest) => LbPolicy::LeastRequest,
         Ok(L::Random) => LbPolicy::Random,
@@ -751,6 +765,41 @@ pub fn cluster(
     ctx.finish((file, source))
 }
 
+/// Checks an `ORIGINAL_DST` cluster (Istio's `PassthroughCluster` and
+/// `InboundPassthroughClusterIpv4`): each connection goes where it was
+/// headed, which a capture listener knows, so nothing here may name another
+/// address or port.
+fn original_dst_cluster(c: &cluster::Cluster, ctx: &mut Ctx) {
+    if let Some(cluster::cluster::LbConfig::OriginalDstLbConfig(config)) = &c.lb_config {
+        if config.use_http_header || !config.http_header_name.is_empty() {
+            ctx.unsupported("original_dst_lb_config.use_http_header");
+        }
+        if config.upstream_port_override.is_some() {
+            ctx.unsupported("original_dst_lb_config.upstream_port_override");
+        }
+        if config.metadata_key.is_some() {
+            ctx.unsupported("original_dst_lb_config.metadata_key");
+        }
+    }
+    if let Some(bind) = &c.upstream_bind_config {
+        // Istio binds inbound passthrough to 127.0.0.6 so its own capture
+        // rules let it through; Postern's inbound side reaches the app on
+        // loopback, which those rules never capture, from a loopback
+        // address of the kernel's choice.
+        let loopback = bind
+            .source_address
+            .as_ref()
+            .and_then(|a| a.address.parse::<IpAddr>().ok())
+            .is_some_and(|ip| ip.is_loopback());
+        if !loopback || !bind.extra_source_addresses.is_empty() {
+            ctx.unsupported("upstream_bind_config (only a loopback source_address)");
+        }
+    }
+    if c.transport_socket.is_some() {
+        ctx.unsupported("transport_socket (on an ORIGINAL_DST cluster: passthrough is as it came)");
+    }
+}
+
 /// The endpoints of a ClusterLoadAssignment.
 pub fn load_assignment(
     cla: &endpoint::ClusterLoadAssignment,
@@ -827,13 +876,128 @@ pub fn listener(
     listener_with(l, sds, &|_| None)
 }
 
-/// Like [`listener`], resolving the clusters that gRPC access loggers name
+/// Like [`listener()`], resolving the clusters that gRPC access loggers name
 /// (`envoy_grpc.cluster_name`) to collector addresses with `log_clusters`.
 pub fn listener_with(
     l: &listener::Listener,
     sds: Option<&SdsSourceFile>,
     log_clusters: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(ListenerFile, RouteSource), Problems> {
+    listener_parts(l, sds, log_clusters).map(|t| (t.file, t.routes))
+}
+
+/// A translated Listener: the listener file entry, where its routes come
+/// from, and the clusters an inbound capture listener hands calls to.
+#[derive(Debug, Clone)]
+pub struct TranslatedListener {
+    /// The listener (virtual hosts empty when they come by RDS).
+    pub file: ListenerFile,
+    /// Where its routes come from.
+    pub routes: RouteSource,
+    /// Inbound capture: the clusters its filter chains name, which must
+    /// lead to the app as Postern's inbound side does (checked once the
+    /// clusters are known, by [`check_app_target`]).
+    pub app_targets: Vec<AppTarget>,
+}
+
+/// A cluster an inbound capture listener's filter chain sends calls to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppTarget {
+    /// The field that names it, e.g. `filter_chains[1].filters[0].cluster`.
+    pub field: String,
+    /// The cluster.
+    pub cluster: String,
+    /// The chain's `destination_port`; `None` for a chain of every port.
+    pub port: Option<u16>,
+}
+
+/// Whether `target` leads where Postern's inbound capture sends a call (the
+/// app on loopback at the original port): an `ORIGINAL_DST` cluster
+/// (`original_dst`), or for a chain of one port a cluster whose endpoints
+/// are that port on loopback (Istio's `inbound|PORT||`). The reason when not.
+pub fn check_app_target(
+    target: &AppTarget,
+    original_dst: bool,
+    endpoints: &[EndpointFile],
+) -> Result<(), String> {
+    if original_dst {
+        return Ok(());
+    }
+    let Some(port) = target.port else {
+        return Err(format!(
+            "{}: \"{}\" is not an ORIGINAL_DST cluster; a filter chain of every port passes calls through to their original port",
+            target.field, target.cluster
+        ));
+    };
+    let to_app = !endpoints.is_empty()
+        && endpoints
+            .iter()
+            .all(|e| e.address.ip().is_loopback() && e.address.port() == port);
+    if to_app {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: cluster \"{}\" must be ORIGINAL_DST or have only 127.0.0.1:{port} (or [::1]:{port}) as endpoints: Postern's inbound capture hands calls to the app on loopback at the original port",
+            target.field, target.cluster
+        ))
+    }
+}
+
+/// The first place among `listeners` that sends traffic to one of the
+/// `original_dst` clusters, as `listener L: field: reason`. Such a cluster
+/// has no endpoints: only a capture listener knows where a connection was
+/// headed, and it names the cluster only through its filter chains.
+pub fn original_dst_reference(
+    listeners: &[ListenerFile],
+    original_dst: &std::collections::BTreeSet<&str>,
+) -> Option<String> {
+    let routes = |hosts: &[VirtualHostFile], path: &str| {
+        hosts.iter().enumerate().find_map(|(i, host)| {
+            host.routes.iter().enumerate().find_map(|(j, route)| {
+                let weighted = route.weighted_clusters.iter().flatten().map(|w| &w.cluster);
+                route
+                    .cluster
+                    .iter()
+                    .chain(weighted)
+                    .find(|c| original_dst.contains(c.as_str()))
+                    .map(|c| (format!("{path}virtual_hosts[{i}].routes[{j}]"), c.clone()))
+            })
+        })
+    };
+    listeners.iter().find_map(|l| {
+        let tcp = l
+            .tcp
+            .as_ref()
+            .filter(|t| original_dst.contains(t.cluster.as_str()))
+            .map(|t| ("tcp.cluster".to_string(), t.cluster.clone()));
+        let services = l.capture.iter().flat_map(|c| c.services.iter().enumerate());
+        let found = tcp.or_else(|| routes(&l.virtual_hosts, "")).or_else(|| {
+            services.clone().find_map(|(i, service)| {
+                let path = format!("capture.services[{i}].");
+                service
+                    .cluster
+                    .as_ref()
+                    .filter(|c| original_dst.contains(c.as_str()))
+                    .map(|c| (format!("{path}cluster"), c.clone()))
+                    .or_else(|| routes(&service.virtual_hosts, &path))
+            })
+        });
+        found.map(|(field, cluster)| {
+            format!(
+                "listener {}: {field}: cluster \"{cluster}\" is ORIGINAL_DST, which only capture listeners' filter chains can use (not supported here)",
+                l.name
+            )
+        })
+    })
+}
+
+/// Like [`listener_with`], with the clusters an inbound capture listener
+/// names.
+pub fn listener_parts(
+    l: &listener::Listener,
+    sds: Option<&SdsSourceFile>,
+    log_clusters: &dyn Fn(&str) -> Option<String>,
+) -> Result<TranslatedListener, Problems> {
     let mut ctx = Ctx::new();
     let address = socket_address(&l.address, "address", &mut ctx);
     let mut file = ListenerFile {
@@ -858,16 +1022,16 @@ pub fn listener_with(
     };
     let mut source = RouteSource::None;
     if !l.listener_filters.is_empty() {
-        ctx.err(
-            "listener_filters",
-            "not supported by Postern (inbound capture from xDS is not supported yet: use a static kind: capture listener)",
-        );
+        let app_targets = inbound_capture(l, &mut file, sds, &mut ctx, log_clusters);
+        return ctx.finish(TranslatedListener {
+            file,
+            routes: RouteSource::None,
+            app_targets,
+        });
     }
     if l.default_filter_chain.is_some() {
         ctx.unsupported("default_filter_chain");
     }
-    let mut network_rbac = None;
-    let mut network_rbac_present = false;
     match l.filter_chains.as_slice() {
         [chain] => {
             if chain
@@ -881,63 +1045,43 @@ pub fn listener_with(
                 file.mtls =
                     downstream_tls(socket, "filter_chains[0].transport_socket", sds, &mut ctx);
             }
-            // A network RBAC filter may stand before a tcp_proxy.
-            let (rbac_filter_config, filters) = match chain.filters.as_slice() {
+            source = match chain.filters.as_slice() {
+                // A network RBAC filter may stand before a tcp_proxy.
                 [first, rest @ ..]
                     if !rest.is_empty()
                         && matches!(&first.config_type, Some(listener::filter::ConfigType::TypedConfig(any)) if any.type_url == NETWORK_RBAC_TYPE) =>
                 {
-                    (Some(first), rest)
-                }
-                all => (None, all),
-            };
-            if let Some(filter) = rbac_filter_config {
-                if let Some(listener::filter::ConfigType::TypedConfig(any)) = &filter.config_type {
-                    network_rbac = network_rbac_filter(
-                        any,
-                        "filter_chains[0].filters[0].typed_config",
-                        &mut ctx,
-                    );
-                    network_rbac_present = true;
-                }
-            }
-            let offset = usize::from(rbac_filter_config.is_some());
-            match filters {
-                [filter] => {
-                    let fpath = if offset == 0 { "filter_chains[0].filters[0]" } else { "filter_chains[0].filters[1]" };
-                    match filter.config_type.as_ref() {
-                        Some(listener::filter::ConfigType::TypedConfig(any)) if any.type_url == HCM_TYPE => {
-                            match decode::<hcm::HttpConnectionManager>(any, HCM_TYPE) {
-                                Ok(manager) => {
-                                    source = http_connection_manager(&manager, fpath, &mut file, &mut ctx, log_clusters)
-                                }
-                                Err(problems) => ctx.err(fpath, problems.join("; ")),
-                            }
-                        }
-                        Some(listener::filter::ConfigType::TypedConfig(any))
-                            if any.type_url == TCP_PROXY_TYPE =>
-                        {
-                            match decode::<tcp_proxy::TcpProxy>(any, TCP_PROXY_TYPE) {
-                                Ok(proxy) => tcp(&proxy, fpath, &mut file, &mut ctx, log_clusters),
-                                Err(problems) => ctx.err(fpath, problems.join("; ")),
-                            }
-                        }
+                    let rbac = match &first.config_type {
                         Some(listener::filter::ConfigType::TypedConfig(any)) => {
-                            ctx.err(format!("{fpath}.typed_config"), format!("unknown network filter {}", any.type_url))
+                            network_rbac_filter(
+                                any,
+                                "filter_chains[0].filters[0].typed_config",
+                                &mut ctx,
+                            )
                         }
-                        _ => ctx.err(format!("{fpath}.typed_config"), "is required"),
+                        _ => None,
+                    };
+                    let rest = listener::FilterChain {
+                        filters: rest.to_vec(),
+                        ..chain.clone()
+                    };
+                    let source = network_filter(
+                        &rest,
+                        "filter_chains[0]",
+                        &mut file,
+                        &mut ctx,
+                        log_clusters,
+                    );
+                    match &mut file.tcp {
+                        Some(tcp) => tcp.rbac = rbac,
+                        None => ctx.unsupported(
+                            "filter_chains[0].filters[0] (a network RBAC filter only before a tcp_proxy)",
+                        ),
                     }
+                    source
                 }
-                _ => ctx.unsupported("filter_chains[0].filters (exactly one network filter: http_connection_manager or tcp_proxy, the latter optionally after envoy.filters.network.rbac)"),
-            }
-            if network_rbac_present {
-                match &mut file.tcp {
-                    Some(tcp) => tcp.rbac = network_rbac.take(),
-                    None => ctx.unsupported(
-                        "filter_chains[0].filters[0] (a network RBAC filter only before a tcp_proxy)",
-                    ),
-                }
-            }
+                _ => network_filter(chain, "filter_chains[0]", &mut file, &mut ctx, log_clusters),
+            };
         }
         [] => ctx.err("filter_chains", "needs one filter chain"),
         _ => ctx.unsupported("filter_chains (more than one)"),
@@ -963,7 +1107,58 @@ pub fn listener_with(
             );
         }
     }
-    ctx.finish((file, source))
+    ctx.finish(TranslatedListener {
+        file,
+        routes: source,
+        app_targets: Vec::new(),
+    })
+}
+
+/// The one network filter of a filter chain (`http_connection_manager` or
+/// `tcp_proxy`) into `file`; where its routes come from.
+fn network_filter(
+    chain: &listener::FilterChain,
+    cpath: &str,
+    file: &mut ListenerFile,
+    ctx: &mut Ctx,
+    log_clusters: &dyn Fn(&str) -> Option<String>,
+) -> RouteSource {
+    let [filter] = chain.filters.as_slice() else {
+        ctx.unsupported(format!(
+            "{cpath}.filters (exactly one network filter: http_connection_manager or tcp_proxy)"
+        ));
+        return RouteSource::None;
+    };
+    let fpath = format!("{cpath}.filters[0]");
+    match filter.config_type.as_ref() {
+        Some(listener::filter::ConfigType::TypedConfig(any)) if any.type_url == HCM_TYPE => {
+            match decode::<hcm::HttpConnectionManager>(any, HCM_TYPE) {
+                Ok(manager) => http_connection_manager(&manager, &fpath, file, ctx, log_clusters),
+                Err(problems) => {
+                    ctx.err(fpath, problems.join("; "));
+                    RouteSource::None
+                }
+            }
+        }
+        Some(listener::filter::ConfigType::TypedConfig(any)) if any.type_url == TCP_PROXY_TYPE => {
+            match decode::<tcp_proxy::TcpProxy>(any, TCP_PROXY_TYPE) {
+                Ok(proxy) => tcp(&proxy, &fpath, file, ctx, log_clusters),
+                Err(problems) => ctx.err(fpath, problems.join("; ")),
+            }
+            RouteSource::None
+        }
+        Some(listener::filter::ConfigType::TypedConfig(any)) => {
+            ctx.err(
+                format!("{fpath}.typed_config"),
+                format!("unknown network filter {}", any.type_url),
+            );
+            RouteSource::None
+        }
+        _ => {
+            ctx.err(format!("{fpath}.typed_config"), "is required");
+            RouteSource::None
+        }
+    }
 }
 
 /// Whether a Listener binds its address (`bind_to_port`, default true).
@@ -1016,7 +1211,7 @@ fn original_dst(l: &listener::Listener, file: &mut ListenerFile, ctx: &mut Ctx) 
     if l.traffic_direction != 2 {
         ctx.err(
             "use_original_dst",
-            "only on a listener with traffic_direction OUTBOUND (inbound capture from xDS is not supported yet)",
+            "only on a listener with traffic_direction OUTBOUND (inbound capture from xDS is a listener with the original_dst listener filter)",
         );
         return;
     }
@@ -1043,6 +1238,420 @@ fn original_dst(l: &listener::Listener, file: &mut ListenerFile, ctx: &mut Ctx) 
     capture.tcp_idle_timeout = tcp.idle_timeout;
     file.kind = ListenerKind::Capture;
     file.capture = Some(capture);
+}
+
+/// Listener filters of an inbound capture listener, by type URL and name.
+const ORIGINAL_DST_FILTER: (&str, &str) = (
+    "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
+    "envoy.filters.listener.original_dst",
+);
+/// Postern's protocol detection does what these two do.
+const INSPECTOR_FILTERS: [(&str, &str); 2] = [
+    (
+        "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+        "envoy.filters.listener.tls_inspector",
+    ),
+    (
+        "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
+        "envoy.filters.listener.http_inspector",
+    ),
+];
+
+/// ALPN values in a filter chain match that Postern's detection stands
+/// for: the HTTP ones (after the TLS of Istio's `istio-*` forms) and the
+/// mesh markers.
+const HTTP_ALPN: [&str; 7] = [
+    "http/1.0",
+    "http/1.1",
+    "h2c",
+    "h2",
+    "istio-http/1.0",
+    "istio-http/1.1",
+    "istio-h2",
+];
+const MESH_MARKER_ALPN: [&str; 2] = ["istio", "istio-peer-exchange"];
+
+/// What the filter chains of one `destination_port` (or of every port)
+/// hold.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct PortChains {
+    mtls: bool,
+    plaintext: bool,
+    http: bool,
+    tcp: bool,
+}
+
+/// An Istio-style `virtualInbound` listener (`listener_filters` with
+/// `original_dst`, filter chains by `destination_port`) as an inbound
+/// capture listener. Per port Postern keeps only what its detection
+/// decides: a port whose chains are all `tcp_proxy` is opaque, one with an
+/// HTTP connection manager is sniffed. The HTTP settings, the mTLS setting
+/// and the TCP idle timeout are the listener's, so chains that differ in
+/// them are refused. Returns the clusters the chains name.
+fn inbound_capture(
+    l: &listener::Listener,
+    file: &mut ListenerFile,
+    sds: Option<&SdsSourceFile>,
+    ctx: &mut Ctx,
+    log_clusters: &dyn Fn(&str) -> Option<String>,
+) -> Vec<AppTarget> {
+    use crate::config::capture::{CaptureFile, PortRange};
+    use listener::listener_filter::ConfigType as FilterConfig;
+    let mut original_dst = false;
+    for (i, filter) in l.listener_filters.iter().enumerate() {
+        let fpath = format!("listener_filters[{i}]");
+        let type_url = match &filter.config_type {
+            Some(FilterConfig::TypedConfig(any)) => any.type_url.as_str(),
+            Some(_) => {
+                ctx.unsupported(format!("{fpath}.config_discovery"));
+                continue;
+            }
+            None => "",
+        };
+        let is = |(url, name): (&str, &str)| {
+            type_url == url || (type_url.is_empty() && filter.name == name)
+        };
+        if filter.filter_disabled.is_some() {
+            ctx.unsupported(format!("{fpath}.filter_disabled"));
+        }
+        if is(ORIGINAL_DST_FILTER) {
+            original_dst = true;
+        } else if !INSPECTOR_FILTERS.into_iter().any(is) {
+            ctx.err(
+                fpath,
+                format!(
+                    "listener filter {} ({type_url}) is not supported (only original_dst, tls_inspector, http_inspector)",
+                    filter.name
+                ),
+            );
+        }
+    }
+    if !original_dst {
+        ctx.err(
+            "listener_filters",
+            "a listener with listener filters is an inbound capture listener: it needs envoy.filters.listener.original_dst",
+        );
+    }
+    // Envoy's enum: 1 is INBOUND.
+    if l.traffic_direction != 1 {
+        ctx.err(
+            "traffic_direction",
+            "must be INBOUND with listener_filters (outbound capture is use_original_dst)",
+        );
+    }
+    if l.use_original_dst.as_ref().is_some_and(|v| v.value) {
+        ctx.unsupported("use_original_dst (with listener_filters)");
+    }
+    let mut capture = CaptureFile::new(crate::telemetry::log::TrafficDirection::Inbound);
+    // Absent or zero (Envoy: wait forever): Postern's default. Postern
+    // always gives up on a silent client, so server-first protocols work.
+    if let Some(timeout) =
+        duration_field(&l.listener_filters_timeout, "listener_filters_timeout", ctx)
+            .filter(|t| !t.is_zero())
+    {
+        if !l.continue_on_listener_filters_timeout {
+            ctx.err(
+                "continue_on_listener_filters_timeout",
+                "must be true: Postern proxies a client silent past the timeout as TCP",
+            );
+        }
+        capture.detection_timeout = timeout;
+    }
+
+    let chains: Vec<(String, &listener::FilterChain)> = l
+        .filter_chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("filter_chains[{i}]"), c))
+        .chain(
+            l.default_filter_chain
+                .iter()
+                .map(|c| ("default_filter_chain".to_string(), c)),
+        )
+        .collect();
+    if chains.is_empty() {
+        ctx.err("filter_chains", "needs at least one filter chain");
+    }
+    let mut ports: std::collections::BTreeMap<Option<u16>, PortChains> = Default::default();
+    let mut targets = Vec::new();
+    // The first chain's shared settings, as JSON, and where they came from.
+    let mut http_settings: Option<(String, String)> = None;
+    let mut tcp_settings: Option<(String, String)> = None;
+    let mut als: Option<(String, String)> = None;
+    let mut mtls: Option<(String, ListenerMtlsFile)> = None;
+    for (cpath, chain) in chains {
+        let m = chain.filter_chain_match.clone().unwrap_or_default();
+        let mpath = format!("{cpath}.filter_chain_match");
+        let port = match &m.destination_port {
+            Some(p) => match u16::try_from(p.value) {
+                Ok(port) if port > 0 => Some(port),
+                _ => {
+                    ctx.err(format!("{mpath}.destination_port"), "must be 1 to 65535");
+                    None
+                }
+            },
+            None => None,
+        };
+        for (field, set) in [
+            ("server_names", !m.server_names.is_empty()),
+            ("source_prefix_ranges", !m.source_prefix_ranges.is_empty()),
+            (
+                "direct_source_prefix_ranges",
+                !m.direct_source_prefix_ranges.is_empty(),
+            ),
+            ("source_ports", !m.source_ports.is_empty()),
+            ("source_type", m.source_type != 0),
+            ("address_suffix", !m.address_suffix.is_empty()),
+            ("suffix_len", m.suffix_len.is_some()),
+        ] {
+            if set {
+                ctx.unsupported(format!("{mpath}.{field}"));
+            }
+        }
+        for (i, range) in m.prefix_ranges.iter().enumerate() {
+            // Every address of the pod is the pod: only "any" is allowed.
+            if range.prefix_len.as_ref().is_some_and(|p| p.value != 0) {
+                ctx.unsupported(format!(
+                    "{mpath}.prefix_ranges[{i}] (only a zero-length prefix)"
+                ));
+            }
+        }
+        let tls_expected = match m.transport_protocol.as_str() {
+            "" => None,
+            "tls" => Some(true),
+            "raw_buffer" => Some(false),
+            other => {
+                ctx.unsupported(format!("{mpath}.transport_protocol \"{other}\""));
+                None
+            }
+        };
+        let mut http_alpn = false;
+        for (i, alpn) in m.application_protocols.iter().enumerate() {
+            if HTTP_ALPN.contains(&alpn.as_str()) {
+                http_alpn = true;
+            } else if !MESH_MARKER_ALPN.contains(&alpn.as_str()) {
+                ctx.unsupported(format!("{mpath}.application_protocols[{i}] \"{alpn}\""));
+            }
+        }
+
+        let mut scratch = file.clone();
+        let chain_mtls = chain.transport_socket.as_ref().and_then(|socket| {
+            downstream_tls(socket, &format!("{cpath}.transport_socket"), sds, ctx)
+        });
+        if tls_expected == Some(true) && chain.transport_socket.is_none() {
+            ctx.unsupported(format!(
+                "{cpath} (TLS passed through to the app: Postern's inbound side terminates mesh mTLS or takes plaintext)"
+            ));
+        }
+        let routes = network_filter(chain, &cpath, &mut scratch, ctx, log_clusters);
+        let entry = ports.entry(port).or_default();
+        if let Some(chain_mtls) = chain_mtls {
+            entry.mtls = true;
+            match &mtls {
+                None => mtls = Some((cpath.clone(), chain_mtls)),
+                Some((first, known)) => {
+                    let mut a = known.allowed_identities.clone();
+                    let mut b = chain_mtls.allowed_identities.clone();
+                    a.sort();
+                    b.sort();
+                    if a != b {
+                        ctx.err(
+                            format!("{cpath}.transport_socket"),
+                            format!("allows other SPIFFE IDs than {first}: Postern has one mTLS setting per listener"),
+                        );
+                    }
+                }
+            }
+        } else {
+            entry.plaintext = true;
+        }
+        let fpath = format!("{cpath}.filters[0]");
+        match (scratch.kind, &scratch.tcp) {
+            (ListenerKind::Tcp, Some(tcp)) => {
+                if http_alpn {
+                    ctx.unsupported(format!(
+                        "{mpath}.application_protocols (HTTP on a tcp_proxy chain: Postern proxies HTTP it detects as HTTP)"
+                    ));
+                }
+                entry.tcp = true;
+                targets.push(AppTarget {
+                    field: format!("{fpath}.cluster"),
+                    cluster: tcp.cluster.clone(),
+                    port,
+                });
+                let shared = format!("{:?}", tcp.idle_timeout);
+                agree(
+                    &mut tcp_settings,
+                    shared,
+                    &fpath,
+                    "tcp_proxy idle_timeout",
+                    ctx,
+                );
+                capture.tcp_idle_timeout = tcp.idle_timeout;
+            }
+            (ListenerKind::Http, _) => {
+                entry.http = true;
+                if routes != RouteSource::Inline {
+                    ctx.unsupported(format!(
+                        "{fpath}.rds (an inbound chain takes an inline route_config)"
+                    ));
+                }
+                inbound_routes(&scratch.virtual_hosts, &fpath, port, &mut targets, ctx);
+                let shared = serde_json::json!({
+                    "http": scratch.http,
+                    "limits": scratch.limits,
+                    "tracing": scratch.tracing,
+                })
+                .to_string();
+                if http_settings.is_none() {
+                    file.http = scratch.http.clone();
+                    file.limits = scratch.limits.clone();
+                    file.tracing = scratch.tracing;
+                }
+                agree(
+                    &mut http_settings,
+                    shared,
+                    &fpath,
+                    "HTTP settings (filters, limits, tracing)",
+                    ctx,
+                );
+            }
+            // The filter itself was refused already.
+            _ => continue,
+        }
+        // One access-log stream per listener, whichever chain a call takes.
+        let log = serde_json::to_string(&scratch.access_log_service).unwrap_or_default();
+        if als.is_none() {
+            file.access_log_service = scratch.access_log_service.clone();
+        }
+        agree(&mut als, log, &fpath, "access_log", ctx);
+    }
+
+    // One mTLS mode for the listener: every port's chains must agree.
+    let modes: std::collections::BTreeSet<(bool, bool)> =
+        ports.values().map(|p| (p.mtls, p.plaintext)).collect();
+    if modes.len() > 1 {
+        ctx.err(
+            "filter_chains",
+            "ports with different mTLS modes are not supported (Postern has one per listener)",
+        );
+    }
+    file.mtls = mtls.map(|(_, mut m)| {
+        if ports.values().any(|p| p.plaintext) {
+            m.mode = MtlsMode::Permissive;
+        }
+        m
+    });
+    match ports.get(&None) {
+        None if !ports.is_empty() => ctx.err(
+            "filter_chains",
+            "needs a chain without destination_port: Postern's inbound capture takes every port",
+        ),
+        Some(any) if !any.http && ports.values().any(|p| p.http) => ctx.err(
+            "filter_chains",
+            "other ports TCP only while some port has HTTP is not supported (Postern sniffs every port that is not opaque)",
+        ),
+        _ => {}
+    }
+    for (port, chains) in &ports {
+        if chains.http {
+            continue;
+        }
+        match port {
+            Some(port) => capture.opaque_ports.push(PortRange {
+                first: *port,
+                last: *port,
+            }),
+            None => capture.opaque_ports.push(PortRange {
+                first: 1,
+                last: u16::MAX,
+            }),
+        }
+    }
+    file.kind = ListenerKind::Capture;
+    file.capture = Some(capture);
+    file.virtual_hosts.clear();
+    file.tcp = None;
+    targets
+}
+
+/// Records the first chain's `settings`, or checks a later chain's against
+/// them.
+fn agree(
+    first: &mut Option<(String, String)>,
+    settings: String,
+    field: &str,
+    what: &str,
+    ctx: &mut Ctx,
+) {
+    match first {
+        None => *first = Some((settings, field.to_string())),
+        Some((known, from)) if *known != settings => ctx.unsupported(format!(
+            "{field} ({what} differ from {from}'s: Postern has one set per listener)"
+        )),
+        Some(_) => {}
+    }
+}
+
+/// Checks that an inbound chain's routes send every request, unchanged, to
+/// one cluster, as Postern's inbound side does; notes the clusters.
+fn inbound_routes(
+    hosts: &[VirtualHostFile],
+    fpath: &str,
+    port: Option<u16>,
+    targets: &mut Vec<AppTarget>,
+    ctx: &mut Ctx,
+) {
+    let rpath = format!("{fpath}.route_config");
+    let catch_all = |m: &RouteMatchFile| {
+        m.headers.is_empty()
+            && m.methods.is_empty()
+            && m.query.is_empty()
+            && match &m.path {
+                None => true,
+                Some(path) => {
+                    serde_json::to_value(path).ok() == Some(serde_json::json!({ "prefix": "/" }))
+                }
+            }
+    };
+    let mut any = false;
+    for (i, host) in hosts.iter().enumerate() {
+        let hpath = format!("{rpath}.virtual_hosts[{i}]");
+        if !host.domains.iter().any(|d| d == "*") {
+            ctx.unsupported(format!(
+                "{hpath}.domains (an inbound chain takes every host: \"*\")"
+            ));
+        }
+        for (j, route) in host.routes.iter().enumerate() {
+            let path = format!("{hpath}.routes[{j}]");
+            let plain = route.weighted_clusters.is_none()
+                && route.direct_response.is_none()
+                && route.redirect.is_none()
+                && route.timeout.is_none_or(|t| t.is_zero())
+                && route.retry.is_none()
+                && route.rewrite.is_none()
+                && route.local_rate_limit.is_none()
+                && route.jwt.is_none()
+                && route.access_log.is_none()
+                && catch_all(&route.matcher);
+            match (&route.cluster, plain) {
+                (Some(cluster), true) => {
+                    any = true;
+                    targets.push(AppTarget {
+                        field: format!("{path}.route.cluster"),
+                        cluster: cluster.clone(),
+                        port,
+                    });
+                }
+                _ => ctx.unsupported(format!(
+                    "{path} (an inbound route sends every request as it is to one cluster: a prefix \"/\" match and a cluster, no timeout, retry, rewrite or per-route filter)"
+                )),
+            }
+        }
+    }
+    if !any {
+        ctx.err(rpath, "needs a route to the app");
+    }
 }
 
 /// The gRPC access logger of a filter, as the listener's access-log
@@ -2438,6 +3047,12 @@ fn jwt_provider(p: &jwt_authn::JwtProvider, path: &str, ctx: &mut Ctx) -> JwtPro
             n => u64::from(n),
         }),
         require_expiration: p.require_expiration,
+        // Envoy caches only when `jwt_cache_config` is set; a cache changes
+        // no outcome, so Postern keeps one either way (size 0 is Envoy's 100).
+        cache_size: match &p.jwt_cache_config {
+            Some(cache) if cache.jwt_cache_size > 0 => cache.jwt_cache_size as usize,
+            _ => crate::authn::VerifiedCache::DEFAULT_CAPACITY,
+        },
     }
 }
 

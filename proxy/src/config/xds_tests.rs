@@ -701,6 +701,7 @@ fn grpc_access_logger_and_trace_sampling_map_onto_the_listener() {
     );
 }
 
+mod inbound;
 mod jwt;
 
 fn ratelimit_filter(

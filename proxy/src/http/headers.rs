@@ -685,6 +685,7 @@ mod peer_tests {
         let tls = crate::tls::PeerTls {
             tls: true,
             spiffe_id: Some(std::sync::Arc::new(peer_id)),
+            opaque: false,
         };
         let peer = DownstreamPeer::new("127.0.0.1:1".parse().unwrap(), 8080, &tls, Some(&local));
         let mut h = HeaderMap::new();

@@ -425,6 +425,12 @@ impl CaptureFront {
             // Detection's wait was spent on the TLS decision already.
             self.detections.count("timeout");
             (accepted.io, Protocol::Opaque)
+        } else if accepted.peer.opaque && !capture.http.has_request_policy() {
+            // The calling sidecar sniffed already and found no HTTP. With
+            // request-level policy the hint is not trusted: a peer could
+            // use it to carry HTTP past that policy.
+            self.detections.count("opaque");
+            (accepted.io, Protocol::Opaque)
         } else {
             let opaque = capture.opaque_ports.contains(destination.port());
             match self.detect(capture, accepted.io, opaque).await {

@@ -2,7 +2,7 @@
 //! sidecar, installed by an init container before any app container starts.
 //!
 //! Rule generation ([`render`], [`render_cleanup`]) is pure and works on the
-//! text `iptables-save` prints; only [`install`] and [`remove`] run commands
+//! text `iptables-save` prints; only [`Tools::existing`] and [`Tools::restore`] run commands
 //! (`iptables-save` and `iptables-restore`, or their IPv6 twins). Everything
 //! for one address family goes in as one `iptables-restore --noflush`
 //! transaction on the nat table, so a pod never sees half a rule set and a

@@ -115,7 +115,7 @@ pub async fn serve_route(
             let stream = TcpStream::connect(addr).await?;
             let _ = stream.set_nodelay(true);
             match cluster.tls() {
-                Some(tls) => Ok(UpstreamIo::Tls(Box::new(tls.connect(stream).await?))),
+                Some(tls) => Ok(UpstreamIo::Tls(Box::new(tls.connect_opaque(stream).await?))),
                 None => Ok::<_, io::Error>(UpstreamIo::Plain(stream)),
             }
         })

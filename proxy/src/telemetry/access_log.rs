@@ -490,10 +490,14 @@ impl AccessLog {
             }),
             LogField::Method => log.method.as_ref().map_or(Null, |m| Text(m.as_str())),
             LogField::Authority => text(log.authority.as_ref()),
-            LogField::Path => log
-                .path
-                .as_deref()
-                .map_or(Null, |p| Owned(redact_query(p, &self.redact_query))),
+            LogField::Path => {
+                log.path
+                    .as_deref()
+                    .map_or(Null, |p| match redact_query(p, &self.redact_query) {
+                        std::borrow::Cow::Borrowed(p) => Text(p),
+                        std::borrow::Cow::Owned(p) => Owned(p),
+                    })
+            }
             LogField::Protocol => Text(log.protocol),
             LogField::Status => Number(u64::from(log.status)),
             LogField::GrpcStatus => log.grpc_status.map_or(Null, |g| Number(u64::from(g))),
@@ -542,11 +546,14 @@ impl Value<'_> {
             Value::Address(a) => {
                 let _ = write!(out, "\"{a}\"");
             }
-            Value::Number(n) => {
-                let _ = write!(out, "{n}");
-            }
+            Value::Number(n) => write_digits(out, *n, 0),
             Value::Float(f) => {
-                let _ = write!(out, "{:.3}", f);
+                // Three decimals, rounded, without the formatting machinery:
+                // this runs for every call.
+                let thousandths = (f.max(0.0) * 1000.0).round() as u64;
+                write_digits(out, thousandths / 1000, 0);
+                out.push(b'.');
+                write_digits(out, thousandths % 1000, 3);
             }
         }
     }
@@ -561,16 +568,42 @@ fn put_key(out: &mut Vec<u8>, first: &mut bool, key: &str) {
     out.push(b':');
 }
 
-fn write_json_string(out: &mut Vec<u8>, s: &str) {
-    // serde_json escapes control characters and quotes; a caller-chosen
-    // value can never break the line.
-    let _ = serde_json::to_writer(&mut *out, s);
+/// Writes `n` in decimal, zero-padded to `width` digits.
+fn write_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    at = at.min(digits.len().saturating_sub(width));
+    out.extend_from_slice(&digits[at..]);
 }
 
-/// The path with the values of secret query parameters replaced.
-fn redact_query(path: &str, secrets: &[String]) -> String {
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // Most values need no escaping: copied as they are. Anything else goes
+    // through serde_json, which escapes control characters and quotes, so
+    // a caller-chosen value can never break the line.
+    if s.bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f)
+    {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// The path with the values of secret query parameters replaced; the path
+/// itself when it has no query.
+fn redact_query<'a>(path: &'a str, secrets: &[String]) -> std::borrow::Cow<'a, str> {
     let Some((base, query)) = path.split_once('?') else {
-        return path.to_string();
+        return std::borrow::Cow::Borrowed(path);
     };
     let mut out = String::with_capacity(path.len());
     out.push_str(base);
@@ -588,7 +621,7 @@ fn redact_query(path: &str, secrets: &[String]) -> String {
             out.push_str(pair);
         }
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
@@ -615,11 +648,18 @@ fn write_rfc3339(out: &mut Vec<u8>, time: std::time::SystemTime) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{:06}Z",
-        since.subsec_micros()
-    );
+    write_digits(out, year.max(0) as u64, 4);
+    for (separator, value) in [(b'-', month), (b'-', day)] {
+        out.push(separator);
+        write_digits(out, value as u64, 2);
+    }
+    for (separator, value) in [(b'T', h), (b':', m), (b':', s)] {
+        out.push(separator);
+        write_digits(out, value, 2);
+    }
+    out.push(b'.');
+    write_digits(out, u64::from(since.subsec_micros()), 6);
+    out.push(b'Z');
 }
 
 /// How long a line may wait before it is written. Under load the buffer
@@ -752,6 +792,36 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
         let leap = UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn numbers_and_strings_are_written_as_json() {
+        let render = |value: Value<'_>| {
+            let mut out = Vec::new();
+            value.write(&mut out);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(render(Value::Number(0)), "0");
+        assert_eq!(render(Value::Number(u64::MAX)), u64::MAX.to_string());
+        assert_eq!(render(Value::Float(0.0)), "0.000");
+        assert_eq!(render(Value::Float(12.3456)), "12.346");
+        assert_eq!(render(Value::Float(1500.0004)), "1500.000");
+        for text in [
+            "plain",
+            "",
+            "a\"b",
+            "back\\slash",
+            "tab\there",
+            "nul\0",
+            "ünï",
+            "\u{7f}del",
+        ] {
+            assert_eq!(
+                render(Value::Text(text)),
+                serde_json::to_string(text).unwrap(),
+                "{text:?}"
+            );
+        }
     }
 
     #[test]

@@ -27,9 +27,17 @@ use crate::telemetry::metrics as names;
 /// First byte of a TLS record carrying a handshake.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-/// ALPN offered by sidecars: HTTP/2 first, so HTTP/1.1 callers are
-/// multiplexed over one connection between pods.
-const MESH_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+/// ALPN a sidecar offers, before `h2`, when it carries opaque TCP to
+/// another sidecar: the receiving side then skips protocol detection, which
+/// the sending side has already done (a server-first protocol would
+/// otherwise wait out the detection timeout on both sides). A peer that
+/// does not know it picks `h2` and sniffs as before.
+pub const OPAQUE_ALPN: &[u8] = b"postern-tcp";
+
+/// ALPN accepted by sidecars, in order of preference (rustls picks the
+/// server's first that the client offers): opaque TCP, then HTTP/2, so
+/// HTTP/1.1 callers are multiplexed over one connection between pods.
+const MESH_ALPN: [&[u8]; 3] = [OPAQUE_ALPN, b"h2", b"http/1.1"];
 
 /// TLS settings could not be turned into a rustls config.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +116,8 @@ pub struct PeerTls {
     /// The client's verified SPIFFE ID (mesh mTLS, or an edge client
     /// certificate that carries one).
     pub spiffe_id: Option<Arc<SpiffeId>>,
+    /// A mesh peer said the stream is opaque TCP ([`OPAQUE_ALPN`]).
+    pub opaque: bool,
 }
 
 /// A listener's TLS front: decides plaintext or TLS and runs the handshake.
@@ -262,20 +272,22 @@ impl DownstreamTls {
             Ok(Ok(tls)) => {
                 // An edge client certificate may carry any URI SAN its CA
                 // chose; only mesh handshakes prove a SPIFFE ID.
+                let session = tls.get_ref().1;
                 let spiffe_id = if *mesh {
-                    tls.get_ref()
-                        .1
+                    session
                         .peer_certificates()
                         .and_then(postern_certs::peer_spiffe_id)
                         .map(Arc::new)
                 } else {
                     None
                 };
+                let opaque = *mesh && session.alpn_protocol() == Some(OPAQUE_ALPN);
                 Some(Accepted {
                     io: DownstreamIo::Tls(Box::new(tls)),
                     peer: PeerTls {
                         tls: true,
                         spiffe_id,
+                        opaque,
                     },
                     silent: false,
                 })
@@ -413,6 +425,8 @@ impl ResolvesServerCert for SniResolver {
 #[derive(Clone)]
 pub struct UpstreamTls {
     connector: TlsConnector,
+    /// Mesh only: the connector for opaque TCP, offering [`OPAQUE_ALPN`].
+    opaque: Option<TlsConnector>,
     server_name: ServerName<'static>,
     cluster: Arc<str>,
     /// Speak HTTP/2 to the endpoint whatever the cluster protocol says
@@ -442,6 +456,7 @@ impl UpstreamTls {
             what: format!("cluster {cluster}"),
             source,
         };
+        let mut opaque = None;
         let (client, server_name, force_http2): (ClientConfig, &str, bool) = match config {
             UpstreamTlsConfig::Mesh {
                 allowed,
@@ -454,6 +469,13 @@ impl UpstreamTls {
                 let client =
                     mesh_client_config(identity.clone(), allowed.clone(), vec![b"h2".to_vec()])
                         .map_err(rustls_err)?;
+                let tcp = mesh_client_config(
+                    identity.clone(),
+                    allowed.clone(),
+                    vec![OPAQUE_ALPN.to_vec(), b"h2".to_vec()],
+                )
+                .map_err(rustls_err)?;
+                opaque = Some(TlsConnector::from(Arc::new(tcp)));
                 (client, server_name, true)
             }
             UpstreamTlsConfig::Simple { roots, server_name } => {
@@ -481,6 +503,7 @@ impl UpstreamTls {
             })?;
         Ok(UpstreamTls {
             connector: TlsConnector::from(Arc::new(client)),
+            opaque,
             server_name,
             cluster,
             force_http2,
@@ -493,8 +516,26 @@ impl UpstreamTls {
         &self,
         stream: TcpStream,
     ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        self.handshake(&self.connector, stream).await
+    }
+
+    /// `connect` for a stream of opaque TCP: to a mesh peer it says so
+    /// ([`OPAQUE_ALPN`]), so the peer does not sniff it again.
+    pub async fn connect_opaque(
+        &self,
+        stream: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        self.handshake(self.opaque.as_ref().unwrap_or(&self.connector), stream)
+            .await
+    }
+
+    async fn handshake(
+        &self,
+        connector: &TlsConnector,
+        stream: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let peer = stream.peer_addr().ok();
-        self.connector
+        connector
             .connect(self.server_name.clone(), stream)
             .await
             .inspect_err(|err| {
