@@ -19,6 +19,7 @@ use crate::ads::AdsServer;
 use crate::als::AlsServer;
 use crate::ca::{Authenticator, Ca, CaService};
 use crate::mesh::{load_mesh, watch_mesh, MeshError};
+use crate::rls::{RateLimitServer, RateLimitsFile};
 
 /// Settings of `postern-control serve`.
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct ServeOptions {
     pub ca: Option<CaOptions>,
     /// How often to print the access-log summary to stdout; zero: never.
     pub als_summary_interval: Duration,
+    /// Serve the rate-limit service with the limits of this file.
+    pub rate_limits: Option<PathBuf>,
 }
 
 /// Settings of the optional CA.
@@ -88,6 +91,17 @@ pub fn load_tokens(path: &Path) -> anyhow::Result<Authenticator> {
     Authenticator::new(pairs).with_context(|| format!("invalid ca tokens file {}", path.display()))
 }
 
+/// The optional services served next to ADS.
+#[derive(Debug, Default)]
+pub struct ExtraServices {
+    /// The access-log service.
+    pub als: Option<AlsServer>,
+    /// The CA.
+    pub ca: Option<CaService>,
+    /// The rate-limit service.
+    pub rls: Option<RateLimitServer>,
+}
+
 /// Serves `ads` and, if given, `als` and `ca` as plaintext gRPC on
 /// `listener` until `shutdown` completes, then ends the ADS and ALS streams
 /// ([`AdsServer::close_streams`], [`AlsServer::close_streams`]), drains
@@ -103,6 +117,27 @@ pub async fn serve(
     ca: Option<CaService>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with(
+        listener,
+        ads,
+        ExtraServices { als, ca, rls: None },
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with every optional service, the rate-limit service included.
+///
+/// # Errors
+///
+/// If the gRPC server fails.
+pub async fn serve_with(
+    listener: TcpListener,
+    ads: AdsServer,
+    extra: ExtraServices,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let ExtraServices { als, ca, rls } = extra;
     let closer = ads.clone();
     let als_closer = als.clone();
     let shutdown = async move {
@@ -116,6 +151,7 @@ pub async fn serve(
         .add_service(ads.into_service())
         .add_optional_service(als.map(AlsServer::into_service))
         .add_optional_service(ca.map(CaService::into_server))
+        .add_optional_service(rls.map(RateLimitServer::into_service))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await
 }
@@ -148,6 +184,14 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
         Some(ca) => Some(ca_service(ca)?),
         None => None,
     };
+    let rls = match &options.rate_limits {
+        Some(path) => {
+            let limits = RateLimitsFile::load(path)?;
+            tracing::info!(path = %path.display(), domains = limits.domains.len(), "rate limit service enabled");
+            Some(RateLimitServer::new(limits))
+        }
+        None => None,
+    };
 
     let listener = TcpListener::bind(options.listen)
         .await
@@ -155,13 +199,18 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
     let addr = listener
         .local_addr()
         .context("could not read the bound address")?;
-    tracing::info!(%addr, ca = ca.is_some(), "control plane serving ads and als");
+    tracing::info!(%addr, ca = ca.is_some(), rls = rls.is_some(), "control plane serving ads and als");
 
     let als = AlsServer::new();
     let printer = (!options.als_summary_interval.is_zero())
         .then(|| tokio::spawn(als.clone().print_summaries(options.als_summary_interval)));
     let watcher = tokio::spawn(watch_mesh(options.mesh.clone(), ads.clone(), options.poll));
-    let served = serve(listener, ads, Some(als), ca, shutdown).await;
+    let extra = ExtraServices {
+        als: Some(als),
+        ca,
+        rls,
+    };
+    let served = serve_with(listener, ads, extra, shutdown).await;
     watcher.abort();
     if let Some(printer) = printer {
         printer.abort();

@@ -8,6 +8,8 @@
 //! - [`ca`]: a CA that signs workload CSRs over the Istio CA gRPC API.
 //! - [`als`]: an access-log service that receives the proxies' per-call
 //!   entries and keeps a per-route summary.
+//! - [`rls`]: a rate-limit service with in-memory fixed-window counters,
+//!   for global rate limits in tests and demos.
 //! - [`app`]: the `postern-control serve` wiring of them all on one gRPC
 //!   server.
 //!
@@ -19,3 +21,4 @@ pub mod als;
 pub mod app;
 pub mod ca;
 pub mod mesh;
+pub mod rls;

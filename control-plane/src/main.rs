@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve ADS (SotW and delta) from a YAML mesh file, the access-log
-    /// service, and optionally a CA.
+    /// service, and optionally a CA and a rate-limit service.
     Serve(ServeArgs),
 }
 
@@ -51,6 +51,10 @@ struct ServeArgs {
     /// when new entries arrived); 0 turns it off.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     als_summary_interval: Duration,
+    /// Serve the Envoy rate-limit service (global rate limits) with the
+    /// limits of this YAML file (`domains: [{ domain, descriptors }]`).
+    #[arg(long, value_name = "FILE")]
+    rate_limits: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -78,6 +82,7 @@ async fn main() -> ExitCode {
                 root_out: args.ca_root_out,
             }),
         als_summary_interval: args.als_summary_interval,
+        rate_limits: args.rate_limits,
     };
     match app::run(options, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -282,6 +282,7 @@ impl CaptureListener {
 pub fn forward_all(name: &str, cluster: Arc<str>) -> RouteTable {
     let route = crate::route::Route {
         rate_limit: None,
+        rate_limits: Vec::new(),
         jwt: None,
         access_log: None,
         name: Arc::from("default"),

@@ -637,6 +637,173 @@ pub struct HttpSettingsFile {
     /// listener's changes are applied last, as in Envoy).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub most_specific_header_mutations_wins: bool,
+    /// Global rate limits through an Envoy rate-limit service, asked with
+    /// the descriptors of the route's `rate_limits`; none when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_service: Option<RateLimitServiceFile>,
+}
+
+/// The rate-limit filter: which service to ask, for which domain, and what
+/// its failure means (Envoy's `envoy.filters.http.ratelimit`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitServiceFile {
+    /// The domain sent with every request.
+    pub domain: String,
+    /// An HTTP/2 cluster serving the API (exactly one of `cluster`, `address`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// A plaintext address of the service, `http://host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Time allowed per call (default 20ms, Envoy's); past it the call
+    /// counts as a service failure.
+    #[serde(
+        default = "default_rls_timeout",
+        with = "humantime_serde",
+        skip_serializing_if = "is_default_rls_timeout"
+    )]
+    pub timeout: Duration,
+    /// Refuse requests (500, flag `RLSE`) when the service fails or times
+    /// out; by default they pass.
+    #[serde(default)]
+    pub failure_mode_deny: bool,
+    /// Only `rate_limits` entries of this stage apply (default 0).
+    #[serde(default)]
+    pub stage: u32,
+    /// Add `x-ratelimit-limit`, `x-ratelimit-remaining` and
+    /// `x-ratelimit-reset` from the service's answer.
+    #[serde(default)]
+    pub enable_x_ratelimit_headers: bool,
+    /// gRPC requests refused get RESOURCE_EXHAUSTED instead of UNAVAILABLE.
+    #[serde(default)]
+    pub rate_limited_as_resource_exhausted: bool,
+    /// Leave out the `x-envoy-ratelimited: true` header of refusals.
+    #[serde(default)]
+    pub disable_x_envoy_ratelimited_header: bool,
+}
+
+pub(crate) fn default_rls_timeout() -> Duration {
+    crate::ratelimit::global::DEFAULT_TIMEOUT
+}
+
+fn is_default_rls_timeout(d: &Duration) -> bool {
+    *d == default_rls_timeout()
+}
+
+/// One `rate_limits` entry: the actions that build one descriptor.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitPolicyFile {
+    /// The filter stage this entry is for (default 0).
+    #[serde(default)]
+    pub stage: u32,
+    /// Each adds one entry to the descriptor; if one cannot, the whole
+    /// descriptor is left out.
+    pub actions: Vec<RateLimitActionFile>,
+}
+
+/// A descriptor action: exactly one field.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitActionFile {
+    /// `(descriptor_key, the header's value)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<RequestHeadersActionFile>,
+    /// `("remote_address", the caller's IP)`: `remote_address: {}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_address: Option<EmptyFile>,
+    /// `(descriptor_key, descriptor_value)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generic_key: Option<GenericKeyActionFile>,
+    /// `(descriptor_key, descriptor_value)` when the headers match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_value_match: Option<HeaderValueMatchActionFile>,
+    /// `("destination_cluster", the route's cluster)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_cluster: Option<EmptyFile>,
+    /// `("source_cluster", node.cluster)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_cluster: Option<EmptyFile>,
+    /// `(descriptor_key or "spiffe_id", the caller's verified SPIFFE ID)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<PeerIdActionFile>,
+    /// `(descriptor_key, a verified JWT claim)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_claim: Option<JwtClaimActionFile>,
+}
+
+/// A field that takes no settings (`{}`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyFile {}
+
+/// The `request_headers` action.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestHeadersActionFile {
+    /// The header to read.
+    pub header_name: String,
+    /// The entry key.
+    pub descriptor_key: String,
+    /// Without the header, skip this entry instead of the descriptor.
+    #[serde(default)]
+    pub skip_if_absent: bool,
+}
+
+/// The `generic_key` action.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenericKeyActionFile {
+    /// The entry value.
+    pub descriptor_value: String,
+    /// The entry key (default `generic_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptor_key: Option<String>,
+}
+
+/// The `header_value_match` action.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValueMatchActionFile {
+    /// The entry value on a match.
+    pub descriptor_value: String,
+    /// The entry key (default `header_match`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptor_key: Option<String>,
+    /// The entry value when there is no match; without it no descriptor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_value: Option<String>,
+    /// Add the entry when the headers match (default) or when they do not.
+    #[serde(default = "default_true")]
+    pub expect_match: bool,
+    /// All must hold.
+    pub headers: Vec<HeaderMatchFile>,
+}
+
+/// The `spiffe_id` action.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerIdActionFile {
+    /// The entry key (default `spiffe_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptor_key: Option<String>,
+    /// Callers without an ID skip this entry instead of the descriptor.
+    #[serde(default)]
+    pub skip_if_absent: bool,
+}
+
+/// The `jwt_claim` action.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtClaimActionFile {
+    /// The claim (`sub`, or a dotted path into nested objects).
+    pub claim: String,
+    /// The entry key.
+    pub descriptor_key: String,
+    /// Without the claim, skip this entry instead of the descriptor.
+    #[serde(default)]
+    pub skip_if_absent: bool,
 }
 
 /// A token-bucket rate limit, kept in this proxy.
@@ -694,6 +861,7 @@ impl Default for HttpSettingsFile {
             escaped_slashes: Default::default(),
             rbac: None,
             local_rate_limit: None,
+            rate_limit_service: None,
             jwt: None,
             headers: HeaderMutationsFile::default(),
             most_specific_header_mutations_wins: false,
@@ -1101,6 +1269,10 @@ pub struct VirtualHostFile {
     /// Header changes for every route of this virtual host.
     #[serde(default, skip_serializing_if = "HeaderMutationsFile::is_empty")]
     pub headers: HeaderMutationsFile,
+    /// Global rate-limit descriptors for the routes that have none of
+    /// their own (or set `include_vh_rate_limits`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimitPolicyFile>,
 }
 
 /// A route: a match and exactly one action.
@@ -1141,6 +1313,13 @@ pub struct RouteFile {
     /// A local rate limit on this route's requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_rate_limit: Option<LocalRateLimitFile>,
+    /// Global rate-limit descriptors of this route's requests; when empty,
+    /// the virtual host's apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimitPolicyFile>,
+    /// Apply the virtual host's `rate_limits` too, after the route's own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub include_vh_rate_limits: bool,
     /// This route's JWT requirement, from the listener's `requirement_map`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<RouteJwtFile>,

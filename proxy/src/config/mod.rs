@@ -11,6 +11,7 @@ pub mod file;
 mod jwt;
 #[cfg(test)]
 mod jwt_tests;
+mod ratelimit;
 mod rbac;
 mod tls;
 mod validate;
@@ -247,6 +248,8 @@ pub struct HttpListener {
     pub rate_limit: Option<Arc<crate::ratelimit::LocalRateLimit>>,
     /// JWT authentication, when configured.
     pub jwt: Option<Arc<crate::authn::JwtAuthn>>,
+    /// Global rate limits through a rate-limit service, when configured.
+    pub global_rate_limit: Option<Arc<crate::ratelimit::global::GlobalRateLimit>>,
     /// Virtual hosts and routes.
     pub routes: Arc<RouteTable>,
 }

@@ -491,3 +491,96 @@ fn overload_settings_are_checked() {
         "unknown field `max_rss`",
     );
 }
+
+const GLOBAL_LIMITS: &str = r#"
+node: { id: n, cluster: web }
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    kind: http
+    http:
+      rate_limit_service: { domain: edge, cluster: backend, failure_mode_deny: true }
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        rate_limits: [{ actions: [{ remote_address: {} }] }]
+        routes:
+          - name: own
+            match: { path: { prefix: /own } }
+            cluster: backend
+            rate_limits: [{ actions: [{ source_cluster: {} }] }]
+          - name: both
+            match: { path: { prefix: /both } }
+            cluster: backend
+            include_vh_rate_limits: true
+            rate_limits: [{ actions: [{ generic_key: { descriptor_value: b } }] }]
+          - name: inherit
+            match: { path: { prefix: / } }
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints: [{ address: 127.0.0.1:9 }]
+"#;
+
+#[test]
+fn global_rate_limits_compile_with_virtual_host_fallback() {
+    let config = Config::from_yaml(GLOBAL_LIMITS).unwrap();
+    let ListenerProtocol::Http(http) = &config.listeners[0].protocol else {
+        panic!("http listener");
+    };
+    let service = http.global_rate_limit.as_ref().unwrap();
+    assert_eq!(service.domain, "edge");
+    assert!(service.failure_mode_deny);
+    assert_eq!(&*service.source_cluster, "web");
+    assert_eq!(service.timeout, Duration::from_millis(20));
+    let view = |path: &'static str| crate::route::RequestView {
+        authority: "x",
+        path,
+        query: None,
+        method: &http::Method::GET,
+        headers: Box::leak(Box::new(http::HeaderMap::new())),
+    };
+    let counts: Vec<usize> = ["/own", "/both", "/other"]
+        .into_iter()
+        .map(|p| http.routes.route(&view(p)).unwrap().1.rate_limits.len())
+        .collect();
+    // Own only; own then the host's; the host's.
+    assert_eq!(counts, [1, 2, 1]);
+}
+
+#[test]
+fn global_rate_limit_errors_name_the_field() {
+    let yaml = GLOBAL_LIMITS.replace("cluster: backend, failure_mode_deny", "failure_mode_deny");
+    assert_error(
+        &yaml,
+        "listeners[0].http.rate_limit_service",
+        "exactly one of cluster, address",
+    );
+    let yaml = GLOBAL_LIMITS.replace(
+        "cluster: backend, failure_mode_deny",
+        "address: \"h2://x\", failure_mode_deny",
+    );
+    assert_error(
+        &yaml,
+        "listeners[0].http.rate_limit_service.address",
+        "http://host:port",
+    );
+    let yaml = GLOBAL_LIMITS.replace(
+        "{ remote_address: {} }",
+        "{ remote_address: {}, source_cluster: {} }",
+    );
+    assert_error(
+        &yaml,
+        "listeners[0].virtual_hosts[0].rate_limits[0].actions[0]",
+        "exactly one of",
+    );
+    let yaml = GLOBAL_LIMITS.replace(
+        "{ source_cluster: {} }",
+        "{ request_headers: { header_name: \"bad header\", descriptor_key: k } }",
+    );
+    assert_error(
+        &yaml,
+        "listeners[0].virtual_hosts[0].routes[0].rate_limits[0].actions[0].request_headers.header_name",
+        "not a valid header name",
+    );
+}

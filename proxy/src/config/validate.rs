@@ -77,6 +77,7 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
         }
     }
 
+    let source_cluster = file.node.as_ref().map_or("", |n| n.cluster.as_str());
     let mut listener_names = HashSet::new();
     let mut addresses = HashSet::new();
     let mut listeners = Vec::new();
@@ -128,6 +129,7 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                     &path,
                     routes,
                     &cluster_names,
+                    source_cluster,
                     &mut errors,
                 ))
             }
@@ -143,6 +145,7 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                     &path,
                     RouteTable::new(Vec::new(), &[]),
                     &cluster_names,
+                    source_cluster,
                     &mut errors,
                 );
                 match super::capture::build(
@@ -347,6 +350,7 @@ fn build_http(
     path: &str,
     routes: RouteTable,
     clusters: &HashSet<&str>,
+    source_cluster: &str,
     errors: &mut Errors,
 ) -> HttpListener {
     HttpListener {
@@ -369,6 +373,15 @@ fn build_http(
             .jwt
             .as_ref()
             .map(|jwt| super::jwt::build_jwt(jwt, &format!("{path}.http.jwt"), clusters, errors)),
+        global_rate_limit: listener.http.rate_limit_service.as_ref().map(|service| {
+            super::ratelimit::build_service(
+                service,
+                &format!("{path}.http.rate_limit_service"),
+                clusters,
+                source_cluster,
+                errors,
+            )
+        }),
         routes: Arc::new(routes),
     }
 }
@@ -584,12 +597,24 @@ pub(super) fn build_route_table(
             }
             domains.push(normal);
         }
+        let vh_rate_limits = super::ratelimit::build_policies(
+            &vhost.rate_limits,
+            &format!("{vpath}.rate_limits"),
+            errors,
+        );
         let routes = vhost
             .routes
             .iter()
             .enumerate()
             .map(|(r, route)| {
-                build_route(route, r, &format!("{vpath}.routes[{r}]"), clusters, errors)
+                let mut built =
+                    build_route(route, r, &format!("{vpath}.routes[{r}]"), clusters, errors);
+                built.rate_limits = super::ratelimit::effective(
+                    std::mem::take(&mut built.rate_limits),
+                    &vh_rate_limits,
+                    route.include_vh_rate_limits,
+                );
+                built
             })
             .collect();
         if vhost.routes.is_empty() {
@@ -776,6 +801,11 @@ fn build_route(
         rate_limit: route.local_rate_limit.as_ref().map(|limit| {
             super::rbac::build_rate_limit(limit, &format!("{path}.local_rate_limit"), errors)
         }),
+        rate_limits: super::ratelimit::build_policies(
+            &route.rate_limits,
+            &format!("{path}.rate_limits"),
+            errors,
+        ),
         jwt: route
             .jwt
             .as_ref()
@@ -840,6 +870,37 @@ fn build_value_match(
     }
 }
 
+/// Header conditions at `{path}.headers[i]`.
+pub(super) fn build_header_matches(
+    headers: &[HeaderMatchFile],
+    path: &str,
+    errors: &mut Errors,
+) -> Vec<HeaderMatch> {
+    headers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| {
+            let hpath = format!("{path}.headers[{i}]");
+            let name = match HeaderName::from_bytes(h.name.as_bytes()) {
+                Ok(name) => name,
+                Err(_) => {
+                    errors.push(
+                        format!("{hpath}.name"),
+                        format!("\"{}\" is not a valid header name", h.name),
+                    );
+                    return None;
+                }
+            };
+            let value = build_value_match(&h.exact, &h.regex, h.present, &hpath, errors);
+            Some(HeaderMatch {
+                name,
+                value,
+                invert: h.invert,
+            })
+        })
+        .collect()
+}
+
 pub(super) fn build_match(m: &RouteMatchFile, path: &str, errors: &mut Errors) -> RouteMatch {
     let path_match = match &m.path {
         None => PathMatch::Any,
@@ -871,30 +932,7 @@ pub(super) fn build_match(m: &RouteMatchFile, path: &str, errors: &mut Errors) -
             }
         }
     };
-    let headers = m
-        .headers
-        .iter()
-        .enumerate()
-        .filter_map(|(i, h)| {
-            let hpath = format!("{path}.headers[{i}]");
-            let name = match HeaderName::from_bytes(h.name.as_bytes()) {
-                Ok(name) => name,
-                Err(_) => {
-                    errors.push(
-                        format!("{hpath}.name"),
-                        format!("\"{}\" is not a valid header name", h.name),
-                    );
-                    return None;
-                }
-            };
-            let value = build_value_match(&h.exact, &h.regex, h.present, &hpath, errors);
-            Some(HeaderMatch {
-                name,
-                value,
-                invert: h.invert,
-            })
-        })
-        .collect();
+    let headers = build_header_matches(&m.headers, path, errors);
     let methods = m
         .methods
         .iter()

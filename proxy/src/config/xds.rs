@@ -339,9 +339,6 @@ fn virtual_host(vh: &route::VirtualHost, path: &str, ctx: &mut Ctx) -> VirtualHo
         path,
         ctx,
     );
-    if !vh.rate_limits.is_empty() {
-        ctx.unsupported(format!("{path}.rate_limits"));
-    }
     if vh.matcher.is_some() {
         ctx.unsupported(format!("{path}.matcher"));
     }
@@ -358,6 +355,7 @@ fn virtual_host(vh: &route::VirtualHost, path: &str, ctx: &mut Ctx) -> VirtualHo
             .filter_map(|(i, r)| route_entry(r, &format!("{path}.routes[{i}]"), ctx))
             .collect(),
         headers,
+        rate_limits: rate_limits(&vh.rate_limits, &format!("{path}.rate_limits"), ctx),
     }
 }
 
@@ -381,6 +379,8 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
         retry: None,
         rewrite: None,
         local_rate_limit,
+        rate_limits: Vec::new(),
+        include_vh_rate_limits: false,
         jwt,
         access_log: None,
         headers,
@@ -633,8 +633,10 @@ fn route_action(a: &route::RouteAction, path: &str, out: &mut RouteFile, ctx: &m
     if !a.request_mirror_policies.is_empty() {
         ctx.unsupported(format!("{path}.request_mirror_policies"));
     }
-    if !a.rate_limits.is_empty() {
-        ctx.unsupported(format!("{path}.rate_limits"));
+    out.rate_limits = rate_limits(&a.rate_limits, &format!("{path}.rate_limits"), ctx);
+    #[allow(deprecated)]
+    if a.include_vh_rate_limits.as_ref().is_some_and(|v| v.value) {
+        out.include_vh_rate_limits = true;
     }
     if a.retry_policy_typed_config.is_some() {
         ctx.unsupported(format!("{path}.retry_policy_typed_config"));
@@ -1276,7 +1278,43 @@ pub fn listener_parts(
                 file.mtls =
                     downstream_tls(socket, "filter_chains[0].transport_socket", sds, &mut ctx);
             }
-            source = network_filter(chain, "filter_chains[0]", &mut file, &mut ctx, log_clusters);
+            source = match chain.filters.as_slice() {
+                // A network RBAC filter may stand before a tcp_proxy.
+                [first, rest @ ..]
+                    if !rest.is_empty()
+                        && matches!(&first.config_type, Some(listener::filter::ConfigType::TypedConfig(any)) if any.type_url == NETWORK_RBAC_TYPE) =>
+                {
+                    let rbac = match &first.config_type {
+                        Some(listener::filter::ConfigType::TypedConfig(any)) => {
+                            network_rbac_filter(
+                                any,
+                                "filter_chains[0].filters[0].typed_config",
+                                &mut ctx,
+                            )
+                        }
+                        _ => None,
+                    };
+                    let rest = listener::FilterChain {
+                        filters: rest.to_vec(),
+                        ..chain.clone()
+                    };
+                    let source = network_filter(
+                        &rest,
+                        "filter_chains[0]",
+                        &mut file,
+                        &mut ctx,
+                        log_clusters,
+                    );
+                    match &mut file.tcp {
+                        Some(tcp) => tcp.rbac = rbac,
+                        None => ctx.unsupported(
+                            "filter_chains[0].filters[0] (a network RBAC filter only before a tcp_proxy)",
+                        ),
+                    }
+                    source
+                }
+                _ => network_filter(chain, "filter_chains[0]", &mut file, &mut ctx, log_clusters),
+            };
         }
         [] => ctx.err("filter_chains", "needs one filter chain"),
         _ => ctx.unsupported("filter_chains (more than one)"),
@@ -1294,6 +1332,7 @@ pub fn listener_parts(
         }
         if file.http.rbac.is_some()
             || file.http.local_rate_limit.is_some()
+            || file.http.rate_limit_service.is_some()
             || file.http.jwt.is_some()
         {
             ctx.unsupported(
@@ -1927,6 +1966,16 @@ fn http_connection_manager(
             if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type {
                 file.http.local_rate_limit =
                     local_rate_limit_filter(any, &format!("{fpath}.typed_config"), ctx);
+            }
+            continue;
+        }
+        if type_url == RATELIMIT_TYPE {
+            if file.http.rate_limit_service.is_some() {
+                ctx.unsupported(format!("{fpath} (a second rate limit filter)"));
+            }
+            if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type {
+                file.http.rate_limit_service =
+                    rate_limit_filter(any, &format!("{fpath}.typed_config"), ctx);
             }
             continue;
         }
@@ -2617,19 +2666,60 @@ fn rbac_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<RbacFile> {
                 return None;
             }
         };
-    if config.matcher.is_some() || config.shadow_matcher.is_some() {
+    let matchers = config.matcher.is_some() || config.shadow_matcher.is_some();
+    Some(rbac_file(
+        config.rules.as_ref(),
+        config.shadow_rules.as_ref(),
+        matchers,
+        path,
+        ctx,
+    ))
+}
+
+/// Rules and shadow rules of an HTTP or network RBAC filter; matchers
+/// (the other way to write rules) are not supported.
+fn rbac_file(
+    rules: Option<&postern_proto::envoy::config::rbac::v3::Rbac>,
+    shadow: Option<&postern_proto::envoy::config::rbac::v3::Rbac>,
+    matchers: bool,
+    path: &str,
+    ctx: &mut Ctx,
+) -> RbacFile {
+    if matchers {
         ctx.unsupported(format!("{path}.matcher"));
     }
-    Some(RbacFile {
-        rules: config
-            .rules
-            .as_ref()
-            .map(|r| rbac_rules(r, &format!("{path}.rules"), ctx)),
-        shadow: config
-            .shadow_rules
-            .as_ref()
-            .map(|r| rbac_rules(r, &format!("{path}.shadow_rules"), ctx)),
-    })
+    RbacFile {
+        rules: rules.map(|r| rbac_rules(r, &format!("{path}.rules"), ctx)),
+        shadow: shadow.map(|r| rbac_rules(r, &format!("{path}.shadow_rules"), ctx)),
+    }
+}
+
+/// Type URL of the network (L4) RBAC filter's config.
+const NETWORK_RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+
+/// The network RBAC filter's config as a TCP listener's `rbac`. Postern
+/// checks a connection when it opens and again whenever the policy
+/// changes, so both enforcement types hold.
+fn network_rbac_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<RbacFile> {
+    let config: postern_proto::envoy::extensions::filters::network::rbac::v3::Rbac =
+        match decode(any, NETWORK_RBAC_TYPE) {
+            Ok(config) => config,
+            Err(problems) => {
+                ctx.err(path, problems.join("; "));
+                return None;
+            }
+        };
+    if config.delay_deny.is_some() {
+        ctx.unsupported(format!("{path}.delay_deny"));
+    }
+    let matchers = config.matcher.is_some() || config.shadow_matcher.is_some();
+    Some(rbac_file(
+        config.rules.as_ref(),
+        config.shadow_rules.as_ref(),
+        matchers,
+        path,
+        ctx,
+    ))
 }
 
 // ------------------------------------------------------------ rate limits --
@@ -2711,6 +2801,254 @@ fn local_rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<Local
         shadow: !enforced,
         max_keys: 1,
     })
+}
+
+/// Type URL of the HTTP rate limit filter's config (global limits).
+const RATELIMIT_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit";
+
+/// The rate limit filter's config as the listener's `rate_limit_service`;
+/// `None` when the filter is not enabled.
+fn rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<RateLimitServiceFile> {
+    use postern_proto::envoy::config::core::v3::grpc_service::TargetSpecifier;
+    use postern_proto::envoy::extensions::filters::http::ratelimit::v3::rate_limit::XRateLimitHeadersRfcVersion;
+    use postern_proto::envoy::extensions::filters::http::ratelimit::v3::RateLimit;
+    let config: RateLimit = match decode(any, RATELIMIT_TYPE) {
+        Ok(config) => config,
+        Err(problems) => {
+            ctx.err(path, problems.join("; "));
+            return None;
+        }
+    };
+    if config.domain.is_empty() {
+        ctx.err(format!("{path}.domain"), "is required");
+    }
+    if !matches!(config.request_type.as_str(), "" | "both") {
+        ctx.unsupported(format!(
+            "{path}.request_type: {:?} (only both)",
+            config.request_type
+        ));
+    }
+    if config
+        .rate_limited_status
+        .as_ref()
+        .is_some_and(|s| s.code != 429)
+    {
+        ctx.unsupported(format!("{path}.rate_limited_status (only 429)"));
+    }
+    if config
+        .status_on_error
+        .as_ref()
+        .is_some_and(|s| s.code != 500)
+    {
+        ctx.unsupported(format!("{path}.status_on_error (only 500)"));
+    }
+    if !config.response_headers_to_add.is_empty() {
+        ctx.unsupported(format!("{path}.response_headers_to_add"));
+    }
+    if config.failure_mode_deny_percent.is_some() {
+        ctx.unsupported(format!("{path}.failure_mode_deny_percent"));
+    }
+    if !config.rate_limits.is_empty() {
+        ctx.unsupported(format!(
+            "{path}.rate_limits (put them on the route or virtual host)"
+        ));
+    }
+    if config.enable_retry_after_header {
+        ctx.unsupported(format!("{path}.enable_retry_after_header"));
+    }
+    let x_ratelimit_headers =
+        match XRateLimitHeadersRfcVersion::try_from(config.enable_x_ratelimit_headers) {
+            Ok(XRateLimitHeadersRfcVersion::Off) => false,
+            Ok(XRateLimitHeadersRfcVersion::DraftVersion03) => true,
+            Err(_) => {
+                ctx.unsupported(format!(
+                    "{path}.enable_x_ratelimit_headers: {}",
+                    config.enable_x_ratelimit_headers
+                ));
+                false
+            }
+        };
+    // A filter enabled for a share of requests, or enforced for none, is
+    // not something Postern does.
+    let enabled = match config.filter_enabled {
+        None => true,
+        Some(_) => match all_or_nothing(&config.filter_enabled) {
+            Some(enabled) => enabled,
+            None => {
+                ctx.unsupported(format!("{path}.filter_enabled (only 0% or 100%)"));
+                true
+            }
+        },
+    };
+    if config.filter_enforced.is_some() && all_or_nothing(&config.filter_enforced) != Some(true) {
+        ctx.unsupported(format!("{path}.filter_enforced (only 100%)"));
+    }
+    let timeout = match duration_field(&config.timeout, &format!("{path}.timeout"), ctx) {
+        None => crate::ratelimit::global::DEFAULT_TIMEOUT,
+        Some(t) if t.is_zero() => {
+            ctx.unsupported(format!("{path}.timeout: 0 (no timeout)"));
+            crate::ratelimit::global::DEFAULT_TIMEOUT
+        }
+        Some(t) => t,
+    };
+    let spath = format!("{path}.rate_limit_service");
+    let mut cluster = None;
+    match &config.rate_limit_service {
+        None => ctx.err(&spath, "is required"),
+        Some(service) => {
+            // 0 is AUTO, which Envoy treats as v3 now; 1 is the removed v2.
+            if service.transport_api_version == 1 {
+                ctx.unsupported(format!("{spath}.transport_api_version (only V3)"));
+            }
+            let gpath = format!("{spath}.grpc_service");
+            match &service.grpc_service {
+                None => ctx.err(&gpath, "is required"),
+                Some(grpc) => {
+                    if !grpc.initial_metadata.is_empty() {
+                        ctx.unsupported(format!("{gpath}.initial_metadata"));
+                    }
+                    if grpc.retry_policy.is_some() {
+                        ctx.unsupported(format!("{gpath}.retry_policy"));
+                    }
+                    match &grpc.target_specifier {
+                        Some(TargetSpecifier::EnvoyGrpc(envoy)) => {
+                            if envoy.cluster_name.is_empty() {
+                                ctx.err(format!("{gpath}.envoy_grpc.cluster_name"), "is required");
+                            }
+                            if !envoy.authority.is_empty() {
+                                ctx.unsupported(format!("{gpath}.envoy_grpc.authority"));
+                            }
+                            if envoy.retry_policy.is_some() {
+                                ctx.unsupported(format!("{gpath}.envoy_grpc.retry_policy"));
+                            }
+                            cluster = Some(envoy.cluster_name.clone());
+                        }
+                        Some(TargetSpecifier::GoogleGrpc(_)) => {
+                            ctx.unsupported(format!("{gpath}.google_grpc (use envoy_grpc)"))
+                        }
+                        None => ctx.err(&gpath, "needs envoy_grpc"),
+                    }
+                }
+            }
+        }
+    }
+    if !enabled {
+        return None;
+    }
+    Some(RateLimitServiceFile {
+        domain: config.domain,
+        cluster,
+        address: None,
+        timeout,
+        failure_mode_deny: config.failure_mode_deny,
+        stage: config.stage,
+        enable_x_ratelimit_headers: x_ratelimit_headers,
+        rate_limited_as_resource_exhausted: config.rate_limited_as_resource_exhausted,
+        disable_x_envoy_ratelimited_header: config.disable_x_envoy_ratelimited_header,
+    })
+}
+
+/// Route or virtual host `rate_limits`.
+fn rate_limits(list: &[route::RateLimit], path: &str, ctx: &mut Ctx) -> Vec<RateLimitPolicyFile> {
+    use route::rate_limit::action::ActionSpecifier as A;
+    list.iter()
+        .enumerate()
+        .map(|(i, limit)| {
+            let lpath = format!("{path}[{i}]");
+            if !limit.disable_key.is_empty() {
+                ctx.unsupported(format!("{lpath}.disable_key"));
+            }
+            if limit.limit.is_some() {
+                ctx.unsupported(format!("{lpath}.limit"));
+            }
+            if limit.hits_addend.is_some() {
+                ctx.unsupported(format!("{lpath}.hits_addend"));
+            }
+            if limit.apply_on_stream_done {
+                ctx.unsupported(format!("{lpath}.apply_on_stream_done"));
+            }
+            if limit.x_ratelimit_option != 0 {
+                ctx.unsupported(format!("{lpath}.x_ratelimit_option"));
+            }
+            let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+            let actions = limit
+                .actions
+                .iter()
+                .enumerate()
+                .filter_map(|(a, action)| {
+                    let apath = format!("{lpath}.actions[{a}]");
+                    let mut out = RateLimitActionFile::default();
+                    match &action.action_specifier {
+                        Some(A::SourceCluster(_)) => out.source_cluster = Some(EmptyFile {}),
+                        Some(A::DestinationCluster(_)) => {
+                            out.destination_cluster = Some(EmptyFile {})
+                        }
+                        Some(A::RemoteAddress(_)) => out.remote_address = Some(EmptyFile {}),
+                        Some(A::RequestHeaders(h)) => {
+                            out.request_headers = Some(RequestHeadersActionFile {
+                                header_name: h.header_name.clone(),
+                                descriptor_key: h.descriptor_key.clone(),
+                                skip_if_absent: h.skip_if_absent,
+                            })
+                        }
+                        Some(A::GenericKey(g)) => {
+                            out.generic_key = Some(GenericKeyActionFile {
+                                descriptor_value: g.descriptor_value.clone(),
+                                descriptor_key: nonempty(&g.descriptor_key),
+                            })
+                        }
+                        Some(A::HeaderValueMatch(m)) => {
+                            let headers = m
+                                .headers
+                                .iter()
+                                .enumerate()
+                                .filter_map(|(h, header)| {
+                                    header_match(
+                                        header,
+                                        &format!("{apath}.header_value_match.headers[{h}]"),
+                                        ctx,
+                                    )
+                                })
+                                .collect();
+                            out.header_value_match = Some(HeaderValueMatchActionFile {
+                                descriptor_value: m.descriptor_value.clone(),
+                                descriptor_key: nonempty(&m.descriptor_key),
+                                default_value: nonempty(&m.default_value),
+                                expect_match: m.expect_match.as_ref().is_none_or(|v| v.value),
+                                headers,
+                            })
+                        }
+                        Some(other) => {
+                            let field = match other {
+                                A::QueryParameters(_) => "query_parameters",
+                                A::MaskedRemoteAddress(_) => "masked_remote_address",
+                                A::RemoteAddressMatch(_) => "remote_address_match",
+                                A::QueryParameterValueMatch(_) => "query_parameter_value_match",
+                                #[allow(deprecated)]
+                                A::DynamicMetadata(_) => "dynamic_metadata",
+                                A::Metadata(_) => "metadata",
+                                A::Extension(_) => "extension",
+                                // The ones handled above never get here.
+                                _ => "action_specifier",
+                            };
+                            ctx.unsupported(format!("{apath}.{field}"));
+                            return None;
+                        }
+                        None => {
+                            ctx.err(&apath, "needs an action");
+                            return None;
+                        }
+                    }
+                    Some(out)
+                })
+                .collect();
+            RateLimitPolicyFile {
+                stage: limit.stage.as_ref().map_or(0, |s| s.value),
+                actions,
+            }
+        })
+        .collect()
 }
 
 // -------------------------------------------------------------- jwt_authn --

@@ -628,20 +628,25 @@ fn logged_listener(
     }
 }
 
+/// A gRPC service reached through `cluster`.
+fn envoy_grpc(cluster: &str) -> core::GrpcService {
+    core::GrpcService {
+        target_specifier: Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(
+            core::grpc_service::EnvoyGrpc {
+                cluster_name: cluster.into(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
 fn grpc_logger(cluster: &str) -> postern_proto::envoy::config::accesslog::v3::AccessLog {
     use postern_proto::envoy::extensions::access_loggers::grpc::v3 as grpc;
     let config = grpc::HttpGrpcAccessLogConfig {
         common_config: Some(grpc::CommonGrpcAccessLogConfig {
             log_name: "mesh".into(),
-            grpc_service: Some(core::GrpcService {
-                target_specifier: Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(
-                    core::grpc_service::EnvoyGrpc {
-                        cluster_name: cluster.into(),
-                        ..Default::default()
-                    },
-                )),
-                ..Default::default()
-            }),
+            grpc_service: Some(envoy_grpc(cluster)),
             transport_api_version: core::ApiVersion::V3 as i32,
             ..Default::default()
         }),
@@ -700,3 +705,227 @@ fn grpc_access_logger_and_trace_sampling_map_onto_the_listener() {
 mod inbound;
 mod jwt;
 mod mutations;
+
+fn ratelimit_filter(
+    config: &postern_proto::envoy::extensions::filters::http::ratelimit::v3::RateLimit,
+) -> hcm::HttpFilter {
+    hcm::HttpFilter {
+        name: "envoy.filters.http.ratelimit".into(),
+        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(config))),
+        ..Default::default()
+    }
+}
+
+fn rls_config(
+    cluster: &str,
+) -> postern_proto::envoy::extensions::filters::http::ratelimit::v3::RateLimit {
+    use postern_proto::envoy::config::ratelimit::v3::RateLimitServiceConfig;
+    postern_proto::envoy::extensions::filters::http::ratelimit::v3::RateLimit {
+        domain: "edge".into(),
+        stage: 2,
+        timeout: Some(postern_proto::google::protobuf::Duration {
+            seconds: 0,
+            nanos: 150_000_000,
+        }),
+        failure_mode_deny: true,
+        enable_x_ratelimit_headers: 1,
+        rate_limit_service: Some(RateLimitServiceConfig {
+            grpc_service: Some(envoy_grpc(cluster)),
+            transport_api_version: core::ApiVersion::V3 as i32,
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn ratelimit_filter_maps_service_domain_and_failure_mode() {
+    let (file, _) = listener(
+        &http_listener(vec![ratelimit_filter(&rls_config("rls"))]),
+        None,
+    )
+    .unwrap();
+    let service = file.http.rate_limit_service.expect("filter mapped");
+    assert_eq!(service.domain, "edge");
+    assert_eq!(service.cluster.as_deref(), Some("rls"));
+    assert_eq!(service.timeout, std::time::Duration::from_millis(150));
+    assert_eq!(service.stage, 2);
+    assert!(service.failure_mode_deny && service.enable_x_ratelimit_headers);
+
+    // Fields that would change behaviour are refused by name.
+    let mut bad = rls_config("rls");
+    bad.request_type = "internal".into();
+    bad.rate_limited_status = Some(postern_proto::envoy::r#type::v3::HttpStatus { code: 503 });
+    bad.rate_limits = vec![route::RateLimit::default()];
+    let problems = listener(&http_listener(vec![ratelimit_filter(&bad)]), None).unwrap_err();
+    let text = problems.join("\n");
+    for field in [
+        "request_type",
+        "rate_limited_status",
+        "typed_config.rate_limits",
+    ] {
+        assert!(text.contains(field), "{field} in {text}");
+    }
+    let mut no_service = rls_config("rls");
+    no_service.rate_limit_service = None;
+    no_service.domain.clear();
+    let problems = listener(&http_listener(vec![ratelimit_filter(&no_service)]), None).unwrap_err();
+    let text = problems.join("\n");
+    assert!(text.contains("typed_config.domain: is required"), "{text}");
+    assert!(
+        text.contains("typed_config.rate_limit_service: is required"),
+        "{text}"
+    );
+}
+
+#[test]
+fn route_and_virtual_host_rate_limits_map_actions() {
+    use route::rate_limit::action::{self, ActionSpecifier as A};
+    use route::rate_limit::Action;
+    let act = |a: A| Action {
+        action_specifier: Some(a),
+    };
+    let limits = vec![route::RateLimit {
+        stage: Some(UInt32Value { value: 1 }),
+        actions: vec![
+            act(A::RequestHeaders(action::RequestHeaders {
+                header_name: "x-user".into(),
+                descriptor_key: "user".into(),
+                skip_if_absent: true,
+            })),
+            act(A::RemoteAddress(action::RemoteAddress {})),
+            act(A::GenericKey(action::GenericKey {
+                descriptor_value: "api".into(),
+                ..Default::default()
+            })),
+            act(A::HeaderValueMatch(action::HeaderValueMatch {
+                descriptor_value: "admin".into(),
+                expect_match: Some(postern_proto::google::protobuf::BoolValue { value: false }),
+                headers: vec![string_match(matcher::string_matcher::MatchPattern::Exact(
+                    "root".into(),
+                ))],
+                ..Default::default()
+            })),
+            act(A::DestinationCluster(action::DestinationCluster {})),
+            act(A::SourceCluster(action::SourceCluster {})),
+        ],
+        ..Default::default()
+    }];
+    let mut limited = route_to("api");
+    if let Some(route::route::Action::Route(a)) = &mut limited.action {
+        a.rate_limits = limits.clone();
+        #[allow(deprecated)]
+        {
+            a.include_vh_rate_limits =
+                Some(postern_proto::google::protobuf::BoolValue { value: true });
+        }
+    }
+    let mut config = config_of(vec![limited]);
+    config.virtual_hosts[0].rate_limits = vec![route::RateLimit {
+        actions: vec![act(A::RemoteAddress(action::RemoteAddress {}))],
+        ..Default::default()
+    }];
+    let hosts = route_configuration(&config).unwrap().virtual_hosts;
+    assert_eq!(hosts[0].rate_limits.len(), 1);
+    let route = &hosts[0].routes[0];
+    assert!(route.include_vh_rate_limits);
+    let policy = &route.rate_limits[0];
+    assert_eq!(policy.stage, 1);
+    let a = &policy.actions;
+    let header = a[0].request_headers.as_ref().unwrap();
+    assert_eq!(
+        (
+            header.header_name.as_str(),
+            header.descriptor_key.as_str(),
+            header.skip_if_absent
+        ),
+        ("x-user", "user", true)
+    );
+    assert!(a[1].remote_address.is_some());
+    assert_eq!(a[2].generic_key.as_ref().unwrap().descriptor_key, None);
+    let m = a[3].header_value_match.as_ref().unwrap();
+    assert!(!m.expect_match);
+    assert_eq!(m.headers[0].exact.as_deref(), Some("root"));
+    assert!(a[4].destination_cluster.is_some() && a[5].source_cluster.is_some());
+
+    // Unsupported actions and options are NACKed by name.
+    let mut bad = route_to("api");
+    if let Some(route::route::Action::Route(a)) = &mut bad.action {
+        a.rate_limits = vec![route::RateLimit {
+            disable_key: "off".into(),
+            actions: vec![act(A::QueryParameters(action::QueryParameters::default()))],
+            ..Default::default()
+        }];
+    }
+    let problems = route_configuration(&config_of(vec![bad])).unwrap_err();
+    let text = problems.join("\n");
+    assert!(
+        text.contains("routes[0].route.rate_limits[0].disable_key"),
+        "{text}"
+    );
+    assert!(
+        text.contains("routes[0].route.rate_limits[0].actions[0].query_parameters"),
+        "{text}"
+    );
+}
+
+#[test]
+fn network_rbac_before_a_tcp_proxy_is_the_listeners_rbac() {
+    use postern_proto::envoy::config::rbac::v3 as rbac;
+    use postern_proto::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
+    let rules = rbac::Rbac {
+        action: rbac::rbac::Action::Deny as i32,
+        policies: [(
+            "no-one".to_string(),
+            rbac::Policy {
+                permissions: vec![rbac::Permission {
+                    rule: Some(rbac::permission::Rule::Any(true)),
+                }],
+                principals: vec![rbac::Principal {
+                    identifier: Some(rbac::principal::Identifier::Any(true)),
+                }],
+                ..Default::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    };
+    let filter = |config: &NetworkRbac| listener::Filter {
+        name: "envoy.filters.network.rbac".into(),
+        config_type: Some(listener::filter::ConfigType::TypedConfig(any(config))),
+    };
+    let config = NetworkRbac {
+        stat_prefix: "db".into(),
+        rules: Some(rules.clone()),
+        ..Default::default()
+    };
+    let mut l = tcp_listener("db", socket("127.0.0.1", 0), "db");
+    l.filter_chains[0].filters.insert(0, filter(&config));
+    let (file, _) = listener(&l, None).unwrap();
+    let tcp = file.tcp.expect("tcp listener");
+    let mapped = tcp.rbac.expect("rbac mapped").rules.expect("rules");
+    assert_eq!(mapped.policies.len(), 1);
+    assert_eq!(mapped.policies[0].name, "no-one");
+
+    // delay_deny would change behaviour; network RBAC before an HTTP
+    // connection manager is not taken either.
+    let mut delayed = config.clone();
+    delayed.delay_deny = Some(postern_proto::google::protobuf::Duration {
+        seconds: 1,
+        nanos: 0,
+    });
+    let mut l = tcp_listener("db", socket("127.0.0.1", 0), "db");
+    l.filter_chains[0].filters.insert(0, filter(&delayed));
+    let problems = listener(&l, None).unwrap_err();
+    assert!(
+        problems[0].contains("filter_chains[0].filters[0].typed_config.delay_deny"),
+        "{problems:?}"
+    );
+    let mut http = http_listener(Vec::new());
+    http.filter_chains[0].filters.insert(0, filter(&config));
+    let problems = listener(&http, None).unwrap_err();
+    assert!(
+        problems[0].contains("only before a tcp_proxy"),
+        "{problems:?}"
+    );
+}

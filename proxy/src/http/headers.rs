@@ -15,6 +15,8 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// Header set on answers from an open circuit breaker.
 pub static X_POSTERN_OVERLOADED: HeaderName = HeaderName::from_static("x-postern-overloaded");
+/// Set on a refusal of the global rate-limit service, as Envoy does.
+pub static X_ENVOY_RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
 
 /// Whether a request asks for a protocol upgrade (HTTP/1.1 `Connection: upgrade`).
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {

@@ -62,6 +62,8 @@ pub struct HttpConfig {
     pub rate_limit: Option<Arc<crate::ratelimit::LocalRateLimit>>,
     /// JWT authentication, before RBAC.
     pub jwt: Option<Arc<crate::authn::JwtAuthn>>,
+    /// Global rate limits, after the local ones.
+    pub global_rate_limit: Option<Arc<crate::ratelimit::global::GlobalRateLimit>>,
     /// Virtual hosts and routes.
     pub routes: Arc<RouteTable>,
 }
@@ -74,15 +76,20 @@ impl HttpConfig {
             rbac: http.rbac.clone(),
             rate_limit: http.rate_limit.clone(),
             jwt: http.jwt.clone(),
+            global_rate_limit: http.global_rate_limit.clone(),
             routes: http.routes.clone(),
         }
     }
 
     /// Carries over what the config it replaces learned at run time
-    /// (fetched JWT keys), so a config push costs no refetch.
+    /// (fetched JWT keys, the rate-limit service's channel), so a config
+    /// push costs no refetch or reconnect.
     pub fn adopt(&self, previous: &HttpConfig) {
         if let (Some(jwt), Some(old)) = (&self.jwt, &previous.jwt) {
             jwt.adopt(old);
+        }
+        if let (Some(limit), Some(old)) = (&self.global_rate_limit, &previous.global_rate_limit) {
+            limit.share_channel(old);
         }
     }
 }
@@ -93,6 +100,8 @@ struct LocalReply {
     message: &'static str,
     flag: Option<ResponseFlag>,
     overloaded: bool,
+    /// The gRPC status to answer instead of the HTTP status's mapping.
+    grpc_status: Option<&'static str>,
 }
 
 impl LocalReply {
@@ -102,6 +111,7 @@ impl LocalReply {
             message,
             flag,
             overloaded: false,
+            grpc_status: None,
         }
     }
 
@@ -211,7 +221,9 @@ fn local_response(
             // A breaker refusal is back-pressure, not an outage.
             "8"
         } else {
-            grpc_status_for(reply.status)
+            reply
+                .grpc_status
+                .unwrap_or_else(|| grpc_status_for(reply.status))
         };
         h.insert("grpc-status", HeaderValue::from_static(grpc_status));
         record.set_grpc_status(h);
@@ -373,6 +385,97 @@ impl HttpProxy {
         headers.insert("ratelimit-remaining", HeaderValue::from_static("0"));
         headers.insert("ratelimit-reset", seconds);
         Some(response)
+    }
+
+    /// Asks the rate-limit service about the route's descriptors: the
+    /// headers it wants on the response, or the reply to send instead.
+    #[allow(clippy::too_many_arguments)]
+    async fn global_rate_limited(
+        &self,
+        limit: &crate::ratelimit::global::GlobalRateLimit,
+        policies: &[Arc<crate::ratelimit::global::RateLimitPolicy>],
+        target: Option<&Arc<str>>,
+        peer: &hdr::DownstreamPeer,
+        request: &mut Request<Incoming>,
+        jwt: &[crate::authn::VerifiedJwt],
+        grpc: bool,
+        record: &mut CallRecord,
+    ) -> Result<Option<crate::ratelimit::global::ServiceHeaders>, Response<ResponseBody>> {
+        use crate::ratelimit::global::{descriptors, RequestFacts, Verdict};
+        let facts = RequestFacts {
+            headers: request.headers(),
+            remote_ip: peer.addr,
+            destination_cluster: target.map(|c| &**c),
+            source_cluster: &limit.source_cluster,
+            spiffe_id: peer
+                .spiffe_id
+                .as_deref()
+                .map(postern_certs::SpiffeId::as_str),
+            jwt,
+        };
+        let descriptors = descriptors(policies, limit.stage, &facts);
+        if descriptors.is_empty() {
+            return Ok(None);
+        }
+        // Boxed: only calls that ask the service carry its state.
+        let verdict = Box::pin(limit.check(&self.clusters, descriptors)).await;
+        let count = |result: &'static str| {
+            metrics::counter!(
+                names::RATELIMIT_GLOBAL_TOTAL,
+                "listener" => self.listener.name.clone(),
+                "result" => result,
+            )
+            .increment(1);
+        };
+        match verdict {
+            Verdict::Ok(headers) => {
+                count("ok");
+                for (name, value) in &headers.request {
+                    request.headers_mut().insert(name.clone(), value.clone());
+                }
+                Ok(Some(headers))
+            }
+            Verdict::OverLimit(headers) => {
+                count("over_limit");
+                tracing::debug!(listener = %self.listener.name, path = request.uri().path(), "rate limit service refused request");
+                let reply = LocalReply {
+                    // Envoy's mapping of 429 unless asked otherwise.
+                    grpc_status: Some(if limit.rate_limited_as_resource_exhausted {
+                        "8"
+                    } else {
+                        "14"
+                    }),
+                    ..LocalReply::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate limited",
+                        Some(ResponseFlag::RateLimited),
+                    )
+                };
+                let mut response = local_response(&reply, grpc, record);
+                headers.add_to_response(response.headers_mut());
+                if limit.x_envoy_ratelimited_header {
+                    response
+                        .headers_mut()
+                        .insert(&hdr::X_ENVOY_RATELIMITED, HeaderValue::from_static("true"));
+                }
+                Err(response)
+            }
+            Verdict::Error(error) if limit.failure_mode_deny => {
+                count("error");
+                tracing::debug!(listener = %self.listener.name, %error, "rate limit service failed; refusing (failure_mode_deny)");
+                let reply = LocalReply::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "rate limit service error",
+                    Some(ResponseFlag::RateLimitServiceError),
+                );
+                Err(local_response(&reply, grpc, record))
+            }
+            Verdict::Error(error) => {
+                count("failure_mode_allowed");
+                tracing::debug!(listener = %self.listener.name, %error, "rate limit service failed; letting the request through");
+                Ok(None)
+            }
+        }
     }
 
     /// Runs RBAC (shadow rules, then enforced ones); a refusal comes back as
@@ -718,6 +821,29 @@ impl HttpProxy {
                 return response;
             }
         }
+        // The global limit comes last of the policies: a call refused by
+        // the ones before costs the rate-limit service nothing.
+        let mut service_headers = None;
+        if let Some(limit) = &config.global_rate_limit {
+            if !route.rate_limits.is_empty() {
+                match self
+                    .global_rate_limited(
+                        limit,
+                        &route.rate_limits,
+                        target.map(|(_, cluster)| cluster),
+                        &peer,
+                        &mut request,
+                        &jwt,
+                        grpc,
+                        &mut record,
+                    )
+                    .await
+                {
+                    Ok(headers) => service_headers = headers,
+                    Err(response) => return response,
+                }
+            }
+        }
         let plan = config
             .routes
             .mutations(vhost, route, target.map(|(index, _)| index));
@@ -805,6 +931,9 @@ impl HttpProxy {
                 request_headers: kept.headers.as_ref(),
             };
             plan.apply_response(response.headers_mut(), &facts);
+        }
+        if let Some(headers) = service_headers {
+            headers.add_to_response(response.headers_mut());
         }
         response
     }

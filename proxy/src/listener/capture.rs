@@ -359,6 +359,7 @@ impl CaptureFront {
                     &self.shared.clusters,
                     &self.telemetry,
                     shutdown,
+                    None,
                 )
                 .await;
             }
@@ -551,6 +552,7 @@ fn http_proxy(
             rbac: http.rbac.clone(),
             rate_limit: http.rate_limit.clone(),
             jwt: http.jwt.clone(),
+            global_rate_limit: http.global_rate_limit.clone(),
             routes,
         })),
         clusters: shared.clusters.clone(),
@@ -611,6 +613,7 @@ static GRPC_CONTENT_TYPE: LazyLock<Option<regex::Regex>> =
 /// to the HTTP/1.1 one. No route timeout: the caller's side keeps it.
 fn inbound_routes(port: u16) -> RouteTable {
     let forward = |grpc: bool, matcher: RouteMatch| crate::route::Route {
+        rate_limits: Vec::new(),
         rate_limit: None,
         jwt: None,
         access_log: None,

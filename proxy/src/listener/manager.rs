@@ -33,6 +33,7 @@ struct Running {
     addr: SocketAddr,
     http: Option<Arc<ArcSwap<HttpConfig>>>,
     capture: Option<Arc<ArcSwap<Listener>>>,
+    tcp_rbac: Option<watch::Sender<Option<Arc<crate::authz::Rbac>>>>,
     drain: watch::Sender<bool>,
     force: watch::Sender<bool>,
     accept: JoinHandle<()>,
@@ -64,9 +65,9 @@ fn shape(listener: &Listener) -> String {
         // Routes, path normalisation, RBAC and rate limits are swapped in
         // place (`HttpConfig`), so they are not part of the shape.
         ListenerProtocol::Http(http) => format!("http trust={}", http.trust_downstream),
-        ListenerProtocol::Tcp(tcp) => {
-            format!("tcp {} {:?} {:?}", tcp.cluster, tcp.idle_timeout, tcp.rbac)
-        }
+        // The connection policy is swapped in place too: open connections
+        // are checked again against it (`tcp::PolicyWatch`).
+        ListenerProtocol::Tcp(tcp) => format!("tcp {} {:?}", tcp.cluster, tcp.idle_timeout),
         // Services, detection and policies are swapped in place; the
         // direction decides what the accept loop does.
         ListenerProtocol::Capture(capture) => format!("capture {:?}", capture.direction),
@@ -146,6 +147,11 @@ impl ListenerManager {
                 if let Some(swap) = &current.capture {
                     swap.store(listener.clone());
                 }
+                if let (Some(policy), ListenerProtocol::Tcp(tcp)) =
+                    (&current.tcp_rbac, &listener.protocol)
+                {
+                    policy.send_replace(tcp.rbac.clone());
+                }
                 current.listener = listener.clone();
                 continue;
             }
@@ -189,6 +195,13 @@ impl ListenerManager {
             ListenerProtocol::Capture(_) => Some(Arc::new(ArcSwap::new(listener.clone()))),
             _ => None,
         };
+        let (tcp_rbac, tcp_rbac_rx) = match &listener.protocol {
+            ListenerProtocol::Tcp(tcp) => {
+                let (tx, rx) = watch::channel(tcp.rbac.clone());
+                (Some(tx), Some(rx))
+            }
+            _ => (None, None),
+        };
         let (drain, drain_rx) = watch::channel(false);
         let (force, force_rx) = watch::channel(false);
         let shutdown = Shutdown {
@@ -207,6 +220,7 @@ impl ListenerManager {
             capture: capture.clone(),
             app: self.app.clone(),
             overload: self.overload.clone(),
+            tcp_rbac: tcp_rbac_rx,
         };
         let accept = tokio::spawn(run_listener(socket, listener.clone(), context, shutdown));
         Ok(Running {
@@ -215,6 +229,7 @@ impl ListenerManager {
             addr,
             http,
             capture,
+            tcp_rbac,
             drain,
             force,
             accept,

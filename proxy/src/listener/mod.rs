@@ -106,6 +106,9 @@ pub struct ListenerContext {
     pub app: Arc<drain::AppAddresses>,
     /// The global connection cap and overload state.
     pub overload: Arc<crate::overload::Overload>,
+    /// The current connection policy of a TCP listener; open connections
+    /// watch it and close when a new one no longer allows them.
+    pub tcp_rbac: Option<crate::tcp::PolicyWatch>,
 }
 
 /// Accepts connections on a bound listener until the drain starts.
@@ -125,6 +128,7 @@ pub async fn run_listener(
         capture: capture_cell,
         app,
         overload,
+        tcp_rbac,
     } = context;
     let limit = Arc::new(Semaphore::new(listener.limits.max_connections));
     // One per listener: HTTP and TCP paths share its handles and sinks.
@@ -254,6 +258,7 @@ pub async fn run_listener(
                 let listener = listener.clone();
                 let clusters = clusters.clone();
                 let telemetry = tcp_telemetry.clone();
+                let policy = tcp_rbac.clone();
                 tokio::spawn(async move {
                     let local_port = stream.local_addr().map_or(0, |a| a.port());
                     if let Some((io, peer_tls)) = tls.accept(stream).await {
@@ -266,6 +271,7 @@ pub async fn run_listener(
                             clusters,
                             &telemetry,
                             conn_shutdown,
+                            policy,
                         )
                         .await;
                     }

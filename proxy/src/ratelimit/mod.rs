@@ -1,7 +1,12 @@
+//! Local rate limits (here) and global ones ([`global`], through an Envoy
+//! rate-limit service).
+//!
 //! Local rate limits: token buckets, one per limit or one per key (caller
 //! SPIFFE ID, header value, remote address, JWT claim), with the clock
 //! passed in so the arithmetic is pure. Keyed buckets are bounded in number: idle
 //! (refilled) buckets are dropped first, then the least recently used.
+
+pub mod global;
 
 use std::collections::HashMap;
 use std::sync::Mutex;

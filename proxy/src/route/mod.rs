@@ -47,6 +47,9 @@ pub struct VirtualHost {
 pub struct Route {
     /// Local rate limit on this route, when configured.
     pub rate_limit: Option<Arc<crate::ratelimit::LocalRateLimit>>,
+    /// Global rate-limit descriptors (the virtual host's included as
+    /// configured).
+    pub rate_limits: Vec<Arc<crate::ratelimit::global::RateLimitPolicy>>,
     /// This route's JWT setting, when it overrides the listener's rules.
     pub jwt: Option<crate::authn::RouteJwt>,
     /// Access-log filter and sampling, when the route sets its own.
@@ -464,7 +467,8 @@ impl ValueMatch {
 }
 
 impl HeaderMatch {
-    fn matches(&self, headers: &HeaderMap) -> bool {
+    /// Whether the headers pass this condition.
+    pub fn matches(&self, headers: &HeaderMap) -> bool {
         let result = match &self.value {
             ValueMatch::Present(want) => *want == headers.contains_key(&self.name),
             other => {

@@ -20,6 +20,9 @@ use crate::tls::{DownstreamIo, UpstreamIo};
 
 const COPY_BUF: usize = 16 * 1024;
 
+/// A TCP listener's current connection policy, replaced by config changes.
+pub type PolicyWatch = tokio::sync::watch::Receiver<Option<Arc<crate::authz::Rbac>>>;
+
 /// Proxies one downstream TCP connection to the listener's cluster.
 pub async fn serve_connection(
     downstream: DownstreamIo,
@@ -28,6 +31,7 @@ pub async fn serve_connection(
     clusters: Arc<ClusterManager>,
     telemetry: &Arc<ListenerTelemetry>,
     shutdown: Shutdown,
+    policy: Option<PolicyWatch>,
 ) {
     let ListenerProtocol::Tcp(route) = &listener.protocol else {
         return;
@@ -40,12 +44,16 @@ pub async fn serve_connection(
         &clusters,
         telemetry,
         shutdown,
+        policy,
     )
     .await;
 }
 
 /// Proxies one downstream connection to the cluster of `route`, after its
-/// connection-level RBAC.
+/// connection-level RBAC: the current one of `policy` when given (checked
+/// again at every change, closing the connection once it no longer
+/// allows it), else the route's.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_route(
     downstream: DownstreamIo,
     peer: &crate::http::headers::DownstreamPeer,
@@ -54,6 +62,7 @@ pub async fn serve_route(
     clusters: &ClusterManager,
     telemetry: &Arc<ListenerTelemetry>,
     shutdown: Shutdown,
+    mut policy: Option<PolicyWatch>,
 ) {
     let mut call = TcpCall::new(telemetry, peer, &route.cluster);
     let Some(cluster) = clusters.get(&route.cluster) else {
@@ -61,7 +70,11 @@ pub async fn serve_route(
         call.flags.insert(ResponseFlag::NoHealthyUpstream);
         return;
     };
-    if let Some(rbac) = &route.rbac {
+    let rbac = match &mut policy {
+        Some(policy) => policy.borrow_and_update().clone(),
+        None => route.rbac.clone(),
+    };
+    if let Some(rbac) = &rbac {
         if !authorize(rbac, peer, listener) {
             call.flags.insert(ResponseFlag::RbacDenied);
             metrics::counter!(
@@ -149,9 +162,34 @@ pub async fn serve_route(
             listener,
             route.idle_timeout,
             shutdown,
+            policy,
         )
         .await,
     );
+}
+
+/// Resolves once a new policy no longer allows `peer`'s connection (never
+/// without a policy to watch).
+async fn revoked(
+    policy: &mut Option<PolicyWatch>,
+    peer: &crate::http::headers::DownstreamPeer,
+    listener: &Arc<str>,
+) {
+    let Some(watch) = policy else {
+        return std::future::pending().await;
+    };
+    loop {
+        if watch.changed().await.is_err() {
+            // The listener is gone; the drain decides the connection's end.
+            return std::future::pending().await;
+        }
+        let current = watch.borrow_and_update().clone();
+        if let Some(rbac) = current {
+            if !authorize(&rbac, peer, listener) {
+                return;
+            }
+        }
+    }
 }
 
 /// Proxies one downstream connection straight to `addr`, with no cluster:
@@ -202,6 +240,7 @@ pub async fn serve_address(
         listener,
         idle_timeout,
         shutdown,
+        None,
     )
     .await;
     outcome(how);
@@ -216,6 +255,7 @@ async fn pump(
     listener: &Arc<str>,
     idle_timeout: Duration,
     mut shutdown: Shutdown,
+    mut policy: Option<PolicyWatch>,
 ) -> &'static str {
     let _ = downstream.tcp().set_nodelay(true);
     let relay = relay(downstream, upstream, idle_timeout);
@@ -227,6 +267,12 @@ async fn pump(
         _ = shutdown.force.changed() => {
             call.flags.insert(ResponseFlag::DownstreamClosed);
             return "drained";
+        }
+        // A policy change that no longer allows the caller ends the pair
+        // at once: both sockets close when the relay is dropped.
+        () = revoked(&mut policy, call.peer, listener) => {
+            call.flags.insert(ResponseFlag::RbacDenied);
+            return "rbac_revoked";
         }
     };
     let (sent, received, how) = result;

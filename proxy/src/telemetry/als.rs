@@ -547,6 +547,7 @@ pub fn envoy_response_flags(flags: ResponseFlags) -> Option<data::ResponseFlags>
             ResponseFlag::RetryLimitExceeded => &mut out.upstream_retry_limit_exceeded,
             ResponseFlag::DownstreamClosed => &mut out.downstream_connection_termination,
             ResponseFlag::RateLimited => &mut out.rate_limited,
+            ResponseFlag::RateLimitServiceError => &mut out.rate_limit_service_error,
             ResponseFlag::StreamIdleTimeout => &mut out.stream_idle_timeout,
             ResponseFlag::DownstreamProtocolError => &mut out.downstream_protocol_error,
             ResponseFlag::NoClusterFound => &mut out.no_cluster_found,

@@ -54,6 +54,11 @@ pub const RBAC_SHADOW_DENIALS_TOTAL: &str = "postern_rbac_shadow_denials_total";
 /// Requests a local rate limit refused (or would have, `mode="shadow"`), by
 /// `listener`, `scope` (`listener` or the route name), `mode`.
 pub const RATELIMIT_LIMITED_TOTAL: &str = "postern_ratelimit_limited_total";
+/// Requests that asked the global rate-limit service, by `listener` and
+/// `result`: `ok`, `over_limit` (refused, 429), `error` (the service failed
+/// and `failure_mode_deny` refused the request, 500) or
+/// `failure_mode_allowed` (the service failed and the request passed).
+pub const RATELIMIT_GLOBAL_TOTAL: &str = "postern_ratelimit_global_total";
 
 /// Trace spans the OTLP collector accepted.
 pub const TRACING_SPANS_EXPORTED_TOTAL: &str = "postern_tracing_spans_exported_total";
@@ -100,6 +105,10 @@ pub fn describe() {
     describe_counter!(
         RATELIMIT_LIMITED_TOTAL,
         "Requests refused by a local rate limit (mode=shadow: would have been)"
+    );
+    describe_counter!(
+        RATELIMIT_GLOBAL_TOTAL,
+        "Requests that asked the global rate-limit service, by result"
     );
     describe_counter!(
         RBAC_SHADOW_DENIALS_TOTAL,

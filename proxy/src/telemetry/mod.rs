@@ -171,7 +171,7 @@ pub enum ResponseFlag {
     DownstreamLimit,
     /// RBAC refused the request.
     RbacDenied,
-    /// A local rate limit refused the request.
+    /// A local rate limit or the rate-limit service refused the request.
     RateLimited,
     /// The connection or stream idled out.
     StreamIdleTimeout,
@@ -186,6 +186,8 @@ pub enum ResponseFlag {
     UnauthorizedJwt,
     /// The process was overloaded and shed the request.
     OverloadManager,
+    /// The rate-limit service failed and `failure_mode_deny` refused the request.
+    RateLimitServiceError,
 }
 
 impl ResponseFlag {
@@ -209,13 +211,14 @@ impl ResponseFlag {
             ResponseFlag::NoClusterFound => "NC",
             ResponseFlag::UnauthorizedJwt => "UJWT",
             ResponseFlag::OverloadManager => "OM",
+            ResponseFlag::RateLimitServiceError => "RLSE",
         }
     }
 }
 
 impl ResponseFlag {
     /// Every flag, in the order codes are listed.
-    pub const ALL: [ResponseFlag; 17] = [
+    pub const ALL: [ResponseFlag; 18] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectFailure,
@@ -233,6 +236,7 @@ impl ResponseFlag {
         ResponseFlag::NoClusterFound,
         ResponseFlag::UnauthorizedJwt,
         ResponseFlag::OverloadManager,
+        ResponseFlag::RateLimitServiceError,
     ];
 
     fn bit(self) -> u32 {

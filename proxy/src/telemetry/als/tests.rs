@@ -210,7 +210,7 @@ fn tcp_call_becomes_a_tcp_entry() {
 fn response_flags_map_where_envoy_means_the_same() {
     let one = |flag: ResponseFlag| envoy_response_flags(flag.into());
     type Field = fn(&data::ResponseFlags) -> bool;
-    let expected: [(ResponseFlag, Field); 9] = [
+    let expected: [(ResponseFlag, Field); 10] = [
         (ResponseFlag::NoRoute, |f| f.no_route_found),
         (ResponseFlag::NoHealthyUpstream, |f| f.no_healthy_upstream),
         (ResponseFlag::UpstreamConnectFailure, |f| {
@@ -228,6 +228,9 @@ fn response_flags_map_where_envoy_means_the_same() {
             f.downstream_connection_termination
         }),
         (ResponseFlag::RateLimited, |f| f.rate_limited),
+        (ResponseFlag::RateLimitServiceError, |f| {
+            f.rate_limit_service_error
+        }),
     ];
     for (flag, field) in expected {
         let mapped = one(flag).unwrap();
