@@ -23,6 +23,10 @@ use prost::Message;
 
 use super::file::*;
 
+#[path = "xds_chains.rs"]
+mod chains;
+pub use chains::{fill_edge_secrets, EdgeSecret, EdgeSlot};
+
 /// Type URL of the HttpConnectionManager network filter config.
 const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 /// Type URL of the TcpProxy network filter config.
@@ -896,6 +900,9 @@ pub struct TranslatedListener {
     /// lead to the app as Postern's inbound side does (checked once the
     /// clusters are known, by [`check_app_target`]).
     pub app_targets: Vec<AppTarget>,
+    /// Edge TLS: the SDS secrets it waits for (filled by
+    /// [`fill_edge_secrets`]).
+    pub edge_secrets: Vec<EdgeSecret>,
 }
 
 /// A cluster an inbound capture listener's filter chain sends calls to.
@@ -1018,43 +1025,23 @@ pub fn listener_parts(
             _ => None,
         },
     };
-    let mut source = RouteSource::None;
     if !l.listener_filters.is_empty() {
         let app_targets = inbound_capture(l, &mut file, sds, &mut ctx, log_clusters);
         return ctx.finish(TranslatedListener {
             file,
             routes: RouteSource::None,
             app_targets,
+            edge_secrets: Vec::new(),
         });
     }
-    if l.default_filter_chain.is_some() {
-        ctx.unsupported("default_filter_chain");
-    }
-    match l.filter_chains.as_slice() {
-        [chain] => {
-            if chain
-                .filter_chain_match
-                .as_ref()
-                .is_some_and(|m| *m != Default::default())
-            {
-                ctx.unsupported("filter_chains[0].filter_chain_match");
-            }
-            if let Some(socket) = &chain.transport_socket {
-                file.mtls =
-                    downstream_tls(socket, "filter_chains[0].transport_socket", sds, &mut ctx);
-            }
-            source = network_filter(chain, "filter_chains[0]", &mut file, &mut ctx, log_clusters);
-        }
-        [] => ctx.err("filter_chains", "needs one filter chain"),
-        _ => ctx.unsupported("filter_chains (more than one)"),
-    }
+    let (source, edge_secrets) = chains::filter_chains(l, &mut file, sds, &mut ctx, log_clusters);
     if l.use_original_dst.as_ref().is_some_and(|v| v.value) {
         original_dst(l, &mut file, &mut ctx);
     }
     if !binds_to_port(l) {
         // A virtual listener becomes a service of the capture listeners:
         // only its routes or cluster carry over.
-        if file.mtls.is_some() {
+        if file.mtls.is_some() || file.tls.is_some() {
             ctx.unsupported(
                 "filter_chains[0].transport_socket (on a listener with bind_to_port: false)",
             );
@@ -1072,6 +1059,7 @@ pub fn listener_parts(
         file,
         routes: source,
         app_targets: Vec::new(),
+        edge_secrets,
     })
 }
 
