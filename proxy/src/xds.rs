@@ -3,7 +3,8 @@
 //! as one config, and applied. An update that fails any step is NACKed and
 //! the last good config keeps serving.
 //!
-//! Warming: a listener waiting for its RouteConfiguration and a cluster
+//! Warming: a listener waiting for its RouteConfiguration (or, for edge
+//! TLS, its SDS Secrets) and a cluster
 //! waiting for its ClusterLoadAssignment are left out of the running config
 //! until what they need has arrived.
 //!
