@@ -1912,20 +1912,37 @@ fn check_sds_names(
     ids
 }
 
+fn downstream_context(
+    socket: &core::TransportSocket,
+    path: &str,
+    ctx: &mut Ctx,
+) -> Option<tls::DownstreamTlsContext> {
+    let any = typed_socket(socket, path, ctx)?;
+    match decode(any, DOWNSTREAM_TLS_TYPE) {
+        Ok(context) => Some(context),
+        Err(problems) => {
+            ctx.err(path, problems.join("; "));
+            None
+        }
+    }
+}
+
 fn downstream_tls(
     socket: &core::TransportSocket,
     path: &str,
     sds: Option<&SdsSourceFile>,
     ctx: &mut Ctx,
 ) -> Option<ListenerMtlsFile> {
-    let any = typed_socket(socket, path, ctx)?;
-    let context: tls::DownstreamTlsContext = match decode(any, DOWNSTREAM_TLS_TYPE) {
-        Ok(context) => context,
-        Err(problems) => {
-            ctx.err(path, problems.join("; "));
-            return None;
-        }
-    };
+    let context = downstream_context(socket, path, ctx)?;
+    mesh_mtls(&context, path, sds, ctx)
+}
+
+fn mesh_mtls(
+    context: &tls::DownstreamTlsContext,
+    path: &str,
+    sds: Option<&SdsSourceFile>,
+    ctx: &mut Ctx,
+) -> Option<ListenerMtlsFile> {
     if !context
         .require_client_certificate
         .as_ref()

@@ -349,14 +349,7 @@ fn classify(
     sds: Option<&SdsSourceFile>,
     ctx: &mut Ctx,
 ) -> Option<ChainTls> {
-    let any = typed_socket(socket, path, ctx)?;
-    let context: tls::DownstreamTlsContext = match decode(any, DOWNSTREAM_TLS_TYPE) {
-        Ok(context) => context,
-        Err(problems) => {
-            ctx.err(path, problems.join("; "));
-            return None;
-        }
-    };
+    let context = downstream_context(socket, path, ctx)?;
     let workload = sds.is_some_and(|names| {
         context.common_tls_context.as_ref().is_some_and(|c| {
             c.tls_certificate_sds_secret_configs
@@ -365,7 +358,7 @@ fn classify(
         })
     });
     if workload {
-        downstream_tls(socket, path, sds, ctx).map(ChainTls::Mesh)
+        mesh_mtls(&context, path, sds, ctx).map(ChainTls::Mesh)
     } else {
         edge_context(&context, path, ctx).map(ChainTls::Edge)
     }
