@@ -3,7 +3,8 @@
 //! as one config, and applied. An update that fails any step is NACKed and
 //! the last good config keeps serving.
 //!
-//! Warming: a listener waiting for its RouteConfiguration and a cluster
+//! Warming: a listener waiting for its RouteConfiguration (or, for edge
+//! TLS, its SDS Secrets) and a cluster
 //! waiting for its ClusterLoadAssignment are left out of the running config
 //! until what they need has arrived.
 //!
@@ -59,6 +60,8 @@ struct Resources {
     routes: Table<translate::RouteConfigFile>,
     clusters: Table<(ClusterFile, EndpointSource)>,
     endpoints: Table<Vec<EndpointFile>>,
+    /// Secrets, for edge listeners (never saved: they hold private keys).
+    secrets: Table<SecretValue>,
     /// Types that have had at least one accepted update.
     seen: BTreeSet<&'static str>,
     /// The accepted resources as they came, for the last-known-good file.
@@ -346,6 +349,15 @@ impl XdsHandler {
                     }
                 }
             }
+            let secret = |n: &str| state.secrets.get(n).map(|e| e.value.clone());
+            match translate::fill_edge_secrets(&mut listener, &translated.edge_secrets, &secret) {
+                Ok(true) => {}
+                Ok(false) => {
+                    warming = true;
+                    continue;
+                }
+                Err(reason) => return Err(format!("listener {name}: {reason}")),
+            }
             if *binds {
                 file.listeners.push(listener);
             } else {
@@ -357,6 +369,15 @@ impl XdsHandler {
             return Err(reason);
         }
         Ok((file, warming))
+    }
+
+    /// The secrets edge listeners name.
+    fn edge_secret_names(state: &Resources) -> BTreeSet<String> {
+        state
+            .listeners
+            .values()
+            .flat_map(|e| e.value.listener.edge_secrets.iter().map(|s| s.name.clone()))
+            .collect()
     }
 
     fn wanted(state: &Resources) -> (Vec<String>, Vec<String>) {
@@ -395,9 +416,6 @@ impl XdsHandler {
         };
         let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
         let sds_names = self.tls_names.as_ref();
-        if type_url == type_url::SECRET {
-            return self.apply_secrets(&resources, &removed);
-        }
         let mut state = match self.state.lock() {
             Ok(state) => state.clone(),
             Err(_) => return Err(internal(&names, "state lock poisoned")),
@@ -448,6 +466,27 @@ impl XdsHandler {
                 Self::merge(&mut state.clusters, converted, &removed, replace_all);
                 type_url::CLUSTER
             }
+            type_url::SECRET => {
+                let converted = Self::translate_all(&resources, |r| {
+                    translate::secret(&translate::decode::<Secret>(&r.body, type_url::SECRET)?)
+                })?;
+                self.identity_secrets(&converted, &removed);
+                let edge = Self::edge_secret_names(&state);
+                let touched = converted
+                    .iter()
+                    .map(|(name, ..)| name)
+                    .chain(&removed)
+                    .any(|name| edge.contains(name));
+                Self::merge(&mut state.secrets, converted, &removed, false);
+                if !touched {
+                    // Only the identity's: nothing to re-assemble.
+                    if let Ok(mut current) = self.state.lock() {
+                        current.secrets = state.secrets;
+                    }
+                    return Ok(());
+                }
+                type_url::SECRET
+            }
             type_url::ENDPOINT => {
                 let converted = Self::translate_all(&resources, |r| {
                     translate::load_assignment(&translate::decode::<ClusterLoadAssignment>(
@@ -466,15 +505,18 @@ impl XdsHandler {
             }
         };
         state.seen.insert(kind);
-        let raw = state.raw.entry(kind).or_default();
-        if replace_all {
-            raw.clear();
-        }
-        for name in &removed {
-            raw.remove(name);
-        }
-        for resource in resources {
-            raw.insert(resource.name.clone(), resource);
+        // Secrets hold private keys: never written to disk.
+        if kind != type_url::SECRET {
+            let raw = state.raw.entry(kind).or_default();
+            if replace_all {
+                raw.clear();
+            }
+            for name in &removed {
+                raw.remove(name);
+            }
+            for resource in resources {
+                raw.insert(resource.name.clone(), resource);
+            }
         }
 
         let (file, warming) = self
@@ -486,6 +528,7 @@ impl XdsHandler {
         })?;
         let applied = self.runtime.apply(config);
         let (routes, endpoints) = Self::wanted(&state);
+        let mut secrets = Self::edge_secret_names(&state);
         let ready = state.seen.contains(type_url::LISTENER)
             && state.seen.contains(type_url::CLUSTER)
             && !warming;
@@ -497,7 +540,16 @@ impl XdsHandler {
         }
         if let Some(subscriptions) = self.subscriptions.get() {
             // An empty list would mean "everything": unsubscribe instead.
-            for (kind, names) in [(type_url::ROUTE, routes), (type_url::ENDPOINT, endpoints)] {
+            if let Some((_, names)) = &self.sds {
+                secrets.insert(names.certificate.clone());
+                secrets.insert(names.validation.clone());
+            }
+            let secrets = secrets.into_iter().collect();
+            for (kind, names) in [
+                (type_url::ROUTE, routes),
+                (type_url::ENDPOINT, endpoints),
+                (type_url::SECRET, secrets),
+            ] {
                 if names.is_empty() {
                     subscriptions.remove(kind);
                 } else {
@@ -552,18 +604,11 @@ impl XdsHandler {
         }
     }
 
-    /// Secrets go straight to the identity's rotation loop, which checks
-    /// them as a whole (chain to bundle, key to certificate).
-    fn apply_secrets(
-        &self,
-        resources: &[Resource],
-        removed: &[String],
-    ) -> Result<(), Vec<ResourceError>> {
-        let converted = Self::translate_all(resources, |r| {
-            translate::secret(&translate::decode::<Secret>(&r.body, type_url::SECRET)?)
-        })?;
+    /// The identity's secrets go straight to its rotation loop, which
+    /// checks them as a whole (chain to bundle, key to certificate).
+    fn identity_secrets(&self, converted: &[(String, String, SecretValue)], removed: &[String]) {
         let Some((source, names)) = &self.sds else {
-            return Ok(());
+            return;
         };
         for name in removed {
             if *name == names.certificate || *name == names.validation {
@@ -575,17 +620,16 @@ impl XdsHandler {
         source.update(|secrets| {
             for (name, _, value) in converted {
                 match value {
-                    SecretValue::Certificate(chain, key) if name == names.certificate => {
-                        secrets.certificate = Some((chain, key));
+                    SecretValue::Certificate(chain, key) if *name == names.certificate => {
+                        secrets.certificate = Some((chain.clone(), key.clone()));
                     }
-                    SecretValue::Validation(bundle) if name == names.validation => {
-                        secrets.validation = Some(bundle);
+                    SecretValue::Validation(bundle) if *name == names.validation => {
+                        secrets.validation = Some(bundle.clone());
                     }
                     _ => tracing::debug!(secret = %name, "SDS secret not used by the identity"),
                 }
             }
         });
-        Ok(())
     }
 
     fn publish_status(&self, mut status: serde_json::Value) {

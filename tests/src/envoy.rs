@@ -83,6 +83,16 @@ fn transport_socket<M: prost::Name>(context: &M) -> Option<core::TransportSocket
     })
 }
 
+/// A listener transport socket with `context`.
+pub fn downstream_tls(context: &tls::DownstreamTlsContext) -> core::TransportSocket {
+    core::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(core::transport_socket::ConfigType::TypedConfig(pack(
+            context,
+        ))),
+    }
+}
+
 /// An HTTP listener on `addr` whose every request goes to `cluster`; with
 /// `peers`, it requires mTLS from one of those SPIFFE IDs.
 pub fn http_listener(

@@ -9,9 +9,12 @@ use std::net::SocketAddr;
 use postern_control::ads::{AdsEventKind, Snapshot};
 use postern_proto::type_url;
 use postern_tests::control::{is_nack, wait_event, ControlPlane};
-use postern_tests::envoy::{certificate_secret, http_listener, root_secret, static_cluster};
-use postern_tests::mesh::{CaServer, TestCa};
+use postern_tests::envoy::{
+    certificate_secret, downstream_tls, http_listener, root_secret, static_cluster,
+};
+use postern_tests::mesh::{probe_connector, tls_connect, CaServer, TestCa};
 use postern_tests::{eventually, get, start_proxy, wait_until, HttpBackend, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ID_A: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const ID_B: &str = "spiffe://cluster.local/ns/shop/sa/api";
@@ -223,5 +226,172 @@ identity:
     assert_eq!(
         app.last_request().header("x-forwarded-client-cert"),
         Some(format!("By={ID_B};URI={ID_A}").as_str())
+    );
+}
+
+/// A verifying TLS client trusting `root_pem`, offering `alpn`; returns
+/// the SANs of the certificate the server presented for `sni`.
+async fn served_sans(addr: SocketAddr, root_pem: &str, sni: &str) -> std::io::Result<Vec<String>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots.add(cert.expect("root")).expect("add root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tls = tls_connect(&connector, addr, sni).await?;
+    let leaf = &tls.get_ref().1.peer_certificates().expect("server cert")[0];
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    Ok(postern_certs::CertInfo::parse(leaf).expect("parse").sans)
+}
+
+/// Edge TLS and permissive mTLS, both from xDS filter chains: an edge
+/// listener with one chain per SNI name (one certificate inline, one by SDS,
+/// so the listener waits for that Secret), and Istio's permissive pattern
+/// (a `tls` chain with the workload's context next to a `raw_buffer` one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_tls_by_sni_and_permissive_mtls_from_filter_chains() {
+    use postern_proto::envoy::config::core::v3 as core;
+    use postern_proto::envoy::config::listener::v3 as listener;
+    use postern_proto::envoy::extensions::transport_sockets::tls::v3 as tls;
+    let mesh = TestCa::new("mesh root");
+    let edge_ca = TestCa::new("edge root");
+    let app = HttpBackend::start("app").await;
+    let shop = edge_ca.issue_server(&["shop.example.com"]);
+    let api = edge_ca.issue_server(&["api.example.com"]);
+
+    let edge_chain = |base: &listener::FilterChain, name: &str, common: tls::CommonTlsContext| {
+        let mut chain = base.clone();
+        chain.filter_chain_match = Some(listener::FilterChainMatch {
+            server_names: vec![name.into()],
+            ..Default::default()
+        });
+        chain.transport_socket = Some(downstream_tls(&tls::DownstreamTlsContext {
+            common_tls_context: Some(tls::CommonTlsContext {
+                alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+                ..common
+            }),
+            ..Default::default()
+        }));
+        chain
+    };
+    let inline = |text: &str| {
+        Some(core::DataSource {
+            specifier: Some(core::data_source::Specifier::InlineString(text.into())),
+            ..Default::default()
+        })
+    };
+    let mut edge = http_listener("edge", any_port(), "app", None);
+    let base = edge.filter_chains[0].clone();
+    edge.filter_chains = vec![
+        edge_chain(
+            &base,
+            "shop.example.com",
+            tls::CommonTlsContext {
+                tls_certificates: vec![tls::TlsCertificate {
+                    certificate_chain: inline(&shop.cert_pem),
+                    private_key: inline(&shop.key_pem),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+        edge_chain(
+            &base,
+            "api.example.com",
+            tls::CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![tls::SdsSecretConfig {
+                    name: "api-cert".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+    ];
+
+    let mut permissive = http_listener("perm", any_port(), "app", Some(&[ID_A]));
+    let mut plaintext = permissive.filter_chains[0].clone();
+    plaintext.transport_socket = None;
+    plaintext.filter_chain_match = Some(listener::FilterChainMatch {
+        transport_protocol: "raw_buffer".into(),
+        ..Default::default()
+    });
+    permissive.filter_chains[0].filter_chain_match = Some(listener::FilterChainMatch {
+        transport_protocol: "tls".into(),
+        application_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+        ..Default::default()
+    });
+    permissive.filter_chains.push(plaintext);
+
+    // First without the edge listener's Secret: it warms, the rest serves.
+    let mut snapshot = Snapshot::new("1");
+    snapshot.add_message("edge", &edge);
+    snapshot.add_message("perm", &permissive);
+    snapshot.add_message("app", &static_cluster("app", app.addr(), None));
+    secrets(&mut snapshot, &mesh, ID_B);
+    let cp = ControlPlane::start(snapshot.clone()).await;
+    let proxy = start_proxy(&bootstrap(&cp, "gw", ID_B)).await;
+    wait_until("permissive listener bound", || async {
+        proxy.listener_addr("perm").is_some()
+    })
+    .await;
+    assert!(
+        proxy.listener_addr("edge").is_none(),
+        "edge listener served without its certificate"
+    );
+    assert_eq!(
+        get(proxy.admin_addr(), "localhost", "/ready").await.status,
+        503
+    );
+
+    // Permissive: plaintext and mTLS (the caller's identity reaches the app).
+    let perm = proxy.listener_addr("perm").expect("perm bound");
+    assert_eq!(get(perm, "svc", "/plain").await.status, 200);
+    assert_eq!(app.last_request().header("x-forwarded-client-cert"), None);
+    let caller = mesh.issue(ID_A, -60, 3600);
+    let mut tls = tls_connect(&probe_connector(Some(&caller), &[b"http/1.1"]), perm, "svc")
+        .await
+        .expect("mTLS handshake");
+    tls.write_all(b"GET /mtls HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut reply = Vec::new();
+    tls.read_to_end(&mut reply).await.expect("read");
+    assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        app.last_request().header("x-forwarded-client-cert"),
+        Some(format!("By={ID_B};URI={ID_A}").as_str())
+    );
+
+    // The Secret arrives: the edge listener serves each name its certificate.
+    snapshot.version = "2".into();
+    let api_secret = postern_proto::envoy::extensions::transport_sockets::tls::v3::Secret {
+        name: "api-cert".into(),
+        ..certificate_secret(&api.cert_pem, &api.key_pem)
+    };
+    snapshot.add_message("api-cert", &api_secret);
+    cp.server.set_snapshot(snapshot);
+    ready(&proxy).await;
+    let edge_addr = proxy.listener_addr("edge").expect("edge bound");
+    for (sni, expected) in [
+        ("shop.example.com", "DNS:shop.example.com"),
+        ("api.example.com", "DNS:api.example.com"),
+    ] {
+        let sans = served_sans(edge_addr, edge_ca.root_pem(), sni)
+            .await
+            .expect(sni);
+        assert_eq!(sans, [expected], "{sni}");
+    }
+    // No chain takes other names, so neither does the listener.
+    assert!(
+        served_sans(edge_addr, edge_ca.root_pem(), "other.example.com")
+            .await
+            .is_err()
     );
 }

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -402,6 +403,21 @@ pub struct ServerTlsFile {
     /// Time allowed for the handshake (default 10s).
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Refuse a handshake whose SNI no certificate's `server_names` match
+    /// (Envoy's filter chains without a catch-all); default: serve the first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_sni_match: bool,
+}
+
+/// PEM that came inline (from xDS) rather than from a file; never
+/// serialized or printed, as it may hold a private key.
+#[derive(Clone, Default)]
+pub struct InlinePem(pub Arc<Vec<u8>>);
+
+impl std::fmt::Debug for InlinePem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InlinePem({} bytes)", self.0.len())
+    }
 }
 
 fn default_handshake_timeout() -> Duration {
@@ -420,6 +436,9 @@ pub struct ServerCertificateFile {
     /// certificate's DNS SANs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub server_names: Vec<String>,
+    /// Chain and key given inline (xDS), used instead of `cert` and `key`.
+    #[serde(skip)]
+    pub inline: Option<(InlinePem, InlinePem)>,
 }
 
 /// Client certificate checks on an edge listener.
@@ -431,6 +450,9 @@ pub struct ClientAuthFile {
     /// Refuse clients without a certificate (default true).
     #[serde(default = "default_true")]
     pub required: bool,
+    /// Roots given inline (xDS), used instead of `ca`.
+    #[serde(skip)]
+    pub inline: Option<InlinePem>,
 }
 
 fn default_true() -> bool {

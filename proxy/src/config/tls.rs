@@ -66,6 +66,8 @@ pub struct EdgeTls {
     pub alpn: Vec<Vec<u8>>,
     /// Time allowed for the handshake.
     pub handshake_timeout: std::time::Duration,
+    /// Refuse clients whose SNI no certificate serves.
+    pub require_sni_match: bool,
 }
 
 /// One loaded server certificate.
@@ -291,8 +293,14 @@ fn build_edge(tls: &ServerTlsFile, path: &str, errors: &mut Errors) -> Option<Ed
         certificates.push(loaded);
     }
     let client_auth = tls.client_auth.as_ref().and_then(|auth| {
-        load_bundle(&auth.ca, &format!("{path}.client_auth.ca"), errors)
-            .map(|bundle| (Arc::new(bundle), auth.required))
+        let cpath = format!("{path}.client_auth.ca");
+        let bundle = match &auth.inline {
+            Some(pem) => TrustBundle::from_pem(&pem.0)
+                .map_err(|e| errors.push(cpath, e.to_string()))
+                .ok(),
+            None => load_bundle(&auth.ca, &cpath, errors),
+        };
+        bundle.map(|bundle| (Arc::new(bundle), auth.required))
     });
     let alpn = match &tls.alpn {
         None => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
@@ -319,6 +327,7 @@ fn build_edge(tls: &ServerTlsFile, path: &str, errors: &mut Errors) -> Option<Ed
         client_auth,
         alpn,
         handshake_timeout: tls.handshake_timeout,
+        require_sni_match: tls.require_sni_match,
     })
 }
 
@@ -351,9 +360,14 @@ fn load_server_cert(
     path: &str,
     errors: &mut Errors,
 ) -> Option<EdgeCertificate> {
-    let chain_pem = read_file(&cert.cert, &format!("{path}.cert"), errors);
-    let key_pem = read_file(&cert.key, &format!("{path}.key"), errors);
-    let (chain_pem, key_pem) = (chain_pem?, key_pem?);
+    let (chain_pem, key_pem) = match &cert.inline {
+        Some((chain, key)) => (chain.0.to_vec(), key.0.to_vec()),
+        None => {
+            let chain_pem = read_file(&cert.cert, &format!("{path}.cert"), errors);
+            let key_pem = read_file(&cert.key, &format!("{path}.key"), errors);
+            (chain_pem?, key_pem?)
+        }
+    };
     let chain = postern_certs::x509::parse_pem_chain(&chain_pem, "certificate chain")
         .map_err(|e| errors.push(format!("{path}.cert"), e.to_string()))
         .ok()?;
@@ -371,7 +385,9 @@ fn load_server_cert(
         errors.push(format!("{path}.key"), "does not match the certificate");
         return None;
     }
-    let names: Vec<String> = if cert.server_names.is_empty() {
+    // A certificate from xDS without names is the catch-all chain's: it
+    // serves by being first, not by its SANs, which other chains may claim.
+    let names: Vec<String> = if cert.server_names.is_empty() && cert.inline.is_none() {
         info.sans
             .iter()
             .filter_map(|san| san.strip_prefix("DNS:"))

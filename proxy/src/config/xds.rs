@@ -23,6 +23,10 @@ use prost::Message;
 
 use super::file::*;
 
+#[path = "xds_chains.rs"]
+mod chains;
+pub use chains::{fill_edge_secrets, EdgeSecret, EdgeSlot};
+
 /// Type URL of the HttpConnectionManager network filter config.
 const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 /// Type URL of the TcpProxy network filter config.
@@ -1131,6 +1135,9 @@ pub struct TranslatedListener {
     /// lead to the app as Postern's inbound side does (checked once the
     /// clusters are known, by [`check_app_target`]).
     pub app_targets: Vec<AppTarget>,
+    /// Edge TLS: the SDS secrets it waits for (filled by
+    /// [`fill_edge_secrets`]).
+    pub edge_secrets: Vec<EdgeSecret>,
 }
 
 /// A cluster an inbound capture listener's filter chain sends calls to.
@@ -1253,79 +1260,23 @@ pub fn listener_parts(
             _ => None,
         },
     };
-    let mut source = RouteSource::None;
     if !l.listener_filters.is_empty() {
         let app_targets = inbound_capture(l, &mut file, sds, &mut ctx, log_clusters);
         return ctx.finish(TranslatedListener {
             file,
             routes: RouteSource::None,
             app_targets,
+            edge_secrets: Vec::new(),
         });
     }
-    if l.default_filter_chain.is_some() {
-        ctx.unsupported("default_filter_chain");
-    }
-    match l.filter_chains.as_slice() {
-        [chain] => {
-            if chain
-                .filter_chain_match
-                .as_ref()
-                .is_some_and(|m| *m != Default::default())
-            {
-                ctx.unsupported("filter_chains[0].filter_chain_match");
-            }
-            if let Some(socket) = &chain.transport_socket {
-                file.mtls =
-                    downstream_tls(socket, "filter_chains[0].transport_socket", sds, &mut ctx);
-            }
-            source = match chain.filters.as_slice() {
-                // A network RBAC filter may stand before a tcp_proxy.
-                [first, rest @ ..]
-                    if !rest.is_empty()
-                        && matches!(&first.config_type, Some(listener::filter::ConfigType::TypedConfig(any)) if any.type_url == NETWORK_RBAC_TYPE) =>
-                {
-                    let rbac = match &first.config_type {
-                        Some(listener::filter::ConfigType::TypedConfig(any)) => {
-                            network_rbac_filter(
-                                any,
-                                "filter_chains[0].filters[0].typed_config",
-                                &mut ctx,
-                            )
-                        }
-                        _ => None,
-                    };
-                    let rest = listener::FilterChain {
-                        filters: rest.to_vec(),
-                        ..chain.clone()
-                    };
-                    let source = network_filter(
-                        &rest,
-                        "filter_chains[0]",
-                        &mut file,
-                        &mut ctx,
-                        log_clusters,
-                    );
-                    match &mut file.tcp {
-                        Some(tcp) => tcp.rbac = rbac,
-                        None => ctx.unsupported(
-                            "filter_chains[0].filters[0] (a network RBAC filter only before a tcp_proxy)",
-                        ),
-                    }
-                    source
-                }
-                _ => network_filter(chain, "filter_chains[0]", &mut file, &mut ctx, log_clusters),
-            };
-        }
-        [] => ctx.err("filter_chains", "needs one filter chain"),
-        _ => ctx.unsupported("filter_chains (more than one)"),
-    }
+    let (source, edge_secrets) = chains::filter_chains(l, &mut file, sds, &mut ctx, log_clusters);
     if l.use_original_dst.as_ref().is_some_and(|v| v.value) {
         original_dst(l, &mut file, &mut ctx);
     }
     if !binds_to_port(l) {
         // A virtual listener becomes a service of the capture listeners:
         // only its routes or cluster carry over.
-        if file.mtls.is_some() {
+        if file.mtls.is_some() || file.tls.is_some() {
             ctx.unsupported(
                 "filter_chains[0].transport_socket (on a listener with bind_to_port: false)",
             );
@@ -1344,11 +1295,51 @@ pub fn listener_parts(
         file,
         routes: source,
         app_targets: Vec::new(),
+        edge_secrets,
     })
 }
 
 /// The one network filter of a filter chain (`http_connection_manager` or
 /// `tcp_proxy`) into `file`; where its routes come from.
+/// A filter chain's network filters: one `http_connection_manager` or
+/// `tcp_proxy`, the latter optionally after a network RBAC filter, which
+/// becomes the TCP listener's `rbac`.
+fn chain_filters(
+    chain: &listener::FilterChain,
+    cpath: &str,
+    file: &mut ListenerFile,
+    ctx: &mut Ctx,
+    log_clusters: &dyn Fn(&str) -> Option<String>,
+) -> RouteSource {
+    let rbac_any = match chain.filters.as_slice() {
+        [first, _, ..] => match &first.config_type {
+            Some(listener::filter::ConfigType::TypedConfig(any))
+                if any.type_url == NETWORK_RBAC_TYPE =>
+            {
+                Some(any)
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    let Some(any) = rbac_any else {
+        return network_filter(chain, cpath, file, ctx, log_clusters);
+    };
+    let rbac = network_rbac_filter(any, &format!("{cpath}.filters[0].typed_config"), ctx);
+    let rest = listener::FilterChain {
+        filters: chain.filters[1..].to_vec(),
+        ..chain.clone()
+    };
+    let source = network_filter(&rest, cpath, file, ctx, log_clusters);
+    match &mut file.tcp {
+        Some(tcp) => tcp.rbac = rbac,
+        None => ctx.unsupported(format!(
+            "{cpath}.filters[0] (a network RBAC filter only before a tcp_proxy)"
+        )),
+    }
+    source
+}
+
 fn network_filter(
     chain: &listener::FilterChain,
     cpath: &str,
@@ -2206,20 +2197,37 @@ fn check_sds_names(
     ids
 }
 
+fn downstream_context(
+    socket: &core::TransportSocket,
+    path: &str,
+    ctx: &mut Ctx,
+) -> Option<tls::DownstreamTlsContext> {
+    let any = typed_socket(socket, path, ctx)?;
+    match decode(any, DOWNSTREAM_TLS_TYPE) {
+        Ok(context) => Some(context),
+        Err(problems) => {
+            ctx.err(path, problems.join("; "));
+            None
+        }
+    }
+}
+
 fn downstream_tls(
     socket: &core::TransportSocket,
     path: &str,
     sds: Option<&SdsSourceFile>,
     ctx: &mut Ctx,
 ) -> Option<ListenerMtlsFile> {
-    let any = typed_socket(socket, path, ctx)?;
-    let context: tls::DownstreamTlsContext = match decode(any, DOWNSTREAM_TLS_TYPE) {
-        Ok(context) => context,
-        Err(problems) => {
-            ctx.err(path, problems.join("; "));
-            return None;
-        }
-    };
+    let context = downstream_context(socket, path, ctx)?;
+    mesh_mtls(&context, path, sds, ctx)
+}
+
+fn mesh_mtls(
+    context: &tls::DownstreamTlsContext,
+    path: &str,
+    sds: Option<&SdsSourceFile>,
+    ctx: &mut Ctx,
+) -> Option<ListenerMtlsFile> {
     if !context
         .require_client_certificate
         .as_ref()

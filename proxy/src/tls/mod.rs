@@ -385,6 +385,7 @@ fn edge_server_config(listener: &str, edge: &EdgeTls) -> Result<ServerConfig, Tl
 struct SniResolver {
     exact: HashMap<String, Arc<CertifiedKey>>,
     wildcard: HashMap<String, Arc<CertifiedKey>>,
+    /// `None` when the SNI must match a name (`require_sni_match`).
     default: Option<Arc<CertifiedKey>>,
 }
 
@@ -403,7 +404,11 @@ impl SniResolver {
         SniResolver {
             exact,
             wildcard,
-            default: edge.certificates.first().map(|c| c.key.clone()),
+            default: edge
+                .certificates
+                .first()
+                .filter(|_| !edge.require_sni_match)
+                .map(|c| c.key.clone()),
         }
     }
 }
