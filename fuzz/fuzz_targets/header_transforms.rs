@@ -110,6 +110,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let tls = postern::tls::PeerTls {
         tls: flags.contains('s') || spiffe.is_some(),
         spiffe_id: spiffe,
+        opaque: false,
     };
     let local = postern_certs_id("spiffe://cluster.local/ns/default/sa/proxy");
     let peer = DownstreamPeer::new((peer_ip, 40000).into(), 8080, &tls, Some(&local));
