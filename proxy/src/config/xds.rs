@@ -1340,6 +1340,24 @@ fn chain_filters(
     source
 }
 
+/// Translates an HTTP filter of a kind a listener has at most one of into
+/// `slot`; a second one is refused.
+fn one_filter<T>(
+    slot: &mut Option<T>,
+    filter: &hcm::HttpFilter,
+    fpath: &str,
+    second: &str,
+    ctx: &mut Ctx,
+    translate: impl FnOnce(&Any, &str, &mut Ctx) -> Option<T>,
+) {
+    if slot.is_some() {
+        ctx.unsupported(format!("{fpath} ({second})"));
+    }
+    if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type {
+        *slot = translate(any, &format!("{fpath}.typed_config"), ctx);
+    }
+}
+
 fn network_filter(
     chain: &listener::FilterChain,
     cpath: &str,
@@ -1951,41 +1969,47 @@ fn http_connection_manager(
             continue;
         }
         if type_url == LOCAL_RATELIMIT_TYPE {
-            if file.http.local_rate_limit.is_some() {
-                ctx.unsupported(format!("{fpath} (a second local rate limit filter)"));
-            }
-            if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type {
-                file.http.local_rate_limit =
-                    local_rate_limit_filter(any, &format!("{fpath}.typed_config"), ctx);
-            }
+            one_filter(
+                &mut file.http.local_rate_limit,
+                filter,
+                &fpath,
+                "a second local rate limit filter",
+                ctx,
+                local_rate_limit_filter,
+            );
             continue;
         }
         if type_url == RATELIMIT_TYPE {
-            if file.http.rate_limit_service.is_some() {
-                ctx.unsupported(format!("{fpath} (a second rate limit filter)"));
-            }
-            if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type {
-                file.http.rate_limit_service =
-                    rate_limit_filter(any, &format!("{fpath}.typed_config"), ctx);
-            }
+            one_filter(
+                &mut file.http.rate_limit_service,
+                filter,
+                &fpath,
+                "a second rate limit filter",
+                ctx,
+                rate_limit_filter,
+            );
             continue;
         }
         if type_url == JWT_AUTHN_TYPE {
-            if file.http.jwt.is_some() {
-                ctx.unsupported(format!("{fpath} (a second JWT authentication filter)"));
-            }
-            if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type {
-                file.http.jwt = jwt_filter(any, &format!("{fpath}.typed_config"), ctx);
-            }
+            one_filter(
+                &mut file.http.jwt,
+                filter,
+                &fpath,
+                "a second JWT authentication filter",
+                ctx,
+                jwt_filter,
+            );
             continue;
         }
         if type_url == RBAC_TYPE {
-            if file.http.rbac.is_some() {
-                ctx.unsupported(format!("{fpath} (a second RBAC filter)"));
-            }
-            if let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &filter.config_type {
-                file.http.rbac = rbac_filter(any, &format!("{fpath}.typed_config"), ctx);
-            }
+            one_filter(
+                &mut file.http.rbac,
+                filter,
+                &fpath,
+                "a second RBAC filter",
+                ctx,
+                rbac_filter,
+            );
             continue;
         }
         if filter.is_optional {
