@@ -11,6 +11,10 @@ use rand::SeedableRng as _;
 
 use super::*;
 use crate::telemetry::log::TrafficDirection;
+use postern_proto::envoy::service::accesslog::v3::stream_access_logs_message::{
+    HttpAccessLogEntries, LogEntries, TcpAccessLogEntries,
+};
+use postern_proto::envoy::service::accesslog::v3::StreamAccessLogsMessage;
 
 fn http_log() -> CallLog {
     let mut flags = ResponseFlags::default();
@@ -529,21 +533,29 @@ fn batcher(batch: usize, batch_bytes: Option<usize>) -> Batcher {
     })
 }
 
+/// The entries a sealed batch's message carries, decoded as a collector would.
+fn decoded(sealed: &Sealed) -> LogEntries {
+    let message = StreamAccessLogsMessage::decode(sealed.message(None)).unwrap();
+    assert!(message.identifier.is_none());
+    message.log_entries.unwrap()
+}
+
 #[test]
 fn batches_seal_when_full_per_kind() {
     let now = Instant::now();
     let mut b = batcher(2, None);
     assert_eq!(b.deadline(), None);
-    assert!(b.push_http(http_entry(&http_log(), &[]), now).is_none());
+    assert!(b.push_http(&http_entry(&http_log(), &[]), now).is_none());
     assert_eq!(b.deadline(), Some(now + Duration::from_secs(1)));
-    assert!(b.push_tcp(tcp_entry(&tcp_log()), now).is_none());
-    let sealed = b.push_http(http_entry(&http_log(), &[]), now).unwrap();
-    assert!(matches!(&sealed, LogEntries::HttpLogs(h) if h.log_entry.len() == 2));
+    assert!(b.push_tcp(&tcp_entry(&tcp_log()), now).is_none());
+    let sealed = b.push_http(&http_entry(&http_log(), &[]), now).unwrap();
+    assert_eq!(sealed.count, 2);
+    assert!(matches!(decoded(&sealed), LogEntries::HttpLogs(h) if h.log_entry.len() == 2));
     // The TCP entry still waits, on the same clock.
     assert_eq!(b.deadline(), Some(now + Duration::from_secs(1)));
     let rest = b.take_all();
     assert_eq!(rest.len(), 1);
-    assert!(matches!(&rest[0], LogEntries::TcpLogs(t) if t.log_entry.len() == 1));
+    assert!(matches!(decoded(&rest[0]), LogEntries::TcpLogs(t) if t.log_entry.len() == 1));
     assert_eq!(b.deadline(), None);
     assert!(b.take_all().is_empty());
 }
@@ -554,12 +566,47 @@ fn batches_seal_by_encoded_size() {
     let entry = http_entry(&http_log(), &[]);
     let size = entry.encoded_len();
     let mut b = batcher(100, Some(size * 2));
-    assert!(b.push_http(entry.clone(), now).is_none());
-    let sealed = b.push_http(entry.clone(), now).unwrap();
-    assert_eq!(entry_count(&sealed), 2);
+    assert!(b.push_http(&entry, now).is_none());
+    let sealed = b.push_http(&entry, now).unwrap();
+    assert_eq!(sealed.count, 2);
     // Zero bytes: every entry is its own message.
     let mut b = batcher(100, Some(0));
-    assert_eq!(entry_count(&b.push_http(entry, now).unwrap()), 1);
+    assert_eq!(b.push_http(&entry, now).unwrap().count, 1);
+}
+
+#[test]
+fn messages_are_encoded_as_prost_encodes_them() {
+    let now = Instant::now();
+    let (http, tcp) = (http_entry(&http_log(), &[]), tcp_entry(&tcp_log()));
+    let identifier = Identifier {
+        node: Some(Node {
+            id: "sidecar~10.0.0.1~a.shop~shop.svc.cluster.local".into(),
+            cluster: "shop".into(),
+            ..Node::default()
+        }),
+        log_name: "mesh".into(),
+    };
+    let mut b = batcher(3, None);
+    for _ in 0..2 {
+        assert!(b.push_http(&http, now).is_none());
+    }
+    assert!(b.push_tcp(&tcp, now).is_none());
+    let sealed = b.push_http(&http, now).unwrap();
+    let expected = StreamAccessLogsMessage {
+        identifier: Some(identifier.clone()),
+        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+            log_entry: vec![http.clone(); 3],
+        })),
+    };
+    assert_eq!(sealed.message(Some(&identifier)), expected.encode_to_vec());
+    let rest = b.take_all();
+    let expected = StreamAccessLogsMessage {
+        identifier: None,
+        log_entries: Some(LogEntries::TcpLogs(TcpAccessLogEntries {
+            log_entry: vec![tcp],
+        })),
+    };
+    assert_eq!(rest[0].message(None), expected.encode_to_vec());
 }
 
 #[test]
