@@ -584,9 +584,9 @@ fn put_key_parts(out: &mut Vec<u8>, first: &mut bool, prefix: &str, key: &str) {
 }
 
 /// Writes `n` in decimal, zero-padded to `width` digits.
-pub(crate) fn write_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
+pub(crate) fn write_digits<B: bytes::BufMut + ?Sized>(out: &mut B, mut n: u64, width: usize) {
     if width == 0 {
-        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.put_slice(itoa::Buffer::new().format(n).as_bytes());
         return;
     }
     let mut digits = [b'0'; 20];
@@ -600,7 +600,7 @@ pub(crate) fn write_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
         }
     }
     at = at.min(digits.len().saturating_sub(width));
-    out.extend_from_slice(&digits[at..]);
+    out.put_slice(&digits[at..]);
 }
 
 fn write_json_string(out: &mut Vec<u8>, s: &str) {
@@ -716,19 +716,17 @@ fn write_seconds(out: &mut Vec<u8>, secs: u64) {
 /// Appends `ip` as `Display` writes it; IPv4 (nearly every call in a
 /// cluster) without the formatting machinery, which costs more than the
 /// rest of the access-log line.
-pub(crate) fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+pub(crate) fn push_ip<B: bytes::BufMut + ?Sized>(out: &mut B, ip: std::net::IpAddr) {
     match ip {
         std::net::IpAddr::V4(v4) => {
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push(b'.');
+                    out.put_u8(b'.');
                 }
                 write_digits(out, u64::from(octet), 0);
             }
         }
-        std::net::IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
-        }
+        std::net::IpAddr::V6(v6) => out.put_slice(v6.to_string().as_bytes()),
     }
 }
 

@@ -52,6 +52,7 @@ use super::{ResponseFlag, ResponseFlags};
 
 #[cfg(test)]
 mod tests;
+mod wire;
 
 /// Counter: entries handed to an ALS stream.
 pub const ENTRIES_SENT_TOTAL: &str = "postern_als_entries_sent_total";
@@ -633,18 +634,6 @@ fn http_version(protocol: &str) -> HttpVersion {
 /// those named in `keep_headers` go into `request_headers`, repeated
 /// values joined with `,`.
 pub fn http_entry(log: &CallLog, keep_headers: &[HeaderName]) -> HttpAccessLogEntry {
-    let mut request_headers = std::collections::HashMap::new();
-    for (name, value) in &log.request_headers {
-        if keep_headers.contains(name) {
-            request_headers
-                .entry(name.as_str().to_owned())
-                .and_modify(|joined: &mut String| {
-                    joined.push(',');
-                    joined.push_str(&text(value));
-                })
-                .or_insert_with(|| text(value));
-        }
-    }
     HttpAccessLogEntry {
         common_properties: Some(common(log, AccessLogType::DownstreamEnd)),
         protocol_version: http_version(log.protocol) as i32,
@@ -659,7 +648,7 @@ pub fn http_entry(log: &CallLog, keep_headers: &[HeaderName]) -> HttpAccessLogEn
             user_agent: log.user_agent.as_ref().map(text).unwrap_or_default(),
             request_id: log.request_id.as_ref().map(text).unwrap_or_default(),
             request_body_bytes: log.bytes_received,
-            request_headers,
+            request_headers: request_headers(log, keep_headers),
             ..HttpRequestProperties::default()
         }),
         response: Some(HttpResponseProperties {
@@ -671,6 +660,26 @@ pub fn http_entry(log: &CallLog, keep_headers: &[HeaderName]) -> HttpAccessLogEn
             ..HttpResponseProperties::default()
         }),
     }
+}
+
+/// The call's kept request headers named in `keep_headers`, repeated
+/// values joined with `,`.
+fn request_headers(
+    log: &CallLog,
+    keep_headers: &[HeaderName],
+) -> std::collections::HashMap<String, String> {
+    let mut kept = std::collections::HashMap::new();
+    for (name, value) in &log.request_headers {
+        if keep_headers.contains(name) {
+            kept.entry(name.as_str().to_owned())
+                .and_modify(|joined: &mut String| {
+                    joined.push(',');
+                    joined.push_str(&text(value));
+                })
+                .or_insert_with(|| text(value));
+        }
+    }
+    kept
 }
 
 /// The Envoy entry for a TCP connection.
@@ -837,27 +846,33 @@ impl Batcher {
         }
     }
 
-    /// Adds an entry; returns its batch if that is now full.
-    fn push_http(&mut self, entry: &HttpAccessLogEntry, now: Instant) -> Option<Sealed> {
-        self.push(EntryKind::Http, entry, now)
+    /// Adds an HTTP call; returns its batch if that is now full.
+    fn push_http(
+        &mut self,
+        log: &CallLog,
+        keep_headers: &[HeaderName],
+        now: Instant,
+    ) -> Option<Sealed> {
+        self.push(EntryKind::Http, now, |out| {
+            wire::push_http(out, log, keep_headers);
+        })
     }
 
-    /// Adds an entry; returns its batch if that is now full.
-    fn push_tcp(&mut self, entry: &TcpAccessLogEntry, now: Instant) -> Option<Sealed> {
-        self.push(EntryKind::Tcp, entry, now)
+    /// Adds a TCP connection; returns its batch if that is now full.
+    fn push_tcp(&mut self, log: &CallLog, now: Instant) -> Option<Sealed> {
+        self.push(EntryKind::Tcp, now, |out| wire::push_tcp(out, log))
     }
 
     fn push(
         &mut self,
         kind: EntryKind,
-        entry: &impl prost::Message,
         now: Instant,
+        write_entry: impl FnOnce(&mut bytes::BytesMut),
     ) -> Option<Sealed> {
         self.start_clock(now);
         let (max_entries, max_bytes) = (self.max_entries, self.max_bytes);
         let batch = self.batch(kind);
-        // `log_entry` is field 1 of both entry lists.
-        prost::encoding::message::encode(1, entry, &mut batch.body);
+        write_entry(&mut batch.body);
         batch.count += 1;
         let full = batch.count >= max_entries as u64
             || max_bytes.is_some_and(|max| batch.body.len() >= max);
@@ -1302,10 +1317,8 @@ impl Worker {
     fn add(&mut self, log: &CallLog) {
         let now = Instant::now();
         let sealed = match log.kind {
-            CallKind::Http => self
-                .batcher
-                .push_http(&http_entry(log, &self.keep_headers), now),
-            CallKind::Tcp => self.batcher.push_tcp(&tcp_entry(log), now),
+            CallKind::Http => self.batcher.push_http(log, &self.keep_headers, now),
+            CallKind::Tcp => self.batcher.push_tcp(log, now),
         };
         self.outbox.extend(sealed);
     }

@@ -545,10 +545,10 @@ fn batches_seal_when_full_per_kind() {
     let now = Instant::now();
     let mut b = batcher(2, None);
     assert_eq!(b.deadline(), None);
-    assert!(b.push_http(&http_entry(&http_log(), &[]), now).is_none());
+    assert!(b.push_http(&http_log(), &[], now).is_none());
     assert_eq!(b.deadline(), Some(now + Duration::from_secs(1)));
-    assert!(b.push_tcp(&tcp_entry(&tcp_log()), now).is_none());
-    let sealed = b.push_http(&http_entry(&http_log(), &[]), now).unwrap();
+    assert!(b.push_tcp(&tcp_log(), now).is_none());
+    let sealed = b.push_http(&http_log(), &[], now).unwrap();
     assert_eq!(sealed.count, 2);
     assert!(matches!(decoded(&sealed), LogEntries::HttpLogs(h) if h.log_entry.len() == 2));
     // The TCP entry still waits, on the same clock.
@@ -563,21 +563,22 @@ fn batches_seal_when_full_per_kind() {
 #[test]
 fn batches_seal_by_encoded_size() {
     let now = Instant::now();
-    let entry = http_entry(&http_log(), &[]);
-    let size = entry.encoded_len();
+    let log = http_log();
+    let size = http_entry(&log, &[]).encoded_len();
     let mut b = batcher(100, Some(size * 2));
-    assert!(b.push_http(&entry, now).is_none());
-    let sealed = b.push_http(&entry, now).unwrap();
+    assert!(b.push_http(&log, &[], now).is_none());
+    let sealed = b.push_http(&log, &[], now).unwrap();
     assert_eq!(sealed.count, 2);
     // Zero bytes: every entry is its own message.
     let mut b = batcher(100, Some(0));
-    assert_eq!(b.push_http(&entry, now).unwrap().count, 1);
+    assert_eq!(b.push_http(&log, &[], now).unwrap().count, 1);
 }
 
 #[test]
 fn messages_are_encoded_as_prost_encodes_them() {
     let now = Instant::now();
-    let (http, tcp) = (http_entry(&http_log(), &[]), tcp_entry(&tcp_log()));
+    let (http_call, tcp_call) = (http_log(), tcp_log());
+    let (http, tcp) = (http_entry(&http_call, &[]), tcp_entry(&tcp_call));
     let identifier = Identifier {
         node: Some(Node {
             id: "sidecar~10.0.0.1~a.shop~shop.svc.cluster.local".into(),
@@ -588,10 +589,10 @@ fn messages_are_encoded_as_prost_encodes_them() {
     };
     let mut b = batcher(3, None);
     for _ in 0..2 {
-        assert!(b.push_http(&http, now).is_none());
+        assert!(b.push_http(&http_call, &[], now).is_none());
     }
-    assert!(b.push_tcp(&tcp, now).is_none());
-    let sealed = b.push_http(&http, now).unwrap();
+    assert!(b.push_tcp(&tcp_call, now).is_none());
+    let sealed = b.push_http(&http_call, &[], now).unwrap();
     let expected = StreamAccessLogsMessage {
         identifier: Some(identifier.clone()),
         log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
@@ -607,6 +608,73 @@ fn messages_are_encoded_as_prost_encodes_them() {
         })),
     };
     assert_eq!(rest[0].message(None), expected.encode_to_vec());
+}
+
+/// Calls that exercise every optional part of an entry.
+fn varied_calls() -> Vec<CallLog> {
+    let mut calls = vec![http_log(), tcp_log()];
+    let mut bare = http_log();
+    bare.method = None;
+    bare.authority = None;
+    bare.path = None;
+    bare.user_agent = None;
+    bare.request_id = None;
+    bare.status = 0;
+    bare.flags = ResponseFlags::default();
+    bare.upstream_ttfb = None;
+    bare.upstream_host = None;
+    bare.cluster = None;
+    bare.route = None;
+    bare.downstream_principal = None;
+    bare.mtls = false;
+    bare.request_headers.clear();
+    bare.bytes_received = 0;
+    bare.bytes_sent = 0;
+    bare.duration = Duration::ZERO;
+    calls.push(bare);
+    let mut odd = http_log();
+    odd.protocol = "HTTP/2";
+    odd.method = Some(Method::from_bytes(b"PURGE").unwrap());
+    odd.authority = Some(HeaderValue::from_bytes(b"caf\xe9.example").unwrap());
+    odd.path = Some(format!("/{}", "long-segment/".repeat(40)));
+    odd.downstream_addr = "[2001:db8::7]:50000".parse().unwrap();
+    odd.upstream_host = Some("[::1]:8443".parse().unwrap());
+    odd.downstream_principal = None;
+    odd.flags = {
+        let mut flags = ResponseFlags::default();
+        flags.insert(ResponseFlag::RbacDenied);
+        flags
+    };
+    odd.start_time = SystemTime::UNIX_EPOCH + Duration::new(4_000_000_000, 999_999_999);
+    odd.duration = Duration::new(400, 1);
+    odd.bytes_received = u64::MAX;
+    calls.push(odd);
+    let mut before_epoch = tcp_log();
+    before_epoch.start_time = SystemTime::UNIX_EPOCH - Duration::from_secs(1);
+    before_epoch.mtls = true;
+    calls.push(before_epoch);
+    calls
+}
+
+#[test]
+fn entries_written_from_calls_are_the_bytes_prost_writes() {
+    let keep = [HeaderName::from_static("x-tenant")];
+    for (i, call) in varied_calls().iter().enumerate() {
+        let mut direct = bytes::BytesMut::new();
+        let mut through_prost = bytes::BytesMut::new();
+        match call.kind {
+            CallKind::Http => {
+                // One kept header, so the map's order cannot differ.
+                wire::push_http(&mut direct, call, &keep);
+                prost::encoding::message::encode(1, &http_entry(call, &keep), &mut through_prost);
+            }
+            CallKind::Tcp => {
+                wire::push_tcp(&mut direct, call);
+                prost::encoding::message::encode(1, &tcp_entry(call), &mut through_prost);
+            }
+        }
+        assert_eq!(direct, through_prost, "call {i}");
+    }
 }
 
 #[test]

@@ -1,0 +1,184 @@
+//! Envoy's access-log entries written straight from a [`CallLog`] into a
+//! batch: what prost writes for [`super::http_entry`] and
+//! [`super::tcp_entry`] (a collector decodes the same message), without
+//! first building the message's strings and then walking it again to
+//! measure every nested message, which cost more than the rest of a
+//! call's telemetry together. The rare parts (TLS properties, response
+//! flags, kept request headers) still go through prost.
+
+use bytes::{BufMut as _, BytesMut};
+use http::{HeaderName, HeaderValue};
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use super::{envoy_response_flags, http_version, request_headers, request_method};
+use crate::telemetry::access_log::push_ip;
+use crate::telemetry::log::CallLog;
+use postern_proto::envoy::data::accesslog::v3::{tls_properties, AccessLogType, TlsProperties};
+
+/// `log_entry`, the field of both entry lists.
+const LOG_ENTRY: u32 = 1;
+
+/// Appends the call as one `log_entry` of an `HTTPAccessLogEntries`.
+pub(super) fn push_http(out: &mut BytesMut, log: &CallLog, keep_headers: &[HeaderName]) {
+    nested(out, LOG_ENTRY, |out| {
+        nested(out, 1, |out| common(out, log, AccessLogType::DownstreamEnd));
+        varint(out, 2, http_version(log.protocol) as u64);
+        nested(out, 3, |out| {
+            if let Some(method) = &log.method {
+                varint(out, 1, request_method(method) as u64);
+            }
+            header_text(out, 3, log.authority.as_ref());
+            if let Some(path) = &log.path {
+                string(out, 5, path);
+            }
+            header_text(out, 6, log.user_agent.as_ref());
+            header_text(out, 9, log.request_id.as_ref());
+            varint(out, 12, log.bytes_received);
+            if !keep_headers.is_empty() {
+                prost::encoding::hash_map::encode(
+                    prost::encoding::string::encode,
+                    prost::encoding::string::encoded_len,
+                    prost::encoding::string::encode,
+                    prost::encoding::string::encoded_len,
+                    13,
+                    &request_headers(log, keep_headers),
+                    out,
+                );
+            }
+        });
+        nested(out, 4, |out| {
+            // 0: no response was sent.
+            if log.status != 0 {
+                nested(out, 1, |out| varint(out, 1, u64::from(log.status)));
+            }
+            varint(out, 3, log.bytes_sent);
+        });
+    });
+}
+
+/// Appends the connection as one `log_entry` of a `TCPAccessLogEntries`.
+pub(super) fn push_tcp(out: &mut BytesMut, log: &CallLog) {
+    nested(out, LOG_ENTRY, |out| {
+        nested(out, 1, |out| {
+            common(out, log, AccessLogType::TcpConnectionEnd)
+        });
+        nested(out, 2, |out| {
+            varint(out, 1, log.bytes_received);
+            varint(out, 2, log.bytes_sent);
+        });
+    });
+}
+
+/// `AccessLogCommon`, as [`super::common`] fills it.
+fn common(out: &mut BytesMut, log: &CallLog, kind: AccessLogType) {
+    encode_key(1, WireType::SixtyFourBit, out);
+    out.put_f64_le(1.0); // sample_rate
+    address(out, 2, log.downstream_addr);
+    if log.mtls || log.downstream_principal.is_some() {
+        let tls = TlsProperties {
+            peer_certificate_properties: log.downstream_principal.as_ref().map(|id| {
+                tls_properties::CertificateProperties {
+                    subject_alt_name: vec![
+                        tls_properties::certificate_properties::SubjectAltName {
+                            san: Some(
+                                tls_properties::certificate_properties::subject_alt_name::San::Uri(
+                                    id.to_string(),
+                                ),
+                            ),
+                        },
+                    ],
+                    ..Default::default()
+                }
+            }),
+            ..TlsProperties::default()
+        };
+        prost::encoding::message::encode(4, &tls, out);
+    }
+    if let Ok(since) = log.start_time.duration_since(SystemTime::UNIX_EPOCH) {
+        duration(out, 5, since);
+    }
+    if let Some(ttfb) = log.upstream_ttfb {
+        duration(out, 9, ttfb);
+    }
+    duration(out, 12, log.duration); // time_to_last_downstream_tx_byte
+    if let Some(upstream) = log.upstream_host {
+        address(out, 13, upstream);
+    }
+    if let Some(cluster) = &log.cluster {
+        string(out, 15, cluster);
+    }
+    if let Some(flags) = envoy_response_flags(log.flags) {
+        prost::encoding::message::encode(16, &flags, out);
+    }
+    if let Some(route) = &log.route {
+        string(out, 19, route);
+    }
+    duration(out, 23, log.duration);
+    varint(out, 33, kind as u64);
+}
+
+/// A `config.core.v3.Address` holding a TCP `SocketAddress`.
+fn address(out: &mut BytesMut, tag: u32, addr: SocketAddr) {
+    nested(out, tag, |out| {
+        nested(out, 1, |out| {
+            nested(out, 2, |out| push_ip(out, addr.ip()));
+            varint(out, 3, u64::from(addr.port()));
+        });
+    });
+}
+
+/// A `google.protobuf.Duration` or `Timestamp` (the same two fields).
+fn duration(out: &mut BytesMut, tag: u32, d: Duration) {
+    nested(out, tag, |out| {
+        varint(out, 1, d.as_secs().min(i64::MAX as u64));
+        varint(out, 2, u64::from(d.subsec_nanos()));
+    });
+}
+
+/// A varint field, left out when zero as proto3 does.
+fn varint(out: &mut BytesMut, tag: u32, value: u64) {
+    if value != 0 {
+        encode_key(tag, WireType::Varint, out);
+        encode_varint(value, out);
+    }
+}
+
+/// A string field, left out when empty as proto3 does.
+fn string(out: &mut BytesMut, tag: u32, value: &str) {
+    if !value.is_empty() {
+        encode_key(tag, WireType::LengthDelimited, out);
+        encode_varint(value.len() as u64, out);
+        out.put_slice(value.as_bytes());
+    }
+}
+
+/// A header's text, invalid UTF-8 replaced as [`super::text`] does.
+fn header_text(out: &mut BytesMut, tag: u32, value: Option<&HeaderValue>) {
+    if let Some(value) = value {
+        match std::str::from_utf8(value.as_bytes()) {
+            Ok(text) => string(out, tag, text),
+            Err(_) => string(out, tag, &String::from_utf8_lossy(value.as_bytes())),
+        }
+    }
+}
+
+/// A length-delimited field whose length is known only once `body` has
+/// written it: one byte is set aside, and the body moved along in the rare
+/// case its length needs more.
+fn nested(out: &mut BytesMut, tag: u32, body: impl FnOnce(&mut BytesMut)) {
+    encode_key(tag, WireType::LengthDelimited, out);
+    let at = out.len();
+    out.put_u8(0);
+    body(out);
+    let end = out.len();
+    let len = end - at - 1;
+    let width = encoded_len_varint(len as u64);
+    if width > 1 {
+        out.resize(end + width - 1, 0);
+        out.copy_within(at + 1..end, at + width);
+    }
+    let mut prefix = &mut out[at..at + width];
+    encode_varint(len as u64, &mut prefix);
+}
