@@ -486,7 +486,7 @@ where
 }
 
 /// Copies one direction, counting into `moved`; on EOF it half-closes the
-/// other side's write.
+/// other side's write. Each chunk is flushed before the next read.
 async fn copy_half<R, W>(
     reader: &mut R,
     writer: &mut W,
@@ -505,6 +505,12 @@ where
             return writer.shutdown().await;
         }
         writer.write_all(&buf[..n]).await?;
+        // A TLS writer reports a write done once the session holds the
+        // bytes, even when the socket took only part of the record; the
+        // rest goes out on the next write or a flush. Without this flush a
+        // sender that waits for an answer before sending more (or closing)
+        // waits forever for bytes the relay still holds.
+        writer.flush().await?;
         moved.fetch_add(n as u64, Ordering::Relaxed);
         last_active.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
@@ -538,5 +544,87 @@ mod tests {
         // Both ends stay open and silent: the relay must end by idling out.
         let (sent, received, how) = relay.await.unwrap();
         assert_eq!((sent, received, how), (5, 2, "idle_timeout"));
+    }
+
+    /// Bytes of a TLS record with a full 16 KiB of plaintext can never go
+    /// out in one write through a pipe this small, whatever the scheduling.
+    const NARROW_PIPE: usize = 4096;
+
+    /// Both ends of one TLS session, handshake done, over an in-memory pipe
+    /// of [`NARROW_PIPE`] bytes: (client side, server side). A pipe rather
+    /// than a socket because its capacity is exact, which is what makes the
+    /// stall below certain instead of likely.
+    async fn narrow_tls_pair() -> (
+        tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
+        tokio_rustls::server::TlsStream<tokio::io::DuplexStream>,
+    ) {
+        let issued = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = issued.cert.der().clone();
+        let key =
+            rustls_pki_types::PrivateKeyDer::try_from(issued.signing_key.serialize_der()).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(postern_certs::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(postern_certs::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (client_io, server_io) = tokio::io::duplex(NARROW_PIPE);
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(
+            tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, client_io),
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(server_io),
+        );
+        (client.unwrap(), server.unwrap())
+    }
+
+    /// Sends `body` into `near` (the plain side of a relay) and reads it
+    /// back from `far` (the TLS side), with both connections left open the
+    /// whole time, as a request/response protocol over TCP does while it
+    /// waits for the answer.
+    async fn assert_relayed_whole<F>(
+        mut near: tokio::io::DuplexStream,
+        mut far: F,
+        relay: tokio::task::JoinHandle<(u64, u64, &'static str)>,
+    ) where
+        F: AsyncRead + AsyncWrite + Unpin,
+    {
+        // Whole records: every chunk the relay reads fills a TLS record.
+        let body: Vec<u8> = (0..4 * COPY_BUF).map(|i| (i % 251) as u8).collect();
+        near.write_all(&body).await.unwrap();
+        let mut got = vec![0u8; body.len()];
+        let read = tokio::time::timeout(Duration::from_secs(5), far.read_exact(&mut got)).await;
+        assert!(
+            read.is_ok(),
+            "the relay kept the tail of the body in its TLS session while its sender waited"
+        );
+        assert!(got == body, "the body arrived altered");
+        relay.abort();
+    }
+
+    // The integrity suite's large TCP request hung on this: the relay wrote
+    // the last chunk into the TLS session, the socket took only part of the
+    // record, and the rest waited for a flush that only EOF would bring,
+    // while the client waited for the answer before closing.
+    #[tokio::test]
+    async fn relay_delivers_the_tail_of_a_body_to_a_tls_upstream_before_eof() {
+        let (near, relay_down) = tokio::io::duplex(1 << 20);
+        let (relay_up, backend) = narrow_tls_pair().await;
+        let relay = tokio::spawn(relay(relay_down, relay_up, Duration::from_secs(60)));
+        assert_relayed_whole(near, backend, relay).await;
+    }
+
+    #[tokio::test]
+    async fn relay_delivers_the_tail_of_a_reply_to_a_tls_downstream_before_eof() {
+        let (client, relay_down) = narrow_tls_pair().await;
+        let (relay_up, backend) = tokio::io::duplex(1 << 20);
+        let relay = tokio::spawn(relay(relay_down, relay_up, Duration::from_secs(60)));
+        assert_relayed_whole(backend, client, relay).await;
     }
 }

@@ -63,6 +63,8 @@ pub struct Outcome {
 pub struct Journal {
     start: Instant,
     outcomes: Mutex<Vec<Outcome>>,
+    /// Requests begun and not yet noted, with their protocol and start.
+    in_flight: Mutex<std::collections::HashMap<String, (Proto, Duration)>>,
 }
 
 impl Journal {
@@ -71,7 +73,36 @@ impl Journal {
         Arc::new(Journal {
             start: Instant::now(),
             outcomes: Mutex::new(Vec::new()),
+            in_flight: Mutex::default(),
         })
+    }
+
+    /// Requests begun and not yet answered, oldest first, each as
+    /// `id (proto, for N s)`: what a stuck run was waiting for.
+    pub fn in_flight(&self) -> Vec<String> {
+        let now = self.elapsed();
+        let mut open: Vec<(Duration, String)> = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(id, (proto, started))| {
+                let age = now.saturating_sub(*started);
+                (
+                    *started,
+                    format!("{id} ({proto:?}, for {:.1} s)", age.as_secs_f64()),
+                )
+            })
+            .collect();
+        open.sort();
+        open.into_iter().map(|(_, line)| line).collect()
+    }
+
+    fn begin(&self, id: &str, proto: Proto) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.to_owned(), (proto, self.elapsed()));
     }
 
     /// Every outcome so far.
@@ -88,6 +119,10 @@ impl Journal {
     }
 
     fn push(&self, outcome: Outcome) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&outcome.id);
         self.outcomes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -276,6 +311,7 @@ impl Sender {
 /// Sends `call` on `sender`, notes the outcome and returns whether it went
 /// well (if not, the connection is best dropped).
 pub async fn call_http(journal: &Journal, sender: &mut Sender, call: HttpCall) -> bool {
+    journal.begin(&call.id, call.proto);
     let started = journal.elapsed();
     let t0 = Instant::now();
     let (request, sent) = call.request();
@@ -427,6 +463,7 @@ pub async fn tcp_call(
     len: u64,
     reply_len: u64,
 ) -> bool {
+    journal.begin(&id, Proto::Tcp);
     let started = journal.elapsed();
     let t0 = Instant::now();
     let result = tcp_exchange(addr, &id, len, reply_len).await;
@@ -539,6 +576,9 @@ pub async fn grpc_chat(
     journal: &Journal,
     messages: Vec<(String, usize)>,
 ) -> bool {
+    for (id, _) in &messages {
+        journal.begin(id, Proto::Grpc);
+    }
     let started = journal.elapsed();
     let t0 = Instant::now();
     let sent: Arc<Mutex<Vec<Digest>>> = Arc::default();

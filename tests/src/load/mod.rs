@@ -82,6 +82,10 @@ pub struct LoadConfig {
     pub drain_probe_bytes: u64,
     /// Where the proxy's log goes (a temporary file when `None`).
     pub log_file: Option<PathBuf>,
+    /// How long after the load starts the large transfers may still run;
+    /// past it [`run`] fails, naming the requests still in flight. `None`
+    /// waits as long as they take.
+    pub give_up_after: Option<Duration>,
 }
 
 impl LoadConfig {
@@ -104,6 +108,7 @@ impl LoadConfig {
             sample_every: Duration::from_secs(1),
             drain_probe_bytes: 16 << 20,
             log_file: None,
+            give_up_after: None,
         }
     }
 }
@@ -224,10 +229,13 @@ fn mesh_yaml(version: u64, a: Ends, b: Ends, changes: Changes) -> String {
         (50, 50, 70, 30)
     };
     let grpc = if flip { "mesh-alt" } else { "mesh" };
+    // No route deadline (`timeout: 0s`, as Istio sets by default): the
+    // default 15 s runs from the request's start, so a large upload on a
+    // busy machine would end in a 504 that says nothing about integrity.
     let mut routes = [
-        format!("{{ prefix: /h1/, weighted: [{{ cluster: plain, weight: {w1} }}, {{ cluster: mesh, weight: {w2} }}] }}"),
-        format!("{{ prefix: /h2/, weighted: [{{ cluster: mesh, weight: {w3} }}, {{ cluster: mesh-alt, weight: {w4} }}] }}"),
-        format!("{{ prefix: /postern.test.echo.Echo/, cluster: {grpc} }}"),
+        format!("{{ prefix: /h1/, timeout: 0s, weighted: [{{ cluster: plain, weight: {w1} }}, {{ cluster: mesh, weight: {w2} }}] }}"),
+        format!("{{ prefix: /h2/, timeout: 0s, weighted: [{{ cluster: mesh, weight: {w3} }}, {{ cluster: mesh-alt, weight: {w4} }}] }}"),
+        format!("{{ prefix: /postern.test.echo.Echo/, timeout: 0s, cluster: {grpc} }}"),
     ];
     if flip {
         routes.reverse();
@@ -603,7 +611,19 @@ identity:
     };
 
     tokio::time::sleep(config.duration).await;
-    let big = big.await.context("large transfers")?;
+    let big = match config.give_up_after {
+        Some(limit) => {
+            let left = limit.saturating_sub(journal.elapsed());
+            match tokio::time::timeout(left, big).await {
+                Ok(joined) => joined.context("large transfers")?,
+                Err(_) => bail!(
+                    "the large transfers were still running {limit:?} after the load started; in flight: {}",
+                    in_flight_list(&journal)
+                ),
+            }
+        }
+        None => big.await.context("large transfers")?,
+    };
 
     // The drain: no new request starts; one request is held in flight, half
     // its body sent, when SIGTERM arrives, and must then complete.
@@ -675,7 +695,10 @@ identity:
     rotation.abort();
     let mut nacks = lock(&nacks).clone();
     if joined.is_err() {
-        nacks.push("clients still running 60 s after SIGTERM".into());
+        nacks.push(format!(
+            "clients still running 60 s after SIGTERM; in flight: {}",
+            in_flight_list(&journal)
+        ));
     }
     let report = Report {
         outcomes: journal.outcomes(),
@@ -719,6 +742,25 @@ impl ProcProbe {
             fds,
         })
     }
+}
+
+/// The journal's requests in flight, the first twenty of them, on one line.
+fn in_flight_list(journal: &Journal) -> String {
+    const SHOWN: usize = 20;
+    let open = journal.in_flight();
+    let mut line = open
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if open.len() > SHOWN {
+        line.push_str(&format!(" and {} more", open.len() - SHOWN));
+    }
+    if open.is_empty() {
+        line.push_str("none");
+    }
+    line
 }
 
 fn humantime_secs(d: Duration) -> String {
