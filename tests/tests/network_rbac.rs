@@ -133,6 +133,13 @@ async fn a_new_policy_closes_the_connections_it_no_longer_allows() {
         proxy.listener_addr("db").is_some()
     })
     .await;
+    // The listener can be bound before the cluster it proxies to has
+    // arrived (as in Envoy, a TCP listener does not wait for clusters):
+    // until then a connection has nowhere to go.
+    wait_event(&mut events, "ACK of the cluster", |e| {
+        is_ack(e, type_url::CLUSTER, "1")
+    })
+    .await;
     let addr = proxy.listener_addr("db").expect("db listener");
     let mut kept = TcpStream::connect(addr).await.expect("connect");
     assert!(echoes(&mut kept).await, "allowed caller proxied");
