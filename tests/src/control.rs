@@ -106,6 +106,25 @@ pub async fn wait_event(
     .await
 }
 
+/// Waits until each `(type_url, version)` of `acks` has been ACKed, in
+/// whatever order the proxy applies them: a listener can be in before the
+/// clusters it sends to.
+pub async fn wait_acks(events: &mut broadcast::Receiver<AdsEvent>, acks: &[(&str, &str)]) {
+    let mut missing = acks.to_vec();
+    crate::within(crate::EVENTUALLY_TIMEOUT, "ACKs", async {
+        while !missing.is_empty() {
+            match events.recv().await {
+                Ok(event) => {
+                    missing.retain(|(type_url, version)| !is_ack(&event, type_url, version))
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => panic!("event stream closed"),
+            }
+        }
+    })
+    .await;
+}
+
 /// Whether `event` is a NACK of `type_url`.
 pub fn is_nack(event: &AdsEvent, type_url: &str) -> bool {
     event.type_url == type_url && matches!(event.kind, AdsEventKind::Nack { .. })

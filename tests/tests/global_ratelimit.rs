@@ -22,7 +22,7 @@ use postern_proto::envoy::service::ratelimit::v3::rate_limit_service_server::{
 };
 use postern_proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use postern_proto::type_url;
-use postern_tests::control::{is_ack, is_nack, wait_event, ControlPlane};
+use postern_tests::control::{is_ack, is_nack, wait_acks, wait_event, ControlPlane};
 use postern_tests::envoy::{http_listener_with_filters, static_cluster};
 use postern_tests::prom::scrape;
 use postern_tests::{
@@ -405,9 +405,10 @@ xds: {{ address: "{}", initial_backoff: 50ms, max_backoff: 500ms }}
         cp.url()
     ))
     .await;
-    wait_event(&mut events, "listener ACK", |e| {
-        is_ack(e, type_url::LISTENER, "1")
-    })
+    wait_acks(
+        &mut events,
+        &[(type_url::CLUSTER, "1"), (type_url::LISTENER, "1")],
+    )
     .await;
     wait_until("listener bound", || async {
         proxy.listener_addr("rl").is_some()

@@ -14,7 +14,7 @@ use postern_proto::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_pro
 use postern_proto::envoy::r#type::matcher::v3 as matcher;
 use postern_proto::google::protobuf::UInt32Value;
 use postern_proto::type_url;
-use postern_tests::control::{is_ack, is_nack, wait_event, ControlPlane};
+use postern_tests::control::{is_ack, is_nack, wait_acks, wait_event, ControlPlane};
 use postern_tests::envoy::static_cluster;
 use postern_tests::tcp_backend::TcpBackend;
 use postern_tests::{start_proxy, wait_until, within};
@@ -136,10 +136,7 @@ async fn a_new_policy_closes_the_connections_it_no_longer_allows() {
     // The listener can be bound before the cluster it proxies to has
     // arrived (as in Envoy, a TCP listener does not wait for clusters):
     // until then a connection has nowhere to go.
-    wait_event(&mut events, "ACK of the cluster", |e| {
-        is_ack(e, type_url::CLUSTER, "1")
-    })
-    .await;
+    wait_acks(&mut events, &[(type_url::CLUSTER, "1")]).await;
     let addr = proxy.listener_addr("db").expect("db listener");
     let mut kept = TcpStream::connect(addr).await.expect("connect");
     assert!(echoes(&mut kept).await, "allowed caller proxied");
