@@ -22,7 +22,7 @@ use postern_proto::envoy::service::ratelimit::v3::rate_limit_service_server::{
 };
 use postern_proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use postern_proto::type_url;
-use postern_tests::control::{is_ack, is_nack, wait_acks, wait_event, ControlPlane};
+use postern_tests::control::{is_nack, wait_acks, wait_event, ControlPlane};
 use postern_tests::envoy::{http_listener_with_filters, static_cluster};
 use postern_tests::prom::scrape;
 use postern_tests::{
