@@ -12,7 +12,7 @@ pub mod trace;
 pub use record::{CallRecord, ListenerTelemetry, TelemetryHub};
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, OnceLock, RwLock};
+use std::sync::{Arc, LazyLock, OnceLock, RwLock, Weak};
 
 use ::metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -321,12 +321,50 @@ fn status_label(code: u16) -> &'static str {
 #[derive(Debug)]
 pub struct CallMetrics {
     listener: Arc<str>,
-    counters: RwLock<HandleMap<CounterKey, Counter>>,
-    histograms: RwLock<HandleMap<(usize, usize), Histogram>>,
+    counters: RwLock<Handles<CounterKey, Counter>>,
+    histograms: RwLock<Handles<(usize, usize), Histogram>>,
 }
 
 /// Metric handles by name addresses, with the names they stand for.
-type HandleMap<K, H> = HashMap<K, (H, NamePair), AddressHash>;
+///
+/// Each config push builds its routes anew, so the same route and cluster
+/// names come back at new addresses: without pruning, every push would add
+/// entries for the names of the configs it replaced (the soak's RSS growth,
+/// issue #8). Entries whose names no config holds any more are dropped,
+/// amortised over inserts.
+#[derive(Debug)]
+struct Handles<K, H> {
+    map: HashMap<K, (H, NamePair), AddressHash>,
+    /// Size at which the next insert prunes first: twice what the last
+    /// prune kept, so pruning costs O(1) per insert.
+    prune_at: usize,
+}
+
+/// Fewest entries before pruning is worth a pass.
+const MIN_PRUNE_AT: usize = 64;
+
+impl<K: std::hash::Hash + Eq + Copy, H: Clone> Handles<K, H> {
+    fn new() -> Self {
+        Handles {
+            map: HashMap::with_hasher(AddressHash),
+            prune_at: MIN_PRUNE_AT,
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<H> {
+        self.map.get(key).map(|(h, _)| h.clone())
+    }
+
+    fn insert(&mut self, key: K, handle: H, route: &Arc<str>, cluster: &Arc<str>) {
+        if self.map.len() >= self.prune_at {
+            self.map
+                .retain(|_, (_, (r, c))| r.strong_count() > 0 && c.strong_count() > 0);
+            self.prune_at = (self.map.len() * 2).max(MIN_PRUNE_AT);
+        }
+        let names = (Arc::downgrade(route), Arc::downgrade(cluster));
+        self.map.insert(key, (handle, names));
+    }
+}
 
 /// A cheap hasher for keys made of addresses and small numbers: SipHash's
 /// flood resistance buys nothing here, since no key comes from a request.
@@ -367,10 +405,13 @@ impl std::hash::Hasher for AddressHasher {
     }
 }
 
-/// Route and cluster names by address; the map keeps them alive, so an
-/// address cannot be reused by another name while it is a key.
+/// Route and cluster names by address, status and flags.
 type CounterKey = (usize, usize, u16, ResponseFlags);
-type NamePair = (Arc<str>, Arc<str>);
+/// The route and cluster names of an entry. Weak, so that the entry does
+/// not keep a replaced config's names alive; a weak reference still keeps
+/// the allocation, so an address cannot be reused by another name while it
+/// is a key.
+type NamePair = (Weak<str>, Weak<str>);
 
 fn address(name: &Arc<str>) -> usize {
     Arc::as_ptr(name) as *const u8 as usize
@@ -381,8 +422,8 @@ impl CallMetrics {
     pub fn new(listener: Arc<str>) -> Arc<Self> {
         Arc::new(CallMetrics {
             listener,
-            counters: RwLock::new(HashMap::with_hasher(AddressHash)),
-            histograms: RwLock::new(HashMap::with_hasher(AddressHash)),
+            counters: RwLock::new(Handles::new()),
+            histograms: RwLock::new(Handles::new()),
         })
     }
 
@@ -395,11 +436,7 @@ impl CallMetrics {
         seconds: f64,
     ) {
         let key = (address(route), address(cluster), status, flags);
-        let counter = self
-            .counters
-            .read()
-            .ok()
-            .and_then(|m| m.get(&key).map(|(c, _)| c.clone()));
+        let counter = self.counters.read().ok().and_then(|m| m.get(&key));
         let counter = counter.unwrap_or_else(|| {
             let counter = ::metrics::counter!(
                 names::HTTP_REQUESTS_TOTAL,
@@ -410,18 +447,14 @@ impl CallMetrics {
                 "flags" => flags.as_str(),
             );
             if let Ok(mut map) = self.counters.write() {
-                map.insert(key, (counter.clone(), (route.clone(), cluster.clone())));
+                map.insert(key, counter.clone(), route, cluster);
             }
             counter
         });
         counter.increment(1);
 
         let pair = (key.0, key.1);
-        let histogram = self
-            .histograms
-            .read()
-            .ok()
-            .and_then(|m| m.get(&pair).map(|(h, _)| h.clone()));
+        let histogram = self.histograms.read().ok().and_then(|m| m.get(&pair));
         let histogram = histogram.unwrap_or_else(|| {
             let histogram = ::metrics::histogram!(
                 names::HTTP_REQUEST_DURATION_SECONDS,
@@ -430,10 +463,74 @@ impl CallMetrics {
                 "cluster" => cluster.clone(),
             );
             if let Ok(mut map) = self.histograms.write() {
-                map.insert(pair, (histogram.clone(), (route.clone(), cluster.clone())));
+                map.insert(pair, histogram.clone(), route, cluster);
             }
             histogram
         });
         histogram.record(seconds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    use super::{address, CallMetrics, ResponseFlags, MIN_PRUNE_AT};
+
+    /// Each push translates the config anew, so a listener sees the same
+    /// route and cluster names at new addresses: the handle maps must not
+    /// grow with the number of pushes, and the series must carry on.
+    #[test]
+    fn call_metrics_stay_bounded_across_config_pushes() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let calls = CallMetrics::new(Arc::from("http"));
+        // A route of a config that stays: its entry must survive pruning.
+        let kept: Arc<str> = Arc::from("kept");
+        let pushes = 20 * MIN_PRUNE_AT;
+        metrics::with_local_recorder(&recorder, || {
+            calls.record(&kept, &kept, 200, ResponseFlags::default(), 0.001);
+            for _ in 0..pushes {
+                let route: Arc<str> = Arc::from("default");
+                let cluster: Arc<str> = Arc::from("backend");
+                calls.record(&route, &cluster, 200, ResponseFlags::default(), 0.001);
+            }
+        });
+        let key = (
+            address(&kept),
+            address(&kept),
+            200,
+            ResponseFlags::default(),
+        );
+        let counters = calls.counters.read().unwrap();
+        let histograms = calls.histograms.read().unwrap();
+        assert!(
+            counters.map.len() <= MIN_PRUNE_AT,
+            "{} counter handles after {pushes} pushes",
+            counters.map.len()
+        );
+        assert!(histograms.map.len() <= MIN_PRUNE_AT);
+        assert!(
+            counters.map.contains_key(&key),
+            "a live route's handle was pruned"
+        );
+        assert!(histograms.map.contains_key(&(key.0, key.1)));
+        let requests =
+            snapshotter
+                .snapshot()
+                .into_vec()
+                .into_iter()
+                .find_map(|(key, _, _, value)| {
+                    let route = key.key().labels().find(|l| l.key() == "route")?;
+                    match value {
+                        DebugValue::Counter(n) if route.value() == "default" => Some(n),
+                        _ => None,
+                    }
+                });
+        assert_eq!(requests, Some(pushes as u64));
     }
 }
