@@ -62,68 +62,6 @@ async fn route_timeout_answers_504() {
     assert_eq!(get(edge, "svc.local", "/").await.status, 200);
 }
 
-/// As in Envoy, the route timeout starts once the caller has sent its whole
-/// request: an upload that takes longer than the timeout to arrive is not
-/// cut off, and the wait for the answer after it still is.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn route_timeout_starts_when_the_request_body_ends() {
-    use http_body_util::{BodyExt, StreamBody};
-    use hyper::body::Frame;
-    const CHUNKS: usize = 6;
-    const CHUNK: usize = 4096;
-    let backend = HttpBackend::start("upload").await;
-    let proxy = start_proxy(&one_route(
-        "            timeout: 300ms",
-        "",
-        &[backend.addr()],
-    ))
-    .await;
-    let edge = listener(&proxy, "edge");
-    let upload = |delay_ms: &'static str| {
-        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
-        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv()
-                .await
-                .map(|chunk| (Ok::<_, postern_tests::BoxError>(Frame::data(chunk)), rx))
-        });
-        let req = request("PUT", "svc.local", "/upload")
-            .header("content-length", (CHUNKS * CHUNK).to_string())
-            .header("x-test-delay-ms", delay_ms)
-            .body(BodyExt::boxed(StreamBody::new(frames)))
-            .unwrap();
-        // The caller pauses between chunks: the body takes about 750 ms
-        // to arrive, well past the route's 300 ms.
-        let feeder = tokio::spawn(async move {
-            for _ in 0..CHUNKS {
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                if tx
-                    .send(bytes::Bytes::from(vec![b'u'; CHUNK]))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
-        (req, feeder)
-    };
-
-    let (req, feeder) = upload("0");
-    let response = send(edge, req).await;
-    feeder.await.unwrap();
-    assert_eq!(response.status, 200, "a slow upload is not a slow upstream");
-    assert_eq!(
-        response.header("x-received-bytes"),
-        Some((CHUNKS * CHUNK).to_string().as_str())
-    );
-
-    // Once the body is in, the upstream has the route's 300 ms.
-    let (req, feeder) = upload("3000");
-    let response = send(edge, req).await;
-    feeder.await.unwrap();
-    assert_eq!(response.status, 504, "the answer still has a deadline");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_try_timeout_retries_on_a_fresh_try() {
     let backend = HttpBackend::start("b").await;

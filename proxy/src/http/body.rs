@@ -49,8 +49,6 @@ pub enum RequestBody {
         limit: u64,
         /// Counts the bytes that passed, for telemetry.
         counter: Option<Arc<AtomicU64>>,
-        /// Told when the last frame has passed (or the body is dropped).
-        ended: Option<tokio::sync::oneshot::Sender<()>>,
     },
 }
 
@@ -84,17 +82,7 @@ impl RequestBody {
             remaining: limit,
             limit: limit.unwrap_or(u64::MAX),
             counter: None,
-            ended: None,
         }
-    }
-
-    /// Tells `ended` when the downstream body has been read to its end, so
-    /// a route timeout can start there, as Envoy's does.
-    pub fn signal_end(mut self, ended: tokio::sync::oneshot::Sender<()>) -> Self {
-        if let RequestBody::Streaming { ended: slot, .. } = &mut self {
-            *slot = Some(ended);
-        }
-        self
     }
 
     /// Counts the bytes that pass in `counter`.
@@ -127,14 +115,8 @@ impl Body for RequestBody {
                 remaining,
                 limit,
                 counter,
-                ended,
             } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    if frame.is_trailers() {
-                        if let Some(ended) = ended.take() {
-                            let _ = ended.send(());
-                        }
-                    }
                     if let (Some(counter), Some(data)) = (counter.as_ref(), frame.data_ref()) {
                         counter.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
@@ -150,12 +132,7 @@ impl Body for RequestBody {
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(Box::new(err)))),
-                Poll::Ready(None) => {
-                    if let Some(ended) = ended.take() {
-                        let _ = ended.send(());
-                    }
-                    Poll::Ready(None)
-                }
+                Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
         }

@@ -1050,10 +1050,7 @@ impl HttpProxy {
             _ => BodySource::Streaming(Some(body)),
         };
 
-        // As in Envoy, the route timeout runs from the end of the request:
-        // from here for a buffered (or empty) body, from its last byte for
-        // a streamed one, so a large upload is not cut off for being large.
-        let deadline = forward.timeout.map(|t| Instant::now() + t);
+        let deadline = forward.timeout.map(|t| record.start() + t);
         let mut attempt: u32 = 0;
         let mut _retry_guard: Option<RetryGuard> = None;
         let mut head = head;
@@ -1068,21 +1065,11 @@ impl HttpProxy {
                 }
             };
             let last_try = policy.is_none_or(|p| attempt >= p.max_attempts);
-            let mut body_end = None;
             let body = match &mut source {
                 BodySource::Buffered(data, trailers) => RequestBody::replay(data, trailers),
                 BodySource::Streaming(incoming) => match incoming.take() {
-                    Some(incoming) => {
-                        let body = RequestBody::streaming(incoming, body_limit)
-                            .counted(record.request_counter());
-                        if body.is_end_stream() {
-                            body
-                        } else {
-                            let (ended, end) = tokio::sync::oneshot::channel();
-                            body_end = Some(end);
-                            body.signal_end(ended)
-                        }
-                    }
+                    Some(incoming) => RequestBody::streaming(incoming, body_limit)
+                        .counted(record.request_counter()),
                     None => RequestBody::Empty,
                 },
             };
@@ -1101,20 +1088,9 @@ impl HttpProxy {
                 (a, b) => a.or(b),
             };
             let send = endpoint.endpoint().pool.send(upstream_request);
-            let result = match (try_timeout, body_end) {
-                (Some(t), Some(body_end)) => {
-                    // A body dropped unread ends the wait as well.
-                    let expired = async {
-                        let _ = body_end.await;
-                        tokio::time::sleep(t).await;
-                    };
-                    tokio::select! {
-                        result = send => Some(result),
-                        () = expired => None,
-                    }
-                }
-                (Some(t), None) => tokio::time::timeout(t, send).await.ok(),
-                (None, _) => Some(send.await),
+            let result = match try_timeout {
+                Some(t) => tokio::time::timeout(t, send).await.ok(),
+                None => Some(send.await),
             };
             // Whatever came of it, the endpoint tried is the one to report;
             // its identity is known once a handshake has been made.
