@@ -481,7 +481,7 @@ impl AccessLog {
             .filter(|(name, _)| self.request_headers.contains(name))
         {
             // Header names are tokens: nothing in them needs escaping.
-            put_key_parts(out, &mut first, "req_", name.as_str());
+            put_header_key(out, &mut first, name);
             Value::Text(&String::from_utf8_lossy(value.as_bytes())).write(out);
         }
         out.extend_from_slice(b"}\n");
@@ -571,20 +571,19 @@ impl Value<'_> {
     }
 }
 
-fn put_key_parts(out: &mut Vec<u8>, first: &mut bool, prefix: &str, key: &str) {
-    out.reserve(prefix.len() + key.len() + 4);
+/// Writes `"req_<name>":` for a kept request header.
+fn put_header_key(out: &mut Vec<u8>, first: &mut bool, name: &HeaderName) {
     if !*first {
         out.push(b',');
     }
     *first = false;
-    out.push(b'"');
-    out.extend_from_slice(prefix.as_bytes());
-    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\"req_");
+    out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b"\":");
 }
 
 /// Writes `n` in decimal, zero-padded to `width` digits.
-pub(crate) fn write_digits<B: bytes::BufMut + ?Sized>(out: &mut B, mut n: u64, width: usize) {
+fn write_digits<B: bytes::BufMut + ?Sized>(out: &mut B, mut n: u64, width: usize) {
     if width == 0 {
         out.put_slice(itoa::Buffer::new().format(n).as_bytes());
         return;
@@ -731,7 +730,7 @@ pub(crate) fn push_ip<B: bytes::BufMut + ?Sized>(out: &mut B, ip: std::net::IpAd
 }
 
 /// Appends `addr` as `Display` writes it (`ip:port`, `[ip6]:port`).
-pub(crate) fn push_socket_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
+fn push_socket_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
     match addr {
         std::net::SocketAddr::V4(v4) => {
             push_ip(out, std::net::IpAddr::V4(*v4.ip()));

@@ -12,10 +12,10 @@ use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
-use super::{envoy_response_flags, http_version, request_headers, request_method};
+use super::{envoy_response_flags, http_version, request_headers, request_method, tls_properties};
 use crate::telemetry::access_log::push_ip;
 use crate::telemetry::log::CallLog;
-use postern_proto::envoy::data::accesslog::v3::{tls_properties, AccessLogType, TlsProperties};
+use postern_proto::envoy::data::accesslog::v3::AccessLogType;
 
 /// `log_entry`, the field of both entry lists.
 const LOG_ENTRY: u32 = 1;
@@ -76,24 +76,7 @@ fn common(out: &mut BytesMut, log: &CallLog, kind: AccessLogType) {
     encode_key(1, WireType::SixtyFourBit, out);
     out.put_f64_le(1.0); // sample_rate
     address(out, 2, log.downstream_addr);
-    if log.mtls || log.downstream_principal.is_some() {
-        let tls = TlsProperties {
-            peer_certificate_properties: log.downstream_principal.as_ref().map(|id| {
-                tls_properties::CertificateProperties {
-                    subject_alt_name: vec![
-                        tls_properties::certificate_properties::SubjectAltName {
-                            san: Some(
-                                tls_properties::certificate_properties::subject_alt_name::San::Uri(
-                                    id.to_string(),
-                                ),
-                            ),
-                        },
-                    ],
-                    ..Default::default()
-                }
-            }),
-            ..TlsProperties::default()
-        };
+    if let Some(tls) = tls_properties(log) {
         prost::encoding::message::encode(4, &tls, out);
     }
     if let Ok(since) = log.start_time.duration_since(SystemTime::UNIX_EPOCH) {
