@@ -14,7 +14,6 @@ use std::time::Duration;
 use http::{header, Request, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use postern::http::headers::DownstreamPeer;
 use postern::http::proxy::{HttpConfig, HttpProxy};
 use postern::http::server::{builder, reject_head, screen_request};
@@ -26,7 +25,7 @@ use tokio::sync::watch;
 /// One fuzzed listener and what its connections share.
 struct Front {
     proxy: Arc<HttpProxy>,
-    builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    builder: postern::http::server::ServerBuilder,
 }
 
 struct Fronts {
@@ -159,9 +158,7 @@ async fn serve_one(front: &Front, bytes: &[u8]) {
             Ok(response)
         }
     });
-    let conn = front
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    let conn = front.builder.serve(io, service);
     // Time is paused: a connection still open after an hour of it is stuck
     // for good, which the real server's idle timeout would end.
     let _ = tokio::time::timeout(Duration::from_secs(3600), conn).await;

@@ -98,9 +98,14 @@ listeners:
     }
 
     async fn open_connections(&self) -> u64 {
+        self.metric_sum("postern_downstream_connections_active{")
+            .await
+    }
+
+    async fn metric_sum(&self, series: &str) -> u64 {
         let text = self.admin_get("/metrics").await.unwrap_or_default();
         text.lines()
-            .filter(|l| l.starts_with("postern_downstream_connections_active{"))
+            .filter(|l| l.starts_with(series))
             .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum::<f64>() as u64
     }
@@ -219,6 +224,20 @@ async fn phase(bin: &Path, dir: &Path, name: &str, count: usize) -> String {
     while open < count as u64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
         open = postern.open_connections().await;
+    }
+    if name == "http1" {
+        // Kept-alive HTTP/1 connections let hyper's buffers go after a
+        // second idle (at the connection's next timer tick): measure them
+        // as they sit idle, not as they were just after their request.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while postern
+            .metric_sum("postern_downstream_connections_parked_total{")
+            .await
+            < open
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
     let rss_after = postern.settled_rss_kib().await;
     let fds_after = postern.fds();

@@ -466,3 +466,95 @@ async fn trickled_retry_body_is_cut_off_at_the_route_timeout() {
     );
     assert_eq!(backend.started(), 0, "nothing reaches the backend");
 }
+
+/// A listener of its own, so that parked-connection counts are this test's
+/// alone (tests share one metrics registry).
+fn parking_config(name: &str, backend: SocketAddr) -> String {
+    config("header_read_timeout: 400ms, idle_timeout: 60s", "", backend)
+        .replace("name: edge", &format!("name: {name}"))
+}
+
+async fn wait_parked(proxy: &postern_tests::Proxy, listener: &str, count: f64) {
+    let _recorder = postern::telemetry::install_prometheus_recorder();
+    let admin = proxy.admin_addr();
+    within(
+        Duration::from_secs(10),
+        "the idle connection parked",
+        async {
+            while postern_tests::prom::scrape(
+                admin,
+                postern::telemetry::metrics::DOWNSTREAM_CONNECTIONS_PARKED_TOTAL,
+                &[("listener", listener)],
+            )
+            .await
+                < count
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http1_connection_lets_go_of_its_buffers_and_serves_the_next_request() {
+    let backend = HttpBackend::start("b").await;
+    let proxy = start_proxy(&parking_config("parking", backend.addr())).await;
+    let edge = listener(&proxy, "parking");
+
+    let mut conn = H1Conn::connect(edge).await.unwrap();
+    let req = |path: &str| request("GET", "svc.local", path).body(empty()).unwrap();
+    assert_eq!(conn.send(req("/first")).await.unwrap().status, 200);
+    wait_parked(&proxy, "parking", 1.0).await;
+    assert!(!conn.is_closed(), "a parked connection stays open");
+    // The same connection, served again after hyper was let go, and parked
+    // again once idle.
+    assert_eq!(conn.send(req("/second")).await.unwrap().status, 200);
+    wait_parked(&proxy, "parking", 2.0).await;
+    assert_eq!(conn.send(req("/third")).await.unwrap().status, 200);
+    let paths: Vec<String> = backend
+        .requests()
+        .iter()
+        .map(|r| r.path_and_query())
+        .collect();
+    assert_eq!(paths, ["/first", "/second", "/third"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_of_the_next_request_read_before_parking_are_kept() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let backend = HttpBackend::start("b").await;
+    let proxy = start_proxy(&parking_config("parking-partial", backend.addr())).await;
+    let edge = listener(&proxy, "parking-partial");
+
+    let mut stream = tokio::net::TcpStream::connect(edge).await.unwrap();
+    // The first request and the start of the second in one write: hyper
+    // reads both, answers the first and holds the rest while idle.
+    stream
+        .write_all(b"GET /a HTTP/1.1\r\nHost: svc.local\r\n\r\nGET /b HTT")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The answer has no body: its head's end is its end.
+    while !String::from_utf8_lossy(&reply).contains("\r\n\r\n") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the first answer");
+        reply.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200"));
+    wait_parked(&proxy, "parking-partial", 1.0).await;
+    stream
+        .write_all(b"P/1.1\r\nHost: svc.local\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let rest = postern_tests::client::read_until_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(rest.closed);
+    assert!(rest.text().starts_with("HTTP/1.1 200"), "{}", rest.text());
+    let paths: Vec<String> = backend
+        .requests()
+        .iter()
+        .map(|r| r.path_and_query())
+        .collect();
+    assert_eq!(paths, ["/a", "/b"]);
+}

@@ -586,3 +586,82 @@ clusters:
         Some("https")
     );
 }
+
+/// Reads one answer without a body (the app echoes an empty request body)
+/// from a kept-alive stream.
+async fn read_head(tls: &mut (impl AsyncReadExt + Unpin)) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = within(Duration::from_secs(10), "tls read", tls.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed before the answer");
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_connection_lets_go_of_its_buffers_and_serves_the_next_request() {
+    let _recorder = postern::telemetry::install_prometheus_recorder();
+    let dir = tempfile::tempdir().unwrap();
+    let edge_ca = TestCa::new("edge root");
+    let shop = write_files(
+        dir.path(),
+        "shop",
+        &edge_ca.issue_server(&["shop.example.com"]),
+        "",
+    );
+    let app = HttpBackend::start("app").await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - name: tls-parking
+    address: 127.0.0.1:0
+    kind: http
+    limits: {{ header_read_timeout: 400ms, idle_timeout: 60s }}
+    tls:
+      certificates:
+        - {{ cert: {}, key: {} }}{routes}
+clusters:
+  - name: app
+    endpoints: [{{ address: "{}" }}]
+"#,
+        shop.cert.display(),
+        shop.key.display(),
+        app.addr(),
+        routes = routes_to("app"),
+    ))
+    .await;
+    let addr = listener(&proxy, "tls-parking");
+    let connector = probe_connector(None, &[b"http/1.1"]);
+    let mut tls = tls_connect(&connector, addr, "shop.example.com")
+        .await
+        .unwrap();
+    let admin = proxy.admin_addr();
+    let parked = || {
+        scrape(
+            admin,
+            postern::telemetry::metrics::DOWNSTREAM_CONNECTIONS_PARKED_TOTAL,
+            &[("listener", "tls-parking")],
+        )
+    };
+    for round in 1..=2 {
+        tls.write_all(b"GET / HTTP/1.1\r\nhost: shop.example.com\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut tls).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        wait_until("the idle connection parked", || async {
+            parked().await >= f64::from(round)
+        })
+        .await;
+    }
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: shop.example.com\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(app.requests().len(), 3);
+}

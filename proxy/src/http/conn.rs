@@ -28,6 +28,11 @@ pub struct ConnActivity {
     last_done: Mutex<Instant>,
     /// HTTP/2: bytes between requests are control frames, not a slow head.
     http2: AtomicBool,
+    /// Requests begun so far.
+    requests: AtomicU64,
+    /// hyper is letting an idle connection go to release its buffers: its
+    /// shutdown must leave the socket open.
+    parking: AtomicBool,
 }
 
 /// What the connection is doing, as its timers see it.
@@ -51,13 +56,31 @@ impl ConnActivity {
             bytes_read_when_done: AtomicU64::new(0),
             last_done: Mutex::new(Instant::now()),
             http2: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            parking: AtomicBool::new(false),
         })
     }
 
     /// Marks a request in flight until the guard drops.
     pub fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.requests.fetch_add(1, Ordering::AcqRel);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         ActivityGuard(self.clone())
+    }
+
+    /// Requests begun on the connection so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Acquire)
+    }
+
+    /// Bytes read from the client so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Acquire)
+    }
+
+    /// While set, shutting the stream down leaves the socket open.
+    pub fn set_parking(&self, parking: bool) {
+        self.parking.store(parking, Ordering::Release);
     }
 
     /// Bytes read and written so far: while it stays the same, nothing moves.
@@ -163,7 +186,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountingStream<S> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.activity.parking.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -224,6 +251,13 @@ impl<S> DetachHandle<S> {
     /// The stream, unless it was taken already.
     pub fn take(&self) -> Option<S> {
         self.0.lock().ok()?.take()
+    }
+
+    /// Puts a taken stream back, for whoever polls the [`Detachable`].
+    pub fn restore(&self, inner: S) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(inner);
+        }
     }
 }
 

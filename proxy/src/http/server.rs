@@ -2,23 +2,28 @@
 //! knowledge) on one port, limits, idle timeout and graceful drain.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt as _;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::body::ResponseBody;
-use super::conn::{ConnActivity, ConnState, CountingStream, Detachable};
+use super::conn::{ConnActivity, ConnState, CountingStream, DetachHandle, Detachable};
 use super::headers::{self as hdr, DownstreamPeer, RejectedHead};
 use super::proxy::HttpProxy;
 use crate::config::file::ListenerLimitsFile;
+use crate::listener::detect::Rewind;
 use crate::listener::{signalled, Shutdown};
 use crate::telemetry::metrics as names;
 use crate::tls::DownstreamIo;
 use http::Request;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 
 /// Longest wait to write a 408 to a client whose request head was too slow.
 const SLOW_HEAD_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
@@ -26,11 +31,29 @@ const SLOW_HEAD_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_mil
 /// Smallest read buffer hyper accepts.
 const MIN_BUF: usize = 8192;
 
+/// The HTTP/2 connection preface (RFC 9113 section 3.4): a client that opens
+/// with it speaks HTTP/2 with prior knowledge, any other is HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long a kept-alive HTTP/1 connection waits for its next request before
+/// hyper's buffers for it (16 KiB) are let go. Until bytes arrive again it
+/// costs only its socket and task: idle keep-alive connections are most of
+/// the connections an edge or a sidecar holds.
+const PARK_IDLE_AFTER: Duration = Duration::from_secs(1);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// hyper's HTTP/1.1 and HTTP/2 settings for one listener's connections.
+#[derive(Clone, Debug)]
+pub struct ServerBuilder {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
 /// Builds the connection builder for a listener's limits.
-pub fn builder(limits: &ListenerLimitsFile) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+pub fn builder(limits: &ListenerLimitsFile) -> ServerBuilder {
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         // Kept in `serve_connection` instead: hyper's also runs between requests.
         .header_read_timeout(None)
@@ -38,8 +61,8 @@ pub fn builder(limits: &ListenerLimitsFile) -> auto::Builder<TokioExecutor> {
         .max_buf_size(limits.max_request_headers_bytes.max(MIN_BUF))
         .max_headers(limits.max_request_headers)
         .keep_alive(true);
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(u32::try_from(limits.max_request_headers_bytes).unwrap_or(u32::MAX))
@@ -47,7 +70,191 @@ pub fn builder(limits: &ListenerLimitsFile) -> auto::Builder<TokioExecutor> {
         .max_pending_accept_reset_streams(Some(200))
         .keep_alive_interval(Some(Duration::from_secs(60)))
         .keep_alive_timeout(Duration::from_secs(20));
-    builder
+    ServerBuilder { http1, http2 }
+}
+
+impl ServerBuilder {
+    /// Serves one connection, HTTP/1.1 (with upgrades) or HTTP/2 by its
+    /// preface, until it ends: the listener's front end without its timers,
+    /// as the fuzz targets drive it.
+    ///
+    /// # Errors
+    ///
+    /// What ended the connection, when it did not end cleanly.
+    pub async fn serve<I, S, B>(&self, mut io: I, service: S) -> Result<(), BoxError>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<Request<Incoming>, Response = http::Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let mut preface = BytesMut::with_capacity(H2_PREFACE.len());
+        let Some(http2) = read_preface(&mut io, &mut preface).await? else {
+            return Ok(());
+        };
+        let io = TokioIo::new(Rewind::new(preface.freeze(), io));
+        if http2 {
+            self.http2.serve_connection(io, service).await?;
+        } else {
+            self.http1
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads until the bytes either are the HTTP/2 preface or cannot be: `None`
+/// when the client closed first. What was read stays in `preface`.
+async fn read_preface<I: AsyncRead + Unpin>(
+    io: &mut I,
+    preface: &mut BytesMut,
+) -> std::io::Result<Option<bool>> {
+    while preface.len() < H2_PREFACE.len() {
+        let before = preface.len();
+        let mut limited = (&mut *io).take((H2_PREFACE.len() - before) as u64);
+        if limited.read_buf(preface).await? == 0 {
+            return Ok(None);
+        }
+        if preface[before..] != H2_PREFACE[before..preface.len()] {
+            return Ok(Some(false));
+        }
+    }
+    Ok(Some(true))
+}
+
+/// How a connection's watch ended a stage of it.
+enum Verdict<T> {
+    /// The stage ran to its end.
+    Done(T),
+    /// The connection is over (drain forced, timed out, refused); the
+    /// watch already did what closing needed.
+    Close,
+}
+
+/// The timers hyper cannot run for a connection (idle, slow head, stalled
+/// transfers), and the drain, kept across the stages of one connection.
+struct Watch<'a, D, F> {
+    activity: Arc<ConnActivity>,
+    detach: &'a DetachHandle<DownstreamIo>,
+    listener: &'a Arc<str>,
+    plaintext: bool,
+    idle_timeout: Duration,
+    head_timeout: Duration,
+    timers: tokio::time::Interval,
+    head_started: Option<Instant>,
+    // Bytes moved at the last tick with a request in flight, and since when
+    // that count has not changed.
+    stalled: Option<(u64, Instant)>,
+    idle_closing: bool,
+    draining: bool,
+    drain: Pin<&'a mut D>,
+    force: Pin<&'a mut F>,
+}
+
+/// What a stage of a connection is polled for.
+#[derive(Clone, Copy)]
+enum Stage {
+    /// Reading the first bytes, or waiting for a parked connection's next
+    /// request: a drain ends it at once.
+    Waiting,
+    /// hyper serves the connection.
+    Serving,
+    /// hyper serves HTTP/1 and may be let go once idle, if it served a
+    /// request since the given count (before its first, hyper cannot close
+    /// an idle connection without refusing keep-alive to the next request).
+    Parkable { requests_before: u64 },
+}
+
+impl<D: Future<Output = ()>, F: Future<Output = ()>> Watch<'_, D, F> {
+    /// Polls `stage` under the connection's timers. `graceful` asks it to
+    /// finish what is in flight and end; after a park request the stage
+    /// ends with the socket left open, and `parked` says so.
+    async fn drive<C: Future>(
+        &mut self,
+        mut conn: Pin<&mut C>,
+        mut graceful: impl FnMut(Pin<&mut C>),
+        stage: Stage,
+        parked: &mut Option<u64>,
+    ) -> Verdict<C::Output> {
+        loop {
+            tokio::select! {
+                biased;
+                result = conn.as_mut() => return Verdict::Done(result),
+                () = self.force.as_mut() => return Verdict::Close,
+                () = self.drain.as_mut(), if !self.draining => {
+                    self.draining = true;
+                    if matches!(stage, Stage::Waiting) {
+                        return Verdict::Close;
+                    }
+                    graceful(conn.as_mut());
+                }
+                _ = self.timers.tick() => {
+                    let state = self.activity.state();
+                    // A client that stops reading (or opens no flow-control
+                    // window) holds its requests, their upstream connections
+                    // and hyper's unflushed buffers forever unless something
+                    // counts it idle: requests in flight, or an idle close
+                    // still flushing, with no byte moving either way.
+                    if state == ConnState::Busy || self.idle_closing {
+                        let moved = self.activity.bytes_moved();
+                        match self.stalled {
+                            Some((before, since)) if before == moved => {
+                                if since.elapsed() >= self.idle_timeout {
+                                    count_limit(self.listener, "idle_timeout");
+                                    return Verdict::Close;
+                                }
+                            }
+                            _ => self.stalled = Some((moved, Instant::now())),
+                        }
+                    } else {
+                        self.stalled = None;
+                    }
+                    match state {
+                        ConnState::Busy => self.head_started = None,
+                        ConnState::ReadingHead => {
+                            let since = *self.head_started.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= self.head_timeout {
+                                reject_slow_head(self.detach.take(), self.plaintext, self.listener)
+                                    .await;
+                                return Verdict::Close;
+                            }
+                        }
+                        ConnState::Idle(idle) => {
+                            self.head_started = None;
+                            if self.draining || self.idle_closing || parked.is_some() {
+                            } else if idle >= self.idle_timeout {
+                                if matches!(stage, Stage::Waiting) {
+                                    return Verdict::Close;
+                                }
+                                self.draining = true;
+                                self.idle_closing = true;
+                                graceful(conn.as_mut());
+                            } else if let Stage::Parkable { requests_before } = stage {
+                                if idle >= PARK_IDLE_AFTER
+                                    && self.activity.requests() > requests_before
+                                {
+                                    // hyper is between requests with nothing
+                                    // read: closing lets it go at once, and
+                                    // the shutdown leaves the socket open.
+                                    self.activity.set_parking(true);
+                                    *parked = Some(self.activity.bytes_read());
+                                    graceful(conn.as_mut());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Serves one downstream connection until it closes, idles out or is drained.
@@ -55,7 +262,7 @@ pub async fn serve_connection(
     stream: DownstreamIo,
     peer: Arc<DownstreamPeer>,
     proxy: Arc<HttpProxy>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<ServerBuilder>,
     shutdown: Shutdown,
 ) {
     let _ = stream.tcp().set_nodelay(true);
@@ -83,78 +290,147 @@ pub async fn serve_connection(
             }
         })
     };
-    let io = TokioIo::new(CountingStream::new(stream, activity.clone()));
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
     let tick = (idle_timeout.min(head_timeout) / 4).max(Duration::from_millis(10));
     let mut timers = tokio::time::interval(tick);
     timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     timers.tick().await;
-    let mut head_started: Option<Instant> = None;
-    // Bytes moved at the last tick with a request in flight, and since when
-    // that count has not changed.
-    let mut stalled: Option<(u64, Instant)> = None;
-    let mut idle_closing = false;
-    let mut draining = false;
     // Pinned once: rebuilding these futures on every wake-up of a busy
     // connection costs more than the request itself.
     let drain = signalled(shutdown.drain.clone());
     let force = signalled(shutdown.force.clone());
     tokio::pin!(drain, force);
-    let result = loop {
-        tokio::select! {
-            biased;
-            result = conn.as_mut() => break result,
-            _ = &mut force => return,
-            _ = &mut drain, if !draining => {
-                draining = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = timers.tick() => {
-                let state = activity.state();
-                // A client that stops reading (or opens no flow-control
-                // window) holds its requests, their upstream connections
-                // and hyper's unflushed buffers forever unless something
-                // counts it idle: requests in flight, or an idle close still
-                // flushing, with no byte moving either way.
-                if state == ConnState::Busy || idle_closing {
-                    let moved = activity.bytes_moved();
-                    match stalled {
-                        Some((before, since)) if before == moved => {
-                            if since.elapsed() >= idle_timeout {
-                                count_limit(&shutdown.listener, "idle_timeout");
-                                return;
-                            }
-                        }
-                        _ => stalled = Some((moved, Instant::now())),
-                    }
-                } else {
-                    stalled = None;
-                }
-                match state {
-                    ConnState::Busy => head_started = None,
-                    ConnState::ReadingHead => {
-                        let since = *head_started.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= head_timeout {
-                            reject_slow_head(detach.take(), plaintext, &shutdown.listener).await;
-                            return;
-                        }
-                    }
-                    ConnState::Idle(idle) => {
-                        head_started = None;
-                        if idle >= idle_timeout && !draining {
-                            draining = true;
-                            idle_closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                    }
-                }
-            }
+    let mut watch = Watch {
+        activity: activity.clone(),
+        detach: &detach,
+        listener: &shutdown.listener,
+        plaintext,
+        idle_timeout,
+        head_timeout,
+        timers,
+        head_started: None,
+        stalled: None,
+        idle_closing: false,
+        draining: false,
+        drain,
+        force,
+    };
+    let mut io = CountingStream::new(stream, activity.clone());
+    let mut preface = BytesMut::with_capacity(H2_PREFACE.len());
+    let mut no_park = None;
+    let http2 = {
+        let sniff = read_preface(&mut io, &mut preface);
+        tokio::pin!(sniff);
+        match watch
+            .drive(sniff, |_| {}, Stage::Waiting, &mut no_park)
+            .await
+        {
+            Verdict::Done(Ok(Some(http2))) => http2,
+            Verdict::Done(_) | Verdict::Close => return,
         }
     };
-    if let Err(err) = result {
-        on_connection_error(&*err, &shutdown.listener);
+    let mut prefix = preface.freeze();
+    if http2 {
+        let conn = builder
+            .http2
+            .serve_connection(TokioIo::new(Rewind::new(prefix, io)), service);
+        tokio::pin!(conn);
+        if let Verdict::Done(Err(err)) = watch
+            .drive(
+                conn,
+                |c| c.graceful_shutdown(),
+                Stage::Serving,
+                &mut no_park,
+            )
+            .await
+        {
+            on_connection_error(&err, &shutdown.listener);
+        }
+        return;
     }
+    loop {
+        let mut parked = None;
+        let stage = Stage::Parkable {
+            requests_before: activity.requests(),
+        };
+        let mut conn = builder
+            .http1
+            .serve_connection(TokioIo::new(Rewind::new(prefix, io)), service.clone())
+            .with_upgrades();
+        let result = watch
+            .drive(
+                Pin::new(&mut conn),
+                |c| c.graceful_shutdown(),
+                stage,
+                &mut parked,
+            )
+            .await;
+        let result = match result {
+            Verdict::Done(result) => result,
+            Verdict::Close => return,
+        };
+        let parts = match (parked, result) {
+            (Some(read_before), Ok(())) if activity.bytes_read() == read_before => {
+                conn.into_parts()
+            }
+            (Some(_), Ok(())) => None,
+            (_, Err(err)) => {
+                on_connection_error(&err, &shutdown.listener);
+                None
+            }
+            (None, Ok(())) => return,
+        };
+        activity.set_parking(false);
+        // hyper read more after being asked to let go, so it was not between
+        // requests: whatever it left unread cannot be trusted to start one.
+        let Some(parts) = parts else {
+            if let Some(stream) = detach.take() {
+                let _ = socket2::SockRef::from(stream.tcp()).shutdown(std::net::Shutdown::Both);
+            }
+            return;
+        };
+        metrics::counter!(
+            names::DOWNSTREAM_CONNECTIONS_PARKED_TOTAL,
+            "listener" => shutdown.listener.clone(),
+        )
+        .increment(1);
+        let (unread, counting) = parts.io.into_inner().into_parts();
+        io = counting;
+        prefix = if unread.is_empty() {
+            parts.read_buf
+        } else {
+            [parts.read_buf, unread].concat().into()
+        };
+        if prefix.is_empty() && !wait_readable(&mut watch).await {
+            return;
+        }
+    }
+}
+
+/// Waits, with hyper let go, until the client sends again: false when the
+/// connection ends first (idle timeout, drain).
+async fn wait_readable<D, F>(watch: &mut Watch<'_, D, F>) -> bool
+where
+    D: Future<Output = ()>,
+    F: Future<Output = ()>,
+{
+    let Some(stream) = watch.detach.take() else {
+        return false;
+    };
+    let mut no_park = None;
+    let readable = if stream.has_buffered_input() {
+        true
+    } else {
+        let ready = stream.tcp().readable();
+        tokio::pin!(ready);
+        matches!(
+            watch
+                .drive(ready, |_| {}, Stage::Waiting, &mut no_park)
+                .await,
+            Verdict::Done(Ok(()))
+        )
+    };
+    watch.detach.restore(stream);
+    readable
 }
 
 /// Checks what hyper let through before anything routes on it, and strips

@@ -21,8 +21,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 
 use super::detect::{sniff, Protocol, Rewind, Sniffed};
@@ -164,7 +162,7 @@ pub struct CaptureFront {
     shared: CaptureShared,
     config: Arc<ArcSwap<Listener>>,
     built: ArcSwap<CaptureRuntime>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<crate::http::server::ServerBuilder>,
     telemetry: Arc<ListenerTelemetry>,
     detections: DetectionCounters,
     passthrough: Arc<str>,

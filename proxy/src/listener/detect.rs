@@ -309,6 +309,16 @@ impl<S> Rewind<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// Whether some of the given-back bytes are still unread.
+    pub fn has_unread_prefix(&self) -> bool {
+        !self.prefix.is_empty()
+    }
+
+    /// The given-back bytes not read yet, and the wrapped stream.
+    pub fn into_parts(self) -> (Bytes, S) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {

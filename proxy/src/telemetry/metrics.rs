@@ -11,6 +11,8 @@ pub const DOWNSTREAM_CONNECTIONS_TOTAL: &str = "postern_downstream_connections_t
 pub const DOWNSTREAM_CONNECTIONS_ACTIVE: &str = "postern_downstream_connections_active";
 /// Downstream requests or connections refused by a limit, by `listener`, `limit`.
 pub const DOWNSTREAM_LIMIT_REJECTIONS_TOTAL: &str = "postern_downstream_limit_rejections_total";
+/// Idle HTTP/1 connections whose hyper buffers were let go, by `listener`.
+pub const DOWNSTREAM_CONNECTIONS_PARKED_TOTAL: &str = "postern_downstream_connections_parked_total";
 /// Upstream connections open now (HTTP and TCP proxy), by `cluster`.
 pub const UPSTREAM_CONNECTIONS_ACTIVE: &str = "postern_upstream_connections_active";
 /// Upstream connect failures (refused, timed out, handshake), by `cluster`.
@@ -130,6 +132,10 @@ pub fn describe() {
     describe_counter!(
         DOWNSTREAM_LIMIT_REJECTIONS_TOTAL,
         "Downstream requests or connections refused by a limit"
+    );
+    describe_counter!(
+        DOWNSTREAM_CONNECTIONS_PARKED_TOTAL,
+        "Idle HTTP/1 connections whose per-connection buffers were released"
     );
     describe_gauge!(UPSTREAM_CONNECTIONS_ACTIVE, "Upstream connections open");
     describe_counter!(UPSTREAM_CONNECT_FAILURES_TOTAL, "Upstream connect failures");

@@ -86,6 +86,19 @@ impl DownstreamIo {
         }
     }
 
+    /// Whether bytes are waiting in Postern's own buffers, so the socket's
+    /// readiness does not say whether there is something to read.
+    pub fn has_buffered_input(&self) -> bool {
+        match self {
+            // Decrypted bytes wait in the session only until the next read,
+            // and a connection counts idle only once reads came back empty.
+            DownstreamIo::Plain(_) | DownstreamIo::Tls(_) => false,
+            DownstreamIo::Sniffed(rewind) => {
+                rewind.has_unread_prefix() || rewind.get_ref().has_buffered_input()
+            }
+        }
+    }
+
     /// Whether the client speaks plaintext (no TLS terminated here).
     pub fn is_plaintext(&self) -> bool {
         match self {
