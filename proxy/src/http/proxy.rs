@@ -479,10 +479,12 @@ impl HttpProxy {
     }
 
     /// Runs RBAC (shadow rules, then enforced ones); a refusal comes back as
-    /// the reply to send.
+    /// the reply to send. `route` names the route whose override `rbac` is,
+    /// for the logs; `None` for the listener's own.
     fn authorize<B>(
         &self,
         rbac: &crate::authz::Rbac,
+        route: Option<&str>,
         peer: &hdr::DownstreamPeer,
         request: &Request<B>,
         authority: &str,
@@ -501,11 +503,13 @@ impl HttpProxy {
             headers: request.headers(),
             authority,
             jwt,
+            requested_server_name: peer.sni.as_deref(),
         };
         if let Some(shadow) = &rbac.shadow {
             if let Decision::Denied(policy) = shadow.evaluate(&facts) {
                 tracing::info!(
                     listener = %self.listener.name,
+                    route = route.unwrap_or("-"),
                     policy,
                     peer = facts.peer_id.unwrap_or("-"),
                     path = facts.path,
@@ -524,6 +528,7 @@ impl HttpProxy {
             Decision::Denied(policy) => {
                 tracing::warn!(
                     listener = %self.listener.name,
+                    route = route.unwrap_or("-"),
                     policy,
                     peer = facts.peer_id.unwrap_or("-"),
                     peer_ip = %facts.peer_ip,
@@ -544,7 +549,7 @@ impl HttpProxy {
                 ))
             }
             Decision::Allowed(Some(policy)) if rules.action == RbacAction::Log => {
-                tracing::info!(listener = %self.listener.name, policy, path = facts.path, "RBAC log policy matched");
+                tracing::info!(listener = %self.listener.name, route = route.unwrap_or("-"), policy, path = facts.path, "RBAC log policy matched");
                 None
             }
             Decision::Allowed(_) => None,
@@ -776,8 +781,25 @@ impl HttpProxy {
             Ok(verified) => verified,
             Err(response) => return response,
         };
-        if let Some(rbac) = &config.rbac {
-            if let Some(reply) = self.authorize(rbac, &peer, &request, authority_text, &jwt) {
+        let view = RequestView {
+            authority: authority_text,
+            path: request.uri().path(),
+            query: request.uri().query(),
+            method: request.method(),
+            headers: request.headers(),
+        };
+        // Chosen before RBAC, which a route may override, on the request as
+        // authentication left it; a request without a route still meets the
+        // listener's RBAC and limit before its 404.
+        let selected = config.routes.route(&view);
+        let route_rbac = selected.and_then(|(_, route)| route.rbac.as_ref().map(|r| (r, route)));
+        let rbac = match route_rbac {
+            Some((rbac, route)) => Some((rbac, Some(&*route.name))),
+            None => config.rbac.as_ref().map(|rbac| (rbac, None)),
+        };
+        if let Some((rbac, route)) = rbac {
+            if let Some(reply) = self.authorize(rbac, route, &peer, &request, authority_text, &jwt)
+            {
                 return local_response(&reply, grpc, &mut record);
             }
         }
@@ -788,14 +810,7 @@ impl HttpProxy {
                 return response;
             }
         }
-        let view = RequestView {
-            authority: authority_text,
-            path: request.uri().path(),
-            query: request.uri().query(),
-            method: request.method(),
-            headers: request.headers(),
-        };
-        let Some((vhost, route)) = config.routes.route(&view) else {
+        let Some((vhost, route)) = selected else {
             let reply = LocalReply::new(
                 StatusCode::NOT_FOUND,
                 "no route",
