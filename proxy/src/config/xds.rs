@@ -1876,6 +1876,7 @@ fn inbound_routes(
                 && route.rewrite.is_none()
                 && route.local_rate_limit.is_none()
                 && route.jwt.is_none()
+                && route.rbac.is_none()
                 && route.access_log.is_none()
                 && catch_all(&route.matcher);
             match (&route.cluster, plain) {
