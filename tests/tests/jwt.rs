@@ -523,3 +523,131 @@ xds: {{ address: "{}", initial_backoff: 50ms, max_backoff: 500ms }}
     );
     assert_eq!(app.requests().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_jwt_filter_checks_nothing_and_a_route_turning_it_on_fails_closed() {
+    use std::collections::HashMap;
+
+    use postern_control::ads::{pack, Snapshot};
+    use postern_proto::envoy::config::listener::v3 as listener_v3;
+    use postern_proto::envoy::config::route::v3 as route;
+    use postern_proto::envoy::extensions::filters::http::jwt_authn::v3 as jwt_authn;
+    use postern_proto::envoy::extensions::filters::http::router::v3::Router;
+    use postern_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    use postern_proto::type_url;
+    use postern_tests::control::{wait_acks, ControlPlane};
+    use postern_tests::envoy::{http_listener, static_cluster};
+
+    let app = HttpBackend::start("app").await;
+    let to_app =
+        |prefix: &str, per_filter: HashMap<String, postern_proto::google::protobuf::Any>| {
+            route::Route {
+                r#match: Some(route::RouteMatch {
+                    path_specifier: Some(route::route_match::PathSpecifier::Prefix(prefix.into())),
+                    ..Default::default()
+                }),
+                action: Some(route::route::Action::Route(route::RouteAction {
+                    cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                        "app".into(),
+                    )),
+                    ..Default::default()
+                })),
+                typed_per_filter_config: per_filter,
+                ..Default::default()
+            }
+        };
+    // Envoy's way to turn a disabled filter on for one route: a FilterConfig
+    // with disabled: false around its per-route config.
+    let turned_on = pack(&route::FilterConfig {
+        config: Some(pack(&jwt_authn::PerRouteConfig {
+            requirement_specifier: Some(
+                jwt_authn::per_route_config::RequirementSpecifier::RequirementName("strict".into()),
+            ),
+        })),
+        is_optional: false,
+        disabled: false,
+    });
+    let manager = hcm::HttpConnectionManager {
+        stat_prefix: "jwt-off".into(),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
+            route::RouteConfiguration {
+                name: "jwt-off-routes".into(),
+                virtual_hosts: vec![route::VirtualHost {
+                    name: "all".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![
+                        to_app(
+                            "/strict",
+                            HashMap::from([("envoy.filters.http.jwt_authn".into(), turned_on)]),
+                        ),
+                        to_app("/", HashMap::new()),
+                    ],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )),
+        http_filters: vec![
+            hcm::HttpFilter {
+                name: "envoy.filters.http.jwt_authn".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack(
+                    &jwt_authn::JwtAuthentication::default(),
+                ))),
+                disabled: true,
+                ..Default::default()
+            },
+            hcm::HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack(
+                    &Router::default(),
+                ))),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    let mut jwt_off = http_listener(
+        "jwt-off",
+        "127.0.0.1:0".parse().expect("address"),
+        "app",
+        None,
+    );
+    jwt_off.filter_chains = vec![listener_v3::FilterChain {
+        filters: vec![listener_v3::Filter {
+            name: "envoy.filters.network.http_connection_manager".into(),
+            config_type: Some(listener_v3::filter::ConfigType::TypedConfig(pack(&manager))),
+        }],
+        ..Default::default()
+    }];
+    let mut snapshot = Snapshot::new("1");
+    snapshot.add_message("jwt-off", &jwt_off);
+    snapshot.add_message("app", &static_cluster("app", app.addr(), None));
+    let cp = ControlPlane::start(snapshot).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&format!(
+        r#"
+node: {{ id: "sidecar~127.0.0.1~jwt-off.default~default.svc.cluster.local", cluster: jwt-off }}
+xds: {{ address: "{}", initial_backoff: 50ms, max_backoff: 500ms }}
+"#,
+        cp.url()
+    ))
+    .await;
+    wait_acks(
+        &mut events,
+        &[(type_url::CLUSTER, "1"), (type_url::LISTENER, "1")],
+    )
+    .await;
+    postern_tests::wait_until("listener bound", || async {
+        proxy.listener_addr("jwt-off").is_some()
+    })
+    .await;
+    let addr = listener(&proxy, "jwt-off");
+    // Disabled: the filter runs on no route that leaves it off.
+    assert_eq!(get_with(addr, "/open", &[]).await.status, 200);
+    // Turned on for a route, without the providers Postern did not keep:
+    // refused, never let through unchecked.
+    let refused = get_with(addr, "/strict/x", &[]).await;
+    assert_eq!(refused.status, 401);
+    assert!(refused.header("www-authenticate").is_some());
+    assert_eq!(app.requests().len(), 1);
+}

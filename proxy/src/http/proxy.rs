@@ -566,7 +566,9 @@ impl HttpProxy {
         record: &mut CallRecord,
     ) -> Result<Vec<crate::authn::VerifiedJwt>, Response<ResponseBody>> {
         let Some(jwt) = &config.jwt else {
-            return Ok(Vec::new());
+            return self
+                .jwt_route_without_filter(config, request, authority, grpc, record)
+                .map_or(Ok(Vec::new()), Err);
         };
         // Routes may pick the requirement; the router looks again later,
         // on the request as authentication left it.
@@ -633,6 +635,54 @@ impl HttpProxy {
                 .insert(header::WWW_AUTHENTICATE, challenge);
         }
         Err(response)
+    }
+
+    /// A listener without JWT authentication whose route still names a
+    /// requirement: from xDS, a `jwt_authn` filter disabled in the HCM and
+    /// turned on for that route, whose providers are not kept. Fails closed:
+    /// the 401 to send, as for a requirement the listener lacks.
+    fn jwt_route_without_filter(
+        &self,
+        config: &HttpConfig,
+        request: &Request<Incoming>,
+        authority: &str,
+        grpc: bool,
+        record: &mut CallRecord,
+    ) -> Option<Response<ResponseBody>> {
+        if !config.routes.has_jwt_overrides() {
+            return None;
+        }
+        let view = RequestView {
+            authority,
+            path: request.uri().path(),
+            query: request.uri().query(),
+            method: request.method(),
+            headers: request.headers(),
+        };
+        let Some(crate::authn::RouteJwt::Requirement(name)) = config
+            .routes
+            .route(&view)
+            .and_then(|(_, route)| route.jwt.as_ref())
+        else {
+            return None;
+        };
+        self.count_jwt("invalid");
+        tracing::debug!(listener = %self.listener.name, requirement = %name, "route names a JWT requirement on a listener without JWT authentication");
+        let failure = crate::authn::AuthnFailure::Invalid {
+            provider: Arc::from("-"),
+            reason: crate::authn::InvalidReason::UnknownRequirement(name.clone()),
+        };
+        let reply = LocalReply::new(
+            StatusCode::UNAUTHORIZED,
+            "Jwt verification fails",
+            Some(ResponseFlag::UnauthorizedJwt),
+        );
+        let mut response = local_response(&reply, grpc, record);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            www_authenticate(request, authority, &failure),
+        );
+        Some(response)
     }
 
     /// Handles one downstream request from the peer whose IP is `peer`;

@@ -232,3 +232,40 @@ fn a_disabled_http_filter_is_not_run() {
     fault.disabled = true;
     assert!(listener(&http_listener(vec![fault]), None).is_ok());
 }
+
+#[test]
+fn a_jwt_route_config_under_a_disabled_jwt_filter_is_accepted_but_not_read() {
+    use postern_proto::envoy::extensions::filters::http::jwt_authn::v3 as jwt_authn;
+    let filter = hcm::HttpFilter {
+        name: "envoy.filters.http.jwt_authn".into(),
+        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+            &jwt_authn::JwtAuthentication::default(),
+        ))),
+        disabled: true,
+        ..Default::default()
+    };
+    let (mut file, _) = listener(&http_listener(vec![filter]), None).unwrap();
+    assert!(file.http.jwt.is_none(), "a disabled filter is not read");
+    let per_route = any(&jwt_authn::PerRouteConfig {
+        requirement_specifier: Some(
+            jwt_authn::per_route_config::RequirementSpecifier::RequirementName("strict".into()),
+        ),
+    });
+    let mut routed = route_to("api");
+    routed
+        .typed_per_filter_config
+        .insert("envoy.filters.http.jwt_authn".into(), per_route);
+    file.virtual_hosts = route_configuration(&config_of(vec![routed]))
+        .unwrap()
+        .virtual_hosts;
+    // Accepted (the route may come before or apart from its listener); the
+    // listener reads no JWT config, so requests on that route fail closed
+    // (tests/tests/jwt.rs).
+    let mut config: ConfigFile = serde_yaml_ng::from_str("{}").unwrap();
+    config.listeners.push(file);
+    let config = crate::config::Config::from_dynamic_model(config).unwrap();
+    let crate::config::ListenerProtocol::Http(http) = &config.listeners[0].protocol else {
+        panic!("an HTTP listener");
+    };
+    assert!(http.jwt.is_none());
+}
