@@ -111,6 +111,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         tls: flags.contains('s') || spiffe.is_some(),
         spiffe_id: spiffe,
         opaque: false,
+        sni: None,
     };
     let local = postern_certs_id("spiffe://cluster.local/ns/default/sa/proxy");
     let peer = DownstreamPeer::new((peer_ip, 40000).into(), 8080, &tls, Some(&local));

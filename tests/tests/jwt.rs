@@ -1,7 +1,8 @@
 //! JWT authentication end to end: tokens checked before RBAC, claims copied
 //! to the backend, tokens stripped, 401s with RFC 6750 challenges, keys
-//! fetched through a cluster with rotation and a bounded refetch, and
-//! claims in RBAC and rate limits.
+//! fetched through a cluster with rotation and a bounded refetch, cached
+//! keys that outlive their server, claims in RBAC and rate limits, and the
+//! filter pushed over ADS (and NACKed when invalid).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -341,4 +342,312 @@ clusters:
         assert_eq!(as_user(sub, "admin").await, 429, "{sub}");
     }
     assert_eq!(app.requests().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_remote_keys_keep_working_when_the_key_server_goes_down() {
+    let (k1, k2) = (TestKey::new("k1"), TestKey::new("k2"));
+    let server = JwksServer::start(jwks(&[&k1])).await;
+    let idp = server.addr();
+    let app = HttpBackend::start("app").await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - name: cached-jwt
+    address: 127.0.0.1:0
+    kind: http
+    http:
+      jwt:
+        providers:
+          idp:
+            issuer: {ISSUER}
+            jwks:
+              remote:
+                uri: http://idp.test/jwks.json
+                cluster: idp
+                cache_duration: 10m
+        rules: [{{ match: {{}}, requires: {{ provider: idp }} }}]
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes: [{{ match: {{}}, cluster: app }}]
+clusters:
+  - name: app
+    endpoints: [{{ address: "{app}" }}]
+  - name: idp
+    endpoints: [{{ address: "{idp}" }}]
+"#,
+        app = app.addr(),
+    ))
+    .await;
+    let addr = listener(&proxy, "cached-jwt");
+    let call = |key: &TestKey| {
+        let header = bearer(&key.token(&claims("alice", "admin")));
+        async move {
+            get_with(addr, "/x", &[("authorization", &header)])
+                .await
+                .status
+        }
+    };
+    assert_eq!(call(&k1).await, 200);
+    assert_eq!(server.fetches().len(), 1);
+
+    drop(server);
+    postern_tests::wait_until("the key server refuses connections", || async {
+        tokio::net::TcpStream::connect(idp).await.is_err()
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(call(&k1).await, 200, "cached keys still verify");
+    }
+    // An unknown kid makes the proxy try the server, which fails: that
+    // token is refused, and the cached keys are kept, not dropped.
+    assert_eq!(call(&k2).await, 401);
+    assert_eq!(call(&k1).await, 200, "cached keys survive a failed fetch");
+    assert_eq!(app.requests().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_authn_arrives_by_ads_and_an_invalid_one_is_nacked() {
+    use std::collections::HashMap;
+
+    use postern_control::ads::{AdsEventKind, Snapshot};
+    use postern_proto::envoy::config::core::v3 as core;
+    use postern_proto::envoy::config::route::v3 as route;
+    use postern_proto::envoy::extensions::filters::http::jwt_authn::v3 as jwt_authn;
+    use postern_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    use postern_proto::type_url;
+    use postern_tests::control::{is_nack, wait_acks, wait_event, ControlPlane};
+    use postern_tests::envoy::{http_listener_with_filters, static_cluster};
+
+    let key = TestKey::new("k1");
+    let app = HttpBackend::start("app").await;
+    let authentication = |provider: &str| jwt_authn::JwtAuthentication {
+        providers: HashMap::from([(
+            "idp".to_string(),
+            jwt_authn::JwtProvider {
+                issuer: ISSUER.into(),
+                audiences: vec!["api".into()],
+                jwks_source_specifier: Some(
+                    jwt_authn::jwt_provider::JwksSourceSpecifier::LocalJwks(core::DataSource {
+                        specifier: Some(core::data_source::Specifier::InlineString(jwks(&[&key]))),
+                        ..Default::default()
+                    }),
+                ),
+                ..Default::default()
+            },
+        )]),
+        rules: vec![jwt_authn::RequirementRule {
+            r#match: Some(route::RouteMatch {
+                path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+                ..Default::default()
+            }),
+            requirement_type: Some(jwt_authn::requirement_rule::RequirementType::Requires(
+                jwt_authn::JwtRequirement {
+                    requires_type: Some(jwt_authn::jwt_requirement::RequiresType::ProviderName(
+                        provider.into(),
+                    )),
+                },
+            )),
+        }],
+        ..Default::default()
+    };
+    let snapshot = |version: &str, provider: &str| {
+        let filter = hcm::HttpFilter {
+            name: "envoy.filters.http.jwt_authn".into(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(
+                postern_control::ads::pack(&authentication(provider)),
+            )),
+            ..Default::default()
+        };
+        let mut s = Snapshot::new(version);
+        s.add_message(
+            "jwt-xds",
+            &http_listener_with_filters(
+                "jwt-xds",
+                "127.0.0.1:0".parse().unwrap(),
+                "app",
+                None,
+                vec![filter],
+            ),
+        );
+        s.add_message("app", &static_cluster("app", app.addr(), None));
+        s
+    };
+    let cp = ControlPlane::start(snapshot("1", "idp")).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&format!(
+        r#"
+node: {{ id: "sidecar~127.0.0.1~jwt.default~default.svc.cluster.local", cluster: jwt }}
+xds: {{ address: "{}", initial_backoff: 50ms, max_backoff: 500ms }}
+"#,
+        cp.url()
+    ))
+    .await;
+    wait_acks(
+        &mut events,
+        &[(type_url::CLUSTER, "1"), (type_url::LISTENER, "1")],
+    )
+    .await;
+    postern_tests::wait_until("listener bound", || async {
+        proxy.listener_addr("jwt-xds").is_some()
+    })
+    .await;
+    let addr = listener(&proxy, "jwt-xds");
+    let token = bearer(&key.token(&claims("alice", "admin")));
+    assert_eq!(get_with(addr, "/x", &[]).await.status, 401);
+    assert_eq!(
+        get_with(addr, "/x", &[("authorization", &token)])
+            .await
+            .status,
+        200
+    );
+
+    // A requirement naming a provider that does not exist: NACKed, naming
+    // it, and the last good filter keeps checking tokens.
+    cp.server.set_snapshot(snapshot("2", "nobody"));
+    let nack = wait_event(&mut events, "listener NACK", |e| {
+        is_nack(e, type_url::LISTENER)
+    })
+    .await;
+    let AdsEventKind::Nack { error, .. } = nack.kind else {
+        unreachable!()
+    };
+    assert!(error.contains("unknown provider \"nobody\""), "{error}");
+    assert_eq!(get_with(addr, "/x", &[]).await.status, 401);
+    assert_eq!(
+        get_with(addr, "/x", &[("authorization", &token)])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(app.requests().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_jwt_filter_checks_nothing_and_a_route_turning_it_on_fails_closed() {
+    use std::collections::HashMap;
+
+    use postern_control::ads::{pack, Snapshot};
+    use postern_proto::envoy::config::listener::v3 as listener_v3;
+    use postern_proto::envoy::config::route::v3 as route;
+    use postern_proto::envoy::extensions::filters::http::jwt_authn::v3 as jwt_authn;
+    use postern_proto::envoy::extensions::filters::http::router::v3::Router;
+    use postern_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    use postern_proto::type_url;
+    use postern_tests::control::{wait_acks, ControlPlane};
+    use postern_tests::envoy::{http_listener, static_cluster};
+
+    let app = HttpBackend::start("app").await;
+    let to_app =
+        |prefix: &str, per_filter: HashMap<String, postern_proto::google::protobuf::Any>| {
+            route::Route {
+                r#match: Some(route::RouteMatch {
+                    path_specifier: Some(route::route_match::PathSpecifier::Prefix(prefix.into())),
+                    ..Default::default()
+                }),
+                action: Some(route::route::Action::Route(route::RouteAction {
+                    cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                        "app".into(),
+                    )),
+                    ..Default::default()
+                })),
+                typed_per_filter_config: per_filter,
+                ..Default::default()
+            }
+        };
+    // Envoy's way to turn a disabled filter on for one route: a FilterConfig
+    // with disabled: false around its per-route config.
+    let turned_on = pack(&route::FilterConfig {
+        config: Some(pack(&jwt_authn::PerRouteConfig {
+            requirement_specifier: Some(
+                jwt_authn::per_route_config::RequirementSpecifier::RequirementName("strict".into()),
+            ),
+        })),
+        is_optional: false,
+        disabled: false,
+    });
+    let manager = hcm::HttpConnectionManager {
+        stat_prefix: "jwt-off".into(),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
+            route::RouteConfiguration {
+                name: "jwt-off-routes".into(),
+                virtual_hosts: vec![route::VirtualHost {
+                    name: "all".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![
+                        to_app(
+                            "/strict",
+                            HashMap::from([("envoy.filters.http.jwt_authn".into(), turned_on)]),
+                        ),
+                        to_app("/", HashMap::new()),
+                    ],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )),
+        http_filters: vec![
+            hcm::HttpFilter {
+                name: "envoy.filters.http.jwt_authn".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack(
+                    &jwt_authn::JwtAuthentication::default(),
+                ))),
+                disabled: true,
+                ..Default::default()
+            },
+            hcm::HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack(
+                    &Router::default(),
+                ))),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    let mut jwt_off = http_listener(
+        "jwt-off",
+        "127.0.0.1:0".parse().expect("address"),
+        "app",
+        None,
+    );
+    jwt_off.filter_chains = vec![listener_v3::FilterChain {
+        filters: vec![listener_v3::Filter {
+            name: "envoy.filters.network.http_connection_manager".into(),
+            config_type: Some(listener_v3::filter::ConfigType::TypedConfig(pack(&manager))),
+        }],
+        ..Default::default()
+    }];
+    let mut snapshot = Snapshot::new("1");
+    snapshot.add_message("jwt-off", &jwt_off);
+    snapshot.add_message("app", &static_cluster("app", app.addr(), None));
+    let cp = ControlPlane::start(snapshot).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&format!(
+        r#"
+node: {{ id: "sidecar~127.0.0.1~jwt-off.default~default.svc.cluster.local", cluster: jwt-off }}
+xds: {{ address: "{}", initial_backoff: 50ms, max_backoff: 500ms }}
+"#,
+        cp.url()
+    ))
+    .await;
+    wait_acks(
+        &mut events,
+        &[(type_url::CLUSTER, "1"), (type_url::LISTENER, "1")],
+    )
+    .await;
+    postern_tests::wait_until("listener bound", || async {
+        proxy.listener_addr("jwt-off").is_some()
+    })
+    .await;
+    let addr = listener(&proxy, "jwt-off");
+    // Disabled: the filter runs on no route that leaves it off.
+    assert_eq!(get_with(addr, "/open", &[]).await.status, 200);
+    // Turned on for a route, without the providers Postern did not keep:
+    // refused, never let through unchecked.
+    let refused = get_with(addr, "/strict/x", &[]).await;
+    assert_eq!(refused.status, 401);
+    assert!(refused.header("www-authenticate").is_some());
+    assert_eq!(app.requests().len(), 1);
 }

@@ -1,6 +1,7 @@
 //! Call policy end to end: path normalisation before routing and RBAC, and
-//! RBAC by SPIFFE ID, path, method, header and port over real mTLS, with
-//! shadow rules that only count.
+//! RBAC by SPIFFE ID, path, method, header, port and TLS SNI over real
+//! (m)TLS, with shadow rules that only count, and routes that replace or
+//! turn off the listener's RBAC.
 
 use postern_tests::client::raw_exchange;
 use postern_tests::mesh::{probe_connector, tls_connect, TestCa};
@@ -566,4 +567,312 @@ clusters:
         1,
         "only the first call reached the app"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_rbac_replaces_or_disables_the_listeners_and_is_counted_by_policy() {
+    let _recorder = postern::telemetry::install_prometheus_recorder();
+    let app = HttpBackend::start("app").await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - name: route-rbac
+    address: 127.0.0.1:0
+    kind: http
+    http:
+      rbac:
+        rules:
+          action: deny
+          policies:
+            - name: no-admin
+              permissions: [{{ path: {{ prefix: /admin }} }}]
+              principals: [{{ any: true }}]
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - name: admin-open
+            match: {{ path: {{ prefix: /admin/open }} }}
+            cluster: app
+            rbac: {{ disabled: true }}
+          - name: admin-team
+            match: {{ path: {{ prefix: /admin/team }} }}
+            cluster: app
+            rbac:
+              rules:
+                policies:
+                  - name: blue-team
+                    permissions: [{{ any: true }}]
+                    principals: [{{ header: {{ name: x-team, exact: blue }} }}]
+          - name: public
+            match: {{ path: {{ prefix: /public }} }}
+            cluster: app
+            rbac:
+              rules:
+                action: deny
+                policies:
+                  - name: public-read-only
+                    permissions: [{{ not: {{ method: GET }} }}]
+                    principals: [{{ any: true }}]
+              shadow:
+                action: deny
+                policies:
+                  - name: public-would-deny-debug
+                    permissions: [{{ header: {{ name: x-debug, present: true }} }}]
+                    principals: [{{ any: true }}]
+          - name: rest
+            match: {{}}
+            cluster: app
+clusters:
+  - name: app
+    endpoints: [{{ address: "{}" }}]
+"#,
+        app.addr()
+    ))
+    .await;
+    let addr = listener(&proxy, "route-rbac");
+    let call = |method: &str, path: &str, header: Option<(&str, &str)>| {
+        let mut builder = postern_tests::request(method, "shop", path);
+        if let Some((name, value)) = header {
+            builder = builder.header(name, value);
+        }
+        let request = builder.body(postern_tests::empty()).unwrap();
+        async move { postern_tests::send(addr, request).await.status }
+    };
+    // The listener's rules where a route has none.
+    assert_eq!(call("GET", "/admin/x", None).await, 403);
+    assert_eq!(call("POST", "/other", None).await, 200);
+    // Disabled on the route: what the listener denies passes.
+    assert_eq!(call("GET", "/admin/open/x", None).await, 200);
+    // Replaced: the route's allow rules decide, not the listener's deny.
+    assert_eq!(call("GET", "/admin/team/x", None).await, 403);
+    assert_eq!(
+        call("GET", "/admin/team/x", Some(("x-team", "blue"))).await,
+        200
+    );
+    // Replaced the other way: the route denies what the listener allows.
+    assert_eq!(call("POST", "/public/x", None).await, 403);
+    assert_eq!(
+        call("GET", "/public/x", Some(("x-debug", "1"))).await,
+        200,
+        "shadow rules of an override only count"
+    );
+    let reached: Vec<String> = app.requests().iter().map(|r| r.path_and_query()).collect();
+    assert_eq!(
+        reached,
+        ["/other", "/admin/open/x", "/admin/team/x", "/public/x"],
+        "denied calls never reach the app"
+    );
+
+    for (policy, count) in [("no-admin", 1.0), ("none", 1.0), ("public-read-only", 1.0)] {
+        let denied = scrape(
+            proxy.admin_addr(),
+            "postern_rbac_denials_total",
+            &[("listener", "route-rbac"), ("policy", policy)],
+        )
+        .await;
+        assert_eq!(denied, count, "{policy}");
+    }
+    wait_until("the override's shadow denial counted", || async {
+        scrape(
+            proxy.admin_addr(),
+            "postern_rbac_shadow_denials_total",
+            &[
+                ("listener", "route-rbac"),
+                ("policy", "public-would-deny-debug"),
+            ],
+        )
+        .await
+            >= 1.0
+    })
+    .await;
+}
+
+fn port_rbac_config(app: std::net::SocketAddr, closed_port: Option<u16>) -> String {
+    let port_policy = closed_port.map_or(String::new(), |port| {
+        format!(
+            r#"
+            - name: closed-port
+              permissions: [{{ destination_port: {port} }}]
+              principals: [{{ any: true }}]"#
+        )
+    });
+    let listener = |name: &str| {
+        format!(
+            r#"
+  - name: {name}
+    address: 127.0.0.1:0
+    kind: http
+    http:
+      rbac:
+        rules:
+          action: deny
+          policies:
+            - name: blocked-header
+              permissions: [{{ header: {{ name: x-blocked, present: true }} }}]
+              principals: [{{ any: true }}]{port_policy}
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes: [{{ match: {{}}, cluster: app }}]"#
+        )
+    };
+    format!(
+        "listeners:{}{}\nclusters:\n  - name: app\n    endpoints: [{{ address: \"{app}\" }}]\n",
+        listener("port-a"),
+        listener("port-b")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_deny_by_header_and_by_destination_port() {
+    let app = HttpBackend::start("app").await;
+    let proxy = start_proxy(&port_rbac_config(app.addr(), None)).await;
+    let (a, b) = (listener(&proxy, "port-a"), listener(&proxy, "port-b"));
+    let blocked = |addr| async move {
+        let request = postern_tests::request("GET", "shop", "/x")
+            .header("x-blocked", "yes")
+            .body(postern_tests::empty())
+            .unwrap();
+        postern_tests::send(addr, request).await.status
+    };
+    assert_eq!(get(a, "shop", "/x").await.status, 200);
+    assert_eq!(blocked(a).await, 403);
+
+    // Only now is port-a's port known: deny it, in place (same listeners,
+    // same sockets), and port-b, on another port, stays open.
+    let next =
+        postern_tests::parse_config(&port_rbac_config(app.addr(), Some(a.port()))).expect("config");
+    proxy.runtime().apply(next).expect("apply");
+    assert_eq!(listener(&proxy, "port-a"), a, "not rebound");
+    assert_eq!(get(a, "shop", "/x").await.status, 403);
+    assert_eq!(get(b, "shop", "/x").await.status, 200);
+    assert_eq!(blocked(b).await, 403);
+    assert_eq!(app.requests().len(), 2, "denied calls never reach the app");
+}
+
+fn sni_identity() -> (
+    tempfile::TempDir,
+    TestCa,
+    postern_tests::mesh::IdentityFiles,
+) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mesh = TestCa::new("mesh root");
+    let files = mesh.write_identity(dir.path(), "api", "spiffe://cluster.local/ns/shop/sa/api");
+    (dir, mesh, files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requested_server_name_is_the_tls_sni_for_http_and_never_plaintext() {
+    let (_dir, mesh, files) = sni_identity();
+    let app = HttpBackend::start("app").await;
+    let proxy = start_proxy(&format!(
+        r#"
+identity:
+  spiffe_id: spiffe://cluster.local/ns/shop/sa/api
+  source:
+    files: {{ cert: {}, key: {}, bundle: {} }}
+listeners:
+  - name: sni-in
+    address: 127.0.0.1:0
+    kind: http
+    mtls: {{ mode: permissive }}
+    http:
+      rbac:
+        rules:
+          policies:
+            - name: api-sni
+              permissions: [{{ requested_server_name: {{ exact: api.shop }} }}]
+              principals: [{{ any: true }}]
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes: [{{ match: {{}}, cluster: app }}]
+clusters:
+  - name: app
+    endpoints: [{{ address: "{}" }}]
+"#,
+        files.cert.display(),
+        files.key.display(),
+        files.bundle.display(),
+        app.addr()
+    ))
+    .await;
+    within(Duration::from_secs(15), "identity", proxy.ready()).await;
+    let addr = listener(&proxy, "sni-in");
+    let web = mesh.issue(WEB, -60, 3600);
+    let status_with_sni = |sni: &'static str| {
+        let connector = probe_connector(Some(&web), &[b"http/1.1"]);
+        async move {
+            let mut tls = tls_connect(&connector, addr, sni).await.expect("handshake");
+            // The Host names the same service every time: only the SNI differs.
+            tls.write_all(request("GET", "/x", "").as_bytes())
+                .await
+                .expect("write");
+            let mut out = Vec::new();
+            within(Duration::from_secs(10), "reply", tls.read_to_end(&mut out))
+                .await
+                .expect("read");
+            let text = String::from_utf8_lossy(&out).into_owned();
+            text.get(9..12)
+                .and_then(|s| s.parse::<u16>().ok())
+                .unwrap_or(0)
+        }
+    };
+    assert_eq!(status_with_sni("api.shop").await, 200);
+    assert_eq!(status_with_sni("other.shop").await, 403);
+    // Plaintext carries no SNI, and a Host of api.shop is no stand-in.
+    assert_eq!(get(addr, "api.shop", "/x").await.status, 403);
+    assert_eq!(app.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_rbac_matches_the_tls_sni() {
+    let (_dir, mesh, files) = sni_identity();
+    let echo = postern_tests::tcp_backend::TcpBackend::echo().await;
+    let proxy = start_proxy(&format!(
+        r#"
+identity:
+  spiffe_id: spiffe://cluster.local/ns/shop/sa/api
+  source:
+    files: {{ cert: {}, key: {}, bundle: {} }}
+listeners:
+  - name: tcp-sni
+    address: 127.0.0.1:0
+    kind: tcp
+    mtls: {{ mode: strict }}
+    tcp:
+      cluster: echo
+      rbac:
+        rules:
+          policies:
+            - name: db-names
+              permissions: [{{ requested_server_name: {{ prefix: db. }} }}]
+              principals: [{{ any: true }}]
+clusters:
+  - name: echo
+    endpoints: [{{ address: "{}" }}]
+"#,
+        files.cert.display(),
+        files.key.display(),
+        files.bundle.display(),
+        echo.addr()
+    ))
+    .await;
+    within(Duration::from_secs(15), "identity", proxy.ready()).await;
+    let addr = listener(&proxy, "tcp-sni");
+    let web = mesh.issue(WEB, -60, 3600);
+    let exchange = |sni: &'static str| {
+        let connector = probe_connector(Some(&web), &[]);
+        async move {
+            let mut tls = tls_connect(&connector, addr, sni).await.expect("handshake");
+            let _ = tls.write_all(b"ping").await;
+            let mut buf = [0u8; 4];
+            let read = within(Duration::from_secs(10), "echo or close", tls.read(&mut buf)).await;
+            matches!(read, Ok(4)).then_some(buf)
+        }
+    };
+    assert_eq!(exchange("db.shop").await, Some(*b"ping"));
+    assert_eq!(exchange("cache.shop").await, None, "refused SNI closed");
+    assert_eq!(echo.connections(), 1);
 }

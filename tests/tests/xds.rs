@@ -1,8 +1,8 @@
 //! Dynamic config from an in-process control plane (the reference ADS
 //! server): listeners, routes, clusters and endpoints pushed and followed,
 //! NACKs that keep the last good config, warming, a control plane that goes
-//! away and comes back, and a large swap under load. State of the world and
-//! delta both.
+//! away and comes back, a large swap under load, and RBAC per route and
+//! virtual host. State of the world and delta both.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -686,4 +686,300 @@ async fn inbound_capture_chains_must_lead_to_the_app() {
     })
     .await;
     assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
+}
+
+/// A listener whose RBAC filter denies `/admin`, and whose one virtual host
+/// overrides it per route: `vhost_rbac` for routes without their own,
+/// RBAC off on `/admin/open`, and `team_config` on `/admin/team`; with
+/// `filters_before_rbac`, those filters are listed ahead of the RBAC filter.
+fn per_route_rbac_listener(
+    team_config: postern_proto::google::protobuf::Any,
+    filters_before_rbac: Vec<
+        postern_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter,
+    >,
+) -> postern_proto::envoy::config::listener::v3::Listener {
+    use postern_control::ads::pack;
+    use postern_proto::envoy::config::listener::v3 as listener;
+    use postern_proto::envoy::config::rbac::v3 as rbac;
+    use postern_proto::envoy::config::route::v3 as route;
+    use postern_proto::envoy::extensions::filters::http::rbac::v3 as rbac_filter;
+    use postern_proto::envoy::extensions::filters::http::router::v3::Router;
+    use postern_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    use postern_proto::envoy::r#type::matcher::v3 as matcher;
+
+    let exact = |value: &str| matcher::StringMatcher {
+        match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(value.into())),
+        ignore_case: false,
+    };
+    let rules = |action: rbac::rbac::Action, name: &str, permission, principal| rbac::Rbac {
+        action: action as i32,
+        policies: [(
+            name.to_string(),
+            rbac::Policy {
+                permissions: vec![rbac::Permission {
+                    rule: Some(permission),
+                }],
+                principals: vec![rbac::Principal {
+                    identifier: Some(principal),
+                }],
+                ..Default::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    };
+    let anyone = || rbac::principal::Identifier::Any(true);
+    let no_admin = rules(
+        rbac::rbac::Action::Deny,
+        "no-admin",
+        rbac::permission::Rule::UrlPath(matcher::PathMatcher {
+            rule: Some(matcher::path_matcher::Rule::Path(matcher::StringMatcher {
+                match_pattern: Some(matcher::string_matcher::MatchPattern::Prefix(
+                    "/admin".into(),
+                )),
+                ignore_case: false,
+            })),
+        }),
+        anyone(),
+    );
+    let vhost_no_post = rules(
+        rbac::rbac::Action::Deny,
+        "vh-no-post",
+        rbac::permission::Rule::NotRule(Box::new(rbac::Permission {
+            rule: Some(rbac::permission::Rule::Header(route::HeaderMatcher {
+                name: ":method".into(),
+                header_match_specifier: Some(
+                    route::header_matcher::HeaderMatchSpecifier::StringMatch(exact("GET")),
+                ),
+                ..Default::default()
+            })),
+        })),
+        anyone(),
+    );
+    let per_route = |rules: Option<rbac::Rbac>| {
+        pack(&rbac_filter::RbacPerRoute {
+            rbac: rules.map(|rules| rbac_filter::Rbac {
+                rules: Some(rules),
+                ..Default::default()
+            }),
+        })
+    };
+    let to_app =
+        |prefix: &str, config: Option<postern_proto::google::protobuf::Any>| route::Route {
+            r#match: Some(route::RouteMatch {
+                path_specifier: Some(route::route_match::PathSpecifier::Prefix(prefix.into())),
+                ..Default::default()
+            }),
+            action: Some(route::route::Action::Route(route::RouteAction {
+                cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                    "app".into(),
+                )),
+                ..Default::default()
+            })),
+            typed_per_filter_config: config
+                .map(|c| ("envoy.filters.http.rbac".to_string(), c))
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+    let routes = route::RouteConfiguration {
+        name: "rbac-routes".into(),
+        virtual_hosts: vec![route::VirtualHost {
+            name: "all".into(),
+            domains: vec!["*".into()],
+            routes: vec![
+                to_app("/admin/open", Some(per_route(None))),
+                to_app("/admin/team", Some(team_config)),
+                to_app("/", None),
+            ],
+            typed_per_filter_config: [(
+                "envoy.filters.http.rbac".to_string(),
+                per_route(Some(vhost_no_post)),
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let filter = |name: &str, config: postern_proto::google::protobuf::Any| hcm::HttpFilter {
+        name: name.into(),
+        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(config)),
+        ..Default::default()
+    };
+    let manager = hcm::HttpConnectionManager {
+        stat_prefix: "rbac".into(),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
+            routes,
+        )),
+        http_filters: filters_before_rbac
+            .into_iter()
+            .chain([
+                filter(
+                    "envoy.filters.http.rbac",
+                    pack(&rbac_filter::Rbac {
+                        rules: Some(no_admin),
+                        ..Default::default()
+                    }),
+                ),
+                filter("envoy.filters.http.router", pack(&Router::default())),
+            ])
+            .collect(),
+        ..Default::default()
+    };
+    let mut out = postern_tests::envoy::http_listener(
+        "rbac-routes",
+        "127.0.0.1:0".parse().expect("address"),
+        "app",
+        None,
+    );
+    out.filter_chains = vec![listener::FilterChain {
+        filters: vec![listener::Filter {
+            name: "envoy.filters.network.http_connection_manager".into(),
+            config_type: Some(listener::filter::ConfigType::TypedConfig(pack(&manager))),
+        }],
+        ..Default::default()
+    }];
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_per_route_from_xds_replaces_the_listeners_and_bad_overrides_are_nacked() {
+    use postern_control::ads::pack;
+    use postern_proto::envoy::config::rbac::v3 as rbac;
+    use postern_proto::envoy::config::route::v3 as route;
+    use postern_proto::envoy::extensions::filters::http::rbac::v3 as rbac_filter;
+    use postern_proto::envoy::r#type::matcher::v3 as matcher;
+    use postern_tests::envoy::static_cluster;
+
+    let app = HttpBackend::start("app").await;
+    let blue_team = pack(&rbac_filter::RbacPerRoute {
+        rbac: Some(rbac_filter::Rbac {
+            rules: Some(rbac::Rbac {
+                action: rbac::rbac::Action::Allow as i32,
+                policies: [(
+                    "blue-team".to_string(),
+                    rbac::Policy {
+                        permissions: vec![rbac::Permission {
+                            rule: Some(rbac::permission::Rule::Any(true)),
+                        }],
+                        principals: vec![rbac::Principal {
+                            identifier: Some(rbac::principal::Identifier::Header(
+                                route::HeaderMatcher {
+                                    name: "x-team".into(),
+                                    header_match_specifier: Some(
+                                        route::header_matcher::HeaderMatchSpecifier::StringMatch(
+                                            matcher::StringMatcher {
+                                                match_pattern: Some(
+                                                    matcher::string_matcher::MatchPattern::Exact(
+                                                        "blue".into(),
+                                                    ),
+                                                ),
+                                                ignore_case: false,
+                                            },
+                                        ),
+                                    ),
+                                    ..Default::default()
+                                },
+                            )),
+                        }],
+                        ..Default::default()
+                    },
+                )]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    });
+    let snapshot = |version: &str, team: postern_proto::google::protobuf::Any, before| {
+        let mut s = Snapshot::new(version);
+        s.add_message("rbac-routes", &per_route_rbac_listener(team, before));
+        s.add_message("app", &static_cluster("app", app.addr(), None));
+        s
+    };
+    let cp = ControlPlane::start(snapshot("1", blue_team.clone(), Vec::new())).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+    let addr = proxy.listener_addr("rbac-routes").expect("listener");
+    let call = |method: &str, path: &str, team: Option<&str>| {
+        let mut builder = postern_tests::request(method, "svc", path);
+        if let Some(team) = team {
+            builder = builder.header("x-team", team);
+        }
+        let request = builder.body(postern_tests::empty()).unwrap();
+        async move { postern_tests::send(addr, request).await.status }
+    };
+    let check = || async {
+        // The virtual host's override replaces the listener's deny of
+        // /admin, and refuses what the listener allowed.
+        assert_eq!(call("GET", "/admin/x", None).await, 200);
+        assert_eq!(call("POST", "/x", None).await, 403);
+        // The route's own wins over the virtual host's.
+        assert_eq!(call("GET", "/admin/team/x", None).await, 403);
+        assert_eq!(call("POST", "/admin/team/x", Some("blue")).await, 200);
+        // RBAC off on this route.
+        assert_eq!(call("POST", "/admin/open/x", None).await, 200);
+    };
+    check().await;
+
+    // Turning a filter on per route by name alone is refused by name; the
+    // last good routes keep their policies.
+    let re_enable = pack(&route::FilterConfig {
+        config: None,
+        is_optional: false,
+        disabled: false,
+    });
+    cp.server.set_snapshot(snapshot("2", re_enable, Vec::new()));
+    let nack = wait_event(&mut events, "listener NACK", |e| {
+        is_nack(e, type_url::LISTENER)
+    })
+    .await;
+    let AdsEventKind::Nack { error, .. } = nack.kind else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("typed_per_filter_config[envoy.filters.http.rbac]: re-enabling a filter per route is not supported"),
+        "{error}"
+    );
+    check().await;
+
+    // So is a local rate limit listed before RBAC: Postern would run it after.
+    let local = postern_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter {
+        name: "early-limit".into(),
+        config_type: Some(
+            postern_proto::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType::TypedConfig(
+                pack(&postern_proto::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit {
+                    stat_prefix: "early".into(),
+                    ..Default::default()
+                }),
+            ),
+        ),
+        ..Default::default()
+    };
+    cp.server
+        .set_snapshot(snapshot("3", blue_team.clone(), vec![local]));
+    let nack = wait_event(&mut events, "second listener NACK", |e| {
+        matches!(&e.kind, AdsEventKind::Nack { version, .. } if version == "3")
+            && e.type_url == type_url::LISTENER
+    })
+    .await;
+    let AdsEventKind::Nack { error, .. } = nack.kind else {
+        unreachable!()
+    };
+    assert!(
+        error.contains(
+            "envoy.filters.http.rbac (rbac) is listed after early-limit (local_ratelimit)"
+        ),
+        "{error}"
+    );
+    check().await;
+    assert_eq!(
+        proxy.listener_addr("rbac-routes"),
+        Some(addr),
+        "not rebound"
+    );
 }

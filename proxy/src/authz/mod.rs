@@ -175,6 +175,9 @@ pub enum Permission {
     Header(HeaderCondition),
     /// The listener's port.
     DestinationPort(u16),
+    /// The server name the client asked for in its TLS handshake (SNI); a
+    /// connection without one (plaintext, or TLS without SNI) never matches.
+    RequestedServerName(StringMatch),
     /// All of these.
     And(Vec<Permission>),
     /// Any of these.
@@ -231,6 +234,8 @@ pub struct RequestFacts<'a> {
     pub authority: &'a str,
     /// Tokens verified by JWT authentication (empty on TCP).
     pub jwt: &'a [crate::authn::VerifiedJwt],
+    /// The SNI of the connection's TLS handshake, if it sent one.
+    pub requested_server_name: Option<&'a str>,
 }
 
 /// The outcome of one rule set.
@@ -269,6 +274,9 @@ impl Permission {
             Permission::Method(method) => facts.method == method,
             Permission::Header(h) => h.matches(facts.headers, facts.authority),
             Permission::DestinationPort(port) => facts.local_port == *port,
+            Permission::RequestedServerName(m) => facts
+                .requested_server_name
+                .is_some_and(|sni| m.matches(sni)),
             Permission::And(all) => all.iter().all(|p| p.matches(facts)),
             Permission::Or(any) => any.iter().any(|p| p.matches(facts)),
             Permission::Not(p) => !p.matches(facts),

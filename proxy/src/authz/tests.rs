@@ -15,6 +15,7 @@ fn facts<'a>(
         headers,
         authority: "api.shop",
         jwt: &[],
+        requested_server_name: None,
     }
 }
 
@@ -235,5 +236,30 @@ fn jwt_claim_principals_match_any_verified_token() {
     assert_eq!(
         admins.evaluate(&f),
         Decision::Allowed(Some("admins".into()))
+    );
+}
+
+#[test]
+fn requested_server_name_needs_an_sni_that_matches() {
+    let rules = Rules {
+        action: RbacAction::Allow,
+        policies: vec![policy(
+            "api-sni",
+            vec![Permission::RequestedServerName(StringMatch::Exact(
+                "api.shop".into(),
+            ))],
+            vec![Principal::Any],
+        )],
+    };
+    let (get, h) = (Method::GET, HeaderMap::new());
+    let mut f = facts(None, &get, "/", &h);
+    // Plaintext: no SNI, and an empty name must not stand in for one.
+    assert_eq!(rules.evaluate(&f), Decision::Denied("none".into()));
+    f.requested_server_name = Some("other.shop");
+    assert_eq!(rules.evaluate(&f), Decision::Denied("none".into()));
+    f.requested_server_name = Some("api.shop");
+    assert_eq!(
+        rules.evaluate(&f),
+        Decision::Allowed(Some("api-sni".into()))
     );
 }

@@ -284,6 +284,7 @@ pub fn forward_all(name: &str, cluster: Arc<str>) -> RouteTable {
         rate_limit: None,
         rate_limits: Vec::new(),
         jwt: None,
+        rbac: None,
         access_log: None,
         name: Arc::from("default"),
         matcher: RouteMatch::default(),

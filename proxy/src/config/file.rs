@@ -1090,6 +1090,10 @@ pub struct PermissionFile {
     /// The listener's port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination_port: Option<u16>,
+    /// The SNI the client sent in its TLS handshake; never matches a
+    /// connection without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_server_name: Option<StringMatchFile>,
     /// All of these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub and: Option<Vec<PermissionFile>>,
@@ -1345,6 +1349,9 @@ pub struct RouteFile {
     /// This route's JWT requirement, from the listener's `requirement_map`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<RouteJwtFile>,
+    /// RBAC for this route instead of the listener's `http.rbac`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbac: Option<RouteRbacFile>,
     /// Access-log filter and sampling for this route's calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<crate::telemetry::access_log::LogPolicyFile>,
@@ -1363,6 +1370,24 @@ pub struct RouteJwtFile {
     /// The name of an entry of the listener's `http.jwt.requirement_map`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requirement: Option<String>,
+}
+
+/// A route's RBAC (Envoy's `RBACPerRoute`): replaces the listener's
+/// `http.rbac` for the route. `disabled: true` alone turns RBAC off there;
+/// otherwise `rules` and `shadow` are read as in `http.rbac`, and a
+/// section with neither also leaves the route without RBAC.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRbacFile {
+    /// No RBAC on this route (`true`); no other field may be set with it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
+    /// Enforced rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<RbacRulesFile>,
+    /// Rules that are evaluated, logged and counted, never enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<RbacRulesFile>,
 }
 
 /// Route match conditions; all given conditions must hold.

@@ -13,6 +13,8 @@ mod jwt;
 mod jwt_tests;
 mod ratelimit;
 mod rbac;
+#[cfg(test)]
+mod rbac_tests;
 mod tls;
 mod validate;
 pub mod xds;
@@ -258,7 +260,10 @@ impl HttpListener {
     /// Whether any policy looks at requests (RBAC, rate limit, JWT): then
     /// HTTP must be seen as HTTP, not carried as TCP.
     pub fn has_request_policy(&self) -> bool {
-        self.rbac.is_some() || self.rate_limit.is_some() || self.jwt.is_some()
+        self.rbac.is_some()
+            || self.rate_limit.is_some()
+            || self.jwt.is_some()
+            || self.routes.has_rbac_overrides()
     }
 }
 

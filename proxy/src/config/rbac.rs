@@ -23,6 +23,22 @@ pub(super) fn build_rbac(file: &RbacFile, path: &str, errors: &mut Errors) -> Ar
     })
 }
 
+/// A route's RBAC override; `disabled` compiles to an `Rbac` with neither
+/// rules nor shadow rules, which refuses nothing and reports nothing.
+pub(super) fn build_route_rbac(file: &RouteRbacFile, path: &str, errors: &mut Errors) -> Arc<Rbac> {
+    if file.disabled && (file.rules.is_some() || file.shadow.is_some()) {
+        errors.push(
+            format!("{path}.disabled"),
+            "a disabled route RBAC takes no rules or shadow rules",
+        );
+    }
+    let rules = RbacFile {
+        rules: file.rules.clone(),
+        shadow: file.shadow.clone(),
+    };
+    build_rbac(&rules, path, errors)
+}
+
 fn build_rules(file: &RbacRulesFile, path: &str, errors: &mut Errors) -> Rules {
     let mut names = std::collections::HashSet::new();
     let policies = file
@@ -234,6 +250,7 @@ fn permission(p: &PermissionFile, path: &str, errors: &mut Errors) -> Permission
         p.method.is_some(),
         p.header.is_some(),
         p.destination_port.is_some(),
+        p.requested_server_name.is_some(),
         p.and.is_some(),
         p.or.is_some(),
         p.not.is_some(),
@@ -276,6 +293,13 @@ fn permission(p: &PermissionFile, path: &str, errors: &mut Errors) -> Permission
     }
     if let Some(port) = p.destination_port {
         return Permission::DestinationPort(port);
+    }
+    if let Some(m) = &p.requested_server_name {
+        return Permission::RequestedServerName(string_match(
+            m,
+            &format!("{path}.requested_server_name"),
+            errors,
+        ));
     }
     if let Some(all) = &p.and {
         return Permission::And(list(all, "and", errors));
@@ -359,7 +383,7 @@ pub(super) fn check_connection_level(file: &RbacFile, path: &str, errors: &mut E
         if p.path.is_some() || p.method.is_some() || p.header.is_some() {
             errors.push(
                 path.to_string(),
-                "a TCP listener's RBAC can only use destination_port and any permissions",
+                "a TCP listener's RBAC can only use destination_port, requested_server_name and any permissions",
             );
         }
         for (key, list) in [("and", &p.and), ("or", &p.or)] {

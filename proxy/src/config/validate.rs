@@ -810,6 +810,10 @@ fn build_route(
             .jwt
             .as_ref()
             .map(|jwt| super::jwt::route_jwt(jwt, &format!("{path}.jwt"), errors)),
+        rbac: route
+            .rbac
+            .as_ref()
+            .map(|rbac| super::rbac::build_route_rbac(rbac, &format!("{path}.rbac"), errors)),
         access_log: route.access_log.inspect(|policy| {
             if let Some((field, reason)) = policy.validate() {
                 errors.push(format!("{path}.access_log.{field}"), reason);

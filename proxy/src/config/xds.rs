@@ -25,6 +25,8 @@ use super::file::*;
 
 #[path = "xds_chains.rs"]
 mod chains;
+#[path = "xds_policy.rs"]
+mod policy;
 pub use chains::{fill_edge_secrets, EdgeSecret, EdgeSlot};
 
 /// Type URL of the HttpConnectionManager network filter config.
@@ -346,9 +348,7 @@ fn virtual_host(vh: &route::VirtualHost, path: &str, ctx: &mut Ctx) -> VirtualHo
     if vh.matcher.is_some() {
         ctx.unsupported(format!("{path}.matcher"));
     }
-    if !vh.typed_per_filter_config.is_empty() {
-        ctx.unsupported(format!("{path}.typed_per_filter_config"));
-    }
+    let vh_rbac = policy::rbac_per_route(&vh.typed_per_filter_config, path, ctx, true);
     VirtualHostFile {
         name: vh.name.clone(),
         domains: vh.domains.clone(),
@@ -357,6 +357,7 @@ fn virtual_host(vh: &route::VirtualHost, path: &str, ctx: &mut Ctx) -> VirtualHo
             .iter()
             .enumerate()
             .filter_map(|(i, r)| route_entry(r, &format!("{path}.routes[{i}]"), ctx))
+            .map(|r| policy::inherit_rbac(r, vh_rbac.as_ref()))
             .collect(),
         headers,
         rate_limits: rate_limits(&vh.rate_limits, &format!("{path}.rate_limits"), ctx),
@@ -386,6 +387,7 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
         rate_limits: Vec::new(),
         include_vh_rate_limits: false,
         jwt,
+        rbac: policy::rbac_per_route(&r.typed_per_filter_config, path, ctx, false),
         access_log: None,
         headers,
     };
@@ -1874,6 +1876,7 @@ fn inbound_routes(
                 && route.rewrite.is_none()
                 && route.local_rate_limit.is_none()
                 && route.jwt.is_none()
+                && route.rbac.is_none()
                 && route.access_log.is_none()
                 && catch_all(&route.matcher);
             match (&route.cluster, plain) {
@@ -1957,8 +1960,14 @@ fn http_connection_manager(
             );
         }
     }
+    policy::check_http_filter_order(&m.http_filters, path, ctx);
     for (i, filter) in m.http_filters.iter().enumerate() {
         let fpath = format!("{path}.http_filters[{i}]");
+        if filter.disabled {
+            // Off unless a route turns it on, which Postern refuses.
+            tracing::debug!(filter = %filter.name, "HTTP filter disabled; not run");
+            continue;
+        }
         let type_url = match &filter.config_type {
             Some(hcm::http_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
             _ => "",
@@ -2471,6 +2480,14 @@ fn rbac_permission(p: &rbac::Permission, path: &str, ctx: &mut Ctx) -> Permissio
         },
         Some(Rule::DestinationPort(port)) => PermissionFile {
             destination_port: u16::try_from(*port).ok(),
+            ..Default::default()
+        },
+        Some(Rule::RequestedServerName(sm)) => PermissionFile {
+            requested_server_name: Some(rbac_string(
+                sm,
+                &format!("{path}.requested_server_name"),
+                ctx,
+            )),
             ..Default::default()
         },
         _ => {
@@ -3116,6 +3133,9 @@ fn route_filter_configs(
         if any.type_url == FILTER_CONFIG_TYPE {
             match decode::<route::FilterConfig>(any, FILTER_CONFIG_TYPE) {
                 Ok(wrapper) => {
+                    if !policy::filter_config_supported(&wrapper, &fpath, ctx) {
+                        continue;
+                    }
                     wrapped = wrapper.config.unwrap_or_default();
                     any = &wrapped;
                 }
@@ -3127,6 +3147,10 @@ fn route_filter_configs(
         }
         if any.type_url == LOCAL_RATELIMIT_TYPE {
             local_rate_limit = local_rate_limit_filter(any, &fpath, ctx);
+            continue;
+        }
+        // Read by `policy::rbac_per_route`.
+        if any.type_url == policy::RBAC_PER_ROUTE_TYPE {
             continue;
         }
         if any.type_url != JWT_PER_ROUTE_TYPE {

@@ -450,17 +450,16 @@ fn per_route_local_rate_limit_config_limits_that_route() {
     // Any other per-route filter config is refused by name.
     let mut other = route_to("api");
     other.typed_per_filter_config.insert(
-        "envoy.filters.http.rbac".into(),
+        "envoy.filters.http.cors".into(),
         Any {
-            type_url: "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
-                .into(),
+            type_url: "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy".into(),
             value: Vec::new(),
         },
     );
     let problems = route_configuration(&config_of(vec![other])).unwrap_err();
     assert!(
         problems[0].starts_with(
-            "virtual_hosts[0].routes[0].typed_per_filter_config[envoy.filters.http.rbac]"
+            "virtual_hosts[0].routes[0].typed_per_filter_config[envoy.filters.http.cors]"
         ),
         "{problems:?}"
     );
@@ -706,6 +705,7 @@ mod edge;
 mod inbound;
 mod jwt;
 mod mutations;
+mod policy;
 
 fn ratelimit_filter(
     config: &postern_proto::envoy::extensions::filters::http::ratelimit::v3::RateLimit,

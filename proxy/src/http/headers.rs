@@ -399,6 +399,8 @@ pub struct DownstreamPeer {
     pub spiffe_id: Option<std::sync::Arc<postern_certs::SpiffeId>>,
     /// `By=<ours>;URI=<peer>` when the peer has a SPIFFE ID.
     pub xfcc: Option<HeaderValue>,
+    /// The SNI of the TLS handshake, for RBAC's `requested_server_name`.
+    pub sni: Option<std::sync::Arc<str>>,
 }
 
 impl DownstreamPeer {
@@ -425,6 +427,7 @@ impl DownstreamPeer {
             tls: tls.tls,
             spiffe_id: tls.spiffe_id.clone(),
             xfcc,
+            sni: tls.sni.clone(),
         }
     }
 }
@@ -686,6 +689,7 @@ mod peer_tests {
             tls: true,
             spiffe_id: Some(std::sync::Arc::new(peer_id)),
             opaque: false,
+            sni: None,
         };
         let peer = DownstreamPeer::new("127.0.0.1:1".parse().unwrap(), 8080, &tls, Some(&local));
         let mut h = HeaderMap::new();

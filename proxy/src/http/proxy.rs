@@ -479,10 +479,12 @@ impl HttpProxy {
     }
 
     /// Runs RBAC (shadow rules, then enforced ones); a refusal comes back as
-    /// the reply to send.
+    /// the reply to send. `route` names the route whose override `rbac` is,
+    /// for the logs; `None` for the listener's own.
     fn authorize<B>(
         &self,
         rbac: &crate::authz::Rbac,
+        route: Option<&str>,
         peer: &hdr::DownstreamPeer,
         request: &Request<B>,
         authority: &str,
@@ -501,11 +503,13 @@ impl HttpProxy {
             headers: request.headers(),
             authority,
             jwt,
+            requested_server_name: peer.sni.as_deref(),
         };
         if let Some(shadow) = &rbac.shadow {
             if let Decision::Denied(policy) = shadow.evaluate(&facts) {
                 tracing::info!(
                     listener = %self.listener.name,
+                    route = route.unwrap_or("-"),
                     policy,
                     peer = facts.peer_id.unwrap_or("-"),
                     path = facts.path,
@@ -524,6 +528,7 @@ impl HttpProxy {
             Decision::Denied(policy) => {
                 tracing::warn!(
                     listener = %self.listener.name,
+                    route = route.unwrap_or("-"),
                     policy,
                     peer = facts.peer_id.unwrap_or("-"),
                     peer_ip = %facts.peer_ip,
@@ -544,7 +549,7 @@ impl HttpProxy {
                 ))
             }
             Decision::Allowed(Some(policy)) if rules.action == RbacAction::Log => {
-                tracing::info!(listener = %self.listener.name, policy, path = facts.path, "RBAC log policy matched");
+                tracing::info!(listener = %self.listener.name, route = route.unwrap_or("-"), policy, path = facts.path, "RBAC log policy matched");
                 None
             }
             Decision::Allowed(_) => None,
@@ -561,7 +566,9 @@ impl HttpProxy {
         record: &mut CallRecord,
     ) -> Result<Vec<crate::authn::VerifiedJwt>, Response<ResponseBody>> {
         let Some(jwt) = &config.jwt else {
-            return Ok(Vec::new());
+            return self
+                .jwt_route_without_filter(config, request, authority, grpc, record)
+                .map_or(Ok(Vec::new()), Err);
         };
         // Routes may pick the requirement; the router looks again later,
         // on the request as authentication left it.
@@ -628,6 +635,54 @@ impl HttpProxy {
                 .insert(header::WWW_AUTHENTICATE, challenge);
         }
         Err(response)
+    }
+
+    /// A listener without JWT authentication whose route still names a
+    /// requirement: from xDS, a `jwt_authn` filter disabled in the HCM and
+    /// turned on for that route, whose providers are not kept. Fails closed:
+    /// the 401 to send, as for a requirement the listener lacks.
+    fn jwt_route_without_filter(
+        &self,
+        config: &HttpConfig,
+        request: &Request<Incoming>,
+        authority: &str,
+        grpc: bool,
+        record: &mut CallRecord,
+    ) -> Option<Response<ResponseBody>> {
+        if !config.routes.has_jwt_overrides() {
+            return None;
+        }
+        let view = RequestView {
+            authority,
+            path: request.uri().path(),
+            query: request.uri().query(),
+            method: request.method(),
+            headers: request.headers(),
+        };
+        let Some(crate::authn::RouteJwt::Requirement(name)) = config
+            .routes
+            .route(&view)
+            .and_then(|(_, route)| route.jwt.as_ref())
+        else {
+            return None;
+        };
+        self.count_jwt("invalid");
+        tracing::debug!(listener = %self.listener.name, requirement = %name, "route names a JWT requirement on a listener without JWT authentication");
+        let failure = crate::authn::AuthnFailure::Invalid {
+            provider: Arc::from("-"),
+            reason: crate::authn::InvalidReason::UnknownRequirement(name.clone()),
+        };
+        let reply = LocalReply::new(
+            StatusCode::UNAUTHORIZED,
+            "Jwt verification fails",
+            Some(ResponseFlag::UnauthorizedJwt),
+        );
+        let mut response = local_response(&reply, grpc, record);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            www_authenticate(request, authority, &failure),
+        );
+        Some(response)
     }
 
     /// Handles one downstream request from the peer whose IP is `peer`;
@@ -776,8 +831,25 @@ impl HttpProxy {
             Ok(verified) => verified,
             Err(response) => return response,
         };
-        if let Some(rbac) = &config.rbac {
-            if let Some(reply) = self.authorize(rbac, &peer, &request, authority_text, &jwt) {
+        let view = RequestView {
+            authority: authority_text,
+            path: request.uri().path(),
+            query: request.uri().query(),
+            method: request.method(),
+            headers: request.headers(),
+        };
+        // Chosen before RBAC, which a route may override, on the request as
+        // authentication left it; a request without a route still meets the
+        // listener's RBAC and limit before its 404.
+        let selected = config.routes.route(&view);
+        let route_rbac = selected.and_then(|(_, route)| route.rbac.as_ref().map(|r| (r, route)));
+        let rbac = match route_rbac {
+            Some((rbac, route)) => Some((rbac, Some(&*route.name))),
+            None => config.rbac.as_ref().map(|rbac| (rbac, None)),
+        };
+        if let Some((rbac, route)) = rbac {
+            if let Some(reply) = self.authorize(rbac, route, &peer, &request, authority_text, &jwt)
+            {
                 return local_response(&reply, grpc, &mut record);
             }
         }
@@ -788,14 +860,7 @@ impl HttpProxy {
                 return response;
             }
         }
-        let view = RequestView {
-            authority: authority_text,
-            path: request.uri().path(),
-            query: request.uri().query(),
-            method: request.method(),
-            headers: request.headers(),
-        };
-        let Some((vhost, route)) = config.routes.route(&view) else {
+        let Some((vhost, route)) = selected else {
             let reply = LocalReply::new(
                 StatusCode::NOT_FOUND,
                 "no route",

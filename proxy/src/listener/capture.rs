@@ -614,6 +614,7 @@ fn inbound_routes(port: u16) -> RouteTable {
         rate_limits: Vec::new(),
         rate_limit: None,
         jwt: None,
+        rbac: None,
         access_log: None,
         name: Arc::from(if grpc { "inbound-grpc" } else { "inbound" }),
         matcher,

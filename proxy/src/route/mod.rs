@@ -52,6 +52,9 @@ pub struct Route {
     pub rate_limits: Vec<Arc<crate::ratelimit::global::RateLimitPolicy>>,
     /// This route's JWT setting, when it overrides the listener's rules.
     pub jwt: Option<crate::authn::RouteJwt>,
+    /// This route's RBAC, when it replaces the listener's (an `Rbac`
+    /// without rules or shadow rules turns RBAC off for the route).
+    pub rbac: Option<Arc<crate::authz::Rbac>>,
     /// Access-log filter and sampling, when the route sets its own.
     pub access_log: Option<crate::telemetry::access_log::LogPolicyFile>,
     /// Name for metrics and logs.
@@ -390,6 +393,14 @@ impl RouteTable {
     /// must find the route first.
     pub fn has_jwt_overrides(&self) -> bool {
         self.jwt_overrides
+    }
+
+    /// Whether some route replaces the listener's RBAC.
+    pub fn has_rbac_overrides(&self) -> bool {
+        self.vhosts
+            .iter()
+            .flat_map(|v| v.routes.iter())
+            .any(|r| r.rbac.is_some())
     }
 
     /// The virtual hosts.

@@ -417,6 +417,7 @@ pub(crate) fn authorize(
         headers: &headers,
         authority: "",
         jwt: &[],
+        requested_server_name: peer.sni.as_deref(),
     };
     if let Some(Decision::Denied(policy)) = rbac.shadow.as_ref().map(|s| s.evaluate(&facts)) {
         tracing::info!(listener = %listener, policy, "RBAC shadow rules would close the connection");

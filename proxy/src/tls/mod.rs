@@ -131,6 +131,8 @@ pub struct PeerTls {
     pub spiffe_id: Option<Arc<SpiffeId>>,
     /// A mesh peer said the stream is opaque TCP ([`OPAQUE_ALPN`]).
     pub opaque: bool,
+    /// The server name the client sent in its handshake (SNI), if any.
+    pub sni: Option<Arc<str>>,
 }
 
 /// A listener's TLS front: decides plaintext or TLS and runs the handshake.
@@ -295,12 +297,14 @@ impl DownstreamTls {
                     None
                 };
                 let opaque = *mesh && session.alpn_protocol() == Some(OPAQUE_ALPN);
+                let sni = session.server_name().map(Arc::from);
                 Some(Accepted {
                     io: DownstreamIo::Tls(Box::new(tls)),
                     peer: PeerTls {
                         tls: true,
                         spiffe_id,
                         opaque,
+                        sni,
                     },
                     silent: false,
                 })

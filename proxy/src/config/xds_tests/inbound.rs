@@ -477,3 +477,25 @@ fn original_dst_clusters_are_refused_outside_capture_chains() {
         "{reason}"
     );
 }
+
+#[test]
+fn an_rbac_override_on_an_inbound_route_is_refused_not_dropped() {
+    let mut l = virtual_inbound();
+    l.filter_chains[0] = chain_with_route(Some(8080), |r| {
+        r.typed_per_filter_config.insert(
+            "envoy.filters.http.rbac".into(),
+            any(
+                &postern_proto::envoy::extensions::filters::http::rbac::v3::RbacPerRoute {
+                    rbac: None,
+                },
+            ),
+        );
+    });
+    let problems = problems_of(&l);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("routes[0] (an inbound route sends every request as it is")),
+        "{problems:?}"
+    );
+}

@@ -320,16 +320,15 @@ fn per_route_config_picks_a_requirement_or_disables_the_check() {
 
     let mut other = route_to("api");
     other.typed_per_filter_config.insert(
-        "envoy.filters.http.rbac".into(),
+        "envoy.filters.http.cors".into(),
         Any {
-            type_url: "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
-                .into(),
+            type_url: "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy".into(),
             value: Vec::new(),
         },
     );
     let problems = route_configuration(&config_of(vec![other])).unwrap_err();
     assert!(
-        problems[0].contains("typed_per_filter_config[envoy.filters.http.rbac]"),
+        problems[0].contains("typed_per_filter_config[envoy.filters.http.cors]"),
         "{problems:?}"
     );
 }
