@@ -82,14 +82,60 @@ impl HttpConfig {
     }
 
     /// Carries over what the config it replaces learned at run time
-    /// (fetched JWT keys, the rate-limit service's channel), so a config
-    /// push costs no refetch or reconnect.
+    /// (fetched JWT keys, the rate-limit service's channel, local
+    /// rate-limit buckets), so a config push costs no refetch or reconnect
+    /// and refills no bucket.
     pub fn adopt(&self, previous: &HttpConfig) {
+        adopt_local_limits(self, previous);
         if let (Some(jwt), Some(old)) = (&self.jwt, &previous.jwt) {
             jwt.adopt(old);
         }
         if let (Some(limit), Some(old)) = (&self.global_rate_limit, &previous.global_rate_limit) {
             limit.share_channel(old);
+        }
+    }
+}
+
+/// Hands each local rate limit the buckets of the limit it replaces: the
+/// listener's to the listener's, a route's to the route of the same virtual
+/// host and name. `LocalRateLimit::adopt` refuses a changed key or spec.
+pub(crate) fn adopt_local_limits(next: &HttpConfig, previous: &HttpConfig) {
+    use std::collections::hash_map::{Entry, HashMap};
+    if let (Some(limit), Some(old)) = (&next.rate_limit, &previous.rate_limit) {
+        limit.adopt(old);
+    }
+    // A name given twice is ambiguous: neither copy inherits.
+    let mut old_routes: HashMap<(&str, &str), Option<&crate::ratelimit::LocalRateLimit>> =
+        HashMap::new();
+    for vhost in previous.routes.virtual_hosts() {
+        for route in &vhost.routes {
+            if let Some(limit) = &route.rate_limit {
+                match old_routes.entry((&vhost.name, &route.name)) {
+                    Entry::Vacant(slot) => {
+                        slot.insert(Some(limit));
+                    }
+                    Entry::Occupied(mut slot) => {
+                        slot.insert(None);
+                    }
+                }
+            }
+        }
+    }
+    let mut new_names: HashMap<(&str, &str), usize> = HashMap::new();
+    for vhost in next.routes.virtual_hosts() {
+        for route in &vhost.routes {
+            *new_names.entry((&vhost.name, &route.name)).or_default() += 1;
+        }
+    }
+    for vhost in next.routes.virtual_hosts() {
+        for route in &vhost.routes {
+            let name = (&*vhost.name, &*route.name);
+            if new_names.get(&name) != Some(&1) {
+                continue;
+            }
+            if let (Some(limit), Some(Some(old))) = (&route.rate_limit, old_routes.get(&name)) {
+                limit.adopt(old);
+            }
         }
     }
 }

@@ -104,7 +104,9 @@ const OVERFLOW_KEY: &str = "\u{0}overflow";
 pub struct Limiter {
     spec: BucketSpec,
     max_keys: usize,
-    buckets: Mutex<Buckets>,
+    /// Swappable so a config change can hand the new limiter the old one's
+    /// buckets ([`Limiter::adopt`]) after both are built.
+    buckets: arc_swap::ArcSwap<Mutex<Buckets>>,
 }
 
 #[derive(Debug, Default)]
@@ -122,8 +124,20 @@ impl Limiter {
         Limiter {
             spec,
             max_keys: max_keys.max(1),
-            buckets: Mutex::new(Buckets::default()),
+            buckets: arc_swap::ArcSwap::from_pointee(Mutex::new(Buckets::default())),
         }
+    }
+
+    /// Shares `previous`'s buckets when both have the same bucket
+    /// parameters, so a config change that keeps a limit keeps what its
+    /// callers have spent; returns whether it did. A changed spec starts
+    /// with full buckets.
+    pub fn adopt(&self, previous: &Limiter) -> bool {
+        if self.spec != previous.spec {
+            return false;
+        }
+        self.buckets.store(previous.buckets.load_full());
+        true
     }
 
     /// The bucket parameters.
@@ -133,7 +147,8 @@ impl Limiter {
 
     /// Takes a token from `key`'s bucket (`""` for an unkeyed limit).
     pub fn take(&self, key: &str, now: Instant) -> Take {
-        let Ok(mut guard) = self.buckets.lock() else {
+        let buckets = self.buckets.load();
+        let Ok(mut guard) = buckets.lock() else {
             // A poisoned lock must not turn into an outage: let it through.
             return Take::Granted { remaining: 0 };
         };
@@ -168,7 +183,7 @@ impl Limiter {
 
     /// Buckets held now.
     pub fn len(&self) -> usize {
-        self.buckets.lock().map_or(0, |b| b.by_key.len())
+        self.buckets.load().lock().map_or(0, |b| b.by_key.len())
     }
 
     /// Whether no bucket is held.
@@ -201,6 +216,14 @@ pub struct LocalRateLimit {
     pub key: RateLimitKey,
     /// Count only, never refuse.
     pub shadow: bool,
+}
+
+impl LocalRateLimit {
+    /// Keeps `previous`'s buckets when this limit is the same one (same
+    /// key and bucket parameters); returns whether it did.
+    pub fn adopt(&self, previous: &LocalRateLimit) -> bool {
+        self.key == previous.key && self.limiter.adopt(&previous.limiter)
+    }
 }
 
 #[cfg(test)]

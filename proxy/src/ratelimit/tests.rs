@@ -105,3 +105,18 @@ proptest::proptest! {
         proptest::prop_assert!(granted <= u64::from(max) + refills * u64::from(per));
     }
 }
+
+#[test]
+fn an_adopted_limiter_keeps_the_spent_buckets_and_a_changed_spec_starts_full() {
+    let t0 = Instant::now();
+    let old = Limiter::new(spec(1, 1, 60_000), 10);
+    assert!(matches!(old.take("a", t0), Take::Granted { .. }));
+    let same = Limiter::new(spec(1, 1, 60_000), 10);
+    assert!(same.adopt(&old));
+    assert!(matches!(same.take("a", t0), Take::Limited { .. }));
+    // The old config's requests still in flight spend from the same buckets.
+    assert!(matches!(old.take("a", t0), Take::Limited { .. }));
+    let changed = Limiter::new(spec(2, 1, 60_000), 10);
+    assert!(!changed.adopt(&same));
+    assert!(matches!(changed.take("a", t0), Take::Granted { .. }));
+}
