@@ -221,3 +221,189 @@ async fn the_listener_filter_arrives_by_ads_and_an_invalid_one_is_nacked_by_fiel
     assert!(error.contains("token_bucket.fill_interval"), "{error}");
     assert_eq!(status(&proxy, "/").await, 429);
 }
+
+// ------------------------------------------------------------------- TCP --
+
+/// Sends a ping on a new connection to `addr`: whether it came back
+/// (false: the proxy closed the connection).
+async fn echoes(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut conn) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    if conn.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    let read = postern_tests::within(
+        std::time::Duration::from_secs(10),
+        "echo or close",
+        conn.read_exact(&mut buf),
+    )
+    .await;
+    read.is_ok() && &buf == b"ping"
+}
+
+/// A TCP listener `name`: a network local rate limit of `max_tokens` per
+/// hour, then a tcp_proxy to the cluster `echo`.
+fn limited_tcp_listener(name: &str, max_tokens: u32) -> listener::Listener {
+    use postern_proto::envoy::extensions::filters::network::local_ratelimit::v3::LocalRateLimit as NetworkLimit;
+    use postern_proto::google::protobuf::Duration;
+    let mut l =
+        postern_tests::envoy::tcp_listener(name, "127.0.0.1:0".parse().expect("addr"), "echo");
+    let limit = NetworkLimit {
+        stat_prefix: name.into(),
+        token_bucket: Some(TokenBucket {
+            max_tokens,
+            tokens_per_fill: None,
+            fill_interval: Some(Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+        }),
+        ..Default::default()
+    };
+    l.filter_chains[0].filters.insert(
+        0,
+        listener::Filter {
+            name: "envoy.filters.network.local_ratelimit".into(),
+            config_type: Some(listener::filter::ConfigType::TypedConfig(pack(&limit))),
+        },
+    );
+    l
+}
+
+fn tcp_snapshot(version: &str, l: &listener::Listener, echo: SocketAddr) -> Snapshot {
+    let mut s = Snapshot::new(version);
+    s.add_message(&l.name, l);
+    s.add_message(
+        "echo",
+        &postern_tests::envoy::static_cluster("echo", echo, None),
+    );
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_network_limit_are_closed_counted_and_never_proxied() {
+    use postern_tests::prom::scrape;
+    let _recorder = postern::telemetry::install_prometheus_recorder();
+    let echo = postern_tests::tcp_backend::TcpBackend::echo().await;
+    let cp = ControlPlane::start(tcp_snapshot(
+        "1",
+        &limited_tcp_listener("tcp-rl", 2),
+        echo.addr(),
+    ))
+    .await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&format!(
+        "node: {{ id: db-1, cluster: db }}\nxds: {{ address: \"{}\", initial_backoff: 50ms, max_backoff: 500ms }}\n",
+        cp.url()
+    ))
+    .await;
+    wait_acks(
+        &mut events,
+        &[(type_url::CLUSTER, "1"), (type_url::LISTENER, "1")],
+    )
+    .await;
+    let addr = proxy.listener_addr("tcp-rl").expect("listener");
+    assert!(echoes(addr).await);
+    assert!(echoes(addr).await);
+    assert!(!echoes(addr).await, "the third connection is refused");
+    assert_eq!(
+        echo.connections(),
+        2,
+        "a refused connection never reached the upstream"
+    );
+    let admin = proxy.admin_addr();
+    let refused = [
+        ("listener", "tcp-rl"),
+        ("scope", "connection"),
+        ("mode", "enforced"),
+    ];
+    assert_eq!(
+        scrape(admin, "postern_ratelimit_limited_total", &refused).await,
+        1.0
+    );
+    assert_eq!(
+        scrape(
+            admin,
+            "postern_tcp_connections_total",
+            &[("listener", "tcp-rl"), ("result", "rate_limited")]
+        )
+        .await,
+        1.0
+    );
+
+    // The cluster changes under the listener: the limit is the same one and
+    // keeps its spent bucket.
+    let other_echo = postern_tests::tcp_backend::TcpBackend::echo().await;
+    cp.server.set_snapshot(tcp_snapshot(
+        "2",
+        &limited_tcp_listener("tcp-rl", 2),
+        other_echo.addr(),
+    ));
+    wait_acks(&mut events, &[(type_url::CLUSTER, "2")]).await;
+    assert!(!echoes(addr).await, "still refused after a push");
+
+    // A new bucket starts full.
+    cp.server.set_snapshot(tcp_snapshot(
+        "3",
+        &limited_tcp_listener("tcp-rl", 3),
+        other_echo.addr(),
+    ));
+    wait_acks(&mut events, &[(type_url::LISTENER, "3")]).await;
+    assert_eq!(
+        proxy.listener_addr("tcp-rl"),
+        Some(addr),
+        "the listener was kept"
+    );
+    assert!(echoes(addr).await, "a new bucket starts full");
+    assert_eq!(other_echo.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_tcp_limit_keys_on_the_remote_address_and_a_shadow_one_refuses_nothing() {
+    use postern_tests::prom::scrape;
+    let _recorder = postern::telemetry::install_prometheus_recorder();
+    let echo = postern_tests::tcp_backend::TcpBackend::echo().await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - name: tcp-keyed
+    address: 127.0.0.1:0
+    kind: tcp
+    tcp:
+      cluster: echo
+      local_rate_limit: {{ max_tokens: 1, fill_interval: 3600s, key: {{ remote_address: true }} }}
+  - name: tcp-shadow
+    address: 127.0.0.1:0
+    kind: tcp
+    tcp:
+      cluster: echo
+      local_rate_limit: {{ max_tokens: 1, fill_interval: 3600s, shadow: true }}
+clusters:
+  - name: echo
+    endpoints: [{{ address: "{}" }}]
+"#,
+        echo.addr()
+    ))
+    .await;
+    let keyed = proxy.listener_addr("tcp-keyed").expect("listener");
+    assert!(echoes(keyed).await);
+    assert!(!echoes(keyed).await, "127.0.0.1 spent its token");
+    let shadow = proxy.listener_addr("tcp-shadow").expect("listener");
+    for _ in 0..3 {
+        assert!(echoes(shadow).await, "shadow refuses nothing");
+    }
+    let admin = proxy.admin_addr();
+    assert_eq!(
+        scrape(
+            admin,
+            "postern_ratelimit_limited_total",
+            &[("listener", "tcp-shadow"), ("mode", "shadow")]
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(echo.connections(), 4);
+}

@@ -1591,6 +1591,10 @@ pub struct TcpProxyFile {
     /// `any` permissions); none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rbac: Option<RbacFile>,
+    /// A token per accepted connection, taken before the TLS handshake and
+    /// RBAC; unkeyed or keyed by `remote_address`. None when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_rate_limit: Option<LocalRateLimitFile>,
 }
 
 fn default_tcp_idle() -> Duration {

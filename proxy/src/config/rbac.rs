@@ -405,3 +405,24 @@ pub(super) fn check_connection_level(file: &RbacFile, path: &str, errors: &mut E
         }
     }
 }
+
+/// A TCP listener's limit: a token per connection, taken at accept, before
+/// the TLS handshake, so only the remote address can key it.
+pub(super) fn build_connection_rate_limit(
+    file: &LocalRateLimitFile,
+    path: &str,
+    errors: &mut Errors,
+) -> Arc<crate::ratelimit::LocalRateLimit> {
+    use crate::ratelimit::RateLimitKey;
+    let limit = build_rate_limit(file, path, errors);
+    if !matches!(
+        limit.key,
+        RateLimitKey::Shared | RateLimitKey::RemoteAddress
+    ) {
+        errors.push(
+            format!("{path}.key"),
+            "a TCP listener's limit can only key on remote_address: true",
+        );
+    }
+    limit
+}

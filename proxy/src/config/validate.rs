@@ -195,6 +195,13 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                                 .rbac
                                 .as_ref()
                                 .map(|rbac| super::rbac::build_rbac(rbac, &rbac_path, &mut errors)),
+                            rate_limit: tcp.local_rate_limit.as_ref().map(|limit| {
+                                super::rbac::build_connection_rate_limit(
+                                    limit,
+                                    &format!("{path}.tcp.local_rate_limit"),
+                                    &mut errors,
+                                )
+                            }),
                         })
                     }
                 }

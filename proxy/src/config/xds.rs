@@ -25,6 +25,8 @@ use super::file::*;
 
 #[path = "xds_chains.rs"]
 mod chains;
+#[path = "xds_limits.rs"]
+mod limits;
 pub use chains::{fill_edge_secrets, EdgeSecret, EdgeSlot};
 
 /// Type URL of the HttpConnectionManager network filter config.
@@ -1311,6 +1313,11 @@ fn chain_filters(
     ctx: &mut Ctx,
     log_clusters: &dyn Fn(&str) -> Option<String>,
 ) -> RouteSource {
+    if let Some((limit, rest)) = limits::split_network_limit(chain, cpath, ctx) {
+        let source = chain_filters(&rest, cpath, file, ctx, log_clusters);
+        limits::attach_network_limit(file, limit, cpath, ctx);
+        return source;
+    }
     let rbac_any = match chain.filters.as_slice() {
         [first, _, ..] => match &first.config_type {
             Some(listener::filter::ConfigType::TypedConfig(any))
@@ -2106,6 +2113,7 @@ fn tcp(
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_secs(3600)),
         rbac: None,
+        local_rate_limit: None,
     });
 }
 

@@ -351,6 +351,7 @@ impl CaptureFront {
                     cluster: cluster.clone(),
                     idle_timeout: capture.tcp_idle_timeout,
                     rbac: None,
+                    rate_limit: None,
                 };
                 crate::tcp::serve_route(
                     io,
