@@ -407,3 +407,136 @@ clusters:
     );
     assert_eq!(echo.connections(), 4);
 }
+
+// ----------------------------------------------------------- descriptors --
+
+/// The mesh of [`mesh`] whose `limited` route has `limit` as its local
+/// rate limit and `actions` as its `rate_limits`.
+fn with_route_limit(
+    base: &Snapshot,
+    version: &str,
+    limit: &LocalRateLimit,
+    actions: Vec<postern_proto::envoy::config::route::v3::rate_limit::Action>,
+) -> Snapshot {
+    use postern_proto::envoy::config::route::v3 as route;
+    let mut out = base.clone();
+    out.version = version.into();
+    let any = base.get(type_url::ROUTE, "lr-routes").expect("routes");
+    let mut routes: route::RouteConfiguration =
+        prost::Message::decode(any.value.as_slice()).expect("decode");
+    let r = routes.virtual_hosts[0]
+        .routes
+        .iter_mut()
+        .find(|r| r.name == "limited")
+        .expect("limited route");
+    r.typed_per_filter_config
+        .insert("envoy.filters.http.local_ratelimit".into(), pack(limit));
+    if let Some(route::route::Action::Route(action)) = &mut r.action {
+        action.rate_limits = vec![route::RateLimit {
+            actions,
+            ..Default::default()
+        }];
+    }
+    out.add_message("lr-routes", &routes);
+    out
+}
+
+fn by_user(user: &str) -> http::Request<postern_tests::Body> {
+    http::Request::builder()
+        .uri("/")
+        .header("host", "svc")
+        .header("x-user", user)
+        .body(postern_tests::empty())
+        .expect("request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_buckets_from_xds_limit_each_header_value_apart() {
+    use postern_proto::envoy::config::core::v3::RuntimeFractionalPercent;
+    use postern_proto::envoy::config::route::v3::rate_limit::action::{
+        ActionSpecifier, RequestHeaders,
+    };
+    use postern_proto::envoy::config::route::v3::rate_limit::Action;
+    use postern_proto::envoy::extensions::common::ratelimit::v3::{
+        rate_limit_descriptor::Entry, LocalRateLimitDescriptor,
+    };
+    use postern_proto::envoy::r#type::v3::FractionalPercent;
+    use postern_proto::google::protobuf::Duration;
+    use postern_tests::prom::scrape;
+    let _recorder = postern::telemetry::install_prometheus_recorder();
+    let backend = HttpBackend::start("a").await;
+    let base = mesh("1", backend.addr(), HOURLY_TWO, false);
+    let cp = ControlPlane::start(base.clone()).await;
+    let mut events = cp.server.events();
+    let proxy = proxy_for(&cp).await;
+
+    let hour = || {
+        Some(Duration {
+            seconds: 3600,
+            nanos: 0,
+        })
+    };
+    let all = || {
+        Some(RuntimeFractionalPercent {
+            default_value: Some(FractionalPercent {
+                numerator: 100,
+                denominator: 0,
+            }),
+            runtime_key: String::new(),
+        })
+    };
+    let limit = LocalRateLimit {
+        stat_prefix: "per-user".into(),
+        token_bucket: Some(TokenBucket {
+            max_tokens: 100,
+            tokens_per_fill: None,
+            fill_interval: hour(),
+        }),
+        filter_enabled: all(),
+        filter_enforced: all(),
+        descriptors: vec![LocalRateLimitDescriptor {
+            entries: vec![Entry {
+                key: "user".into(),
+                value: String::new(),
+            }],
+            token_bucket: Some(TokenBucket {
+                max_tokens: 1,
+                tokens_per_fill: None,
+                fill_interval: hour(),
+            }),
+            shadow_mode: false,
+        }],
+        ..Default::default()
+    };
+    let actions = vec![Action {
+        action_specifier: Some(ActionSpecifier::RequestHeaders(RequestHeaders {
+            header_name: "x-user".into(),
+            descriptor_key: "user".into(),
+            skip_if_absent: false,
+        })),
+    }];
+    cp.server
+        .set_snapshot(with_route_limit(&base, "2", &limit, actions));
+    wait_acks(&mut events, &[(type_url::ROUTE, "2")]).await;
+    let addr = proxy.listener_addr("lr").expect("listener");
+    let status_of = |user: &'static str| async move {
+        postern_tests::send(addr, by_user(user))
+            .await
+            .status
+            .as_u16()
+    };
+    assert_eq!(status_of("alice").await, 200);
+    assert_eq!(status_of("alice").await, 429, "alice's own bucket is spent");
+    assert_eq!(status_of("bob").await, 200, "bob has his own bucket");
+    // No x-user: no descriptor, the route's default bucket alone.
+    assert_eq!(status(&proxy, "/").await, 200);
+    assert_eq!(
+        scrape(
+            proxy.admin_addr(),
+            "postern_ratelimit_limited_total",
+            &[("scope", "limited"), ("bucket", "descriptor:user")]
+        )
+        .await,
+        1.0
+    );
+}

@@ -849,10 +849,64 @@ pub struct LocalRateLimitFile {
     /// Most per-key buckets kept (default 10000); idle ones go first.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// Buckets for requests whose descriptors match (routes only): Envoy's
+    /// local rate limit `descriptors`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub descriptors: Vec<LocalDescriptorFile>,
+    /// Only `rate_limits` entries of this stage build descriptors.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stage: u32,
+    /// Descriptor actions for `descriptors`, instead of the route's
+    /// `rate_limits`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimitPolicyFile>,
+    /// Take from this limit's own bucket even when a descriptor matched
+    /// (default true, as Envoy).
+    #[serde(default = "default_true")]
+    pub always_consume_default: bool,
 }
 
 fn default_max_keys() -> usize {
     10_000
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// One descriptor's bucket of a local rate limit.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalDescriptorFile {
+    /// The entries a request's descriptor must have, in order.
+    pub entries: Vec<DescriptorEntryFile>,
+    /// Bucket size: the burst allowed.
+    pub max_tokens: u32,
+    /// Tokens added per `fill_interval` (default: `max_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_fill: Option<u32>,
+    /// Refill period.
+    #[serde(with = "humantime_serde")]
+    pub fill_interval: Duration,
+    /// Count and log what this bucket would refuse, refuse nothing.
+    #[serde(default)]
+    pub shadow: bool,
+    /// Most buckets kept when an entry takes any value (default 10000).
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+/// A descriptor entry to match: the key, and the value or (absent) any
+/// value, each value then getting its own bucket.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescriptorEntryFile {
+    /// The entry's key (`remote_address`, `generic_key`, a header's
+    /// `descriptor_key`, ...).
+    pub key: String,
+    /// The value; absent: any value, one bucket per value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 /// What a per-key rate limit is keyed by: exactly one field.

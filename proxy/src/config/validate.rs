@@ -373,7 +373,9 @@ fn build_http(
             .as_ref()
             .map(|rbac| super::rbac::build_rbac(rbac, &format!("{path}.http.rbac"), errors)),
         rate_limit: listener.http.local_rate_limit.as_ref().map(|limit| {
-            super::rbac::build_rate_limit(limit, &format!("{path}.http.local_rate_limit"), errors)
+            let lpath = format!("{path}.http.local_rate_limit");
+            super::rbac::check_listener_rate_limit(limit, &lpath, errors);
+            super::rbac::build_rate_limit(limit, &lpath, errors)
         }),
         jwt: listener
             .http

@@ -2798,9 +2798,6 @@ fn local_rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<Local
                 return None;
             }
         };
-    if !config.descriptors.is_empty() || !config.rate_limits.is_empty() {
-        ctx.unsupported(format!("{path}.descriptors"));
-    }
     if config.local_rate_limit_per_downstream_connection {
         ctx.unsupported(format!("{path}.local_rate_limit_per_downstream_connection"));
     }
@@ -2832,7 +2829,7 @@ fn local_rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<Local
         ctx.err(format!("{path}.token_bucket.fill_interval"), "is required");
         return None;
     };
-    Some(LocalRateLimitFile {
+    let mut limit = LocalRateLimitFile {
         max_tokens: bucket.max_tokens,
         // Envoy's default is one token per interval.
         tokens_per_fill: Some(bucket.tokens_per_fill.as_ref().map_or(1, |t| t.value)),
@@ -2840,7 +2837,13 @@ fn local_rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<Local
         key: None,
         shadow: !enforced,
         max_keys: 1,
-    })
+        descriptors: Vec::new(),
+        stage: 0,
+        rate_limits: Vec::new(),
+        always_consume_default: true,
+    };
+    limits::http_descriptors(&config, &mut limit, path, ctx);
+    Some(limit)
 }
 
 /// Type URL of the HTTP rate limit filter's config (global limits).

@@ -126,5 +126,79 @@ fn network_limit(any: &Any, path: &str, ctx: &mut Ctx) -> Option<LocalRateLimitF
         key: None,
         shadow: false,
         max_keys: 1,
+        descriptors: Vec::new(),
+        stage: 0,
+        rate_limits: Vec::new(),
+        always_consume_default: true,
     })
+}
+
+/// The descriptor part of an HTTP `local_ratelimit` config: Envoy's
+/// `descriptors`, `stage`, the filter's own `rate_limits`,
+/// `always_consume_default_token_bucket` and `max_dynamic_descriptors`
+/// onto `limit`. An entry with an empty value takes any value, one bucket
+/// per value, as Envoy's dynamic descriptors; what has no equivalent is
+/// NACKed by name.
+pub(super) fn http_descriptors(
+    config: &postern_proto::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit,
+    limit: &mut LocalRateLimitFile,
+    path: &str,
+    ctx: &mut Ctx,
+) {
+    if config.local_cluster_rate_limit.is_some() {
+        ctx.unsupported(format!("{path}.local_cluster_rate_limit"));
+    }
+    // The route's `rate_limits` are already the virtual host's when it
+    // has none (OVERRIDE); the other two would need both lists here.
+    if config.vh_rate_limits != 0 {
+        ctx.unsupported(format!("{path}.vh_rate_limits (only OVERRIDE)"));
+    }
+    limit.stage = config.stage;
+    limit.always_consume_default = config
+        .always_consume_default_token_bucket
+        .as_ref()
+        .is_none_or(|b| b.value);
+    limit.rate_limits =
+        super::rate_limits(&config.rate_limits, &format!("{path}.rate_limits"), ctx);
+    // Envoy's default, at least 1.
+    let max_keys = config
+        .max_dynamic_descriptors
+        .as_ref()
+        .map_or(20, |m| usize::try_from(m.value).unwrap_or(usize::MAX))
+        .max(1);
+    limit.descriptors = config
+        .descriptors
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            let dpath = format!("{path}.descriptors[{i}]");
+            if d.entries.is_empty() {
+                ctx.err(format!("{dpath}.entries"), "needs at least one entry");
+                return None;
+            }
+            let Some(bucket) = &d.token_bucket else {
+                ctx.err(format!("{dpath}.token_bucket"), "is required");
+                return None;
+            };
+            let Some(fill_interval) = bucket.fill_interval.as_ref().and_then(duration) else {
+                ctx.err(format!("{dpath}.token_bucket.fill_interval"), "is required");
+                return None;
+            };
+            Some(LocalDescriptorFile {
+                entries: d
+                    .entries
+                    .iter()
+                    .map(|e| DescriptorEntryFile {
+                        key: e.key.clone(),
+                        value: Some(e.value.clone()).filter(|v| !v.is_empty()),
+                    })
+                    .collect(),
+                max_tokens: bucket.max_tokens,
+                tokens_per_fill: Some(bucket.tokens_per_fill.as_ref().map_or(1, |t| t.value)),
+                fill_interval,
+                shadow: d.shadow_mode,
+                max_keys,
+            })
+        })
+        .collect();
 }

@@ -61,6 +61,7 @@ pub fn admit(
         "listener" => listener.clone(),
         "scope" => "connection",
         "mode" => mode,
+        "bucket" => limit.key.kind(),
     )
     .increment(1);
     if limit.shadow {

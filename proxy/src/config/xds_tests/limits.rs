@@ -151,3 +151,180 @@ clusters:
         "{err}"
     );
 }
+
+fn per_route_limit(
+) -> postern_proto::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit {
+    use postern_proto::envoy::r#type::v3::FractionalPercent;
+    let all = || core::RuntimeFractionalPercent {
+        default_value: Some(FractionalPercent {
+            numerator: 100,
+            denominator: 0,
+        }),
+        ..Default::default()
+    };
+    postern_proto::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit {
+        stat_prefix: "route".into(),
+        token_bucket: bucket(100),
+        filter_enabled: Some(all()),
+        filter_enforced: Some(all()),
+        ..Default::default()
+    }
+}
+
+fn descriptor(
+    entries: &[(&str, &str)],
+    max_tokens: u32,
+) -> postern_proto::envoy::extensions::common::ratelimit::v3::LocalRateLimitDescriptor {
+    use postern_proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    postern_proto::envoy::extensions::common::ratelimit::v3::LocalRateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| Entry {
+                key: (*k).into(),
+                value: (*v).into(),
+            })
+            .collect(),
+        token_bucket: bucket(max_tokens),
+        shadow_mode: false,
+    }
+}
+
+fn route_with_limit(
+    limit: &postern_proto::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit,
+) -> route::Route {
+    let mut r = route_to("api");
+    r.typed_per_filter_config
+        .insert("envoy.filters.http.local_ratelimit".into(), any(limit));
+    r
+}
+
+#[test]
+fn descriptors_map_onto_keyed_buckets_with_the_route_actions() {
+    use route::rate_limit::action::{ActionSpecifier, RequestHeaders};
+    let mut limit = per_route_limit();
+    limit.descriptors = vec![
+        descriptor(&[("user", "")], 2),
+        descriptor(&[("generic_key", "admin")], 1),
+    ];
+    limit.stage = 1;
+    limit.always_consume_default_token_bucket = Some(BoolValue { value: false });
+    limit.max_dynamic_descriptors =
+        Some(postern_proto::google::protobuf::UInt32Value { value: 50 });
+    let mut r = route_with_limit(&limit);
+    if let Some(route::route::Action::Route(action)) = &mut r.action {
+        action.rate_limits = vec![route::RateLimit {
+            stage: Some(postern_proto::google::protobuf::UInt32Value { value: 1 }),
+            actions: vec![route::rate_limit::Action {
+                action_specifier: Some(ActionSpecifier::RequestHeaders(RequestHeaders {
+                    header_name: "x-user".into(),
+                    descriptor_key: "user".into(),
+                    skip_if_absent: false,
+                })),
+            }],
+            ..Default::default()
+        }];
+    }
+    let hosts = route_configuration(&config_of(vec![r])).unwrap();
+    let route = &hosts.virtual_hosts[0].routes[0];
+    let mapped = route.local_rate_limit.as_ref().expect("route limit");
+    assert_eq!(mapped.stage, 1);
+    assert!(!mapped.always_consume_default);
+    let [user, admin] = mapped.descriptors.as_slice() else {
+        panic!("two descriptors: {mapped:?}")
+    };
+    assert_eq!(user.entries[0].key, "user");
+    assert_eq!(
+        user.entries[0].value, None,
+        "an empty value takes any value"
+    );
+    assert_eq!((user.max_tokens, user.max_keys), (2, 50));
+    assert_eq!(admin.entries[0].value.as_deref(), Some("admin"));
+    assert_eq!(route.rate_limits.len(), 1, "the route's actions build them");
+}
+
+#[test]
+fn descriptor_settings_without_an_equivalent_are_nacked_by_field() {
+    use postern_proto::envoy::extensions::common::ratelimit::v3::VhRateLimitsOptions;
+    let problems_of = |limit| {
+        route_configuration(&config_of(vec![route_with_limit(&limit)]))
+            .unwrap_err()
+            .join("\n")
+    };
+    let field =
+        "virtual_hosts[0].routes[0].typed_per_filter_config[envoy.filters.http.local_ratelimit]";
+
+    let mut no_bucket = per_route_limit();
+    let mut d = descriptor(&[("user", "")], 1);
+    d.token_bucket = None;
+    no_bucket.descriptors = vec![d];
+    let problems = problems_of(no_bucket);
+    assert!(
+        problems.contains(&format!("{field}.descriptors[0].token_bucket: is required")),
+        "{problems}"
+    );
+
+    let mut no_entries = per_route_limit();
+    no_entries.descriptors = vec![descriptor(&[], 1)];
+    let problems = problems_of(no_entries);
+    assert!(problems.contains("descriptors[0].entries"), "{problems}");
+
+    let mut include = per_route_limit();
+    include.vh_rate_limits = VhRateLimitsOptions::Include as i32;
+    let problems = problems_of(include);
+    assert!(
+        problems.contains(&format!("{field}.vh_rate_limits")),
+        "{problems}"
+    );
+
+    let mut cluster_wide = per_route_limit();
+    cluster_wide.local_cluster_rate_limit = Some(Default::default());
+    let problems = problems_of(cluster_wide);
+    assert!(
+        problems.contains(&format!("{field}.local_cluster_rate_limit")),
+        "{problems}"
+    );
+}
+
+#[test]
+fn a_listener_limit_takes_no_descriptors() {
+    let mut limit = per_route_limit();
+    limit.descriptors = vec![descriptor(&[("user", "")], 1)];
+    let yaml_like = http_listener(vec![hcm::HttpFilter {
+        name: "envoy.filters.http.local_ratelimit".into(),
+        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(&limit))),
+        ..Default::default()
+    }]);
+    // Translation keeps them; validation of the whole config refuses them
+    // with the listener's field.
+    let (file, _) = listener(&yaml_like, None).unwrap();
+    assert_eq!(
+        file.http.local_rate_limit.expect("limit").descriptors.len(),
+        1
+    );
+    let err = crate::config::Config::from_yaml(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    kind: http
+    http:
+      local_rate_limit:
+        max_tokens: 1
+        fill_interval: 1s
+        descriptors: [{ entries: [{ key: user }], max_tokens: 1, fill_interval: 1s }]
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes: [{ name: r, match: { path: { prefix: / } }, cluster: backend }]
+clusters:
+  - name: backend
+    endpoints: [{ address: 127.0.0.1:9 }]
+"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("listeners[0].http.local_rate_limit.descriptors: only a route's"),
+        "{err}"
+    );
+}
