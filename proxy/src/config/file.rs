@@ -828,6 +828,25 @@ pub struct JwtClaimActionFile {
     pub skip_if_absent: bool,
 }
 
+/// How a route's global rate-limit descriptors take the virtual host's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VhRateLimitsFile {
+    /// The virtual host's when the route has none (Envoy's default).
+    #[default]
+    Override,
+    /// The route's, then the virtual host's.
+    Include,
+    /// Never the virtual host's.
+    Ignore,
+}
+
+impl VhRateLimitsFile {
+    fn is_override(&self) -> bool {
+        *self == VhRateLimitsFile::Override
+    }
+}
+
 /// A token-bucket rate limit, kept in this proxy.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -1396,6 +1415,11 @@ pub struct RouteFile {
     /// Apply the virtual host's `rate_limits` too, after the route's own.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub include_vh_rate_limits: bool,
+    /// How the virtual host's `rate_limits` join this route's (Envoy's
+    /// `RateLimitPerRoute.vh_rate_limits`); `include_vh_rate_limits: true`
+    /// wins over it.
+    #[serde(default, skip_serializing_if = "VhRateLimitsFile::is_override")]
+    pub vh_rate_limits: VhRateLimitsFile,
     /// This route's JWT requirement, from the listener's `requirement_map`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<RouteJwtFile>,

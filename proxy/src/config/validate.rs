@@ -618,10 +618,10 @@ pub(super) fn build_route_table(
             .map(|(r, route)| {
                 let mut built =
                     build_route(route, r, &format!("{vpath}.routes[{r}]"), clusters, errors);
-                built.rate_limits = super::ratelimit::effective(
+                built.rate_limits = super::ratelimit::effective_for(
                     std::mem::take(&mut built.rate_limits),
                     &vh_rate_limits,
-                    route.include_vh_rate_limits,
+                    route,
                 );
                 built
             })

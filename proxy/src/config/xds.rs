@@ -387,6 +387,7 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
         local_rate_limit,
         rate_limits: Vec::new(),
         include_vh_rate_limits: false,
+        vh_rate_limits: VhRateLimitsFile::Override,
         jwt,
         access_log: None,
         headers,
@@ -424,6 +425,7 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
             "a route needs route, redirect or direct_response",
         ),
     }
+    limits::rate_limit_per_route(&r.typed_per_filter_config, path, &mut out, ctx);
     Some(out)
 }
 
@@ -3138,6 +3140,11 @@ fn route_filter_configs(
         }
         if any.type_url == LOCAL_RATELIMIT_TYPE {
             local_rate_limit = local_rate_limit_filter(any, &fpath, ctx);
+            continue;
+        }
+        if any.type_url == limits::RATELIMIT_PER_ROUTE_TYPE {
+            // Applied by `limits::rate_limit_per_route`, once the route's
+            // own `rate_limits` are in.
             continue;
         }
         if any.type_url != JWT_PER_ROUTE_TYPE {

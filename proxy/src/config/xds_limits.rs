@@ -202,3 +202,73 @@ pub(super) fn http_descriptors(
         })
         .collect();
 }
+
+/// Type URL of the global rate limit filter's per-route config.
+pub(super) const RATELIMIT_PER_ROUTE_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute";
+
+/// A route's `RateLimitPerRoute` (in `typed_per_filter_config`, maybe in a
+/// `FilterConfig` wrapper) onto `route`: `vh_rate_limits`, and
+/// `rate_limits`, which replace the route's and the virtual host's.
+pub(super) fn rate_limit_per_route(
+    configs: &std::collections::HashMap<String, Any>,
+    path: &str,
+    route: &mut RouteFile,
+    ctx: &mut Ctx,
+) {
+    use postern_proto::envoy::extensions::filters::http::ratelimit::v3::rate_limit_per_route::{
+        OverrideOptions, VhRateLimitsOptions,
+    };
+    use postern_proto::envoy::extensions::filters::http::ratelimit::v3::RateLimitPerRoute;
+    let mut names: Vec<&String> = configs.keys().collect();
+    names.sort();
+    for name in names {
+        let mut any = &configs[name];
+        let unwrapped;
+        if any.type_url == FILTER_CONFIG_TYPE {
+            // A bad wrapper is reported by `route_filter_configs`.
+            let Ok(wrapper) = decode::<route::FilterConfig>(any, FILTER_CONFIG_TYPE) else {
+                continue;
+            };
+            unwrapped = wrapper.config.unwrap_or_default();
+            any = &unwrapped;
+        }
+        if any.type_url != RATELIMIT_PER_ROUTE_TYPE {
+            continue;
+        }
+        let fpath = format!("{path}.typed_per_filter_config[{name}]");
+        let config: RateLimitPerRoute = match decode(any, RATELIMIT_PER_ROUTE_TYPE) {
+            Ok(config) => config,
+            Err(problems) => {
+                ctx.err(&fpath, problems.join("; "));
+                continue;
+            }
+        };
+        if !config.domain.is_empty() {
+            ctx.unsupported(format!("{fpath}.domain"));
+        }
+        if config.override_option != OverrideOptions::Default as i32 {
+            ctx.unsupported(format!("{fpath}.override_option (only DEFAULT)"));
+        }
+        route.vh_rate_limits = match VhRateLimitsOptions::try_from(config.vh_rate_limits) {
+            Ok(VhRateLimitsOptions::Override) => VhRateLimitsFile::Override,
+            Ok(VhRateLimitsOptions::Include) => VhRateLimitsFile::Include,
+            Ok(VhRateLimitsOptions::Ignore) => VhRateLimitsFile::Ignore,
+            Err(_) => {
+                ctx.err(
+                    format!("{fpath}.vh_rate_limits"),
+                    format!("unknown value {}", config.vh_rate_limits),
+                );
+                VhRateLimitsFile::Override
+            }
+        };
+        if !config.rate_limits.is_empty() {
+            // Envoy: these and nothing else, neither the route's nor the
+            // virtual host's.
+            route.rate_limits =
+                super::rate_limits(&config.rate_limits, &format!("{fpath}.rate_limits"), ctx);
+            route.vh_rate_limits = VhRateLimitsFile::Ignore;
+            route.include_vh_rate_limits = false;
+        }
+    }
+}

@@ -328,3 +328,155 @@ clusters:
         "{err}"
     );
 }
+
+fn per_route_global(
+    config: &postern_proto::envoy::extensions::filters::http::ratelimit::v3::RateLimitPerRoute,
+) -> Any {
+    any(config)
+}
+
+#[test]
+fn rate_limit_per_route_sets_vh_rate_limits_and_overrides_the_route_actions() {
+    use postern_proto::envoy::extensions::filters::http::ratelimit::v3::rate_limit_per_route::VhRateLimitsOptions;
+    use postern_proto::envoy::extensions::filters::http::ratelimit::v3::RateLimitPerRoute;
+    use route::rate_limit::action::{ActionSpecifier, GenericKey, RemoteAddress};
+    let generic = |value: &str| route::RateLimit {
+        actions: vec![route::rate_limit::Action {
+            action_specifier: Some(ActionSpecifier::GenericKey(GenericKey {
+                descriptor_value: value.into(),
+                ..Default::default()
+            })),
+        }],
+        ..Default::default()
+    };
+    let key = "envoy.filters.http.ratelimit";
+    let mut ignore = route_to("api");
+    ignore.typed_per_filter_config.insert(
+        key.into(),
+        per_route_global(&RateLimitPerRoute {
+            vh_rate_limits: VhRateLimitsOptions::Ignore as i32,
+            ..Default::default()
+        }),
+    );
+    let mut include = route_to("api");
+    include.typed_per_filter_config.insert(
+        key.into(),
+        // Wrapped, as Envoy allows.
+        any(&route::FilterConfig {
+            config: Some(per_route_global(&RateLimitPerRoute {
+                vh_rate_limits: VhRateLimitsOptions::Include as i32,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }),
+    );
+    let mut replaced = route_to("api");
+    if let Some(route::route::Action::Route(a)) = &mut replaced.action {
+        a.rate_limits = vec![generic("route")];
+    }
+    replaced.typed_per_filter_config.insert(
+        key.into(),
+        per_route_global(&RateLimitPerRoute {
+            vh_rate_limits: VhRateLimitsOptions::Include as i32,
+            rate_limits: vec![generic("per-route")],
+            ..Default::default()
+        }),
+    );
+    let mut config = config_of(vec![ignore, include, replaced, route_to("api")]);
+    config.virtual_hosts[0].rate_limits = vec![route::RateLimit {
+        actions: vec![route::rate_limit::Action {
+            action_specifier: Some(ActionSpecifier::RemoteAddress(RemoteAddress {})),
+        }],
+        ..Default::default()
+    }];
+    let hosts = route_configuration(&config).unwrap().virtual_hosts;
+    let routes = &hosts[0].routes;
+    assert_eq!(routes[0].vh_rate_limits, VhRateLimitsFile::Ignore);
+    assert_eq!(routes[1].vh_rate_limits, VhRateLimitsFile::Include);
+    assert_eq!(routes[2].vh_rate_limits, VhRateLimitsFile::Ignore);
+    let value = routes[2].rate_limits[0].actions[0]
+        .generic_key
+        .as_ref()
+        .map(|g| g.descriptor_value.as_str());
+    assert_eq!(
+        value,
+        Some("per-route"),
+        "the per-route list replaces the route's"
+    );
+    assert_eq!(routes[3].vh_rate_limits, VhRateLimitsFile::Override);
+}
+
+#[test]
+fn rate_limit_per_route_fields_postern_lacks_are_nacked_by_name() {
+    use postern_proto::envoy::extensions::filters::http::ratelimit::v3::rate_limit_per_route::OverrideOptions;
+    use postern_proto::envoy::extensions::filters::http::ratelimit::v3::RateLimitPerRoute;
+    let problems_of = |config: RateLimitPerRoute| {
+        let mut r = route_to("api");
+        r.typed_per_filter_config.insert(
+            "envoy.filters.http.ratelimit".into(),
+            per_route_global(&config),
+        );
+        route_configuration(&config_of(vec![r]))
+            .unwrap_err()
+            .join("\n")
+    };
+    let field = "virtual_hosts[0].routes[0].typed_per_filter_config[envoy.filters.http.ratelimit]";
+    let problems = problems_of(RateLimitPerRoute {
+        domain: "other".into(),
+        ..Default::default()
+    });
+    assert!(problems.contains(&format!("{field}.domain")), "{problems}");
+    let problems = problems_of(RateLimitPerRoute {
+        override_option: OverrideOptions::IgnorePolicy as i32,
+        ..Default::default()
+    });
+    assert!(
+        problems.contains(&format!("{field}.override_option")),
+        "{problems}"
+    );
+    let problems = problems_of(RateLimitPerRoute {
+        vh_rate_limits: 7,
+        ..Default::default()
+    });
+    assert!(
+        problems.contains(&format!("{field}.vh_rate_limits")),
+        "{problems}"
+    );
+}
+
+#[test]
+fn vh_rate_limits_ignore_keeps_the_host_descriptors_off_a_route_without_its_own() {
+    use crate::config::ListenerProtocol;
+    let config = crate::config::Config::from_yaml(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    kind: http
+    http:
+      rate_limit_service: { domain: edge, cluster: backend }
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        rate_limits: [{ actions: [{ remote_address: {} }] }]
+        routes:
+          - { name: ignore, match: { path: { prefix: /i } }, cluster: backend, vh_rate_limits: ignore }
+          - name: include
+            match: { path: { prefix: /b } }
+            cluster: backend
+            vh_rate_limits: include
+            rate_limits: [{ actions: [{ generic_key: { descriptor_value: b } }] }]
+          - { name: default, match: { path: { prefix: / } }, cluster: backend }
+clusters:
+  - name: backend
+    endpoints: [{ address: 127.0.0.1:9 }]
+"#,
+    )
+    .unwrap();
+    let ListenerProtocol::Http(http) = &config.listeners[0].protocol else {
+        panic!("http listener");
+    };
+    let routes = &http.routes.virtual_hosts()[0].routes;
+    let counts: Vec<usize> = routes.iter().map(|r| r.rate_limits.len()).collect();
+    assert_eq!(counts, [0, 2, 1]);
+}
