@@ -373,16 +373,16 @@ listeners:
     address: 127.0.0.1:0
     kind: tcp
     tcp:
-      cluster: echo
+      cluster: echo-static
       local_rate_limit: {{ max_tokens: 1, fill_interval: 3600s, key: {{ remote_address: true }} }}
   - name: tcp-shadow
     address: 127.0.0.1:0
     kind: tcp
     tcp:
-      cluster: echo
+      cluster: echo-static
       local_rate_limit: {{ max_tokens: 1, fill_interval: 3600s, shadow: true }}
 clusters:
-  - name: echo
+  - name: echo-static
     endpoints: [{{ address: "{}" }}]
 "#,
         echo.addr()
@@ -406,6 +406,16 @@ clusters:
         2.0
     );
     assert_eq!(echo.connections(), 4);
+    // The refusal is a TCP call of its own, flagged as Envoy flags it.
+    let text = get(admin, "localhost", "/metrics").await.text();
+    let refused: f64 = postern_tests::prom::parse_metrics(&text)
+        .iter()
+        .filter(|s| s.name == "istio_tcp_connections_closed_total")
+        .filter(|s| s.labels.get("response_flags").map(String::as_str) == Some("RL"))
+        .filter(|s| s.labels.values().any(|v| v.contains("echo-static")))
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(refused, 1.0, "{text}");
 }
 
 // ----------------------------------------------------------- descriptors --
