@@ -142,7 +142,7 @@ pub(crate) fn adopt_local_limits(next: &HttpConfig, previous: &HttpConfig) {
 
 /// The descriptors a route-level local limit with `descriptors` matches
 /// against: built by the limit's own `rate_limits`, or else the route's,
-/// of the limit's stage. None when the limit has no descriptor buckets.
+/// of the limit's stage. Empty when the limit has no descriptor buckets.
 fn local_descriptors<B>(
     limit: &crate::ratelimit::LocalRateLimit,
     route_policies: &[Arc<crate::ratelimit::global::RateLimitPolicy>],

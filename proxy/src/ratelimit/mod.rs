@@ -321,8 +321,9 @@ impl LocalRateLimit {
         self.key == previous.key && self.limiter.adopt(&previous.limiter)
     }
 
-    /// Takes a token for a request: from the bucket of the first
-    /// descriptor that matches each of `descriptors`, then (when none
+    /// Takes a token for a request: from the bucket of the descriptor that
+    /// matches each of `descriptors` (the first exact one, else the first
+    /// with value-less entries), then (when none
     /// matched, or `always_consume_default`) from `default_key`'s bucket.
     /// Returns the buckets that refused it; the first one not in shadow
     /// ends the taking, as in Envoy.
@@ -335,9 +336,14 @@ impl LocalRateLimit {
         let mut refused = Vec::new();
         let mut matched = false;
         for descriptor in descriptors {
+            // A descriptor with every value given wins over one that takes
+            // any value, as Envoy looks up static descriptors first.
+            let exact = |d: &&DescriptorLimit| d.entries.iter().all(|(_, v)| v.is_some());
             let Some((limit, key)) = self
                 .descriptors
                 .iter()
+                .filter(exact)
+                .chain(self.descriptors.iter().filter(|d| !exact(d)))
                 .find_map(|d| d.bucket_of(&descriptor.entries).map(|key| (d, key)))
             else {
                 continue;

@@ -240,3 +240,22 @@ fn descriptor_buckets_survive_adoption_by_their_entries() {
     next.adopt(&old);
     assert_eq!(next.take_all("", &alice, t0).len(), 1, "still spent");
 }
+
+#[test]
+fn an_exact_descriptor_wins_over_a_wildcard_listed_before_it() {
+    let t0 = Instant::now();
+    let limit = limit_with(
+        vec![
+            descriptor(&[("user", None)], 100, false),
+            descriptor(&[("user", Some("bot"))], 1, false),
+        ],
+        false,
+    );
+    let bot = [request(&[("user", "bot")])];
+    assert!(limit.take_all("", &bot, t0).is_empty());
+    assert_eq!(
+        limit.take_all("", &bot, t0).len(),
+        1,
+        "the bot's own bucket"
+    );
+}
