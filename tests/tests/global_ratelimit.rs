@@ -473,3 +473,97 @@ xds: {{ address: "{}", initial_backoff: 50ms, max_backoff: 500ms }}
         "the last good config still limits"
     );
 }
+
+/// `l` (from [`limited_listener`]) with `per_route` as its one route's
+/// `RateLimitPerRoute`.
+fn with_per_route(
+    mut l: listener::Listener,
+    per_route: &postern_proto::envoy::extensions::filters::http::ratelimit::v3::RateLimitPerRoute,
+) -> listener::Listener {
+    let filter = &mut l.filter_chains[0].filters[0];
+    let Some(listener::filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+        unreachable!("the builder sets a typed config")
+    };
+    let mut manager: hcm::HttpConnectionManager =
+        prost::Message::decode(any.value.as_slice()).expect("hcm decodes");
+    if let Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(routes)) =
+        &mut manager.route_specifier
+    {
+        routes.virtual_hosts[0].routes[0]
+            .typed_per_filter_config
+            .insert("envoy.filters.http.ratelimit".into(), pack(per_route));
+    }
+    filter.config_type = Some(listener::filter::ConfigType::TypedConfig(pack(&manager)));
+    l
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_per_route_replaces_or_ignores_the_virtual_host_descriptors() {
+    use postern_proto::envoy::extensions::filters::http::ratelimit::v3::rate_limit_per_route::VhRateLimitsOptions;
+    use postern_proto::envoy::extensions::filters::http::ratelimit::v3::RateLimitPerRoute;
+    use route::rate_limit::action::{ActionSpecifier, GenericKey};
+    let backend = HttpBackend::start("backend").await;
+    // Only the per-route descriptor is limited; the virtual host's would
+    // pass anyway, so a 429 proves the per-route one was sent.
+    let (rls_addr, _rls) = reference_rls(
+        r#"
+domains:
+  - domain: mesh
+    descriptors:
+      - key: generic_key
+        value: per-route
+        rate_limit: { unit: hour, requests_per_unit: 1 }
+      - key: generic_key
+        value: vhost
+        rate_limit: { unit: hour, requests_per_unit: 1 }
+"#,
+    )
+    .await;
+    let generic = |value: &str| {
+        generic_key(ActionSpecifier::GenericKey(GenericKey {
+            descriptor_value: value.into(),
+            ..Default::default()
+        }))
+    };
+    let replaced = with_per_route(
+        limited_listener("both", generic("vhost")),
+        &RateLimitPerRoute {
+            rate_limits: generic("per-route"),
+            ..Default::default()
+        },
+    );
+    let cp = ControlPlane::start(snapshot("1", &replaced, backend.addr(), rls_addr)).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&format!(
+        r#"
+node: {{ id: "sidecar~127.0.0.1~rl.default~default.svc.cluster.local", cluster: rl }}
+xds: {{ address: "{}", initial_backoff: 50ms, max_backoff: 500ms }}
+"#,
+        cp.url()
+    ))
+    .await;
+    wait_acks(
+        &mut events,
+        &[(type_url::CLUSTER, "1"), (type_url::LISTENER, "1")],
+    )
+    .await;
+    let addr = listener_addr(&proxy, "rl");
+    assert_eq!(get(addr, "svc", "/").await.status.as_u16(), 200);
+    assert_eq!(get(addr, "svc", "/").await.status.as_u16(), 429);
+
+    // IGNORE: the route has no descriptors of its own and the virtual
+    // host's are not asked about, so nothing limits it.
+    let ignored = with_per_route(
+        limited_listener("both", generic("vhost")),
+        &RateLimitPerRoute {
+            vh_rate_limits: VhRateLimitsOptions::Ignore as i32,
+            ..Default::default()
+        },
+    );
+    cp.server
+        .set_snapshot(snapshot("2", &ignored, backend.addr(), rls_addr));
+    wait_acks(&mut events, &[(type_url::LISTENER, "2")]).await;
+    for _ in 0..3 {
+        assert_eq!(get(addr, "svc", "/").await.status.as_u16(), 200);
+    }
+}

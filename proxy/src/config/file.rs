@@ -828,6 +828,25 @@ pub struct JwtClaimActionFile {
     pub skip_if_absent: bool,
 }
 
+/// How a route's global rate-limit descriptors take the virtual host's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VhRateLimitsFile {
+    /// The virtual host's when the route has none (Envoy's default).
+    #[default]
+    Override,
+    /// The route's, then the virtual host's.
+    Include,
+    /// Never the virtual host's.
+    Ignore,
+}
+
+impl VhRateLimitsFile {
+    fn is_override(&self) -> bool {
+        *self == VhRateLimitsFile::Override
+    }
+}
+
 /// A token-bucket rate limit, kept in this proxy.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -849,10 +868,64 @@ pub struct LocalRateLimitFile {
     /// Most per-key buckets kept (default 10000); idle ones go first.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// Buckets for requests whose descriptors match (routes only): Envoy's
+    /// local rate limit `descriptors`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub descriptors: Vec<LocalDescriptorFile>,
+    /// Only `rate_limits` entries of this stage build descriptors.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stage: u32,
+    /// Descriptor actions for `descriptors`, instead of the route's
+    /// `rate_limits`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimitPolicyFile>,
+    /// Take from this limit's own bucket even when a descriptor matched
+    /// (default true, as Envoy).
+    #[serde(default = "default_true")]
+    pub always_consume_default: bool,
 }
 
 fn default_max_keys() -> usize {
     10_000
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// One descriptor's bucket of a local rate limit.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalDescriptorFile {
+    /// The entries a request's descriptor must have, in order.
+    pub entries: Vec<DescriptorEntryFile>,
+    /// Bucket size: the burst allowed.
+    pub max_tokens: u32,
+    /// Tokens added per `fill_interval` (default: `max_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_fill: Option<u32>,
+    /// Refill period.
+    #[serde(with = "humantime_serde")]
+    pub fill_interval: Duration,
+    /// Count and log what this bucket would refuse, refuse nothing.
+    #[serde(default)]
+    pub shadow: bool,
+    /// Most buckets kept when an entry takes any value (default 10000).
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+/// A descriptor entry to match: the key, and the value or (absent) any
+/// value, each value then getting its own bucket.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescriptorEntryFile {
+    /// The entry's key (`remote_address`, `generic_key`, a header's
+    /// `descriptor_key`, ...).
+    pub key: String,
+    /// The value; absent: any value, one bucket per value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 /// What a per-key rate limit is keyed by: exactly one field.
@@ -1346,6 +1419,11 @@ pub struct RouteFile {
     /// Apply the virtual host's `rate_limits` too, after the route's own.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub include_vh_rate_limits: bool,
+    /// How the virtual host's `rate_limits` join this route's (Envoy's
+    /// `RateLimitPerRoute.vh_rate_limits`); `include_vh_rate_limits: true`
+    /// wins over it.
+    #[serde(default, skip_serializing_if = "VhRateLimitsFile::is_override")]
+    pub vh_rate_limits: VhRateLimitsFile,
     /// This route's JWT requirement, from the listener's `requirement_map`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<RouteJwtFile>,
@@ -1616,6 +1694,10 @@ pub struct TcpProxyFile {
     /// `any` permissions); none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rbac: Option<RbacFile>,
+    /// A token per accepted connection, taken before the TLS handshake and
+    /// RBAC; unkeyed or keyed by `remote_address`. None when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_rate_limit: Option<LocalRateLimitFile>,
 }
 
 fn default_tcp_idle() -> Duration {

@@ -240,3 +240,21 @@ pub(super) fn effective(
         route
     }
 }
+
+/// [`effective`] with the route's `vh_rate_limits`: `ignore` keeps the
+/// route's own even when it has none; `include_vh_rate_limits` wins.
+pub(super) fn effective_for(
+    route_policies: Vec<Arc<RateLimitPolicy>>,
+    vhost: &[Arc<RateLimitPolicy>],
+    route: &super::file::RouteFile,
+) -> Vec<Arc<RateLimitPolicy>> {
+    use super::file::VhRateLimitsFile;
+    match (route.include_vh_rate_limits, route.vh_rate_limits) {
+        (false, VhRateLimitsFile::Ignore) => route_policies,
+        (include, mode) => effective(
+            route_policies,
+            vhost,
+            include || mode == VhRateLimitsFile::Include,
+        ),
+    }
+}

@@ -373,6 +373,14 @@ pub(super) fn build_rate_limit(
         limiter: Limiter::new(spec, file.max_keys),
         key,
         shadow: file.shadow,
+        descriptors: build_descriptors(&file.descriptors, path, errors),
+        stage: file.stage,
+        rate_limits: super::ratelimit::build_policies(
+            &file.rate_limits,
+            &format!("{path}.rate_limits"),
+            errors,
+        ),
+        always_consume_default: file.always_consume_default,
     })
 }
 
@@ -427,5 +435,117 @@ pub(super) fn check_connection_level(file: &RbacFile, path: &str, errors: &mut E
                 walk_principal(p, &format!("{ppath}.principals[{j}]"), errors);
             }
         }
+    }
+}
+
+/// A TCP listener's limit: a token per connection, taken at accept, before
+/// the TLS handshake, so only the remote address can key it.
+pub(super) fn build_connection_rate_limit(
+    file: &LocalRateLimitFile,
+    path: &str,
+    errors: &mut Errors,
+) -> Arc<crate::ratelimit::LocalRateLimit> {
+    use crate::ratelimit::RateLimitKey;
+    let limit = build_rate_limit(file, path, errors);
+    if !matches!(
+        limit.key,
+        RateLimitKey::Shared | RateLimitKey::RemoteAddress
+    ) {
+        errors.push(
+            format!("{path}.key"),
+            "a TCP listener's limit can only key on remote_address: true",
+        );
+    }
+    limit
+}
+
+/// A local limit's `descriptors`.
+fn build_descriptors(
+    files: &[LocalDescriptorFile],
+    path: &str,
+    errors: &mut Errors,
+) -> Vec<crate::ratelimit::DescriptorLimit> {
+    use crate::ratelimit::{BucketSpec, DescriptorLimit, Limiter};
+    let mut seen = std::collections::HashSet::new();
+    files
+        .iter()
+        .enumerate()
+        .map(|(i, file)| {
+            let dpath = format!("{path}.descriptors[{i}]");
+            if file.entries.is_empty() {
+                errors.push(format!("{dpath}.entries"), "needs at least one entry");
+            }
+            for (j, entry) in file.entries.iter().enumerate() {
+                if entry.key.is_empty() {
+                    errors.push(format!("{dpath}.entries[{j}].key"), "must not be empty");
+                }
+            }
+            if file.max_tokens == 0 {
+                errors.push(format!("{dpath}.max_tokens"), "must be more than 0");
+            }
+            if file.tokens_per_fill == Some(0) {
+                errors.push(format!("{dpath}.tokens_per_fill"), "must be more than 0");
+            }
+            if file.fill_interval < std::time::Duration::from_millis(1) {
+                errors.push(format!("{dpath}.fill_interval"), "must be at least 1ms");
+            }
+            if file.max_keys == 0 {
+                errors.push(format!("{dpath}.max_keys"), "must be more than 0");
+            }
+            let entries: Vec<(String, Option<String>)> = file
+                .entries
+                .iter()
+                .map(|e| (e.key.clone(), e.value.clone().filter(|v| !v.is_empty())))
+                .collect();
+            // Only the first of two equal descriptors could ever match.
+            if !seen.insert(entries.clone()) {
+                errors.push(
+                    format!("{dpath}.entries"),
+                    "the same entries as an earlier descriptor",
+                );
+            }
+            let label = entries
+                .iter()
+                .map(|(key, value)| match value {
+                    Some(value) => format!("{key}={value}"),
+                    None => key.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            DescriptorLimit {
+                limiter: Limiter::new(
+                    BucketSpec {
+                        max_tokens: file.max_tokens,
+                        tokens_per_fill: file.tokens_per_fill.unwrap_or(file.max_tokens),
+                        fill_interval: file.fill_interval,
+                    },
+                    file.max_keys,
+                ),
+                entries,
+                shadow: file.shadow,
+                label,
+            }
+        })
+        .collect()
+}
+
+/// A listener's limit runs before routing, so there is no route to build
+/// descriptors from.
+pub(super) fn check_listener_rate_limit(
+    file: &LocalRateLimitFile,
+    path: &str,
+    errors: &mut Errors,
+) {
+    if !file.descriptors.is_empty() {
+        errors.push(
+            format!("{path}.descriptors"),
+            "only a route's local_rate_limit takes descriptors (a listener's is checked before routing)",
+        );
+    }
+    if !file.rate_limits.is_empty() {
+        errors.push(
+            format!("{path}.rate_limits"),
+            "only a route's local_rate_limit takes rate_limits",
+        );
     }
 }

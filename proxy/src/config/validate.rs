@@ -195,6 +195,13 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                                 .rbac
                                 .as_ref()
                                 .map(|rbac| super::rbac::build_rbac(rbac, &rbac_path, &mut errors)),
+                            rate_limit: tcp.local_rate_limit.as_ref().map(|limit| {
+                                super::rbac::build_connection_rate_limit(
+                                    limit,
+                                    &format!("{path}.tcp.local_rate_limit"),
+                                    &mut errors,
+                                )
+                            }),
                         })
                     }
                 }
@@ -366,7 +373,9 @@ fn build_http(
             .as_ref()
             .map(|rbac| super::rbac::build_rbac(rbac, &format!("{path}.http.rbac"), errors)),
         rate_limit: listener.http.local_rate_limit.as_ref().map(|limit| {
-            super::rbac::build_rate_limit(limit, &format!("{path}.http.local_rate_limit"), errors)
+            let lpath = format!("{path}.http.local_rate_limit");
+            super::rbac::check_listener_rate_limit(limit, &lpath, errors);
+            super::rbac::build_rate_limit(limit, &lpath, errors)
         }),
         jwt: listener
             .http
@@ -609,10 +618,10 @@ pub(super) fn build_route_table(
             .map(|(r, route)| {
                 let mut built =
                     build_route(route, r, &format!("{vpath}.routes[{r}]"), clusters, errors);
-                built.rate_limits = super::ratelimit::effective(
+                built.rate_limits = super::ratelimit::effective_for(
                     std::mem::take(&mut built.rate_limits),
                     &vh_rate_limits,
-                    route.include_vh_rate_limits,
+                    route,
                 );
                 built
             })

@@ -27,6 +27,8 @@ use super::file::*;
 mod chains;
 #[path = "xds_policy.rs"]
 mod policy;
+#[path = "xds_limits.rs"]
+mod limits;
 pub use chains::{fill_edge_secrets, EdgeSecret, EdgeSlot};
 
 /// Type URL of the HttpConnectionManager network filter config.
@@ -386,6 +388,7 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
         local_rate_limit,
         rate_limits: Vec::new(),
         include_vh_rate_limits: false,
+        vh_rate_limits: VhRateLimitsFile::Override,
         jwt,
         rbac: policy::rbac_per_route(&r.typed_per_filter_config, path, ctx, false),
         access_log: None,
@@ -424,6 +427,7 @@ fn route_entry(r: &route::Route, path: &str, ctx: &mut Ctx) -> Option<RouteFile>
             "a route needs route, redirect or direct_response",
         ),
     }
+    limits::rate_limit_per_route(&r.typed_per_filter_config, path, &mut out, ctx);
     Some(out)
 }
 
@@ -1313,6 +1317,11 @@ fn chain_filters(
     ctx: &mut Ctx,
     log_clusters: &dyn Fn(&str) -> Option<String>,
 ) -> RouteSource {
+    if let Some((limit, rest)) = limits::split_network_limit(chain, cpath, ctx) {
+        let source = chain_filters(&rest, cpath, file, ctx, log_clusters);
+        limits::attach_network_limit(file, limit, cpath, ctx);
+        return source;
+    }
     let rbac_any = match chain.filters.as_slice() {
         [first, _, ..] => match &first.config_type {
             Some(listener::filter::ConfigType::TypedConfig(any))
@@ -2115,6 +2124,7 @@ fn tcp(
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_secs(3600)),
         rbac: None,
+        local_rate_limit: None,
     });
 }
 
@@ -2807,9 +2817,6 @@ fn local_rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<Local
                 return None;
             }
         };
-    if !config.descriptors.is_empty() || !config.rate_limits.is_empty() {
-        ctx.unsupported(format!("{path}.descriptors"));
-    }
     if config.local_rate_limit_per_downstream_connection {
         ctx.unsupported(format!("{path}.local_rate_limit_per_downstream_connection"));
     }
@@ -2841,7 +2848,7 @@ fn local_rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<Local
         ctx.err(format!("{path}.token_bucket.fill_interval"), "is required");
         return None;
     };
-    Some(LocalRateLimitFile {
+    let mut limit = LocalRateLimitFile {
         max_tokens: bucket.max_tokens,
         // Envoy's default is one token per interval.
         tokens_per_fill: Some(bucket.tokens_per_fill.as_ref().map_or(1, |t| t.value)),
@@ -2849,7 +2856,13 @@ fn local_rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<Local
         key: None,
         shadow: !enforced,
         max_keys: 1,
-    })
+        descriptors: Vec::new(),
+        stage: 0,
+        rate_limits: Vec::new(),
+        always_consume_default: true,
+    };
+    limits::http_descriptors(&config, &mut limit, path, ctx);
+    Some(limit)
 }
 
 /// Type URL of the HTTP rate limit filter's config (global limits).
@@ -3151,6 +3164,11 @@ fn route_filter_configs(
         }
         // Read by `policy::rbac_per_route`.
         if any.type_url == policy::RBAC_PER_ROUTE_TYPE {
+            continue;
+        }
+        if any.type_url == limits::RATELIMIT_PER_ROUTE_TYPE {
+            // Applied by `limits::rate_limit_per_route`, once the route's
+            // own `rate_limits` are in.
             continue;
         }
         if any.type_url != JWT_PER_ROUTE_TYPE {

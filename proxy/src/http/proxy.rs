@@ -82,9 +82,11 @@ impl HttpConfig {
     }
 
     /// Carries over what the config it replaces learned at run time
-    /// (fetched JWT keys, the rate-limit service's channel), so a config
-    /// push costs no refetch or reconnect.
+    /// (fetched JWT keys, the rate-limit service's channel, local
+    /// rate-limit buckets), so a config push costs no refetch or reconnect
+    /// and refills no bucket.
     pub fn adopt(&self, previous: &HttpConfig) {
+        adopt_local_limits(self, previous);
         if let (Some(jwt), Some(old)) = (&self.jwt, &previous.jwt) {
             jwt.adopt(old);
         }
@@ -92,6 +94,86 @@ impl HttpConfig {
             limit.share_channel(old);
         }
     }
+}
+
+/// Hands each local rate limit the buckets of the limit it replaces: the
+/// listener's to the listener's, a route's to the route of the same virtual
+/// host and name. `LocalRateLimit::adopt` refuses a changed key or spec.
+pub(crate) fn adopt_local_limits(next: &HttpConfig, previous: &HttpConfig) {
+    use std::collections::hash_map::{Entry, HashMap};
+    if let (Some(limit), Some(old)) = (&next.rate_limit, &previous.rate_limit) {
+        limit.adopt(old);
+    }
+    // A name given twice is ambiguous: neither copy inherits.
+    let mut old_routes: HashMap<(&str, &str), Option<&crate::ratelimit::LocalRateLimit>> =
+        HashMap::new();
+    for vhost in previous.routes.virtual_hosts() {
+        for route in &vhost.routes {
+            if let Some(limit) = &route.rate_limit {
+                match old_routes.entry((&vhost.name, &route.name)) {
+                    Entry::Vacant(slot) => {
+                        slot.insert(Some(limit));
+                    }
+                    Entry::Occupied(mut slot) => {
+                        slot.insert(None);
+                    }
+                }
+            }
+        }
+    }
+    let mut new_names: HashMap<(&str, &str), usize> = HashMap::new();
+    for vhost in next.routes.virtual_hosts() {
+        for route in &vhost.routes {
+            *new_names.entry((&vhost.name, &route.name)).or_default() += 1;
+        }
+    }
+    for vhost in next.routes.virtual_hosts() {
+        for route in &vhost.routes {
+            let name = (&*vhost.name, &*route.name);
+            if new_names.get(&name) != Some(&1) {
+                continue;
+            }
+            if let (Some(limit), Some(Some(old))) = (&route.rate_limit, old_routes.get(&name)) {
+                limit.adopt(old);
+            }
+        }
+    }
+}
+
+/// The descriptors a route-level local limit with `descriptors` matches
+/// against: built by the limit's own `rate_limits`, or else the route's,
+/// of the limit's stage. Empty when the limit has no descriptor buckets.
+fn local_descriptors<B>(
+    limit: &crate::ratelimit::LocalRateLimit,
+    route_policies: &[Arc<crate::ratelimit::global::RateLimitPolicy>],
+    target: Option<&Arc<str>>,
+    global: Option<&crate::ratelimit::global::GlobalRateLimit>,
+    peer: &hdr::DownstreamPeer,
+    request: &Request<B>,
+    jwt: &[crate::authn::VerifiedJwt],
+) -> Vec<postern_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor> {
+    if limit.descriptors.is_empty() {
+        return Vec::new();
+    }
+    let policies = if limit.rate_limits.is_empty() {
+        route_policies
+    } else {
+        &limit.rate_limits
+    };
+    let facts = crate::ratelimit::global::RequestFacts {
+        headers: request.headers(),
+        remote_ip: peer.addr,
+        destination_cluster: target.map(|c| &**c),
+        // node.cluster reaches the config through the rate-limit service's
+        // settings only.
+        source_cluster: global.map_or("", |g| &g.source_cluster),
+        spiffe_id: peer
+            .spiffe_id
+            .as_deref()
+            .map(postern_certs::SpiffeId::as_str),
+        jwt,
+    };
+    crate::ratelimit::global::descriptors(policies, limit.stage, &facts)
 }
 
 /// A reply made by the proxy itself.
@@ -324,6 +406,8 @@ fn replace_path<B>(request: &mut Request<B>, path: &str) -> Result<(), LocalRepl
 
 impl HttpProxy {
     /// Takes a token; the 429 to send when the limit refuses the request.
+    /// `descriptors` are the request's for the limit's descriptor buckets
+    /// (`local_descriptors`).
     #[allow(clippy::too_many_arguments)]
     fn rate_limited<B>(
         &self,
@@ -332,10 +416,11 @@ impl HttpProxy {
         peer: &hdr::DownstreamPeer,
         request: &Request<B>,
         jwt: &[crate::authn::VerifiedJwt],
+        descriptors: &[postern_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor],
         grpc: bool,
         record: &mut CallRecord,
     ) -> Option<Response<ResponseBody>> {
-        use crate::ratelimit::{RateLimitKey, Take};
+        use crate::ratelimit::RateLimitKey;
         let claim_key;
         let key = match &limit.key {
             RateLimitKey::Shared => "",
@@ -352,21 +437,26 @@ impl HttpProxy {
                 claim_key.as_deref().unwrap_or("")
             }
         };
-        let Take::Limited { retry_after } = limit.limiter.take(key, Instant::now()) else {
-            return None;
-        };
-        let mode = if limit.shadow { "shadow" } else { "enforced" };
-        metrics::counter!(
-            crate::telemetry::metrics::RATELIMIT_LIMITED_TOTAL,
-            "listener" => self.listener.name.clone(),
-            "scope" => scope.to_string(),
-            "mode" => mode,
-        )
-        .increment(1);
-        if limit.shadow {
-            tracing::debug!(listener = %self.listener.name, scope, "rate limit (shadow) would refuse");
-            return None;
+        let refusals = limit.take_all(key, descriptors, Instant::now());
+        let mut enforced = None;
+        for refusal in refusals {
+            let mode = if refusal.shadow { "shadow" } else { "enforced" };
+            metrics::counter!(
+                crate::telemetry::metrics::RATELIMIT_LIMITED_TOTAL,
+                "listener" => self.listener.name.clone(),
+                "scope" => scope.to_string(),
+                "mode" => mode,
+                "bucket" => refusal.bucket.to_string(),
+            )
+            .increment(1);
+            if refusal.shadow {
+                tracing::debug!(listener = %self.listener.name, scope, bucket = %refusal.bucket, "rate limit (shadow) would refuse");
+            } else {
+                enforced = Some(refusal);
+            }
         }
+        let refusal = enforced?;
+        let retry_after = refusal.retry_after;
         let reply = LocalReply::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate limited",
@@ -378,10 +468,7 @@ impl HttpProxy {
         let seconds = HeaderValue::from(seconds.max(1));
         let headers = response.headers_mut();
         headers.insert(header::RETRY_AFTER, seconds.clone());
-        headers.insert(
-            "ratelimit-limit",
-            HeaderValue::from(limit.limiter.spec().max_tokens),
-        );
+        headers.insert("ratelimit-limit", HeaderValue::from(refusal.max_tokens));
         headers.insert("ratelimit-remaining", HeaderValue::from_static("0"));
         headers.insert("ratelimit-reset", seconds);
         Some(response)
@@ -854,9 +941,16 @@ impl HttpProxy {
             }
         }
         if let Some(limit) = &config.rate_limit {
-            if let Some(response) =
-                self.rate_limited(limit, "listener", &peer, &request, &jwt, grpc, &mut record)
-            {
+            if let Some(response) = self.rate_limited(
+                limit,
+                "listener",
+                &peer,
+                &request,
+                &jwt,
+                &[],
+                grpc,
+                &mut record,
+            ) {
                 return response;
             }
         }
@@ -880,9 +974,25 @@ impl HttpProxy {
             _ => None,
         };
         if let Some(limit) = &route.rate_limit {
-            if let Some(response) =
-                self.rate_limited(limit, &route.name, &peer, &request, &jwt, grpc, &mut record)
-            {
+            let descriptors = local_descriptors(
+                limit,
+                &route.rate_limits,
+                target.map(|(_, cluster)| cluster),
+                config.global_rate_limit.as_deref(),
+                &peer,
+                &request,
+                &jwt,
+            );
+            if let Some(response) = self.rate_limited(
+                limit,
+                &route.name,
+                &peer,
+                &request,
+                &jwt,
+                &descriptors,
+                grpc,
+                &mut record,
+            ) {
                 return response;
             }
         }

@@ -238,6 +238,7 @@ impl CaptureFront {
         }
         // Two connections racing here build twice; both results are equal.
         let fresh = Arc::new(build_runtime(&self.shared, &self.telemetry, config));
+        keep_buckets(&fresh, &built);
         self.built.store(fresh.clone());
         fresh
     }
@@ -348,6 +349,7 @@ impl CaptureFront {
                     cluster: cluster.clone(),
                     idle_timeout: capture.tcp_idle_timeout,
                     rbac: None,
+                    rate_limit: None,
                 };
                 crate::tcp::serve_route(
                     io,
@@ -507,6 +509,23 @@ impl CaptureFront {
             cache.insert(port, proxy.clone());
         }
         Some(proxy)
+    }
+}
+
+/// Hands the rebuilt fronts the local rate-limit buckets of the ones they
+/// replace, so a config change refills no bucket.
+fn keep_buckets(fresh: &CaptureRuntime, built: &CaptureRuntime) {
+    if let (ListenerProtocol::Capture(next), ListenerProtocol::Capture(previous)) =
+        (&fresh.listener.protocol, &built.listener.protocol)
+    {
+        if let (Some(limit), Some(old)) = (&next.http.rate_limit, &previous.http.rate_limit) {
+            limit.adopt(old);
+        }
+    }
+    for (address, proxy) in &fresh.services {
+        if let Some(old) = built.services.get(address) {
+            crate::http::proxy::adopt_local_limits(&proxy.config.load(), &old.config.load());
+        }
     }
 }
 

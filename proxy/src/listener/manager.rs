@@ -34,6 +34,7 @@ struct Running {
     http: Option<Arc<ArcSwap<HttpConfig>>>,
     capture: Option<Arc<ArcSwap<Listener>>>,
     tcp_rbac: Option<watch::Sender<Option<Arc<crate::authz::Rbac>>>>,
+    tcp_limit: Option<Arc<crate::tcp::LimitCell>>,
     drain: watch::Sender<bool>,
     force: watch::Sender<bool>,
     accept: JoinHandle<()>,
@@ -81,6 +82,18 @@ fn shape(listener: &Listener) -> String {
         protocol,
         listener.tls
     )
+}
+
+/// Installs a TCP listener's new connection rate limit, with the buckets of
+/// the one it replaces when the limit is unchanged.
+fn swap_tcp_limit(
+    cell: &crate::tcp::LimitCell,
+    next: Option<Arc<crate::ratelimit::LocalRateLimit>>,
+) {
+    if let (Some(limit), Some(old)) = (&next, cell.load_full()) {
+        limit.adopt(&old);
+    }
+    cell.store(next);
 }
 
 impl ListenerManager {
@@ -152,6 +165,11 @@ impl ListenerManager {
                 {
                     policy.send_replace(tcp.rbac.clone());
                 }
+                if let (Some(cell), ListenerProtocol::Tcp(tcp)) =
+                    (&current.tcp_limit, &listener.protocol)
+                {
+                    swap_tcp_limit(cell, tcp.rate_limit.clone());
+                }
                 current.listener = listener.clone();
                 continue;
             }
@@ -202,6 +220,12 @@ impl ListenerManager {
             }
             _ => (None, None),
         };
+        let tcp_limit = match &listener.protocol {
+            ListenerProtocol::Tcp(tcp) => {
+                Some(Arc::new(crate::tcp::LimitCell::new(tcp.rate_limit.clone())))
+            }
+            _ => None,
+        };
         let (drain, drain_rx) = watch::channel(false);
         let (force, force_rx) = watch::channel(false);
         let shutdown = Shutdown {
@@ -221,6 +245,7 @@ impl ListenerManager {
             app: self.app.clone(),
             overload: self.overload.clone(),
             tcp_rbac: tcp_rbac_rx,
+            tcp_limit: tcp_limit.clone(),
         };
         let accept = tokio::spawn(run_listener(socket, listener.clone(), context, shutdown));
         Ok(Running {
@@ -230,6 +255,7 @@ impl ListenerManager {
             http,
             capture,
             tcp_rbac,
+            tcp_limit,
             drain,
             force,
             accept,

@@ -109,6 +109,8 @@ pub struct ListenerContext {
     /// The current connection policy of a TCP listener; open connections
     /// watch it and close when a new one no longer allows them.
     pub tcp_rbac: Option<crate::tcp::PolicyWatch>,
+    /// The current connection rate limit of a TCP listener.
+    pub tcp_limit: Option<Arc<crate::tcp::LimitCell>>,
 }
 
 /// Accepts connections on a bound listener until the drain starts.
@@ -129,6 +131,7 @@ pub async fn run_listener(
         app,
         overload,
         tcp_rbac,
+        tcp_limit,
     } = context;
     let limit = Arc::new(Semaphore::new(listener.limits.max_connections));
     // One per listener: HTTP and TCP paths share its handles and sinks.
@@ -259,9 +262,23 @@ pub async fn run_listener(
                 let clusters = clusters.clone();
                 let telemetry = tcp_telemetry.clone();
                 let policy = tcp_rbac.clone();
+                let rate_limit = tcp_limit.as_ref().and_then(|cell| cell.load_full());
                 tokio::spawn(async move {
                     let local_port = stream.local_addr().map_or(0, |a| a.port());
-                    if let Some((io, peer_tls)) = tls.accept(stream).await {
+                    let admitted = match (&rate_limit, &listener.protocol) {
+                        (Some(limit), ListenerProtocol::Tcp(route)) => crate::tcp::admit(
+                            limit,
+                            peer,
+                            local_port,
+                            &listener.name,
+                            &route.cluster,
+                            &telemetry,
+                        ),
+                        _ => true,
+                    };
+                    if !admitted {
+                        drop(stream);
+                    } else if let Some((io, peer_tls)) = tls.accept(stream).await {
                         let downstream =
                             DownstreamPeer::new(peer, local_port, &peer_tls, local_id.as_deref());
                         crate::tcp::serve_connection(

@@ -12,6 +12,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use postern_proto::envoy::extensions::common::ratelimit::v3::{
+    rate_limit_descriptor::Entry as DescriptorEntry, RateLimitDescriptor,
+};
+
 /// Bucket parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketSpec {
@@ -104,7 +108,9 @@ const OVERFLOW_KEY: &str = "\u{0}overflow";
 pub struct Limiter {
     spec: BucketSpec,
     max_keys: usize,
-    buckets: Mutex<Buckets>,
+    /// Swappable so a config change can hand the new limiter the old one's
+    /// buckets ([`Limiter::adopt`]) after both are built.
+    buckets: arc_swap::ArcSwap<Mutex<Buckets>>,
 }
 
 #[derive(Debug, Default)]
@@ -122,8 +128,20 @@ impl Limiter {
         Limiter {
             spec,
             max_keys: max_keys.max(1),
-            buckets: Mutex::new(Buckets::default()),
+            buckets: arc_swap::ArcSwap::from_pointee(Mutex::new(Buckets::default())),
         }
+    }
+
+    /// Shares `previous`'s buckets when both have the same bucket
+    /// parameters, so a config change that keeps a limit keeps what its
+    /// callers have spent; returns whether it did. A changed spec starts
+    /// with full buckets.
+    pub fn adopt(&self, previous: &Limiter) -> bool {
+        if self.spec != previous.spec {
+            return false;
+        }
+        self.buckets.store(previous.buckets.load_full());
+        true
     }
 
     /// The bucket parameters.
@@ -133,7 +151,8 @@ impl Limiter {
 
     /// Takes a token from `key`'s bucket (`""` for an unkeyed limit).
     pub fn take(&self, key: &str, now: Instant) -> Take {
-        let Ok(mut guard) = self.buckets.lock() else {
+        let buckets = self.buckets.load();
+        let Ok(mut guard) = buckets.lock() else {
             // A poisoned lock must not turn into an outage: let it through.
             return Take::Granted { remaining: 0 };
         };
@@ -168,7 +187,7 @@ impl Limiter {
 
     /// Buckets held now.
     pub fn len(&self) -> usize {
-        self.buckets.lock().map_or(0, |b| b.by_key.len())
+        self.buckets.load().lock().map_or(0, |b| b.by_key.len())
     }
 
     /// Whether no bucket is held.
@@ -192,6 +211,19 @@ pub enum RateLimitKey {
     JwtClaim(crate::authn::jwt::ClaimPath),
 }
 
+impl RateLimitKey {
+    /// What the key is, for metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RateLimitKey::Shared => "shared",
+            RateLimitKey::SpiffeId => "spiffe_id",
+            RateLimitKey::RemoteAddress => "remote_address",
+            RateLimitKey::Header(_) => "header",
+            RateLimitKey::JwtClaim(_) => "jwt_claim",
+        }
+    }
+}
+
 /// A configured local rate limit.
 #[derive(Debug)]
 pub struct LocalRateLimit {
@@ -201,6 +233,147 @@ pub struct LocalRateLimit {
     pub key: RateLimitKey,
     /// Count only, never refuse.
     pub shadow: bool,
+    /// Envoy's `descriptors`: buckets for requests whose descriptors (built
+    /// by the route's `rate_limits`, or `rate_limits` here) match, taken
+    /// before this limit's own bucket.
+    pub descriptors: Vec<DescriptorLimit>,
+    /// Only `rate_limits` entries of this stage build descriptors.
+    pub stage: u32,
+    /// This limit's own descriptor actions, used instead of the route's
+    /// when there are any.
+    pub rate_limits: Vec<std::sync::Arc<global::RateLimitPolicy>>,
+    /// Take from this limit's own bucket even when a descriptor matched
+    /// (Envoy's `always_consume_default_token_bucket`, default true).
+    pub always_consume_default: bool,
+}
+
+/// A descriptor's bucket (Envoy's `LocalRateLimitDescriptor`).
+#[derive(Debug)]
+pub struct DescriptorLimit {
+    /// The entries a request's descriptor must have, in order: a key and
+    /// its value, or any value (`None`), each value then getting its own
+    /// bucket.
+    pub entries: Vec<(String, Option<String>)>,
+    /// The buckets.
+    pub limiter: Limiter,
+    /// Count only, never refuse.
+    pub shadow: bool,
+    /// `key=value` or `key` per entry, joined by commas: the metric label.
+    pub label: String,
+}
+
+impl DescriptorLimit {
+    /// The bucket key for `descriptor` when it matches: the values of the
+    /// entries that take any value, joined (`""` when none do).
+    pub fn bucket_of(&self, descriptor: &[DescriptorEntry]) -> Option<String> {
+        if descriptor.len() != self.entries.len() {
+            return None;
+        }
+        let mut key = String::new();
+        for ((want_key, want_value), got) in self.entries.iter().zip(descriptor) {
+            if *want_key != got.key {
+                return None;
+            }
+            match want_value {
+                Some(value) if *value != got.value => return None,
+                Some(_) => {}
+                None => {
+                    if !key.is_empty() {
+                        // No header value or address holds a newline.
+                        key.push('\n');
+                    }
+                    key.push_str(&got.value);
+                }
+            }
+        }
+        Some(key)
+    }
+}
+
+/// A bucket that refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal<'a> {
+    /// Which bucket: the limit's key kind (`shared`, `remote_address`, …)
+    /// or `descriptor:` and the descriptor's label.
+    pub bucket: std::borrow::Cow<'a, str>,
+    /// A shadow bucket: count, do not refuse.
+    pub shadow: bool,
+    /// Time to that bucket's next refill.
+    pub retry_after: Duration,
+    /// That bucket's size.
+    pub max_tokens: u32,
+}
+
+impl LocalRateLimit {
+    /// Keeps `previous`'s buckets when this limit is the same one (same
+    /// key and bucket parameters); returns whether it did. Descriptor
+    /// buckets are kept alike, each with the same entries and bucket.
+    pub fn adopt(&self, previous: &LocalRateLimit) -> bool {
+        for descriptor in &self.descriptors {
+            if let Some(old) = previous
+                .descriptors
+                .iter()
+                .find(|old| old.entries == descriptor.entries)
+            {
+                descriptor.limiter.adopt(&old.limiter);
+            }
+        }
+        self.key == previous.key && self.limiter.adopt(&previous.limiter)
+    }
+
+    /// Takes a token for a request: from the bucket of the descriptor that
+    /// matches each of `descriptors` (the first exact one, else the first
+    /// with value-less entries), then (when none
+    /// matched, or `always_consume_default`) from `default_key`'s bucket.
+    /// Returns the buckets that refused it; the first one not in shadow
+    /// ends the taking, as in Envoy.
+    pub fn take_all(
+        &self,
+        default_key: &str,
+        descriptors: &[RateLimitDescriptor],
+        now: Instant,
+    ) -> Vec<Refusal<'_>> {
+        let mut refused = Vec::new();
+        let mut matched = false;
+        for descriptor in descriptors {
+            // A descriptor with every value given wins over one that takes
+            // any value, as Envoy looks up static descriptors first.
+            let exact = |d: &&DescriptorLimit| d.entries.iter().all(|(_, v)| v.is_some());
+            let Some((limit, key)) = self
+                .descriptors
+                .iter()
+                .filter(exact)
+                .chain(self.descriptors.iter().filter(|d| !exact(d)))
+                .find_map(|d| d.bucket_of(&descriptor.entries).map(|key| (d, key)))
+            else {
+                continue;
+            };
+            matched = true;
+            if let Take::Limited { retry_after } = limit.limiter.take(&key, now) {
+                let shadow = self.shadow || limit.shadow;
+                refused.push(Refusal {
+                    bucket: std::borrow::Cow::Owned(format!("descriptor:{}", limit.label)),
+                    shadow,
+                    retry_after,
+                    max_tokens: limit.limiter.spec().max_tokens,
+                });
+                if !shadow {
+                    return refused;
+                }
+            }
+        }
+        if !matched || self.always_consume_default {
+            if let Take::Limited { retry_after } = self.limiter.take(default_key, now) {
+                refused.push(Refusal {
+                    bucket: std::borrow::Cow::Borrowed(self.key.kind()),
+                    shadow: self.shadow,
+                    retry_after,
+                    max_tokens: self.limiter.spec().max_tokens,
+                });
+            }
+        }
+        refused
+    }
 }
 
 #[cfg(test)]

@@ -306,6 +306,8 @@ pub struct TcpRoute {
     pub idle_timeout: Duration,
     /// Access control per connection.
     pub rbac: Option<Arc<crate::authz::Rbac>>,
+    /// A token per accepted connection.
+    pub rate_limit: Option<Arc<crate::ratelimit::LocalRateLimit>>,
 }
 
 /// What the router needs of a request.

@@ -23,6 +23,70 @@ const COPY_BUF: usize = 16 * 1024;
 /// A TCP listener's current connection policy, replaced by config changes.
 pub type PolicyWatch = tokio::sync::watch::Receiver<Option<Arc<crate::authz::Rbac>>>;
 
+/// A TCP listener's current connection rate limit, replaced by config
+/// changes (which hand over the buckets when the limit is unchanged).
+pub type LimitCell = arc_swap::ArcSwapOption<crate::ratelimit::LocalRateLimit>;
+
+/// Takes a token for a connection just accepted on a TCP listener, before
+/// any handshake, so a flood costs no TLS work. `false` when the limit
+/// refuses it: the refusal is counted and recorded as a call with flag
+/// `RL`, and the caller drops the connection; a shadow limit only counts.
+pub fn admit(
+    limit: &crate::ratelimit::LocalRateLimit,
+    remote: std::net::SocketAddr,
+    local_port: u16,
+    listener: &Arc<str>,
+    cluster: &Arc<str>,
+    telemetry: &Arc<ListenerTelemetry>,
+) -> bool {
+    use crate::ratelimit::{RateLimitKey, Take};
+    let address;
+    let key = match &limit.key {
+        RateLimitKey::RemoteAddress => {
+            address = remote.ip().to_string();
+            address.as_str()
+        }
+        // Validation allows no other key on a TCP listener.
+        _ => "",
+    };
+    if !matches!(
+        limit.limiter.take(key, Instant::now()),
+        Take::Limited { .. }
+    ) {
+        return true;
+    }
+    let mode = if limit.shadow { "shadow" } else { "enforced" };
+    metrics::counter!(
+        names::RATELIMIT_LIMITED_TOTAL,
+        "listener" => listener.clone(),
+        "scope" => "connection",
+        "mode" => mode,
+        "bucket" => limit.key.kind(),
+    )
+    .increment(1);
+    if limit.shadow {
+        tracing::debug!(listener = %listener, "connection rate limit (shadow) would refuse");
+        return true;
+    }
+    metrics::counter!(
+        names::TCP_CONNECTIONS_TOTAL,
+        "listener" => listener.clone(),
+        "cluster" => cluster.clone(),
+        "result" => "rate_limited",
+    )
+    .increment(1);
+    tracing::debug!(listener = %listener, peer = %remote, "connection rate limited");
+    let peer = crate::http::headers::DownstreamPeer::new(
+        remote,
+        local_port,
+        &crate::tls::PeerTls::default(),
+        None,
+    );
+    let mut call = TcpCall::new(telemetry, &peer, cluster);
+    call.flags.insert(ResponseFlag::RateLimited);
+    false
+}
+
 /// Proxies one downstream TCP connection to the listener's cluster.
 pub async fn serve_connection(
     downstream: DownstreamIo,
