@@ -45,6 +45,9 @@ pub fn builder(limits: &ListenerLimitsFile) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(u32::try_from(limits.max_request_headers_bytes).unwrap_or(u32::MAX))
         // Rapid-reset defence: streams the client resets count against this.
         .max_pending_accept_reset_streams(Some(200))
+        // RFC 8441: WebSocket over HTTP/2, which is how an upgrade crosses
+        // the mesh hop between sidecars.
+        .enable_connect_protocol()
         .keep_alive_interval(Some(Duration::from_secs(60)))
         .keep_alive_timeout(Duration::from_secs(20));
     builder
@@ -74,6 +77,8 @@ pub async fn serve_connection(
             let guard = activity.begin();
             let peer = peer.clone();
             async move {
+                // Before screening, which strips every `x-postern-*`.
+                super::protocol::settle(&mut request, &peer);
                 if let Err(rejected) = screen_request(&mut request, &proxy) {
                     return Ok::<_, Infallible>(reject_head(&request, rejected, &proxy));
                 }
@@ -165,6 +170,8 @@ pub async fn serve_connection(
 ///
 /// The answer to give instead of routing the request.
 pub fn screen_request<B>(request: &mut Request<B>, proxy: &HttpProxy) -> Result<(), RejectedHead> {
+    // An extended CONNECT is screened (and routed) as the upgrade it is.
+    super::protocol::normalize_extended_connect(request);
     hdr::check_request_head(
         request.method(),
         request.uri(),
