@@ -292,6 +292,31 @@ async fn websocket_echo_through_two_sidecars() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_request_goes_on_as_a_plain_request() {
+    let mesh = mesh().await;
+
+    // `curl --http2 http://…` asks its next hop to switch to HTTP/2; that
+    // is A, which speaks HTTP/2 onward anyway, so nothing is tunnelled.
+    let mut h1 = H1Conn::connect(mesh.a).await.unwrap();
+    let response = h1
+        .send(
+            request("GET", "api.shop", "/h2c-upgrade")
+                .header("connection", "Upgrade, HTTP2-Settings")
+                .header("upgrade", "h2c")
+                .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+    let seen = mesh.app.last_request();
+    assert_eq!(seen.uri.path(), "/h2c-upgrade");
+    assert_eq!(seen.version, Version::HTTP_11);
+    assert!(seen.headers.get("upgrade").is_none(), "{:?}", seen.headers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_websocket_client_reaches_an_http1_websocket_app() {
     let mesh = mesh().await;
 

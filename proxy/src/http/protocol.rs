@@ -183,6 +183,14 @@ pub fn upgrade_token(headers: &HeaderMap) -> String {
         .unwrap_or_default()
 }
 
+/// Whether an upgrade to `token` can cross an HTTP/2 hop as an extended
+/// CONNECT. Not `h2c`: that asks the next hop itself to switch to HTTP/2
+/// (RFC 7540 §3.2, dropped by RFC 9113), which a proxy speaking HTTP/2
+/// upstream already does; such a request goes on as a plain one.
+pub fn tunnels_over_http2(token: &str) -> bool {
+    !token.is_empty() && !token.eq_ignore_ascii_case("h2c")
+}
+
 /// Whether the upstream accepted the upgrade: `101` from HTTP/1.1, a
 /// `2xx` to an extended CONNECT over HTTP/2.
 pub fn upstream_accepted(status: http::StatusCode, upstream_http2: bool) -> bool {
@@ -349,6 +357,14 @@ mod tests {
             .insert(hyper::ext::Protocol::from_static("websocket"));
         normalize_extended_connect(&mut http1);
         assert_eq!(http1.method(), Method::CONNECT);
+    }
+
+    #[test]
+    fn an_h2c_upgrade_does_not_become_a_tunnel() {
+        assert!(tunnels_over_http2("websocket"));
+        assert!(!tunnels_over_http2("h2c"));
+        assert!(!tunnels_over_http2("H2C"));
+        assert!(!tunnels_over_http2(""));
     }
 
     #[test]

@@ -990,10 +990,12 @@ impl HttpProxy {
             .extensions()
             .get::<super::protocol::ExtendedConnect>()
             .is_some();
-        let upgrade = (request.version() == Version::HTTP_11 || extended_connect)
-            && hdr::is_upgrade_request(request.headers());
         let upstream_http2 = cluster.protocol() == UpstreamProtocol::Http2;
-        let upgrade_token = upgrade.then(|| super::protocol::upgrade_token(request.headers()));
+        let upgrade_token = ((request.version() == Version::HTTP_11 || extended_connect)
+            && hdr::is_upgrade_request(request.headers()))
+        .then(|| super::protocol::upgrade_token(request.headers()))
+        .filter(|token| !upstream_http2 || super::protocol::tunnels_over_http2(token));
+        let upgrade = upgrade_token.is_some();
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
         let (parts, body) = request.into_parts();
@@ -1173,7 +1175,7 @@ impl HttpProxy {
                     // A 2xx to an extended CONNECT opens a tunnel, so an
                     // upstream that ignored the upgrade and answered 200
                     // must not be passed on as if it had taken it.
-                    if extended_connect && upgrade && response.status().is_success() {
+                    if extended_connect && response.status().is_success() {
                         drop(response);
                         drop(pooled);
                         let reply = LocalReply::new(
