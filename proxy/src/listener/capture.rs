@@ -587,8 +587,9 @@ fn app_cluster(
             weight: 1,
         }],
         lb: Default::default(),
-        // Calls between sidecars are HTTP/2 whatever the caller spoke; the
-        // routes pick this cluster by what the caller spoke instead.
+        // The hop from the calling sidecar is HTTP/2 whatever its app
+        // spoke, so the routes pick between the two clusters by what the
+        // app spoke (and gRPC, which needs HTTP/2).
         protocol: if http2 {
             UpstreamProtocol::Http2
         } else {
