@@ -1,6 +1,6 @@
 //! End-to-end tests of the `postern` binary: `validate` on good and bad
 //! configs, graceful drain on SIGTERM, flat memory while 100 MiB bodies
-//! stream through, and the demo mesh.
+//! stream through, and the demo mesh (stopped by SIGTERM or Ctrl-C).
 
 use std::convert::Infallible;
 use std::io::Write as _;
@@ -753,9 +753,9 @@ async fn demo_get(
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_runs_a_mesh_with_mtls_routing_and_policies_and_stops_on_sigterm() {
-    const FRONTEND_ID: &str = "spiffe://cluster.local/ns/demo/sa/frontend";
+/// `postern demo` on ports of its own choosing, once it has printed where
+/// it listens.
+fn start_demo() -> (Running, DemoAddresses) {
     let stderr = tempfile::NamedTempFile::new().expect("stderr file");
     let child = postern()
         .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
@@ -767,6 +767,13 @@ async fn demo_runs_a_mesh_with_mtls_routing_and_policies_and_stops_on_sigterm() 
         .expect("start postern demo");
     let mut demo = Running { child, stderr };
     let at = demo_addresses(&mut demo.child);
+    (demo, at)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_a_mesh_with_mtls_routing_and_policies_and_stops_on_sigterm() {
+    const FRONTEND_ID: &str = "spiffe://cluster.local/ns/demo/sa/frontend";
+    let (mut demo, at) = start_demo();
 
     // The canary header pins v2; the reply says the call crossed mTLS
     // from the frontend's identity.
@@ -843,6 +850,27 @@ async fn demo_runs_a_mesh_with_mtls_routing_and_policies_and_stops_on_sigterm() 
     assert!(
         exit.is_some_and(|s| s.success()),
         "demo exit: {exit:?}: {}",
+        demo.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_stops_on_ctrl_c_and_exits_zero() {
+    let (mut demo, at) = start_demo();
+    // Serving first, so the signal meets a running mesh, not a starting one.
+    let (status, _, body) = demo_get(at.edge, "/reviews/1", &[]).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Ctrl-C in a terminal is SIGINT to the process.
+    let status = Command::new("kill")
+        .args(["-INT", &demo.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = demo.exited(Duration::from_secs(20)).await;
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "demo exit after SIGINT: {exit:?}: {}",
         demo.logs()
     );
 }

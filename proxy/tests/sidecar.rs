@@ -190,6 +190,10 @@ impl Drop for Server {
 
 const HELPER_ENV: &str = "POSTERN_TEST_NETNS_SERVE";
 const HTTP_HELPER_ENV: &str = "POSTERN_TEST_NETNS_HTTP";
+/// Ports of h2c-only servers (`netns_helper`).
+const H2C_HELPER_ENV: &str = "POSTERN_TEST_NETNS_H2C";
+/// What `netns_client` does: `h2c ADDR PATH` or `upgrade ADDR PATH`.
+const CLIENT_HELPER_ENV: &str = "POSTERN_TEST_NETNS_CLIENT";
 
 /// Not a test of its own: the servers that `Netns::serve` runs inside a
 /// namespace, by running this test binary there. Without its variable set
@@ -222,11 +226,127 @@ fn netns_helper() {
             }
         });
     }
+    // HTTP/2 with prior knowledge only, as an app that never learnt
+    // HTTP/1.1: answers `NAME PATH VERSION`.
+    let h2c_ports = std::env::var(H2C_HELPER_ENV).unwrap_or_default();
+    for port in h2c_ports.split(',').filter(|p| !p.is_empty()) {
+        let listener = std::net::TcpListener::bind(format!("0.0.0.0:{port}")).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let name = name.to_owned();
+        std::thread::spawn(move || serve_h2c(listener, name));
+    }
     println!("READY");
     std::io::stdout().flush().unwrap();
     loop {
         std::thread::park();
     }
+}
+
+fn serve_h2c(listener: std::net::TcpListener, name: String) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: http::Request<_>| {
+                    let body = format!("{name} {} {:?}\n", request.uri().path(), request.version());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+/// Not a test of its own: a client that `Netns::client` runs inside a
+/// namespace, as the app. Prints `RESULT ...` lines. Without its variable
+/// set it returns at once.
+#[test]
+fn netns_client() {
+    let Ok(spec) = std::env::var(CLIENT_HELPER_ENV) else {
+        return;
+    };
+    let mut words = spec.split(' ');
+    let (mode, addr, path) = (
+        words.next().unwrap(),
+        words.next().unwrap(),
+        words.next().unwrap(),
+    );
+    match mode {
+        "h2c" => h2c_get(addr, path),
+        "upgrade" => upgrade_and_echo(addr, path),
+        other => panic!("unknown client mode {other}"),
+    }
+}
+
+/// One GET over h2c; prints `RESULT STATUS BODY`.
+fn h2c_get(addr: &str, path: &str) {
+    use http_body_util::BodyExt as _;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::get(format!("http://{addr}{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        println!("RESULT {status} {}", text(&body).trim());
+    });
+}
+
+/// An HTTP/1.1 WebSocket upgrade, then bytes through the tunnel; prints
+/// `RESULT <status line>` and `RESULT ECHO <what came back>`.
+fn upgrade_and_echo(addr: &str, path: &str) {
+    use std::io::Read as _;
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let head = text(&head);
+    println!("RESULT {}", head.lines().next().unwrap_or(""));
+    if !head.starts_with("HTTP/1.1 101") {
+        return;
+    }
+    let message = b"ping through the tunnel";
+    stream.write_all(message).unwrap();
+    let mut echoed = vec![0u8; message.len()];
+    stream.read_exact(&mut echoed).unwrap();
+    println!("RESULT ECHO {}", text(&echoed));
 }
 
 /// Where `/slow` notes its arrival (`arrived`) and waits for the test's
@@ -258,9 +378,20 @@ fn serve_http(stream: std::net::TcpStream, name: &str) {
         }
         let mut line = String::new();
         let mut close = false;
+        let mut upgrade = false;
         while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
             close |= line.eq_ignore_ascii_case("connection: close\r\n");
+            upgrade |= line.eq_ignore_ascii_case("upgrade: websocket\r\n");
             line.clear();
+        }
+        if upgrade {
+            // Switches and echoes whatever comes: enough to show the
+            // tunnel carries bytes both ways, whatever framing is inside.
+            let switched = "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n";
+            if writer.write_all(switched.as_bytes()).is_ok() {
+                let _ = std::io::copy(&mut reader, &mut writer);
+            }
+            return;
         }
         let path = request_line.split(' ').nth(1).unwrap_or("?");
         if path == "/slow" {
@@ -459,6 +590,15 @@ fn iptables_names_the_failing_command_and_its_stderr() {
 const CLIENT_IP: &str = "10.204.0.1";
 const SERVER_IP: &str = "10.204.0.2";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/test/sa/client";
+/// The capture listeners' `detection_timeout` here (the default).
+const DETECTION_TIMEOUT: Duration = Duration::from_millis(100);
+/// What a server-first call through both sidecars may take beyond the
+/// detection wait it is owed: spawning the client in the namespace, the
+/// mTLS handshake and the close travelling back. The metrics show which
+/// side waited; the clock only bounds the call, so that one held until
+/// the client gives up (`timeout 5`) or some wait many times the detection
+/// timeout fails.
+const CALL_SLACK: Duration = Duration::from_millis(500);
 const SERVER_ID: &str = "spiffe://cluster.local/ns/test/sa/server";
 
 /// Two pods on one /24, joined by a veth pair.
@@ -616,6 +756,38 @@ impl Netns {
     fn metrics(&self) -> String {
         self.http_get("127.0.0.1:15000", "/metrics")
     }
+
+    /// Runs `netns_client` as the app with `spec`; its `RESULT` lines, or
+    /// what it said when it failed.
+    fn client(&self, spec: &str) -> Vec<String> {
+        let exe = std::env::current_exe().unwrap();
+        let output = self
+            .command(&[
+                "timeout",
+                "20",
+                exe.to_str().unwrap(),
+                "netns_client",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(CLIENT_HELPER_ENV, spec)
+            .output()
+            .unwrap();
+        let results: Vec<String> = text(&output.stdout)
+            .lines()
+            .filter_map(|line| line.strip_prefix("RESULT "))
+            .map(str::to_owned)
+            .collect();
+        if results.is_empty() {
+            vec![format!(
+                "failed: {}\n{}",
+                text(&output.stdout),
+                text(&output.stderr)
+            )]
+        } else {
+            results
+        }
+    }
 }
 
 /// The sum of `name`'s series whose labels include every one of `labels`.
@@ -681,7 +853,7 @@ fn client_config(dir: &Path) -> String {
     format!(
         r#"admin: {{ address: "127.0.0.1:15000" }}
 {identity}clusters:
-{web}{banner}{opaque}listeners:
+{web}{banner}{opaque}{h2c}listeners:
   - name: outbound
     address: 0.0.0.0:15001
     kind: capture
@@ -691,12 +863,79 @@ fn client_config(dir: &Path) -> String {
         - {{ address: "{SERVER_IP}:8080", cluster: web }}
         - {{ address: "{SERVER_IP}:2525", cluster: banner }}
         - {{ address: "{SERVER_IP}:2526", cluster: banner-opaque }}
+        - {{ address: "{SERVER_IP}:8081", cluster: h2c }}
 "#,
         identity = identity(dir, "client", CLIENT_ID),
         web = mesh_cluster("web", 8080),
         banner = mesh_cluster("banner", 2525),
         opaque = mesh_cluster("banner-opaque", 2526),
+        h2c = mesh_cluster("h2c", 8081),
     )
+}
+
+/// The server pod's sidecar: strict mTLS inbound capture, only the client
+/// let in.
+fn server_config(dir: &Path) -> String {
+    format!(
+        r#"admin: {{ address: "127.0.0.1:15000" }}
+{identity}listeners:
+  - name: inbound
+    address: 0.0.0.0:15006
+    kind: capture
+    mtls: {{ mode: strict, allowed_identities: ["{CLIENT_ID}"] }}
+    capture: {{ direction: inbound }}
+"#,
+        identity = identity(dir, "server", SERVER_ID),
+    )
+}
+
+#[test]
+fn two_pods_keep_the_callers_protocol_through_capture() {
+    let (client, server) = two_pods();
+    let dir = mesh_files();
+    for ns in [&client, &server] {
+        let output = ns.postern(&["iptables"]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    // 8080 speaks only HTTP/1.1 (and switches on a WebSocket upgrade),
+    // 8081 only h2c.
+    let _apps = server.serve_apps_env("server", &[], &[8080], &[(H2C_HELPER_ENV, "8081")]);
+    let client_proxy = client.sidecar(&client_config(dir.path()), &[], dir.path(), "client");
+    let server_proxy = server.sidecar(&server_config(dir.path()), &[], dir.path(), "server");
+    let logs = || both_logs(&client_proxy, &server_proxy);
+
+    // HTTP/1.1 in, HTTP/1.1 out, HTTP/2 over mTLS in between.
+    let server_metrics = call_over_mtls(&client, &server, "/h1", &logs);
+    assert_eq!(
+        detections(&server_metrics, "inbound", "http2"),
+        1.0,
+        "{server_metrics}"
+    );
+
+    // h2c in, h2c out: the app would fail an HTTP/1.1 request.
+    let h2c = client.client(&format!("h2c {SERVER_IP}:8081 /h2c"));
+    assert_eq!(h2c, ["200 server /h2c HTTP/2.0"], "{}", logs());
+
+    // A WebSocket upgrade crosses as an extended CONNECT and reaches the
+    // app as an HTTP/1.1 upgrade; bytes then go both ways.
+    let upgrade = client.client(&format!("upgrade {SERVER_IP}:8080 /ws"));
+    assert_eq!(upgrade.len(), 2, "{upgrade:?}\n{}", logs());
+    assert!(upgrade[0].starts_with("HTTP/1.1 101"), "{upgrade:?}");
+    assert_eq!(upgrade[1], "ECHO ping through the tunnel");
+    let server_metrics = server.metrics();
+    let calls = |code: &str| {
+        metric(
+            &server_metrics,
+            "istio_requests_total",
+            &[
+                "reporter=\"destination\"",
+                &format!("source_principal=\"{CLIENT_ID}\""),
+                &format!("response_code=\"{code}\""),
+            ],
+        )
+    };
+    // The extended CONNECT was answered 200 between the sidecars.
+    assert_eq!((calls("200"), calls("101")), (3.0, 0.0), "{server_metrics}");
 }
 
 #[test]
@@ -750,15 +989,19 @@ fn two_pods_talk_through_capture_over_mtls_and_cleanup_restores_direct_traffic()
     let banner = client.connect(APP.0, APP.1, &format!("{SERVER_IP}:2525"));
     let waited = start.elapsed();
     assert_eq!(banner, "server:2525", "{}", logs());
-    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    assert!(waited < DETECTION_TIMEOUT + CALL_SLACK, "{waited:?}");
     assert_eq!(detections(&client.metrics(), "outbound", "timeout"), 1.0);
     let server_metrics = server.metrics();
     assert_eq!(detections(&server_metrics, "inbound", "timeout"), 0.0);
     assert_eq!(detections(&server_metrics, "inbound", "opaque"), 1.0);
 
-    // A port declared opaque (POSTERN_OPAQUE_PORTS) is never sniffed.
+    // A port declared opaque (POSTERN_OPAQUE_PORTS) is never sniffed, so
+    // it owes no detection wait at all.
+    let start = std::time::Instant::now();
     let banner = client.connect(APP.0, APP.1, &format!("{SERVER_IP}:2526"));
+    let waited = start.elapsed();
     assert_eq!(banner, "server:2526", "{}", logs());
+    assert!(waited < CALL_SLACK, "{waited:?}");
     let (client_metrics, server_metrics) = (client.metrics(), server.metrics());
     assert_eq!(detections(&client_metrics, "outbound", "opaque"), 1.0);
     assert_eq!(detections(&server_metrics, "inbound", "opaque"), 2.0);
@@ -1326,8 +1569,11 @@ xds: {{ address: "http://127.0.0.1:{xds_port}", initial_backoff: 50ms, max_backo
     // A port with no chain of its own: the catch-all chains, through the
     // ORIGINAL_DST cluster to the app's port; a server-first protocol,
     // sniffed once (on the client's side).
+    let start = std::time::Instant::now();
     let banner = client.connect(APP.0, APP.1, &format!("{SERVER_IP}:2525"));
+    let waited = start.elapsed();
     assert_eq!(banner, "server:2525", "{}", logs());
+    assert!(waited < DETECTION_TIMEOUT + CALL_SLACK, "{waited:?}");
     let server_metrics = server.metrics();
     assert_eq!(
         detections(&server_metrics, "virtualInbound", "timeout"),

@@ -126,6 +126,8 @@ struct State {
     bytes_sent: AtomicU64,
     script: Mutex<VecDeque<Reply>>,
     default: Mutex<Option<Reply>>,
+    /// Speaks only HTTP/2 with prior knowledge: an HTTP/1.1 client fails.
+    h2c_only: bool,
 }
 
 impl State {
@@ -161,6 +163,26 @@ impl HttpBackend {
         let addr = listener.local_addr().expect("backend addr");
         let state = Arc::new(State {
             name: name.to_owned(),
+            ..State::default()
+        });
+        let task = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
+        Self { addr, state, task }
+    }
+
+    /// Like [`HttpBackend::start`], but the backend speaks only h2c, as an
+    /// app that never learnt HTTP/1.1 would.
+    ///
+    /// # Panics
+    ///
+    /// If it cannot bind.
+    pub async fn start_h2c_only(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = listener.local_addr().expect("backend addr");
+        let state = Arc::new(State {
+            name: name.to_owned(),
+            h2c_only: true,
             ..State::default()
         });
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
@@ -265,8 +287,13 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
                 state.connections.fetch_add(1, Ordering::SeqCst);
                 let state = Arc::clone(&state);
                 connections.spawn(async move {
+                    let h2c_only = state.h2c_only;
                     let service = service_fn(move |req| handle(Arc::clone(&state), peer, req));
-                    let _ = auto::Builder::new(TokioExecutor::new())
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    if h2c_only {
+                        builder = builder.http2_only();
+                    }
+                    let _ = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });

@@ -21,6 +21,7 @@ pub mod grpc;
 pub mod h2raw;
 pub mod http_backend;
 pub mod jwt;
+pub mod kube;
 pub mod load;
 pub mod mesh;
 pub mod otlp;

@@ -1,21 +1,14 @@
 //! Every Kubernetes manifest in `deploy/`, and what `postern inject` makes
 //! of it, validates against the Kubernetes API schemas (strict: unknown
-//! fields are errors) with `kubernetes-validate`, a PyPI package that ships
-//! the schemas, so it runs offline. `.ci/run` installs it; without it these
-//! tests fail.
-//!
-//! The version is pinned to the oldest Kubernetes Postern supports: native
-//! sidecars (`restartPolicy: Always` on an init container) are on by
-//! default from 1.29.
+//! fields are errors) with `kubernetes-validate` (see
+//! `postern_tests::kube`), for the oldest Kubernetes Postern supports.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use postern::sidecar::inject::{inject_yaml, InjectOptions, Outcome};
-
-const KUBERNETES_VERSION: &str = "1.29.0";
+use postern_tests::kube::assert_valid;
 
 fn manifests() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
@@ -31,36 +24,6 @@ fn manifests() -> Vec<PathBuf> {
         dir.display()
     );
     files
-}
-
-/// Validates `yaml` (named `name` in messages) and fails the test with the
-/// validator's report if it does not pass.
-fn assert_valid(name: &str, yaml: &str) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir
-        .path()
-        .join(Path::new(name).file_name().expect("a file name"));
-    std::fs::write(&file, yaml).expect("write manifest");
-    let output = Command::new("kubernetes-validate")
-        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
-        .arg(&file)
-        .output()
-        .expect("kubernetes-validate must be installed (pip install kubernetes-validate; .ci/run does it)");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success() && !report.contains("ERROR"),
-        "{name} does not validate against Kubernetes {KUBERNETES_VERSION}:\n{report}"
-    );
-    let documents = yaml.matches("\n---\n").count() + 1;
-    assert_eq!(
-        report.matches(" passed for resource ").count(),
-        documents,
-        "every document of {name} was checked:\n{report}"
-    );
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! serving certificate the way the API server does (against the CA, for the
 //! Service's DNS name) posts `admission.k8s.io/v1` AdmissionReviews, and the
 //! JSONPatch it gets back, applied to the pod, gives the same pod as
-//! `postern inject`. A rotated certificate is served without a restart.
+//! `postern inject`, and one that passes the Kubernetes schema. A rotated
+//! certificate is served without a restart.
 
 #![allow(clippy::unwrap_used)]
 
@@ -235,6 +236,15 @@ async fn webhook_patches_pods_like_the_cli_and_serves_a_rotated_certificate() {
         Outcome::Injected
     );
     assert_eq!(patched, serde_json::to_value(&expected).unwrap());
+    // What the API server would store must pass its schema, not just
+    // match the CLI's output. It names the pod from `generateName` after
+    // admission; the validator needs that name to report on the pod.
+    let mut stored = patched.clone();
+    stored["metadata"]["name"] = json!("web-7d9c8b6f5-x7k2p");
+    postern_tests::kube::assert_valid(
+        "webhook-patched-pod.yaml",
+        &serde_yaml_ng::to_string(&stored).unwrap(),
+    );
     let inits = patched["spec"]["initContainers"].as_array().unwrap();
     assert_eq!(inits[0]["name"], "postern-init");
     assert_eq!(inits[1]["name"], "postern-proxy");

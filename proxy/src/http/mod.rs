@@ -4,5 +4,6 @@
 pub mod body;
 pub mod conn;
 pub mod headers;
+pub mod protocol;
 pub mod proxy;
 pub mod server;

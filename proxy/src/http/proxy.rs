@@ -910,6 +910,7 @@ impl HttpProxy {
         // Forwarding headers are settled before any policy looks: a caller's
         // own x-forwarded-client-cert or x-forwarded-proto must not count.
         hdr::set_forwarding(request.headers_mut(), &peer, self.trust_downstream);
+        super::protocol::mark(&mut request);
         record.note_request(&request);
         let jwt = match self
             .authenticate(&config, &mut request, authority_text, grpc, &mut record)
@@ -1158,9 +1159,18 @@ impl HttpProxy {
             Err(err) => return local_response(&LocalReply::from_upstream(&err), grpc, &mut record),
         };
 
-        let upgrade = request.version() == Version::HTTP_11
-            && hdr::is_upgrade_request(request.headers())
-            && cluster.protocol() == UpstreamProtocol::Http1;
+        // An HTTP/1.1 upgrade, or an HTTP/2 extended CONNECT made to look
+        // like one; either crosses to either kind of upstream.
+        let extended_connect = request
+            .extensions()
+            .get::<super::protocol::ExtendedConnect>()
+            .is_some();
+        let upstream_http2 = cluster.protocol() == UpstreamProtocol::Http2;
+        let upgrade_token = ((request.version() == Version::HTTP_11 || extended_connect)
+            && hdr::is_upgrade_request(request.headers()))
+        .then(|| super::protocol::upgrade_token(request.headers()))
+        .filter(|token| !upstream_http2 || super::protocol::tunnels_over_http2(token));
+        let upgrade = upgrade_token.is_some();
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
         let (parts, body) = request.into_parts();
@@ -1184,6 +1194,9 @@ impl HttpProxy {
                         request_headers: None,
                     };
                     mutate.plan.apply_request(&mut head.headers, &facts);
+                }
+                if upgrade && !upstream_http2 && extended_connect {
+                    super::protocol::fit_http1_upgrade(&mut head.headers);
                 }
                 head
             }
@@ -1230,6 +1243,9 @@ impl HttpProxy {
         let mut _retry_guard: Option<RetryGuard> = None;
         let mut head = head;
         record.inject_trace(&mut head.headers);
+        // Over HTTP/2 an upgrade is an extended CONNECT (RFC 8441).
+        let connect_protocol = (upgrade && upstream_http2)
+            .then(|| super::protocol::to_extended_connect(&mut head.method, &mut head.headers));
         let mut head = Some(head);
         loop {
             attempt += 1;
@@ -1248,13 +1264,16 @@ impl HttpProxy {
                     None => RequestBody::Empty,
                 },
             };
-            let upstream_request = match (&head, last_try) {
+            let mut upstream_request = match (&head, last_try) {
                 (Some(h), false) => h.to_request(body),
                 _ => match head.take() {
                     Some(h) => h.into_request(body),
                     None => break,
                 },
             };
+            if let Some(protocol) = &connect_protocol {
+                upstream_request.extensions_mut().insert(protocol.clone());
+            }
 
             let now = Instant::now();
             let remaining = deadline.map(|d| d.saturating_duration_since(now));
@@ -1307,20 +1326,39 @@ impl HttpProxy {
                         }
                         record.set_flag(ResponseFlag::RetryLimitExceeded);
                     }
-                    let upstream_upgrade =
-                        (status == 101 && upgrade).then(|| hyper::upgrade::on(&mut response));
+                    let upstream_upgrade = (upgrade
+                        && super::protocol::upstream_accepted(response.status(), upstream_http2))
+                    .then(|| hyper::upgrade::on(&mut response));
                     if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
                         let tracked = self.tracker.track();
                         tokio::spawn(tunnel(down, up, tracked, self.shutdown.force.clone()));
                         // The connection now belongs to the tunnel.
                         drop(pooled);
-                        record.set_status(101);
                         let (mut parts, _) = response.into_parts();
-                        hdr::strip_hop_by_hop(&mut parts.headers, true);
+                        hdr::strip_hop_by_hop(&mut parts.headers, !upstream_http2);
+                        super::protocol::downstream_answer(
+                            &mut parts,
+                            extended_connect,
+                            upgrade_token.as_deref().unwrap_or_default(),
+                        );
+                        record.set_status(parts.status.as_u16());
                         return Response::from_parts(
                             parts,
                             ResponseBody::empty().with_record(record),
                         );
+                    }
+                    // A 2xx to an extended CONNECT opens a tunnel, so an
+                    // upstream that ignored the upgrade and answered 200
+                    // must not be passed on as if it had taken it.
+                    if extended_connect && response.status().is_success() {
+                        drop(response);
+                        drop(pooled);
+                        let reply = LocalReply::new(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream did not accept the upgrade",
+                            Some(ResponseFlag::UpstreamReset),
+                        );
+                        return local_response(&reply, grpc, &mut record);
                     }
                     record.set_status(status);
                     let (mut parts, body) = response.into_parts();
@@ -1490,8 +1528,10 @@ impl HttpProxy {
                 Version::HTTP_2
             }
         };
+        let mesh = cluster.tls().is_some_and(|tls| tls.force_http2);
+        super::protocol::forward_marker(&mut headers, mesh);
         // Sidecars tell each other who they are, only over mesh mTLS.
-        if cluster.tls().is_some_and(|tls| tls.force_http2) {
+        if mesh {
             if let Some(meta) = &self.telemetry.hub.local_header {
                 headers.insert(&X_POSTERN_PEER, meta.clone());
             }

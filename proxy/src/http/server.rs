@@ -68,6 +68,9 @@ pub fn builder(limits: &ListenerLimitsFile) -> ServerBuilder {
         .max_header_list_size(u32::try_from(limits.max_request_headers_bytes).unwrap_or(u32::MAX))
         // Rapid-reset defence: streams the client resets count against this.
         .max_pending_accept_reset_streams(Some(200))
+        // RFC 8441: WebSocket over HTTP/2, which is how an upgrade crosses
+        // the mesh hop between sidecars.
+        .enable_connect_protocol()
         .keep_alive_interval(Some(Duration::from_secs(60)))
         .keep_alive_timeout(Duration::from_secs(20));
     ServerBuilder { http1, http2 }
@@ -281,6 +284,8 @@ pub async fn serve_connection(
             let guard = activity.begin();
             let peer = peer.clone();
             async move {
+                // Before screening, which strips every `x-postern-*`.
+                super::protocol::settle(&mut request, &peer);
                 if let Err(rejected) = screen_request(&mut request, &proxy) {
                     return Ok::<_, Infallible>(reject_head(&request, rejected, &proxy));
                 }
@@ -441,6 +446,8 @@ where
 ///
 /// The answer to give instead of routing the request.
 pub fn screen_request<B>(request: &mut Request<B>, proxy: &HttpProxy) -> Result<(), RejectedHead> {
+    // An extended CONNECT is screened (and routed) as the upgrade it is.
+    super::protocol::normalize_extended_connect(request);
     hdr::check_request_head(
         request.method(),
         request.uri(),

@@ -483,10 +483,10 @@ impl CaptureFront {
         if let Some(proxy) = runtime.inbound.lock().ok()?.get(&port) {
             return Some(proxy.clone());
         }
-        for grpc in [false, true] {
-            let name = inbound_cluster_name(port, grpc);
+        for http2 in [false, true] {
+            let name = inbound_cluster_name(port, http2);
             let made = self.shared.clusters.local(&name, || {
-                app_cluster(&name, app, grpc, capture.connect_timeout)
+                app_cluster(&name, app, http2, capture.connect_timeout)
             });
             if made.is_none() {
                 tracing::warn!(
@@ -581,10 +581,11 @@ fn http_proxy(
 }
 
 /// The cluster an inbound capture listener uses for an app port (Istio's
-/// `inbound|PORT||`); gRPC gets its own, spoken to over HTTP/2.
-pub fn inbound_cluster_name(port: u16, grpc: bool) -> String {
-    if grpc {
-        format!("inbound|{port}|grpc")
+/// `inbound|PORT||`); calls the app gets over HTTP/2 (h2c callers, gRPC)
+/// have their own.
+pub fn inbound_cluster_name(port: u16, http2: bool) -> String {
+    if http2 {
+        format!("inbound|{port}|h2")
     } else {
         format!("inbound|{port}")
     }
@@ -593,7 +594,7 @@ pub fn inbound_cluster_name(port: u16, grpc: bool) -> String {
 fn app_cluster(
     name: &str,
     app: SocketAddr,
-    grpc: bool,
+    http2: bool,
     connect_timeout: std::time::Duration,
 ) -> ClusterFile {
     ClusterFile {
@@ -603,9 +604,10 @@ fn app_cluster(
             weight: 1,
         }],
         lb: Default::default(),
-        // Calls between sidecars are HTTP/2 whatever the caller spoke, so
-        // the app gets HTTP/1.1 unless the call is gRPC, which needs 2.
-        protocol: if grpc {
+        // The hop from the calling sidecar is HTTP/2 whatever its app
+        // spoke, so the routes pick between the two clusters by what the
+        // app spoke (and gRPC, which needs HTTP/2).
+        protocol: if http2 {
             UpstreamProtocol::Http2
         } else {
             UpstreamProtocol::Http1
@@ -626,19 +628,21 @@ fn app_cluster(
 static GRPC_CONTENT_TYPE: LazyLock<Option<regex::Regex>> =
     LazyLock::new(|| regex::Regex::new(r"^application/grpc([+;].*)?$").ok());
 
-/// Routes for calls to one app port: gRPC to the HTTP/2 cluster, the rest
-/// to the HTTP/1.1 one. No route timeout: the caller's side keeps it.
+/// Routes for calls to one app port: gRPC, and calls whose caller spoke
+/// HTTP/2 (`x-postern-original-protocol`, see `http::protocol`), to the
+/// HTTP/2 cluster; the rest to the HTTP/1.1 one. No route timeout: the
+/// caller's side keeps it.
 fn inbound_routes(port: u16) -> RouteTable {
-    let forward = |grpc: bool, matcher: RouteMatch| crate::route::Route {
+    let forward = |name: &str, http2: bool, matcher: RouteMatch| crate::route::Route {
         rate_limits: Vec::new(),
         rate_limit: None,
         jwt: None,
         rbac: None,
         access_log: None,
-        name: Arc::from(if grpc { "inbound-grpc" } else { "inbound" }),
+        name: Arc::from(name),
         matcher,
         action: RouteAction::Forward(Forward {
-            targets: Targets::Single(Arc::from(inbound_cluster_name(port, grpc))),
+            targets: Targets::Single(Arc::from(inbound_cluster_name(port, http2))),
             timeout: None,
             retry: None,
             rewrite: Default::default(),
@@ -651,6 +655,7 @@ fn inbound_routes(port: u16) -> RouteTable {
     // lose its HTTP/2 upstream.
     if let Some(regex) = GRPC_CONTENT_TYPE.clone() {
         routes.push(forward(
+            "inbound-grpc",
             true,
             RouteMatch {
                 headers: vec![HeaderMatch {
@@ -662,7 +667,25 @@ fn inbound_routes(port: u16) -> RouteTable {
             },
         ));
     }
-    routes.push(forward(false, RouteMatch::default()));
+    // The marker is settled before routing: from a mesh peer as it said,
+    // from a plaintext caller its own version, never as a caller forged it.
+    routes.push(forward(
+        "inbound-h2",
+        true,
+        RouteMatch {
+            headers: vec![HeaderMatch {
+                name: crate::http::protocol::X_POSTERN_ORIGINAL_PROTOCOL.clone(),
+                value: ValueMatch::Exact(
+                    crate::http::protocol::OriginalProtocol::Http2
+                        .as_str()
+                        .to_string(),
+                ),
+                invert: false,
+            }],
+            ..Default::default()
+        },
+    ));
+    routes.push(forward("inbound", false, RouteMatch::default()));
     let vhost = VirtualHost {
         name: Arc::from(format!("inbound|{port}").as_str()),
         routes,

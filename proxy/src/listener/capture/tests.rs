@@ -165,12 +165,18 @@ fn inbound_calls_go_to_loopback_on_the_original_port() {
 }
 
 #[test]
-fn inbound_routes_send_grpc_over_its_own_cluster() {
+fn inbound_routes_send_grpc_and_http2_callers_over_http2() {
     let table = inbound_routes(8080);
-    let pick = |content_type: Option<&str>| {
+    let pick = |content_type: Option<&str>, original: Option<&str>| {
         let mut headers = http::HeaderMap::new();
         if let Some(value) = content_type {
             headers.insert(http::header::CONTENT_TYPE, value.parse().unwrap());
+        }
+        if let Some(value) = original {
+            headers.insert(
+                &crate::http::protocol::X_POSTERN_ORIGINAL_PROTOCOL,
+                value.parse().unwrap(),
+            );
         }
         let view = crate::route::RequestView {
             authority: "10.0.0.2:8080",
@@ -185,9 +191,19 @@ fn inbound_routes_send_grpc_over_its_own_cluster() {
             _ => unreachable!(),
         }
     };
-    assert_eq!(pick(None), "inbound|8080");
-    assert_eq!(pick(Some("application/json")), "inbound|8080");
-    assert_eq!(pick(Some("application/grpc")), "inbound|8080|grpc");
-    assert_eq!(pick(Some("application/grpc+proto")), "inbound|8080|grpc");
-    assert_eq!(pick(Some("application/grpcx")), "inbound|8080");
+    assert_eq!(pick(None, None), "inbound|8080");
+    assert_eq!(pick(Some("application/json"), None), "inbound|8080");
+    assert_eq!(pick(Some("application/grpc"), None), "inbound|8080|h2");
+    assert_eq!(
+        pick(Some("application/grpc+proto"), None),
+        "inbound|8080|h2"
+    );
+    assert_eq!(pick(Some("application/grpcx"), None), "inbound|8080");
+    // What the caller spoke decides the rest; gRPC needs HTTP/2 anyway.
+    assert_eq!(pick(None, Some("HTTP/2")), "inbound|8080|h2");
+    assert_eq!(pick(None, Some("HTTP/1.1")), "inbound|8080");
+    assert_eq!(
+        pick(Some("application/grpc"), Some("HTTP/1.1")),
+        "inbound|8080|h2"
+    );
 }

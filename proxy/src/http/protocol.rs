@@ -1,0 +1,393 @@
+//! The caller's protocol across the mesh hop, which always speaks HTTP/2.
+//!
+//! - **Original protocol.** An outbound sidecar tells the inbound one what
+//!   its app spoke (`x-postern-original-protocol: HTTP/1.1` or `HTTP/2`),
+//!   so the destination app gets the same: HTTP/1.1 in, HTTP/1.1 out; h2c
+//!   in, h2c out. The header is believed only from a peer that proved a
+//!   SPIFFE ID by mTLS and is taken off every other request before the
+//!   screening that strips `x-postern-*`.
+//! - **Upgrades.** An HTTP/1.1 `Upgrade` (WebSocket) cannot cross an
+//!   HTTP/2 connection as it is; it travels as an RFC 8441 extended
+//!   CONNECT (`:protocol`) and is turned back into an HTTP/1.1 upgrade
+//!   where the next hop speaks HTTP/1.1. Downstream, an extended CONNECT
+//!   is turned into the HTTP/1.1 shape (`GET` with `Upgrade`) before
+//!   policies and routes see it, so both look the same to them.
+//!
+//! Knows nothing of routing or clusters: the request path calls these at
+//! the points named on each function.
+
+use base64::Engine as _;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Version};
+
+use super::headers::DownstreamPeer;
+
+/// The protocol the calling app spoke, between sidecars over mesh mTLS.
+pub static X_POSTERN_ORIGINAL_PROTOCOL: HeaderName =
+    HeaderName::from_static("x-postern-original-protocol");
+
+/// The HTTP version the app that made a call spoke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginalProtocol {
+    /// HTTP/1.0 or HTTP/1.1.
+    Http1,
+    /// HTTP/2 (h2c or h2).
+    Http2,
+}
+
+impl OriginalProtocol {
+    /// The marker's value: `HTTP/1.1` or `HTTP/2`, as in access logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OriginalProtocol::Http1 => "HTTP/1.1",
+            OriginalProtocol::Http2 => "HTTP/2",
+        }
+    }
+
+    /// The protocol of a request as it arrived.
+    pub fn of_version(version: Version) -> OriginalProtocol {
+        if version == Version::HTTP_2 {
+            OriginalProtocol::Http2
+        } else {
+            OriginalProtocol::Http1
+        }
+    }
+
+    /// Reads a marker value; `None` for anything else.
+    pub fn parse(value: &HeaderValue) -> Option<OriginalProtocol> {
+        match value.as_bytes() {
+            b"HTTP/1.1" | b"HTTP/1.0" => Some(OriginalProtocol::Http1),
+            b"HTTP/2" => Some(OriginalProtocol::Http2),
+            _ => None,
+        }
+    }
+
+    fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(self.as_str())
+    }
+}
+
+/// What a request says about its caller's protocol once the marker is
+/// settled, kept in its extensions until the request path writes it back
+/// as the header (after the limits on header counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Settled(Option<OriginalProtocol>);
+
+/// Takes the marker off a downstream request, before screening; call once
+/// per request, with the peer of its connection.
+///
+/// From a peer with a verified SPIFFE ID (a mesh sidecar) the marker is
+/// believed, and without one nothing is known (an older sidecar or another
+/// mesh's: the app then gets HTTP/1.1 unless the call is gRPC, as before).
+/// From anyone else the marker is dropped and the request's own version
+/// counts: that caller is the app.
+pub fn settle<B>(request: &mut Request<B>, peer: &DownstreamPeer) {
+    // `remove` takes every value: a second marker line cannot survive.
+    let claimed = request.headers_mut().remove(&X_POSTERN_ORIGINAL_PROTOCOL);
+    let original = if peer.spiffe_id.is_some() {
+        claimed.as_ref().and_then(OriginalProtocol::parse)
+    } else {
+        Some(OriginalProtocol::of_version(request.version()))
+    };
+    request.extensions_mut().insert(Settled(original));
+}
+
+/// Writes the settled marker back as a header, for routes to match on and
+/// the next mesh hop to carry; call after the request's limits are checked.
+/// A request that did not pass [`settle`] (none does outside a listener)
+/// counts as its own version.
+pub fn mark<B>(request: &mut Request<B>) {
+    let original = match request.extensions().get::<Settled>() {
+        Some(Settled(original)) => *original,
+        None => Some(OriginalProtocol::of_version(request.version())),
+    };
+    let headers = request.headers_mut();
+    headers.remove(&X_POSTERN_ORIGINAL_PROTOCOL);
+    if let Some(original) = original {
+        headers.insert(&X_POSTERN_ORIGINAL_PROTOCOL, original.header_value());
+    }
+}
+
+/// Keeps the marker on a request head going upstream only to another
+/// sidecar (`mesh`); no app ever sees it.
+pub fn forward_marker(headers: &mut HeaderMap, mesh: bool) {
+    let marker = headers.remove(&X_POSTERN_ORIGINAL_PROTOCOL);
+    if let (true, Some(marker)) = (mesh, marker) {
+        headers.insert(&X_POSTERN_ORIGINAL_PROTOCOL, marker);
+    }
+}
+
+/// Marks a downstream request that came as an RFC 8441 extended CONNECT,
+/// to be answered `200` rather than `101`.
+#[derive(Debug, Clone, Copy)]
+pub struct ExtendedConnect;
+
+/// Turns an HTTP/2 extended CONNECT (`:protocol`) into the HTTP/1.1
+/// upgrade shape, before screening: `GET` with `Upgrade: <protocol>` and
+/// `Connection: upgrade`, marked [`ExtendedConnect`]. Other requests,
+/// plain CONNECT included, are left as they are.
+pub fn normalize_extended_connect<B>(request: &mut Request<B>) {
+    if request.method() != Method::CONNECT || request.version() != Version::HTTP_2 {
+        return;
+    }
+    let Some(protocol) = request.extensions_mut().remove::<hyper::ext::Protocol>() else {
+        return;
+    };
+    let Ok(token) = HeaderValue::from_str(protocol.as_str()) else {
+        // Left a CONNECT: screening refuses it.
+        return;
+    };
+    *request.method_mut() = Method::GET;
+    let headers = request.headers_mut();
+    headers.insert(header::UPGRADE, token);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    request.extensions_mut().insert(ExtendedConnect);
+}
+
+/// Turns an upgrade's request head (after hop-by-hop removal kept
+/// `Upgrade`) into an extended CONNECT for an HTTP/2 upstream; returns the
+/// `:protocol` to attach to each try.
+pub fn to_extended_connect(method: &mut Method, headers: &mut HeaderMap) -> hyper::ext::Protocol {
+    let token = upgrade_token(headers);
+    headers.remove(header::UPGRADE);
+    headers.remove(header::CONNECTION);
+    *method = Method::CONNECT;
+    hyper::ext::Protocol::from(token.as_str())
+}
+
+/// Fits an upgrade's request head for an HTTP/1.1 upstream when the
+/// caller used an extended CONNECT: RFC 8441 clients send no
+/// `Sec-WebSocket-Key`, which an HTTP/1.1 WebSocket server requires, so
+/// one is made up. (Between sidecars the caller's own key travels.)
+pub fn fit_http1_upgrade(headers: &mut HeaderMap) {
+    let websocket = upgrade_token(headers).eq_ignore_ascii_case("websocket");
+    if websocket && !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
+        let nonce: [u8; 16] = rand::random();
+        let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+        if let Ok(key) = HeaderValue::from_str(&key) {
+            headers.insert(header::SEC_WEBSOCKET_KEY, key);
+        }
+        headers
+            .entry(header::SEC_WEBSOCKET_VERSION)
+            .or_insert(HeaderValue::from_static("13"));
+    }
+}
+
+/// The protocol an upgrade asks for: the first `Upgrade` token.
+pub fn upgrade_token(headers: &HeaderMap) -> String {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(|t| t.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Whether an upgrade to `token` can cross an HTTP/2 hop as an extended
+/// CONNECT. Not `h2c`: that asks the next hop itself to switch to HTTP/2
+/// (RFC 7540 §3.2, dropped by RFC 9113), which a proxy speaking HTTP/2
+/// upstream already does; such a request goes on as a plain one.
+pub fn tunnels_over_http2(token: &str) -> bool {
+    !token.is_empty() && !token.eq_ignore_ascii_case("h2c")
+}
+
+/// Whether the upstream accepted the upgrade: `101` from HTTP/1.1, a
+/// `2xx` to an extended CONNECT over HTTP/2.
+pub fn upstream_accepted(status: http::StatusCode, upstream_http2: bool) -> bool {
+    if upstream_http2 {
+        status.is_success()
+    } else {
+        status == http::StatusCode::SWITCHING_PROTOCOLS
+    }
+}
+
+/// The answer to the caller of an accepted upgrade, from the upstream's:
+/// `200` with no upgrade headers to an extended CONNECT, `101` with
+/// `Upgrade: <token>` and `Connection: upgrade` to an HTTP/1.1 upgrade.
+/// Hop-by-hop headers must have been removed already.
+pub fn downstream_answer(parts: &mut http::response::Parts, extended_connect: bool, token: &str) {
+    // A tunnel has no body; a length would contradict that.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if extended_connect {
+        parts.status = http::StatusCode::OK;
+        parts.headers.remove(header::UPGRADE);
+        parts.headers.remove(header::CONNECTION);
+    } else {
+        parts.status = http::StatusCode::SWITCHING_PROTOCOLS;
+        if !parts.headers.contains_key(header::UPGRADE) {
+            if let Ok(token) = HeaderValue::from_str(token) {
+                parts.headers.insert(header::UPGRADE, token);
+            }
+        }
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn peer(mesh: bool) -> DownstreamPeer {
+        let tls = crate::tls::PeerTls {
+            tls: mesh,
+            spiffe_id: mesh.then(|| {
+                Arc::new(postern_certs::SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap())
+            }),
+            ..Default::default()
+        };
+        DownstreamPeer::new("10.0.0.1:5000".parse().unwrap(), 8080, &tls, None)
+    }
+
+    fn request(version: Version, marker: Option<&'static str>) -> Request<()> {
+        let mut request = Request::new(());
+        *request.version_mut() = version;
+        if let Some(marker) = marker {
+            request.headers_mut().insert(
+                &X_POSTERN_ORIGINAL_PROTOCOL,
+                HeaderValue::from_static(marker),
+            );
+        }
+        request
+    }
+
+    fn settled(version: Version, marker: Option<&'static str>, mesh: bool) -> Option<String> {
+        let mut request = request(version, marker);
+        settle(&mut request, &peer(mesh));
+        // Screening would strip any marker still on the request.
+        assert!(request
+            .headers()
+            .get(&X_POSTERN_ORIGINAL_PROTOCOL)
+            .is_none());
+        mark(&mut request);
+        request
+            .headers()
+            .get(&X_POSTERN_ORIGINAL_PROTOCOL)
+            .map(|v| v.to_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn marker_is_believed_only_from_a_mesh_peer() {
+        use Version as V;
+        // A mesh peer says what its app spoke, whatever the hop's version.
+        assert_eq!(
+            settled(V::HTTP_2, Some("HTTP/1.1"), true).unwrap(),
+            "HTTP/1.1"
+        );
+        assert_eq!(settled(V::HTTP_2, Some("HTTP/2"), true).unwrap(), "HTTP/2");
+        // A mesh peer that says nothing (or nonsense): unknown.
+        assert_eq!(settled(V::HTTP_2, None, true), None);
+        assert_eq!(settled(V::HTTP_2, Some("h3"), true), None);
+        // Anyone else is the app: its own version counts, its claim does not.
+        assert_eq!(
+            settled(V::HTTP_11, Some("HTTP/2"), false).unwrap(),
+            "HTTP/1.1"
+        );
+        assert_eq!(
+            settled(V::HTTP_2, Some("HTTP/1.1"), false).unwrap(),
+            "HTTP/2"
+        );
+        assert_eq!(settled(V::HTTP_10, None, false).unwrap(), "HTTP/1.1");
+    }
+
+    #[test]
+    fn marker_goes_upstream_only_to_the_mesh() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            &X_POSTERN_ORIGINAL_PROTOCOL,
+            HeaderValue::from_static("HTTP/2"),
+        );
+        let mut to_app = headers.clone();
+        forward_marker(&mut to_app, false);
+        assert!(to_app.is_empty());
+        forward_marker(&mut headers, true);
+        assert_eq!(headers.get(&X_POSTERN_ORIGINAL_PROTOCOL).unwrap(), "HTTP/2");
+    }
+
+    #[test]
+    fn extended_connect_becomes_an_upgrade_and_back() {
+        let mut request = Request::new(());
+        *request.method_mut() = Method::CONNECT;
+        *request.version_mut() = Version::HTTP_2;
+        *request.uri_mut() = "http://chat.local/ws".parse().unwrap();
+        request
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        normalize_extended_connect(&mut request);
+        assert_eq!(request.method(), Method::GET);
+        assert!(crate::http::headers::is_upgrade_request(request.headers()));
+        assert!(request.extensions().get::<ExtendedConnect>().is_some());
+
+        let (mut parts, ()) = request.into_parts();
+        fit_http1_upgrade(&mut parts.headers);
+        assert_eq!(parts.headers[header::SEC_WEBSOCKET_VERSION], "13");
+        let key = parts.headers[header::SEC_WEBSOCKET_KEY].clone();
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(key.as_bytes())
+                .unwrap()
+                .len(),
+            16
+        );
+        // A key the caller sent is kept.
+        fit_http1_upgrade(&mut parts.headers);
+        assert_eq!(parts.headers[header::SEC_WEBSOCKET_KEY], key);
+
+        let protocol = to_extended_connect(&mut parts.method, &mut parts.headers);
+        assert_eq!(protocol.as_str(), "websocket");
+        assert_eq!(parts.method, Method::CONNECT);
+        assert!(parts.headers.get(header::UPGRADE).is_none());
+        assert!(parts.headers.get(header::CONNECTION).is_none());
+    }
+
+    #[test]
+    fn plain_connect_and_http1_connect_stay_as_they_are() {
+        let mut plain = Request::new(());
+        *plain.method_mut() = Method::CONNECT;
+        *plain.version_mut() = Version::HTTP_2;
+        normalize_extended_connect(&mut plain);
+        assert_eq!(plain.method(), Method::CONNECT);
+
+        let mut http1 = Request::new(());
+        *http1.method_mut() = Method::CONNECT;
+        http1
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        normalize_extended_connect(&mut http1);
+        assert_eq!(http1.method(), Method::CONNECT);
+    }
+
+    #[test]
+    fn an_h2c_upgrade_does_not_become_a_tunnel() {
+        assert!(tunnels_over_http2("websocket"));
+        assert!(!tunnels_over_http2("h2c"));
+        assert!(!tunnels_over_http2("H2C"));
+        assert!(!tunnels_over_http2(""));
+    }
+
+    #[test]
+    fn accepted_upgrades_are_answered_in_the_callers_terms() {
+        use http::StatusCode as S;
+        assert!(upstream_accepted(S::SWITCHING_PROTOCOLS, false));
+        assert!(!upstream_accepted(S::OK, false));
+        assert!(upstream_accepted(S::OK, true));
+        assert!(!upstream_accepted(S::FORBIDDEN, true));
+
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        downstream_answer(&mut parts, false, "websocket");
+        assert_eq!(parts.status, S::SWITCHING_PROTOCOLS);
+        assert_eq!(parts.headers[header::UPGRADE], "websocket");
+        assert_eq!(parts.headers[header::CONNECTION], "upgrade");
+        assert!(parts.headers.get(header::CONTENT_LENGTH).is_none());
+
+        downstream_answer(&mut parts, true, "websocket");
+        assert_eq!(parts.status, S::OK);
+        assert!(parts.headers.get(header::UPGRADE).is_none());
+        assert!(parts.headers.get(header::CONNECTION).is_none());
+    }
+}
