@@ -6,7 +6,10 @@
 //! counted), reads its VmRSS, opens the connections, waits until the proxy
 //! counts them all open and its RSS has settled, and reads VmRSS again:
 //!
-//! - `http1`: HTTP/1.1, one request each, then kept alive and idle;
+//! - `http1`: HTTP/1.1, one request each, then kept alive and idle, all
+//!   opened in one burst;
+//! - `http1-arriving`: the same, opened 1,000 at a time, each wave idle
+//!   (its hyper buffers let go) before the next opens;
 //! - `http2`: HTTP/2 with prior knowledge, one request each, then idle;
 //! - `http1-silent`: TCP connected, nothing sent yet.
 //!
@@ -54,7 +57,7 @@ listeners:
   - name: idle
     address: {listener}
     kind: http
-    limits: {{ max_connections: 100000, idle_timeout: 3600s }}
+    limits: {{ max_connections: 100000, idle_timeout: 3600s, header_read_timeout: 2s }}
     virtual_hosts:
       - name: all
         domains: ["*"]
@@ -100,6 +103,19 @@ listeners:
     async fn open_connections(&self) -> u64 {
         self.metric_sum("postern_downstream_connections_active{")
             .await
+    }
+
+    /// Waits (a minute at most) until `count` connections have parked.
+    async fn wait_parked(&self, count: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self
+            .metric_sum("postern_downstream_connections_parked_total{")
+            .await
+            < count
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn metric_sum(&self, series: &str) -> u64 {
@@ -163,7 +179,7 @@ async fn open_one(addr: SocketAddr, i: usize, phase: &str) -> Held {
     let mut stream = connect(addr, i).await;
     match phase {
         "http1-silent" => Held::Tcp(stream),
-        "http1" => {
+        "http1" | "http1-arriving" => {
             stream
                 .write_all(b"GET / HTTP/1.1\r\nHost: idle.local\r\n\r\n")
                 .await
@@ -211,10 +227,17 @@ async fn phase(bin: &Path, dir: &Path, name: &str, count: usize) -> String {
     let fds_before = postern.fds();
     let started = Instant::now();
     let mut held = Vec::with_capacity(count);
-    for wave in 0..count.div_ceil(WAVE) {
-        let opens = (wave * WAVE..((wave + 1) * WAVE).min(count))
+    // `http1-arriving` opens its connections 1,000 at a time and lets each
+    // wave go idle (and let its buffers go) before the next: connections
+    // that arrive over time, rather than all in one burst.
+    let wave_size = if name == "http1-arriving" { 1000 } else { WAVE };
+    for wave in 0..count.div_ceil(wave_size) {
+        let opens = (wave * wave_size..((wave + 1) * wave_size).min(count))
             .map(|i| open_one(postern.listener, i, name));
         held.extend(futures_util::future::join_all(opens).await);
+        if name == "http1-arriving" {
+            postern.wait_parked(held.len() as u64).await;
+        }
     }
     let opened_in = started.elapsed();
     // Connections the kernel completed but whose ACK overflowed the accept
@@ -225,19 +248,11 @@ async fn phase(bin: &Path, dir: &Path, name: &str, count: usize) -> String {
         tokio::time::sleep(Duration::from_millis(100)).await;
         open = postern.open_connections().await;
     }
-    if name == "http1" {
+    if matches!(name, "http1" | "http1-arriving") {
         // Kept-alive HTTP/1 connections let hyper's buffers go after a
         // second idle (at the connection's next timer tick): measure them
         // as they sit idle, not as they were just after their request.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while postern
-            .metric_sum("postern_downstream_connections_parked_total{")
-            .await
-            < open
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        postern.wait_parked(open).await;
     }
     let rss_after = postern.settled_rss_kib().await;
     let fds_after = postern.fds();
@@ -261,7 +276,8 @@ async fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let h1 = env_or("H1_CONNS", 20_000) as usize;
     let h2 = env_or("H2_CONNS", 5_000) as usize;
-    let phases = std::env::var("PHASES").unwrap_or_else(|_| "http1,http2,http1-silent".into());
+    let phases = std::env::var("PHASES")
+        .unwrap_or_else(|_| "http1,http1-arriving,http2,http1-silent".into());
     let mut lines = vec![
         "| phase | connections opened | open in Postern | opened in (s) | RSS before (KiB) | RSS after (KiB) | bytes per connection | KiB per connection | descriptors per connection |".to_string(),
         "|---|---|---|---|---|---|---|---|---|".to_string(),

@@ -595,7 +595,7 @@ async fn read_head(tls: &mut (impl AsyncReadExt + Unpin)) -> String {
     while !out.windows(4).any(|w| w == b"\r\n\r\n") {
         let n = within(Duration::from_secs(10), "tls read", tls.read(&mut buf))
             .await
-            .unwrap();
+            .expect("tls read");
         assert!(n > 0, "closed before the answer");
         out.extend_from_slice(&buf[..n]);
     }

@@ -25,10 +25,10 @@ use super::file::*;
 
 #[path = "xds_chains.rs"]
 mod chains;
-#[path = "xds_policy.rs"]
-mod policy;
 #[path = "xds_limits.rs"]
 mod limits;
+#[path = "xds_policy.rs"]
+mod policy;
 pub use chains::{fill_edge_secrets, EdgeSecret, EdgeSlot};
 
 /// Type URL of the HttpConnectionManager network filter config.
