@@ -687,3 +687,142 @@ async fn inbound_capture_chains_must_lead_to_the_app() {
     .await;
     assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
 }
+
+/// `snapshot` with its listener replaced by one on `addr` whose inline
+/// routes send everything to `cluster`; `header_kb` sets the connection
+/// manager's request-header limit, which changes the listener's shape.
+fn with_fixed_listener(
+    mut snapshot: Snapshot,
+    addr: SocketAddr,
+    cluster_name: &str,
+    header_kb: Option<u32>,
+) -> Snapshot {
+    use postern_proto::envoy::config::listener::v3 as listener;
+    use postern_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    let mut l = postern_tests::envoy::http_listener("xds-http", addr, cluster_name, None);
+    let filter = &mut l.filter_chains[0].filters[0];
+    let Some(listener::filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+        unreachable!("http_listener packs its connection manager")
+    };
+    let mut manager: hcm::HttpConnectionManager =
+        prost::Message::decode(any.value.as_slice()).expect("connection manager");
+    manager.max_request_headers_kb =
+        header_kb.map(|value| postern_proto::google::protobuf::UInt32Value { value });
+    filter.config_type = Some(listener::filter::ConfigType::TypedConfig(
+        postern_control::ads::pack(&manager),
+    ));
+    snapshot.remove(type_url::LISTENER, "xds-http");
+    snapshot.add_message("xds-http", &l);
+    snapshot
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_replaced_on_its_fixed_port_never_refuses_a_connection() {
+    use http_body_util::{BodyExt, StreamBody};
+    use postern_tests::client::{request, BoxError, H1Conn};
+    use std::sync::atomic::AtomicBool;
+
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let services = [("svc-a", a.addr()), ("svc-b", b.addr())];
+    let cp = ControlPlane::start(with_fixed_listener(
+        mesh("1", "svc-a", &services),
+        port,
+        "svc-a",
+        None,
+    ))
+    .await;
+    let mut events = cp.server.events();
+    // Long enough that the drain never cuts the held request short.
+    let yaml = bootstrap(&cp, "sotw").replace("drain_timeout: 2s", "drain_timeout: 60s");
+    let proxy = start_proxy(&yaml).await;
+    ready(&proxy).await;
+    assert_eq!(proxy.listener_addr("xds-http"), Some(port));
+
+    // A request in flight on the old config: its body is held back.
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, BoxError>(hyper::body::Frame::data(chunk)), rx))
+    });
+    let held = request("POST", "svc", "/held")
+        .body(BodyExt::boxed(StreamBody::new(frames)))
+        .expect("request");
+    let mut conn = H1Conn::connect(port).await.expect("connect");
+    let in_flight = tokio::spawn(async move { conn.send(held).await });
+    tx.send(bytes::Bytes::from_static(b"first"))
+        .await
+        .expect("body");
+    wait_until("the held request reached a", || async {
+        a.in_flight() == 1
+    })
+    .await;
+
+    // New connections, one request each, all through the change.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut served = Vec::new();
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                let exchange = async {
+                    let mut conn = H1Conn::connect(port).await?;
+                    conn.send(request("GET", "svc", "/").body(postern_tests::client::empty())?)
+                        .await
+                };
+                match exchange.await {
+                    Ok(response) if response.status == 200 => {
+                        served.push(response.backend().unwrap_or_default().to_string());
+                    }
+                    Ok(response) => failures.push(format!("status {}", response.status)),
+                    Err(err) => failures.push(format!("{err:#}")),
+                }
+            }
+            (served, failures)
+        }
+    });
+
+    // The shape changes (header limit) along with the routes (to b).
+    cp.server.set_snapshot(with_fixed_listener(
+        mesh("2", "svc-a", &services),
+        port,
+        "svc-b",
+        Some(1),
+    ));
+    wait_event(&mut events, "listener ACK", |e| {
+        is_ack(e, type_url::LISTENER, "2")
+    })
+    .await;
+    wait_until("new connections reach b", || async {
+        backend_of(&proxy).await.as_deref() == Some("b")
+    })
+    .await;
+    stop.store(true, Ordering::Release);
+    let (served, failures) = stream.await.expect("connection stream");
+    assert!(
+        failures.is_empty(),
+        "every connection is served: {failures:?}"
+    );
+    assert!(served.iter().any(|b| b == "b"), "{served:?}");
+
+    // The held request finishes on the old config.
+    tx.send(bytes::Bytes::from_static(b" last"))
+        .await
+        .expect("body");
+    drop(tx);
+    let response = in_flight.await.expect("task").expect("held request");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.backend(), Some("a"));
+
+    // The new listener is the one serving: its header limit applies.
+    let big = request("GET", "svc", "/")
+        .header("x-big", "x".repeat(2048))
+        .body(postern_tests::client::empty())
+        .expect("request");
+    assert_eq!(postern_tests::send(port, big).await.status, 431);
+    assert_eq!(proxy.listener_addr("xds-http"), Some(port));
+}

@@ -111,9 +111,11 @@ pub struct ListenerContext {
     pub tcp_rbac: Option<crate::tcp::PolicyWatch>,
 }
 
-/// Accepts connections on a bound listener until the drain starts.
+/// Accepts connections on a bound listener until the drain starts. The
+/// socket may be shared with the listener that replaces this one, which
+/// keeps accepting on it after this loop stops.
 pub async fn run_listener(
-    socket: TcpListener,
+    socket: Arc<TcpListener>,
     listener: Arc<Listener>,
     context: ListenerContext,
     mut shutdown: Shutdown,
