@@ -17,7 +17,6 @@
 pub mod last_known_good;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -106,8 +105,9 @@ pub struct XdsHandler {
     status: OnceLock<StatusHandle>,
     last_known_good: Option<last_known_good::Store>,
     source: Mutex<Source>,
-    /// True while a saved config is being replayed (it is not saved again).
-    replaying: AtomicBool,
+    /// Held for a whole apply (and a whole replay): each one copies the
+    /// state, changes it and writes it back, so two at once would lose one.
+    serial: Mutex<()>,
 }
 
 impl std::fmt::Debug for XdsHandler {
@@ -144,7 +144,7 @@ impl XdsHandler {
             status: OnceLock::new(),
             last_known_good,
             source: Mutex::new(Source::Waiting),
-            replaying: AtomicBool::new(false),
+            serial: Mutex::new(()),
         })
     }
 
@@ -185,12 +185,17 @@ impl XdsHandler {
                 return false;
             }
         };
+        // Live updates wait until the replay is done; it must not land in
+        // the middle of one either.
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        if self.source.lock().map_or(true, |s| *s != Source::Waiting) {
+            return false;
+        }
         let seen = self
             .state
             .lock()
             .map(|s| s.seen.clone())
             .unwrap_or_default();
-        self.replaying.store(true, Ordering::Release);
         let mut failed = false;
         for (kind, resources) in saved.types {
             // A type the control plane has already sent stays live.
@@ -201,7 +206,7 @@ impl XdsHandler {
                 version_info: String::new(),
                 resources,
             };
-            if let Err(errors) = self.apply(kind, update) {
+            if let Err(errors) = self.apply_serial(&serial, kind, update, true) {
                 for e in errors {
                     tracing::warn!(type_url = kind, resource = %e.name, reason = %e.reason, "last-known-good resource rejected");
                 }
@@ -211,7 +216,7 @@ impl XdsHandler {
                 state.replayed.insert(kind);
             }
         }
-        self.replaying.store(false, Ordering::Release);
+        drop(serial);
         let serving = matches!(self.source.lock().as_deref(), Ok(Source::LastKnownGood));
         let saved_at = humantime::format_rfc3339_seconds(saved.saved_at);
         if serving {
@@ -404,7 +409,20 @@ impl XdsHandler {
     }
 
     fn apply(&self, type_url: &str, update: Update) -> Result<(), Vec<ResourceError>> {
-        let replaying = self.replaying.load(Ordering::Acquire);
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        self.apply_serial(&serial, type_url, update, false)
+    }
+
+    /// Applies one update; `_serial` proves no other apply runs.
+    /// `replaying`: the update comes from the last-known-good file (it is
+    /// not saved again).
+    fn apply_serial(
+        &self,
+        _serial: &std::sync::MutexGuard<'_, ()>,
+        type_url: &str,
+        update: Update,
+        replaying: bool,
+    ) -> Result<(), Vec<ResourceError>> {
         let (resources, removed, replace_all) = match update {
             Update::State { resources, .. } => {
                 // State of the world: LDS and CDS carry everything, so what
@@ -526,7 +544,12 @@ impl XdsHandler {
             let reason = err.to_string().replace('\n', "; ");
             internal(&names, &reason)
         })?;
-        let applied = self.runtime.apply(config);
+        // A config that cannot run (a port taken) changes nothing: the
+        // state stays as it was, or the next update of any type would
+        // apply it anyway.
+        self.runtime
+            .apply(config)
+            .map_err(|err| internal(&names, &format!("{err:#}")))?;
         let (routes, endpoints) = Self::wanted(&state);
         let mut secrets = Self::edge_secret_names(&state);
         let ready = state.seen.contains(type_url::LISTENER)
@@ -562,7 +585,7 @@ impl XdsHandler {
             self.note_complete(replaying, to_save);
         }
         self.publish_status(status);
-        applied.map_err(|err| internal(&names, &format!("{err:#}")))
+        Ok(())
     }
 
     /// Records that a complete config runs, where it came from, and saves

@@ -826,3 +826,51 @@ async fn a_listener_replaced_on_its_fixed_port_never_refuses_a_connection() {
     assert_eq!(postern_tests::send(port, big).await.status, 431);
     assert_eq!(proxy.listener_addr("xds-http"), Some(port));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_cannot_bind_is_not_kept_for_the_next_update() {
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let cp = ControlPlane::start(mesh("1", "svc-a", &[("svc-a", a.addr())])).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+
+    // Another process holds this port: the listener passes validation but
+    // cannot start.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = holder.local_addr().expect("addr");
+    let with_taken = |mut snapshot: Snapshot| {
+        snapshot.add_message(
+            "taken",
+            &postern_tests::envoy::http_listener("taken", taken, "svc-a", None),
+        );
+        snapshot
+    };
+    cp.server
+        .set_snapshot(with_taken(mesh("2", "svc-a", &[("svc-a", a.addr())])));
+    let nack = wait_event(&mut events, "listener NACK", |e| {
+        is_nack(e, type_url::LISTENER)
+    })
+    .await;
+    let AdsEventKind::Nack { error, .. } = nack.kind else {
+        unreachable!()
+    };
+    assert!(error.contains("taken"), "{error}");
+
+    // An update of another type is not refused for the listener's sake.
+    cp.server.set_snapshot(with_taken(mesh(
+        "3",
+        "svc-b",
+        &[("svc-a", a.addr()), ("svc-b", b.addr())],
+    )));
+    wait_event(&mut events, "cluster ACK", |e| {
+        is_ack(e, type_url::CLUSTER, "3")
+    })
+    .await;
+    eventually("route follows to b", || async {
+        (backend_of(&proxy).await.as_deref() == Some("b")).then_some(())
+    })
+    .await;
+    assert_eq!(proxy.listener_addr("taken"), None);
+    drop(holder);
+}
