@@ -652,7 +652,7 @@ async fn inbound_capture_chains_must_lead_to_the_app() {
     };
     assert!(
         error.contains(
-            "listener virtualInbound: filter_chains[0].filters[0].cluster: \"svc-a\" is not an ORIGINAL_DST cluster"
+            "virtualInbound: filter_chains[0].filters[0].cluster: \"svc-a\" is not an ORIGINAL_DST cluster"
         ),
         "{error}"
     );
@@ -873,4 +873,142 @@ async fn a_listener_that_cannot_bind_is_not_kept_for_the_next_update() {
     .await;
     assert_eq!(proxy.listener_addr("taken"), None);
     drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_found_checking_the_whole_config_names_the_bad_resource_only() {
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let services = [("svc-a", a.addr()), ("svc-b", b.addr())];
+    let cp = ControlPlane::start(mesh("1", "svc-a", &services)).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+
+    // Translates fine; only the check of the assembled config finds the
+    // zero connection limit.
+    let mut bad = postern_tests::envoy::static_cluster("zero-limit", b.addr(), None);
+    bad.circuit_breakers = Some(cluster::CircuitBreakers {
+        thresholds: vec![cluster::circuit_breakers::Thresholds {
+            max_connections: Some(postern_proto::google::protobuf::UInt32Value { value: 0 }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let mut with_bad = mesh("2", "svc-a", &services);
+    with_bad.add_message("zero-limit", &bad);
+    cp.server.set_snapshot(with_bad);
+    let nack = wait_event(&mut events, "cluster NACK", |e| {
+        is_nack(e, type_url::CLUSTER)
+    })
+    .await;
+    let AdsEventKind::Nack { error, .. } = nack.kind else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("zero-limit: circuit_breaker.max_connections"),
+        "the NACK names the cluster and its field: {error}"
+    );
+    assert!(
+        !error.contains("svc-a") && !error.contains("svc-b") && !error.contains("clusters["),
+        "only the bad cluster is named: {error}"
+    );
+    let nacks = || async {
+        let dump: serde_json::Value = serde_json::from_str(
+            &get(proxy.admin_addr(), "localhost", "/config_dump")
+                .await
+                .text(),
+        )
+        .expect("config_dump is JSON");
+        dump["dynamic"]["last_nack_by_resource"].clone()
+    };
+    let pending = nacks().await;
+    let names: Vec<&String> = pending.as_object().expect("a map").keys().collect();
+    assert_eq!(names, ["zero-limit"], "{pending}");
+
+    // Fixed: the entry goes.
+    cp.server.set_snapshot(mesh("3", "svc-a", &services));
+    wait_event(&mut events, "cluster ACK", |e| {
+        is_ack(e, type_url::CLUSTER, "3")
+    })
+    .await;
+    wait_until("the NACK entry is cleared", || async {
+        nacks().await.as_object().is_some_and(|m| m.is_empty())
+    })
+    .await;
+}
+
+/// A mesh whose listener takes its routes from `listener_routes`, with
+/// `main-routes` (to `svc-a`) and, if `new_routes`, `new-routes` (to
+/// `svc-b`).
+fn mesh_with_rds(
+    version: &str,
+    listener_routes: &str,
+    new_routes: bool,
+    services: &[(&str, SocketAddr)],
+) -> Snapshot {
+    let services: String = services
+        .iter()
+        .map(|(name, addr)| {
+            format!("  - name: {name}\n    endpoints: [{{ address: \"{addr}\" }}]\n")
+        })
+        .collect();
+    // The mesh file insists that every named route exists: it is written
+    // and then taken out of the snapshot.
+    let extra = "  - name: new-routes\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n          - prefix: /\n            cluster: svc-b\n";
+    let yaml = format!(
+        r#"
+listeners:
+  - name: xds-http
+    address: 127.0.0.1:0
+    route: {listener_routes}
+routes:
+  - name: main-routes
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - prefix: /
+            cluster: svc-a
+{extra}services:
+{services}"#
+    );
+    let mut snapshot = parse_mesh(&yaml, version).expect("mesh");
+    if !new_routes {
+        snapshot.remove(type_url::ROUTE, "new-routes");
+    }
+    snapshot
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_keeps_its_old_routes_until_its_new_ones_arrive() {
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let services = [("svc-a", a.addr()), ("svc-b", b.addr())];
+    let cp = ControlPlane::start(mesh_with_rds("1", "main-routes", false, &services)).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+    let addr = proxy.listener_addr("xds-http").expect("listener");
+    assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
+
+    // The listener now names routes the control plane has not sent.
+    cp.server
+        .set_snapshot(mesh_with_rds("2", "new-routes", false, &services));
+    wait_event(&mut events, "listener ACK", |e| {
+        is_ack(e, type_url::LISTENER, "2")
+    })
+    .await;
+    for _ in 0..5 {
+        let response = get(addr, "svc", "/").await;
+        assert_eq!(response.backend(), Some("a"), "old routes keep serving");
+    }
+    assert_eq!(proxy.listener_addr("xds-http"), Some(addr));
+
+    // They arrive: traffic follows.
+    cp.server
+        .set_snapshot(mesh_with_rds("3", "new-routes", true, &services));
+    eventually("traffic follows the new routes", || async {
+        (backend_of(&proxy).await.as_deref() == Some("b")).then_some(())
+    })
+    .await;
+    assert_eq!(proxy.listener_addr("xds-http"), Some(addr));
 }

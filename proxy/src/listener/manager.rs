@@ -24,10 +24,10 @@ use crate::config::{Listener, ListenerProtocol};
 use crate::http::proxy::HttpConfig;
 use crate::tls::DownstreamTls;
 
-/// Listeners that could not be started.
+/// Listeners that could not be started: name and reason each.
 #[derive(Debug, thiserror::Error)]
-#[error("{}", .0.join("; "))]
-pub struct ListenerStartError(pub Vec<String>);
+#[error("{}", .0.iter().map(|(name, reason)| format!("listener \"{name}\": {reason}")).collect::<Vec<_>>().join("; "))]
+pub struct ListenerStartError(pub Vec<(Arc<str>, String)>);
 
 struct Running {
     listener: Arc<Listener>,
@@ -148,7 +148,10 @@ impl ListenerManager {
     /// as it was.
     pub fn apply(&self, listeners: &[Arc<Listener>]) -> Result<(), ListenerStartError> {
         let Ok(mut running) = self.running.lock() else {
-            return Err(ListenerStartError(vec!["listener table poisoned".into()]));
+            return Err(ListenerStartError(vec![(
+                "(all)".into(),
+                "listener table poisoned".into(),
+            )]));
         };
         // Checked under the lock that drain_all takes to set it, so a drain
         // never misses a listener started alongside it.
@@ -176,7 +179,7 @@ impl ListenerManager {
                 Ok(ready) => prepared.push(ready),
                 Err(err) => {
                     tracing::error!(listener = %listener.name, error = %err, "cannot start listener");
-                    failures.push(format!("listener \"{}\": {err:#}", listener.name));
+                    failures.push((listener.name.clone(), format!("{err:#}")));
                 }
             }
         }
