@@ -13,7 +13,7 @@ use postern_control::mesh::parse_mesh;
 use postern_proto::envoy::config::cluster::v3 as cluster;
 use postern_proto::type_url;
 use postern_tests::control::{is_ack, is_nack, wait_event, ControlPlane};
-use postern_tests::{eventually, get, start_proxy, wait_until, HttpBackend, Proxy};
+use postern_tests::{eventually, get, start_proxy, wait_until, within, HttpBackend, Proxy};
 
 /// A mesh with one HTTP listener whose routes send `/` to `cluster`, and the
 /// given services (name, backend).
@@ -720,7 +720,6 @@ fn with_fixed_listener(
 async fn a_listener_replaced_on_its_fixed_port_never_refuses_a_connection() {
     use http_body_util::{BodyExt, StreamBody};
     use postern_tests::client::{request, BoxError, H1Conn};
-    use std::sync::atomic::AtomicBool;
 
     let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -761,14 +760,13 @@ async fn a_listener_replaced_on_its_fixed_port_never_refuses_a_connection() {
     })
     .await;
 
-    // New connections, one request each, all through the change.
-    let stop = Arc::new(AtomicBool::new(false));
+    // New connections, one request each, all through the change: the
+    // stream ends once the new config answers it (or fails).
     let stream = tokio::spawn({
-        let stop = stop.clone();
         async move {
             let mut served = Vec::new();
             let mut failures = Vec::new();
-            while !stop.load(Ordering::Acquire) {
+            while served.last().is_none_or(|b| b != "b") && failures.is_empty() {
                 let exchange = async {
                     let mut conn = H1Conn::connect(port).await?;
                     conn.send(request("GET", "svc", "/").body(postern_tests::client::empty())?)
@@ -797,12 +795,13 @@ async fn a_listener_replaced_on_its_fixed_port_never_refuses_a_connection() {
         is_ack(e, type_url::LISTENER, "2")
     })
     .await;
-    wait_until("new connections reach b", || async {
-        backend_of(&proxy).await.as_deref() == Some("b")
-    })
-    .await;
-    stop.store(true, Ordering::Release);
-    let (served, failures) = stream.await.expect("connection stream");
+    let (served, failures) = within(
+        std::time::Duration::from_secs(30),
+        "the connection stream reaching b",
+        stream,
+    )
+    .await
+    .expect("connection stream");
     assert!(
         failures.is_empty(),
         "every connection is served: {failures:?}"

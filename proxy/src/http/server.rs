@@ -96,6 +96,9 @@ pub async fn serve_connection(
     let mut stalled: Option<(u64, Instant)> = None;
     let mut idle_closing = false;
     let mut draining = false;
+    // A drain that found the connection before its first byte: it waits
+    // for one tick of the timers (see below).
+    let mut drain_deferred = false;
     // Pinned once: rebuilding these futures on every wake-up of a busy
     // connection costs more than the request itself.
     let drain = signalled(shutdown.drain.clone());
@@ -106,11 +109,23 @@ pub async fn serve_connection(
             biased;
             result = conn.as_mut() => break result,
             _ = &mut force => return,
-            _ = &mut drain, if !draining => {
-                draining = true;
-                conn.as_mut().graceful_shutdown();
+            _ = &mut drain, if !draining && !drain_deferred => {
+                // A connection accepted just as its listener was replaced
+                // (or the drain began) has had no chance to send its
+                // request: shutting it down now would close it unanswered,
+                // so its request gets until the next tick to start.
+                if activity.bytes_moved() == 0 {
+                    drain_deferred = true;
+                } else {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             _ = timers.tick() => {
+                if drain_deferred && !draining {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
                 let state = activity.state();
                 // A client that stops reading (or opens no flow-control
                 // window) holds its requests, their upstream connections
