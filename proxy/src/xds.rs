@@ -113,8 +113,8 @@ struct Rejection {
     /// The resource's type when it may differ from the update's: a check
     /// of the whole config can find fault with any resource.
     type_url: Option<&'static str>,
-    /// Found checking the whole config, which the next accepted update
-    /// passes: that clears it.
+    /// Found checking the whole config: the next accepted update of the
+    /// refused update's type clears it, as well as the resource's own.
     whole_config: bool,
 }
 
@@ -151,7 +151,9 @@ impl From<Vec<ResourceError>> for Rejections {
 #[derive(Debug)]
 struct Nack {
     reason: String,
-    whole_config: bool,
+    /// Found checking the whole config when an update of this type was
+    /// refused: the next accepted update of the type supersedes it.
+    whole_config: Option<String>,
 }
 
 /// Where the running dynamic config came from.
@@ -983,8 +985,9 @@ impl Handler for XdsHandler {
                 tracing::info!(type_url, "xDS update applied");
                 if let Ok(mut nacks) = self.nacks.lock() {
                     nacks.retain(|(kind, name), nack| {
-                        // The config as a whole passes now.
-                        if nack.whole_config {
+                        // What was refused with an update of this type has
+                        // been superseded by one that runs.
+                        if nack.whole_config.as_deref() == Some(type_url) {
                             return false;
                         }
                         // An accepted or removed resource has no pending
@@ -1011,7 +1014,7 @@ impl Handler for XdsHandler {
                             (kind.to_string(), e.name.clone()),
                             Nack {
                                 reason: e.reason.clone(),
-                                whole_config: rejection.whole_config,
+                                whole_config: rejection.whole_config.then(|| type_url.to_string()),
                             },
                         );
                     }
