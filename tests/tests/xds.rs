@@ -1011,3 +1011,61 @@ async fn a_listener_keeps_its_old_routes_until_its_new_ones_arrive() {
     .await;
     assert_eq!(proxy.listener_addr("xds-http"), Some(addr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_keeps_its_old_endpoints_until_its_new_ones_arrive() {
+    use postern_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let services = [("svc-a", a.addr()), ("svc-b", b.addr())];
+    let cp = ControlPlane::start(mesh("1", "svc-a", &services)).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+    assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
+
+    // `svc-a` now takes its endpoints from `svc-a-v2`, not sent yet.
+    let renamed = |version: &str, with_endpoints: bool| {
+        let mut snapshot = mesh(version, "svc-a", &services);
+        let body = snapshot
+            .remove(type_url::CLUSTER, "svc-a")
+            .expect("svc-a cluster");
+        let mut c: cluster::Cluster =
+            prost::Message::decode(body.value.as_slice()).expect("cluster");
+        c.eds_cluster_config = Some(cluster::cluster::EdsClusterConfig {
+            service_name: "svc-a-v2".into(),
+            ..c.eds_cluster_config.unwrap_or_default()
+        });
+        snapshot.add_message("svc-a", &c);
+        if with_endpoints {
+            let body = snapshot
+                .of_type(type_url::ENDPOINT)
+                .find(|(name, _)| *name == "svc-b")
+                .map(|(_, body)| body.clone())
+                .expect("svc-b endpoints");
+            let mut cla: ClusterLoadAssignment =
+                prost::Message::decode(body.value.as_slice()).expect("assignment");
+            cla.cluster_name = "svc-a-v2".into();
+            snapshot.add_message("svc-a-v2", &cla);
+        }
+        snapshot
+    };
+    cp.server.set_snapshot(renamed("2", false));
+    wait_event(&mut events, "cluster ACK", |e| {
+        is_ack(e, type_url::CLUSTER, "2")
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(
+            backend_of(&proxy).await.as_deref(),
+            Some("a"),
+            "the old endpoints keep serving"
+        );
+    }
+
+    // They arrive: traffic follows.
+    cp.server.set_snapshot(renamed("3", true));
+    eventually("traffic follows the new endpoints", || async {
+        (backend_of(&proxy).await.as_deref() == Some("b")).then_some(())
+    })
+    .await;
+}
