@@ -46,12 +46,24 @@ pub struct Runtime {
 impl Runtime {
     /// Switches to `config`: clusters first (so new routes find them),
     /// then listeners. Requests in flight finish on what they started with.
+    /// On an error nothing changes: the running config stays.
     pub fn apply(&self, config: Config) -> anyhow::Result<()> {
         self.clusters
             .update(&config.clusters, &config.upstream_tls)?;
-        let started = self.listeners.apply(&config.listeners);
+        if let Err(err) = self.listeners.apply(&config.listeners) {
+            // The listeners stayed as they were; their clusters go back
+            // too, so the routes they serve still find what they name.
+            let previous = self.admin.config.load_full();
+            if let Err(undo) = self
+                .clusters
+                .update(&previous.clusters, &previous.upstream_tls)
+            {
+                tracing::error!(error = %undo, "cannot restore the previous clusters");
+            }
+            return Err(err.into());
+        }
         self.admin.config.store(Arc::new(config));
-        started.map_err(Into::into)
+        Ok(())
     }
 
     /// Sets what `/config_dump` shows about dynamic resources.

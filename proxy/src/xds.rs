@@ -17,7 +17,6 @@
 pub mod last_known_good;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -32,7 +31,7 @@ use crate::app::Runtime;
 use crate::config::file::SdsSourceFile;
 use crate::config::file::{ClusterFile, ConfigFile, EndpointFile};
 use crate::config::xds::{self as translate, EndpointSource, Problems, RouteSource, SecretValue};
-use crate::config::Config;
+use crate::config::{Config, FieldError};
 use postern_certs::SdsSource;
 use postern_proto::envoy::extensions::transport_sockets::tls::v3::Secret;
 
@@ -69,6 +68,92 @@ struct Resources {
     /// Types whose tables hold a replayed last-known-good config: the
     /// first live update of such a type replaces the whole table.
     replayed: BTreeSet<&'static str>,
+    /// The versions running now; one stands in for a newer version that
+    /// waits for what it needs.
+    warm: Warm,
+}
+
+/// The listener and cluster versions a config runs, by name.
+#[derive(Debug, Clone, Default)]
+struct Warm {
+    listeners: BTreeMap<String, Translated>,
+    clusters: BTreeMap<String, (ClusterFile, EndpointSource)>,
+}
+
+/// A config assembled from the bootstrap and the dynamic resources.
+#[derive(Debug)]
+struct Assembled {
+    file: ConfigFile,
+    /// Whether some resource is still waiting for what it needs.
+    warming: bool,
+    /// The versions `file` holds.
+    warm: Warm,
+}
+
+/// The names of the listeners and clusters of an assembled config, in
+/// order.
+#[derive(Debug)]
+struct Places {
+    listeners: Vec<String>,
+    clusters: Vec<String>,
+}
+
+/// The type name under which faults of the bootstrap's own resources are
+/// recorded.
+const BOOTSTRAP: &str = "bootstrap";
+
+/// Why an update was refused, per resource.
+#[derive(Debug)]
+struct Rejections(Vec<Rejection>);
+
+/// One refused resource.
+#[derive(Debug)]
+struct Rejection {
+    error: ResourceError,
+    /// The resource's type when it may differ from the update's: a check
+    /// of the whole config can find fault with any resource.
+    type_url: Option<&'static str>,
+    /// Found checking the whole config: the next accepted update of the
+    /// refused update's type clears it, as well as the resource's own.
+    whole_config: bool,
+}
+
+impl Rejection {
+    fn of_config(type_url: Option<&'static str>, name: &str, reason: String) -> Rejection {
+        Rejection {
+            error: ResourceError {
+                name: name.to_string(),
+                reason,
+            },
+            type_url,
+            whole_config: true,
+        }
+    }
+}
+
+impl From<Vec<ResourceError>> for Rejections {
+    /// Faults of the update's own resources, found translating them.
+    fn from(errors: Vec<ResourceError>) -> Rejections {
+        Rejections(
+            errors
+                .into_iter()
+                .map(|error| Rejection {
+                    error,
+                    type_url: None,
+                    whole_config: false,
+                })
+                .collect(),
+        )
+    }
+}
+
+/// A pending NACK of one resource, for `/config_dump`.
+#[derive(Debug)]
+struct Nack {
+    reason: String,
+    /// Found checking the whole config when an update of this type was
+    /// refused: the next accepted update of the type supersedes it.
+    whole_config: Option<String>,
 }
 
 /// Where the running dynamic config came from.
@@ -101,13 +186,15 @@ pub struct XdsHandler {
     tls_names: Option<SdsSourceFile>,
     runtime: Arc<Runtime>,
     state: Mutex<Resources>,
-    nacks: Mutex<BTreeMap<String, String>>,
+    /// Pending NACKs by resource type and name.
+    nacks: Mutex<BTreeMap<(String, String), Nack>>,
     subscriptions: OnceLock<Subscriptions>,
     status: OnceLock<StatusHandle>,
     last_known_good: Option<last_known_good::Store>,
     source: Mutex<Source>,
-    /// True while a saved config is being replayed (it is not saved again).
-    replaying: AtomicBool,
+    /// Held for a whole apply (and a whole replay): each one copies the
+    /// state, changes it and writes it back, so two at once would lose one.
+    serial: Mutex<()>,
 }
 
 impl std::fmt::Debug for XdsHandler {
@@ -144,7 +231,7 @@ impl XdsHandler {
             status: OnceLock::new(),
             last_known_good,
             source: Mutex::new(Source::Waiting),
-            replaying: AtomicBool::new(false),
+            serial: Mutex::new(()),
         })
     }
 
@@ -185,12 +272,17 @@ impl XdsHandler {
                 return false;
             }
         };
+        // Live updates wait until the replay is done; it must not land in
+        // the middle of one either.
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        if self.source.lock().map_or(true, |s| *s != Source::Waiting) {
+            return false;
+        }
         let seen = self
             .state
             .lock()
             .map(|s| s.seen.clone())
             .unwrap_or_default();
-        self.replaying.store(true, Ordering::Release);
         let mut failed = false;
         for (kind, resources) in saved.types {
             // A type the control plane has already sent stays live.
@@ -201,9 +293,9 @@ impl XdsHandler {
                 version_info: String::new(),
                 resources,
             };
-            if let Err(errors) = self.apply(kind, update) {
-                for e in errors {
-                    tracing::warn!(type_url = kind, resource = %e.name, reason = %e.reason, "last-known-good resource rejected");
+            if let Err(errors) = self.apply_serial(&serial, kind, update, true) {
+                for e in errors.0 {
+                    tracing::warn!(type_url = kind, resource = %e.error.name, reason = %e.error.reason, "last-known-good resource rejected");
                 }
                 failed = true;
             }
@@ -211,7 +303,7 @@ impl XdsHandler {
                 state.replayed.insert(kind);
             }
         }
-        self.replaying.store(false, Ordering::Release);
+        drop(serial);
         let serving = matches!(self.source.lock().as_deref(), Ok(Source::LastKnownGood));
         let saved_at = humantime::format_rfc3339_seconds(saved.saved_at);
         if serving {
@@ -288,103 +380,191 @@ impl XdsHandler {
         }
     }
 
-    /// The config to run: static resources plus every warm dynamic one;
-    /// whether something is still warming. An inbound capture listener
-    /// whose filter chains name a cluster that does not lead to the app is
-    /// an error naming the listener and the field.
-    fn assemble(&self, state: &Resources) -> Result<(ConfigFile, bool), String> {
+    /// The config to run: static resources plus every warm dynamic one,
+    /// and whether something is still warming. A listener or cluster whose
+    /// new version waits for what it needs (its RouteConfiguration,
+    /// ClusterLoadAssignment or Secrets) keeps serving its last warm
+    /// version meanwhile. An inbound capture listener whose filter chains
+    /// name a cluster that does not lead to the app is an error naming the
+    /// listener and the field.
+    fn assemble(&self, state: &Resources) -> Result<Assembled, Rejections> {
         let mut file = self.base.clone();
         let mut warming = false;
+        let mut warm = Warm::default();
         // ORIGINAL_DST clusters have no endpoints of their own: only capture
         // listeners use them, by name.
         let mut original_dst = BTreeSet::new();
-        for entry in state.clusters.values() {
-            let (cluster, source) = &entry.value;
-            let mut cluster = cluster.clone();
-            match source {
-                EndpointSource::Eds(service) => match state.endpoints.get(service) {
-                    Some(endpoints) => cluster.endpoints = endpoints.value.clone(),
-                    None => {
-                        warming = true;
-                        continue;
+        for (name, entry) in &state.clusters {
+            let versions = std::iter::once(&entry.value).chain(state.warm.clusters.get(name));
+            let mut served = None;
+            for version in versions {
+                let (cluster, source) = version;
+                let mut cluster = cluster.clone();
+                match source {
+                    EndpointSource::Eds(service) => match state.endpoints.get(service) {
+                        Some(endpoints) => cluster.endpoints = endpoints.value.clone(),
+                        None => {
+                            warming = true;
+                            continue;
+                        }
+                    },
+                    EndpointSource::OriginalDst => {
+                        original_dst.insert(cluster.name.clone());
                     }
-                },
-                EndpointSource::OriginalDst => {
-                    original_dst.insert(entry.value.0.name.as_str());
-                    continue;
+                    EndpointSource::Inline => {}
                 }
-                EndpointSource::Inline => {}
+                served = Some((cluster, version));
+                break;
             }
-            file.clusters.push(cluster);
+            let Some((cluster, version)) = served else {
+                continue;
+            };
+            warm.clusters.insert(name.clone(), version.clone());
+            if !matches!(version.1, EndpointSource::OriginalDst) {
+                file.clusters.push(cluster);
+            }
         }
+        let original_dst: BTreeSet<&str> = original_dst.iter().map(String::as_str).collect();
         let mut virtuals = Vec::new();
-        'listeners: for (name, entry) in &state.listeners {
-            let Translated {
-                listener: translated,
-                binds,
-            } = &entry.value;
-            for target in &translated.app_targets {
-                let endpoints = file
-                    .clusters
-                    .iter()
-                    .find(|c| c.name == target.cluster)
-                    .map(|c| c.endpoints.as_slice());
-                let is_original_dst = original_dst.contains(target.cluster.as_str());
-                if endpoints.is_none() && !is_original_dst {
-                    // Not arrived (or not warm) yet: the listener waits.
+        for (name, entry) in &state.listeners {
+            let mut served = None;
+            match self.warm_listener(state, &file, &original_dst, name, &entry.value)? {
+                Some(listener) => served = Some((listener, &entry.value)),
+                None => {
                     warming = true;
-                    continue 'listeners;
-                }
-                translate::check_app_target(target, is_original_dst, endpoints.unwrap_or(&[]))
-                    .map_err(|reason| format!("listener {name}: {reason}"))?;
-            }
-            let source = &translated.routes;
-            let mut listener = translated.file.clone();
-            if let RouteSource::Rds(name) = source {
-                match state.routes.get(name) {
-                    Some(routes) => routes.value.apply_to(&mut listener),
-                    None => {
-                        warming = true;
-                        continue;
+                    if let Some(old) = state.warm.listeners.get(name) {
+                        // The old version was accepted with what it needs:
+                        // a fault now only means it cannot stand in.
+                        if let Ok(Some(listener)) =
+                            self.warm_listener(state, &file, &original_dst, name, old)
+                        {
+                            served = Some((listener, old));
+                        }
                     }
                 }
             }
-            let secret = |n: &str| state.secrets.get(n).map(|e| e.value.clone());
-            match translate::fill_edge_secrets(&mut listener, &translated.edge_secrets, &secret) {
-                Ok(true) => {}
-                Ok(false) => {
-                    warming = true;
-                    continue;
-                }
-                Err(reason) => return Err(format!("listener {name}: {reason}")),
-            }
-            if *binds {
+            let Some((listener, version)) = served else {
+                continue;
+            };
+            warm.listeners.insert(name.clone(), version.clone());
+            if version.binds {
                 file.listeners.push(listener);
             } else {
                 virtuals.push(listener);
             }
         }
         translate::attach_virtual_listeners(&mut file.listeners, &virtuals);
-        if let Some(reason) = translate::original_dst_reference(&file.listeners, &original_dst) {
-            return Err(reason);
+        let mut rejections = Vec::new();
+        for listener in &file.listeners {
+            if let Some(reason) =
+                translate::original_dst_reference(std::slice::from_ref(listener), &original_dst)
+            {
+                rejections.push(Rejection::of_config(
+                    Some(type_url::LISTENER),
+                    &listener.name,
+                    reason,
+                ));
+            }
         }
-        Ok((file, warming))
+        if !rejections.is_empty() {
+            return Err(Rejections(rejections));
+        }
+        Ok(Assembled {
+            file,
+            warming,
+            warm,
+        })
+    }
+
+    /// `version` of listener `name` as it runs, or `None` while what it
+    /// needs has not arrived.
+    fn warm_listener(
+        &self,
+        state: &Resources,
+        file: &ConfigFile,
+        original_dst: &BTreeSet<&str>,
+        name: &str,
+        version: &Translated,
+    ) -> Result<Option<crate::config::file::ListenerFile>, Rejections> {
+        let translated = &version.listener;
+        let fault = |reason: String| {
+            Rejections(vec![Rejection::of_config(
+                Some(type_url::LISTENER),
+                name,
+                reason,
+            )])
+        };
+        for target in &translated.app_targets {
+            let endpoints = file
+                .clusters
+                .iter()
+                .find(|c| c.name == target.cluster)
+                .map(|c| c.endpoints.as_slice());
+            let is_original_dst = original_dst.contains(target.cluster.as_str());
+            if endpoints.is_none() && !is_original_dst {
+                // Not arrived (or not warm) yet: the listener waits.
+                return Ok(None);
+            }
+            translate::check_app_target(target, is_original_dst, endpoints.unwrap_or(&[]))
+                .map_err(fault)?;
+        }
+        let mut listener = translated.file.clone();
+        if let RouteSource::Rds(routes) = &translated.routes {
+            match state.routes.get(routes) {
+                Some(routes) => routes.value.apply_to(&mut listener),
+                None => return Ok(None),
+            }
+        }
+        let secret = |n: &str| state.secrets.get(n).map(|e| e.value.clone());
+        match translate::fill_edge_secrets(&mut listener, &translated.edge_secrets, &secret) {
+            Ok(true) => Ok(Some(listener)),
+            Ok(false) => Ok(None),
+            Err(reason) => Err(fault(reason)),
+        }
+    }
+
+    /// The Envoy resources behind the errors of a config assembled from
+    /// `state`: `listeners[i]` and `clusters[i]` are positions in the
+    /// assembled config, which the control plane never saw.
+    fn attribute(warm: &Warm, places: &Places, errors: Vec<FieldError>) -> Rejections {
+        let mut by_resource: BTreeMap<(&'static str, String), Vec<String>> = BTreeMap::new();
+        for error in errors {
+            let (kind, name, field) = origin(warm, places, &error.path);
+            by_resource
+                .entry((kind, name))
+                .or_default()
+                .push(format!("{field}: {}", error.reason));
+        }
+        Rejections(
+            by_resource
+                .into_iter()
+                .map(|((kind, name), reasons)| {
+                    Rejection::of_config(Some(kind), &name, reasons.join("; "))
+                })
+                .collect(),
+        )
     }
 
     /// The secrets edge listeners name.
     fn edge_secret_names(state: &Resources) -> BTreeSet<String> {
-        state
-            .listeners
-            .values()
-            .flat_map(|e| e.value.listener.edge_secrets.iter().map(|s| s.name.clone()))
+        Self::listener_versions(state)
+            .flat_map(|t| t.listener.edge_secrets.iter().map(|s| s.name.clone()))
             .collect()
     }
 
-    fn wanted(state: &Resources) -> (Vec<String>, Vec<String>) {
-        let routes: BTreeSet<String> = state
+    /// Every listener version in the state and running: what they need
+    /// stays subscribed until the newer versions are warm.
+    fn listener_versions(state: &Resources) -> impl Iterator<Item = &Translated> {
+        state
             .listeners
             .values()
-            .filter_map(|e| match &e.value.listener.routes {
+            .map(|e| &e.value)
+            .chain(state.warm.listeners.values())
+    }
+
+    fn wanted(state: &Resources) -> (Vec<String>, Vec<String>) {
+        let routes: BTreeSet<String> = Self::listener_versions(state)
+            .filter_map(|t| match &t.listener.routes {
                 RouteSource::Rds(name) => Some(name.clone()),
                 _ => None,
             })
@@ -392,7 +572,9 @@ impl XdsHandler {
         let endpoints: BTreeSet<String> = state
             .clusters
             .values()
-            .filter_map(|e| match &e.value.1 {
+            .map(|e| &e.value)
+            .chain(state.warm.clusters.values())
+            .filter_map(|(_, source)| match source {
                 EndpointSource::Eds(name) => Some(name.clone()),
                 EndpointSource::Inline | EndpointSource::OriginalDst => None,
             })
@@ -403,8 +585,21 @@ impl XdsHandler {
         )
     }
 
-    fn apply(&self, type_url: &str, update: Update) -> Result<(), Vec<ResourceError>> {
-        let replaying = self.replaying.load(Ordering::Acquire);
+    fn apply(&self, type_url: &str, update: Update) -> Result<(), Rejections> {
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        self.apply_serial(&serial, type_url, update, false)
+    }
+
+    /// Applies one update; `_serial` proves no other apply runs.
+    /// `replaying`: the update comes from the last-known-good file (it is
+    /// not saved again).
+    fn apply_serial(
+        &self,
+        _serial: &std::sync::MutexGuard<'_, ()>,
+        type_url: &str,
+        update: Update,
+        replaying: bool,
+    ) -> Result<(), Rejections> {
         let (resources, removed, replace_all) = match update {
             Update::State { resources, .. } => {
                 // State of the world: LDS and CDS carry everything, so what
@@ -414,11 +609,10 @@ impl XdsHandler {
             }
             Update::Delta { added, removed, .. } => (added, removed, false),
         };
-        let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
         let sds_names = self.tls_names.as_ref();
         let mut state = match self.state.lock() {
             Ok(state) => state.clone(),
-            Err(_) => return Err(internal(&names, "state lock poisoned")),
+            Err(_) => return Err(internal("state lock poisoned")),
         };
         // What a replay left behind goes as soon as the control plane
         // speaks for the type.
@@ -497,12 +691,7 @@ impl XdsHandler {
                 Self::merge(&mut state.endpoints, converted, &removed, replace_all);
                 type_url::ENDPOINT
             }
-            other => {
-                return Err(internal(
-                    &names,
-                    &format!("resource type {other} is not supported"),
-                ))
-            }
+            other => return Err(internal(&format!("resource type {other} is not supported"))),
         };
         state.seen.insert(kind);
         // Secrets hold private keys: never written to disk.
@@ -519,14 +708,24 @@ impl XdsHandler {
             }
         }
 
-        let (file, warming) = self
-            .assemble(&state)
-            .map_err(|reason| internal(&names, &reason))?;
-        let config = Config::from_dynamic_model(file).map_err(|err| {
-            let reason = err.to_string().replace('\n', "; ");
-            internal(&names, &reason)
-        })?;
-        let applied = self.runtime.apply(config);
+        let Assembled {
+            file,
+            warming,
+            warm,
+        } = self.assemble(&state)?;
+        // Errors name fields by their place in the assembled config; the
+        // NACK must name the resources.
+        let places = Places {
+            listeners: file.listeners.iter().map(|l| l.name.clone()).collect(),
+            clusters: file.clusters.iter().map(|c| c.name.clone()).collect(),
+        };
+        let config = Config::from_dynamic_model(file)
+            .map_err(|err| Self::attribute(&warm, &places, err.field_errors()))?;
+        // A config that cannot run (a port taken) changes nothing: the
+        // state stays as it was, or the next update of any type would
+        // apply it anyway.
+        self.runtime.apply(config).map_err(start_failure)?;
+        state.warm = warm;
         let (routes, endpoints) = Self::wanted(&state);
         let mut secrets = Self::edge_secret_names(&state);
         let ready = state.seen.contains(type_url::LISTENER)
@@ -562,7 +761,7 @@ impl XdsHandler {
             self.note_complete(replaying, to_save);
         }
         self.publish_status(status);
-        applied.map_err(|err| internal(&names, &format!("{err:#}")))
+        Ok(())
     }
 
     /// Records that a complete config runs, where it came from, and saves
@@ -648,7 +847,11 @@ impl XdsHandler {
                 .collect();
         }
         if let Ok(nacks) = self.nacks.lock() {
-            status["last_nack_by_resource"] = serde_json::json!(*nacks);
+            status["last_nack_by_resource"] = nacks
+                .iter()
+                .map(|((_, name), nack)| (name.clone(), nack.reason.clone().into()))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
         }
         if let Ok(source) = self.source.lock() {
             status["source"] = match *source {
@@ -662,22 +865,82 @@ impl XdsHandler {
     }
 }
 
+/// The type and name of the resource a field of the assembled config
+/// came from, and the field's path within it.
+fn origin(warm: &Warm, places: &Places, path: &str) -> (&'static str, String, String) {
+    let indexed = |prefix: &str| -> Option<(usize, String)> {
+        let rest = path.strip_prefix(prefix)?;
+        let (index, field) = rest.split_once(']')?;
+        Some((
+            index.parse().ok()?,
+            field.trim_start_matches('.').to_string(),
+        ))
+    };
+    if let Some((i, field)) = indexed("listeners[") {
+        if let Some(listener) = places.listeners.get(i) {
+            let served = warm.listeners.get(listener);
+            let rds = served.and_then(|t| match &t.listener.routes {
+                RouteSource::Rds(routes) => Some(routes.clone()),
+                _ => None,
+            });
+            let from_routes =
+                field.starts_with("virtual_hosts") || field.starts_with("http.headers");
+            return match rds {
+                Some(routes) if from_routes => (type_url::ROUTE, routes, field),
+                _ if served.is_some() => (type_url::LISTENER, listener.clone(), field),
+                _ => (BOOTSTRAP, listener.clone(), field),
+            };
+        }
+    }
+    if let Some((i, field)) = indexed("clusters[") {
+        if let Some(cluster) = places.clusters.get(i) {
+            let served = warm.clusters.get(cluster);
+            let eds = served.and_then(|(_, source)| match source {
+                EndpointSource::Eds(service) => Some(service.clone()),
+                _ => None,
+            });
+            return match eds {
+                Some(service) if field.starts_with("endpoints") => {
+                    (type_url::ENDPOINT, service, field)
+                }
+                _ if served.is_some() => (type_url::CLUSTER, cluster.clone(), field),
+                _ => (BOOTSTRAP, cluster.clone(), field),
+            };
+        }
+    }
+    (BOOTSTRAP, "(bootstrap)".to_string(), path.to_string())
+}
+
 fn unix_seconds(time: SystemTime) -> u64 {
     time.duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
 }
 
-fn internal(names: &[String], reason: &str) -> Vec<ResourceError> {
-    let name = if names.is_empty() {
-        "(update)".to_string()
-    } else {
-        names.join(",")
-    };
-    vec![ResourceError {
-        name,
-        reason: reason.to_string(),
-    }]
+/// A refusal that concerns no one resource.
+fn internal(reason: &str) -> Rejections {
+    Rejections(vec![Rejection::of_config(
+        None,
+        "(update)",
+        reason.to_string(),
+    )])
+}
+
+/// A config that passed validation but could not run: the listeners that
+/// could not start, by name.
+fn start_failure(err: anyhow::Error) -> Rejections {
+    match err.downcast_ref::<crate::listener::manager::ListenerStartError>() {
+        Some(failed) => Rejections(
+            failed
+                .0
+                .iter()
+                .map(|(name, reason)| {
+                    Rejection::of_config(Some(type_url::LISTENER), name, reason.clone())
+                })
+                .collect(),
+        ),
+        None => internal(&format!("{err:#}")),
+    }
 }
 
 fn table_status<T>(table: &Table<T>) -> serde_json::Value {
@@ -704,34 +967,71 @@ fn dynamic_status(state: &Resources) -> serde_json::Value {
 
 impl Handler for XdsHandler {
     fn on_update(&self, type_url: &str, update: Update) -> Result<(), Vec<ResourceError>> {
-        let names: Vec<String> = match &update {
-            Update::State { resources, .. } => resources.iter().map(|r| r.name.clone()).collect(),
-            Update::Delta { added, .. } => added.iter().map(|r| r.name.clone()).collect(),
+        let (names, removed, replace_all): (BTreeSet<String>, Vec<String>, bool) = match &update {
+            Update::State { resources, .. } => (
+                resources.iter().map(|r| r.name.clone()).collect(),
+                Vec::new(),
+                type_url == type_url::LISTENER || type_url == type_url::CLUSTER,
+            ),
+            Update::Delta { added, removed, .. } => (
+                added.iter().map(|r| r.name.clone()).collect(),
+                removed.clone(),
+                false,
+            ),
         };
         let result = self.apply(type_url, update);
-        match &result {
+        match result {
             Ok(()) => {
                 tracing::info!(type_url, "xDS update applied");
-                // An accepted resource has no pending NACK any more.
                 if let Ok(mut nacks) = self.nacks.lock() {
-                    for name in &names {
-                        nacks.remove(name);
-                    }
+                    nacks.retain(|(kind, name), nack| {
+                        // What was refused with an update of this type has
+                        // been superseded by one that runs.
+                        if nack.whole_config.as_deref() == Some(type_url) {
+                            return false;
+                        }
+                        // An accepted or removed resource has no pending
+                        // NACK any more; state of the world removes every
+                        // resource of its type it does not carry.
+                        kind != type_url
+                            || !(names.contains(name) || removed.contains(name) || replace_all)
+                    });
                 }
+                if let Ok(state) = self.state.lock() {
+                    self.publish_status(dynamic_status(&state));
+                }
+                Ok(())
             }
-            Err(errors) => {
-                for e in errors {
+            Err(Rejections(rejections)) => {
+                // One entry per resource, so the NACK names each once.
+                let mut errors: Vec<ResourceError> = Vec::new();
+                for rejection in rejections {
+                    let e = &rejection.error;
                     tracing::warn!(type_url, resource = %e.name, reason = %e.reason, "xDS update rejected");
                     if let Ok(mut nacks) = self.nacks.lock() {
-                        nacks.insert(e.name.clone(), e.reason.clone());
+                        let kind = rejection.type_url.unwrap_or(type_url);
+                        nacks.insert(
+                            (kind.to_string(), e.name.clone()),
+                            Nack {
+                                reason: e.reason.clone(),
+                                whole_config: rejection.whole_config.then(|| type_url.to_string()),
+                            },
+                        );
+                    }
+                    match errors.iter_mut().find(|known| known.name == e.name) {
+                        Some(known) => {
+                            known.reason.push_str("; ");
+                            known.reason.push_str(&e.reason);
+                        }
+                        None => errors.push(rejection.error),
                     }
                 }
                 if let Ok(state) = self.state.lock() {
                     self.publish_status(dynamic_status(&state));
                 }
+                Err(errors)
             }
         }
-        result
     }
 
     fn on_connection(&self, connected: bool) {

@@ -395,3 +395,54 @@ async fn edge_tls_by_sni_and_permissive_mtls_from_filter_chains() {
             .is_err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_are_accepted_after_a_bootstrap_file_is_removed() {
+    use postern_tests::control::is_ack;
+    let ca = CaServer::start(
+        "cluster.local",
+        std::time::Duration::from_secs(3600),
+        &[ID_A],
+    )
+    .await;
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let snapshot = |version: &str, backend: SocketAddr| {
+        let mut snapshot = Snapshot::new(version);
+        snapshot.add_message("out", &http_listener("out", any_port(), "app", None));
+        snapshot.add_message("app", &static_cluster("app", backend, None));
+        snapshot
+    };
+    let cp = ControlPlane::start(snapshot("1", a.addr())).await;
+    let mut events = cp.server.events();
+    let bootstrap = format!(
+        r#"
+node: {{ id: "a" }}
+xds: {{ address: "{}", initial_backoff: 50ms, max_backoff: 500ms }}
+identity:
+  spiffe_id: {ID_A}
+  source:
+    istio_ca: {{ address: "{}", token_file: "{}", trust_bundle: "{}" }}
+"#,
+        cp.url(),
+        ca.address,
+        ca.token_files[0].display(),
+        ca.root_file.display(),
+    );
+    let proxy = start_proxy(&bootstrap).await;
+    ready(&proxy).await;
+    let out = proxy.listener_addr("out").expect("out bound");
+    assert_eq!(get(out, "app", "/").await.backend(), Some("a"));
+
+    // The trust bundle the bootstrap names goes away; the proxy has it
+    // loaded, and an unrelated update must not depend on reading it again.
+    std::fs::remove_file(&ca.root_file).expect("remove the bundle");
+    cp.server.set_snapshot(snapshot("2", b.addr()));
+    wait_event(&mut events, "cluster ACK", |e| {
+        is_ack(e, type_url::CLUSTER, "2")
+    })
+    .await;
+    eventually("traffic follows to b", || async {
+        (get(out, "app", "/").await.backend() == Some("b")).then_some(())
+    })
+    .await;
+}

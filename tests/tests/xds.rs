@@ -13,7 +13,7 @@ use postern_control::mesh::parse_mesh;
 use postern_proto::envoy::config::cluster::v3 as cluster;
 use postern_proto::type_url;
 use postern_tests::control::{is_ack, is_nack, wait_event, ControlPlane};
-use postern_tests::{eventually, get, start_proxy, wait_until, HttpBackend, Proxy};
+use postern_tests::{eventually, get, start_proxy, wait_until, within, HttpBackend, Proxy};
 
 /// A mesh with one HTTP listener whose routes send `/` to `cluster`, and the
 /// given services (name, backend).
@@ -652,7 +652,7 @@ async fn inbound_capture_chains_must_lead_to_the_app() {
     };
     assert!(
         error.contains(
-            "listener virtualInbound: filter_chains[0].filters[0].cluster: \"svc-a\" is not an ORIGINAL_DST cluster"
+            "virtualInbound: filter_chains[0].filters[0].cluster: \"svc-a\" is not an ORIGINAL_DST cluster"
         ),
         "{error}"
     );
@@ -982,4 +982,386 @@ async fn rbac_per_route_from_xds_replaces_the_listeners_and_bad_overrides_are_na
         Some(addr),
         "not rebound"
     );
+}
+
+/// `snapshot` with its listener replaced by one on `addr` whose inline
+/// routes send everything to `cluster`; `header_kb` sets the connection
+/// manager's request-header limit, which changes the listener's shape.
+fn with_fixed_listener(
+    mut snapshot: Snapshot,
+    addr: SocketAddr,
+    cluster_name: &str,
+    header_kb: Option<u32>,
+) -> Snapshot {
+    use postern_proto::envoy::config::listener::v3 as listener;
+    use postern_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    let mut l = postern_tests::envoy::http_listener("xds-http", addr, cluster_name, None);
+    let filter = &mut l.filter_chains[0].filters[0];
+    let Some(listener::filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+        unreachable!("http_listener packs its connection manager")
+    };
+    let mut manager: hcm::HttpConnectionManager =
+        prost::Message::decode(any.value.as_slice()).expect("connection manager");
+    manager.max_request_headers_kb =
+        header_kb.map(|value| postern_proto::google::protobuf::UInt32Value { value });
+    filter.config_type = Some(listener::filter::ConfigType::TypedConfig(
+        postern_control::ads::pack(&manager),
+    ));
+    snapshot.remove(type_url::LISTENER, "xds-http");
+    snapshot.add_message("xds-http", &l);
+    snapshot
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_replaced_on_its_fixed_port_never_refuses_a_connection() {
+    use http_body_util::{BodyExt, StreamBody};
+    use postern_tests::client::{request, BoxError, H1Conn};
+
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let services = [("svc-a", a.addr()), ("svc-b", b.addr())];
+    let cp = ControlPlane::start(with_fixed_listener(
+        mesh("1", "svc-a", &services),
+        port,
+        "svc-a",
+        None,
+    ))
+    .await;
+    let mut events = cp.server.events();
+    // Long enough that the drain never cuts the held request short.
+    let yaml = bootstrap(&cp, "sotw").replace("drain_timeout: 2s", "drain_timeout: 60s");
+    let proxy = start_proxy(&yaml).await;
+    ready(&proxy).await;
+    assert_eq!(proxy.listener_addr("xds-http"), Some(port));
+
+    // A request in flight on the old config: its body is held back.
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, BoxError>(hyper::body::Frame::data(chunk)), rx))
+    });
+    let held = request("POST", "svc", "/held")
+        .body(BodyExt::boxed(StreamBody::new(frames)))
+        .expect("request");
+    let mut conn = H1Conn::connect(port).await.expect("connect");
+    let in_flight = tokio::spawn(async move { conn.send(held).await });
+    tx.send(bytes::Bytes::from_static(b"first"))
+        .await
+        .expect("body");
+    wait_until("the held request reached a", || async {
+        a.in_flight() == 1
+    })
+    .await;
+
+    // New connections, one request each, all through the change: the
+    // stream ends once the new config answers it (or fails).
+    let stream = tokio::spawn({
+        async move {
+            let mut served = Vec::new();
+            let mut failures = Vec::new();
+            while served.last().is_none_or(|b| b != "b") && failures.is_empty() {
+                let exchange = async {
+                    let mut conn = H1Conn::connect(port).await?;
+                    conn.send(request("GET", "svc", "/").body(postern_tests::client::empty())?)
+                        .await
+                };
+                match exchange.await {
+                    Ok(response) if response.status == 200 => {
+                        served.push(response.backend().unwrap_or_default().to_string());
+                    }
+                    Ok(response) => failures.push(format!("status {}", response.status)),
+                    Err(err) => failures.push(format!("{err:#}")),
+                }
+            }
+            (served, failures)
+        }
+    });
+
+    // The shape changes (header limit) along with the routes (to b).
+    cp.server.set_snapshot(with_fixed_listener(
+        mesh("2", "svc-a", &services),
+        port,
+        "svc-b",
+        Some(1),
+    ));
+    wait_event(&mut events, "listener ACK", |e| {
+        is_ack(e, type_url::LISTENER, "2")
+    })
+    .await;
+    let (served, failures) = within(
+        std::time::Duration::from_secs(30),
+        "the connection stream reaching b",
+        stream,
+    )
+    .await
+    .expect("connection stream");
+    assert!(
+        failures.is_empty(),
+        "every connection is served: {failures:?}"
+    );
+    assert!(served.iter().any(|b| b == "b"), "{served:?}");
+
+    // The held request finishes on the old config.
+    tx.send(bytes::Bytes::from_static(b" last"))
+        .await
+        .expect("body");
+    drop(tx);
+    let response = in_flight.await.expect("task").expect("held request");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.backend(), Some("a"));
+
+    // The new listener is the one serving: its header limit applies.
+    let big = request("GET", "svc", "/")
+        .header("x-big", "x".repeat(2048))
+        .body(postern_tests::client::empty())
+        .expect("request");
+    assert_eq!(postern_tests::send(port, big).await.status, 431);
+    assert_eq!(proxy.listener_addr("xds-http"), Some(port));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_cannot_bind_is_not_kept_for_the_next_update() {
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let cp = ControlPlane::start(mesh("1", "svc-a", &[("svc-a", a.addr())])).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+
+    // Another process holds this port: the listener passes validation but
+    // cannot start.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = holder.local_addr().expect("addr");
+    let with_taken = |mut snapshot: Snapshot| {
+        snapshot.add_message(
+            "taken",
+            &postern_tests::envoy::http_listener("taken", taken, "svc-a", None),
+        );
+        snapshot
+    };
+    cp.server
+        .set_snapshot(with_taken(mesh("2", "svc-a", &[("svc-a", a.addr())])));
+    let nack = wait_event(&mut events, "listener NACK", |e| {
+        is_nack(e, type_url::LISTENER)
+    })
+    .await;
+    let AdsEventKind::Nack { error, .. } = nack.kind else {
+        unreachable!()
+    };
+    assert!(error.contains("taken"), "{error}");
+
+    // An update of another type is not refused for the listener's sake.
+    cp.server.set_snapshot(with_taken(mesh(
+        "3",
+        "svc-b",
+        &[("svc-a", a.addr()), ("svc-b", b.addr())],
+    )));
+    wait_event(&mut events, "cluster ACK", |e| {
+        is_ack(e, type_url::CLUSTER, "3")
+    })
+    .await;
+    eventually("route follows to b", || async {
+        (backend_of(&proxy).await.as_deref() == Some("b")).then_some(())
+    })
+    .await;
+    assert_eq!(proxy.listener_addr("taken"), None);
+    drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_found_checking_the_whole_config_names_the_bad_resource_only() {
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let services = [("svc-a", a.addr()), ("svc-b", b.addr())];
+    let cp = ControlPlane::start(mesh("1", "svc-a", &services)).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+
+    // Translates fine; only the check of the assembled config finds the
+    // zero connection limit.
+    let mut bad = postern_tests::envoy::static_cluster("zero-limit", b.addr(), None);
+    bad.circuit_breakers = Some(cluster::CircuitBreakers {
+        thresholds: vec![cluster::circuit_breakers::Thresholds {
+            max_connections: Some(postern_proto::google::protobuf::UInt32Value { value: 0 }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let mut with_bad = mesh("2", "svc-a", &services);
+    with_bad.add_message("zero-limit", &bad);
+    cp.server.set_snapshot(with_bad);
+    let nack = wait_event(&mut events, "cluster NACK", |e| {
+        is_nack(e, type_url::CLUSTER)
+    })
+    .await;
+    let AdsEventKind::Nack { error, .. } = nack.kind else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("zero-limit: circuit_breaker.max_connections"),
+        "the NACK names the cluster and its field: {error}"
+    );
+    assert!(
+        !error.contains("svc-a") && !error.contains("svc-b") && !error.contains("clusters["),
+        "only the bad cluster is named: {error}"
+    );
+    let nacks = || async {
+        let dump: serde_json::Value = serde_json::from_str(
+            &get(proxy.admin_addr(), "localhost", "/config_dump")
+                .await
+                .text(),
+        )
+        .expect("config_dump is JSON");
+        dump["dynamic"]["last_nack_by_resource"].clone()
+    };
+    let pending = nacks().await;
+    let names: Vec<&String> = pending.as_object().expect("a map").keys().collect();
+    assert_eq!(names, ["zero-limit"], "{pending}");
+
+    // Fixed: the entry goes.
+    cp.server.set_snapshot(mesh("3", "svc-a", &services));
+    wait_event(&mut events, "cluster ACK", |e| {
+        is_ack(e, type_url::CLUSTER, "3")
+    })
+    .await;
+    wait_until("the NACK entry is cleared", || async {
+        nacks().await.as_object().is_some_and(|m| m.is_empty())
+    })
+    .await;
+}
+
+/// A mesh whose listener takes its routes from `listener_routes`, with
+/// `main-routes` (to `svc-a`) and, if `new_routes`, `new-routes` (to
+/// `svc-b`).
+fn mesh_with_rds(
+    version: &str,
+    listener_routes: &str,
+    new_routes: bool,
+    services: &[(&str, SocketAddr)],
+) -> Snapshot {
+    let services: String = services
+        .iter()
+        .map(|(name, addr)| {
+            format!("  - name: {name}\n    endpoints: [{{ address: \"{addr}\" }}]\n")
+        })
+        .collect();
+    // The mesh file insists that every named route exists: it is written
+    // and then taken out of the snapshot.
+    let extra = "  - name: new-routes\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n          - prefix: /\n            cluster: svc-b\n";
+    let yaml = format!(
+        r#"
+listeners:
+  - name: xds-http
+    address: 127.0.0.1:0
+    route: {listener_routes}
+routes:
+  - name: main-routes
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - prefix: /
+            cluster: svc-a
+{extra}services:
+{services}"#
+    );
+    let mut snapshot = parse_mesh(&yaml, version).expect("mesh");
+    if !new_routes {
+        snapshot.remove(type_url::ROUTE, "new-routes");
+    }
+    snapshot
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_keeps_its_old_routes_until_its_new_ones_arrive() {
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let services = [("svc-a", a.addr()), ("svc-b", b.addr())];
+    let cp = ControlPlane::start(mesh_with_rds("1", "main-routes", false, &services)).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+    let addr = proxy.listener_addr("xds-http").expect("listener");
+    assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
+
+    // The listener now names routes the control plane has not sent.
+    cp.server
+        .set_snapshot(mesh_with_rds("2", "new-routes", false, &services));
+    wait_event(&mut events, "listener ACK", |e| {
+        is_ack(e, type_url::LISTENER, "2")
+    })
+    .await;
+    for _ in 0..5 {
+        let response = get(addr, "svc", "/").await;
+        assert_eq!(response.backend(), Some("a"), "old routes keep serving");
+    }
+    assert_eq!(proxy.listener_addr("xds-http"), Some(addr));
+
+    // They arrive: traffic follows.
+    cp.server
+        .set_snapshot(mesh_with_rds("3", "new-routes", true, &services));
+    eventually("traffic follows the new routes", || async {
+        (backend_of(&proxy).await.as_deref() == Some("b")).then_some(())
+    })
+    .await;
+    assert_eq!(proxy.listener_addr("xds-http"), Some(addr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_keeps_its_old_endpoints_until_its_new_ones_arrive() {
+    use postern_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
+    let services = [("svc-a", a.addr()), ("svc-b", b.addr())];
+    let cp = ControlPlane::start(mesh("1", "svc-a", &services)).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp, "sotw")).await;
+    ready(&proxy).await;
+    assert_eq!(backend_of(&proxy).await.as_deref(), Some("a"));
+
+    // `svc-a` now takes its endpoints from `svc-a-v2`, not sent yet.
+    let renamed = |version: &str, with_endpoints: bool| {
+        let mut snapshot = mesh(version, "svc-a", &services);
+        let body = snapshot
+            .remove(type_url::CLUSTER, "svc-a")
+            .expect("svc-a cluster");
+        let mut c: cluster::Cluster =
+            prost::Message::decode(body.value.as_slice()).expect("cluster");
+        c.eds_cluster_config = Some(cluster::cluster::EdsClusterConfig {
+            service_name: "svc-a-v2".into(),
+            ..c.eds_cluster_config.unwrap_or_default()
+        });
+        snapshot.add_message("svc-a", &c);
+        if with_endpoints {
+            let body = snapshot
+                .of_type(type_url::ENDPOINT)
+                .find(|(name, _)| *name == "svc-b")
+                .map(|(_, body)| body.clone())
+                .expect("svc-b endpoints");
+            let mut cla: ClusterLoadAssignment =
+                prost::Message::decode(body.value.as_slice()).expect("assignment");
+            cla.cluster_name = "svc-a-v2".into();
+            snapshot.add_message("svc-a-v2", &cla);
+        }
+        snapshot
+    };
+    cp.server.set_snapshot(renamed("2", false));
+    wait_event(&mut events, "cluster ACK", |e| {
+        is_ack(e, type_url::CLUSTER, "2")
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(
+            backend_of(&proxy).await.as_deref(),
+            Some("a"),
+            "the old endpoints keep serving"
+        );
+    }
+
+    // They arrive: traffic follows.
+    cp.server.set_snapshot(renamed("3", true));
+    eventually("traffic follows the new endpoints", || async {
+        (backend_of(&proxy).await.as_deref() == Some("b")).then_some(())
+    })
+    .await;
 }

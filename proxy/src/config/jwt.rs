@@ -187,7 +187,7 @@ fn keys(
 ) -> KeySource {
     match (&file.inline, &file.file, &file.remote) {
         (Some(inline), None, None) => parsed(inline.as_bytes(), &format!("{path}.inline"), errors),
-        (None, Some(name), None) => match std::fs::read(name) {
+        (None, Some(name), None) => match errors.read(name) {
             Ok(text) => parsed(&text, &format!("{path}.file"), errors),
             Err(err) => {
                 errors.push(

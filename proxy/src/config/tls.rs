@@ -332,8 +332,8 @@ fn build_edge(tls: &ServerTlsFile, path: &str, errors: &mut Errors) -> Option<Ed
 }
 
 fn read_file(file: &Path, path: &str, errors: &mut Errors) -> Option<Vec<u8>> {
-    match std::fs::read(file) {
-        Ok(bytes) => Some(bytes),
+    match errors.read(file) {
+        Ok(bytes) => Some(bytes.to_vec()),
         Err(e) => {
             errors.push(
                 path.to_string(),

@@ -42,6 +42,40 @@ impl Errors {
             reason: reason.into(),
         });
     }
+
+    /// Reads a file the config names (certificates, bundles, JWKS). Every
+    /// xDS update rebuilds the bootstrap's static part too: if such a file
+    /// cannot be read then, the contents last read stand in, so a file
+    /// removed after start does not make every unrelated update fail. A
+    /// file that can be read is always read, so a changed one still counts.
+    pub(super) fn read(&self, file: &std::path::Path) -> std::io::Result<Arc<[u8]>> {
+        static LAST_READ: std::sync::OnceLock<
+            std::sync::Mutex<HashMap<std::path::PathBuf, Arc<[u8]>>>,
+        > = std::sync::OnceLock::new();
+        let last_read = LAST_READ.get_or_init(Default::default);
+        match std::fs::read(file) {
+            Ok(bytes) => {
+                let bytes: Arc<[u8]> = bytes.into();
+                if let Ok(mut cache) = last_read.lock() {
+                    cache.insert(file.to_path_buf(), bytes.clone());
+                }
+                Ok(bytes)
+            }
+            Err(err) => {
+                let cached = self
+                    .1
+                    .then(|| last_read.lock().ok()?.get(file).cloned())
+                    .flatten();
+                match cached {
+                    Some(bytes) => {
+                        tracing::warn!(file = %file.display(), error = %err, "cannot read a file the bootstrap names; using its contents as last read");
+                        Ok(bytes)
+                    }
+                    None => Err(err),
+                }
+            }
+        }
+    }
 }
 
 pub(super) fn build(file: ConfigFile) -> Result<Config, ConfigError> {

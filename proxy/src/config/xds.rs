@@ -25,6 +25,8 @@ use super::file::*;
 
 #[path = "xds_chains.rs"]
 mod chains;
+#[path = "xds_ignored.rs"]
+mod ignored;
 #[path = "xds_limits.rs"]
 mod limits;
 #[path = "xds_policy.rs"]
@@ -335,6 +337,7 @@ fn header_add(o: &core::HeaderValueOption, path: &str, ctx: &mut Ctx) -> Option<
 }
 
 fn virtual_host(vh: &route::VirtualHost, path: &str, ctx: &mut Ctx) -> VirtualHostFile {
+    ignored::virtual_host(vh, path, ctx);
     if vh.require_tls != 0 {
         ctx.unsupported(format!("{path}.require_tls"));
     }
@@ -578,6 +581,7 @@ fn header_match(h: &route::HeaderMatcher, path: &str, ctx: &mut Ctx) -> Option<H
 }
 
 fn route_action(a: &route::RouteAction, path: &str, out: &mut RouteFile, ctx: &mut Ctx) {
+    ignored::route_action(a, path, ctx);
     use route::route_action::ClusterSpecifier as C;
     match &a.cluster_specifier {
         Some(C::Cluster(name)) => out.cluster = Some(name.clone()),
@@ -790,6 +794,7 @@ pub fn cluster(
 ) -> Result<(ClusterFile, EndpointSource), Problems> {
     use cluster::cluster::{ClusterDiscoveryType, DiscoveryType as T, LbPolicy as L};
     let mut ctx = Ctx::new();
+    ignored::cluster(c, &mut ctx);
     let discovery = match &c.cluster_discovery_type {
         Some(ClusterDiscoveryType::Type(t)) => *t,
         Some(_) => {
@@ -2060,6 +2065,7 @@ fn http_connection_manager(
     if let Some(n) = m.max_request_headers_kb.as_ref() {
         file.limits.max_request_headers_bytes = n.value as usize * 1024;
     }
+    ignored::connection_manager(m, path, file, ctx);
     file.http.trust_downstream = m.use_remote_address.as_ref().is_some_and(|v| !v.value);
     // Postern normalises by default (Envoy does not): only an explicit
     // setting turns it off.

@@ -702,6 +702,7 @@ fn grpc_access_logger_and_trace_sampling_map_onto_the_listener() {
 }
 
 mod edge;
+mod ignored;
 mod inbound;
 mod jwt;
 mod limits;

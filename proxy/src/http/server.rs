@@ -158,6 +158,11 @@ struct Watch<'a, D, F> {
     stalled: Option<(u64, Instant)>,
     idle_closing: bool,
     draining: bool,
+    // A drain that found the connection before its first byte waits one
+    // tick of the timers: a connection accepted just as its listener was
+    // replaced (or the drain began) has had no chance to send its request,
+    // and closing it now would leave that request unanswered.
+    drain_deferred: bool,
     drain: Pin<&'a mut D>,
     force: Pin<&'a mut F>,
 }
@@ -192,7 +197,11 @@ impl<D: Future<Output = ()>, F: Future<Output = ()>> Watch<'_, D, F> {
                 biased;
                 result = conn.as_mut() => return Verdict::Done(result),
                 () = self.force.as_mut() => return Verdict::Close,
-                () = self.drain.as_mut(), if !self.draining => {
+                () = self.drain.as_mut(), if !self.draining && !self.drain_deferred => {
+                    if self.activity.bytes_moved() == 0 {
+                        self.drain_deferred = true;
+                        continue;
+                    }
                     self.draining = true;
                     if matches!(stage, Stage::Waiting) {
                         return Verdict::Close;
@@ -200,6 +209,13 @@ impl<D: Future<Output = ()>, F: Future<Output = ()>> Watch<'_, D, F> {
                     graceful(conn.as_mut());
                 }
                 _ = self.timers.tick() => {
+                    if self.drain_deferred && !self.draining {
+                        self.draining = true;
+                        if matches!(stage, Stage::Waiting) {
+                            return Verdict::Close;
+                        }
+                        graceful(conn.as_mut());
+                    }
                     let state = self.activity.state();
                     // A client that stops reading (or opens no flow-control
                     // window) holds its requests, their upstream connections
@@ -316,6 +332,7 @@ pub async fn serve_connection(
         stalled: None,
         idle_closing: false,
         draining: false,
+        drain_deferred: false,
         drain,
         force,
     };

@@ -2,12 +2,14 @@
 //! bound and starts accepting, a removed one stops accepting and drains its
 //! connections, a kept one gets its new routes and policies without
 //! touching a connection. A listener whose address, limits, protocol or TLS changed is
-//! replaced (the old one drains).
+//! replaced (the old one drains). A replacement on the same address takes
+//! over the old one's bound socket, so the port never refuses a connection
+//! during the change.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,15 +24,19 @@ use crate::config::{Listener, ListenerProtocol};
 use crate::http::proxy::HttpConfig;
 use crate::tls::DownstreamTls;
 
-/// Listeners that could not be started.
+/// Listeners that could not be started: name and reason each.
 #[derive(Debug, thiserror::Error)]
-#[error("{}", .0.join("; "))]
-pub struct ListenerStartError(pub Vec<String>);
+#[error("{}", .0.iter().map(|(name, reason)| format!("listener \"{name}\": {reason}")).collect::<Vec<_>>().join("; "))]
+pub struct ListenerStartError(pub Vec<(Arc<str>, String)>);
 
 struct Running {
     listener: Arc<Listener>,
     shape: String,
     addr: SocketAddr,
+    /// The bound socket, owned by the accept loop: a replacement on the
+    /// same address takes it over while the loop still runs; once the loop
+    /// has stopped (a drain) the socket is closed.
+    socket: Weak<TcpListener>,
     http: Option<Arc<ArcSwap<HttpConfig>>>,
     capture: Option<Arc<ArcSwap<Listener>>>,
     tcp_rbac: Option<watch::Sender<Option<Arc<crate::authz::Rbac>>>>,
@@ -96,6 +102,35 @@ fn swap_tcp_limit(
     cell.store(next);
 }
 
+/// A listener bound and set up, not yet accepting.
+struct Prepared {
+    listener: Arc<Listener>,
+    socket: Arc<TcpListener>,
+    addr: SocketAddr,
+    tls: DownstreamTls,
+}
+
+/// The socket of a listener being replaced or removed that `listener` can
+/// take over: the same configured address (for port 0, only under the same
+/// name, since each such listener has a port of its own). Binding afresh
+/// would fail while the old socket is open, and closing it first would
+/// refuse connections in between.
+fn inherit_socket(
+    running: &HashMap<Arc<str>, Running>,
+    stale: &[Arc<str>],
+    listener: &Listener,
+) -> Option<Arc<TcpListener>> {
+    let same = |name: &Arc<str>, r: &Running| {
+        r.listener.address == listener.address
+            && (listener.address.port() != 0 || **name == *listener.name)
+    };
+    stale
+        .iter()
+        .filter_map(|name| running.get(name).map(|r| (name, r)))
+        .find(|(name, r)| same(name, r))
+        .and_then(|(_, r)| r.socket.upgrade())
+}
+
 impl ListenerManager {
     /// A manager with nothing running.
     pub fn new(
@@ -122,10 +157,14 @@ impl ListenerManager {
     }
 
     /// Makes the running set match `listeners`. Listeners that cannot be
-    /// bound are reported; the rest of the change still happens.
+    /// bound are reported and nothing changes then: the running set stays
+    /// as it was.
     pub fn apply(&self, listeners: &[Arc<Listener>]) -> Result<(), ListenerStartError> {
         let Ok(mut running) = self.running.lock() else {
-            return Err(ListenerStartError(vec!["listener table poisoned".into()]));
+            return Err(ListenerStartError(vec![(
+                "(all)".into(),
+                "listener table poisoned".into(),
+            )]));
         };
         // Checked under the lock that drain_all takes to set it, so a drain
         // never misses a listener started alongside it.
@@ -134,68 +173,90 @@ impl ListenerManager {
         }
         let wanted: HashMap<&str, &Arc<Listener>> =
             listeners.iter().map(|l| (&*l.name, l)).collect();
-        // Stop what is gone or changed shape first, so a replacement can
-        // bind the same address.
         let stale: Vec<Arc<str>> = running
             .iter()
             .filter(|(name, r)| wanted.get(&***name).is_none_or(|l| shape(l) != r.shape))
             .map(|(name, _)| name.clone())
             .collect();
+        // Everything new or replaced is bound and set up before anything
+        // stops, so a listener that cannot start leaves the running set as
+        // it was (the caller keeps the old config too).
+        let mut prepared = Vec::new();
+        let mut failures = Vec::new();
+        for listener in listeners {
+            if running.contains_key(&listener.name) && !stale.contains(&listener.name) {
+                continue;
+            }
+            let inherited = inherit_socket(&running, &stale, listener);
+            match self.prepare(listener, inherited) {
+                Ok(ready) => prepared.push(ready),
+                Err(err) => {
+                    tracing::error!(listener = %listener.name, error = %err, "cannot start listener");
+                    failures.push((listener.name.clone(), format!("{err:#}")));
+                }
+            }
+        }
+        if !failures.is_empty() {
+            return Err(ListenerStartError(failures));
+        }
         for name in stale {
             if let Some(old) = running.remove(&name) {
-                tracing::info!(listener = %name, addr = %old.addr, "listener removed; draining");
+                tracing::info!(listener = %name, addr = %old.addr, "listener removed or replaced; draining");
                 self.retire(old);
             }
         }
-        let mut failures = Vec::new();
+        for ready in prepared {
+            let name = ready.listener.name.clone();
+            running.insert(name, self.start(ready));
+        }
         for listener in listeners {
-            if let Some(current) = running.get_mut(&listener.name) {
-                if let (Some(swap), ListenerProtocol::Http(http)) =
-                    (&current.http, &listener.protocol)
-                {
-                    let next = HttpConfig::of(http);
-                    next.adopt(&swap.load());
-                    swap.store(Arc::new(next));
-                }
-                if let Some(swap) = &current.capture {
-                    swap.store(listener.clone());
-                }
-                if let (Some(policy), ListenerProtocol::Tcp(tcp)) =
-                    (&current.tcp_rbac, &listener.protocol)
-                {
-                    policy.send_replace(tcp.rbac.clone());
-                }
-                if let (Some(cell), ListenerProtocol::Tcp(tcp)) =
-                    (&current.tcp_limit, &listener.protocol)
-                {
-                    swap_tcp_limit(cell, tcp.rate_limit.clone());
-                }
-                current.listener = listener.clone();
+            let Some(current) = running.get_mut(&listener.name) else {
+                continue;
+            };
+            if Arc::ptr_eq(&current.listener, listener) {
                 continue;
             }
-            match self.start(listener) {
-                Ok(started) => {
-                    running.insert(listener.name.clone(), started);
-                }
-                Err(err) => {
-                    tracing::error!(listener = %listener.name, error = %err, "cannot start listener");
-                    failures.push(format!("listener \"{}\": {err:#}", listener.name));
-                }
+            if let (Some(swap), ListenerProtocol::Http(http)) = (&current.http, &listener.protocol)
+            {
+                let next = HttpConfig::of(http);
+                next.adopt(&swap.load());
+                swap.store(Arc::new(next));
             }
+            if let Some(swap) = &current.capture {
+                swap.store(listener.clone());
+            }
+            if let (Some(policy), ListenerProtocol::Tcp(tcp)) =
+                (&current.tcp_rbac, &listener.protocol)
+            {
+                policy.send_replace(tcp.rbac.clone());
+            }
+            if let (Some(cell), ListenerProtocol::Tcp(tcp)) =
+                (&current.tcp_limit, &listener.protocol)
+            {
+                swap_tcp_limit(cell, tcp.rate_limit.clone());
+            }
+            current.listener = listener.clone();
         }
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            Err(ListenerStartError(failures))
-        }
+        Ok(())
     }
 
-    fn start(&self, listener: &Arc<Listener>) -> anyhow::Result<Running> {
+    /// Binds (or takes over) the socket and builds the TLS front: the steps
+    /// that can fail, done before any running listener is touched.
+    fn prepare(
+        &self,
+        listener: &Arc<Listener>,
+        inherited: Option<Arc<TcpListener>>,
+    ) -> anyhow::Result<Prepared> {
         use anyhow::Context as _;
-        let std_socket = std::net::TcpListener::bind(listener.address)
-            .with_context(|| format!("cannot bind {}", listener.address))?;
-        std_socket.set_nonblocking(true)?;
-        let socket = TcpListener::from_std(std_socket)?;
+        let socket = match inherited {
+            Some(socket) => socket,
+            None => {
+                let std_socket = std::net::TcpListener::bind(listener.address)
+                    .with_context(|| format!("cannot bind {}", listener.address))?;
+                std_socket.set_nonblocking(true)?;
+                Arc::new(TcpListener::from_std(std_socket)?)
+            }
+        };
         let addr = socket.local_addr()?;
         let tls = DownstreamTls::new(
             listener.name.clone(),
@@ -203,6 +264,22 @@ impl ListenerManager {
             self.identity.as_ref(),
             listener.limits.header_read_timeout,
         )?;
+        Ok(Prepared {
+            listener: listener.clone(),
+            socket,
+            addr,
+            tls,
+        })
+    }
+
+    fn start(&self, prepared: Prepared) -> Running {
+        let Prepared {
+            listener,
+            socket,
+            addr,
+            tls,
+        } = prepared;
+        let listener = &listener;
         let http = match &listener.protocol {
             ListenerProtocol::Http(http) => {
                 Some(Arc::new(ArcSwap::from_pointee(HttpConfig::of(http))))
@@ -247,11 +324,13 @@ impl ListenerManager {
             tcp_rbac: tcp_rbac_rx,
             tcp_limit: tcp_limit.clone(),
         };
+        let weak = Arc::downgrade(&socket);
         let accept = tokio::spawn(run_listener(socket, listener.clone(), context, shutdown));
-        Ok(Running {
+        Running {
             listener: listener.clone(),
             shape: shape(listener),
             addr,
+            socket: weak,
             http,
             capture,
             tcp_rbac,
@@ -259,7 +338,7 @@ impl ListenerManager {
             drain,
             force,
             accept,
-        })
+        }
     }
 
     /// Stops accepting, lets connections finish, closes the rest after the

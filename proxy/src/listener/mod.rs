@@ -113,9 +113,11 @@ pub struct ListenerContext {
     pub tcp_limit: Option<Arc<crate::tcp::LimitCell>>,
 }
 
-/// Accepts connections on a bound listener until the drain starts.
+/// Accepts connections on a bound listener until the drain starts. The
+/// socket may be shared with the listener that replaces this one, which
+/// keeps accepting on it after this loop stops.
 pub async fn run_listener(
-    socket: TcpListener,
+    socket: Arc<TcpListener>,
     listener: Arc<Listener>,
     context: ListenerContext,
     mut shutdown: Shutdown,
@@ -177,11 +179,14 @@ pub async fn run_listener(
     let total = metrics::counter!(names::DOWNSTREAM_CONNECTIONS_TOTAL, "listener" => name.clone());
     loop {
         let accepted = tokio::select! {
+            // Once the drain has begun, no connection is taken from a
+            // socket a replacement listener may be accepting on too.
+            biased;
+            _ = shutdown.drain.changed() => break,
             // While the process is overloaded new connections wait in the
             // kernel's listen queue (and past it, SYNs are dropped and
             // retried by clients) instead of costing memory here.
             accepted = overload.accept(&socket) => accepted,
-            _ = shutdown.drain.changed() => break,
         };
         let (stream, peer) = match accepted {
             Ok(pair) => pair,
