@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use postern::config::file::XdsProtocolFile;
 use postern::config::{BootstrapOverrides, Config, ConfigError};
 use postern::demo::{self, Demo, DemoOptions};
+use postern::sidecar::app_probe::{AppProbes, StatusServer};
 use postern::sidecar::{inject, iptables, wait_ready, webhook};
 use postern::{telemetry, Proxy};
 
@@ -101,6 +102,16 @@ struct Bootstrap {
     /// How long outbound listeners keep accepting once a drain starts, e.g. `5s` (`outbound_drain_wait`).
     #[arg(long, env = "POSTERN_OUTBOUND_DRAIN_WAIT", value_parser = humantime::parse_duration)]
     outbound_drain_wait: Option<std::time::Duration>,
+    /// Plaintext status server for the app's rewritten kubelet probes, e.g. `0.0.0.0:15020`.
+    #[arg(long, env = "POSTERN_STATUS_ADDRESS")]
+    status_address: Option<SocketAddr>,
+    /// The app's original probes as JSON, by `/app-health/...` path (written by `postern inject`).
+    #[arg(long, env = "POSTERN_APP_PROBES", value_name = "JSON", value_parser = parse_app_probes)]
+    app_probes: Option<AppProbes>,
+}
+
+fn parse_app_probes(s: &str) -> Result<AppProbes, String> {
+    AppProbes::from_json(s).map_err(|e| e.to_string())
 }
 
 /// A port list as one flag value (clap would take a bare `Vec` for a
@@ -162,8 +173,21 @@ fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(err) => return report_config_error(&bootstrap.name(), &err),
             };
+            let status = bootstrap.status_address;
+            let probes = bootstrap.app_probes.unwrap_or_default();
             run(logging, || async move {
-                Ok((Proxy::start(config).await?, None))
+                // Bound first, so a taken port stops the start before the
+                // proxy serves anything.
+                let status = match status {
+                    Some(address) => Some(StatusServer::bind(address, probes).await?),
+                    None => None,
+                };
+                let proxy = Proxy::start(config).await?;
+                if let Some(status) = status {
+                    tracing::info!(addr = ?status.local_addr().ok(), "status server listening");
+                    tokio::spawn(status.serve());
+                }
+                Ok((proxy, None))
             })
         }
         Command::Demo {
