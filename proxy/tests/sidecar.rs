@@ -1040,6 +1040,54 @@ fn two_pods_talk_through_capture_over_mtls_and_cleanup_restores_direct_traffic()
     assert_eq!(calls, 1.0);
 }
 
+/// The kubelet's view of an injected pod under strict mTLS: its plaintext
+/// probes, from outside the pod, reach the status port (not captured, as
+/// `postern inject` sets it up) and the sidecar runs the original probes
+/// against the app on loopback; plaintext to the app's port itself is
+/// still refused.
+#[test]
+fn a_kubelet_probe_reaches_the_app_through_the_status_port_under_strict_mtls() {
+    let (node, pod) = two_pods();
+    let dir = mesh_files();
+    let output = pod.postern(&["iptables", "--exclude-inbound-ports", "15020"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let _apps = pod.serve_apps("server", &[], &[8080]);
+    let probes = serde_json::json!({
+        "/app-health/web/readyz": {"httpGet": {"path": "/healthz", "port": 8080}},
+        "/app-health/web/livez": {"tcpSocket": {"port": 8080}},
+        // Nothing listens there: the app is down.
+        "/app-health/web/startupz": {"httpGet": {"path": "/", "port": 8081}},
+    })
+    .to_string();
+    let env = [
+        ("POSTERN_STATUS_ADDRESS", "0.0.0.0:15020"),
+        ("POSTERN_APP_PROBES", probes.as_str()),
+    ];
+    let proxy = pod.sidecar(&server_config(dir.path()), &env, dir.path(), "server");
+
+    for (path, status) in [
+        ("/app-health/web/readyz", "HTTP/1.1 200"),
+        ("/app-health/web/livez", "HTTP/1.1 200"),
+        ("/app-health/web/startupz", "HTTP/1.1 503"),
+    ] {
+        let response = node.http_get(&format!("{SERVER_IP}:15020"), path);
+        assert!(
+            response.starts_with(status),
+            "{path}: {response}\n{}",
+            proxy.log()
+        );
+    }
+    // The admin API is not on the status port.
+    let response = node.http_get(&format!("{SERVER_IP}:15020"), "/config_dump");
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+
+    let direct = node.http_get(&format!("{SERVER_IP}:8080"), "/healthz");
+    assert!(
+        !direct.contains("server /healthz"),
+        "plaintext reached the app past strict mTLS: {direct}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // wait-ready against a running proxy.
 // ---------------------------------------------------------------------------

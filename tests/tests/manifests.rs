@@ -95,3 +95,63 @@ fn every_annotation_and_kind_validates_once_injected() {
     );
     assert_valid("kinds-injected.yaml", &injected);
 }
+
+/// Rewritten probes of every kind (named and numbered ports, HTTPS and
+/// headers, a gRPC service, probes left alone) validate, with the
+/// opt-out pod beside them.
+#[test]
+fn rewritten_app_probes_validate() {
+    let pod = |name: &str, annotations: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  annotations: {{ {annotations} }}
+spec:
+  containers:
+    - name: web
+      image: web:1
+      ports:
+        - {{ name: http, containerPort: 8080 }}
+        - {{ name: grpc, containerPort: 9090 }}
+      livenessProbe:
+        httpGet:
+          path: /live
+          port: http
+          scheme: HTTPS
+          httpHeaders: [{{ name: Host, value: web.internal }}]
+        periodSeconds: 7
+        timeoutSeconds: 3
+      readinessProbe:
+        tcpSocket: {{ port: 8080 }}
+        initialDelaySeconds: 2
+      startupProbe:
+        grpc: {{ port: 9090, service: shop.Web }}
+        failureThreshold: 30
+    - name: cache
+      image: cache:1
+      livenessProbe:
+        exec: {{ command: [cache-check] }}
+      readinessProbe:
+        httpGet: {{ path: /ready, port: 6379, host: 10.0.0.9 }}
+"#
+        )
+    };
+    let input = format!(
+        "{}---\n{}",
+        pod("rewritten", ""),
+        pod("kept", "postern.dev/rewrite-app-probes: \"false\"")
+    );
+    assert_valid("probes.yaml", &input);
+    let (injected, reports) = inject_yaml(&input, &InjectOptions::default()).expect("inject");
+    assert!(
+        reports.iter().all(|r| r.outcome == Outcome::Injected),
+        "{reports:?}"
+    );
+    assert!(
+        injected.contains("path: /app-health/web/startupz"),
+        "{injected}"
+    );
+    assert_valid("probes-injected.yaml", &injected);
+}

@@ -75,7 +75,16 @@ fn web_pod() -> Value {
             "containers": [{
                 "name": "web",
                 "image": "registry.example.com/shop/web:1.4.2",
-                "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                "ports": [
+                    {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                    {"name": "grpc", "containerPort": 9090, "protocol": "TCP"}
+                ],
+                "readinessProbe": {
+                    "httpGet": {"path": "/healthz", "port": "http", "scheme": "HTTP"},
+                    "periodSeconds": 5, "timeoutSeconds": 2, "successThreshold": 1, "failureThreshold": 3
+                },
+                "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 10},
+                "startupProbe": {"grpc": {"port": 9090}, "failureThreshold": 30},
                 "volumeMounts": [{
                     "name": "kube-api-access-abcde",
                     "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
@@ -254,6 +263,40 @@ async fn webhook_patches_pods_like_the_cli_and_serves_a_rotated_certificate() {
         .unwrap()
         .windows(2)
         .any(|w| w[0] == "--exclude-outbound-ports" && w[1] == "5432"));
+
+    // The app's probes reach the sidecar's status port; it has the originals.
+    let web = &patched["spec"]["containers"][0];
+    assert_eq!(
+        web["readinessProbe"],
+        json!({
+            "httpGet": {"path": "/app-health/web/readyz", "port": 15020, "scheme": "HTTP"},
+            "periodSeconds": 5, "timeoutSeconds": 2, "successThreshold": 1, "failureThreshold": 3
+        })
+    );
+    assert_eq!(
+        web["livenessProbe"]["httpGet"]["path"],
+        "/app-health/web/livez"
+    );
+    assert_eq!(
+        web["startupProbe"]["httpGet"]["path"],
+        "/app-health/web/startupz"
+    );
+    let probes = inits[1]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "POSTERN_APP_PROBES")
+        .and_then(|e| e["value"].as_str())
+        .unwrap();
+    let probes: Value = serde_json::from_str(probes).unwrap();
+    assert_eq!(
+        probes["/app-health/web/readyz"],
+        json!({"httpGet": {"path": "/healthz", "port": 8080, "scheme": "HTTP"}, "timeoutSeconds": 2})
+    );
+    assert_eq!(
+        probes["/app-health/web/startupz"],
+        json!({"grpc": {"port": 9090}, "timeoutSeconds": 1})
+    );
 
     // Admitting the patched pod again changes nothing.
     let response = admit(&client, addr, "uid-2", &patched).await;

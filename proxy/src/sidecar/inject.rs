@@ -5,7 +5,11 @@
 //! (runs `postern iptables` to capture the pod's TCP, then exits) and
 //! `postern-proxy` (the proxy as a native sidecar, `restartPolicy: Always`,
 //! so it starts before and stops after the app), plus their volumes and the
-//! `postern.dev/status` annotation that marks the pod as done. Everything
+//! `postern.dev/status` annotation that marks the pod as done. The app
+//! containers' `httpGet`, `tcpSocket` and `grpc` probes are pointed at the
+//! sidecar's status port, which runs them against the app on loopback
+//! ([`super::app_probe`]): under capture with strict mTLS the kubelet's
+//! plaintext probes would otherwise be refused. Everything
 //! else round-trips as generic YAML, unknown fields included; comments are
 //! lost. Other kinds pass through untouched.
 //!
@@ -18,6 +22,10 @@ use std::path::PathBuf;
 
 use serde_yaml_ng::{Mapping, Value};
 
+use super::app_probe::{
+    GrpcSpec, HeaderSpec, HttpGetSpec, PortSpec, ProbeMap, ProbeSpec, APP_HEALTH_PREFIX,
+    APP_PROBES_ENV,
+};
 use super::iptables::{CidrList, PortList};
 
 /// Set on the pod template once injected; holds the version and what was added.
@@ -38,6 +46,8 @@ pub const PROXY_CPU_ANNOTATION: &str = "postern.dev/proxy-cpu";
 pub const PROXY_MEMORY_ANNOTATION: &str = "postern.dev/proxy-memory";
 /// The proxy's log filter (`RUST_LOG`).
 pub const LOG_LEVEL_ANNOTATION: &str = "postern.dev/log-level";
+/// `"false"` leaves the app containers' kubelet probes as they are.
+pub const REWRITE_PROBES_ANNOTATION: &str = "postern.dev/rewrite-app-probes";
 
 /// The capture init container.
 pub const INIT_CONTAINER: &str = "postern-init";
@@ -54,6 +64,11 @@ pub const XTABLES_LOCK_VOLUME: &str = "postern-xtables-lock";
 pub const PROXY_UID: u32 = 1337;
 /// The proxy's admin address: loopback only, as it serves `POST /drain`.
 pub const ADMIN_ADDRESS: &str = "127.0.0.1:15000";
+/// The sidecar's status port: plaintext on the pod IP, never captured, where
+/// the app's rewritten kubelet probes arrive (Istio's number).
+pub const STATUS_PORT: u16 = 15020;
+/// The status server's address in the sidecar.
+pub const STATUS_ADDRESS: &str = "0.0.0.0:15020";
 /// Where the service-account token is mounted.
 pub const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 /// Where the state volume is mounted.
@@ -334,6 +349,23 @@ pub fn inject_pod(
         }
     }
     let settings = read_settings(&annotations, object)?;
+    let rewrite = match annotations.get(REWRITE_PROBES_ANNOTATION) {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) if s == "true" => true,
+        Some(Value::String(s)) if s == "false" => false,
+        Some(other) => {
+            return Err(InjectError::Annotation {
+                object: object.to_owned(),
+                annotation: REWRITE_PROBES_ANNOTATION,
+                value: serde_yaml_ng::to_string(other)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+                reason: "must be \"true\" or \"false\"".into(),
+            })
+        }
+    };
     let spec = pod
         .get_mut("spec")
         .and_then(Value::as_mapping_mut)
@@ -364,6 +396,11 @@ pub fn inject_pod(
         }
     }
 
+    let probes = if rewrite {
+        rewrite_probes(spec, object)?
+    } else {
+        ProbeMap::new()
+    };
     let inits = sequence(spec, "initContainers")
         .ok_or_else(|| shape("spec.initContainers is not a list"))?;
     // First in line: the rules must be in place before anything sends, and
@@ -372,7 +409,7 @@ pub fn inject_pod(
         0..0,
         [
             init_container(options, &settings),
-            proxy_container(options, &settings),
+            proxy_container(options, &settings, &probes),
         ],
     );
     let volumes = sequence(spec, "volumes").ok_or_else(|| shape("spec.volumes is not a list"))?;
@@ -420,6 +457,169 @@ fn sequence<'a>(spec: &'a mut Mapping, key: &str) -> Option<&'a mut Vec<Value>> 
         *value = Value::Sequence(Vec::new());
     }
     value.as_sequence_mut()
+}
+
+/// The probes rewritten, by kind: the field and the status path's last part.
+const PROBE_KINDS: [(&str, &str); 3] = [
+    ("livenessProbe", "livez"),
+    ("readinessProbe", "readyz"),
+    ("startupProbe", "startupz"),
+];
+
+/// Points each app container's `httpGet`, `tcpSocket` and `grpc` probe at
+/// the sidecar's status port, keeping its timing fields, and returns the
+/// originals by their new path. `exec` probes, and probes with a `host` of
+/// their own (they do not reach this pod), are left alone.
+fn rewrite_probes(spec: &mut Mapping, object: &str) -> Result<ProbeMap, InjectError> {
+    let mut probes = ProbeMap::new();
+    let Some(containers) = spec.get_mut("containers").and_then(Value::as_sequence_mut) else {
+        return Ok(probes);
+    };
+    for container in containers {
+        let Some(container) = container.as_mapping_mut() else {
+            continue;
+        };
+        let name = container
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let ports = container.get("ports").cloned();
+        for (field, kind) in PROBE_KINDS {
+            let Some(probe) = container.get_mut(field).and_then(Value::as_mapping_mut) else {
+                continue;
+            };
+            let refuse = |reason: String| InjectError::Shape {
+                object: object.to_owned(),
+                reason: format!("container {name:?}: {field}: {reason}"),
+            };
+            let port = |handler: &Value, key: &str| -> Result<u16, InjectError> {
+                resolve_port(handler.get("port"), ports.as_ref())
+                    .map_err(|reason| refuse(format!("{key}.port {reason}")))
+            };
+            let str_of = |handler: &Value, key: &str| {
+                handler.get(key).and_then(Value::as_str).map(str::to_owned)
+            };
+            let original = if let Some(get) = probe.get("httpGet") {
+                if get.get("host").is_some() || already_rewritten(get) {
+                    continue;
+                }
+                let http_headers = match get.get("httpHeaders") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(headers) => serde_yaml_ng::from_value::<Vec<HeaderSpec>>(headers.clone())
+                        .map_err(|e| refuse(format!("httpGet.httpHeaders {e}")))?,
+                };
+                ProbeSpec {
+                    http_get: Some(HttpGetSpec {
+                        path: str_of(get, "path"),
+                        port: port(get, "httpGet")?,
+                        scheme: str_of(get, "scheme"),
+                        http_headers,
+                    }),
+                    tcp_socket: None,
+                    grpc: None,
+                    timeout_seconds: 1,
+                }
+            } else if let Some(tcp) = probe.get("tcpSocket") {
+                if tcp.get("host").is_some() {
+                    continue;
+                }
+                ProbeSpec {
+                    http_get: None,
+                    tcp_socket: Some(PortSpec {
+                        port: port(tcp, "tcpSocket")?,
+                    }),
+                    grpc: None,
+                    timeout_seconds: 1,
+                }
+            } else if let Some(grpc) = probe.get("grpc") {
+                ProbeSpec {
+                    http_get: None,
+                    tcp_socket: None,
+                    grpc: Some(GrpcSpec {
+                        port: port(grpc, "grpc")?,
+                        service: str_of(grpc, "service"),
+                    }),
+                    timeout_seconds: 1,
+                }
+            } else {
+                continue;
+            };
+            let timeout_seconds = match probe.get("timeoutSeconds") {
+                None | Some(Value::Null) => 1,
+                Some(Value::Number(n)) => n
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        refuse(format!("timeoutSeconds {n} is not a positive number"))
+                    })?,
+                Some(_) => return Err(refuse("timeoutSeconds is not a number".into())),
+            };
+            let path = format!("{APP_HEALTH_PREFIX}{name}/{kind}");
+            for handler in ["httpGet", "tcpSocket", "grpc"] {
+                probe.remove(handler);
+            }
+            probe.insert(
+                "httpGet".into(),
+                map([
+                    ("path", string(&path)),
+                    ("port", Value::from(STATUS_PORT)),
+                    ("scheme", string("HTTP")),
+                ]),
+            );
+            probes.insert(
+                path,
+                ProbeSpec {
+                    timeout_seconds,
+                    ..original
+                },
+            );
+        }
+    }
+    Ok(probes)
+}
+
+/// An `httpGet` that already asks the status port for `/app-health/...`.
+fn already_rewritten(get: &Value) -> bool {
+    get.get("port").and_then(Value::as_u64) == Some(u64::from(STATUS_PORT))
+        && get
+            .get("path")
+            .and_then(Value::as_str)
+            .is_some_and(|p| p.starts_with(APP_HEALTH_PREFIX))
+}
+
+/// A probe's port: a number, or the name of one of the container's ports
+/// (then, as the kubelet does, a number written as a string).
+fn resolve_port(port: Option<&Value>, ports: Option<&Value>) -> Result<u16, String> {
+    let number = |n: u64| {
+        u16::try_from(n)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{n} is not a port"))
+    };
+    match port {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| format!("{n} is not a port"))
+            .and_then(number),
+        Some(Value::String(name)) => {
+            let named = ports
+                .and_then(Value::as_sequence)
+                .into_iter()
+                .flatten()
+                .find(|p| p.get("name").and_then(Value::as_str) == Some(name.as_str()))
+                .and_then(|p| p.get("containerPort"))
+                .and_then(Value::as_u64);
+            match (named, name.parse::<u64>()) {
+                (Some(n), _) | (None, Ok(n)) => number(n),
+                (None, Err(_)) => Err(format!(
+                    "{name:?} is not the name of one of the container's ports"
+                )),
+            }
+        }
+        _ => Err("is missing".into()),
+    }
 }
 
 fn read_settings(annotations: &Mapping, object: &str) -> Result<PodSettings, InjectError> {
@@ -544,8 +744,14 @@ fn init_container(options: &InjectOptions, settings: &PodSettings) -> Value {
         "--inbound-port",
         "15006",
     ];
+    // The kubelet reaches the status port in plaintext: it must not meet
+    // the inbound listener's mTLS.
+    let inbound_excluded = match &settings.exclude_inbound_ports {
+        Some(ports) => format!("{STATUS_PORT},{ports}"),
+        None => STATUS_PORT.to_string(),
+    };
+    args.extend(["--exclude-inbound-ports", inbound_excluded.as_str()]);
     for (flag, value) in [
-        ("--exclude-inbound-ports", &settings.exclude_inbound_ports),
         ("--exclude-outbound-ports", &settings.exclude_outbound_ports),
         ("--exclude-outbound-cidrs", &settings.exclude_outbound_cidrs),
     ] {
@@ -600,7 +806,7 @@ fn init_container(options: &InjectOptions, settings: &PodSettings) -> Value {
     ])
 }
 
-fn proxy_container(options: &InjectOptions, settings: &PodSettings) -> Value {
+fn proxy_container(options: &InjectOptions, settings: &PodSettings, probes: &ProbeMap) -> Value {
     let mut env = vec![
         env_field("POD_NAME", "metadata.name"),
         env_field("POD_NAMESPACE", "metadata.namespace"),
@@ -616,7 +822,13 @@ fn proxy_container(options: &InjectOptions, settings: &PodSettings) -> Value {
         // The last-known-good config outlives a restart of the proxy
         // container, not of the pod: that is what an emptyDir keeps.
         env_value("POSTERN_STATE_DIR", STATE_DIR),
+        env_value("POSTERN_STATUS_ADDRESS", STATUS_ADDRESS),
     ];
+    if !probes.is_empty() {
+        // A map of plain structs always serializes.
+        let json = serde_json::to_string(probes).unwrap_or_default();
+        env.push(env_value(APP_PROBES_ENV, &json));
+    }
     if let Some(level) = &settings.log_level {
         env.push(env_value("RUST_LOG", level));
     }
@@ -678,6 +890,7 @@ fn proxy_container(options: &InjectOptions, settings: &PodSettings) -> Value {
                 port("postern-admin", 15000),
                 port("postern-out", 15001),
                 port("postern-in", 15006),
+                port("postern-status", STATUS_PORT),
             ]),
         ),
         (

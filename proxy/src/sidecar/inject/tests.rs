@@ -108,7 +108,7 @@ fn a_deployment_gets_both_init_containers_first() {
             "--inbound-port",
             "15006",
             "--exclude-inbound-ports",
-            "22,9000-9100",
+            "15020,22,9000-9100",
             "--exclude-outbound-ports",
             "5432",
             "--exclude-outbound-cidrs",
@@ -357,5 +357,190 @@ fn the_deploy_example_is_current() {
     assert_eq!(
         out, body,
         "regenerate with: postern inject -f deploy/kubernetes/app.yaml"
+    );
+}
+
+const PROBED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: shop
+  namespace: shop
+spec:
+  containers:
+    - name: web
+      image: web:1
+      ports:
+        - { name: http, containerPort: 8080 }
+        - { name: grpc, containerPort: 9090 }
+      livenessProbe:
+        httpGet:
+          path: /live
+          port: http
+          scheme: HTTPS
+          httpHeaders: [{ name: Host, value: web.internal }]
+        periodSeconds: 7
+        timeoutSeconds: 3
+        failureThreshold: 4
+      readinessProbe:
+        tcpSocket: { port: "8080" }
+        initialDelaySeconds: 2
+      startupProbe:
+        grpc: { port: 9090, service: shop.Web }
+        successThreshold: 1
+    - name: cache
+      image: cache:1
+      livenessProbe:
+        exec: { command: [cache-check] }
+      readinessProbe:
+        httpGet: { path: /ready, port: 6379, host: 10.0.0.9 }
+      startupProbe:
+        httpGet: { port: 6380 }
+"#;
+
+fn proxy_env<'a>(pod: &'a Value, name: &str) -> Option<&'a str> {
+    pod["spec"]["initContainers"][1]["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))
+        .and_then(|e| e["value"].as_str())
+}
+
+fn yaml(text: &str) -> Value {
+    serde_yaml_ng::from_str(text).unwrap()
+}
+
+#[test]
+fn app_probes_point_at_the_status_port_and_the_sidecar_keeps_the_originals() {
+    let (out, _) = inject(PROBED);
+    let pod = &parse(&out)[0];
+    let web = &pod["spec"]["containers"][0];
+    assert_eq!(
+        web["livenessProbe"],
+        yaml(
+            "{periodSeconds: 7, timeoutSeconds: 3, failureThreshold: 4, \
+             httpGet: {path: /app-health/web/livez, port: 15020, scheme: HTTP}}"
+        )
+    );
+    assert_eq!(
+        web["readinessProbe"],
+        yaml("{initialDelaySeconds: 2, httpGet: {path: /app-health/web/readyz, port: 15020, scheme: HTTP}}")
+    );
+    assert_eq!(
+        web["startupProbe"],
+        yaml("{successThreshold: 1, httpGet: {path: /app-health/web/startupz, port: 15020, scheme: HTTP}}")
+    );
+    // exec probes and probes of another host are the kubelet's business.
+    let cache = &pod["spec"]["containers"][1];
+    let original = &parse(PROBED)[0]["spec"]["containers"][1];
+    assert_eq!(cache["livenessProbe"], original["livenessProbe"]);
+    assert_eq!(cache["readinessProbe"], original["readinessProbe"]);
+    assert_eq!(
+        cache["startupProbe"]["httpGet"],
+        yaml("{path: /app-health/cache/startupz, port: 15020, scheme: HTTP}")
+    );
+
+    let probes: serde_json::Value =
+        serde_json::from_str(proxy_env(pod, APP_PROBES_ENV).unwrap()).unwrap();
+    assert_eq!(
+        probes,
+        serde_json::json!({
+            "/app-health/web/livez": {
+                "httpGet": {"path": "/live", "port": 8080, "scheme": "HTTPS",
+                            "httpHeaders": [{"name": "Host", "value": "web.internal"}]},
+                "timeoutSeconds": 3,
+            },
+            "/app-health/web/readyz": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 1},
+            "/app-health/web/startupz": {
+                "grpc": {"port": 9090, "service": "shop.Web"}, "timeoutSeconds": 1,
+            },
+            "/app-health/cache/startupz": {"httpGet": {"port": 6380}, "timeoutSeconds": 1},
+        })
+    );
+    // What inject writes is what the sidecar reads.
+    let parsed =
+        crate::sidecar::app_probe::AppProbes::from_json(proxy_env(pod, APP_PROBES_ENV).unwrap())
+            .unwrap();
+    assert_eq!(parsed.paths().count(), 4);
+    assert_eq!(
+        proxy_env(pod, "POSTERN_STATUS_ADDRESS"),
+        Some(STATUS_ADDRESS)
+    );
+    let ports = &pod["spec"]["initContainers"][1]["ports"];
+    assert!(ports.as_sequence().unwrap().contains(&yaml(
+        "{name: postern-status, containerPort: 15020, protocol: TCP}"
+    )));
+    // The kubelet's plaintext probes must not be captured.
+    let args = &pod["spec"]["initContainers"][0]["args"];
+    let args: Vec<&str> = args
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let at = args
+        .iter()
+        .position(|a| *a == "--exclude-inbound-ports")
+        .unwrap();
+    assert_eq!(args[at + 1], "15020");
+}
+
+#[test]
+fn probe_rewrite_is_idempotent_and_can_be_turned_off() {
+    let (once, _) = inject(PROBED);
+    let (twice, reports) = inject(&once);
+    assert_eq!(once, twice);
+    assert_eq!(reports[0].outcome, Outcome::AlreadyInjected);
+
+    // A pod whose probes were rewritten but whose sidecar was taken out
+    // (status annotation and containers removed) is not rewritten twice.
+    let mut pod = parse(&once).remove(0);
+    let (spec, rewritten) = (pod["spec"].as_mapping_mut().unwrap(), pod_containers(&once));
+    spec.remove("initContainers");
+    spec.remove("volumes");
+    pod["metadata"]
+        .as_mapping_mut()
+        .unwrap()
+        .remove("annotations");
+    let (again, _) = inject(&serde_yaml_ng::to_string(&pod).unwrap());
+    let again = &parse(&again)[0];
+    assert_eq!(again["spec"]["containers"], rewritten);
+    assert_eq!(proxy_env(again, APP_PROBES_ENV), None);
+
+    let off = PROBED.replace(
+        "  namespace: shop\n",
+        "  namespace: shop\n  annotations: { postern.dev/rewrite-app-probes: \"false\" }\n",
+    );
+    let (out, _) = inject(&off);
+    let pod = &parse(&out)[0];
+    assert_eq!(
+        pod["spec"]["containers"],
+        parse(PROBED)[0]["spec"]["containers"]
+    );
+    assert_eq!(proxy_env(pod, APP_PROBES_ENV), None);
+
+    let bad = PROBED.replace(
+        "  namespace: shop\n",
+        "  namespace: shop\n  annotations: { postern.dev/rewrite-app-probes: \"no\" }\n",
+    );
+    let err = inject_yaml(&bad, &InjectOptions::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Pod shop/shop: annotation postern.dev/rewrite-app-probes: \"no\" must be \"true\" or \"false\""
+    );
+}
+
+fn pod_containers(text: &str) -> Value {
+    parse(text)[0]["spec"]["containers"].clone()
+}
+
+#[test]
+fn an_unknown_named_probe_port_is_refused() {
+    let bad = PROBED.replace("port: http\n", "port: https\n");
+    let err = inject_yaml(&bad, &InjectOptions::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Pod shop/shop: container \"web\": livenessProbe: httpGet.port \"https\" is not the name of one of the container's ports"
     );
 }
