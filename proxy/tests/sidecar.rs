@@ -1232,6 +1232,46 @@ fn wait_ready_fails_when_nothing_listens() {
     assert!(stderr.contains("cannot connect"), "{stderr}");
 }
 
+/// What `postern inject` hands the sidecar is checked at start: bad probe
+/// JSON, and a status port already taken, stop it with the reason.
+#[test]
+fn bad_app_probes_or_a_taken_status_port_stop_the_start() {
+    let config = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+    std::fs::write(config.path(), "admin: { address: 127.0.0.1:0 }\n").unwrap();
+    let config = config.path().to_str().unwrap();
+    for command in ["validate", "run"] {
+        let output = postern()
+            .args([command, "--config", config])
+            .env(
+                "POSTERN_APP_PROBES",
+                r#"{"/app-health/web/readyz": {"httpGet": {"port": "http"}}}"#,
+            )
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{command}");
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains("POSTERN_APP_PROBES is not valid: invalid type: string \"http\""),
+            "{command}: {stderr}"
+        );
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let output = postern()
+        .args(["run", "--config", config])
+        .env(
+            "POSTERN_STATUS_ADDRESS",
+            taken.local_addr().unwrap().to_string(),
+        )
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("cannot bind the status server to 127.0.0.1:"),
+        "{stderr}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // inject on the command line.
 // ---------------------------------------------------------------------------
