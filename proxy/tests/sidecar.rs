@@ -1060,7 +1060,8 @@ fn a_kubelet_probe_reaches_the_app_through_the_status_port_under_strict_mtls() {
     })
     .to_string();
     let env = [
-        ("POSTERN_STATUS_ADDRESS", "0.0.0.0:15020"),
+        // As injected: dual-stack, so the IPv4 probe below arrives too.
+        ("POSTERN_STATUS_ADDRESS", "[::]:15020"),
         ("POSTERN_APP_PROBES", probes.as_str()),
     ];
     let proxy = pod.sidecar(&server_config(dir.path()), &env, dir.path(), "server");

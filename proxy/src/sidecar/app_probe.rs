@@ -545,14 +545,15 @@ pub struct StatusServer {
 
 impl StatusServer {
     /// Binds `address`; the probes run against the app at 127.0.0.1.
+    /// `[::]` takes IPv4 too, and falls back to `0.0.0.0` where IPv6 is
+    /// off, so one setting serves IPv4, IPv6 and dual-stack pods.
     ///
     /// # Errors
     ///
     /// The address cannot be bound.
     pub async fn bind(address: SocketAddr, probes: AppProbes) -> Result<Self, AppProbeError> {
-        let socket = TcpListener::bind(address)
-            .await
-            .map_err(|source| AppProbeError::Bind { address, source })?;
+        let socket =
+            bind_status(address).map_err(|source| AppProbeError::Bind { address, source })?;
         Ok(StatusServer {
             socket,
             probes: Arc::new(probes),
@@ -594,12 +595,44 @@ impl StatusServer {
                     let probes = probes.clone();
                     async move { Ok::<_, Infallible>(answer(&probes, app, &request).await) }
                 });
+                // Reachable from the whole cluster: a client that never
+                // finishes its request must not hold the connection.
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
         }
     }
+}
+
+fn bind_status(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let any_v6 = address.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+    match bind_socket(address, any_v6) {
+        // A kernel without IPv6 cannot open the socket at all; a taken port
+        // is taken for IPv4 as well.
+        Err(err) if any_v6 && err.kind() != std::io::ErrorKind::AddrInUse => {
+            let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), address.port());
+            tracing::info!(error = %err, "no IPv6 for the status server, serving IPv4 only");
+            bind_socket(v4, false)
+        }
+        other => other,
+    }
+}
+
+fn bind_socket(address: SocketAddr, dual_stack: bool) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    if dual_stack {
+        // Whatever net.ipv6.bindv6only says, IPv4 probes must arrive too.
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 async fn answer(

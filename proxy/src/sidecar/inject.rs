@@ -67,8 +67,9 @@ pub const ADMIN_ADDRESS: &str = "127.0.0.1:15000";
 /// The sidecar's status port: plaintext on the pod IP, never captured, where
 /// the app's rewritten kubelet probes arrive (Istio's number).
 pub const STATUS_PORT: u16 = 15020;
-/// The status server's address in the sidecar.
-pub const STATUS_ADDRESS: &str = "0.0.0.0:15020";
+/// The status server's address in the sidecar: IPv6 and IPv4 (IPv4 only
+/// where the pod has no IPv6).
+pub const STATUS_ADDRESS: &str = "[::]:15020";
 /// Where the service-account token is mounted.
 pub const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 /// Where the state volume is mounted.

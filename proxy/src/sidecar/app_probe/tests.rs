@@ -302,3 +302,22 @@ fn grpc_messages_are_encoded_and_read() {
     assert_eq!(grpc_serving_status(&[0, 0, 0]), None);
     assert_eq!(grpc_serving_status(&[1, 0, 0, 0, 0]), None, "compressed");
 }
+
+#[tokio::test]
+async fn an_any_ipv6_status_address_takes_ipv4_probes() {
+    let app = http_app().await.port();
+    let json = serde_json::json!({
+        "/app-health/web/readyz": {"httpGet": {"path": "/healthy", "port": app}},
+    })
+    .to_string();
+    let server = StatusServer::bind(
+        "[::]:0".parse().unwrap(),
+        AppProbes::from_json(&json).unwrap(),
+    )
+    .await
+    .unwrap();
+    let port = server.local_addr().unwrap().port();
+    tokio::spawn(server.serve());
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    assert_eq!(probe(v4, "/app-health/web/readyz").await, 200);
+}
