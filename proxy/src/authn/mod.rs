@@ -618,13 +618,7 @@ impl JwtAuthn {
                 }
             },
             None => {
-                let view = RequestView {
-                    authority,
-                    path: request.uri().path(),
-                    query: request.uri().query(),
-                    method: request.method(),
-                    headers: request.headers(),
-                };
+                let view = RequestView::of(request, authority);
                 self.rules
                     .iter()
                     .find(|rule| rule.matcher.matches(&view))

@@ -2846,18 +2846,14 @@ fn local_rate_limit_filter(any: &Any, path: &str, ctx: &mut Ctx) -> Option<Local
     if !enabled {
         return None;
     }
-    let Some(bucket) = &config.token_bucket else {
-        ctx.err(format!("{path}.token_bucket"), "is required");
-        return None;
-    };
-    let Some(fill_interval) = bucket.fill_interval.as_ref().and_then(duration) else {
-        ctx.err(format!("{path}.token_bucket.fill_interval"), "is required");
-        return None;
-    };
+    let (max_tokens, tokens_per_fill, fill_interval) = limits::token_bucket(
+        config.token_bucket.as_ref(),
+        &format!("{path}.token_bucket"),
+        ctx,
+    )?;
     let mut limit = LocalRateLimitFile {
-        max_tokens: bucket.max_tokens,
-        // Envoy's default is one token per interval.
-        tokens_per_fill: Some(bucket.tokens_per_fill.as_ref().map_or(1, |t| t.value)),
+        max_tokens,
+        tokens_per_fill: Some(tokens_per_fill),
         fill_interval,
         key: None,
         shadow: !enforced,

@@ -75,6 +75,26 @@ pub(super) fn attach_network_limit(
     }
 }
 
+/// A bucket's size, refill and interval from Envoy's `TokenBucket` at
+/// `path` (one token per interval unless it says otherwise); `None` once
+/// what is missing is recorded.
+pub(super) fn token_bucket(
+    bucket: Option<&postern_proto::envoy::r#type::v3::TokenBucket>,
+    path: &str,
+    ctx: &mut Ctx,
+) -> Option<(u32, u32, Duration)> {
+    let Some(bucket) = bucket else {
+        ctx.err(path, "is required");
+        return None;
+    };
+    let Some(fill_interval) = bucket.fill_interval.as_ref().and_then(duration) else {
+        ctx.err(format!("{path}.fill_interval"), "is required");
+        return None;
+    };
+    let tokens_per_fill = bucket.tokens_per_fill.as_ref().map_or(1, |t| t.value);
+    Some((bucket.max_tokens, tokens_per_fill, fill_interval))
+}
+
 /// The network filter's config: one shared bucket, a token per connection.
 fn network_limit(any: &Any, path: &str, ctx: &mut Ctx) -> Option<LocalRateLimitFile> {
     use postern_proto::envoy::extensions::filters::network::local_ratelimit::v3::LocalRateLimit;
@@ -103,15 +123,12 @@ fn network_limit(any: &Any, path: &str, ctx: &mut Ctx) -> Option<LocalRateLimitF
             Some(_) => {}
         }
     }
-    let Some(bucket) = &config.token_bucket else {
-        ctx.err(format!("{path}.token_bucket"), "is required");
-        return None;
-    };
-    let Some(fill_interval) = bucket.fill_interval.as_ref().and_then(duration) else {
-        ctx.err(format!("{path}.token_bucket.fill_interval"), "is required");
-        return None;
-    };
-    if bucket.max_tokens == 0 {
+    let (max_tokens, tokens_per_fill, fill_interval) = token_bucket(
+        config.token_bucket.as_ref(),
+        &format!("{path}.token_bucket"),
+        ctx,
+    )?;
+    if max_tokens == 0 {
         ctx.err(
             format!("{path}.token_bucket.max_tokens"),
             "must be more than 0",
@@ -119,9 +136,8 @@ fn network_limit(any: &Any, path: &str, ctx: &mut Ctx) -> Option<LocalRateLimitF
         return None;
     }
     Some(LocalRateLimitFile {
-        max_tokens: bucket.max_tokens,
-        // Envoy's default is one token per interval.
-        tokens_per_fill: Some(bucket.tokens_per_fill.as_ref().map_or(1, |t| t.value)),
+        max_tokens,
+        tokens_per_fill: Some(tokens_per_fill),
         fill_interval,
         key: None,
         shadow: false,
@@ -176,14 +192,11 @@ pub(super) fn http_descriptors(
                 ctx.err(format!("{dpath}.entries"), "needs at least one entry");
                 return None;
             }
-            let Some(bucket) = &d.token_bucket else {
-                ctx.err(format!("{dpath}.token_bucket"), "is required");
-                return None;
-            };
-            let Some(fill_interval) = bucket.fill_interval.as_ref().and_then(duration) else {
-                ctx.err(format!("{dpath}.token_bucket.fill_interval"), "is required");
-                return None;
-            };
+            let (max_tokens, tokens_per_fill, fill_interval) = token_bucket(
+                d.token_bucket.as_ref(),
+                &format!("{dpath}.token_bucket"),
+                ctx,
+            )?;
             Some(LocalDescriptorFile {
                 entries: d
                     .entries
@@ -193,8 +206,8 @@ pub(super) fn http_descriptors(
                         value: Some(e.value.clone()).filter(|v| !v.is_empty()),
                     })
                     .collect(),
-                max_tokens: bucket.max_tokens,
-                tokens_per_fill: Some(bucket.tokens_per_fill.as_ref().map_or(1, |t| t.value)),
+                max_tokens,
+                tokens_per_fill: Some(tokens_per_fill),
                 fill_interval,
                 shadow: d.shadow_mode,
                 max_keys,

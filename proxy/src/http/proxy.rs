@@ -660,13 +660,7 @@ impl HttpProxy {
         // Routes may pick the requirement; the router looks again later,
         // on the request as authentication left it.
         let route = if config.routes.has_jwt_overrides() {
-            let view = RequestView {
-                authority,
-                path: request.uri().path(),
-                query: request.uri().query(),
-                method: request.method(),
-                headers: request.headers(),
-            };
+            let view = RequestView::of(request, authority);
             config
                 .routes
                 .route(&view)
@@ -739,13 +733,7 @@ impl HttpProxy {
         if !config.routes.has_jwt_overrides() {
             return None;
         }
-        let view = RequestView {
-            authority,
-            path: request.uri().path(),
-            query: request.uri().query(),
-            method: request.method(),
-            headers: request.headers(),
-        };
+        let view = RequestView::of(request, authority);
         let Some(crate::authn::RouteJwt::Requirement(name)) = config
             .routes
             .route(&view)
@@ -919,13 +907,7 @@ impl HttpProxy {
             Ok(verified) => verified,
             Err(response) => return response,
         };
-        let view = RequestView {
-            authority: authority_text,
-            path: request.uri().path(),
-            query: request.uri().query(),
-            method: request.method(),
-            headers: request.headers(),
-        };
+        let view = RequestView::of(&request, authority_text);
         // Chosen before RBAC, which a route may override, on the request as
         // authentication left it; a request without a route still meets the
         // listener's RBAC and limit before its 404.

@@ -325,6 +325,19 @@ pub struct RequestView<'a> {
     pub headers: &'a HeaderMap,
 }
 
+impl<'a> RequestView<'a> {
+    /// What routing sees of `request`, addressed to `authority`.
+    pub fn of<B>(request: &'a http::Request<B>, authority: &'a str) -> Self {
+        RequestView {
+            authority,
+            path: request.uri().path(),
+            query: request.uri().query(),
+            method: request.method(),
+            headers: request.headers(),
+        }
+    }
+}
+
 impl RouteTable {
     /// Builds the index. `domains[i]` lists the domains of `vhosts[i]`,
     /// already validated (lowercase, unique).
