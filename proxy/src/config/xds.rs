@@ -982,6 +982,7 @@ pub fn cluster(
     if !c.transport_socket_matches.is_empty() {
         ctx.unsupported("transport_socket_matches");
     }
+    upstream::auto_sni(c, &mut ctx);
     let tls = c
         .transport_socket
         .as_ref()
@@ -2386,6 +2387,7 @@ pub fn secret(s: &tls::Secret) -> Result<SecretValue, Problems> {
             SecretValue::Certificate(chain, key)
         }
         Some(tls::secret::Type::ValidationContext(validation)) => {
+            upstream::validation_secret_fields(validation, &mut ctx);
             let roots = inline(
                 &validation.trusted_ca,
                 "validation_context.trusted_ca",

@@ -337,3 +337,62 @@ fn validation_context(
         }
     }
 }
+
+/// Envoy's `auto_sni` and `auto_san_validation` (on the Cluster, or in
+/// its `HttpProtocolOptions`) take the SNI and the name checked from each
+/// request's Host: a pooled connection serves many requests, so Postern
+/// refuses them rather than check the wrong name.
+#[allow(deprecated)]
+pub(super) fn auto_sni(c: &cluster::Cluster, ctx: &mut Ctx) {
+    let refuse = |o: &core::UpstreamHttpProtocolOptions, field: &str, ctx: &mut Ctx| {
+        if o.auto_sni || o.auto_san_validation || !o.override_auto_sni_header.is_empty() {
+            ctx.unsupported(format!("{field}.auto_sni / auto_san_validation"));
+        }
+    };
+    if let Some(o) = &c.upstream_http_protocol_options {
+        refuse(o, "upstream_http_protocol_options", ctx);
+    }
+    let Some(options) = c
+        .typed_extension_protocol_options
+        .get(HTTP_PROTOCOL_OPTIONS_KEY)
+        .filter(|o| o.type_url == HTTP_PROTOCOL_OPTIONS_TYPE)
+    else {
+        return;
+    };
+    // A body that does not decode is reported where the protocol is read.
+    if let Ok(decoded) =
+        postern_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions::decode(
+            options.value.as_slice(),
+        )
+    {
+        if let Some(o) = &decoded.upstream_http_protocol_options {
+            refuse(
+                o,
+                "typed_extension_protocol_options.upstream_http_protocol_options",
+                ctx,
+            );
+        }
+    }
+}
+
+/// Checks of a validation-context Secret beyond its roots would be lost:
+/// only `trusted_ca` is read, so the rest is refused, not ignored.
+#[allow(deprecated)]
+pub(super) fn validation_secret_fields(v: &tls::CertificateValidationContext, ctx: &mut Ctx) {
+    for (field, set) in [
+        (
+            "match_typed_subject_alt_names (give them in the cluster's combined_validation_context)",
+            !v.match_typed_subject_alt_names.is_empty(),
+        ),
+        ("match_subject_alt_names", !v.match_subject_alt_names.is_empty()),
+        ("verify_certificate_spki", !v.verify_certificate_spki.is_empty()),
+        ("verify_certificate_hash", !v.verify_certificate_hash.is_empty()),
+        ("allow_expired_certificate", v.allow_expired_certificate),
+        ("trust_chain_verification", v.trust_chain_verification != 0),
+        ("custom_validator_config", v.custom_validator_config.is_some()),
+    ] {
+        if set {
+            ctx.unsupported(format!("validation_context.{field}"));
+        }
+    }
+}

@@ -352,3 +352,39 @@ fn load_assignments_keep_every_priority_and_drop_unhealthy_endpoints() {
         .collect();
     assert_eq!(got, [(9002, 1, 0), (9009, 1, 1)]);
 }
+
+#[test]
+fn host_derived_sni_and_checks_a_secret_would_drop_are_refused() {
+    #[allow(deprecated)]
+    let c = cluster::Cluster {
+        upstream_http_protocol_options: Some(core::UpstreamHttpProtocolOptions {
+            auto_sni: true,
+            ..Default::default()
+        }),
+        ..tls_cluster(&tls::UpstreamTlsContext::default())
+    };
+    let p = super::super::xds::cluster(&c, None).unwrap_err().join("\n");
+    assert!(p.contains("upstream_http_protocol_options.auto_sni"), "{p}");
+
+    let root = rcgen::generate_simple_self_signed(vec!["ca.example".into()]).unwrap();
+    let with_sans = tls::Secret {
+        name: "ext-ca".into(),
+        r#type: Some(tls::secret::Type::ValidationContext(
+            tls::CertificateValidationContext {
+                trusted_ca: inline(&root.cert.pem()),
+                match_typed_subject_alt_names: vec![san(
+                    tls::subject_alt_name_matcher::SanType::Dns,
+                    "api.example.com",
+                )],
+                ..Default::default()
+            },
+        )),
+    };
+    let p = super::super::xds::secret(&with_sans)
+        .unwrap_err()
+        .join("\n");
+    assert!(
+        p.contains("validation_context.match_typed_subject_alt_names"),
+        "{p}"
+    );
+}
