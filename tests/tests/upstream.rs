@@ -283,7 +283,7 @@ async fn roots_and_client_certificate_by_sds_warm_the_cluster_until_they_arrive(
         &certificate_secret("ext-client", &client.cert_pem, &client.key_pem),
     );
     snapshot.version = "3".into();
-    cp.server.set_snapshot(snapshot);
+    cp.server.set_snapshot(snapshot.clone());
     ready(&proxy).await;
     let response = get(out, "api", "/").await;
     assert_eq!(response.status, 200, "{}", response.text());
@@ -291,6 +291,17 @@ async fn roots_and_client_certificate_by_sds_warm_the_cluster_until_they_arrive(
     let handshake = front.handshakes()[0].clone();
     assert!(handshake.client_cert);
     assert_eq!(handshake.sni.as_deref(), Some("api.example.com"));
+
+    // New roots by SDS replace the connector (and its pooled connections):
+    // roots that did not sign the server refuse it from then on.
+    let stranger = TestCa::new("stranger root");
+    snapshot.add_message("ext-ca", &roots_secret("ext-ca", stranger.root_pem()));
+    snapshot.version = "4".into();
+    cp.server.set_snapshot(snapshot);
+    eventually("the new roots are used", || async {
+        (get(out, "api", "/").await.status == 502).then_some(())
+    })
+    .await;
 }
 
 /// An EDS cluster `svc` with outlier detection (2 consecutive 5xx, a
