@@ -5,8 +5,9 @@
 //!
 //! Warming: a listener waiting for its RouteConfiguration (or, for edge
 //! TLS, its SDS Secrets) and a cluster
-//! waiting for its ClusterLoadAssignment are left out of the running config
-//! until what they need has arrived.
+//! waiting for its ClusterLoadAssignment (or the SDS Secrets its TLS
+//! names) are left out of the running config until what they need has
+//! arrived.
 //!
 //! Each complete config applied is saved (`last_known_good`) when the
 //! bootstrap names a state directory; if the control plane has delivered
@@ -413,6 +414,21 @@ impl XdsHandler {
                     }
                     EndpointSource::Inline => {}
                 }
+                let secret = |n: &str| state.secrets.get(n).map(|e| e.value.clone());
+                match translate::fill_cluster_secrets(&mut cluster, &secret) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        warming = true;
+                        continue;
+                    }
+                    Err(reason) => {
+                        return Err(Rejections(vec![Rejection::of_config(
+                            Some(type_url::CLUSTER),
+                            name,
+                            reason,
+                        )]))
+                    }
+                }
                 served = Some((cluster, version));
                 break;
             }
@@ -545,10 +561,17 @@ impl XdsHandler {
         )
     }
 
-    /// The secrets edge listeners name.
+    /// The secrets edge listeners and cluster TLS name.
     fn edge_secret_names(state: &Resources) -> BTreeSet<String> {
+        let clusters = state
+            .clusters
+            .values()
+            .map(|e| &e.value)
+            .chain(state.warm.clusters.values())
+            .flat_map(|(file, _)| translate::cluster_secret_names(file));
         Self::listener_versions(state)
             .flat_map(|t| t.listener.edge_secrets.iter().map(|s| s.name.clone()))
+            .chain(clusters)
             .collect()
     }
 

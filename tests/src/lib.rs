@@ -27,6 +27,7 @@ pub mod mesh;
 pub mod otlp;
 pub mod prom;
 pub mod tcp_backend;
+pub mod tls_backend;
 pub mod ws_backend;
 
 use std::future::Future;

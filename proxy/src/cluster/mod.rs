@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::file::{ClusterFile, OutlierDetectionFile, UpstreamProtocol};
+use crate::config::file::{ClusterFile, LbPolicy, OutlierDetectionFile, UpstreamProtocol};
 use crate::telemetry::metrics as names;
 use crate::tls::UpstreamTls;
 pub use lb::Balancer;
@@ -193,12 +193,14 @@ impl ClusterManager {
 fn new_endpoint(
     address: SocketAddr,
     weight: u32,
+    priority: u32,
     pool_settings: &Arc<PoolSettings>,
     limits: &Arc<ConnectionLimits>,
 ) -> Arc<Endpoint> {
     Arc::new(Endpoint {
         address,
         weight: weight.max(1),
+        priority,
         active_requests: AtomicUsize::new(0),
         consecutive_5xx: AtomicU32::new(0),
         consecutive_connect_failures: AtomicU32::new(0),
@@ -208,12 +210,35 @@ fn new_endpoint(
     })
 }
 
-/// The IP endpoints of a cluster's settings, with their weights.
-fn ip_endpoints(settings: &ClusterFile) -> Vec<(SocketAddr, u32)> {
+/// The IP endpoints of a cluster's settings, with their weights and
+/// priorities.
+fn ip_endpoints(settings: &ClusterFile) -> Vec<(SocketAddr, u32, u32)> {
     settings
         .endpoints
         .iter()
-        .filter_map(|e| Some((e.address.ip()?, e.weight)))
+        .filter_map(|e| Some((e.address.ip()?, e.weight, e.priority)))
+        .collect()
+}
+
+/// The endpoints grouped by priority, best first, each group with its
+/// balancer.
+fn priority_levels(policy: LbPolicy, endpoints: &[Arc<Endpoint>]) -> Vec<Level> {
+    let mut priorities: Vec<u32> = endpoints.iter().map(|e| e.priority).collect();
+    priorities.sort_unstable();
+    priorities.dedup();
+    priorities
+        .into_iter()
+        .map(|priority| {
+            let members: Vec<Arc<Endpoint>> = endpoints
+                .iter()
+                .filter(|e| e.priority == priority)
+                .cloned()
+                .collect();
+            Level {
+                balancer: Balancer::new(policy, &members),
+                endpoints: members,
+            }
+        })
         .collect()
 }
 
@@ -255,6 +280,8 @@ pub struct Endpoint {
     pub address: SocketAddr,
     /// LB weight.
     pub weight: u32,
+    /// Priority level; 0 is used first.
+    pub priority: u32,
     /// Requests in flight to it.
     active_requests: AtomicUsize,
     consecutive_5xx: AtomicU32,
@@ -282,7 +309,9 @@ pub struct Cluster {
     /// Settings from config.
     pub settings: Arc<ClusterFile>,
     endpoints: Vec<Arc<Endpoint>>,
-    balancer: Balancer,
+    /// The endpoints by priority, best first: a request goes to the first
+    /// level with a healthy endpoint.
+    levels: Vec<Level>,
     limits: Arc<ConnectionLimits>,
     // Shared with the cluster an endpoint update replaced, so requests still
     // running there count against the same breaker.
@@ -291,6 +320,13 @@ pub struct Cluster {
     epoch: Instant,
     tls: Option<Arc<UpstreamTls>>,
     pool_settings: Arc<PoolSettings>,
+}
+
+/// The endpoints of one priority and their balancer.
+#[derive(Debug)]
+struct Level {
+    endpoints: Vec<Arc<Endpoint>>,
+    balancer: Balancer,
 }
 
 /// Counts a request against `max_requests` (and its endpoint's load) until dropped.
@@ -366,15 +402,17 @@ impl Cluster {
         } else {
             ip_endpoints(&settings)
                 .into_iter()
-                .map(|(address, weight)| new_endpoint(address, weight, &pool_settings, &limits))
+                .map(|(address, weight, priority)| {
+                    new_endpoint(address, weight, priority, &pool_settings, &limits)
+                })
                 .collect()
         };
-        let balancer = Balancer::new(settings.lb, &endpoints);
+        let levels = priority_levels(settings.lb, &endpoints);
         Cluster {
             name,
             settings,
             endpoints,
-            balancer,
+            levels,
             limits,
             active_requests: Arc::new(AtomicUsize::new(0)),
             active_retries: Arc::new(AtomicUsize::new(0)),
@@ -389,41 +427,60 @@ impl Cluster {
     /// TLS are shared with `previous`.
     pub fn with_endpoints(previous: &Cluster, settings: Arc<ClusterFile>) -> Self {
         let list = ip_endpoints(&settings);
-        Cluster::with_addresses(previous, settings, &list)
+        Cluster::with_prioritized(previous, settings, &list)
     }
 
     /// Like [`Cluster::with_endpoints`], with the endpoints given as
-    /// addresses and weights (from DNS).
+    /// addresses and weights (from DNS), all of priority 0.
     pub fn with_addresses(
         previous: &Cluster,
         settings: Arc<ClusterFile>,
         list: &[(SocketAddr, u32)],
     ) -> Self {
+        let list: Vec<_> = list.iter().map(|&(a, w)| (a, w, 0)).collect();
+        Cluster::with_prioritized(previous, settings, &list)
+    }
+
+    /// Like [`Cluster::with_endpoints`], with the endpoints given as
+    /// addresses, weights and priorities. An endpoint keeps its state only
+    /// where all three stay.
+    fn with_prioritized(
+        previous: &Cluster,
+        settings: Arc<ClusterFile>,
+        list: &[(SocketAddr, u32, u32)],
+    ) -> Self {
         let mut taken = Vec::new();
         let endpoints: Vec<Arc<Endpoint>> = list
             .iter()
-            .map(|&(address, weight)| {
+            .map(|&(address, weight, priority)| {
                 previous
                     .endpoints
                     .iter()
                     .find(|p| {
                         p.address == address
                             && p.weight == weight.max(1)
+                            && p.priority == priority
                             && !taken.iter().any(|t| Arc::ptr_eq(t, p))
                     })
                     .cloned()
                     .inspect(|p| taken.push(p.clone()))
                     .unwrap_or_else(|| {
-                        new_endpoint(address, weight, &previous.pool_settings, &previous.limits)
+                        new_endpoint(
+                            address,
+                            weight,
+                            priority,
+                            &previous.pool_settings,
+                            &previous.limits,
+                        )
                     })
             })
             .collect();
-        let balancer = Balancer::new(settings.lb, &endpoints);
+        let levels = priority_levels(settings.lb, &endpoints);
         Cluster {
             name: previous.name.clone(),
             settings,
             endpoints,
-            balancer,
+            levels,
             limits: previous.limits.clone(),
             active_requests: previous.active_requests.clone(),
             active_retries: previous.active_retries.clone(),
@@ -513,14 +570,21 @@ impl Cluster {
         endpoint.ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }
 
-    /// Picks a healthy endpoint by the cluster's LB policy; `roll` is random.
+    /// Picks a healthy endpoint by the cluster's LB policy, from the best
+    /// priority that has one (Envoy's failover without partial spill);
+    /// `roll` is random.
     pub fn pick(&self, roll: u64) -> Result<EndpointGuard, UpstreamError> {
         let now = self.now_ms();
-        let index = self
-            .balancer
-            .pick(&self.endpoints, roll, |e| !self.is_ejected(e, now))
+        let endpoint = self
+            .levels
+            .iter()
+            .find_map(|level| {
+                let index = level
+                    .balancer
+                    .pick(&level.endpoints, roll, |e| !self.is_ejected(e, now))?;
+                Some(level.endpoints[index].clone())
+            })
             .ok_or(UpstreamError::NoHealthyEndpoint)?;
-        let endpoint = self.endpoints[index].clone();
         endpoint.active_requests.fetch_add(1, Ordering::AcqRel);
         Ok(EndpointGuard { endpoint })
     }

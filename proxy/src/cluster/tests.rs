@@ -15,6 +15,7 @@ fn cluster(
         .map(|(i, w)| EndpointFile {
             address: SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)).into(),
             weight: *w,
+            priority: 0,
         })
         .collect();
     file.outlier_detection = outlier;
@@ -109,6 +110,78 @@ fn all_ejected_means_no_healthy_endpoint() {
     assert!(matches!(c.pick(0), Err(UpstreamError::NoHealthyEndpoint)));
 }
 
+/// A round-robin cluster of one endpoint per `(port, priority)`.
+fn prioritized(endpoints: &[(u16, u32)], outlier: Option<OutlierDetectionFile>) -> Arc<Cluster> {
+    let mut file: ClusterFile = serde_yaml_ng::from_str("name: c\nendpoints: []\n").unwrap();
+    file.endpoints = endpoints
+        .iter()
+        .map(|&(port, priority)| EndpointFile {
+            address: SocketAddr::from(([127, 0, 0, 1], port)).into(),
+            weight: 1,
+            priority,
+        })
+        .collect();
+    file.outlier_detection = outlier;
+    Arc::new(Cluster::new(Arc::new(file)))
+}
+
+fn picked_ports(c: &Cluster, n: usize) -> Vec<u16> {
+    let mut ports: Vec<u16> = (0..n)
+        .map(|_| c.pick(0).unwrap().endpoint().address.port())
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+#[test]
+fn lower_priorities_serve_only_while_better_ones_have_no_healthy_endpoint() {
+    // Listed out of order: the priority, not the position, decides.
+    let c = prioritized(&[(30, 2), (10, 0), (20, 1), (11, 0)], Some(outlier(100)));
+    assert_eq!(picked_ports(&c, 8), [10, 11]);
+    let by_port = |port| {
+        c.endpoints()
+            .iter()
+            .find(|e| e.address.port() == port)
+            .unwrap()
+            .clone()
+    };
+    let eject = |port| {
+        let e = by_port(port);
+        c.report(&e, Outcome::ConnectFailure);
+        c.report(&e, Outcome::ConnectFailure);
+    };
+    eject(10);
+    assert_eq!(
+        picked_ports(&c, 8),
+        [11],
+        "one healthy endpoint keeps priority 0"
+    );
+    eject(11);
+    assert_eq!(picked_ports(&c, 8), [20], "priority 1 takes over");
+    eject(20);
+    assert_eq!(picked_ports(&c, 8), [30], "then priority 2");
+    eject(30);
+    assert!(matches!(c.pick(0), Err(UpstreamError::NoHealthyEndpoint)));
+
+    // An EDS update keeps each endpoint's state where address, weight and
+    // priority stay; a new priority-0 endpoint takes the traffic back.
+    let mut next = (*c.settings).clone();
+    next.endpoints.push(EndpointFile {
+        address: SocketAddr::from(([127, 0, 0, 1], 12)).into(),
+        weight: 1,
+        priority: 0,
+    });
+    let after = Cluster::with_endpoints(&c, Arc::new(next));
+    assert_eq!(picked_ports(&after, 8), [12]);
+    let kept = after
+        .endpoints()
+        .iter()
+        .find(|e| e.address.port() == 10)
+        .unwrap();
+    assert!(Arc::ptr_eq(kept, &by_port(10)));
+}
+
 #[test]
 fn ejection_time_grows_and_caps() {
     let od = outlier(10);
@@ -173,7 +246,7 @@ mod properties {
             let healthy = |i: usize| healthy_mask & (1 << (i % 8)) != 0;
             let any_healthy = (0..weights.len()).any(healthy);
             for roll in rolls {
-                let pick = c.balancer.pick(&c.endpoints, roll, |e| {
+                let pick = c.levels[0].balancer.pick(&c.levels[0].endpoints, roll, |e| {
                     let i = c.endpoints.iter().position(|x| std::ptr::eq(&**x, e)).unwrap();
                     healthy(i)
                 });
@@ -227,6 +300,7 @@ fn an_endpoint_update_keeps_the_state_of_endpoints_that_stay() {
     next.endpoints.push(EndpointFile {
         address: SocketAddr::from(([127, 0, 0, 1], 10_999)).into(),
         weight: 1,
+        priority: 0,
     });
     manager
         .update(&[Arc::new(next)], &Default::default())

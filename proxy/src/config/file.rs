@@ -472,9 +472,88 @@ pub struct UpstreamTlsFile {
     /// `simple`: PEM roots the server certificate must chain to (required).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
-    /// SNI and, for `simple`, the DNS name to check (required for `simple`).
+    /// SNI and, for `simple` without `subject_alt_names`, the DNS name to
+    /// check. `simple` needs this or `subject_alt_names`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// `simple`: names the server certificate must carry, one of them
+    /// enough; checked instead of `server_name`, which is then only SNI.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "serde_yaml_ng::with::singleton_map_recursive"
+    )]
+    pub subject_alt_names: Vec<SanMatchFile>,
+    /// `simple`: PEM chain to present as a client certificate (with
+    /// `client_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    /// `simple`: PEM private key of `client_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
+    /// `simple`: ALPN offered, in order (default: `h2` for an HTTP/2
+    /// cluster, else `http/1.1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<Vec<String>>,
+    /// Roots given inline (xDS), used instead of `ca`. Serialized as a
+    /// digest, so a new bundle counts as a settings change.
+    #[serde(
+        skip_deserializing,
+        serialize_with = "serialize_pem_digest",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ca_inline: Option<InlinePem>,
+    /// Client chain and key given inline (xDS), used instead of
+    /// `client_cert` and `client_key`; serialized as a digest.
+    #[serde(
+        skip_deserializing,
+        serialize_with = "serialize_pem_pair_digest",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub client_inline: Option<(InlinePem, InlinePem)>,
+    /// xDS: the SDS Secret that carries the roots.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<String>,
+    /// xDS: the SDS Secret that carries the client certificate.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+}
+
+/// One name a `simple` upstream's certificate may carry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SanMatchFile {
+    /// A DNS name, exact (a `*.` certificate name covers one label).
+    Dns(String),
+    /// A URI, exact (e.g. a SPIFFE ID).
+    Uri(String),
+}
+
+fn pem_digest(pem: &InlinePem) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, &pem.0);
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+// Inline PEM may hold a private key: only its digest is ever written out.
+fn serialize_pem_digest<S: serde::Serializer>(
+    pem: &Option<InlinePem>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match pem {
+        Some(pem) => serializer.serialize_some(&pem_digest(pem)),
+        None => serializer.serialize_none(),
+    }
+}
+
+fn serialize_pem_pair_digest<S: serde::Serializer>(
+    pair: &Option<(InlinePem, InlinePem)>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match pair {
+        Some((chain, key)) => serializer.serialize_some(&[pem_digest(chain), pem_digest(key)]),
+        None => serializer.serialize_none(),
+    }
 }
 
 /// Upstream TLS mode.
@@ -1818,6 +1897,10 @@ pub struct EndpointFile {
     /// Relative weight (default 1, at least 1).
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Priority level (default 0, the first used): a level serves only
+    /// while every level before it has no healthy endpoint.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: u32,
 }
 
 /// Where an endpoint is: an IP address, or a DNS name resolved at run time.

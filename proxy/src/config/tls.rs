@@ -91,12 +91,20 @@ pub enum UpstreamTlsConfig {
         /// SNI sent (the cluster name when not set).
         server_name: String,
     },
-    /// Server-authenticated TLS checked by DNS name.
+    /// Server-authenticated TLS checked by DNS name or SAN matchers.
     Simple {
         /// Roots the server certificate must chain to.
         roots: Arc<TrustBundle>,
-        /// SNI and name checked.
-        server_name: String,
+        /// SNI sent; also the name checked when `sans` is empty. `None`:
+        /// no SNI (then `sans` is not empty).
+        server_name: Option<String>,
+        /// Names the server certificate must carry (one is enough);
+        /// checked instead of `server_name` when not empty.
+        sans: Vec<SanMatchFile>,
+        /// Client certificate presented, if any.
+        client: Option<Arc<CertifiedKey>>,
+        /// ALPN offered; `None`: by the cluster's protocol.
+        alpn: Option<Vec<Vec<u8>>>,
     },
 }
 
@@ -446,6 +454,16 @@ pub(super) fn build_upstream_tls(
             if tls.ca.is_some() {
                 errors.push(format!("{path}.ca"), "mesh peers are checked against the identity's trust bundle; ca is only for mode: simple");
             }
+            for (field, set) in [
+                ("subject_alt_names", !tls.subject_alt_names.is_empty()),
+                ("client_cert", tls.client_cert.is_some()),
+                ("client_key", tls.client_key.is_some()),
+                ("alpn", tls.alpn.is_some()),
+            ] {
+                if set {
+                    errors.push(format!("{path}.{field}"), "only used with mode: simple");
+                }
+            }
             if tls.identities.is_empty() {
                 errors.push(
                     format!("{path}.identities"),
@@ -458,31 +476,128 @@ pub(super) fn build_upstream_tls(
                 server_name: server_name.unwrap_or_else(|| sni_from_cluster(&cluster.name)),
             })
         }
-        UpstreamTlsMode::Simple => {
-            if !tls.identities.is_empty() {
-                errors.push(format!("{path}.identities"), "only used with mode: mesh");
-            }
-            let Some(ca) = &tls.ca else {
-                errors.push(
-                    format!("{path}.ca"),
-                    "mode: simple needs the roots to check the server against",
-                );
-                return None;
-            };
-            let Some(server_name) = server_name else {
-                errors.push(
-                    format!("{path}.server_name"),
-                    "mode: simple needs the DNS name to check",
-                );
-                return None;
-            };
-            let roots = load_bundle(ca, &format!("{path}.ca"), errors)?;
-            Some(UpstreamTlsConfig::Simple {
-                roots: Arc::new(roots),
-                server_name,
-            })
+        UpstreamTlsMode::Simple => build_simple(tls, &path, server_name, cluster.protocol, errors),
+    }
+}
+
+fn build_simple(
+    tls: &UpstreamTlsFile,
+    path: &str,
+    server_name: Option<String>,
+    protocol: UpstreamProtocol,
+    errors: &mut Errors,
+) -> Option<UpstreamTlsConfig> {
+    if !tls.identities.is_empty() {
+        errors.push(format!("{path}.identities"), "only used with mode: mesh");
+    }
+    if server_name.is_none() && tls.subject_alt_names.is_empty() {
+        errors.push(
+            format!("{path}.server_name"),
+            "mode: simple needs the DNS name to check, or subject_alt_names",
+        );
+    }
+    for (i, san) in tls.subject_alt_names.iter().enumerate() {
+        let bad = match san {
+            SanMatchFile::Dns(name) => rustls_pki_types::DnsName::try_from(name.as_str()).is_err(),
+            SanMatchFile::Uri(uri) => uri.is_empty(),
+        };
+        if bad {
+            errors.push(
+                format!("{path}.subject_alt_names[{i}]"),
+                format!("{san:?} is not a DNS name or URI"),
+            );
         }
     }
+    let alpn = tls.alpn.as_ref().map(|list| {
+        // The pool speaks the cluster's protocol whatever the server picks,
+        // so only that protocol may be offered.
+        let spoken = match protocol {
+            UpstreamProtocol::Http2 => "h2",
+            UpstreamProtocol::Http1 => "http/1.1",
+        };
+        for (i, proto) in list.iter().enumerate() {
+            if proto != spoken {
+                errors.push(
+                    format!("{path}.alpn[{i}]"),
+                    format!("\"{proto}\" is not {spoken}, the protocol the cluster speaks"),
+                );
+            }
+        }
+        list.iter().map(|p| p.as_bytes().to_vec()).collect()
+    });
+    let client = match (&tls.client_inline, &tls.client_cert, &tls.client_key) {
+        (Some((chain, key)), ..) => Some(load_client_cert(&chain.0, &key.0, path, errors)),
+        (None, Some(cert), Some(key)) => {
+            let chain = read_file(cert, &format!("{path}.client_cert"), errors);
+            let key = read_file(key, &format!("{path}.client_key"), errors);
+            match (chain, key) {
+                (Some(chain), Some(key)) => Some(load_client_cert(&chain, &key, path, errors)),
+                _ => Some(None),
+            }
+        }
+        (None, Some(_), None) => {
+            errors.push(format!("{path}.client_key"), "client_cert needs its key");
+            Some(None)
+        }
+        (None, None, Some(_)) => {
+            errors.push(
+                format!("{path}.client_cert"),
+                "client_key needs its certificate",
+            );
+            Some(None)
+        }
+        (None, None, None) => None,
+    };
+    let roots = match (&tls.ca_inline, &tls.ca) {
+        (Some(pem), _) => TrustBundle::from_pem(&pem.0)
+            .map_err(|e| errors.push(format!("{path}.ca"), e.to_string()))
+            .ok(),
+        (None, Some(ca)) => load_bundle(ca, &format!("{path}.ca"), errors),
+        (None, None) => {
+            errors.push(
+                format!("{path}.ca"),
+                "mode: simple needs the roots to check the server against",
+            );
+            None
+        }
+    };
+    Some(UpstreamTlsConfig::Simple {
+        roots: Arc::new(roots?),
+        server_name,
+        sans: tls.subject_alt_names.clone(),
+        // `Some(None)`: a client certificate was given but is unusable.
+        client: match client {
+            Some(loaded) => Some(loaded?),
+            None => None,
+        },
+        alpn,
+    })
+}
+
+fn load_client_cert(
+    chain_pem: &[u8],
+    key_pem: &[u8],
+    path: &str,
+    errors: &mut Errors,
+) -> Option<Arc<CertifiedKey>> {
+    let chain = postern_certs::x509::parse_pem_chain(chain_pem, "certificate chain")
+        .map_err(|e| errors.push(format!("{path}.client_cert"), e.to_string()))
+        .ok()?;
+    let key = postern_certs::x509::parse_pem_key(key_pem)
+        .map_err(|e| errors.push(format!("{path}.client_key"), e.to_string()))
+        .ok()?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| errors.push(format!("{path}.client_key"), format!("unusable key: {e}")))
+        .ok()?;
+    let certified = CertifiedKey::new(chain, signer);
+    if certified.keys_match().is_err() {
+        errors.push(
+            format!("{path}.client_key"),
+            "does not match the certificate",
+        );
+        return None;
+    }
+    Some(Arc::new(certified))
 }
 
 /// Cluster names may hold characters SNI does not take; mesh peers ignore it anyway.

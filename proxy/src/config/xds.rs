@@ -31,7 +31,10 @@ mod ignored;
 mod limits;
 #[path = "xds_policy.rs"]
 mod policy;
+#[path = "xds_upstream.rs"]
+mod upstream;
 pub use chains::{fill_edge_secrets, EdgeSecret, EdgeSlot};
+pub use upstream::{cluster_secret_names, fill_cluster_secrets};
 
 /// Type URL of the HttpConnectionManager network filter config.
 const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -979,6 +982,7 @@ pub fn cluster(
     if !c.transport_socket_matches.is_empty() {
         ctx.unsupported("transport_socket_matches");
     }
+    upstream::auto_sni(c, &mut ctx);
     let tls = c
         .transport_socket
         .as_ref()
@@ -1052,19 +1056,21 @@ pub fn load_assignment(
     ctx.finish(endpoints)
 }
 
-/// Healthy (or unknown) endpoints of the best priority present; DNS names
-/// are allowed where `names` says (DNS clusters).
+/// Healthy (or unknown) endpoints of every priority, each with its
+/// priority; DNS names are allowed where `names` says (DNS clusters, which
+/// take priority 0 only). Locality `load_balancing_weight`s are left out,
+/// as Envoy does without locality-weighted balancing (which is refused):
+/// endpoint weights alone count.
 fn cla_endpoints(
     cla: &endpoint::ClusterLoadAssignment,
     path: &str,
     names: bool,
     ctx: &mut Ctx,
 ) -> Vec<EndpointFile> {
-    let best = cla.endpoints.iter().map(|l| l.priority).min().unwrap_or(0);
     let mut out = Vec::new();
     for (i, locality) in cla.endpoints.iter().enumerate() {
-        if locality.priority != best {
-            continue;
+        if names && locality.priority != 0 {
+            ctx.unsupported(format!("{path}[{i}].priority (on a DNS cluster)"));
         }
         for (j, lb) in locality.lb_endpoints.iter().enumerate() {
             let epath = format!("{path}[{i}].lb_endpoints[{j}]");
@@ -1096,6 +1102,7 @@ fn cla_endpoints(
                     .load_balancing_weight
                     .as_ref()
                     .map_or(1, |w| w.value.max(1)),
+                priority: locality.priority,
             });
         }
     }
@@ -2307,6 +2314,11 @@ fn upstream_tls(
             return None;
         }
     };
+    let mesh = sds
+        .is_some_and(|names| upstream::names_identity(context.common_tls_context.as_ref(), names));
+    if !mesh {
+        return upstream::simple_tls(&context, path, ctx);
+    }
     let identities = check_sds_names(context.common_tls_context.as_ref(), path, sds, ctx);
     if identities.is_empty() && sds.is_some() {
         ctx.err(
@@ -2319,6 +2331,14 @@ fn upstream_tls(
         identities,
         ca: None,
         server_name: (!context.sni.is_empty()).then(|| context.sni.clone()),
+        subject_alt_names: Vec::new(),
+        client_cert: None,
+        client_key: None,
+        alpn: None,
+        ca_inline: None,
+        client_inline: None,
+        ca_secret: None,
+        client_secret: None,
     })
 }
 
@@ -2367,6 +2387,7 @@ pub fn secret(s: &tls::Secret) -> Result<SecretValue, Problems> {
             SecretValue::Certificate(chain, key)
         }
         Some(tls::secret::Type::ValidationContext(validation)) => {
+            upstream::validation_secret_fields(validation, &mut ctx);
             let roots = inline(
                 &validation.trusted_ca,
                 "validation_context.trusted_ca",

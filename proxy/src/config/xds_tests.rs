@@ -220,7 +220,7 @@ fn clusters_map_discovery_balancing_limits_and_http2() {
 }
 
 #[test]
-fn load_assignments_keep_healthy_endpoints_of_the_best_priority() {
+fn load_assignments_keep_healthy_endpoints_with_their_priorities() {
     let lb = |port: u32, health: core::HealthStatus, weight: u32| endpoint::LbEndpoint {
         host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
             endpoint::Endpoint {
@@ -253,9 +253,11 @@ fn load_assignments_keep_healthy_endpoints_of_the_best_priority() {
         ..Default::default()
     };
     let endpoints = load_assignment(&cla).unwrap();
-    assert_eq!(endpoints.len(), 1);
-    assert_eq!(endpoints[0].address.port(), 9001);
-    assert_eq!(endpoints[0].weight, 3);
+    let got: Vec<(u16, u32, u32)> = endpoints
+        .iter()
+        .map(|e| (e.address.port(), e.weight, e.priority))
+        .collect();
+    assert_eq!(got, [(9001, 3, 0), (9009, 1, 1)]);
 }
 
 fn http_listener(filters: Vec<hcm::HttpFilter>) -> listener::Listener {
@@ -708,6 +710,7 @@ mod jwt;
 mod limits;
 mod mutations;
 mod policy;
+mod upstream;
 
 fn ratelimit_filter(
     config: &postern_proto::envoy::extensions::filters::http::ratelimit::v3::RateLimit,

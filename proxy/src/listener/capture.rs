@@ -602,6 +602,7 @@ fn app_cluster(
         endpoints: vec![EndpointFile {
             address: app.into(),
             weight: 1,
+            priority: 0,
         }],
         lb: Default::default(),
         // The hop from the calling sidecar is HTTP/2 whatever its app

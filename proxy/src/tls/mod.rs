@@ -22,6 +22,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{EdgeTls, ListenerTls, UpstreamTlsConfig};
+
+mod san;
 use crate::telemetry::metrics as names;
 
 /// First byte of a TLS record carrying a handshake.
@@ -506,22 +508,49 @@ impl UpstreamTls {
                 opaque = Some(TlsConnector::from(Arc::new(tcp)));
                 (client, server_name, true)
             }
-            UpstreamTlsConfig::Simple { roots, server_name } => {
+            UpstreamTlsConfig::Simple {
+                roots,
+                server_name,
+                sans,
+                client,
+                alpn,
+            } => {
                 let mut store = RootCertStore::empty();
                 for root in roots.roots() {
                     store.add(root.clone()).map_err(rustls_err)?;
                 }
-                let mut client = ClientConfig::builder_with_provider(provider())
+                let builder = ClientConfig::builder_with_provider(provider())
                     .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-                    .map_err(rustls_err)?
-                    .with_root_certificates(store)
-                    .with_no_client_auth();
-                client.alpn_protocols = vec![if http2 {
-                    b"h2".to_vec()
+                    .map_err(rustls_err)?;
+                let builder = if sans.is_empty() {
+                    builder.with_root_certificates(store)
                 } else {
-                    b"http/1.1".to_vec()
-                }];
-                (client, server_name, false)
+                    builder
+                        .dangerous()
+                        .with_custom_certificate_verifier(Arc::new(san::SanVerifier::new(
+                            store,
+                            sans.clone(),
+                        )))
+                };
+                let mut client = match client {
+                    Some(key) => builder.with_client_cert_resolver(Arc::new(
+                        rustls::sign::SingleCertAndKey::from(key.clone()),
+                    )),
+                    None => builder.with_no_client_auth(),
+                };
+                client.alpn_protocols = match alpn {
+                    Some(list) => list.clone(),
+                    None => vec![if http2 {
+                        b"h2".to_vec()
+                    } else {
+                        b"http/1.1".to_vec()
+                    }],
+                };
+                // Without a server name no SNI goes out; the name rustls
+                // needs anyway is never checked (`sans` is, by the verifier).
+                client.enable_sni = server_name.is_some();
+                let name = server_name.as_deref().unwrap_or("upstream.invalid");
+                (client, name, false)
             }
         };
         let server_name =

@@ -418,6 +418,7 @@ fn original_dst_clusters_pass_through_and_refuse_other_targets() {
     let endpoint = |address: &str| EndpointFile {
         address: address.parse().unwrap(),
         weight: 1,
+        priority: 0,
     };
     assert!(check_app_target(&target(None), true, &[]).is_ok());
     assert!(check_app_target(&target(Some(8080)), false, &[endpoint("127.0.0.1:8080")]).is_ok());
