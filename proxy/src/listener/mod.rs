@@ -2,6 +2,7 @@
 //! TCP or capture path, and drain.
 
 pub mod capture;
+pub mod chain_match;
 pub mod detect;
 pub mod drain;
 pub mod manager;
