@@ -515,6 +515,16 @@ impl XdsHandler {
                 None => return Ok(None),
             }
         }
+        // Each chain routed by RDS warms until its own routes arrive.
+        for (chain, routes) in &translated.chain_routes {
+            let Some(chain) = listener.filter_chains.get_mut(*chain) else {
+                continue;
+            };
+            match state.routes.get(routes) {
+                Some(routes) => routes.value.apply_to(&mut chain.listener),
+                None => return Ok(None),
+            }
+        }
         let secret = |n: &str| state.secrets.get(n).map(|e| e.value.clone());
         match translate::fill_edge_secrets(&mut listener, &translated.edge_secrets, &secret) {
             Ok(true) => Ok(Some(listener)),
@@ -564,9 +574,13 @@ impl XdsHandler {
 
     fn wanted(state: &Resources) -> (Vec<String>, Vec<String>) {
         let routes: BTreeSet<String> = Self::listener_versions(state)
-            .filter_map(|t| match &t.listener.routes {
-                RouteSource::Rds(name) => Some(name.clone()),
-                _ => None,
+            .flat_map(|t| {
+                let own = match &t.listener.routes {
+                    RouteSource::Rds(name) => Some(name.clone()),
+                    _ => None,
+                };
+                let chains = t.listener.chain_routes.iter().map(|(_, n)| n.clone());
+                own.into_iter().chain(chains)
             })
             .collect();
         let endpoints: BTreeSet<String> = state
