@@ -235,3 +235,85 @@ pub(super) fn build(
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ListenerProtocol};
+
+    const CLUSTERS: &str = "clusters: [{ name: db, endpoints: [{ address: 127.0.0.1:9 }] }, { name: web, endpoints: [{ address: 127.0.0.1:9 }] }]";
+
+    #[test]
+    fn static_filter_chains_compile_each_chain_as_a_listener() {
+        let yaml = format!(
+            r#"
+listeners:
+- name: gw
+  address: 127.0.0.1:0
+  kind: http
+  filter_chains:
+  - name: plain
+    match: {{ transport_protocol: raw_buffer }}
+    listener: {{ name: x, address: "127.0.0.1:1", kind: tcp, tcp: {{ cluster: db }} }}
+  - name: web
+    default: true
+    listener:
+      name: x
+      address: "127.0.0.1:1"
+      kind: http
+      virtual_hosts: [{{ name: all, domains: ["*"], routes: [{{ match: {{}}, cluster: web }}] }}]
+{CLUSTERS}
+"#
+        );
+        let config = Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}"));
+        let ListenerProtocol::Chains(chains) = &config.listeners[0].protocol else {
+            panic!("not a listener with chains");
+        };
+        assert_eq!(chains.default, Some(1));
+        assert!(chains.inspect);
+        // Each chain is named and addressed as its listener.
+        for chain in &chains.chains {
+            assert_eq!(&*chain.name, "gw");
+            assert_eq!(chain.address, config.listeners[0].address);
+        }
+        assert!(matches!(
+            chains.chains[0].protocol,
+            ListenerProtocol::Tcp(_)
+        ));
+        assert!(matches!(
+            chains.chains[1].protocol,
+            ListenerProtocol::Http(_)
+        ));
+    }
+
+    #[test]
+    fn bad_filter_chains_are_refused_naming_the_field() {
+        let yaml = format!(
+            r#"
+listeners:
+- name: gw
+  address: 127.0.0.1:0
+  kind: http
+  virtual_hosts: [{{ name: all, domains: ["*"], routes: [{{ match: {{}}, cluster: web }}] }}]
+  filter_chains:
+  - name: a
+    match: {{ server_names: ["*x.example.com"], transport_protocol: quic }}
+    listener: {{ name: x, address: "127.0.0.1:1", kind: tcp, tcp: {{ cluster: db }} }}
+  - name: a
+    default: true
+    match: {{ transport_protocol: tls }}
+    listener: {{ name: x, address: "127.0.0.1:1", kind: tcp, tcp: {{ cluster: db }} }}
+{CLUSTERS}
+"#
+        );
+        let err = Config::from_yaml(&yaml).unwrap_err().to_string();
+        for expected in [
+            "listeners[0].virtual_hosts: goes in each of filter_chains[*].listener",
+            "listeners[0].filter_chains[0].match.server_names[0]: \"*x.example.com\" is not a server name",
+            "listeners[0].filter_chains[0].match.transport_protocol: \"quic\" is neither tls nor raw_buffer",
+            "listeners[0].filter_chains[1].name: duplicate filter chain name \"a\"",
+            "listeners[0].filter_chains[1].match: the default chain takes what no other chain matches",
+        ] {
+            assert!(err.contains(expected), "{expected}\n{err}");
+        }
+    }
+}

@@ -383,3 +383,6 @@ pub async fn inspect(stream: &TcpStream, port: u16, wait: Duration) -> Option<Co
         Ok(Some(None)) | Err(_) => Some(facts),
     }
 }
+
+#[cfg(test)]
+mod tests;
