@@ -456,9 +456,21 @@ impl XdsHandler {
         translate::attach_virtual_listeners(&mut file.listeners, &virtuals);
         let mut rejections = Vec::new();
         for listener in &file.listeners {
-            if let Some(reason) =
+            // A listener's chains route as listeners of their own; the
+            // reason then names the chain.
+            let found =
                 translate::original_dst_reference(std::slice::from_ref(listener), &original_dst)
-            {
+                    .or_else(|| {
+                        listener.filter_chains.iter().find_map(|chain| {
+                            let reason = translate::original_dst_reference(
+                                std::slice::from_ref(&*chain.listener),
+                                &original_dst,
+                            )?;
+                            let head = format!("listener {}: ", listener.name);
+                            Some(reason.replacen(&head, &format!("{head}{}.", chain.name), 1))
+                        })
+                    });
+            if let Some(reason) = found {
                 rejections.push(Rejection::of_config(
                     Some(type_url::LISTENER),
                     &listener.name,
@@ -899,6 +911,24 @@ fn origin(warm: &Warm, places: &Places, path: &str) -> (&'static str, String, St
             });
             let from_routes =
                 field.starts_with("virtual_hosts") || field.starts_with("http.headers");
+            // A chain's routes came by RDS under the chain's own name.
+            let chain_rds = field
+                .strip_prefix("filter_chains[")
+                .and_then(|rest| rest.split_once("].listener."))
+                .and_then(|(c, inner)| {
+                    let c: usize = c.parse().ok()?;
+                    let from_routes =
+                        inner.starts_with("virtual_hosts") || inner.starts_with("http.headers");
+                    let routes = served?
+                        .listener
+                        .chain_routes
+                        .iter()
+                        .find(|(chain, _)| *chain == c)?;
+                    from_routes.then(|| (routes.1.clone(), inner.to_string()))
+                });
+            if let Some((routes, inner)) = chain_rds {
+                return (type_url::ROUTE, routes, inner);
+            }
             return match rds {
                 Some(routes) if from_routes => (type_url::ROUTE, routes, field),
                 _ if served.is_some() => (type_url::LISTENER, listener.clone(), field),

@@ -463,3 +463,77 @@ async fn a_push_to_one_chain_leaves_the_other_chains_connections_alone() {
     let again = plain.send(request()).await.expect("same connection");
     assert_eq!(again.backend(), Some("plain"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_warms_until_every_chains_routes_and_secrets_arrive() {
+    let setup = Setup::new().await;
+    let mut partial = setup.snapshot("1", "a", "b");
+    partial.remove(type_url::ROUTE, "routes-a");
+    partial.remove(type_url::SECRET, "b-cert");
+    let cp = ControlPlane::start(partial).await;
+    let proxy = start_proxy(&bootstrap(&cp)).await;
+    wait_until("the listener that needs nothing is bound", || async {
+        proxy.listener_addr("strict").is_some()
+    })
+    .await;
+    assert!(
+        proxy.listener_addr("gw").is_none(),
+        "gw served before its chains' routes and certificate"
+    );
+
+    // Only the routes: the SDS certificate of another chain still holds it.
+    let mut routes_only = setup.snapshot("2", "a", "b");
+    routes_only.remove(type_url::SECRET, "b-cert");
+    let mut events = cp.server.events();
+    cp.server.set_snapshot(routes_only);
+    wait_acks(&mut events, &[(type_url::ROUTE, "2")]).await;
+    assert!(proxy.listener_addr("gw").is_none());
+
+    cp.server.set_snapshot(setup.snapshot("3", "a", "b"));
+    ready(&proxy).await;
+    let gw = proxy.listener_addr("gw").expect("gw bound");
+    let (served, backend) = https_get(gw, "b.example.com").await.expect("b");
+    assert_eq!((served, backend.as_str()), (der(&setup.b.cert_pem), "b"));
+    assert_eq!(https_get(gw, "a.example.com").await.expect("a").1, "a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_chain_is_nacked_by_name_and_the_last_good_listener_keeps_serving() {
+    use postern_proto::envoy::config::cluster::v3 as cluster;
+    use postern_tests::control::{is_nack, wait_event};
+    let setup = Setup::new().await;
+    let cp = ControlPlane::start(setup.snapshot("1", "a", "b")).await;
+    let mut events = cp.server.events();
+    let proxy = start_proxy(&bootstrap(&cp)).await;
+    ready(&proxy).await;
+    let gw = proxy.listener_addr("gw").expect("gw bound");
+
+    // b.example.com's chain now sends to an ORIGINAL_DST cluster, which
+    // only a capture listener can use.
+    let mut bad = setup.snapshot("2", "a", "passthrough");
+    bad.add_message(
+        "passthrough",
+        &cluster::Cluster {
+            name: "passthrough".into(),
+            cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+                cluster::cluster::DiscoveryType::OriginalDst as i32,
+            )),
+            lb_policy: cluster::cluster::LbPolicy::ClusterProvided as i32,
+            ..Default::default()
+        },
+    );
+    cp.server.set_snapshot(bad);
+    let nack = wait_event(&mut events, "listener NACK", |e| {
+        is_nack(e, type_url::LISTENER)
+    })
+    .await;
+    let postern_control::ads::AdsEventKind::Nack { error, .. } = nack.kind else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("listener gw: filter_chains[1].virtual_hosts[0]")
+            && error.contains("\"passthrough\" is ORIGINAL_DST"),
+        "{error}"
+    );
+    assert_eq!(https_get(gw, "b.example.com").await.expect("b").1, "b");
+}
