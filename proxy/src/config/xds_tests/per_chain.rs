@@ -170,7 +170,7 @@ fn chains_that_differ_are_routed_per_chain() {
 }
 
 #[test]
-fn a_chain_without_a_default_closes_what_no_chain_matches() {
+fn without_a_default_filter_chain_no_chain_is_the_default() {
     let mut l = gateway();
     l.default_filter_chain = None;
     let translated = listener_parts(&l, Some(&sds()), &|_| None).unwrap();

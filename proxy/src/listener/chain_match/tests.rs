@@ -134,3 +134,104 @@ fn no_chains_matches_nothing() {
     let table = ChainTable::new(&[]).unwrap();
     assert_eq!(table.select(&plain()), None);
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Whether `m` taken alone accepts `facts`.
+    fn accepts(m: &ChainMatch, facts: &ConnectionFacts) -> bool {
+        let sni = facts
+            .server_name
+            .as_deref()
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let name_ok = m.server_names.is_empty()
+            || m.server_names.iter().any(|n| {
+                let n = n.to_ascii_lowercase();
+                match n.strip_prefix('*') {
+                    Some(suffix) => sni.len() > suffix.len() && sni.ends_with(&suffix),
+                    None => n == sni,
+                }
+            });
+        let alpn_ok = m.application_protocols.is_empty()
+            || facts
+                .application_protocols
+                .iter()
+                .any(|p| m.application_protocols.iter().any(|a| a.as_bytes() == p));
+        m.destination_port
+            .is_none_or(|p| p == facts.destination_port)
+            && name_ok
+            && m.transport_tls.is_none_or(|t| t == facts.tls)
+            && alpn_ok
+    }
+
+    fn a_match() -> impl Strategy<Value = ChainMatch> {
+        let name = prop_oneof![
+            Just("a.example.com".to_string()),
+            Just("b.example.com".to_string()),
+            Just("*.example.com".to_string()),
+            Just("*.com".to_string()),
+        ];
+        let alpn = prop_oneof![Just("h2".to_string()), Just("http/1.1".to_string())];
+        (
+            proptest::option::of(prop_oneof![Just(443u16), Just(8443u16)]),
+            proptest::collection::vec(name, 0..2),
+            proptest::option::of(any::<bool>()),
+            proptest::collection::vec(alpn, 0..2),
+        )
+            .prop_map(
+                |(destination_port, server_names, transport_tls, application_protocols)| {
+                    ChainMatch {
+                        destination_port,
+                        server_names,
+                        transport_tls,
+                        application_protocols,
+                    }
+                },
+            )
+    }
+
+    fn facts() -> impl Strategy<Value = ConnectionFacts> {
+        let sni = prop_oneof![
+            Just("a.example.com"),
+            Just("x.a.example.com"),
+            Just("example.com"),
+            Just("other.org"),
+        ];
+        let alpn = prop_oneof![Just(b"h2".to_vec()), Just(b"http/1.1".to_vec())];
+        (
+            prop_oneof![Just(443u16), Just(8443u16)],
+            proptest::option::of(sni),
+            any::<bool>(),
+            proptest::collection::vec(alpn, 0..3),
+        )
+            .prop_map(|(port, sni, tls, alpn)| ConnectionFacts {
+                destination_port: port,
+                server_name: sni.map(str::to_string),
+                tls,
+                application_protocols: alpn,
+            })
+    }
+
+    proptest! {
+        /// The chain picked always accepts the connection on its own, and
+        /// a connection some chain accepts on every criterion at once,
+        /// being the only chain, is picked.
+        #[test]
+        fn the_chain_picked_accepts_the_connection(
+            chains in proptest::collection::vec(a_match(), 0..6),
+            facts in facts(),
+        ) {
+            let Ok(table) = ChainTable::new(&chains) else {
+                return Ok(());
+            };
+            if let Some(i) = table.select(&facts) {
+                prop_assert!(accepts(&chains[i], &facts), "{:?} picked for {:?}", chains[i], facts);
+            }
+            if let [only] = chains.as_slice() {
+                prop_assert_eq!(table.select(&facts).is_some(), accepts(only, &facts));
+            }
+        }
+    }
+}
