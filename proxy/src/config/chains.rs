@@ -37,12 +37,7 @@ pub(super) fn flatten(listeners: &[ListenerFile]) -> Vec<Entry<'_>> {
 }
 
 /// What a chain's listener may not be.
-pub(super) fn check_chain_listener(
-    _outer: &ListenerFile,
-    inner: &ListenerFile,
-    path: &str,
-    errors: &mut Errors,
-) {
+pub(super) fn check_chain_listener(inner: &ListenerFile, path: &str, errors: &mut Errors) {
     if inner.kind == ListenerKind::Capture {
         errors.push(
             format!("{path}.kind"),
@@ -302,6 +297,10 @@ listeners:
     default: true
     match: {{ transport_protocol: tls }}
     listener: {{ name: x, address: "127.0.0.1:1", kind: tcp, tcp: {{ cluster: db }} }}
+- name: gw
+  address: 127.0.0.1:0
+  kind: tcp
+  tcp: {{ cluster: db }}
 {CLUSTERS}
 "#
         );
@@ -312,6 +311,7 @@ listeners:
             "listeners[0].filter_chains[0].match.transport_protocol: \"quic\" is neither tls nor raw_buffer",
             "listeners[0].filter_chains[1].name: duplicate filter chain name \"a\"",
             "listeners[0].filter_chains[1].match: the default chain takes what no other chain matches",
+            "listeners[1].name: duplicate listener name \"gw\"",
         ] {
             assert!(err.contains(expected), "{expected}\n{err}");
         }

@@ -124,9 +124,22 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
         let listener: &ListenerFile = listener;
         // Owned, so the field paths below read as they always have.
         let path = path.clone();
-        if let Some(outer) = chain_of {
-            super::chains::check_chain_listener(outer, listener, &path, &mut errors);
+        if chain_of.is_some() {
+            super::chains::check_chain_listener(listener, &path, &mut errors);
         } else if !listener.filter_chains.is_empty() {
+            if !listener_names.insert(listener.name.as_str()) {
+                errors.push(
+                    format!("{path}.name"),
+                    format!("duplicate listener name \"{}\"", listener.name),
+                );
+            }
+            if listener.address.port() != 0 && !addresses.insert(listener.address) {
+                errors.push(
+                    format!("{path}.address"),
+                    format!("address {} is used by another listener", listener.address),
+                );
+            }
+            check_limits(&listener.limits, &format!("{path}.limits"), &mut errors);
             let chains = std::mem::take(&mut chain_built);
             if let Some(built) = super::chains::build(listener, &path, chains, &mut errors) {
                 listeners.push(Arc::new(built));

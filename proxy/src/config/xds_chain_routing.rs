@@ -15,8 +15,11 @@ use crate::listener::chain_match::{ChainMatch, ChainTable};
 /// configurations its chains name (by chain index in `filter_chains`) and
 /// the SDS secrets their edge TLS waits for.
 pub(super) struct PerChain {
+    /// The listener with its `filter_chains`.
     pub file: ListenerFile,
+    /// `(chain index, route configuration name)` of the chains routed by RDS.
     pub chain_routes: Vec<(usize, String)>,
+    /// The SDS secrets of the chains' edge TLS.
     pub secrets: Vec<EdgeSecret>,
 }
 
