@@ -1,9 +1,10 @@
-//! Filter chains of a plain (non-capture) Listener. Postern routes per
-//! listener, so several chains are taken only where they amount to one
+//! Filter chains of a plain (non-capture) Listener that amount to one
 //! listener setting: plaintext; mesh mTLS, `strict`, or `permissive` as
 //! Istio writes it (a `tls` chain with the workload's context next to a
 //! `raw_buffer` one); or edge TLS with the certificate chosen by SNI
-//! (`server_names`). Every chain must then carry the same network filter.
+//! (`server_names`), every chain carrying the same network filter. Such a
+//! listener keeps one route table; any other is routed per chain
+//! (`xds_chain_routing.rs`). Also the edge TLS contexts both forms use.
 
 use std::path::PathBuf;
 use std::sync::Arc;
