@@ -472,9 +472,21 @@ impl XdsHandler {
         translate::attach_virtual_listeners(&mut file.listeners, &virtuals);
         let mut rejections = Vec::new();
         for listener in &file.listeners {
-            if let Some(reason) =
+            // A listener's chains route as listeners of their own; the
+            // reason then names the chain.
+            let found =
                 translate::original_dst_reference(std::slice::from_ref(listener), &original_dst)
-            {
+                    .or_else(|| {
+                        listener.filter_chains.iter().find_map(|chain| {
+                            let reason = translate::original_dst_reference(
+                                std::slice::from_ref(&*chain.listener),
+                                &original_dst,
+                            )?;
+                            let head = format!("listener {}: ", listener.name);
+                            Some(reason.replacen(&head, &format!("{head}{}.", chain.name), 1))
+                        })
+                    });
+            if let Some(reason) = found {
                 rejections.push(Rejection::of_config(
                     Some(type_url::LISTENER),
                     &listener.name,
@@ -528,6 +540,16 @@ impl XdsHandler {
         if let RouteSource::Rds(routes) = &translated.routes {
             match state.routes.get(routes) {
                 Some(routes) => routes.value.apply_to(&mut listener),
+                None => return Ok(None),
+            }
+        }
+        // Each chain routed by RDS warms until its own routes arrive.
+        for (chain, routes) in &translated.chain_routes {
+            let Some(chain) = listener.filter_chains.get_mut(*chain) else {
+                continue;
+            };
+            match state.routes.get(routes) {
+                Some(routes) => routes.value.apply_to(&mut chain.listener),
                 None => return Ok(None),
             }
         }
@@ -587,9 +609,13 @@ impl XdsHandler {
 
     fn wanted(state: &Resources) -> (Vec<String>, Vec<String>) {
         let routes: BTreeSet<String> = Self::listener_versions(state)
-            .filter_map(|t| match &t.listener.routes {
-                RouteSource::Rds(name) => Some(name.clone()),
-                _ => None,
+            .flat_map(|t| {
+                let own = match &t.listener.routes {
+                    RouteSource::Rds(name) => Some(name.clone()),
+                    _ => None,
+                };
+                let chains = t.listener.chain_routes.iter().map(|(_, n)| n.clone());
+                own.into_iter().chain(chains)
             })
             .collect();
         let endpoints: BTreeSet<String> = state
@@ -908,6 +934,24 @@ fn origin(warm: &Warm, places: &Places, path: &str) -> (&'static str, String, St
             });
             let from_routes =
                 field.starts_with("virtual_hosts") || field.starts_with("http.headers");
+            // A chain's routes came by RDS under the chain's own name.
+            let chain_rds = field
+                .strip_prefix("filter_chains[")
+                .and_then(|rest| rest.split_once("].listener."))
+                .and_then(|(c, inner)| {
+                    let c: usize = c.parse().ok()?;
+                    let from_routes =
+                        inner.starts_with("virtual_hosts") || inner.starts_with("http.headers");
+                    let routes = served?
+                        .listener
+                        .chain_routes
+                        .iter()
+                        .find(|(chain, _)| *chain == c)?;
+                    from_routes.then(|| (routes.1.clone(), inner.to_string()))
+                });
+            if let Some((routes, inner)) = chain_rds {
+                return (type_url::ROUTE, routes, inner);
+            }
             return match rds {
                 Some(routes) if from_routes => (type_url::ROUTE, routes, field),
                 _ if served.is_some() => (type_url::LISTENER, listener.clone(), field),

@@ -649,6 +649,50 @@ pub struct ListenerFile {
     /// `telemetry.access_log_service`'s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log_service: Option<crate::telemetry::als::AlsConfig>,
+    /// Filter chains picked per connection, each with its own routes or
+    /// cluster and TLS; when set, the listener's own protocol and TLS
+    /// fields are unused (its address, limits and direction still count).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filter_chains: Vec<FilterChainFile>,
+}
+
+/// One filter chain of a listener with several: what connections it takes
+/// and what serves them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterChainFile {
+    /// Unique within the listener, e.g. `filter_chains[1]` from xDS.
+    pub name: String,
+    /// Which connections it takes; an empty match takes any.
+    #[serde(default, rename = "match")]
+    pub matcher: FilterChainMatchFile,
+    /// Takes the connections no chain matches (Envoy's
+    /// `default_filter_chain`); its `match` must be empty.
+    #[serde(default)]
+    pub default: bool,
+    /// What serves its connections: `kind` with `virtual_hosts` and `http`
+    /// or `tcp`, and `tls` or `mtls`. Its name and address are the
+    /// listener's.
+    pub listener: Box<ListenerFile>,
+}
+
+/// The criteria of a filter chain (Envoy's `FilterChainMatch`); each one
+/// left empty matches anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilterChainMatchFile {
+    /// The local port connected to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_port: Option<u16>,
+    /// SNI: exact names or `*.suffix`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub server_names: Vec<String>,
+    /// `tls` or `raw_buffer`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport_protocol: Option<String>,
+    /// ALPN values the client offers (any one).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub application_protocols: Vec<String>,
 }
 
 /// Tracing settings of a listener.

@@ -7,6 +7,7 @@
 //! so the hot path trusts the model. No I/O besides reading the file.
 
 pub mod capture;
+mod chains;
 pub mod file;
 mod jwt;
 #[cfg(test)]
@@ -235,6 +236,29 @@ pub enum ListenerProtocol {
     Tcp(TcpRoute),
     /// Traffic redirected by iptables, routed by original destination.
     Capture(capture::CaptureListener),
+    /// Several filter chains, one picked per connection.
+    Chains(ChainsListener),
+}
+
+/// A listener whose filter chains differ: each connection is served by the
+/// chain its facts (port, SNI, TLS, ALPN) select.
+#[derive(Debug)]
+pub struct ChainsListener {
+    /// Picks a chain by Envoy's order; indexes `chains`.
+    pub table: crate::listener::chain_match::ChainTable,
+    /// The chains that match by criteria, then the default one (if any),
+    /// each an HTTP or TCP listener with its own TLS and the outer
+    /// listener's name and address.
+    pub chains: Vec<Arc<Listener>>,
+    /// Their names, as `chains`.
+    pub names: Vec<Arc<str>>,
+    /// Their criteria, as `chains` (the default's is empty).
+    pub matches: Vec<crate::listener::chain_match::ChainMatch>,
+    /// The index in `chains` of the default chain.
+    pub default: Option<usize>,
+    /// Whether a connection's first bytes must be read (a ClientHello's SNI
+    /// and ALPN, or plaintext) before a chain can be picked.
+    pub inspect: bool,
 }
 
 /// HTTP connection manager settings.

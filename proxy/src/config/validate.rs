@@ -115,9 +115,38 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
     let mut listener_names = HashSet::new();
     let mut addresses = HashSet::new();
     let mut listeners = Vec::new();
-    for (i, listener) in file.listeners.iter().enumerate() {
-        let path = format!("listeners[{i}]");
-        if !listener_names.insert(listener.name.as_str()) {
+    // A listener's filter chains are built as listeners of their own just
+    // before it, which then takes them from `chain_built`.
+    let entries = super::chains::flatten(&file.listeners);
+    let mut chain_built: Vec<Arc<Listener>> = Vec::new();
+    for (path, listener, chain_of) in &entries {
+        let chain_of = *chain_of;
+        let listener: &ListenerFile = listener;
+        // Owned, so the field paths below read as they always have.
+        let path = path.clone();
+        if chain_of.is_some() {
+            super::chains::check_chain_listener(listener, &path, &mut errors);
+        } else if !listener.filter_chains.is_empty() {
+            if !listener_names.insert(listener.name.as_str()) {
+                errors.push(
+                    format!("{path}.name"),
+                    format!("duplicate listener name \"{}\"", listener.name),
+                );
+            }
+            if listener.address.port() != 0 && !addresses.insert(listener.address) {
+                errors.push(
+                    format!("{path}.address"),
+                    format!("address {} is used by another listener", listener.address),
+                );
+            }
+            check_limits(&listener.limits, &format!("{path}.limits"), &mut errors);
+            let chains = std::mem::take(&mut chain_built);
+            if let Some(built) = super::chains::build(listener, &path, chains, &mut errors) {
+                listeners.push(Arc::new(built));
+            }
+            continue;
+        }
+        if chain_of.is_none() && !listener_names.insert(listener.name.as_str()) {
             errors.push(
                 format!("{path}.name"),
                 format!("duplicate listener name \"{}\"", listener.name),
@@ -129,7 +158,8 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
                 "only capture listeners take a capture block",
             );
         }
-        if listener.address.port() != 0 && !addresses.insert(listener.address) {
+        if chain_of.is_none() && listener.address.port() != 0 && !addresses.insert(listener.address)
+        {
             errors.push(
                 format!("{path}.address"),
                 format!("address {} is used by another listener", listener.address),
@@ -258,7 +288,12 @@ fn build_with(file: ConfigFile, mut errors: Errors) -> Result<Config, ConfigErro
         // listeners (outbound by default, for telemetry) drain at once.
         let app_side = listener.traffic_direction.or(capture_direction)
             == Some(crate::telemetry::log::TrafficDirection::Outbound);
-        listeners.push(Arc::new(Listener {
+        let sink = if chain_of.is_some() {
+            &mut chain_built
+        } else {
+            &mut listeners
+        };
+        sink.push(Arc::new(Listener {
             drain: if app_side {
                 super::DrainPhase::AfterApp
             } else {

@@ -23,6 +23,8 @@ use prost::Message;
 
 use super::file::*;
 
+#[path = "xds_chain_routing.rs"]
+mod chain_routing;
 #[path = "xds_chains.rs"]
 mod chains;
 #[path = "xds_ignored.rs"]
@@ -1156,6 +1158,9 @@ pub struct TranslatedListener {
     /// Edge TLS: the SDS secrets it waits for (filled by
     /// [`fill_edge_secrets`]).
     pub edge_secrets: Vec<EdgeSecret>,
+    /// A listener with per-chain routing: the route configurations its
+    /// chains take by RDS, by index in the file's `filter_chains`.
+    pub chain_routes: Vec<(usize, String)>,
 }
 
 /// A cluster an inbound capture listener's filter chain sends calls to.
@@ -1277,17 +1282,42 @@ pub fn listener_parts(
             2 => Some(crate::telemetry::log::TrafficDirection::Outbound),
             _ => None,
         },
+        filter_chains: Vec::new(),
     };
-    if !l.listener_filters.is_empty() {
+    // Envoy's enum: 1 is INBOUND, which with listener filters is Istio's
+    // virtualInbound even when its original_dst filter is missing.
+    if !l.listener_filters.is_empty() && (l.traffic_direction == 1 || !only_inspectors(l)) {
         let app_targets = inbound_capture(l, &mut file, sds, &mut ctx, log_clusters);
         return ctx.finish(TranslatedListener {
             file,
             routes: RouteSource::None,
             app_targets,
             edge_secrets: Vec::new(),
+            chain_routes: Vec::new(),
         });
     }
-    let (source, edge_secrets) = chains::filter_chains(l, &mut file, sds, &mut ctx, log_clusters);
+    // Chains that amount to one listener setting keep that form (one route
+    // table, swapped in place as before); others are routed per chain.
+    let base = file.clone();
+    let mut one = Ctx::new();
+    let (source, edge_secrets) = chains::filter_chains(l, &mut file, sds, &mut one, log_clusters);
+    if !one.problems.is_empty() {
+        let mut each = Ctx::new();
+        let routed = chain_routing::per_chain(l, &base, sds, &mut each, log_clusters);
+        if l.use_original_dst.as_ref().is_some_and(|v| v.value) || !binds_to_port(l) {
+            each.unsupported(
+                "filter_chains (chains that differ, on a listener with use_original_dst or bind_to_port: false)",
+            );
+        }
+        ctx.problems.extend(each.problems);
+        return ctx.finish(TranslatedListener {
+            file: routed.file,
+            routes: RouteSource::None,
+            app_targets: Vec::new(),
+            edge_secrets: routed.secrets,
+            chain_routes: routed.chain_routes,
+        });
+    }
     if l.use_original_dst.as_ref().is_some_and(|v| v.value) {
         original_dst(l, &mut file, &mut ctx);
     }
@@ -1314,6 +1344,25 @@ pub fn listener_parts(
         routes: source,
         app_targets: Vec::new(),
         edge_secrets,
+        chain_routes: Vec::new(),
+    })
+}
+
+/// Whether `l`'s listener filters are only the inspectors (TLS, HTTP) a
+/// gateway's listener carries for its filter-chain matches: Postern reads
+/// SNI and ALPN itself, so they make no capture listener.
+fn only_inspectors(l: &listener::Listener) -> bool {
+    use listener::listener_filter::ConfigType as FilterConfig;
+    l.listener_filters.iter().all(|filter| {
+        let type_url = match &filter.config_type {
+            Some(FilterConfig::TypedConfig(any)) => any.type_url.as_str(),
+            Some(_) => return false,
+            None => "",
+        };
+        filter.filter_disabled.is_none()
+            && INSPECTOR_FILTERS
+                .into_iter()
+                .any(|(url, name)| type_url == url || (type_url.is_empty() && filter.name == name))
     })
 }
 

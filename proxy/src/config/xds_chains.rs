@@ -1,9 +1,10 @@
-//! Filter chains of a plain (non-capture) Listener. Postern routes per
-//! listener, so several chains are taken only where they amount to one
+//! Filter chains of a plain (non-capture) Listener that amount to one
 //! listener setting: plaintext; mesh mTLS, `strict`, or `permissive` as
 //! Istio writes it (a `tls` chain with the workload's context next to a
 //! `raw_buffer` one); or edge TLS with the certificate chosen by SNI
-//! (`server_names`). Every chain must then carry the same network filter.
+//! (`server_names`), every chain carrying the same network filter. Such a
+//! listener keeps one route table; any other is routed per chain
+//! (`xds_chain_routing.rs`). Also the edge TLS contexts both forms use.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +29,10 @@ pub enum EdgeSlot {
     Certificate(usize),
     /// `client_auth`: a `validation_context` secret.
     ClientCa,
+    /// `filter_chains[i].listener.tls.certificates[0]`.
+    ChainCertificate(usize),
+    /// `filter_chains[i].listener.tls.client_auth`.
+    ChainClientCa(usize),
 }
 
 /// Fills an edge listener's certificates and client roots from the SDS
@@ -38,15 +43,30 @@ pub fn fill_edge_secrets(
     needs: &[EdgeSecret],
     secrets: &dyn Fn(&str) -> Option<SecretValue>,
 ) -> Result<bool, String> {
-    let Some(tls) = file.tls.as_mut() else {
-        return Ok(true);
-    };
     for need in needs {
+        let (tls, slot) = match need.slot {
+            EdgeSlot::ChainCertificate(c) => (
+                file.filter_chains
+                    .get_mut(c)
+                    .and_then(|f| f.listener.tls.as_mut()),
+                EdgeSlot::Certificate(0),
+            ),
+            EdgeSlot::ChainClientCa(c) => (
+                file.filter_chains
+                    .get_mut(c)
+                    .and_then(|f| f.listener.tls.as_mut()),
+                EdgeSlot::ClientCa,
+            ),
+            slot => (file.tls.as_mut(), slot),
+        };
+        let Some(tls) = tls else {
+            continue;
+        };
         let Some(value) = secrets(&need.name) else {
             return Ok(false);
         };
         let pem = |bytes: Vec<u8>| InlinePem(Arc::new(bytes));
-        match (need.slot, value) {
+        match (slot, value) {
             (EdgeSlot::Certificate(i), SecretValue::Certificate(chain, key)) => {
                 if let Some(cert) = tls.certificates.get_mut(i) {
                     cert.inline = Some((pem(chain), pem(key)));
@@ -57,13 +77,13 @@ pub fn fill_edge_secrets(
                     auth.inline = Some(pem(roots));
                 }
             }
-            (EdgeSlot::Certificate(_), _) => {
+            (EdgeSlot::Certificate(_) | EdgeSlot::ChainCertificate(_), _) => {
                 return Err(format!(
                     "{}: secret \"{}\" is a validation context, not a tls_certificate",
                     need.field, need.name
                 ))
             }
-            (EdgeSlot::ClientCa, _) => {
+            (EdgeSlot::ClientCa | EdgeSlot::ChainClientCa(_), _) => {
                 return Err(format!(
                     "{}: secret \"{}\" is a tls_certificate, not a validation context",
                     need.field, need.name
@@ -75,7 +95,7 @@ pub fn fill_edge_secrets(
 }
 
 /// One chain's edge TLS context.
-struct EdgeChain {
+pub(super) struct EdgeChain {
     cert: Option<(Vec<u8>, Vec<u8>)>,
     cert_secret: Option<String>,
     client_auth: Option<ClientAuthFile>,
@@ -97,7 +117,7 @@ impl EdgeChain {
     }
 }
 
-enum ChainTls {
+pub(super) enum ChainTls {
     Mesh(ListenerMtlsFile),
     Edge(EdgeChain),
 }
@@ -267,7 +287,7 @@ pub(super) fn filter_chains(
 
 /// Edge chains as one `tls`: the chain for every name (if any) first, as
 /// the certificate for an SNI no other chain names.
-fn edge_tls(
+pub(super) fn edge_tls(
     mut edge: Vec<(String, Vec<String>, EdgeChain)>,
     secrets: &mut Vec<EdgeSecret>,
     ctx: &mut Ctx,
@@ -343,7 +363,7 @@ fn edge_tls(
 
 /// A chain's DownstreamTlsContext: mesh mTLS when it presents the workload
 /// identity's certificate, edge TLS otherwise.
-fn classify(
+pub(super) fn classify(
     socket: &core::TransportSocket,
     path: &str,
     sds: Option<&SdsSourceFile>,

@@ -15,7 +15,7 @@ use prost::Message;
 use super::xds::*;
 use crate::config::file::*;
 
-fn any<M: Message + prost::Name>(message: &M) -> Any {
+pub(super) fn any<M: Message + prost::Name>(message: &M) -> Any {
     Any {
         type_url: M::type_url(),
         value: message.encode_to_vec(),
@@ -45,7 +45,7 @@ fn string_match(pattern: matcher::string_matcher::MatchPattern) -> route::Header
     }
 }
 
-fn route_to(cluster: &str) -> route::Route {
+pub(super) fn route_to(cluster: &str) -> route::Route {
     route::Route {
         r#match: Some(route::RouteMatch {
             path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
@@ -61,7 +61,7 @@ fn route_to(cluster: &str) -> route::Route {
     }
 }
 
-fn config_of(routes: Vec<route::Route>) -> route::RouteConfiguration {
+pub(super) fn config_of(routes: Vec<route::Route>) -> route::RouteConfiguration {
     route::RouteConfiguration {
         name: "rc".into(),
         virtual_hosts: vec![route::VirtualHost {
@@ -260,7 +260,7 @@ fn load_assignments_keep_healthy_endpoints_with_their_priorities() {
     assert_eq!(got, [(9001, 3, 0), (9009, 1, 1)]);
 }
 
-fn http_listener(filters: Vec<hcm::HttpFilter>) -> listener::Listener {
+pub(super) fn http_listener(filters: Vec<hcm::HttpFilter>) -> listener::Listener {
     let manager = hcm::HttpConnectionManager {
         stat_prefix: "in".into(),
         route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
@@ -467,7 +467,11 @@ fn per_route_local_rate_limit_config_limits_that_route() {
     );
 }
 
-fn tcp_listener(name: &str, address: Option<core::Address>, cluster: &str) -> listener::Listener {
+pub(super) fn tcp_listener(
+    name: &str,
+    address: Option<core::Address>,
+    cluster: &str,
+) -> listener::Listener {
     let proxy = tcp_proxy::TcpProxy {
         stat_prefix: name.into(),
         cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(
@@ -709,6 +713,7 @@ mod inbound;
 mod jwt;
 mod limits;
 mod mutations;
+mod per_chain;
 mod policy;
 mod upstream;
 

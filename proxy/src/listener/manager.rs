@@ -41,6 +41,7 @@ struct Running {
     capture: Option<Arc<ArcSwap<Listener>>>,
     tcp_rbac: Option<watch::Sender<Option<Arc<crate::authz::Rbac>>>>,
     tcp_limit: Option<Arc<crate::tcp::LimitCell>>,
+    chains: Vec<super::chains::ChainCells>,
     drain: watch::Sender<bool>,
     force: watch::Sender<bool>,
     accept: JoinHandle<()>,
@@ -78,6 +79,9 @@ fn shape(listener: &Listener) -> String {
         // Services, detection and policies are swapped in place; the
         // direction decides what the accept loop does.
         ListenerProtocol::Capture(capture) => format!("capture {:?}", capture.direction),
+        // Each chain's routes and policies are swapped in place; its
+        // criteria, kind and TLS are the shape.
+        ListenerProtocol::Chains(chains) => super::chains::shape(chains),
     };
     format!(
         "{} {:?} {:?} {} {} {:?}",
@@ -92,7 +96,7 @@ fn shape(listener: &Listener) -> String {
 
 /// Installs a TCP listener's new connection rate limit, with the buckets of
 /// the one it replaces when the limit is unchanged.
-fn swap_tcp_limit(
+pub(super) fn swap_tcp_limit(
     cell: &crate::tcp::LimitCell,
     next: Option<Arc<crate::ratelimit::LocalRateLimit>>,
 ) {
@@ -108,6 +112,7 @@ struct Prepared {
     socket: Arc<TcpListener>,
     addr: SocketAddr,
     tls: DownstreamTls,
+    chain_tls: Vec<DownstreamTls>,
 }
 
 /// The socket of a listener being replaced or removed that `listener` can
@@ -235,6 +240,9 @@ impl ListenerManager {
             {
                 swap_tcp_limit(cell, tcp.rate_limit.clone());
             }
+            if let ListenerProtocol::Chains(chains) = &listener.protocol {
+                super::chains::swap(&current.chains, chains);
+            }
             current.listener = listener.clone();
         }
         Ok(())
@@ -264,11 +272,23 @@ impl ListenerManager {
             self.identity.as_ref(),
             listener.limits.header_read_timeout,
         )?;
+        let mut chain_tls = Vec::new();
+        if let ListenerProtocol::Chains(chains) = &listener.protocol {
+            for chain in &chains.chains {
+                chain_tls.push(DownstreamTls::new(
+                    listener.name.clone(),
+                    &chain.tls,
+                    self.identity.as_ref(),
+                    chain.limits.header_read_timeout,
+                )?);
+            }
+        }
         Ok(Prepared {
             listener: listener.clone(),
             socket,
             addr,
             tls,
+            chain_tls,
         })
     }
 
@@ -278,13 +298,23 @@ impl ListenerManager {
             socket,
             addr,
             tls,
+            chain_tls,
         } = prepared;
         let listener = &listener;
         let http = match &listener.protocol {
             ListenerProtocol::Http(http) => {
                 Some(Arc::new(ArcSwap::from_pointee(HttpConfig::of(http))))
             }
-            ListenerProtocol::Tcp(_) | ListenerProtocol::Capture(_) => None,
+            ListenerProtocol::Tcp(_)
+            | ListenerProtocol::Capture(_)
+            | ListenerProtocol::Chains(_) => None,
+        };
+        let (chain_cells, chains) = match &listener.protocol {
+            ListenerProtocol::Chains(chains) => {
+                let (cells, setup) = super::chains::cells(chains, chain_tls);
+                (cells, Some(setup))
+            }
+            _ => (Vec::new(), None),
         };
         let capture = match &listener.protocol {
             ListenerProtocol::Capture(_) => Some(Arc::new(ArcSwap::new(listener.clone()))),
@@ -323,6 +353,7 @@ impl ListenerManager {
             overload: self.overload.clone(),
             tcp_rbac: tcp_rbac_rx,
             tcp_limit: tcp_limit.clone(),
+            chains,
         };
         let weak = Arc::downgrade(&socket);
         let accept = tokio::spawn(run_listener(socket, listener.clone(), context, shutdown));
@@ -335,6 +366,7 @@ impl ListenerManager {
             capture,
             tcp_rbac,
             tcp_limit,
+            chains: chain_cells,
             drain,
             force,
             accept,

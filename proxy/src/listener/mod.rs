@@ -2,6 +2,8 @@
 //! TCP or capture path, and drain.
 
 pub mod capture;
+pub mod chain_match;
+pub mod chains;
 pub mod detect;
 pub mod drain;
 pub mod manager;
@@ -111,6 +113,8 @@ pub struct ListenerContext {
     pub tcp_rbac: Option<crate::tcp::PolicyWatch>,
     /// The current connection rate limit of a TCP listener.
     pub tcp_limit: Option<Arc<crate::tcp::LimitCell>>,
+    /// The chains of a listener with several filter chains.
+    pub chains: Option<chains::ChainsSetup>,
 }
 
 /// Accepts connections on a bound listener until the drain starts. The
@@ -134,6 +138,7 @@ pub async fn run_listener(
         overload,
         tcp_rbac,
         tcp_limit,
+        chains: chains_setup,
     } = context;
     let limit = Arc::new(Semaphore::new(listener.limits.max_connections));
     // One per listener: HTTP and TCP paths share its handles and sinks.
@@ -156,8 +161,24 @@ pub async fn run_listener(
             }),
             Arc::new(crate::http::server::builder(&listener.limits)),
         )),
-        ListenerProtocol::Tcp(_) | ListenerProtocol::Capture(_) => None,
+        ListenerProtocol::Tcp(_) | ListenerProtocol::Capture(_) | ListenerProtocol::Chains(_) => {
+            None
+        }
     };
+    let chains_front = chains_setup.map(|setup| {
+        chains::ChainsFront::new(
+            listener.clone(),
+            setup,
+            chains::Shared {
+                clusters: clusters.clone(),
+                tracker: tracker.clone(),
+                local_id: local_id.clone(),
+                hub: hub.clone(),
+                shutdown: shutdown.clone(),
+                overload: overload.clone(),
+            },
+        )
+    });
     let capture = match &listener.protocol {
         ListenerProtocol::Capture(_) => Some(capture::CaptureFront::new(
             capture::CaptureShared {
@@ -225,6 +246,15 @@ pub async fn run_listener(
         let active = active.clone();
         let tls = tls.clone();
         let local_id = local_id.clone();
+        if let Some(front) = &chains_front {
+            let front = front.clone();
+            tokio::spawn(async move {
+                front.serve(stream, peer).await;
+                active.decrement(1.0);
+                drop((permit, tracked));
+            });
+            continue;
+        }
         if let Some(front) = &capture {
             let front = front.clone();
             tokio::spawn(async move {

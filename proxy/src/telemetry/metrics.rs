@@ -41,6 +41,10 @@ pub const TCP_BYTES_TOTAL: &str = "postern_tcp_bytes_total";
 /// `wrong_identity`, `no_spiffe_id`, `bad_certificate`, `handshake_timeout`,
 /// `handshake`, `closed`).
 pub const DOWNSTREAM_TLS_FAILURES_TOTAL: &str = "postern_downstream_tls_failures_total";
+/// Connections closed because none of the listener's filter chains matched
+/// them and it has no default chain, by `listener` (Envoy's
+/// `no_filter_chain_match`).
+pub const DOWNSTREAM_NO_FILTER_CHAIN_TOTAL: &str = "postern_downstream_no_filter_chain_total";
 /// Upstream TLS handshakes failed, by `cluster`, `reason` (as downstream, plus
 /// `peer_rejected` when the server refused our certificate).
 pub const UPSTREAM_TLS_FAILURES_TOTAL: &str = "postern_upstream_tls_failures_total";
@@ -97,6 +101,10 @@ pub fn describe() {
     describe_counter!(
         DOWNSTREAM_TLS_FAILURES_TOTAL,
         "Downstream TLS connections refused, by reason"
+    );
+    describe_counter!(
+        DOWNSTREAM_NO_FILTER_CHAIN_TOTAL,
+        "Connections closed because no filter chain matched them"
     );
     describe_counter!(
         UPSTREAM_TLS_FAILURES_TOTAL,
