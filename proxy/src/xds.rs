@@ -1029,6 +1029,8 @@ fn dynamic_status(state: &Resources) -> serde_json::Value {
         "routes": table_status(&state.routes),
         "clusters": table_status(&state.clusters),
         "endpoints": table_status(&state.endpoints),
+        // Versions and update times only: a secret's value never leaves.
+        "secrets": table_status(&state.secrets),
     })
 }
 

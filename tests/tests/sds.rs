@@ -108,6 +108,17 @@ async fn two_sidecars_get_mtls_and_certificates_from_xds() {
         (get(a_addr, "api", "/after").await.status == 200).then_some(())
     })
     .await;
+    // /config_dump shows each secret's version, never its value.
+    let dump = get(b.admin_addr(), "localhost", "/config_dump")
+        .await
+        .text();
+    let parsed: serde_json::Value = serde_json::from_str(&dump).expect("config_dump is JSON");
+    assert_eq!(
+        parsed["dynamic"]["secrets"]["default"]["version"], "2",
+        "{dump}"
+    );
+    assert!(parsed["dynamic"]["secrets"]["ROOTCA"]["last_update"].is_number());
+    assert!(!dump.contains("PRIVATE KEY"), "a key in /config_dump");
 
     // A bad secret is NACKed and the installed identity stays.
     let serial = b_id.current().expect("installed").info.serial.clone();
