@@ -106,7 +106,7 @@ struct Bootstrap {
     #[arg(long, env = "POSTERN_STATUS_ADDRESS")]
     status_address: Option<SocketAddr>,
     /// The app's original probes as JSON, by `/app-health/...` path (written by `postern inject`).
-    #[arg(long, env = "POSTERN_APP_PROBES", value_name = "JSON", value_parser = parse_app_probes)]
+    #[arg(long, env = "POSTERN_APP_PROBES", value_name = "JSON", value_parser = parse_app_probes, requires = "status_address")]
     app_probes: Option<AppProbes>,
 }
 

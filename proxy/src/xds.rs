@@ -45,7 +45,9 @@ struct Translated {
 
 #[derive(Debug, Clone)]
 struct Entry<T> {
-    value: T,
+    /// Shared, so copying the tables per update (to keep them if the apply
+    /// fails) and keeping the versions that run copy pointers only.
+    value: Arc<T>,
     version: String,
     updated: SystemTime,
 }
@@ -77,8 +79,8 @@ struct Resources {
 /// The listener and cluster versions a config runs, by name.
 #[derive(Debug, Clone, Default)]
 struct Warm {
-    listeners: BTreeMap<String, Translated>,
-    clusters: BTreeMap<String, (ClusterFile, EndpointSource)>,
+    listeners: BTreeMap<String, Arc<Translated>>,
+    clusters: BTreeMap<String, Arc<(ClusterFile, EndpointSource)>>,
 }
 
 /// A config assembled from the bootstrap and the dynamic resources.
@@ -373,7 +375,7 @@ impl XdsHandler {
             table.insert(
                 name,
                 Entry {
-                    value,
+                    value: Arc::new(value),
                     version,
                     updated: now,
                 },
@@ -398,12 +400,12 @@ impl XdsHandler {
         for (name, entry) in &state.clusters {
             let versions = std::iter::once(&entry.value).chain(state.warm.clusters.get(name));
             let mut served = None;
-            for version in versions {
-                let (cluster, source) = version;
+            for (stand_in, version) in versions.enumerate().map(|(i, v)| (i > 0, v)) {
+                let (cluster, source) = &**version;
                 let mut cluster = cluster.clone();
                 match source {
                     EndpointSource::Eds(service) => match state.endpoints.get(service) {
-                        Some(endpoints) => cluster.endpoints = endpoints.value.clone(),
+                        Some(endpoints) => cluster.endpoints = (*endpoints.value).clone(),
                         None => {
                             warming = true;
                             continue;
@@ -414,13 +416,17 @@ impl XdsHandler {
                     }
                     EndpointSource::Inline => {}
                 }
-                let secret = |n: &str| state.secrets.get(n).map(|e| e.value.clone());
+                let secret = |n: &str| state.secrets.get(n).map(|e| (*e.value).clone());
                 match translate::fill_cluster_secrets(&mut cluster, &secret) {
                     Ok(true) => {}
                     Ok(false) => {
                         warming = true;
                         continue;
                     }
+                    // The old version was accepted with what it needs: a
+                    // fault now only means it cannot stand in, as for
+                    // listeners below.
+                    Err(_) if stand_in => continue,
                     Err(reason) => {
                         return Err(Rejections(vec![Rejection::of_config(
                             Some(type_url::CLUSTER),
@@ -553,7 +559,7 @@ impl XdsHandler {
                 None => return Ok(None),
             }
         }
-        let secret = |n: &str| state.secrets.get(n).map(|e| e.value.clone());
+        let secret = |n: &str| state.secrets.get(n).map(|e| (*e.value).clone());
         match translate::fill_edge_secrets(&mut listener, &translated.edge_secrets, &secret) {
             Ok(true) => Ok(Some(listener)),
             Ok(false) => Ok(None),
@@ -588,8 +594,8 @@ impl XdsHandler {
         let clusters = state
             .clusters
             .values()
-            .map(|e| &e.value)
-            .chain(state.warm.clusters.values())
+            .map(|e| &*e.value)
+            .chain(state.warm.clusters.values().map(|v| &**v))
             .flat_map(|(file, _)| translate::cluster_secret_names(file));
         Self::listener_versions(state)
             .flat_map(|t| t.listener.edge_secrets.iter().map(|s| s.name.clone()))
@@ -603,8 +609,8 @@ impl XdsHandler {
         state
             .listeners
             .values()
-            .map(|e| &e.value)
-            .chain(state.warm.listeners.values())
+            .map(|e| &*e.value)
+            .chain(state.warm.listeners.values().map(|v| &**v))
     }
 
     fn wanted(state: &Resources) -> (Vec<String>, Vec<String>) {
@@ -621,8 +627,8 @@ impl XdsHandler {
         let endpoints: BTreeSet<String> = state
             .clusters
             .values()
-            .map(|e| &e.value)
-            .chain(state.warm.clusters.values())
+            .map(|e| &*e.value)
+            .chain(state.warm.clusters.values().map(|v| &**v))
             .filter_map(|(_, source)| match source {
                 EndpointSource::Eds(name) => Some(name.clone()),
                 EndpointSource::Inline | EndpointSource::OriginalDst => None,
@@ -962,7 +968,7 @@ fn origin(warm: &Warm, places: &Places, path: &str) -> (&'static str, String, St
     if let Some((i, field)) = indexed("clusters[") {
         if let Some(cluster) = places.clusters.get(i) {
             let served = warm.clusters.get(cluster);
-            let eds = served.and_then(|(_, source)| match source {
+            let eds = served.and_then(|served| match &served.1 {
                 EndpointSource::Eds(service) => Some(service.clone()),
                 _ => None,
             });

@@ -594,11 +594,20 @@ const CLIENT_ID: &str = "spiffe://cluster.local/ns/test/sa/client";
 const DETECTION_TIMEOUT: Duration = Duration::from_millis(100);
 /// What a server-first call through both sidecars may take beyond the
 /// detection wait it is owed: spawning the client in the namespace, the
-/// mTLS handshake and the close travelling back. The metrics show which
-/// side waited; the clock only bounds the call, so that one held until
-/// the client gives up (`timeout 5`) or some wait many times the detection
-/// timeout fails.
+/// mTLS handshake and the close travelling back. The detection metrics
+/// are what show which side waited; this clock bound is asserted only with
+/// `POSTERN_STRICT_P99=1` (on a quiet machine), as the project's other
+/// timed bounds are, since a busy CI machine can exceed it on its own.
 const CALL_SLACK: Duration = Duration::from_millis(500);
+
+/// Asserts a server-first call's time only where timing is asked for.
+fn check_waited(waited: Duration, bound: Duration) {
+    if std::env::var_os("POSTERN_STRICT_P99").is_some() {
+        assert!(waited < bound, "{waited:?}");
+    } else {
+        eprintln!("server-first call took {waited:?} (bound {bound:?}, not asserted)");
+    }
+}
 const SERVER_ID: &str = "spiffe://cluster.local/ns/test/sa/server";
 
 /// Two pods on one /24, joined by a veth pair.
@@ -989,7 +998,7 @@ fn two_pods_talk_through_capture_over_mtls_and_cleanup_restores_direct_traffic()
     let banner = client.connect(APP.0, APP.1, &format!("{SERVER_IP}:2525"));
     let waited = start.elapsed();
     assert_eq!(banner, "server:2525", "{}", logs());
-    assert!(waited < DETECTION_TIMEOUT + CALL_SLACK, "{waited:?}");
+    check_waited(waited, DETECTION_TIMEOUT + CALL_SLACK);
     assert_eq!(detections(&client.metrics(), "outbound", "timeout"), 1.0);
     let server_metrics = server.metrics();
     assert_eq!(detections(&server_metrics, "inbound", "timeout"), 0.0);
@@ -1001,7 +1010,7 @@ fn two_pods_talk_through_capture_over_mtls_and_cleanup_restores_direct_traffic()
     let banner = client.connect(APP.0, APP.1, &format!("{SERVER_IP}:2526"));
     let waited = start.elapsed();
     assert_eq!(banner, "server:2526", "{}", logs());
-    assert!(waited < CALL_SLACK, "{waited:?}");
+    check_waited(waited, CALL_SLACK);
     let (client_metrics, server_metrics) = (client.metrics(), server.metrics());
     assert_eq!(detections(&client_metrics, "outbound", "opaque"), 1.0);
     assert_eq!(detections(&server_metrics, "inbound", "opaque"), 2.0);
@@ -1662,7 +1671,7 @@ xds: {{ address: "http://127.0.0.1:{xds_port}", initial_backoff: 50ms, max_backo
     let banner = client.connect(APP.0, APP.1, &format!("{SERVER_IP}:2525"));
     let waited = start.elapsed();
     assert_eq!(banner, "server:2525", "{}", logs());
-    assert!(waited < DETECTION_TIMEOUT + CALL_SLACK, "{waited:?}");
+    check_waited(waited, DETECTION_TIMEOUT + CALL_SLACK);
     let server_metrics = server.metrics();
     assert_eq!(
         detections(&server_metrics, "virtualInbound", "timeout"),

@@ -204,13 +204,16 @@ async fn plain_upstream_tls_from_xds_sends_sni_and_checks_the_san() {
     assert!(!first.client_cert);
 
     // The same server, now expected to be someone else: refused, counted,
-    // and the request never reaches the app.
-    let served = app.requests().len();
+    // and the request never reaches the app. Calls made while the push is
+    // on its way still go out on the old cluster, so the count is taken
+    // once the new one refuses.
     cp.server.set_snapshot(snapshot("2", "billing.example.com"));
     eventually("the wrong SAN fails the handshake", || async {
         (get(out, "api", "/").await.status == 502).then_some(())
     })
     .await;
+    let served = app.requests().len();
+    assert_eq!(get(out, "api", "/").await.status, 502);
     assert_eq!(app.requests().len(), served);
     let failures = scrape(
         proxy.admin_addr(),

@@ -529,8 +529,9 @@ fn build_descriptors(
         .collect()
 }
 
-/// A listener's limit runs before routing, so there is no route to build
-/// descriptors from.
+/// A listener's limit applies to every request, routed or not (a request
+/// without a route meets it before its 404), so there is no route's
+/// actions to build descriptors from.
 pub(super) fn check_listener_rate_limit(
     file: &LocalRateLimitFile,
     path: &str,

@@ -84,12 +84,13 @@ struct Settled(Option<OriginalProtocol>);
 pub fn settle<B>(request: &mut Request<B>, peer: &DownstreamPeer) {
     // `remove` takes every value: a second marker line cannot survive.
     let claimed = request.headers_mut().remove(&X_POSTERN_ORIGINAL_PROTOCOL);
-    let original = if peer.spiffe_id.is_some() {
-        claimed.as_ref().and_then(OriginalProtocol::parse)
-    } else {
-        Some(OriginalProtocol::of_version(request.version()))
-    };
-    request.extensions_mut().insert(Settled(original));
+    // Without a mesh peer the request's own version stands, which `mark`
+    // reads when nothing was settled: no extension, and its allocations,
+    // for it.
+    if peer.spiffe_id.is_some() {
+        let original = claimed.as_ref().and_then(OriginalProtocol::parse);
+        request.extensions_mut().insert(Settled(original));
+    }
 }
 
 /// Writes the settled marker back as a header, for routes to match on and
@@ -102,18 +103,23 @@ pub fn mark<B>(request: &mut Request<B>) {
         None => Some(OriginalProtocol::of_version(request.version())),
     };
     let headers = request.headers_mut();
-    headers.remove(&X_POSTERN_ORIGINAL_PROTOCOL);
-    if let Some(original) = original {
-        headers.insert(&X_POSTERN_ORIGINAL_PROTOCOL, original.header_value());
+    // `insert` replaces every value already there.
+    match original {
+        Some(original) => {
+            headers.insert(&X_POSTERN_ORIGINAL_PROTOCOL, original.header_value());
+        }
+        None => {
+            headers.remove(&X_POSTERN_ORIGINAL_PROTOCOL);
+        }
     }
 }
 
 /// Keeps the marker on a request head going upstream only to another
 /// sidecar (`mesh`); no app ever sees it.
 pub fn forward_marker(headers: &mut HeaderMap, mesh: bool) {
-    let marker = headers.remove(&X_POSTERN_ORIGINAL_PROTOCOL);
-    if let (true, Some(marker)) = (mesh, marker) {
-        headers.insert(&X_POSTERN_ORIGINAL_PROTOCOL, marker);
+    // `mark` left one value at most, which a mesh hop keeps as it is.
+    if !mesh {
+        headers.remove(&X_POSTERN_ORIGINAL_PROTOCOL);
     }
 }
 
@@ -205,7 +211,15 @@ pub fn upstream_accepted(status: http::StatusCode, upstream_http2: bool) -> bool
 /// `200` with no upgrade headers to an extended CONNECT, `101` with
 /// `Upgrade: <token>` and `Connection: upgrade` to an HTTP/1.1 upgrade.
 /// Hop-by-hop headers must have been removed already.
-pub fn downstream_answer(parts: &mut http::response::Parts, extended_connect: bool, token: &str) {
+/// `websocket_key` is the caller's `Sec-WebSocket-Key` when the upstream
+/// spoke RFC 8441, whose answer carries no `Sec-WebSocket-Accept`: an
+/// RFC 6455 client refuses a `101` without it.
+pub fn downstream_answer(
+    parts: &mut http::response::Parts,
+    extended_connect: bool,
+    token: &str,
+    websocket_key: Option<&HeaderValue>,
+) {
     // A tunnel has no body; a length would contradict that.
     parts.headers.remove(header::CONTENT_LENGTH);
     if extended_connect {
@@ -222,7 +236,26 @@ pub fn downstream_answer(parts: &mut http::response::Parts, extended_connect: bo
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(key) = websocket_key {
+            if !parts.headers.contains_key(header::SEC_WEBSOCKET_ACCEPT) {
+                parts
+                    .headers
+                    .insert(header::SEC_WEBSOCKET_ACCEPT, websocket_accept(key));
+            }
+        }
     }
+}
+
+/// RFC 6455 section 4.2.2: base64 of the SHA-1 of the key and the
+/// protocol's GUID.
+fn websocket_accept(key: &HeaderValue) -> HeaderValue {
+    use base64::Engine as _;
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut context = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    context.update(key.as_bytes());
+    context.update(GUID);
+    let accept = base64::engine::general_purpose::STANDARD.encode(context.finish());
+    HeaderValue::from_str(&accept).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 #[cfg(test)]
@@ -379,15 +412,35 @@ mod tests {
         parts
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-        downstream_answer(&mut parts, false, "websocket");
+        downstream_answer(&mut parts, false, "websocket", None);
         assert_eq!(parts.status, S::SWITCHING_PROTOCOLS);
         assert_eq!(parts.headers[header::UPGRADE], "websocket");
         assert_eq!(parts.headers[header::CONNECTION], "upgrade");
         assert!(parts.headers.get(header::CONTENT_LENGTH).is_none());
 
-        downstream_answer(&mut parts, true, "websocket");
+        downstream_answer(&mut parts, true, "websocket", None);
         assert_eq!(parts.status, S::OK);
         assert!(parts.headers.get(header::UPGRADE).is_none());
         assert!(parts.headers.get(header::CONNECTION).is_none());
+    }
+
+    #[test]
+    fn an_rfc_8441_answer_gets_the_accept_an_http1_websocket_client_needs() {
+        // The example of RFC 6455 section 1.3.
+        let key = HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ==");
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        downstream_answer(&mut parts, false, "websocket", Some(&key));
+        assert_eq!(
+            parts.headers[header::SEC_WEBSOCKET_ACCEPT],
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        // An upstream's own accept is left as it is.
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.headers.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_static("theirs"),
+        );
+        downstream_answer(&mut parts, false, "websocket", Some(&key));
+        assert_eq!(parts.headers[header::SEC_WEBSOCKET_ACCEPT], "theirs");
     }
 }

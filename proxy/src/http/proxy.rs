@@ -104,19 +104,18 @@ pub(crate) fn adopt_local_limits(next: &HttpConfig, previous: &HttpConfig) {
     if let (Some(limit), Some(old)) = (&next.rate_limit, &previous.rate_limit) {
         limit.adopt(old);
     }
-    // A name given twice is ambiguous: neither copy inherits.
+    // A name given twice is ambiguous, with a limit or without: neither
+    // copy inherits.
     let mut old_routes: HashMap<(&str, &str), Option<&crate::ratelimit::LocalRateLimit>> =
         HashMap::new();
     for vhost in previous.routes.virtual_hosts() {
         for route in &vhost.routes {
-            if let Some(limit) = &route.rate_limit {
-                match old_routes.entry((&vhost.name, &route.name)) {
-                    Entry::Vacant(slot) => {
-                        slot.insert(Some(limit));
-                    }
-                    Entry::Occupied(mut slot) => {
-                        slot.insert(None);
-                    }
+            match old_routes.entry((&vhost.name, &route.name)) {
+                Entry::Vacant(slot) => {
+                    slot.insert(route.rate_limit.as_deref());
+                }
+                Entry::Occupied(mut slot) => {
+                    slot.insert(None);
                 }
             }
         }
@@ -1154,6 +1153,11 @@ impl HttpProxy {
         .filter(|token| !upstream_http2 || super::protocol::tunnels_over_http2(token));
         let upgrade = upgrade_token.is_some();
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+        // An HTTP/1.1 WebSocket client's key, for the accept an RFC 8441
+        // upstream does not send.
+        let websocket_key = (upgrade && upstream_http2 && !extended_connect)
+            .then(|| request.headers().get(header::SEC_WEBSOCKET_KEY).cloned())
+            .flatten();
 
         let (parts, body) = request.into_parts();
         let changes_request = mutate.plan.changes_request();
@@ -1322,6 +1326,7 @@ impl HttpProxy {
                             &mut parts,
                             extended_connect,
                             upgrade_token.as_deref().unwrap_or_default(),
+                            websocket_key.as_ref(),
                         );
                         record.set_status(parts.status.as_u16());
                         return Response::from_parts(

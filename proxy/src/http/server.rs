@@ -15,7 +15,9 @@ use super::conn::{ConnActivity, ConnState, CountingStream, DetachHandle, Detacha
 use super::headers::{self as hdr, DownstreamPeer, RejectedHead};
 use super::proxy::HttpProxy;
 use crate::config::file::ListenerLimitsFile;
-use crate::listener::detect::Rewind;
+// A client that opens with the HTTP/2 preface speaks HTTP/2 with prior
+// knowledge; any other is HTTP/1.
+use crate::listener::detect::{Rewind, H2_PREFACE};
 use crate::listener::{signalled, Shutdown};
 use crate::telemetry::metrics as names;
 use crate::tls::DownstreamIo;
@@ -30,10 +32,6 @@ const SLOW_HEAD_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_mil
 
 /// Smallest read buffer hyper accepts.
 const MIN_BUF: usize = 8192;
-
-/// The HTTP/2 connection preface (RFC 9113 section 3.4): a client that opens
-/// with it speaks HTTP/2 with prior knowledge, any other is HTTP/1.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long a kept-alive HTTP/1 connection waits for its next request before
 /// hyper's buffers for it (16 KiB) are let go. Until bytes arrive again it
@@ -246,10 +244,15 @@ impl<D: Future<Output = ()>, F: Future<Output = ()>> Watch<'_, D, F> {
                                 return Verdict::Close;
                             }
                         }
+                        // Already closing or letting go: nothing more to start.
+                        ConnState::Idle(_)
+                            if self.draining || self.idle_closing || parked.is_some() =>
+                        {
+                            self.head_started = None;
+                        }
                         ConnState::Idle(idle) => {
                             self.head_started = None;
-                            if self.draining || self.idle_closing || parked.is_some() {
-                            } else if idle >= self.idle_timeout {
+                            if idle >= self.idle_timeout {
                                 if matches!(stage, Stage::Waiting) {
                                     return Verdict::Close;
                                 }

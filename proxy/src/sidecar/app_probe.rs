@@ -282,8 +282,13 @@ async fn run_check(check: &Check, app: std::net::IpAddr) -> Result<(), String> {
                 .header(header::USER_AGENT, "kube-probe/postern")
                 .header(header::ACCEPT, "*/*");
             let request_headers = request.headers_mut().ok_or("cannot build the request")?;
+            // The probe's headers replace the defaults of the same name, and
+            // a name given twice goes twice, as the kubelet sends them.
+            for (name, _) in headers {
+                request_headers.remove(name);
+            }
             for (name, value) in headers {
-                request_headers.insert(name.clone(), value.clone());
+                request_headers.append(name.clone(), value.clone());
             }
             let request = request
                 .body(Empty::<Bytes>::new())
@@ -458,43 +463,37 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// A length-prefixed `HealthCheckRequest { service }` (field 1, a string).
+/// `grpc.health.v1.HealthCheckRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse` (only the status is read).
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+/// A length-prefixed `HealthCheckRequest { service }`.
 fn grpc_check_request(service: &str) -> Vec<u8> {
-    let mut message = Vec::new();
-    if !service.is_empty() {
-        message.push(0x0a);
-        put_varint(&mut message, service.len() as u64);
-        message.extend_from_slice(service.as_bytes());
-    }
+    let message = prost::Message::encode_to_vec(&HealthCheckRequest {
+        service: service.to_owned(),
+    });
     let mut framed = vec![0];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(
+        &u32::try_from(message.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
     framed.extend_from_slice(&message);
     framed
 }
 
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8 & 0x7f) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-fn get_varint(bytes: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = bytes.split_first()?;
-        *bytes = rest;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(value);
-        }
-    }
-    None
-}
-
-/// The `status` (field 1) of a length-prefixed `HealthCheckResponse`;
-/// absent means 0, `UNKNOWN`. `None` if the bytes are not such a message.
+/// The `status` of a length-prefixed `HealthCheckResponse`; absent means
+/// 0, `UNKNOWN`. `None` if the bytes are not such a message.
 fn grpc_serving_status(body: &[u8]) -> Option<u64> {
     let (prefix, rest) = body.split_at_checked(5)?;
     if prefix[0] != 0 {
@@ -502,27 +501,8 @@ fn grpc_serving_status(body: &[u8]) -> Option<u64> {
         return None;
     }
     let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-    let mut message = rest.get(..len)?;
-    let mut status = 0;
-    while !message.is_empty() {
-        let key = get_varint(&mut message)?;
-        match key & 7 {
-            0 => {
-                let value = get_varint(&mut message)?;
-                if key >> 3 == 1 {
-                    status = value;
-                }
-            }
-            2 => {
-                let len = usize::try_from(get_varint(&mut message)?).ok()?;
-                message = message.get(len..)?;
-            }
-            1 => message = message.get(8..)?,
-            5 => message = message.get(4..)?,
-            _ => return None,
-        }
-    }
-    Some(status)
+    let response: HealthCheckResponse = prost::Message::decode(rest.get(..len)?).ok()?;
+    u64::try_from(response.status).ok()
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -559,12 +539,6 @@ impl StatusServer {
             probes: Arc::new(probes),
             app: Ipv4Addr::LOCALHOST.into(),
         })
-    }
-
-    /// Runs the probes against `app` instead of 127.0.0.1 (for tests).
-    pub fn with_app_address(mut self, app: std::net::IpAddr) -> Self {
-        self.app = app;
-        self
     }
 
     /// The bound address.
