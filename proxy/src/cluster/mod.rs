@@ -8,7 +8,6 @@ mod dns;
 mod lb;
 pub mod pool;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,7 +20,7 @@ pub use lb::Balancer;
 use pool::{ConnectionLimits, EndpointPool, PoolSettings};
 pub use pool::{PooledConnection, UpstreamError};
 
-type ClusterMap = HashMap<Arc<str>, Arc<Cluster>>;
+type ClusterMap = crate::FastMap<Arc<str>, Arc<Cluster>>;
 
 /// Most clusters the proxy makes for itself (`ClusterManager::local`): two
 /// per app port an inbound capture listener has forwarded to.
@@ -75,7 +74,7 @@ impl ClusterManager {
         // Resolver tasks swap clusters in under this lock too.
         let mut tasks = self.dns.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.clusters.load_full();
-        let mut clusters = HashMap::with_capacity(settings.len());
+        let mut clusters = ClusterMap::with_capacity_and_hasher(settings.len(), Default::default());
         let mut next_tasks = dns::DnsTasks::new();
         for s in settings {
             let name: Arc<str> = Arc::from(s.name.as_str());

@@ -1014,7 +1014,7 @@ impl HttpProxy {
                 .response_reads_request()
                 .then(|| request.headers().clone()),
         });
-        let start_time = std::time::SystemTime::now() - start.elapsed();
+        let start_time = record.start_time();
 
         let mut response = match &route.action {
             crate::route::RouteAction::Direct { status, body } => {

@@ -5,7 +5,6 @@
 pub mod mutation;
 pub mod normalize;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use crate::config::file::RetryOn;
 #[derive(Debug)]
 pub struct RouteTable {
     vhosts: Vec<VirtualHost>,
-    exact: HashMap<String, usize>,
+    exact: crate::FastMap<String, usize>,
     /// `(".example.com", index)`, longest suffix first.
     suffixes: Vec<(String, usize)>,
     wildcard: Option<usize>,
@@ -342,7 +341,7 @@ impl RouteTable {
     /// Builds the index. `domains[i]` lists the domains of `vhosts[i]`,
     /// already validated (lowercase, unique).
     pub fn new(vhosts: Vec<VirtualHost>, domains: &[Vec<String>]) -> Self {
-        let mut exact = HashMap::new();
+        let mut exact = crate::FastMap::default();
         let mut suffixes = Vec::new();
         let mut wildcard = None;
         for (index, list) in domains.iter().enumerate() {

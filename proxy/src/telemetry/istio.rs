@@ -7,7 +7,7 @@
 //! to a bound: past it, new peers share one `other` label set, so the number
 //! of series stays flat however many callers there are.
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::sync::{Arc, LazyLock, RwLock};
 
 use http::HeaderValue;
@@ -215,7 +215,7 @@ impl ServiceLabels {
 }
 
 /// Interned peers by SPIFFE ID, then by the metadata header they sent.
-type PeersByPrincipal = HashMap<Box<str>, HashMap<Box<[u8]>, Arc<WorkloadLabels>>>;
+type PeersByPrincipal = FastMap<Box<str>, FastMap<Box<[u8]>, Arc<WorkloadLabels>>>;
 
 /// Interned label sets, bounded.
 #[derive(Debug)]
@@ -225,7 +225,7 @@ pub struct PeerInterner {
     count: std::sync::atomic::AtomicUsize,
     other: Arc<WorkloadLabels>,
     unauthenticated: Arc<WorkloadLabels>,
-    services: RwLock<HashMap<Arc<str>, Arc<ServiceLabels>>>,
+    services: RwLock<FastMap<Arc<str>, Arc<ServiceLabels>>>,
     no_service: Arc<ServiceLabels>,
 }
 
@@ -235,7 +235,7 @@ impl PeerInterner {
         let other: Arc<str> = Arc::from("other");
         PeerInterner {
             max_peers,
-            peers: RwLock::new(HashMap::new()),
+            peers: RwLock::new(FastMap::default()),
             count: std::sync::atomic::AtomicUsize::new(0),
             other: Arc::new(WorkloadLabels {
                 workload: other.clone(),
@@ -248,7 +248,7 @@ impl PeerInterner {
                 cluster: other,
             }),
             unauthenticated: Arc::new(WorkloadLabels::unknown()),
-            services: RwLock::new(HashMap::new()),
+            services: RwLock::new(FastMap::default()),
             no_service: Arc::new(ServiceLabels {
                 service: unknown(),
                 name: unknown(),
@@ -388,8 +388,8 @@ pub struct HttpOutcome {
 #[derive(Debug)]
 pub struct IstioMetrics {
     direction: TrafficDirection,
-    http: RwLock<HashMap<SeriesKey, (HttpSeries, CallLabels)>>,
-    tcp: RwLock<HashMap<SeriesKey, (TcpSeries, CallLabels)>>,
+    http: RwLock<FastMap<SeriesKey, (HttpSeries, CallLabels)>>,
+    tcp: RwLock<FastMap<SeriesKey, (TcpSeries, CallLabels)>>,
 }
 
 fn address<T>(value: &Arc<T>) -> usize {
@@ -412,8 +412,8 @@ impl IstioMetrics {
     pub fn new(direction: TrafficDirection) -> IstioMetrics {
         IstioMetrics {
             direction,
-            http: RwLock::new(HashMap::new()),
-            tcp: RwLock::new(HashMap::new()),
+            http: RwLock::new(FastMap::default()),
+            tcp: RwLock::new(FastMap::default()),
         }
     }
 

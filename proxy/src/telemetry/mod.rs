@@ -275,8 +275,8 @@ impl ResponseFlags {
     /// The label and log value: `-`, or codes joined by commas. Interned, so
     /// a metric label costs no allocation per call.
     pub fn as_str(self) -> &'static str {
-        static JOINED: LazyLock<RwLock<HashMap<u32, &'static str>>> =
-            LazyLock::new(|| RwLock::new(HashMap::new()));
+        static JOINED: LazyLock<RwLock<crate::FastMap<u32, &'static str>>> =
+            LazyLock::new(|| RwLock::new(crate::FastMap::default()));
         if self.0 == 0 {
             return "-";
         }

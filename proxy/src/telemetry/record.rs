@@ -389,6 +389,11 @@ impl CallRecord {
         self.start
     }
 
+    /// The wall-clock time the call began.
+    pub fn start_time(&self) -> SystemTime {
+        self.start_time
+    }
+
     /// Takes the request facts the log sinks read (again after the path was
     /// normalised and forwarding headers set).
     pub fn note_request<B>(&mut self, request: &http::Request<B>) {
