@@ -1,7 +1,11 @@
 //! Overload protection for the whole process, a small version of Envoy's
 //! overload manager: a cap on downstream connections across every listener,
 //! and actions taken as resident memory nears a budget (answer new requests
-//! 503, then stop accepting connections), undone once it falls back.
+//! 503 and close new TCP-proxy connections, then stop accepting
+//! connections), undone once it falls back well below the threshold that
+//! started them: [`Trigger`] has a threshold to enter each state, a lower
+//! release point and a minimum hold to leave it, so that a process hovering
+//! at a threshold does not shed on and off.
 //!
 //! Memory is read from `/proc/self/status` by one sampler task; the request
 //! path and the accept loops only read an atomic or await a `watch`.
@@ -12,6 +16,7 @@ use std::sync::Arc;
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::config::file::OverloadFile;
 use crate::telemetry::metrics as names;
@@ -22,7 +27,9 @@ use crate::telemetry::metrics as names;
 pub enum OverloadState {
     /// Serve as usual.
     Normal = 0,
-    /// Answer new requests `503` with `x-postern-overloaded: true`.
+    /// Answer new requests `503` with `x-postern-overloaded: true`, and
+    /// close new TCP-proxy connections at once (unless
+    /// `shed_tcp_connections` is off).
     Shedding = 1,
     /// Shed requests and accept no connection (they wait in the kernel's
     /// listen queue).
@@ -38,20 +45,84 @@ impl OverloadState {
         }
     }
 
-    /// The state for `rss` bytes resident under `settings`: pure, so the
-    /// thresholds test without a process to fill.
+    /// The state's name, as metric labels and logs spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverloadState::Normal => "normal",
+            OverloadState::Shedding => "shedding",
+            OverloadState::AcceptPaused => "accept_paused",
+        }
+    }
+
+    /// The state `rss` bytes resident enter under `settings` (its
+    /// thresholds, without hysteresis): pure, so the thresholds test
+    /// without a process to fill.
     pub fn for_rss(rss: u64, settings: &OverloadFile) -> OverloadState {
+        OverloadState::at(rss, settings, 1.0)
+    }
+
+    /// The heaviest state whose threshold, scaled by `factor`, `rss` reaches.
+    fn at(rss: u64, settings: &OverloadFile, factor: f64) -> OverloadState {
         let Some(max) = settings.max_rss_bytes else {
             return OverloadState::Normal;
         };
         let used = rss as f64 / max as f64;
-        if used >= settings.pause_accept_at {
+        if used >= settings.pause_accept_at * factor {
             OverloadState::AcceptPaused
-        } else if used >= settings.shed_at {
+        } else if used >= settings.shed_at * factor {
             OverloadState::Shedding
         } else {
             OverloadState::Normal
         }
+    }
+}
+
+/// The memory trigger with hysteresis (as Envoy's overload manager scales
+/// its triggers): a sample at or past a state's threshold enters that state
+/// at once; a state is left only by a sample below `release` times its
+/// threshold, and no earlier than `min_hold` after the last step up. Pure:
+/// fed samples and their times, it tests without a process to fill.
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    settings: OverloadFile,
+    state: OverloadState,
+    escalated_at: Option<Instant>,
+}
+
+impl Trigger {
+    /// A trigger in the normal state.
+    pub fn new(settings: &OverloadFile) -> Trigger {
+        Trigger {
+            settings: settings.clone(),
+            state: OverloadState::Normal,
+            escalated_at: None,
+        }
+    }
+
+    /// The state after the last sample.
+    pub fn state(&self) -> OverloadState {
+        self.state
+    }
+
+    /// Takes a sample of `rss` bytes resident at `now`; the state after it.
+    pub fn sample(&mut self, rss: u64, now: Instant) -> OverloadState {
+        let entered = OverloadState::for_rss(rss, &self.settings);
+        if entered > self.state {
+            self.state = entered;
+            self.escalated_at = Some(now);
+            return self.state;
+        }
+        // Below a threshold but above its release point the state stays:
+        // that band is what keeps a process hovering at the threshold from
+        // flapping.
+        let kept = OverloadState::at(rss, &self.settings, self.settings.release).min(self.state);
+        let held = self
+            .escalated_at
+            .is_some_and(|at| now.saturating_duration_since(at) < self.settings.min_hold);
+        if kept < self.state && !held {
+            self.state = kept;
+        }
+        self.state
     }
 }
 
@@ -93,6 +164,12 @@ impl Overload {
         self.state() >= OverloadState::Shedding
     }
 
+    /// Whether a new TCP-proxy connection is to be closed at once: while
+    /// shedding, unless `shed_tcp_connections` is off.
+    pub fn shedding_tcp(&self) -> bool {
+        self.settings.shed_tcp_connections && self.shedding()
+    }
+
     /// Resolves at once unless accepting is paused; then when it resumes.
     pub async fn accepting(&self) {
         let mut state = self.state.subscribe();
@@ -127,6 +204,12 @@ impl Overload {
         if previous != next {
             self.state.send_replace(next);
             metrics::gauge!(names::OVERLOAD_STATE).set(f64::from(next as u8));
+            metrics::counter!(
+                names::OVERLOAD_TRANSITIONS_TOTAL,
+                "from" => previous.as_str(),
+                "to" => next.as_str(),
+            )
+            .increment(1);
             if next > previous {
                 tracing::warn!(state = ?next, "overloaded");
             } else {
@@ -136,7 +219,8 @@ impl Overload {
     }
 
     /// Starts reading the resident set every `check_interval`, when a
-    /// memory budget is set (otherwise there is nothing to watch).
+    /// memory budget is set (otherwise there is nothing to watch); each
+    /// sample goes through a [`Trigger`].
     pub fn start_sampler(self: &Arc<Self>) -> Option<JoinHandle<()>> {
         self.settings.max_rss_bytes?;
         let overload = Arc::downgrade(self);
@@ -145,6 +229,10 @@ impl Overload {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let rss_gauge = metrics::gauge!(names::OVERLOAD_RSS_BYTES);
+            let mut trigger = match overload.upgrade() {
+                Some(overload) => Trigger::new(&overload.settings),
+                None => return,
+            };
             loop {
                 tick.tick().await;
                 let Some(overload) = overload.upgrade() else {
@@ -157,7 +245,7 @@ impl Overload {
                     return;
                 };
                 rss_gauge.set(rss as f64);
-                overload.set_state(OverloadState::for_rss(rss, &overload.settings));
+                overload.set_state(trigger.sample(rss, Instant::now()));
             }
         }))
     }
@@ -177,69 +265,4 @@ pub fn resident_bytes() -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings(max: Option<u64>) -> OverloadFile {
-        OverloadFile {
-            max_rss_bytes: max,
-            shed_at: 0.9,
-            pause_accept_at: 0.95,
-            ..OverloadFile::default()
-        }
-    }
-
-    #[test]
-    fn thresholds_are_fractions_of_the_budget() {
-        let s = settings(Some(1000));
-        assert_eq!(OverloadState::for_rss(0, &s), OverloadState::Normal);
-        assert_eq!(OverloadState::for_rss(899, &s), OverloadState::Normal);
-        assert_eq!(OverloadState::for_rss(900, &s), OverloadState::Shedding);
-        assert_eq!(OverloadState::for_rss(949, &s), OverloadState::Shedding);
-        assert_eq!(OverloadState::for_rss(950, &s), OverloadState::AcceptPaused);
-        assert_eq!(
-            OverloadState::for_rss(5000, &s),
-            OverloadState::AcceptPaused
-        );
-        assert_eq!(
-            OverloadState::for_rss(u64::MAX, &settings(None)),
-            OverloadState::Normal
-        );
-    }
-
-    #[test]
-    fn the_global_cap_counts_connections_until_released() {
-        let overload = Overload::new(&OverloadFile {
-            max_connections: 2,
-            ..OverloadFile::default()
-        });
-        let a = overload.try_connection();
-        let b = overload.try_connection();
-        assert!(a.is_some() && b.is_some());
-        assert!(overload.try_connection().is_none());
-        drop(a);
-        assert!(overload.try_connection().is_some());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn accepting_waits_while_paused() {
-        let overload = Overload::new(&OverloadFile::default());
-        overload.accepting().await;
-        overload.set_state(OverloadState::AcceptPaused);
-        assert!(overload.shedding());
-        let waiter = tokio::spawn({
-            let overload = overload.clone();
-            async move { overload.accepting().await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
-        overload.set_state(OverloadState::Normal);
-        waiter.await.unwrap();
-        assert!(!overload.shedding());
-    }
-
-    #[test]
-    fn resident_bytes_reads_this_process() {
-        assert!(resident_bytes().is_some_and(|rss| rss > 0));
-    }
-}
+mod tests;

@@ -1,7 +1,8 @@
 //! Capacity (issue #8 item 7): connection storms against a listener's
 //! `max_connections` and the process-wide `overload.max_connections`, plain
 //! and TLS; idle connections reaped at the idle timeout, HTTP/1 and HTTP/2;
-//! shedding and accept pausing past `overload.max_rss_bytes`, and recovery.
+//! shedding and accept pausing past `overload.max_rss_bytes`, recovery, and
+//! no flapping between the release point and the threshold.
 //!
 //! File descriptors and RSS are the test process's, which is the proxy's
 //! too (it runs in-process); the tests here take one lock so that no other
@@ -579,4 +580,166 @@ async fn past_the_memory_budget_requests_are_shed_then_accepting_pauses_and_both
     )
     .await;
     assert!(shed_total >= 3.0, "{shed_total} shed requests counted");
+}
+
+/// Whether a fresh TCP connection to `addr` carries a round trip through
+/// the echo backend; `false` when the proxy closes it instead.
+async fn echoes(addr: SocketAddr) -> bool {
+    let Ok(mut conn) = TcpStream::connect(addr).await else {
+        return false;
+    };
+    if conn.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    let read = within(
+        Duration::from_secs(10),
+        "echo or close",
+        conn.read_exact(&mut buf),
+    )
+    .await;
+    read.is_ok() && &buf == b"ping"
+}
+
+/// Hysteresis: ballast pushes the resident set past `shed_at`, then most
+/// of it is freed so that the set hovers below the threshold but above its
+/// release point. Requests stay shed, with no transition back and forth,
+/// until the rest is freed. While shedding, a new connection to a TCP
+/// listener is closed at once, counted, and never reaches its upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_threshold_but_above_its_release_point_the_proxy_keeps_shedding_without_flapping()
+{
+    // Separate mappings each (see the test above), freed one at a time.
+    const BALLAST: usize = 40 << 20;
+    let _serial = SERIAL.lock().await;
+    let _recorder = postern::telemetry::install_prometheus_recorder();
+    let backend = HttpBackend::start("b").await;
+    let echo = postern_tests::tcp_backend::TcpBackend::echo().await;
+    let rss = resident_bytes().unwrap();
+    let ballast = BALLAST as u64;
+    let max = rss + 8 * ballast;
+    // Shedding from rss + 2.5 ballasts, released below rss + 0.75; the
+    // pause is out of reach. No hold: only the release point keeps the
+    // state. The margins leave room for what the proxy itself allocates
+    // after `rss` was read (up to 15 MiB when this test runs alone).
+    let threshold = rss + 5 * ballast / 2;
+    let release_below = rss + 3 * ballast / 4;
+    let shed = threshold as f64 / max as f64;
+    let release = release_below as f64 / threshold as f64;
+    let proxy = start_proxy(&format!(
+        r#"
+        overload: {{ max_rss_bytes: {max}, shed_at: {shed:.6}, pause_accept_at: 0.99, release: {release:.6}, min_hold: 0s, check_interval: 20ms }}
+        listeners:
+          - name: hover
+            address: 127.0.0.1:0
+            kind: http
+            virtual_hosts:
+              - name: all
+                domains: ["*"]
+                routes: [{{ match: {{}}, cluster: c }}]
+          - name: raw
+            address: 127.0.0.1:0
+            kind: tcp
+            tcp: {{ cluster: echo }}
+        clusters:
+          - name: c
+            endpoints: [{{ address: "{}" }}]
+          - name: echo
+            endpoints: [{{ address: "{}" }}]
+        "#,
+        backend.addr(),
+        echo.addr()
+    ))
+    .await;
+    let admin = proxy.admin_addr();
+    let addr = listener(&proxy, "hover");
+    let raw = listener(&proxy, "raw");
+    let state = || scrape(admin, names::OVERLOAD_STATE, &[]);
+    let transitions = |from: &'static str, to: &'static str| async move {
+        scrape(
+            admin,
+            names::OVERLOAD_TRANSITIONS_TOTAL,
+            &[("from", from), ("to", to)],
+        )
+        .await
+    };
+    let entered_before = transitions("normal", "shedding").await;
+    let left_before = transitions("shedding", "normal").await;
+
+    let mut conn = H1Conn::connect(addr).await.unwrap();
+    assert_eq!(get(&mut conn).await.unwrap().status, 200);
+    assert!(echoes(raw).await, "TCP proxying works before the overload");
+
+    let kept = std::hint::black_box(vec![1u8; BALLAST]);
+    let freed = std::hint::black_box([vec![1u8; BALLAST], vec![1u8; BALLAST]]);
+    wait_until("shedding past shed_at", || async { state().await == 1.0 }).await;
+    assert_eq!(get(&mut conn).await.unwrap().status, 503);
+    let proxied = echo.connections();
+    assert!(
+        !echoes(raw).await,
+        "a TCP connection was proxied while shedding"
+    );
+    assert_eq!(
+        echo.connections(),
+        proxied,
+        "a shed connection reached the upstream"
+    );
+    assert_eq!(
+        scrape(
+            admin,
+            names::OVERLOAD_SHED_CONNECTIONS_TOTAL,
+            &[("listener", "raw")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        scrape(
+            admin,
+            "postern_tcp_connections_total",
+            &[("listener", "raw"), ("result", "overloaded")]
+        )
+        .await,
+        1.0
+    );
+
+    drop(freed);
+    wait_until("the resident set below the threshold", || async {
+        resident_bytes().unwrap() < threshold
+    })
+    .await;
+    let hovering = resident_bytes().unwrap();
+    println!(
+        "hysteresis: hovering {} MiB above the start, threshold +{} MiB, release below +{} MiB",
+        (hovering - rss) >> 20,
+        (threshold - rss) >> 20,
+        (release_below - rss) >> 20
+    );
+    assert!(
+        hovering >= release_below,
+        "the resident set fell past the release point too: the test measures nothing"
+    );
+    // About 50 samples below the threshold: each would have eased the
+    // state without hysteresis.
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        assert_eq!(state().await, 1.0, "eased above the release point");
+        assert_eq!(get(&mut conn).await.unwrap().status, 503);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(transitions("shedding", "normal").await, left_before);
+
+    drop(kept);
+    wait_until("recovered below the release point", || async {
+        state().await == 0.0
+    })
+    .await;
+    assert_eq!(get(&mut conn).await.unwrap().status, 200);
+    assert!(echoes(raw).await, "TCP proxying works again");
+    assert_eq!(
+        transitions("normal", "shedding").await,
+        entered_before + 1.0,
+        "the state flapped"
+    );
+    assert_eq!(transitions("shedding", "normal").await, left_before + 1.0);
 }

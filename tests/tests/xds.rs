@@ -986,16 +986,20 @@ async fn rbac_per_route_from_xds_replaces_the_listeners_and_bad_overrides_are_na
 
 /// `snapshot` with its listener replaced by one on `addr` whose inline
 /// routes send everything to `cluster`; `header_kb` sets the connection
-/// manager's request-header limit, which changes the listener's shape.
+/// manager's request-header limit and `backlog` the listen backlog, each of
+/// which changes the listener's shape.
 fn with_fixed_listener(
     mut snapshot: Snapshot,
     addr: SocketAddr,
     cluster_name: &str,
     header_kb: Option<u32>,
+    backlog: Option<u32>,
 ) -> Snapshot {
     use postern_proto::envoy::config::listener::v3 as listener;
     use postern_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
     let mut l = postern_tests::envoy::http_listener("xds-http", addr, cluster_name, None);
+    l.tcp_backlog_size =
+        backlog.map(|value| postern_proto::google::protobuf::UInt32Value { value });
     let filter = &mut l.filter_chains[0].filters[0];
     let Some(listener::filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
         unreachable!("http_listener packs its connection manager")
@@ -1026,6 +1030,7 @@ async fn a_listener_replaced_on_its_fixed_port_never_refuses_a_connection() {
         mesh("1", "svc-a", &services),
         port,
         "svc-a",
+        None,
         None,
     ))
     .await;
@@ -1080,12 +1085,14 @@ async fn a_listener_replaced_on_its_fixed_port_never_refuses_a_connection() {
         }
     });
 
-    // The shape changes (header limit) along with the routes (to b).
+    // The shape changes (header limit, and the backlog set again on the
+    // inherited socket) along with the routes (to b).
     cp.server.set_snapshot(with_fixed_listener(
         mesh("2", "svc-a", &services),
         port,
         "svc-b",
         Some(1),
+        Some(4096),
     ));
     wait_event(&mut events, "listener ACK", |e| {
         is_ack(e, type_url::LISTENER, "2")

@@ -73,6 +73,17 @@ pub struct OverloadFile {
     pub shed_at: f64,
     /// Share of `max_rss_bytes` from which no connection is accepted.
     pub pause_accept_at: f64,
+    /// Share of each threshold (`shed_at`, `pause_accept_at`) the resident
+    /// set must fall below before that state is left; 1 leaves it at the
+    /// first sample below the threshold.
+    pub release: f64,
+    /// Least time a state is kept after it was entered, however far the
+    /// resident set falls.
+    #[serde(with = "humantime_serde")]
+    pub min_hold: Duration,
+    /// While shedding, close new TCP-proxy connections at once (as HTTP
+    /// requests are answered 503).
+    pub shed_tcp_connections: bool,
     /// How often the resident set is read.
     #[serde(with = "humantime_serde")]
     pub check_interval: Duration,
@@ -85,6 +96,9 @@ impl Default for OverloadFile {
             max_rss_bytes: None,
             shed_at: 0.95,
             pause_accept_at: 0.98,
+            release: 0.95,
+            min_hold: Duration::from_secs(1),
+            shed_tcp_connections: true,
             check_interval: Duration::from_millis(250),
         }
     }
@@ -710,6 +724,10 @@ pub fn default_trace_sampling() -> f64 {
     0.01
 }
 
+/// The default listen backlog, Envoy's: a connection storm waits in the
+/// kernel's queue instead of being dropped at the SYN stage.
+pub const DEFAULT_TCP_BACKLOG_SIZE: u32 = 1024;
+
 /// Per-listener limits.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -734,6 +752,10 @@ pub struct ListenerLimitsFile {
     /// Request headers named with an underscore: `allow` (default),
     /// `reject_request` (400) or `drop_header`.
     pub headers_with_underscores: crate::http::headers::UnderscoreHeaders,
+    /// Length of the kernel's queue of connections not yet accepted
+    /// (`listen(2)` backlog; Envoy's `tcp_backlog_size`), capped by
+    /// `net.core.somaxconn`.
+    pub tcp_backlog_size: u32,
 }
 
 impl Default for ListenerLimitsFile {
@@ -747,6 +769,7 @@ impl Default for ListenerLimitsFile {
             idle_timeout: Duration::from_secs(300),
             max_request_body_bytes: None,
             headers_with_underscores: crate::http::headers::UnderscoreHeaders::Allow,
+            tcp_backlog_size: DEFAULT_TCP_BACKLOG_SIZE,
         }
     }
 }

@@ -490,6 +490,46 @@ fn overload_settings_are_checked() {
         "overload.max_rss",
         "unknown field `max_rss`",
     );
+    for bad in ["release: 0", "release: 1.01"] {
+        assert_error(&with(bad), "overload.release", "at most 1");
+    }
+    assert_error(&with("min_hold: soon"), "overload.min_hold", "");
+}
+
+#[test]
+fn overload_hysteresis_settings_default_and_parse() {
+    let defaults = file::OverloadFile::default();
+    assert_eq!(defaults.release, 0.95);
+    assert_eq!(defaults.min_hold, std::time::Duration::from_secs(1));
+    assert!(defaults.shed_tcp_connections);
+    let yaml = format!(
+        "overload: {{ max_rss_bytes: 1000, release: 1, min_hold: 0s, shed_tcp_connections: false }}\n{BASE}"
+    );
+    let overload = Config::from_yaml(&yaml).unwrap().source.overload.clone();
+    assert_eq!(overload.release, 1.0);
+    assert!(overload.min_hold.is_zero());
+    assert!(!overload.shed_tcp_connections);
+}
+
+#[test]
+fn the_listen_backlog_defaults_to_1024_and_is_checked() {
+    let config = Config::from_yaml(BASE).unwrap();
+    assert_eq!(config.listeners[0].limits.tcp_backlog_size, 1024);
+    let with = |backlog: &str| {
+        BASE.replace(
+            "    kind: http\n",
+            &format!("    kind: http\n    limits: {{ tcp_backlog_size: {backlog} }}\n"),
+        )
+    };
+    let config = Config::from_yaml(&with("4096")).unwrap();
+    assert_eq!(config.listeners[0].limits.tcp_backlog_size, 4096);
+    for bad in ["0", "3000000000"] {
+        assert_error(
+            &with(bad),
+            "listeners[0].limits.tcp_backlog_size",
+            "more than 0 and at most 2147483647",
+        );
+    }
 }
 
 const GLOBAL_LIMITS: &str = r#"

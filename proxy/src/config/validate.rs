@@ -506,6 +506,12 @@ fn check_overload(overload: &OverloadFile, errors: &mut Errors) {
             );
         }
     }
+    if !(overload.release > 0.0 && overload.release <= 1.0) {
+        errors.push(
+            "overload.release",
+            "must be a share of each threshold, more than 0 and at most 1",
+        );
+    }
     if overload.pause_accept_at < overload.shed_at {
         errors.push(
             "overload.pause_accept_at",
@@ -548,6 +554,13 @@ fn check_limits(limits: &ListenerLimitsFile, path: &str, errors: &mut Errors) {
         errors.push(
             format!("{path}.max_request_body_bytes"),
             "must be more than 0",
+        );
+    }
+    // listen(2) takes an int; the kernel caps it at net.core.somaxconn.
+    if limits.tcp_backlog_size == 0 || i32::try_from(limits.tcp_backlog_size).is_err() {
+        errors.push(
+            format!("{path}.tcp_backlog_size"),
+            format!("must be more than 0 and at most {}", i32::MAX),
         );
     }
 }

@@ -1284,6 +1284,16 @@ pub fn listener_parts(
         },
         filter_chains: Vec::new(),
     };
+    // Unset keeps Postern's default (Envoy's is net.core.somaxconn, which
+    // the kernel caps any value at anyway).
+    if let Some(backlog) = &l.tcp_backlog_size {
+        if backlog.value == 0 {
+            ctx.err("tcp_backlog_size", "must be more than 0");
+        }
+        // Envoy passes it to listen(2) as an int, where a larger value
+        // means "as many as the kernel allows": so does i32::MAX.
+        file.limits.tcp_backlog_size = backlog.value.min(i32::MAX as u32);
+    }
     // Envoy's enum: 1 is INBOUND, which with listener filters is Istio's
     // virtualInbound even when its original_dst filter is missing.
     if !l.listener_filters.is_empty() && (l.traffic_direction == 1 || !only_inspectors(l)) {
@@ -2121,6 +2131,13 @@ fn http_connection_manager(
     if let Some(n) = m.max_request_headers_kb.as_ref() {
         file.limits.max_request_headers_bytes = n.value as usize * 1024;
     }
+    if let Some(options) = &m.common_http_protocol_options {
+        file.limits.headers_with_underscores = underscore_headers(
+            options.headers_with_underscores_action,
+            &format!("{path}.common_http_protocol_options.headers_with_underscores_action"),
+            ctx,
+        );
+    }
     ignored::connection_manager(m, path, file, ctx);
     file.http.trust_downstream = m.use_remote_address.as_ref().is_some_and(|v| !v.value);
     // Postern normalises by default (Envoy does not): only an explicit
@@ -2156,6 +2173,26 @@ fn http_connection_manager(
                 "{path}.route_specifier (only rds and route_config)"
             ));
             RouteSource::None
+        }
+    }
+}
+
+/// Envoy's `headers_with_underscores_action` as the listener setting; an
+/// unknown value is an error at `path`.
+fn underscore_headers(
+    action: i32,
+    path: &str,
+    ctx: &mut Ctx,
+) -> crate::http::headers::UnderscoreHeaders {
+    use crate::http::headers::UnderscoreHeaders;
+    use core::http_protocol_options::HeadersWithUnderscoresAction as Action;
+    match Action::try_from(action) {
+        Ok(Action::Allow) => UnderscoreHeaders::Allow,
+        Ok(Action::RejectRequest) => UnderscoreHeaders::RejectRequest,
+        Ok(Action::DropHeader) => UnderscoreHeaders::DropHeader,
+        Err(_) => {
+            ctx.err(path, format!("unknown value {action}"));
+            UnderscoreHeaders::Allow
         }
     }
 }

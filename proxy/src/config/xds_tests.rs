@@ -707,6 +707,7 @@ fn grpc_access_logger_and_trace_sampling_map_onto_the_listener() {
     );
 }
 
+mod capacity;
 mod edge;
 mod ignored;
 mod inbound;

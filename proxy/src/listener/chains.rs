@@ -166,6 +166,7 @@ pub struct ChainsFront {
     clusters: Arc<ClusterManager>,
     local_id: Option<Arc<SpiffeId>>,
     shutdown: Shutdown,
+    overload: Arc<crate::overload::Overload>,
 }
 
 /// What a chain's connections share with the rest of the process.
@@ -235,6 +236,7 @@ impl ChainsFront {
             clusters: shared.clusters,
             local_id: shared.local_id,
             shutdown: shared.shutdown,
+            overload: shared.overload,
         })
     }
 
@@ -277,6 +279,10 @@ impl ChainsFront {
                 let ListenerProtocol::Tcp(route) = &listener.protocol else {
                     return;
                 };
+                if self.overload.shedding_tcp() {
+                    crate::tcp::shed(peer, local_port, &listener.name, &route.cluster, telemetry);
+                    return;
+                }
                 if let Some(limit) = limit.as_ref().and_then(|cell| cell.load_full()) {
                     let admitted = crate::tcp::admit(
                         &limit,

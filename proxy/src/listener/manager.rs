@@ -106,6 +106,28 @@ pub(super) fn swap_tcp_limit(
     cell.store(next);
 }
 
+/// The `listen(2)` backlog of `listener`; validation keeps it in range.
+fn listen_backlog(listener: &Listener) -> i32 {
+    i32::try_from(listener.limits.tcp_backlog_size).unwrap_or(i32::MAX)
+}
+
+/// Binds `address` and listens with `backlog`, as the standard library's
+/// bind does (address reuse, so a restart binds while old connections sit
+/// in TIME_WAIT) but with a backlog of our choosing instead of its 128.
+fn bind(address: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(backlog)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// A listener bound and set up, not yet accepting.
 struct Prepared {
     listener: Arc<Listener>,
@@ -256,14 +278,20 @@ impl ListenerManager {
         inherited: Option<Arc<TcpListener>>,
     ) -> anyhow::Result<Prepared> {
         use anyhow::Context as _;
+        let backlog = listen_backlog(listener);
         let socket = match inherited {
-            Some(socket) => socket,
-            None => {
-                let std_socket = std::net::TcpListener::bind(listener.address)
-                    .with_context(|| format!("cannot bind {}", listener.address))?;
-                std_socket.set_nonblocking(true)?;
-                Arc::new(TcpListener::from_std(std_socket)?)
+            Some(socket) => {
+                // Listening again on a listening socket only sets its
+                // backlog (Linux), keeping the connections queued on it.
+                socket2::SockRef::from(&*socket)
+                    .listen(backlog)
+                    .with_context(|| format!("cannot set the backlog of {}", listener.address))?;
+                socket
             }
+            None => Arc::new(
+                bind(listener.address, backlog)
+                    .with_context(|| format!("cannot bind {}", listener.address))?,
+            ),
         };
         let addr = socket.local_addr()?;
         let tls = DownstreamTls::new(
@@ -438,5 +466,54 @@ impl ListenerManager {
                 r.force.send_replace(true);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connects `attempts` times to `socket`, which nothing accepts on: the
+    /// connections the kernel completes, which is its backlog plus one on
+    /// Linux (SYNs past that are dropped, and retried by the client only a
+    /// second later).
+    async fn queue(socket: &TcpListener, attempts: usize) -> Vec<tokio::net::TcpStream> {
+        let addr = socket.local_addr().unwrap();
+        let connects = (0..attempts).map(|_| async move {
+            tokio::time::timeout(
+                Duration::from_millis(300),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+        });
+        futures_util::future::join_all(connects)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_configured_backlog_is_the_listen_queue() {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let small = bind(loopback, 16).unwrap();
+        assert_eq!(queue(&small, 200).await.len(), 17);
+        // The default holds a storm the standard library's 128 would not.
+        let default = crate::config::file::DEFAULT_TCP_BACKLOG_SIZE as i32;
+        let large = bind(loopback, default).unwrap();
+        assert_eq!(queue(&large, 300).await.len(), 300);
+    }
+
+    #[tokio::test]
+    async fn an_inherited_socket_takes_the_new_backlog() {
+        let socket = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 8).unwrap();
+        let first = queue(&socket, 20).await;
+        assert_eq!(first.len(), 9);
+        // As `prepare` does for a replacement on the same address; the
+        // connections queued already stay queued.
+        socket2::SockRef::from(&socket).listen(32).unwrap();
+        assert_eq!(queue(&socket, 40).await.len(), 33 - first.len());
     }
 }

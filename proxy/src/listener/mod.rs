@@ -298,9 +298,22 @@ pub async fn run_listener(
                 let telemetry = tcp_telemetry.clone();
                 let policy = tcp_rbac.clone();
                 let rate_limit = tcp_limit.as_ref().and_then(|cell| cell.load_full());
+                // Read at accept, as a request is shed at arrival: a TCP
+                // connection has no later point to say "not now".
+                let shed = overload.shedding_tcp();
                 tokio::spawn(async move {
                     let local_port = stream.local_addr().map_or(0, |a| a.port());
                     let admitted = match (&rate_limit, &listener.protocol) {
+                        (_, ListenerProtocol::Tcp(route)) if shed => {
+                            crate::tcp::shed(
+                                peer,
+                                local_port,
+                                &listener.name,
+                                &route.cluster,
+                                &telemetry,
+                            );
+                            false
+                        }
                         (Some(limit), ListenerProtocol::Tcp(route)) => crate::tcp::admit(
                             limit,
                             peer,

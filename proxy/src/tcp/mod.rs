@@ -87,6 +87,40 @@ pub fn admit(
     false
 }
 
+/// Records a connection just accepted on a TCP-proxy listener that the
+/// caller closes because the process is overloaded (before any handshake,
+/// so shedding costs no TLS work): counted, and logged as a call with flag
+/// `OM`, as a shed HTTP request is.
+pub fn shed(
+    remote: std::net::SocketAddr,
+    local_port: u16,
+    listener: &Arc<str>,
+    cluster: &Arc<str>,
+    telemetry: &Arc<ListenerTelemetry>,
+) {
+    metrics::counter!(
+        names::OVERLOAD_SHED_CONNECTIONS_TOTAL,
+        "listener" => listener.clone(),
+    )
+    .increment(1);
+    metrics::counter!(
+        names::TCP_CONNECTIONS_TOTAL,
+        "listener" => listener.clone(),
+        "cluster" => cluster.clone(),
+        "result" => "overloaded",
+    )
+    .increment(1);
+    tracing::debug!(listener = %listener, peer = %remote, "connection shed: overloaded");
+    let peer = crate::http::headers::DownstreamPeer::new(
+        remote,
+        local_port,
+        &crate::tls::PeerTls::default(),
+        None,
+    );
+    let mut call = TcpCall::new(telemetry, &peer, cluster);
+    call.flags.insert(ResponseFlag::OverloadManager);
+}
+
 /// Proxies one downstream TCP connection to the listener's cluster.
 pub async fn serve_connection(
     downstream: DownstreamIo,

@@ -88,6 +88,12 @@ pub const OVERLOAD_STATE: &str = "postern_overload_state";
 pub const OVERLOAD_RSS_BYTES: &str = "postern_overload_rss_bytes";
 /// Requests answered 503 because the process was overloaded, by `listener`.
 pub const OVERLOAD_SHED_REQUESTS_TOTAL: &str = "postern_overload_shed_requests_total";
+/// TCP-proxy connections closed at accept because the process was
+/// overloaded, by `listener`.
+pub const OVERLOAD_SHED_CONNECTIONS_TOTAL: &str = "postern_overload_shed_connections_total";
+/// Changes of the overload state, by `from` and `to` (`normal`,
+/// `shedding`, `accept_paused`).
+pub const OVERLOAD_TRANSITIONS_TOTAL: &str = "postern_overload_transitions_total";
 
 /// Buckets for request durations, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -177,6 +183,14 @@ pub fn describe() {
     describe_counter!(
         OVERLOAD_SHED_REQUESTS_TOTAL,
         "Requests answered 503 because the process was overloaded"
+    );
+    describe_counter!(
+        OVERLOAD_SHED_CONNECTIONS_TOTAL,
+        "TCP-proxy connections closed at accept because the process was overloaded"
+    );
+    describe_counter!(
+        OVERLOAD_TRANSITIONS_TOTAL,
+        "Overload state changes, by from and to state"
     );
     describe_gauge!(
         CONFIG_SOURCE,

@@ -162,7 +162,9 @@ fn istio_outlier_detection_and_lb_defaults_are_accepted() {
     super::super::xds::cluster(&off, None).unwrap();
 }
 
-fn with_manager(edit: impl FnOnce(&mut hcm::HttpConnectionManager)) -> listener::Listener {
+pub(super) fn with_manager(
+    edit: impl FnOnce(&mut hcm::HttpConnectionManager),
+) -> listener::Listener {
     let mut l = http_listener(Vec::new());
     let filter = &mut l.filter_chains[0].filters[0];
     let Some(listener::filter::ConfigType::TypedConfig(packed)) = &filter.config_type else {

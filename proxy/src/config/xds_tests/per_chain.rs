@@ -251,3 +251,31 @@ fn per_chain_shapes_postern_cannot_serve_are_refused_naming_the_field() {
         assert!(problems.contains(expected), "case {i}: {problems}");
     }
 }
+
+#[test]
+fn each_chain_keeps_its_underscore_action_and_the_listener_its_backlog() {
+    use self::core::http_protocol_options::HeadersWithUnderscoresAction as Action;
+    use crate::http::headers::UnderscoreHeaders;
+    let mut l = gateway();
+    l.tcp_backlog_size = Some(UInt32Value { value: 2048 });
+    let filter = &mut l.filter_chains[1].filters[0];
+    let Some(listener::filter::ConfigType::TypedConfig(packed)) = &filter.config_type else {
+        unreachable!("hcm_chain packs its connection manager")
+    };
+    let mut manager = hcm::HttpConnectionManager::decode(packed.value.as_slice()).unwrap();
+    manager.common_http_protocol_options = Some(core::HttpProtocolOptions {
+        headers_with_underscores_action: Action::DropHeader as i32,
+        ..Default::default()
+    });
+    filter.config_type = Some(listener::filter::ConfigType::TypedConfig(any(&manager)));
+    let file = listener_parts(&l, Some(&sds()), &|_| None).unwrap().file;
+    assert_eq!(file.limits.tcp_backlog_size, 2048);
+    let underscores = |c: usize| {
+        file.filter_chains[c]
+            .listener
+            .limits
+            .headers_with_underscores
+    };
+    assert_eq!(underscores(0), UnderscoreHeaders::Allow);
+    assert_eq!(underscores(1), UnderscoreHeaders::DropHeader);
+}
