@@ -1,6 +1,7 @@
 //! Shared set-up for the fuzz targets: the listeners the HTTP front-end
-//! target serves its inputs on, and the xDS pipeline from a
-//! `DiscoveryResponse` to a validated config.
+//! target serves its inputs on, the xDS pipeline from a `DiscoveryResponse`
+//! or a `DeltaDiscoveryResponse` to a validated config, and the certificates
+//! the x509 and CSR targets check against.
 //!
 //! Everything here calls the proxy's own entry points; the only glue is what
 //! a running proxy gets from its sockets and its `XdsHandler` state.
@@ -8,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod front;
+pub mod pki;
 pub mod xds;
 
 /// The example gateway config: the richest route table in the repository.

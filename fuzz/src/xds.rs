@@ -1,5 +1,6 @@
-//! A `DiscoveryResponse` from the wire to a validated config: the client's
-//! unwrapping (`postern_xds::sotw_resources`), decoding and translation
+//! A `DiscoveryResponse` or `DeltaDiscoveryResponse` from the wire to a
+//! validated config: the client's unwrapping (`postern_xds::sotw_resources`,
+//! `postern_xds::delta_resources`), decoding and translation
 //! (`config::xds`), then `Config::from_dynamic_model`, as the proxy's
 //! `XdsHandler` does for one update on top of a mesh sidecar's bootstrap.
 
@@ -14,9 +15,15 @@ use postern_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use postern_proto::envoy::config::listener::v3::Listener;
 use postern_proto::envoy::config::route::v3::RouteConfiguration;
 use postern_proto::envoy::extensions::transport_sockets::tls::v3::Secret;
-use postern_proto::envoy::service::discovery::v3::DiscoveryResponse;
+use postern_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryResponse, DiscoveryResponse, Resource as WrappedResource,
+};
+use postern_proto::google::protobuf::Any;
 use postern_proto::type_url;
 use prost::Message;
+
+/// Type URL of the `Resource` wrapper of state-of-the-world responses.
+const WRAPPER_TYPE_URL: &str = "type.googleapis.com/envoy.service.discovery.v3.Resource";
 
 /// A sidecar bootstrap with an SDS identity, so mTLS listeners and clusters
 /// translate as they would on a mesh workload.
@@ -85,12 +92,80 @@ pub fn apply(bytes: &[u8]) -> Outcome {
     ) else {
         return Outcome::NotDecoded;
     };
+    translate_all(&response.type_url, &resources)
+}
+
+/// Names a delta response may refresh with a body-less entry (a TTL
+/// heartbeat), as if the client held them.
+pub const HELD: &[&str] = &["held"];
+
+/// Runs one `DeltaDiscoveryResponse` through the pipeline: the client's
+/// unwrapping (`postern_xds::delta_resources`), then the same translation
+/// as [`apply`] for the resources it adds.
+///
+/// # Panics
+///
+/// When the client hands over a resource without a name or of another type
+/// than the response's, keeps a body-less entry, or unwraps the same
+/// resources differently from state of the world.
+pub fn apply_delta(bytes: &[u8]) -> Outcome {
+    let Ok(response) = DeltaDiscoveryResponse::decode(bytes) else {
+        return Outcome::NotDecoded;
+    };
+    let type_url = response.type_url;
+    let with_body = response
+        .resources
+        .iter()
+        .filter(|r| r.resource.is_some())
+        .count();
+    let Ok(added) =
+        postern_xds::delta_resources(&type_url, |name| HELD.contains(&name), response.resources)
+    else {
+        return Outcome::NotDecoded;
+    };
+    assert_eq!(added.len(), with_body, "a heartbeat reached the handler");
+    for resource in &added {
+        assert!(!resource.name.is_empty(), "a resource without a name");
+        assert_eq!(
+            resource.body.type_url, type_url,
+            "a resource of another type"
+        );
+    }
+    // A server may send the same resources over either protocol; the
+    // handler must be given the same names and bodies.
+    let wrapped = added
+        .iter()
+        .map(|r| Any {
+            type_url: WRAPPER_TYPE_URL.to_owned(),
+            value: WrappedResource {
+                name: r.name.clone(),
+                version: r.version.clone(),
+                resource: Some(r.body.clone()),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        })
+        .collect();
+    let sotw = postern_xds::sotw_resources(&type_url, "sotw", wrapped)
+        .expect("what delta accepts, state of the world accepts");
+    assert!(
+        sotw.iter()
+            .map(|r| (&r.name, &r.body))
+            .eq(added.iter().map(|r| (&r.name, &r.body))),
+        "delta and state of the world unwrap differently"
+    );
+    translate_all(&type_url, &added)
+}
+
+/// Translates resources of one type as the handler does, then validates
+/// the config they make with the bootstrap.
+fn translate_all(type_url: &str, resources: &[postern_xds::Resource]) -> Outcome {
     let (base, sds) = bootstrap();
     let mut file = base.clone();
     let mut virtuals = Vec::new();
-    for resource in &resources {
+    for resource in resources {
         let body = &resource.body;
-        let translated = match response.type_url.as_str() {
+        let translated = match type_url {
             type_url::LISTENER => {
                 translate::decode::<Listener>(body, type_url::LISTENER).and_then(|l| {
                     let (mut listener, routes) = translate::listener(&l, Some(sds))?;

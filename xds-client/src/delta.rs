@@ -110,7 +110,7 @@ pub(crate) fn handle(
         match state.get_mut(&type_url) {
             Some(ts) if ts.interest.is_some() => {
                 ts.last_nonce.clone_from(&nonce);
-                added_resources(&type_url, ts, resources)
+                delta_resources(&type_url, |name| ts.resources.contains_key(name), resources)
             }
             _ => {
                 tracing::debug!(type_url, "ignoring a response of a type not subscribed to");
@@ -168,10 +168,18 @@ pub(crate) fn handle(
     ))
 }
 
-/// The resources of a response, or what is wrong with them.
-fn added_resources(
+/// Turns the resources of a delta response into what the client hands the
+/// [`Handler`](crate::Handler) as `added` of [`Update::Delta`], or lists what
+/// is wrong with them. `held` tells whether a name is held already: a
+/// body-less entry for one is a TTL heartbeat and is dropped.
+///
+/// # Errors
+///
+/// One [`ResourceError`] per entry that has no name, is of another type than
+/// `type_url`, or has no body and is not held.
+pub fn delta_resources(
     type_url: &str,
-    ts: &TypeState,
+    held: impl Fn(&str) -> bool,
     resources: Vec<DeltaResource>,
 ) -> Result<Vec<Resource>, Vec<ResourceError>> {
     let mut added = Vec::with_capacity(resources.len());
@@ -200,7 +208,7 @@ fn added_resources(
             },
             // A body-less entry for a resource held is a TTL heartbeat; TTLs
             // are not tracked, so there is nothing to refresh.
-            None if ts.resources.contains_key(&name) => {}
+            None if held(&name) => {}
             None => errors.push(ResourceError {
                 name,
                 reason: "the resource has no body".into(),

@@ -39,6 +39,7 @@ mod sotw;
 mod state;
 
 pub use client::XdsClient;
+pub use delta::delta_resources;
 pub use resource::sotw_resources;
 pub use state::{StatusHandle, Subscriptions, TypeStatus};
 

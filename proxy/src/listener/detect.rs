@@ -236,8 +236,16 @@ fn parse_client_hello(body: &[u8]) -> Option<ClientHelloInfo> {
                 let mut names = Reader(data.vec16()?);
                 while !names.0.is_empty() {
                     let name_type = names.u8()?;
+                    if name_type != 0 {
+                        // Only host_name has a defined format (RFC 6066
+                        // §3), so nothing after another type can be read;
+                        // rustls, which serves the handshake, stops there
+                        // too. Refusing the whole hello instead would pick
+                        // a filter chain for no SNI while TLS sees one.
+                        break;
+                    }
                     let name = names.vec16()?;
-                    if name_type == 0 && info.sni.is_none() {
+                    if info.sni.is_none() {
                         info.sni = std::str::from_utf8(name).ok().map(str::to_ascii_lowercase);
                     }
                 }

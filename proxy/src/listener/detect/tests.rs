@@ -128,6 +128,59 @@ fn client_hello_split_across_records_is_reassembled() {
     }
 }
 
+/// A one-record ClientHello with only `extensions`, in type-length-value form.
+fn hello_with_extensions(extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let mut ext = Vec::new();
+    for (kind, data) in extensions {
+        ext.extend_from_slice(&kind.to_be_bytes());
+        ext.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        ext.extend_from_slice(data);
+    }
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[0; 32]);
+    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut handshake = vec![1];
+    handshake.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 3, 1];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}
+
+#[test]
+fn server_name_list_ends_at_an_unknown_name_type() {
+    // Found by the client_hello fuzz target: a host_name followed by a name
+    // of another type lost the whole hello (no SNI, no ALPN) while rustls
+    // serves the handshake for the host_name.
+    let name = b"api.example.com";
+    let mut list = vec![0];
+    list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    list.extend_from_slice(name);
+    list.push(b'm');
+    let mut sni = (list.len() as u16).to_be_bytes().to_vec();
+    sni.extend_from_slice(&list);
+    let alpn = vec![0, 3, 2, b'h', b'2'];
+    // rustls needs signature_algorithms to accept the hello at all.
+    let signatures = vec![0, 2, 4, 3];
+    let hello = hello_with_extensions(&[(0, sni), (16, alpn), (13, signatures)]);
+    let expected = ClientHelloInfo {
+        sni: Some("api.example.com".into()),
+        alpn: vec![b"h2".to_vec()],
+    };
+    assert_eq!(detect(&hello), Detection::Done(Protocol::Tls(expected)));
+
+    let mut acceptor = rustls::server::Acceptor::default();
+    acceptor.read_tls(&mut hello.as_slice()).unwrap();
+    let accepted = acceptor.accept().unwrap().unwrap();
+    assert_eq!(
+        accepted.client_hello().server_name(),
+        Some("api.example.com")
+    );
+}
+
 #[test]
 fn tls_records_that_are_not_a_client_hello_are_opaque() {
     // A ServerHello (handshake type 2) from a client is not TLS from a client.
