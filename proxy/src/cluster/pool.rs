@@ -419,14 +419,21 @@ impl EndpointPool {
                     let copy = (resends < MAX_UNPROCESSED_RESENDS)
                         .then(|| resendable_copy(&request))
                         .flatten();
-                    let mut err = match sender.try_send_request(request).await {
+                    let sent = sender.try_send_request(request);
+                    // A request queued just as the connection's dispatch task
+                    // ends is only handed back (canceled, unsent) once every
+                    // handle to the connection is gone; holding this one
+                    // while waiting would wait forever, until the route
+                    // deadline answers 504 (`push_races.rs`).
+                    drop(sender);
+                    let mut err = match sent.await {
                         Ok(response) => return Ok((response, None)),
                         Err(err) => err,
                     };
                     match err.take_message() {
                         // The connection closed before the request went out: take a new one.
                         Some(unsent) if err.error().is_canceled() || err.error().is_closed() => {
-                            self.forget_h2(&sender);
+                            self.forget_closed_h2();
                             request = unsent;
                             continue;
                         }
@@ -607,9 +614,9 @@ impl EndpointPool {
         shared.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
-    fn forget_h2(&self, dead: &http2::SendRequest<RequestBody>) {
+    fn forget_closed_h2(&self) {
         if let Ok(mut shared) = self.shared_h2.lock() {
-            if shared.as_ref().is_some_and(|s| s.is_closed()) || dead.is_closed() {
+            if shared.as_ref().is_some_and(|s| s.is_closed()) {
                 *shared = None;
             }
         }
