@@ -74,12 +74,28 @@ pub enum UpstreamError {
         #[source]
         source: hyper::Error,
     },
+    /// The endpoint provably did not process the request: it reset the
+    /// stream with `REFUSED_STREAM` (RFC 9113 §8.7), so sending it again
+    /// anywhere is safe.
+    #[error("upstream {addr} refused the request unprocessed")]
+    Refused {
+        /// Endpoint address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: hyper::Error,
+    },
     /// The request body from downstream failed (client went away or sent too much).
     #[error("request body failed")]
     RequestBody(#[source] hyper::Error),
 }
 
 impl UpstreamError {
+    /// The error with its causes, `: `-separated, for logs.
+    pub fn chain(&self) -> ErrorChain<'_> {
+        ErrorChain(self)
+    }
+
     /// Whether the failure happened before a connection to the endpoint existed.
     pub fn is_connect_failure(&self) -> bool {
         matches!(
@@ -89,6 +105,79 @@ impl UpstreamError {
                 | UpstreamError::Tls { .. }
                 | UpstreamError::Handshake { .. }
         )
+    }
+}
+
+/// How many times one request is sent again on its own after the endpoint
+/// refused it unprocessed; bounded so a peer refusing everything ends in a
+/// 502 rather than a loop.
+const MAX_UNPROCESSED_RESENDS: u32 = 3;
+
+/// The peer's own HTTP/2 error in `error`'s causes, if any.
+fn remote_h2_error(error: &hyper::Error) -> Option<&h2::Error> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_remote().then_some(h2);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// Whether the peer reset the stream with `REFUSED_STREAM`, which RFC 9113
+/// §8.7 guarantees it did not process.
+///
+/// A graceful GOAWAY is not counted: hyper reports the same error for a
+/// stream the GOAWAY left out and for one whose HEADERS had already gone
+/// (its dispatch fails a request whose stream it opened when the GOAWAY
+/// lands between two polls), and sending that one again was seen to run
+/// it twice (`push_races.rs`).
+fn refused_unprocessed(error: &hyper::Error) -> bool {
+    remote_h2_error(error)
+        .is_some_and(|e| e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
+/// Whether the peer went away gracefully (GOAWAY `NO_ERROR`).
+fn gone_away(error: &hyper::Error) -> bool {
+    remote_h2_error(error)
+        .is_some_and(|e| e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR))
+}
+
+/// A copy of `request` to send again if the first send is refused
+/// unprocessed; only for bodies that can be replayed whole (a streamed
+/// body is consumed by the first send).
+fn resendable_copy(request: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+    let body = match request.body() {
+        RequestBody::Empty => RequestBody::Empty,
+        RequestBody::Replay { data, trailers } => RequestBody::Replay {
+            data: data.clone(),
+            trailers: trailers.clone(),
+        },
+        RequestBody::Streaming { .. } => return None,
+    };
+    let mut copy = Request::new(body);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    Some(copy)
+}
+
+/// An error and its causes, displayed `: `-separated.
+#[derive(Debug)]
+pub struct ErrorChain<'a>(&'a UpstreamError);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = std::error::Error::source(self.0);
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
     }
 }
 
@@ -314,6 +403,7 @@ impl EndpointPool {
         self: &Arc<Self>,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<PooledConnection>), SendError> {
+        let mut resends = 0;
         loop {
             let checkout = match self.checkout().await {
                 Ok(checkout) => checkout,
@@ -326,23 +416,63 @@ impl EndpointPool {
             };
             match checkout {
                 Checkout::Http2(mut sender) => {
-                    return match sender.try_send_request(request).await {
-                        Ok(response) => Ok((response, None)),
-                        Err(mut err) => match err.take_message() {
-                            // The connection closed before the request went out: take a new one.
-                            Some(unsent)
-                                if err.error().is_canceled() || err.error().is_closed() =>
-                            {
-                                self.forget_h2(&sender);
-                                request = unsent;
-                                continue;
-                            }
-                            _ => Err(SendError {
-                                error: self.request_error(err.into_error()),
-                                unsent: None,
-                            }),
-                        },
+                    let copy = (resends < MAX_UNPROCESSED_RESENDS)
+                        .then(|| resendable_copy(&request))
+                        .flatten();
+                    let sent = sender.try_send_request(request);
+                    // A request queued just as the connection's dispatch task
+                    // ends is only handed back (canceled, unsent) once every
+                    // handle to the connection is gone; holding this one
+                    // while waiting would wait forever, until the route
+                    // deadline answers 504 (`push_races.rs`).
+                    drop(sender);
+                    let mut err = match sent.await {
+                        Ok(response) => return Ok((response, None)),
+                        Err(err) => err,
                     };
+                    match err.take_message() {
+                        // The connection closed before the request went out: take a new one.
+                        Some(unsent) if err.error().is_canceled() || err.error().is_closed() => {
+                            self.forget_closed_h2();
+                            request = unsent;
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    let source = err.into_error();
+                    if gone_away(&source) {
+                        // hyper marks the connection closed only once its
+                        // dispatch task sees the GOAWAY, which may be after
+                        // this request does: the next checkout must not get it.
+                        self.drop_shared_h2();
+                    }
+                    if !refused_unprocessed(&source) {
+                        return Err(SendError {
+                            error: self.request_error(source),
+                            unsent: None,
+                        });
+                    }
+                    tracing::debug!(
+                        upstream = %self.address,
+                        resent = copy.is_some(),
+                        "upstream refused a stream unprocessed"
+                    );
+                    match copy {
+                        Some(copy) => {
+                            resends += 1;
+                            request = copy;
+                            continue;
+                        }
+                        None => {
+                            return Err(SendError {
+                                error: UpstreamError::Refused {
+                                    addr: self.address,
+                                    source,
+                                },
+                                unsent: None,
+                            })
+                        }
+                    }
                 }
                 Checkout::Http1 { mut sender, reused } => {
                     if let Err(source) = sender.ready().await {
@@ -484,11 +614,17 @@ impl EndpointPool {
         shared.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
-    fn forget_h2(&self, dead: &http2::SendRequest<RequestBody>) {
+    fn forget_closed_h2(&self) {
         if let Ok(mut shared) = self.shared_h2.lock() {
-            if shared.as_ref().is_some_and(|s| s.is_closed()) || dead.is_closed() {
+            if shared.as_ref().is_some_and(|s| s.is_closed()) {
                 *shared = None;
             }
+        }
+    }
+
+    fn drop_shared_h2(&self) {
+        if let Ok(mut shared) = self.shared_h2.lock() {
+            *shared = None;
         }
     }
 

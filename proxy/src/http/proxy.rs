@@ -224,6 +224,11 @@ impl LocalReply {
                 "upstream reset before response",
                 Some(ResponseFlag::UpstreamReset),
             ),
+            UpstreamError::Refused { .. } => LocalReply::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream refused the request",
+                Some(ResponseFlag::UpstreamReset),
+            ),
             UpstreamError::RequestBody(source) => {
                 if is_body_too_large(source) {
                     LocalReply::new(
@@ -1362,6 +1367,8 @@ impl HttpProxy {
                     return Response::from_parts(parts, body);
                 }
                 Some(Err(SendError { error, unsent })) => {
+                    // Per request, so debug: the flag says which kind, this says why.
+                    tracing::debug!(cluster = %cluster.name, attempt, error = %error.chain(), "upstream request failed");
                     failure = LocalReply::from_upstream(&error);
                     let retryable = match &error {
                         e if e.is_connect_failure() => {
@@ -1384,6 +1391,11 @@ impl HttpProxy {
                             retry_reason = "reset";
                             policy
                                 .is_some_and(|p| p.on_reset && p.allows_method(&head_method(&head)))
+                        }
+                        UpstreamError::Refused { .. } => {
+                            retry_reason = "refused-stream";
+                            // Nothing was processed, so any method may go again.
+                            policy.is_some_and(|p| p.on_reset || p.on_connect_failure)
                         }
                         _ => {
                             retry_reason = "";
