@@ -212,7 +212,9 @@ impl DownstreamTls {
     /// Peeks at the first byte and runs the handshake if it is TLS. `None`
     /// when the connection is refused (logged and counted).
     pub async fn accept(&self, stream: TcpStream) -> Option<(DownstreamIo, PeerTls)> {
-        self.accept_within(stream, None)
+        // Boxed, as below: a handshake's state (several KiB) inline would
+        // size the task of every connection for as long as it lives.
+        Box::pin(self.accept_within(stream, None))
             .await
             .map(|accepted| (accepted.io, accepted.peer))
     }
@@ -221,7 +223,9 @@ impl DownstreamTls {
     /// client silent for `silence` is taken as plaintext at once, so a
     /// server-first protocol is not held up by the handshake timeout.
     pub async fn accept_captured(&self, stream: TcpStream, silence: Duration) -> Option<Accepted> {
-        self.accept_within(stream, Some(silence)).await
+        // Boxed: the handshake's state is let go once it is done, instead
+        // of sizing the connection's task.
+        Box::pin(self.accept_within(stream, Some(silence))).await
     }
 
     async fn accept_within(
