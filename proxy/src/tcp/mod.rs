@@ -68,23 +68,48 @@ pub fn admit(
         tracing::debug!(listener = %listener, "connection rate limit (shadow) would refuse");
         return true;
     }
+    tracing::debug!(listener = %listener, peer = %remote, "connection rate limited");
+    record_refused(
+        Refused {
+            remote,
+            local_port,
+            listener,
+            cluster,
+            telemetry,
+        },
+        "rate_limited",
+        ResponseFlag::RateLimited,
+    );
+    false
+}
+
+/// A connection closed right after accept, as the TCP connection counter
+/// and the call log see it.
+struct Refused<'a> {
+    remote: std::net::SocketAddr,
+    local_port: u16,
+    listener: &'a Arc<str>,
+    cluster: &'a Arc<str>,
+    telemetry: &'a Arc<ListenerTelemetry>,
+}
+
+/// Counts a refused connection under `result` and logs it as a call with `flag`.
+fn record_refused(refused: Refused<'_>, result: &'static str, flag: ResponseFlag) {
     metrics::counter!(
         names::TCP_CONNECTIONS_TOTAL,
-        "listener" => listener.clone(),
-        "cluster" => cluster.clone(),
-        "result" => "rate_limited",
+        "listener" => refused.listener.clone(),
+        "cluster" => refused.cluster.clone(),
+        "result" => result,
     )
     .increment(1);
-    tracing::debug!(listener = %listener, peer = %remote, "connection rate limited");
     let peer = crate::http::headers::DownstreamPeer::new(
-        remote,
-        local_port,
+        refused.remote,
+        refused.local_port,
         &crate::tls::PeerTls::default(),
         None,
     );
-    let mut call = TcpCall::new(telemetry, &peer, cluster);
-    call.flags.insert(ResponseFlag::RateLimited);
-    false
+    let mut call = TcpCall::new(refused.telemetry, &peer, refused.cluster);
+    call.flags.insert(flag);
 }
 
 /// Records a connection just accepted on a TCP-proxy listener that the
@@ -103,22 +128,18 @@ pub fn shed(
         "listener" => listener.clone(),
     )
     .increment(1);
-    metrics::counter!(
-        names::TCP_CONNECTIONS_TOTAL,
-        "listener" => listener.clone(),
-        "cluster" => cluster.clone(),
-        "result" => "overloaded",
-    )
-    .increment(1);
     tracing::debug!(listener = %listener, peer = %remote, "connection shed: overloaded");
-    let peer = crate::http::headers::DownstreamPeer::new(
-        remote,
-        local_port,
-        &crate::tls::PeerTls::default(),
-        None,
+    record_refused(
+        Refused {
+            remote,
+            local_port,
+            listener,
+            cluster,
+            telemetry,
+        },
+        "overloaded",
+        ResponseFlag::OverloadManager,
     );
-    let mut call = TcpCall::new(telemetry, &peer, cluster);
-    call.flags.insert(ResponseFlag::OverloadManager);
 }
 
 /// Proxies one downstream TCP connection to the listener's cluster.
