@@ -233,17 +233,31 @@ impl Overload {
                 Some(overload) => Trigger::new(&overload.settings),
                 None => return,
             };
+            let mut ever_read = false;
+            let mut failing = false;
             loop {
                 tick.tick().await;
                 let Some(overload) = overload.upgrade() else {
                     return;
                 };
                 let Some(rss) = resident_bytes() else {
-                    tracing::warn!(
-                        "cannot read /proc/self/status; memory overload actions are off"
-                    );
-                    return;
+                    if !ever_read {
+                        tracing::warn!(
+                            "cannot read /proc/self/status; memory overload actions are off"
+                        );
+                        return;
+                    }
+                    // A read that worked before and fails now is most likely
+                    // out of descriptors, in the very storm being shed: keep
+                    // the state and read again next tick rather than freeze it.
+                    if !failing {
+                        tracing::warn!("cannot read /proc/self/status; trying again");
+                        failing = true;
+                    }
+                    continue;
                 };
+                ever_read = true;
+                failing = false;
                 rss_gauge.set(rss as f64);
                 overload.set_state(trigger.sample(rss, Instant::now()));
             }

@@ -1,11 +1,12 @@
 //! Races between a request and the end of the HTTP/2 upstream connection it
 //! was given (issue #8: one HTTP/2 request answered 502 in a soak).
 //!
-//! An HTTP/2 upstream may refuse a stream (`REFUSED_STREAM`) or go away
-//! gracefully (GOAWAY `NO_ERROR`) with streams in flight that it will not
-//! process. Such a request provably never reached the app, so Postern must
-//! send it again on a live connection, whatever its method, instead of
-//! answering 502. The upstreams here make that race happen on every
+//! An HTTP/2 upstream may refuse a stream (`REFUSED_STREAM`), which it
+//! provably did not process: Postern sends such a request again, whatever
+//! its method, instead of answering 502. It may also go away gracefully
+//! (GOAWAY `NO_ERROR`) while requests are being assigned to it: hyper cannot
+//! say whether those went out, so they are not sent again, but none may hang
+//! or run twice. The upstreams here make these races happen on every
 //! connection (or every request) instead of once in two million.
 
 use std::collections::HashMap;

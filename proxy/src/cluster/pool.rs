@@ -109,9 +109,10 @@ impl UpstreamError {
 }
 
 /// How many times one request is sent again on its own after the endpoint
-/// refused it unprocessed; bounded so a peer refusing everything ends in a
-/// 502 rather than a loop.
-const MAX_UNPROCESSED_RESENDS: u32 = 3;
+/// refused it unprocessed. Once: a peer that refuses again is likely
+/// overloaded or going away, and the route's retry policy (with its budget
+/// and another endpoint) is the place to try harder; otherwise a 502.
+const MAX_UNPROCESSED_RESENDS: u32 = 1;
 
 /// The peer's own HTTP/2 error in `error`'s causes, if any.
 fn remote_h2_error(error: &hyper::Error) -> Option<&h2::Error> {
@@ -302,7 +303,10 @@ pub struct EndpointPool {
     settings: Arc<PoolSettings>,
     limits: Arc<ConnectionLimits>,
     idle: Mutex<Vec<IdleConn>>,
-    shared_h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    shared_h2: Mutex<Option<SharedH2>>,
+    /// Numbers each shared HTTP/2 connection, so a request failed on an old
+    /// one cannot drop the one that replaced it.
+    h2_generations: std::sync::atomic::AtomicU64,
     h2_connecting: tokio::sync::Mutex<()>,
     /// The SPIFFE ID the endpoint proved at its last mesh handshake.
     peer_principal: arc_swap::ArcSwapOption<PeerPrincipal>,
@@ -345,12 +349,21 @@ impl std::fmt::Debug for PooledConnection {
     }
 }
 
+/// The HTTP/2 connection requests to an endpoint share, and its number.
+struct SharedH2 {
+    generation: u64,
+    sender: http2::SendRequest<RequestBody>,
+}
+
 enum Checkout {
     Http1 {
         sender: http1::SendRequest<RequestBody>,
         reused: bool,
     },
-    Http2(http2::SendRequest<RequestBody>),
+    Http2 {
+        sender: http2::SendRequest<RequestBody>,
+        generation: u64,
+    },
 }
 
 impl EndpointPool {
@@ -366,6 +379,7 @@ impl EndpointPool {
             limits,
             idle: Mutex::new(Vec::new()),
             shared_h2: Mutex::new(None),
+            h2_generations: std::sync::atomic::AtomicU64::new(0),
             h2_connecting: tokio::sync::Mutex::new(()),
             peer_principal: arc_swap::ArcSwapOption::empty(),
             peer_meta: arc_swap::ArcSwapOption::empty(),
@@ -415,7 +429,10 @@ impl EndpointPool {
                 }
             };
             match checkout {
-                Checkout::Http2(mut sender) => {
+                Checkout::Http2 {
+                    mut sender,
+                    generation,
+                } => {
                     let copy = (resends < MAX_UNPROCESSED_RESENDS)
                         .then(|| resendable_copy(&request))
                         .flatten();
@@ -444,7 +461,7 @@ impl EndpointPool {
                         // hyper marks the connection closed only once its
                         // dispatch task sees the GOAWAY, which may be after
                         // this request does: the next checkout must not get it.
-                        self.drop_shared_h2();
+                        self.drop_shared_h2(generation);
                     }
                     if !refused_unprocessed(&source) {
                         return Err(SendError {
@@ -549,19 +566,25 @@ impl EndpointPool {
                     }
                 }
                 UpstreamProtocol::Http2 => {
-                    if let Some(sender) = self.live_h2() {
-                        return Ok(Checkout::Http2(sender));
+                    if let Some(checkout) = self.live_h2() {
+                        return Ok(checkout);
                     }
                     let _connecting = self.h2_connecting.lock().await;
-                    if let Some(sender) = self.live_h2() {
-                        return Ok(Checkout::Http2(sender));
+                    if let Some(checkout) = self.live_h2() {
+                        return Ok(checkout);
                     }
                     if let Some(permit) = self.limits.try_open() {
-                        let sender = Box::pin(self.connect_h2(permit)).await?;
+                        let generation = self
+                            .h2_generations
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let sender = Box::pin(self.connect_h2(permit, generation)).await?;
                         if let Ok(mut shared) = self.shared_h2.lock() {
-                            *shared = Some(sender.clone());
+                            *shared = Some(SharedH2 {
+                                generation,
+                                sender: sender.clone(),
+                            });
                         }
-                        return Ok(Checkout::Http2(sender));
+                        return Ok(Checkout::Http2 { sender, generation });
                     }
                 }
             }
@@ -609,22 +632,33 @@ impl EndpointPool {
         }
     }
 
-    fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+    fn live_h2(&self) -> Option<Checkout> {
         let shared = self.shared_h2.lock().ok()?;
-        shared.as_ref().filter(|s| !s.is_closed()).cloned()
+        shared
+            .as_ref()
+            .filter(|s| !s.sender.is_closed())
+            .map(|s| Checkout::Http2 {
+                sender: s.sender.clone(),
+                generation: s.generation,
+            })
     }
 
     fn forget_closed_h2(&self) {
         if let Ok(mut shared) = self.shared_h2.lock() {
-            if shared.as_ref().is_some_and(|s| s.is_closed()) {
+            if shared.as_ref().is_some_and(|s| s.sender.is_closed()) {
                 *shared = None;
             }
         }
     }
 
-    fn drop_shared_h2(&self) {
+    /// Stops handing out connection `generation`, unless another has
+    /// already replaced it: one GOAWAY fails many requests, and the last of
+    /// them to wake must not drop the fresh connection the first one made.
+    fn drop_shared_h2(&self, generation: u64) {
         if let Ok(mut shared) = self.shared_h2.lock() {
-            *shared = None;
+            if shared.as_ref().is_some_and(|s| s.generation == generation) {
+                *shared = None;
+            }
         }
     }
 
@@ -698,8 +732,9 @@ impl EndpointPool {
     }
 
     async fn connect_h2(
-        &self,
+        self: &Arc<Self>,
         permit: ConnectionPermit,
+        generation: u64,
     ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
         let io = self.connect_tcp().await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -709,6 +744,17 @@ impl EndpointPool {
             .handshake(io)
             .await
             .map_err(|e| self.handshake_failed(e))?;
+        let pool = Arc::downgrade(self);
+        let conn = async move {
+            let ended = conn.await;
+            // hyper hands a request queued as the connection ended back only
+            // once no handle to it is left: the pool's must go with it, or
+            // a lone request waits for its route deadline.
+            if let Some(pool) = pool.upgrade() {
+                pool.drop_shared_h2(generation);
+            }
+            ended
+        };
         drive_connection(permit, conn, "http/2");
         Ok(sender)
     }

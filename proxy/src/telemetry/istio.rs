@@ -7,7 +7,6 @@
 //! to a bound: past it, new peers share one `other` label set, so the number
 //! of series stays flat however many callers there are.
 
-use crate::FastMap;
 use std::sync::{Arc, LazyLock, RwLock};
 
 use http::HeaderValue;
@@ -15,6 +14,7 @@ use metrics::{Counter, Histogram};
 
 use super::log::{TrafficDirection, WorkloadLabels};
 use super::ResponseFlags;
+use crate::FastMap;
 
 /// Requests, by the full label set.
 pub const REQUESTS_TOTAL: &str = "istio_requests_total";
