@@ -786,7 +786,9 @@ impl XdsHandler {
         let ready = state.seen.contains(type_url::LISTENER)
             && state.seen.contains(type_url::CLUSTER)
             && !warming;
-        let status = dynamic_status(&state);
+        // A live update's status is published by `on_update` once its NACKs
+        // are settled; a replay of the saved config has no such caller.
+        let replay_status = replaying.then(|| dynamic_status(&state));
         let to_save =
             (ready && !replaying && self.last_known_good.is_some()).then(|| state.raw.clone());
         if let Ok(mut current) = self.state.lock() {
@@ -815,7 +817,9 @@ impl XdsHandler {
             self.runtime.set_config_ready(true);
             self.note_complete(replaying, to_save);
         }
-        self.publish_status(status);
+        if let Some(status) = replay_status {
+            self.publish_status(status);
+        }
         Ok(())
     }
 
