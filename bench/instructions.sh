@@ -18,9 +18,9 @@ N2=${N2:-6000}
 SCENARIOS=${SCENARIOS:-"postern nginx"}
 POSTERN_BIN=${POSTERN_BIN:-target/release/postern}
 OUT=bench/out/instructions
-BACKEND_PORT=18281
-PROXY_PORT=18280
-ADMIN_PORT=18279
+BACKEND_PORT=${BACKEND_PORT:-18281}
+PROXY_PORT=${PROXY_PORT:-18280}
+ADMIN_PORT=${ADMIN_PORT:-18279}
 
 need=()
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
