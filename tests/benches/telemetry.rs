@@ -13,6 +13,10 @@
 //! collectors (this process) on core 1. Environment: `POSTERN_BIN`,
 //! `DURATION` (wrk seconds, default 10), `CONNS` (32), `ROUNDS` (2),
 //! `CALLERS` (12000), `PART` (`cost`, `peers` or both).
+//!
+//! `PART=collectors` only serves the ALS and OTLP collectors on
+//! `COLLECTORS` (default `127.0.0.1:0`), prints the address, and runs until
+//! killed: `bench/instructions.sh` counts a telemetry-on Postern against it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -494,12 +498,37 @@ async fn call_as(ca: &TestCa, target: SocketAddr, i: u64) {
     let _ = tls.read_to_end(&mut sink).await;
 }
 
+/// Serves the collectors alone until the process is killed.
+async fn collectors() {
+    let addr = std::env::var("COLLECTORS").unwrap_or_else(|_| "127.0.0.1:0".into());
+    let sinks = tokio::net::TcpListener::bind(&addr)
+        .await
+        .expect("bind collectors");
+    println!(
+        "collectors listening on {}",
+        sinks.local_addr().expect("addr")
+    );
+    let _ = tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(SpanCounter::default()))
+        .add_service(postern_control::als::AlsServer::new().into_service())
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(sinks))
+        .await;
+}
+
 fn main() {
+    let part = std::env::var("PART").unwrap_or_default();
+    if part == "collectors" {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(collectors());
+        return;
+    }
     let bin = PathBuf::from(std::env::var("POSTERN_BIN").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/postern").to_string()
     }));
     assert!(bin.exists(), "no postern binary at {}", bin.display());
-    let part = std::env::var("PART").unwrap_or_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
