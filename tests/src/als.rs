@@ -123,7 +123,7 @@ pub fn http_call(route: &str, status: u16) -> CallLog {
         protocol: "HTTP/1.1",
         method: Some(Method::GET),
         authority: Some(HeaderValue::from_static("shop.local")),
-        path: Some("/cart".to_owned()),
+        path: Some(http::uri::PathAndQuery::from_static("/cart")),
         user_agent: Some(HeaderValue::from_static("postern-tests")),
         request_id: Some(HeaderValue::from_static("req-1")),
         trace_id: None,

@@ -1,14 +1,16 @@
 //! Per-call reports to a collector over Envoy's access-log service
 //! (`envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs`).
 //!
-//! [`AlsSink::send`] is all the request path sees: it hands the finished
-//! call to a bounded queue and returns, never waiting and taking no lock. A
-//! background task turns each call into an Envoy `HTTPAccessLogEntry` or
-//! `TCPAccessLogEntry`, batches them, and writes the batches to one
-//! long-lived stream, reconnecting with jittered exponential back-off.
+//! [`AlsSink::send`] is all the request path sees: it writes the finished
+//! call as an Envoy `HTTPAccessLogEntry` or `TCPAccessLogEntry` straight
+//! into the open batch, under a lock held only for that, and returns,
+//! never waiting. A background task, woken once per batch rather than per
+//! call, writes the sealed batches to one long-lived stream, reconnecting
+//! with jittered exponential back-off.
 //!
 //! Delivery is best effort, as the API intends: when the collector is slow
-//! or gone the queue fills and further calls are dropped and counted
+//! or gone the batches fill up to `buffer` entries and further calls are
+//! dropped and counted
 //! ([`ENTRIES_DROPPED_TOTAL`]), and entries written to a stream that then
 //! breaks are lost. Traffic never waits for the collector.
 //!
@@ -43,7 +45,7 @@ use postern_proto::google::protobuf::{self as pb, Any};
 use prost::{Message as _, Name as _};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
@@ -110,8 +112,9 @@ pub struct AlsConfig {
     /// Sent in the stream's identifier (default `postern`).
     #[serde(default = "default_log_name")]
     pub log_name: String,
-    /// Calls queued for the background task at most (default 4096); past
-    /// that, new calls are dropped and counted.
+    /// Calls waiting for the stream at most, in open and sealed batches
+    /// (default 4096); past that, new calls are dropped and counted. A
+    /// batch holds at most this many entries.
     #[serde(default = "default_buffer")]
     pub buffer: usize,
     /// Entries per message at most (default 256).
@@ -642,7 +645,11 @@ pub fn http_entry(log: &CallLog, keep_headers: &[HeaderName]) -> HttpAccessLogEn
                 .map_or(RequestMethod::MethodUnspecified, request_method)
                 as i32,
             authority: log.authority.as_ref().map(text).unwrap_or_default(),
-            path: log.path.clone().unwrap_or_default(),
+            path: log
+                .path
+                .as_ref()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
             user_agent: log.user_agent.as_ref().map(text).unwrap_or_default(),
             request_id: log.request_id.as_ref().map(text).unwrap_or_default(),
             request_body_bytes: log.bytes_received,
@@ -799,7 +806,7 @@ impl Sealed {
 /// measured and written once.
 #[derive(Debug, Default)]
 struct OpenBatch {
-    body: bytes::BytesMut,
+    body: Vec<u8>,
     count: u64,
 }
 
@@ -819,7 +826,8 @@ struct Batcher {
 impl Batcher {
     fn new(config: &AlsConfig) -> Batcher {
         Batcher {
-            max_entries: config.batch.max(1),
+            // A batch larger than the buffer could never fill.
+            max_entries: config.batch.min(config.buffer).max(1),
             max_bytes: config.batch_bytes,
             flush_interval: config.flush_interval,
             http: OpenBatch::default(),
@@ -865,7 +873,7 @@ impl Batcher {
         &mut self,
         kind: EntryKind,
         now: Instant,
-        write_entry: impl FnOnce(&mut bytes::BytesMut),
+        write_entry: impl FnOnce(&mut Vec<u8>),
     ) -> Option<Sealed> {
         self.start_clock(now);
         let (max_entries, max_bytes) = (self.max_entries, self.max_bytes);
@@ -884,14 +892,21 @@ impl Batcher {
     }
 
     fn take(&mut self, kind: EntryKind) -> Sealed {
-        let batch = std::mem::take(self.batch(kind));
+        let open = self.batch(kind);
+        // The next batch likely fills as far: sized for it up front, so it
+        // is not grown from empty again.
+        let next = OpenBatch {
+            body: Vec::with_capacity(open.body.len()),
+            count: 0,
+        };
+        let batch = std::mem::replace(open, next);
         if self.is_empty() {
             self.deadline = None;
         }
         Sealed {
             kind,
             count: batch.count,
-            body: batch.body.freeze(),
+            body: bytes::Bytes::from(batch.body),
         }
     }
 
@@ -966,13 +981,66 @@ pub struct AlsSink {
 }
 
 struct Inner {
-    queue: mpsc::Sender<CallLog>,
+    shared: Arc<Shared>,
     dropped: AtomicU64,
     dropped_total: Counter,
     progress: watch::Receiver<AlsProgress>,
     // Dropped with the last handle: tells a task that is connecting or
     // waiting to reconnect to stop.
     _stop: oneshot::Sender<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle: the task sends what is left and ends the stream.
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+/// What calls and the background task share.
+struct Shared {
+    state: std::sync::Mutex<State>,
+    /// Wakes the task: a batch was sealed, a first entry started the flush
+    /// clock, or the last handle went away.
+    wake: Notify,
+    /// Request headers copied into HTTP entries.
+    keep_headers: Vec<HeaderName>,
+    /// Entries that may wait for the stream (`buffer`).
+    max_pending: usize,
+}
+
+struct State {
+    batcher: Batcher,
+    /// Sealed messages waiting for the stream, oldest first.
+    sealed: VecDeque<Sealed>,
+    /// Entries in open and sealed batches: calls not yet handed to a stream.
+    pending: usize,
+    /// No handle is left (or there never was a task): nothing more comes.
+    closed: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The oldest sealed message, no longer counted as pending.
+    fn pop_sealed(&self) -> Option<Sealed> {
+        let mut state = self.lock();
+        let sealed = state.sealed.pop_front()?;
+        state.pending = state.pending.saturating_sub(sealed.count as usize);
+        Some(sealed)
+    }
+
+    /// Seals the open batches, for the flush clock or the last send.
+    fn seal_all(&self) {
+        let mut state = self.lock();
+        let sealed = state.batcher.take_all();
+        state.sealed.extend(sealed);
+    }
 }
 
 impl fmt::Debug for AlsSink {
@@ -994,7 +1062,21 @@ impl AlsSink {
     ///
     /// Outside a tokio runtime.
     pub fn start(config: AlsConfig, node: Node) -> AlsSink {
-        let (queue_tx, queue_rx) = mpsc::channel(config.buffer.clamp(1, MAX_BUFFER));
+        let shared = Arc::new(Shared {
+            state: std::sync::Mutex::new(State {
+                batcher: Batcher::new(&config),
+                sealed: VecDeque::new(),
+                pending: 0,
+                closed: false,
+            }),
+            wake: Notify::new(),
+            keep_headers: config
+                .request_headers
+                .iter()
+                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+                .collect(),
+            max_pending: config.buffer.clamp(1, MAX_BUFFER),
+        });
         let (stop_tx, stop_rx) = oneshot::channel();
         let (progress_tx, progress_rx) = watch::channel(AlsProgress::default());
         let span =
@@ -1007,15 +1089,8 @@ impl AlsSink {
                         node: Some(node),
                         log_name: config.log_name.clone(),
                     },
-                    keep_headers: config
-                        .request_headers
-                        .iter()
-                        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-                        .collect(),
-                    queue: queue_rx,
+                    shared: shared.clone(),
                     stop: stop_rx,
-                    batcher: Batcher::new(&config),
-                    outbox: VecDeque::new(),
                     backoff: Backoff::new(config.initial_backoff, config.max_backoff),
                     healthy_after: config.max_backoff,
                     failing: false,
@@ -1029,11 +1104,12 @@ impl AlsSink {
             Err(e) => {
                 let _entered = span.enter();
                 tracing::error!(error = %ErrorChain(&e), "invalid access-log collector address; dropping every entry");
+                shared.lock().closed = true;
             }
         }
         AlsSink {
             inner: Arc::new(Inner {
-                queue: queue_tx,
+                shared,
                 dropped: AtomicU64::new(0),
                 dropped_total: ::metrics::counter!(ENTRIES_DROPPED_TOTAL),
                 progress: progress_rx,
@@ -1042,25 +1118,48 @@ impl AlsSink {
         }
     }
 
-    /// Queues `log` for the collector, or drops and counts it when the
-    /// queue is full. Never waits; the conversion happens on the
-    /// background task.
+    /// Writes `log` into the open batch for the collector, or drops and
+    /// counts it when `buffer` entries already wait. Never waits for the
+    /// stream.
+    ///
+    /// The entry is encoded here rather than on the background task:
+    /// handing each call over (moving it through a channel, waking the task,
+    /// polling the stream's future) cost more than encoding it, and the
+    /// task now wakes once per batch.
     pub fn send(&self, log: &CallLog) {
-        self.send_owned(log.clone());
+        let shared = &self.inner.shared;
+        let mut state = shared.lock();
+        if state.closed || state.pending >= shared.max_pending {
+            // Full: the newest call is the one dropped, so a long outage
+            // keeps the calls from its start.
+            drop(state);
+            self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+            self.inner.dropped_total.increment(1);
+            return;
+        }
+        // The flush clock starts with a batch's first entry; only then is
+        // the time read (the batcher ignores it otherwise).
+        let first = state.batcher.is_empty();
+        let now = match state.batcher.deadline() {
+            Some(deadline) if !first => deadline,
+            _ => Instant::now(),
+        };
+        let sealed = match log.kind {
+            CallKind::Http => state.batcher.push_http(log, &shared.keep_headers, now),
+            CallKind::Tcp => state.batcher.push_tcp(log, now),
+        };
+        state.pending += 1;
+        let wake = first || sealed.is_some();
+        state.sealed.extend(sealed);
+        drop(state);
+        if wake {
+            shared.wake.notify_one();
+        }
     }
 
-    /// Like [`AlsSink::send`], for a record the caller no longer needs:
-    /// saves the copy.
+    /// Like [`AlsSink::send`]; kept for callers that own the record.
     pub fn send_owned(&self, log: CallLog) {
-        match self.inner.queue.try_reserve() {
-            Ok(permit) => permit.send(log),
-            // Full: the newest call is the one dropped, so a long outage
-            // keeps the calls from its start and the queue needs no lock.
-            Err(_) => {
-                self.inner.dropped.fetch_add(1, Ordering::Relaxed);
-                self.inner.dropped_total.increment(1);
-            }
-        }
+        self.send(&log);
     }
 
     /// Calls dropped by this sink (and its clones) so far.
@@ -1141,13 +1240,8 @@ enum End {
 struct Worker {
     endpoint: tonic::transport::Endpoint,
     identifier: Identifier,
-    keep_headers: Vec<HeaderName>,
-    queue: mpsc::Receiver<CallLog>,
+    shared: Arc<Shared>,
     stop: oneshot::Receiver<()>,
-    batcher: Batcher,
-    /// Sealed messages waiting for the stream; at most two, since the
-    /// queue is read only when this is empty.
-    outbox: VecDeque<Sealed>,
     backoff: Backoff,
     healthy_after: Duration,
     /// The last attempt failed too; further failures log at debug.
@@ -1201,7 +1295,7 @@ impl Worker {
                 self.backoff.reset();
             }
             let delay = self.backoff.next_delay(&mut rand::rng());
-            let queued = self.queue.len();
+            let queued = self.shared.lock().pending;
             if self.failing {
                 tracing::debug!(?delay, queued, error = %ErrorChain(&error), "access-log stream still failing; retrying");
             } else {
@@ -1260,7 +1354,15 @@ impl Worker {
         let mut identifier = Some(self.identifier.clone());
         let mut closing = false;
         loop {
-            if !self.outbox.is_empty() {
+            let (has_sealed, deadline, closed) = {
+                let state = self.shared.lock();
+                (
+                    !state.sealed.is_empty(),
+                    state.batcher.deadline(),
+                    state.closed,
+                )
+            };
+            if has_sealed {
                 tokio::select! {
                     biased;
                     result = &mut call => return failed(result),
@@ -1268,7 +1370,7 @@ impl Worker {
                         let Ok(permit) = permit else {
                             return End::Failed { opened: Some(opened), error: StreamError::Closed };
                         };
-                        let Some(sealed) = self.outbox.pop_front() else { continue };
+                        let Some(sealed) = self.shared.pop_sealed() else { continue };
                         let count = sealed.count;
                         permit.send(sealed.message(identifier.take().as_ref()));
                         self.sent_total.increment(count);
@@ -1281,44 +1383,21 @@ impl Worker {
                 // it has read everything.
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, call).await;
                 return End::SinkClosed;
+            } else if closed {
+                // Every handle is gone: what is open goes out, then the end.
+                closing = true;
+                self.shared.seal_all();
             } else {
-                let deadline = self.batcher.deadline();
                 tokio::select! {
                     biased;
                     result = &mut call => return failed(result),
-                    log = self.queue.recv() => match log {
-                        Some(log) => {
-                            self.add(&log);
-                            // Take what else is queued in this wake-up: one
-                            // pass through the select per entry would cost
-                            // more than converting the entry.
-                            while self.outbox.is_empty() {
-                                match self.queue.try_recv() {
-                                    Ok(log) => self.add(&log),
-                                    Err(_) => break,
-                                }
-                            }
-                        }
-                        None => {
-                            closing = true;
-                            self.outbox.extend(self.batcher.take_all());
-                        }
-                    },
+                    () = self.shared.wake.notified() => {}
                     () = sleep_until(deadline), if deadline.is_some() => {
-                        self.outbox.extend(self.batcher.take_all());
+                        self.shared.seal_all();
                     }
                 }
             }
         }
-    }
-
-    fn add(&mut self, log: &CallLog) {
-        let now = Instant::now();
-        let sealed = match log.kind {
-            CallKind::Http => self.batcher.push_http(log, &self.keep_headers, now),
-            CallKind::Tcp => self.batcher.push_tcp(log, now),
-        };
-        self.outbox.extend(sealed);
     }
 }
 

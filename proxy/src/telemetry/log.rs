@@ -79,14 +79,16 @@ pub struct CallLog {
     pub method: Option<Method>,
     /// Request authority, as routed (HTTP).
     pub authority: Option<HeaderValue>,
-    /// Normalised path with its query (HTTP).
-    pub path: Option<String>,
+    /// Normalised path with its query (HTTP); shared with the request, so
+    /// recording it copies no text.
+    pub path: Option<http::uri::PathAndQuery>,
     /// `user-agent` (HTTP).
     pub user_agent: Option<HeaderValue>,
     /// `x-request-id` as forwarded (HTTP).
     pub request_id: Option<HeaderValue>,
-    /// W3C trace id, 32 hex digits, when the call is traced.
-    pub trace_id: Option<String>,
+    /// W3C trace id when the call is traced; logs write it as 32 lowercase
+    /// hex digits.
+    pub trace_id: Option<u128>,
     /// Response status; 0 when none was sent (and for TCP).
     pub status: u16,
     /// gRPC status from the response headers or trailers.

@@ -554,7 +554,7 @@ impl CallRecord {
             );
         }
         let trace_id = self.span.take().map(|mut span| {
-            let trace_id = span.trace_id_hex();
+            let trace_id = span.trace_id();
             if span.is_sampled() {
                 if self.status != 0 {
                     span.set_status_code(self.status);
@@ -594,7 +594,7 @@ impl CallRecord {
             protocol: self.protocol,
             method: details.method,
             authority: details.authority,
-            path: details.path.map(|p| p.as_str().to_string()),
+            path: details.path,
             user_agent: details.user_agent,
             request_id: details.request_id,
             trace_id,
@@ -621,7 +621,7 @@ impl CallRecord {
             log.write(&call);
         }
         if let Some(als) = als {
-            als.send_owned(call);
+            als.send(&call);
         }
     }
 }

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::metrics as names;
 use super::ResponseFlag;
+pub(crate) use context::hex32;
 pub use context::{Formats, Sampling, TraceContext, MAX_TRACESTATE_LEN};
 
 /// Describes the tracing metrics to the installed recorder.
@@ -390,6 +391,11 @@ struct Attributes {
 }
 
 impl CallSpan {
+    /// The trace id (logs write it as 32 lowercase hex digits).
+    pub fn trace_id(&self) -> u128 {
+        self.trace_id
+    }
+
     /// The trace id as 32 lowercase hex digits (for logs).
     pub fn trace_id_hex(&self) -> String {
         context::hex_string(self.trace_id, 32)

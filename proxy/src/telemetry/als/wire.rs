@@ -5,10 +5,13 @@
 //! measure every nested message, which cost more than the rest of a
 //! call's telemetry together. The rare parts (TLS properties, response
 //! flags, kept request headers) still go through prost.
+//!
+//! Entries are written into a plain `Vec<u8>` with the varints written
+//! here: through `BufMut`, every byte of a key or varint was a capacity
+//! check and a call, which made up most of an entry's cost.
 
-use bytes::{BufMut as _, BytesMut};
 use http::{HeaderName, HeaderValue};
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::encoding::encoded_len_varint;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
@@ -21,7 +24,7 @@ use postern_proto::envoy::data::accesslog::v3::AccessLogType;
 const LOG_ENTRY: u32 = 1;
 
 /// Appends the call as one `log_entry` of an `HTTPAccessLogEntries`.
-pub(super) fn push_http(out: &mut BytesMut, log: &CallLog, keep_headers: &[HeaderName]) {
+pub(super) fn push_http(out: &mut Vec<u8>, log: &CallLog, keep_headers: &[HeaderName]) {
     nested(out, LOG_ENTRY, |out| {
         nested(out, 1, |out| common(out, log, AccessLogType::DownstreamEnd));
         varint(out, 2, http_version(log.protocol) as u64);
@@ -31,7 +34,7 @@ pub(super) fn push_http(out: &mut BytesMut, log: &CallLog, keep_headers: &[Heade
             }
             header_text(out, 3, log.authority.as_ref());
             if let Some(path) = &log.path {
-                string(out, 5, path);
+                string(out, 5, path.as_str());
             }
             header_text(out, 6, log.user_agent.as_ref());
             header_text(out, 9, log.request_id.as_ref());
@@ -59,7 +62,7 @@ pub(super) fn push_http(out: &mut BytesMut, log: &CallLog, keep_headers: &[Heade
 }
 
 /// Appends the connection as one `log_entry` of a `TCPAccessLogEntries`.
-pub(super) fn push_tcp(out: &mut BytesMut, log: &CallLog) {
+pub(super) fn push_tcp(out: &mut Vec<u8>, log: &CallLog) {
     nested(out, LOG_ENTRY, |out| {
         nested(out, 1, |out| {
             common(out, log, AccessLogType::TcpConnectionEnd)
@@ -72,9 +75,9 @@ pub(super) fn push_tcp(out: &mut BytesMut, log: &CallLog) {
 }
 
 /// `AccessLogCommon`, as [`super::common`] fills it.
-fn common(out: &mut BytesMut, log: &CallLog, kind: AccessLogType) {
-    encode_key(1, WireType::SixtyFourBit, out);
-    out.put_f64_le(1.0); // sample_rate
+fn common(out: &mut Vec<u8>, log: &CallLog, kind: AccessLogType) {
+    key(out, 1, SIXTY_FOUR_BIT);
+    out.extend_from_slice(&1.0f64.to_le_bytes()); // sample_rate
     address(out, 2, log.downstream_addr);
     if let Some(tls) = tls_properties(log) {
         prost::encoding::message::encode(4, &tls, out);
@@ -103,7 +106,7 @@ fn common(out: &mut BytesMut, log: &CallLog, kind: AccessLogType) {
 }
 
 /// A `config.core.v3.Address` holding a TCP `SocketAddress`.
-fn address(out: &mut BytesMut, tag: u32, addr: SocketAddr) {
+fn address(out: &mut Vec<u8>, tag: u32, addr: SocketAddr) {
     nested(out, tag, |out| {
         nested(out, 1, |out| {
             nested(out, 2, |out| push_ip(out, addr.ip()));
@@ -113,34 +116,68 @@ fn address(out: &mut BytesMut, tag: u32, addr: SocketAddr) {
 }
 
 /// A `google.protobuf.Duration` or `Timestamp` (the same two fields).
-fn duration(out: &mut BytesMut, tag: u32, d: Duration) {
+fn duration(out: &mut Vec<u8>, tag: u32, d: Duration) {
     nested(out, tag, |out| {
         varint(out, 1, d.as_secs().min(i64::MAX as u64));
         varint(out, 2, u64::from(d.subsec_nanos()));
     });
 }
 
+/// Wire types used here.
+const VARINT: u8 = 0;
+const SIXTY_FOUR_BIT: u8 = 1;
+const LENGTH_DELIMITED: u8 = 2;
+
+/// A field's key.
+#[inline]
+fn key(out: &mut Vec<u8>, tag: u32, wire_type: u8) {
+    raw_varint(out, u64::from(tag) << 3 | u64::from(wire_type));
+}
+
+/// A base-128 varint, as prost writes it.
+#[inline]
+fn raw_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
 /// A varint field, left out when zero as proto3 does.
-fn varint(out: &mut BytesMut, tag: u32, value: u64) {
+#[inline]
+fn varint(out: &mut Vec<u8>, tag: u32, value: u64) {
     if value != 0 {
-        encode_key(tag, WireType::Varint, out);
-        encode_varint(value, out);
+        key(out, tag, VARINT);
+        raw_varint(out, value);
     }
 }
 
 /// A string field, left out when empty as proto3 does.
-fn string(out: &mut BytesMut, tag: u32, value: &str) {
+#[inline]
+fn string(out: &mut Vec<u8>, tag: u32, value: &str) {
     if !value.is_empty() {
-        encode_key(tag, WireType::LengthDelimited, out);
-        encode_varint(value.len() as u64, out);
-        out.put_slice(value.as_bytes());
+        key(out, tag, LENGTH_DELIMITED);
+        raw_varint(out, value.len() as u64);
+        out.extend_from_slice(value.as_bytes());
     }
 }
 
 /// A header's text, invalid UTF-8 replaced as [`super::text`] does.
-fn header_text(out: &mut BytesMut, tag: u32, value: Option<&HeaderValue>) {
+fn header_text(out: &mut Vec<u8>, tag: u32, value: Option<&HeaderValue>) {
     if let Some(value) = value {
-        match std::str::from_utf8(value.as_bytes()) {
+        let bytes = value.as_bytes();
+        // ASCII (nearly every header) is UTF-8 as it is, and checking for
+        // it goes a word at a time where UTF-8 validation went a byte.
+        if bytes.is_ascii() {
+            if !bytes.is_empty() {
+                key(out, tag, LENGTH_DELIMITED);
+                raw_varint(out, bytes.len() as u64);
+                out.extend_from_slice(bytes);
+            }
+            return;
+        }
+        match std::str::from_utf8(bytes) {
             Ok(text) => string(out, tag, text),
             Err(_) => string(out, tag, &String::from_utf8_lossy(value.as_bytes())),
         }
@@ -150,18 +187,21 @@ fn header_text(out: &mut BytesMut, tag: u32, value: Option<&HeaderValue>) {
 /// A length-delimited field whose length is known only once `body` has
 /// written it: one byte is set aside, and the body moved along in the rare
 /// case its length needs more.
-fn nested(out: &mut BytesMut, tag: u32, body: impl FnOnce(&mut BytesMut)) {
-    encode_key(tag, WireType::LengthDelimited, out);
+#[inline]
+fn nested(out: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) {
+    key(out, tag, LENGTH_DELIMITED);
     let at = out.len();
-    out.put_u8(0);
+    out.push(0);
     body(out);
     let end = out.len();
     let len = end - at - 1;
-    let width = encoded_len_varint(len as u64);
-    if width > 1 {
+    if len < 0x80 {
+        out[at] = len as u8;
+    } else {
+        let width = encoded_len_varint(len as u64);
         out.resize(end + width - 1, 0);
         out.copy_within(at + 1..end, at + width);
+        let mut prefix = &mut out[at..at + width];
+        prost::encoding::encode_varint(len as u64, &mut prefix);
     }
-    let mut prefix = &mut out[at..at + width];
-    encode_varint(len as u64, &mut prefix);
 }
