@@ -123,10 +123,30 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 
 /// `close`, or the name of a fixed hop-by-hop header, in any case.
 fn is_fixed_connection_token(token: &str) -> bool {
-    token.eq_ignore_ascii_case("close")
-        || HOP_BY_HOP
-            .iter()
-            .any(|name| token.eq_ignore_ascii_case(name.as_str()))
+    // Lowered into a buffer as long as the longest of them, then one
+    // `match`: most responses say `Connection: keep-alive`, and nine
+    // case-blind comparisons for it cost more than the rest of the strip.
+    const LONGEST: usize = "proxy-authenticate".len();
+    let bytes = token.as_bytes();
+    if bytes.len() > LONGEST {
+        return false;
+    }
+    let mut lower = [0u8; LONGEST];
+    for (out, b) in lower.iter_mut().zip(bytes) {
+        *out = b.to_ascii_lowercase();
+    }
+    matches!(
+        &lower[..bytes.len()],
+        b"close"
+            | b"connection"
+            | b"te"
+            | b"transfer-encoding"
+            | b"upgrade"
+            | b"proxy-authenticate"
+            | b"trailer"
+            | b"keep-alive"
+            | b"proxy-connection"
+    )
 }
 const TE_INDEX: usize = 1;
 
@@ -139,70 +159,84 @@ pub fn set_forwarding(
     downstream: &DownstreamPeer,
     trust_downstream: bool,
 ) {
-    let peer = &downstream.ip;
-    let mut existing = headers.get_all(&X_FORWARDED_FOR).iter();
-    let value = match (existing.next(), existing.next()) {
-        (None, _) => Some(peer.clone()),
-        // Several x-forwarded-for lines fold into one list, in order, then the peer.
-        (Some(first), second) => {
-            let mut folded = Vec::with_capacity(64);
-            for v in std::iter::once(first).chain(second).chain(existing) {
-                let text = v.as_bytes().trim_ascii();
-                if !text.is_empty() {
-                    folded.extend_from_slice(text);
-                    folded.extend_from_slice(b", ");
+    // One pass over the names says which of these headers came at all:
+    // each lookup or removal by name hashes it, and most requests carry
+    // none of them.
+    let mut has_xff = false;
+    let mut has_proto = false;
+    let mut has_xfcc = false;
+    let mut has_id = false;
+    let mut claims: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let text = name.as_str();
+        if let Some(rest) = text.strip_prefix("x-forwarded-") {
+            match rest {
+                "for" => has_xff = true,
+                "client-cert" => has_xfcc = true,
+                _ => {
+                    has_proto |= rest == "proto";
+                    if !trust_downstream {
+                        claims.push(name.clone());
+                    }
                 }
             }
-            folded.extend_from_slice(peer.as_bytes());
-            HeaderValue::from_bytes(&folded).ok()
+        } else if text == X_REQUEST_ID.as_str() {
+            has_id = true;
+        } else if !trust_downstream && (text == "forwarded" || text == "x-real-ip") {
+            claims.push(name.clone());
         }
+    }
+    let peer = &downstream.ip;
+    let value = if has_xff {
+        let mut existing = headers.get_all(&X_FORWARDED_FOR).iter();
+        match (existing.next(), existing.next()) {
+            (None, _) => Some(peer.clone()),
+            // Several x-forwarded-for lines fold into one list, in order, then the peer.
+            (Some(first), second) => {
+                let mut folded = Vec::with_capacity(64);
+                for v in std::iter::once(first).chain(second).chain(existing) {
+                    let text = v.as_bytes().trim_ascii();
+                    if !text.is_empty() {
+                        folded.extend_from_slice(text);
+                        folded.extend_from_slice(b", ");
+                    }
+                }
+                folded.extend_from_slice(peer.as_bytes());
+                HeaderValue::from_bytes(&folded).ok()
+            }
+        }
+    } else {
+        Some(peer.clone())
     };
     if let Some(value) = value {
         headers.insert(&X_FORWARDED_FOR, value);
     }
-    if !trust_downstream {
-        strip_forwarding_claims(headers);
+    // What an untrusted client says about the hops before it, beyond the
+    // `x-forwarded-for` list the proxy appends to, goes: backends (and web
+    // frameworks behind a "trusted proxy" setting) believe these from us.
+    for name in claims {
+        headers.remove(name);
     }
-    if !trust_downstream || !headers.contains_key(&X_FORWARDED_PROTO) {
+    if !trust_downstream || !has_proto {
         let proto = if downstream.tls { "https" } else { "http" };
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     // Who the caller is comes only from our own handshake: a client-sent
     // x-forwarded-client-cert is kept only from a trusted downstream that
     // proved its own identity by mTLS.
-    if !(trust_downstream && downstream.spiffe_id.is_some()) {
+    if has_xfcc && !(trust_downstream && downstream.spiffe_id.is_some()) {
         headers.remove(&X_FORWARDED_CLIENT_CERT);
     }
     if let Some(xfcc) = &downstream.xfcc {
         headers.append(&X_FORWARDED_CLIENT_CERT, xfcc.clone());
     }
     let keep_id = trust_downstream
+        && has_id
         && headers
             .get(&X_REQUEST_ID)
             .is_some_and(|v| !v.is_empty() && v.len() <= 128);
     if !keep_id {
         headers.insert(&X_REQUEST_ID, new_request_id());
-    }
-}
-
-/// Removes what an untrusted client may say about the hops before it,
-/// beyond the `x-forwarded-for` list the proxy appends to: backends (and
-/// web frameworks behind a "trusted proxy" setting) believe these from us.
-fn strip_forwarding_claims(headers: &mut HeaderMap) {
-    let claims: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| {
-            let name = name.as_str();
-            (name.starts_with("x-forwarded-")
-                && name != X_FORWARDED_FOR.as_str()
-                && name != X_FORWARDED_CLIENT_CERT.as_str())
-                || name == "forwarded"
-                || name == "x-real-ip"
-        })
-        .cloned()
-        .collect();
-    for name in claims {
-        headers.remove(name);
     }
 }
 
@@ -479,6 +513,28 @@ mod tests {
             "keep-alive-x",
         ] {
             assert_eq!(hop_by_hop_index(&HeaderName::from_static(other)), None);
+        }
+    }
+
+    #[test]
+    fn fixed_connection_tokens_are_close_and_the_hop_by_hop_names_in_any_case() {
+        for name in HOP_BY_HOP.iter() {
+            assert!(is_fixed_connection_token(name.as_str()), "{name}");
+            assert!(is_fixed_connection_token(
+                &name.as_str().to_ascii_uppercase()
+            ));
+        }
+        assert!(is_fixed_connection_token("Keep-Alive"));
+        assert!(is_fixed_connection_token("CLOSE"));
+        for other in [
+            "",
+            "x-secret",
+            "closed",
+            "t",
+            "proxy-authenticate-x",
+            "keep-alive ",
+        ] {
+            assert!(!is_fixed_connection_token(other), "{other}");
         }
     }
 

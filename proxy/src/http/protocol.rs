@@ -73,35 +73,45 @@ impl OriginalProtocol {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Settled(Option<OriginalProtocol>);
 
-/// Takes the marker off a downstream request, before screening; call once
-/// per request, with the peer of its connection.
+/// Takes the marker off a downstream request from a mesh peer, before
+/// screening; call once per request, with the peer of its connection.
 ///
 /// From a peer with a verified SPIFFE ID (a mesh sidecar) the marker is
 /// believed, and without one nothing is known (an older sidecar or another
 /// mesh's: the app then gets HTTP/1.1 unless the call is gRPC, as before).
-/// From anyone else the marker is dropped and the request's own version
-/// counts: that caller is the app.
+/// From anyone else the marker is not read, and screening strips it with
+/// every other `x-postern-*`: the request's own version counts, as that
+/// caller is the app.
 pub fn settle<B>(request: &mut Request<B>, peer: &DownstreamPeer) {
+    // Without a mesh peer the request's own version stands, which
+    // `original` reads when nothing was settled: no lookup, no extension
+    // and its allocations, for it.
+    if peer.spiffe_id.is_none() {
+        return;
+    }
     // `remove` takes every value: a second marker line cannot survive.
     let claimed = request.headers_mut().remove(&X_POSTERN_ORIGINAL_PROTOCOL);
-    // Without a mesh peer the request's own version stands, which `mark`
-    // reads when nothing was settled: no extension, and its allocations,
-    // for it.
-    if peer.spiffe_id.is_some() {
-        let original = claimed.as_ref().and_then(OriginalProtocol::parse);
-        request.extensions_mut().insert(Settled(original));
+    let original = claimed.as_ref().and_then(OriginalProtocol::parse);
+    request.extensions_mut().insert(Settled(original));
+}
+
+/// The caller's protocol once [`settle`] has run, from a request's
+/// extensions and version: what a mesh peer said, or the request's own
+/// version. A request that did not pass [`settle`] (none does outside a
+/// listener) counts as its own version.
+pub fn original(extensions: &http::Extensions, version: Version) -> Option<OriginalProtocol> {
+    match extensions.get::<Settled>() {
+        Some(Settled(original)) => *original,
+        None => Some(OriginalProtocol::of_version(version)),
     }
 }
 
-/// Writes the settled marker back as a header, for routes to match on and
-/// the next mesh hop to carry; call after the request's limits are checked.
-/// A request that did not pass [`settle`] (none does outside a listener)
-/// counts as its own version.
+/// Writes the settled marker back as a header, for routes, policies and
+/// logs to read; call after the request's limits are checked. Only needed
+/// when something reads request headers: [`forward_marker`] puts it on a
+/// mesh hop's head either way.
 pub fn mark<B>(request: &mut Request<B>) {
-    let original = match request.extensions().get::<Settled>() {
-        Some(Settled(original)) => *original,
-        None => Some(OriginalProtocol::of_version(request.version())),
-    };
+    let original = original(request.extensions(), request.version());
     let headers = request.headers_mut();
     // `insert` replaces every value already there.
     match original {
@@ -114,12 +124,29 @@ pub fn mark<B>(request: &mut Request<B>) {
     }
 }
 
-/// Keeps the marker on a request head going upstream only to another
-/// sidecar (`mesh`); no app ever sees it.
-pub fn forward_marker(headers: &mut HeaderMap, mesh: bool) {
-    // `mark` left one value at most, which a mesh hop keeps as it is.
-    if !mesh {
-        headers.remove(&X_POSTERN_ORIGINAL_PROTOCOL);
+/// Leaves the marker on a request head going upstream only to another
+/// sidecar (`mesh`); no app ever sees it. `marked` says whether [`mark`]
+/// ran on the request; `original` is what [`original`] says of it.
+pub fn forward_marker(
+    headers: &mut HeaderMap,
+    mesh: bool,
+    marked: bool,
+    original: Option<OriginalProtocol>,
+) {
+    match (mesh, marked) {
+        // `mark` left one value at most, which a mesh hop keeps as it is.
+        (true, true) => {}
+        // Screening (or `settle`) took any marker off, so the head has
+        // none yet.
+        (true, false) => {
+            if let Some(original) = original {
+                headers.insert(&X_POSTERN_ORIGINAL_PROTOCOL, original.header_value());
+            }
+        }
+        (false, true) => {
+            headers.remove(&X_POSTERN_ORIGINAL_PROTOCOL);
+        }
+        (false, false) => {}
     }
 }
 
@@ -289,12 +316,25 @@ mod tests {
     fn settled(version: Version, marker: Option<&'static str>, mesh: bool) -> Option<String> {
         let mut request = request(version, marker);
         settle(&mut request, &peer(mesh));
-        // Screening would strip any marker still on the request.
+        // Screening strips any marker still on the request.
+        crate::http::headers::sanitize_inbound(request.headers_mut(), Default::default()).unwrap();
         assert!(request
             .headers()
             .get(&X_POSTERN_ORIGINAL_PROTOCOL)
             .is_none());
+        // Put on a mesh hop's head without `mark`, it says the same.
+        let mut unmarked = HeaderMap::new();
+        forward_marker(
+            &mut unmarked,
+            true,
+            false,
+            original(request.extensions(), request.version()),
+        );
         mark(&mut request);
+        assert_eq!(
+            unmarked.get(&X_POSTERN_ORIGINAL_PROTOCOL),
+            request.headers().get(&X_POSTERN_ORIGINAL_PROTOCOL)
+        );
         request
             .headers()
             .get(&X_POSTERN_ORIGINAL_PROTOCOL)
@@ -333,10 +373,13 @@ mod tests {
             HeaderValue::from_static("HTTP/2"),
         );
         let mut to_app = headers.clone();
-        forward_marker(&mut to_app, false);
+        forward_marker(&mut to_app, false, true, Some(OriginalProtocol::Http2));
         assert!(to_app.is_empty());
-        forward_marker(&mut headers, true);
+        forward_marker(&mut headers, true, true, Some(OriginalProtocol::Http1));
         assert_eq!(headers.get(&X_POSTERN_ORIGINAL_PROTOCOL).unwrap(), "HTTP/2");
+        let mut unmarked = HeaderMap::new();
+        forward_marker(&mut unmarked, false, false, Some(OriginalProtocol::Http2));
+        assert!(unmarked.is_empty());
     }
 
     #[test]

@@ -81,6 +81,16 @@ impl HttpConfig {
         }
     }
 
+    /// Whether a policy or route may read a request header by name (see
+    /// `RouteTable::reads_request_headers`); errs towards yes.
+    pub fn reads_request_headers(&self) -> bool {
+        self.rbac.is_some()
+            || self.rate_limit.is_some()
+            || self.jwt.is_some()
+            || self.global_rate_limit.is_some()
+            || self.routes.reads_request_headers()
+    }
+
     /// Carries over what the config it replaces learned at run time
     /// (fetched JWT keys, the rate-limit service's channel, local
     /// rate-limit buckets), so a config push costs no refetch or reconnect
@@ -349,6 +359,9 @@ struct RequestMutation<'a> {
     plan: &'a Plan<'a>,
     peer: &'a hdr::DownstreamPeer,
     start: std::time::SystemTime,
+    /// The protocol marker was written onto the request's headers
+    /// (`protocol::mark`).
+    marked: bool,
 }
 
 /// The request body, as later tries can use it.
@@ -902,14 +915,34 @@ impl HttpProxy {
         // Forwarding headers are settled before any policy looks: a caller's
         // own x-forwarded-client-cert or x-forwarded-proto must not count.
         hdr::set_forwarding(request.headers_mut(), &peer, self.trust_downstream);
-        super::protocol::mark(&mut request);
+        // The marker is written for what may read it (routes, policies,
+        // logged headers); otherwise only a mesh hop's head gets it, in
+        // `upstream_head`: two header-map writes fewer on every request.
+        let marked = config.reads_request_headers() || !self.telemetry.hub.capture.is_empty();
+        if marked {
+            super::protocol::mark(&mut request);
+        }
         record.note_request(&request);
-        let jwt = match self
-            .authenticate(&config, &mut request, authority_text, grpc, &mut record)
-            .await
-        {
-            Ok(verified) => verified,
-            Err(response) => return response,
+        // Without a JWT filter, no future for it in every request's.
+        let jwt = if config.jwt.is_some() {
+            match self
+                .authenticate(&config, &mut request, authority_text, grpc, &mut record)
+                .await
+            {
+                Ok(verified) => verified,
+                Err(response) => return response,
+            }
+        } else {
+            match self.jwt_route_without_filter(
+                &config,
+                &request,
+                authority_text,
+                grpc,
+                &mut record,
+            ) {
+                Some(response) => return response,
+                None => Vec::new(),
+            }
         };
         let view = RequestView::of(&request, authority_text);
         // Chosen before RBAC, which a route may override, on the request as
@@ -1063,6 +1096,7 @@ impl HttpProxy {
                     plan: &plan,
                     peer: &peer,
                     start: start_time,
+                    marked,
                 };
                 self.forward(
                     request,
@@ -1168,7 +1202,14 @@ impl HttpProxy {
         let changes_request = mutate.plan.changes_request();
         let downstream = changes_request.then(|| (authority.clone(), parts.version));
         let head = match self.upstream_head(
-            parts, normalize, authority, forward, path_match, upgrade, cluster,
+            parts,
+            normalize,
+            authority,
+            forward,
+            path_match,
+            upgrade,
+            mutate.marked,
+            cluster,
         ) {
             Some(mut head) => {
                 // After hop-by-hop removal, so a client's `Connection` header
@@ -1457,12 +1498,15 @@ impl HttpProxy {
         forward: &Forward,
         path_match: &crate::route::PathMatch,
         upgrade: bool,
+        marked: bool,
         cluster: &Cluster,
     ) -> Option<UpstreamHead> {
         let http::request::Parts {
             method,
             uri,
             mut headers,
+            version: downstream_version,
+            extensions,
             ..
         } = parts;
         hdr::strip_hop_by_hop(&mut headers, upgrade);
@@ -1528,7 +1572,8 @@ impl HttpProxy {
             }
         };
         let mesh = cluster.tls().is_some_and(|tls| tls.force_http2);
-        super::protocol::forward_marker(&mut headers, mesh);
+        let original = super::protocol::original(&extensions, downstream_version);
+        super::protocol::forward_marker(&mut headers, mesh, marked, original);
         // Sidecars tell each other who they are, only over mesh mTLS.
         if mesh {
             if let Some(meta) = &self.telemetry.hub.local_header {

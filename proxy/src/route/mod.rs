@@ -24,6 +24,8 @@ pub struct RouteTable {
     wildcard: Option<usize>,
     /// Some route sets its own JWT requirement.
     jwt_overrides: bool,
+    /// Some virtual host or route reads request headers by name.
+    reads_headers: bool,
     /// Header changes for every route (the route configuration level).
     headers: Option<Arc<mutation::HeaderMutations>>,
     /// Apply header changes from the least specific level up.
@@ -360,12 +362,16 @@ impl RouteTable {
             .iter()
             .flat_map(|v| v.routes.iter())
             .any(|r| r.jwt.is_some());
+        let reads_headers = vhosts
+            .iter()
+            .any(|v| v.headers.is_some() || v.routes.iter().any(Route::reads_request_headers));
         RouteTable {
             vhosts,
             exact,
             suffixes,
             wildcard,
             jwt_overrides,
+            reads_headers,
             headers: None,
             most_specific_wins: false,
         }
@@ -407,6 +413,14 @@ impl RouteTable {
     /// must find the route first.
     pub fn has_jwt_overrides(&self) -> bool {
         self.jwt_overrides
+    }
+
+    /// Whether anything in the table may read a request header by name:
+    /// a header match, a route's own policy (JWT, RBAC, rate limits,
+    /// access-log filter) or header changes, whose values may quote the
+    /// request's. Errs towards yes.
+    pub fn reads_request_headers(&self) -> bool {
+        self.reads_headers || self.headers.is_some()
     }
 
     /// Whether some route replaces the listener's RBAC.
@@ -461,6 +475,23 @@ fn normalize_host(authority: &str) -> std::borrow::Cow<'_, str> {
         std::borrow::Cow::Owned(host.to_ascii_lowercase())
     } else {
         std::borrow::Cow::Borrowed(host)
+    }
+}
+
+impl Route {
+    fn reads_request_headers(&self) -> bool {
+        let weighted_headers = match &self.action {
+            RouteAction::Forward(forward) => forward.target_headers.iter().any(Option::is_some),
+            _ => false,
+        };
+        !self.matcher.headers.is_empty()
+            || self.headers.is_some()
+            || weighted_headers
+            || self.jwt.is_some()
+            || self.rbac.is_some()
+            || self.rate_limit.is_some()
+            || !self.rate_limits.is_empty()
+            || self.access_log.is_some()
     }
 }
 
