@@ -175,8 +175,9 @@ pub struct UpstreamResponse {
 #[derive(Debug)]
 pub struct ResponseBody {
     kind: ResponseKind,
-    /// Recorded when the body ends or is dropped.
-    record: Option<CallRecord>,
+    /// Recorded when the body ends or is dropped. Boxed, as the request
+    /// path holds it: inline it would grow every move of the response.
+    record: Option<Box<CallRecord>>,
     /// Keeps the connection busy (not idle) until the body ends.
     activity: Option<ActivityGuard>,
 }
@@ -213,7 +214,7 @@ impl ResponseBody {
     }
 
     /// Attaches the call record, written when the body ends.
-    pub fn with_record(mut self, record: CallRecord) -> Self {
+    pub fn with_record(mut self, record: Box<CallRecord>) -> Self {
         self.record = Some(record);
         self
     }

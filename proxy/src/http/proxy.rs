@@ -803,7 +803,16 @@ impl HttpProxy {
     ) -> Response<ResponseBody> {
         let start = Instant::now();
         let grpc = is_grpc(request.headers());
-        let mut record = CallRecord::new(start, &self.telemetry, &peer, &request, grpc);
+        // Boxed: the record goes from here into `forward` and on into the
+        // response body, and inline it would widen each future and
+        // response that holds it, copied whole at every move.
+        let mut record = Box::new(CallRecord::new(
+            start,
+            &self.telemetry,
+            &peer,
+            &request,
+            grpc,
+        ));
         // Workload metadata counts only from a sidecar proven by mTLS, and
         // never travels further.
         let peer_meta = request.headers_mut().remove(&X_POSTERN_PEER);
@@ -1163,7 +1172,7 @@ impl HttpProxy {
         cluster_name: &Arc<str>,
         path_match: &crate::route::PathMatch,
         grpc: bool,
-        mut record: CallRecord,
+        mut record: Box<CallRecord>,
         mutate: &RequestMutation<'_>,
     ) -> Response<ResponseBody> {
         let Some(cluster) = self.clusters.get(cluster_name) else {
@@ -1755,11 +1764,11 @@ fn redirect_location(
 }
 
 trait WithRecord {
-    fn with_record_body(self, record: CallRecord) -> Self;
+    fn with_record_body(self, record: Box<CallRecord>) -> Self;
 }
 
 impl WithRecord for Response<ResponseBody> {
-    fn with_record_body(self, record: CallRecord) -> Self {
+    fn with_record_body(self, record: Box<CallRecord>) -> Self {
         let (parts, body) = self.into_parts();
         Response::from_parts(parts, body.with_record(record))
     }
