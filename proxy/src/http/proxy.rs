@@ -815,7 +815,13 @@ impl HttpProxy {
         ));
         // Workload metadata counts only from a sidecar proven by mTLS, and
         // never travels further.
-        let peer_meta = request.headers_mut().remove(&X_POSTERN_PEER);
+        // Looked for by a scan of the names first: a removal by name hashes
+        // it, and most requests carry none.
+        let peer_meta = if request.headers().keys().any(|name| *name == X_POSTERN_PEER) {
+            request.headers_mut().remove(&X_POSTERN_PEER)
+        } else {
+            None
+        };
         if peer.spiffe_id.is_some() && self.telemetry.direction == TrafficDirection::Inbound {
             record.set_source_meta(peer_meta);
         }
