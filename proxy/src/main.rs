@@ -13,6 +13,12 @@ use postern::sidecar::app_probe::{AppProbes, StatusServer};
 use postern::sidecar::{inject, iptables, wait_ready, webhook};
 use postern::{telemetry, Proxy};
 
+/// jemalloc returns freed pages to the kernel (see `.cargo/config.toml` for
+/// its settings); glibc's malloc keeps the holes a burst leaves between
+/// live blocks resident for good.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "postern",
