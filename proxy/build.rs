@@ -7,6 +7,12 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=layout/hot-text.ld");
     println!("cargo:rerun-if-changed=build.rs");
+    // For a linker that cannot take an INSERT script (gold, mold), or to
+    // compare builds with and without the layout.
+    println!("cargo:rerun-if-env-changed=POSTERN_NO_CODE_LAYOUT");
+    if std::env::var_os("POSTERN_NO_CODE_LAYOUT").is_some() {
+        return;
+    }
     let release = std::env::var("PROFILE").as_deref() == Ok("release");
     // A linker script with INSERT is for ELF linkers (lld, GNU ld).
     let linux = std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux");

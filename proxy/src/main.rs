@@ -16,6 +16,7 @@ use postern::{telemetry, Proxy};
 /// jemalloc returns freed pages to the kernel (see `.cargo/config.toml` for
 /// its settings); glibc's malloc keeps the holes a burst leaves between
 /// live blocks resident for good.
+#[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
