@@ -70,26 +70,6 @@ CONF
 nginx -p "$OUT" -c "$OUT/backend.conf" &
 pids+=($!)
 
-cat > "$OUT/postern.yaml" <<CONF
-admin:
-  address: 127.0.0.1:$ADMIN_PORT
-listeners:
-  - name: layout
-    address: 127.0.0.1:$PROXY_PORT
-    kind: http
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-          - name: all
-            match: { path: { prefix: "/" } }
-            cluster: backend
-clusters:
-  - name: backend
-    endpoints:
-      - address: 127.0.0.1:$BACKEND_PORT
-CONF
-
 # Mesh certificates: a CA and two SPIFFE identities, as bench/mesh.sh makes.
 CERTS=$OUT/certs
 rm -rf "$CERTS" && mkdir -p "$CERTS" && chmod 700 "$CERTS"
@@ -118,47 +98,37 @@ identity:
       bundle: $CERTS/ca.pem
 CONF
 }
-{ printf 'admin:\n  address: 127.0.0.1:%s\n' "$A_ADMIN_PORT"; identity a; cat <<CONF
+# proxy_config ADMIN_PORT PORT UPSTREAM_PORT [IDENTITY [LISTENER_EXTRA [CLUSTER_EXTRA]]]:
+# one HTTP listener routing everything to one cluster.
+proxy_config() {
+  printf 'admin:\n  address: 127.0.0.1:%s\n' "$1"
+  [ -z "${4:-}" ] || identity "$4"
+  cat <<CONF
 listeners:
-  - name: outbound
-    address: 127.0.0.1:$A_PORT
-    kind: http
+  - name: layout
+    address: 127.0.0.1:$2
+    kind: http${5:-}
     virtual_hosts:
       - name: all
         domains: ["*"]
         routes:
           - name: all
             match: { path: { prefix: "/" } }
-            cluster: b
+            cluster: upstream
 clusters:
-  - name: b
+  - name: upstream
     endpoints:
-      - address: 127.0.0.1:$B_PORT
+      - address: 127.0.0.1:$3${6:-}
+CONF
+}
+proxy_config "$ADMIN_PORT" "$PROXY_PORT" "$BACKEND_PORT" >"$OUT/postern.yaml"
+proxy_config "$A_ADMIN_PORT" "$A_PORT" "$B_PORT" a "" '
     tls:
       mode: mesh
-      identities: ["spiffe://cluster.local/ns/layout/sa/b"]
-CONF
-} >"$OUT/sidecar-a.yaml"
-{ printf 'admin:\n  address: 127.0.0.1:%s\n' "$B_ADMIN_PORT"; identity b; cat <<CONF
-listeners:
-  - name: inbound
-    address: 127.0.0.1:$B_PORT
-    kind: http
+      identities: ["spiffe://cluster.local/ns/layout/sa/b"]' >"$OUT/sidecar-a.yaml"
+proxy_config "$B_ADMIN_PORT" "$B_PORT" "$BACKEND_PORT" b '
     mtls:
-      mode: strict
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-          - name: all
-            match: { path: { prefix: "/" } }
-            cluster: app
-clusters:
-  - name: app
-    endpoints:
-      - address: 127.0.0.1:$BACKEND_PORT
-CONF
-} >"$OUT/sidecar-b.yaml"
+      mode: strict' >"$OUT/sidecar-b.yaml"
 
 rm -f "$OUT"/cg.out*
 profiled=()
@@ -170,7 +140,10 @@ for name in postern sidecar-a sidecar-b; do
   pids+=($!)
 done
 for port in "$ADMIN_PORT" "$A_ADMIN_PORT" "$B_ADMIN_PORT"; do
+  # Under valgrind start-up takes seconds; a minute means it failed.
   for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.1; done
+  curl -sf "http://127.0.0.1:$port/ready" >/dev/null ||
+    { echo "layout: the Postern with admin port $port is not ready; see $OUT/valgrind-*.log" >&2; exit 1; }
 done
 h2load --h1 -t1 -c10 -n 3000 --rps 100 "http://127.0.0.1:$PROXY_PORT/" | grep -q '3000 succeeded'
 h2load -t1 -c4 -m4 -n 3000 "http://127.0.0.1:$PROXY_PORT/" | grep -q '3000 succeeded'
