@@ -164,8 +164,9 @@ impl Overload {
         self.state() >= OverloadState::Shedding
     }
 
-    /// Whether a new TCP-proxy connection is to be closed at once: while
-    /// shedding, unless `shed_tcp_connections` is off.
+    /// Whether a new TCP-proxy connection (or a captured one found opaque)
+    /// is to be closed at once: while shedding, unless
+    /// `shed_tcp_connections` is off.
     pub fn shedding_tcp(&self) -> bool {
         self.settings.shed_tcp_connections && self.shedding()
     }

@@ -113,7 +113,11 @@ impl Netns {
         if output.status.success() {
             text(&output.stdout).trim().to_owned()
         } else {
-            format!("failed: {}", text(&output.stderr).trim())
+            format!(
+                "failed ({}): {}",
+                output.status,
+                text(&output.stderr).trim()
+            )
         }
     }
 
@@ -1805,4 +1809,137 @@ listeners:
     assert!(pod
         .connect(APP.0, APP.1, &peer_banner)
         .starts_with("failed"));
+}
+
+/// An overload budget that a sidecar is past from its first sample (1 MiB
+/// of 1 TiB) and that never pauses accepting.
+const OVERLOADED: &str = "overload: { max_rss_bytes: 1099511627776, shed_at: 0.000001, pause_accept_at: 1, check_interval: 10ms }\n";
+
+/// Waits until the sidecar in `ns` reports that it sheds.
+fn wait_shedding(ns: &Netns) {
+    wait_for("the sidecar to shed", Duration::from_secs(10), || {
+        ns.metrics()
+            .lines()
+            .any(|line| line == "postern_overload_state 1")
+    });
+}
+
+/// Past its memory threshold a sidecar sheds what capture hands it: HTTP
+/// requests get 503, and a connection found opaque is closed before it
+/// reaches an upstream, on the inbound side (after the mTLS handshake)
+/// and on the outbound side (a mesh service and a passthrough
+/// destination), each counted as shed.
+#[test]
+fn an_overloaded_sidecar_sheds_captured_requests_and_opaque_connections() {
+    let (client, server) = two_pods();
+    let dir = mesh_files();
+    for ns in [&client, &server] {
+        let output = ns.postern(&["iptables"]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    let _apps = server.serve_apps("server", &[2525, 9999], &[8080]);
+    let shed_connections = |ns: &Netns, listener: &str| {
+        metric(
+            &ns.metrics(),
+            "postern_overload_shed_connections_total",
+            &[&format!("listener=\"{listener}\"")],
+        )
+    };
+
+    // The server's sidecar sheds: the caller's request gets its 503, and
+    // the server-first call (opaque, told so in the handshake) is closed
+    // before the app is dialled.
+    let client_proxy = client.sidecar(&client_config(dir.path()), &[], dir.path(), "client");
+    let overloaded_server = format!("{}{OVERLOADED}", server_config(dir.path()));
+    let server_proxy = server.sidecar(&overloaded_server, &[], dir.path(), "server");
+    let logs = || both_logs(&client_proxy, &server_proxy);
+    wait_shedding(&server);
+    let response = client.http_get(&format!("{SERVER_IP}:8080"), "/shed");
+    assert!(
+        response.starts_with("HTTP/1.1 503"),
+        "{response}\n{}",
+        logs()
+    );
+    let banner = client.connect(APP.0, APP.1, &format!("{SERVER_IP}:2525"));
+    assert_eq!(banner, "", "{}\n{}", server.metrics(), logs());
+    let server_metrics = server.metrics();
+    assert_eq!(
+        shed_connections(&server, "inbound"),
+        1.0,
+        "{server_metrics}"
+    );
+    let overloaded = |metrics: &str, listener: &str| {
+        metric(
+            metrics,
+            "postern_tcp_connections_total",
+            &[&format!("listener=\"{listener}\""), "result=\"overloaded\""],
+        )
+    };
+    assert_eq!(
+        overloaded(&server_metrics, "inbound"),
+        1.0,
+        "{server_metrics}"
+    );
+    assert_eq!(
+        metric(
+            &server_metrics,
+            "postern_overload_shed_requests_total",
+            &["listener=\"inbound\""]
+        ),
+        1.0,
+        "{server_metrics}"
+    );
+    drop((client_proxy, server_proxy));
+
+    // Now the client's sidecar sheds: a mesh service and a passthrough
+    // destination found opaque are closed there, and nothing reaches the
+    // server's sidecar.
+    let overloaded_client = format!("{}{OVERLOADED}", client_config(dir.path()));
+    let client_proxy = client.sidecar(&overloaded_client, &[], dir.path(), "client");
+    let server_proxy = server.sidecar(&server_config(dir.path()), &[], dir.path(), "server");
+    let logs = || both_logs(&client_proxy, &server_proxy);
+    wait_shedding(&client);
+    assert_eq!(
+        client.connect(APP.0, APP.1, &format!("{SERVER_IP}:2525")),
+        "",
+        "{}",
+        logs()
+    );
+    assert_eq!(
+        client.connect(APP.0, APP.1, &format!("{SERVER_IP}:9999")),
+        ""
+    );
+    let response = client.http_get(&format!("{SERVER_IP}:8080"), "/shed");
+    assert!(
+        response.starts_with("HTTP/1.1 503"),
+        "{response}\n{}",
+        logs()
+    );
+    assert!(
+        response.contains("x-postern-overloaded: true"),
+        "{response}"
+    );
+    let client_metrics = client.metrics();
+    assert_eq!(
+        shed_connections(&client, "outbound"),
+        2.0,
+        "{client_metrics}"
+    );
+    assert_eq!(
+        overloaded(&client_metrics, "outbound"),
+        2.0,
+        "{client_metrics}"
+    );
+    let passthrough = metric(
+        &client_metrics,
+        "postern_tcp_connections_total",
+        &["cluster=\"PassthroughCluster\"", "result=\"overloaded\""],
+    );
+    assert_eq!(passthrough, 1.0, "{client_metrics}");
+    let server_metrics = server.metrics();
+    let sniffed: f64 = ["http1", "http2", "tls", "opaque", "timeout"]
+        .iter()
+        .map(|result| detections(&server_metrics, "inbound", result))
+        .sum();
+    assert_eq!(sniffed, 0.0, "{server_metrics}");
 }

@@ -345,6 +345,9 @@ impl CaptureFront {
                 .await;
             }
             OutboundRoute::Tcp(cluster) => {
+                if self.shed_opaque(listener, remote, destination, cluster) {
+                    return;
+                }
                 let route = TcpRoute {
                     cluster: cluster.clone(),
                     idle_timeout: capture.tcp_idle_timeout,
@@ -364,6 +367,9 @@ impl CaptureFront {
                 .await;
             }
             OutboundRoute::Passthrough => {
+                if self.shed_opaque(listener, remote, destination, &self.passthrough) {
+                    return;
+                }
                 crate::tcp::serve_address(
                     io,
                     &peer,
@@ -456,11 +462,15 @@ impl CaptureFront {
                 return;
             }
         }
+        let cluster = Arc::from(inbound_cluster_name(app.port(), false));
+        if self.shed_opaque(listener, remote, destination, &cluster) {
+            return;
+        }
         crate::tcp::serve_address(
             io,
             &peer,
             &listener.name,
-            &Arc::from(inbound_cluster_name(app.port(), false)),
+            &cluster,
             app,
             capture.connect_timeout,
             capture.tcp_idle_timeout,
@@ -468,6 +478,31 @@ impl CaptureFront {
             shutdown,
         )
         .await;
+    }
+
+    /// Whether a connection found opaque is closed here because the process
+    /// is shedding: it is known to be TCP only after detection (and, inbound,
+    /// the mTLS handshake), so this is its first point to be shed, as a
+    /// TCP-proxy listener's connection is at accept. Counted and logged as
+    /// that one is.
+    fn shed_opaque(
+        &self,
+        listener: &Listener,
+        remote: SocketAddr,
+        destination: SocketAddr,
+        cluster: &Arc<str>,
+    ) -> bool {
+        if !self.shared.overload.shedding_tcp() {
+            return false;
+        }
+        crate::tcp::shed(
+            remote,
+            destination.port(),
+            &listener.name,
+            cluster,
+            &self.telemetry,
+        );
+        true
     }
 
     /// The HTTP front for calls to the app on `app`; `None` when the

@@ -582,13 +582,16 @@ where
         &last_active,
         start,
     );
-    let both = async { tokio::join!(to_upstream, to_downstream) };
+    // A failed direction ends both: the other may be waiting on a peer
+    // that waits for the failed one (a server-first protocol whose server
+    // is gone), and would otherwise hold the pair until the idle timeout.
+    let both = async { tokio::try_join!(to_upstream, to_downstream) };
     tokio::pin!(both);
     let mut check = tokio::time::interval((idle / 4).max(Duration::from_millis(10)));
     let how = loop {
         tokio::select! {
-            (up, down) = &mut both => {
-                break if up.is_err() || down.is_err() { "error" } else { "closed" };
+            ended = &mut both => {
+                break if ended.is_err() { "error" } else { "closed" };
             }
             _ = check.tick() => {
                 let last = Duration::from_millis(last_active.load(Ordering::Relaxed));
@@ -620,7 +623,15 @@ where
 {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
-        let n = reader.read(&mut buf).await?;
+        let n = match reader.read(&mut buf).await {
+            Ok(n) => n,
+            // A TLS peer that closes without close_notify (rustls: a
+            // truncation). The bytes are relayed as they are, framing is
+            // the app's business, so this is that peer's end of stream,
+            // passed on as one.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             return writer.shutdown().await;
         }
@@ -746,5 +757,49 @@ mod tests {
         let (relay_up, backend) = tokio::io::duplex(1 << 20);
         let relay = tokio::spawn(relay(relay_down, relay_up, Duration::from_secs(60)));
         assert_relayed_whole(backend, client, relay).await;
+    }
+
+    /// A server-first exchange whose server is gone before it said
+    /// anything: the relay's client waits for the server, so only the
+    /// relay can end the pair, and must do so when the server's side ends,
+    /// cleanly or not.
+    async fn assert_server_end_reaches_a_waiting_client<U>(relay_up: U, server_gone: impl FnOnce())
+    where
+        U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut client, relay_down) = pair().await;
+        let relay = tokio::spawn(relay(relay_down, relay_up, Duration::from_secs(3600)));
+        server_gone();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "the waiting client was not told: {read:?}"
+        );
+        // Told the end, the client closes too (its direction could still
+        // have carried bytes: a clean end is a half-close).
+        drop(client);
+        let ended = tokio::time::timeout(Duration::from_secs(10), relay).await;
+        assert!(ended.is_ok(), "the relay outlived its server");
+    }
+
+    // Found by the capture listener's overload test: a sidecar that sheds
+    // a connection after the mTLS handshake drops it without close_notify,
+    // and the calling sidecar's relay kept the app's connection open.
+    #[tokio::test]
+    async fn a_tls_server_gone_without_close_notify_ends_a_waiting_client() {
+        let (relay_up, server) = narrow_tls_pair().await;
+        assert_server_end_reaches_a_waiting_client(relay_up, move || drop(server)).await;
+    }
+
+    #[tokio::test]
+    async fn a_reset_server_ends_a_waiting_client() {
+        let (relay_up, server) = pair().await;
+        assert_server_end_reaches_a_waiting_client(relay_up, move || {
+            // Linger zero: the close is a reset, a read error at the relay.
+            server.set_zero_linger().unwrap();
+            drop(server);
+        })
+        .await;
     }
 }
