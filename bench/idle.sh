@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Idle-connection memory (issue #8 item 7): RSS and descriptors per idle
 # downstream connection of a release Postern, for 20,000 HTTP/1.1
-# connections (one request each, then kept alive), 5,000 HTTP/2 ones, and
-# 20,000 that connected and sent nothing. The work is in
+# connections (one request each, then kept alive), 5,000 HTTP/2 ones,
+# 20,000 that connected and sent nothing, and the first two over mesh mTLS
+# (phases mtls-h1, mtls-h2). The work is in
 # tests/benches/idle.rs; this script builds it and raises the descriptor
 # limit (each connection costs Postern one descriptor and the client one;
 # raising the hard limit needs CAP_SYS_RESOURCE, which some containers lack:

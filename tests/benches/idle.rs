@@ -11,11 +11,15 @@
 //! - `http1-arriving`: the same, opened 1,000 at a time, each wave idle
 //!   (its hyper buffers let go) before the next opens;
 //! - `http2`: HTTP/2 with prior knowledge, one request each, then idle;
-//! - `http1-silent`: TCP connected, nothing sent yet.
+//! - `http1-silent`: TCP connected, nothing sent yet;
+//! - `mtls-h2`: what a sidecar's inbound side holds for a calling sidecar:
+//!   strict mTLS with a client certificate, ALPN `h2`, one request, then
+//!   idle (`H2_CONNS` of them);
+//! - `mtls-h1`: the same over HTTP/1.1 (`H1_CONNS`).
 //!
 //! `bench/idle.sh` builds and runs it with a raised descriptor limit.
 //! Environment: `POSTERN_BIN`, `H1_CONNS` (20000), `H2_CONNS` (5000),
-//! `PHASES` (comma-separated, default all three).
+//! `PHASES` (comma-separated, default all of them).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -43,20 +47,52 @@ struct Postern {
     listener: SocketAddr,
 }
 
+/// The identities of an mTLS phase: Postern's, written for its config, and
+/// a client that presents its own certificate.
+struct Mesh {
+    server: postern_tests::mesh::IdentityFiles,
+    client: tokio_rustls::TlsConnector,
+}
+
+const SERVER_ID: &str = "spiffe://cluster.local/ns/idle/sa/server";
+
+impl Mesh {
+    fn new(dir: &Path, alpn: &[u8]) -> Mesh {
+        let ca = postern_tests::mesh::TestCa::new("idle-ca");
+        let client = ca.issue("spiffe://cluster.local/ns/idle/sa/client", -60, 3600);
+        Mesh {
+            server: ca.write_identity(dir, "server", SERVER_ID),
+            client: postern_tests::mesh::probe_connector(Some(&client), &[alpn]),
+        }
+    }
+}
+
 impl Postern {
-    async fn start(bin: &Path, dir: &Path) -> Postern {
+    async fn start(bin: &Path, dir: &Path, mesh: Option<&Mesh>) -> Postern {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let listener = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config = dir.join("idle.yaml");
+        let (identity, mtls) = match mesh {
+            Some(mesh) => (
+                format!(
+                    "identity:\n  spiffe_id: {SERVER_ID}\n  source:\n    files: {{ cert: {}, key: {}, bundle: {} }}\n",
+                    mesh.server.cert.display(),
+                    mesh.server.key.display(),
+                    mesh.server.bundle.display(),
+                ),
+                "\n    mtls: { mode: strict }",
+            ),
+            None => (String::new(), ""),
+        };
         std::fs::write(
             &config,
             format!(
                 r#"admin: {{ address: "{admin}" }}
 overload: {{ max_connections: 100000 }}
-listeners:
+{identity}listeners:
   - name: idle
     address: {listener}
-    kind: http
+    kind: http{mtls}
     limits: {{ max_connections: 100000, idle_timeout: 3600s, header_read_timeout: 2s }}
     virtual_hosts:
       - name: all
@@ -172,53 +208,84 @@ async fn connect(addr: SocketAddr, i: usize) -> TcpStream {
 #[allow(dead_code)]
 enum Held {
     Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
 }
 
-async fn open_one(addr: SocketAddr, i: usize, phase: &str) -> Held {
+/// One HTTP/1.1 request on `stream`, its answer read whole.
+async fn get_h1<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S) {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: idle.local\r\n\r\n")
+        .await
+        .expect("write");
+    // A TLS stream may hold the record until flushed.
+    stream.flush().await.expect("flush");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.ends_with(b"\r\n\r\nok") {
+        let n = stream.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+}
+
+/// An HTTP/2 connection over `io` after one request, its answer read whole.
+async fn get_h2<IO>(io: IO) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let request = http::Request::builder()
+        .uri("http://idle.local/")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("h2 request");
+    assert_eq!(response.status(), 200);
+    use http_body_util::BodyExt as _;
+    response.into_body().collect().await.expect("h2 body");
+    sender
+}
+
+async fn open_one(addr: SocketAddr, i: usize, phase: &str, mesh: Option<&Mesh>) -> Held {
     let mut stream = connect(addr, i).await;
     match phase {
         "http1-silent" => Held::Tcp(stream),
         "http1" | "http1-arriving" => {
-            stream
-                .write_all(b"GET / HTTP/1.1\r\nHost: idle.local\r\n\r\n")
-                .await
-                .expect("write");
-            let mut got = Vec::new();
-            let mut buf = [0u8; 512];
-            while !got.ends_with(b"\r\n\r\nok") {
-                let n = stream.read(&mut buf).await.expect("read");
-                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-                got.extend_from_slice(&buf[..n]);
-            }
-            assert!(got.starts_with(b"HTTP/1.1 200"));
+            get_h1(&mut stream).await;
             Held::Tcp(stream)
         }
-        "http2" => {
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                    .await
-                    .expect("h2 handshake");
-            tokio::spawn(conn);
-            let request = http::Request::builder()
-                .uri("http://idle.local/")
-                .body(Empty::<Bytes>::new())
-                .expect("request");
-            let response = sender.send_request(request).await.expect("h2 request");
-            assert_eq!(response.status(), 200);
-            use http_body_util::BodyExt as _;
-            response.into_body().collect().await.expect("h2 body");
-            Held::H2(sender)
+        "mtls-h1" => {
+            let mesh = mesh.expect("mesh identities");
+            let name = rustls::pki_types::ServerName::try_from("idle.local").expect("name");
+            let mut tls = mesh.client.connect(name, stream).await.expect("mTLS");
+            get_h1(&mut tls).await;
+            Held::Tls(Box::new(tls))
+        }
+        "http2" => Held::H2(get_h2(stream).await),
+        "mtls-h2" => {
+            let mesh = mesh.expect("mesh identities");
+            let name = rustls::pki_types::ServerName::try_from("idle.local").expect("name");
+            let tls = mesh.client.connect(name, stream).await.expect("mTLS");
+            Held::H2(get_h2(tls).await)
         }
         other => panic!("unknown phase {other}"),
     }
 }
 
 async fn phase(bin: &Path, dir: &Path, name: &str, count: usize) -> String {
-    let postern = Postern::start(bin, dir).await;
+    let mesh = name.strip_prefix("mtls-").map(|protocol| {
+        let alpn: &[u8] = if protocol == "h2" { b"h2" } else { b"http/1.1" };
+        Mesh::new(dir, alpn)
+    });
+    let postern = Postern::start(bin, dir, mesh.as_ref()).await;
     // Warm up: the first requests allocate what every later one reuses.
     for i in 0..50 {
-        drop(open_one(postern.listener, i, name).await);
+        drop(open_one(postern.listener, i, name, mesh.as_ref()).await);
     }
     while postern.open_connections().await > 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -233,7 +300,7 @@ async fn phase(bin: &Path, dir: &Path, name: &str, count: usize) -> String {
     let wave_size = if name == "http1-arriving" { 1000 } else { WAVE };
     for wave in 0..count.div_ceil(wave_size) {
         let opens = (wave * wave_size..((wave + 1) * wave_size).min(count))
-            .map(|i| open_one(postern.listener, i, name));
+            .map(|i| open_one(postern.listener, i, name, mesh.as_ref()));
         held.extend(futures_util::future::join_all(opens).await);
         if name == "http1-arriving" {
             postern.wait_parked(held.len() as u64).await;
@@ -248,7 +315,7 @@ async fn phase(bin: &Path, dir: &Path, name: &str, count: usize) -> String {
         tokio::time::sleep(Duration::from_millis(100)).await;
         open = postern.open_connections().await;
     }
-    if matches!(name, "http1" | "http1-arriving") {
+    if matches!(name, "http1" | "http1-arriving" | "mtls-h1") {
         // Kept-alive HTTP/1 connections let hyper's buffers go after a
         // second idle (at the connection's next timer tick): measure them
         // as they sit idle, not as they were just after their request.
@@ -277,13 +344,17 @@ async fn main() {
     let h1 = env_or("H1_CONNS", 20_000) as usize;
     let h2 = env_or("H2_CONNS", 5_000) as usize;
     let phases = std::env::var("PHASES")
-        .unwrap_or_else(|_| "http1,http1-arriving,http2,http1-silent".into());
+        .unwrap_or_else(|_| "http1,http1-arriving,http2,http1-silent,mtls-h1,mtls-h2".into());
     let mut lines = vec![
         "| phase | connections opened | open in Postern | opened in (s) | RSS before (KiB) | RSS after (KiB) | bytes per connection | KiB per connection | descriptors per connection |".to_string(),
         "|---|---|---|---|---|---|---|---|---|".to_string(),
     ];
     for name in phases.split(',') {
-        let count = if name == "http2" { h2 } else { h1 };
+        let count = if matches!(name, "http2" | "mtls-h2") {
+            h2
+        } else {
+            h1
+        };
         lines.push(phase(&bin, dir.path(), name, count).await);
     }
     println!("{}", lines.join("\n"));

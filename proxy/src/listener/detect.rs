@@ -246,7 +246,13 @@ fn parse_client_hello(body: &[u8]) -> Option<ClientHelloInfo> {
                     }
                     let name = names.vec16()?;
                     if info.sni.is_none() {
-                        info.sni = std::str::from_utf8(name).ok().map(str::to_ascii_lowercase);
+                        // rustls, which picks the certificate, drops one
+                        // trailing dot (an absolute name); the filter chain
+                        // must be picked for the same name.
+                        info.sni = std::str::from_utf8(name)
+                            .ok()
+                            .map(|name| name.strip_suffix('.').unwrap_or(name))
+                            .map(str::to_ascii_lowercase);
                     }
                 }
             }

@@ -182,6 +182,30 @@ fn server_name_list_ends_at_an_unknown_name_type() {
 }
 
 #[test]
+fn an_absolute_server_name_is_taken_without_its_trailing_dot_as_rustls_takes_it() {
+    // Found by the client_hello fuzz target: `web.shop.` picked no chain
+    // for `web.shop` while rustls served the handshake as `web.shop`.
+    let name = b"Web.Shop.";
+    let mut list = vec![0];
+    list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    list.extend_from_slice(name);
+    let mut sni = (list.len() as u16).to_be_bytes().to_vec();
+    sni.extend_from_slice(&list);
+    let signatures = vec![0, 2, 4, 3];
+    let hello = hello_with_extensions(&[(0, sni), (13, signatures)]);
+    let expected = ClientHelloInfo {
+        sni: Some("web.shop".into()),
+        alpn: Vec::new(),
+    };
+    assert_eq!(detect(&hello), Detection::Done(Protocol::Tls(expected)));
+
+    let mut acceptor = rustls::server::Acceptor::default();
+    acceptor.read_tls(&mut hello.as_slice()).unwrap();
+    let accepted = acceptor.accept().unwrap().unwrap();
+    assert_eq!(accepted.client_hello().server_name(), Some("web.shop"));
+}
+
+#[test]
 fn tls_records_that_are_not_a_client_hello_are_opaque() {
     // A ServerHello (handshake type 2) from a client is not TLS from a client.
     assert_eq!(
