@@ -307,6 +307,38 @@ impl HeaderCapture {
         self.headers.is_empty()
     }
 
+    /// How many headers are kept.
+    pub(crate) fn len(&self) -> usize {
+        self.headers.len()
+    }
+
+    /// Where `name` is among the kept headers, if it is kept.
+    pub(crate) fn position(&self, name: &HeaderName) -> Option<usize> {
+        self.headers.iter().position(|(kept, _)| kept == name)
+    }
+
+    /// The kept headers given the first value of each (by
+    /// [`HeaderCapture::position`]; `found` may run longer), secrets
+    /// replaced by `[REDACTED]`: what [`HeaderCapture::capture`] returns.
+    pub(crate) fn kept(
+        &self,
+        found: &[Option<&http::HeaderValue>],
+    ) -> Vec<(HeaderName, http::HeaderValue)> {
+        self.headers
+            .iter()
+            .zip(found)
+            .filter_map(|((name, redact), value)| {
+                let value = value.as_ref()?;
+                let value = if *redact {
+                    http::HeaderValue::from_static(REDACTED)
+                } else {
+                    (*value).clone()
+                };
+                Some((name.clone(), value))
+            })
+            .collect()
+    }
+
     /// The kept headers of a request, secrets replaced by `[REDACTED]`.
     pub fn capture(&self, headers: &http::HeaderMap) -> Vec<(HeaderName, http::HeaderValue)> {
         self.headers
@@ -327,8 +359,9 @@ impl HeaderCapture {
 /// A compiled access log with its writer.
 #[derive(Debug)]
 pub struct AccessLog {
-    /// Each field with its key as written after another field: `,"key":`.
-    fields: Vec<(LogField, Box<[u8]>)>,
+    /// Each field with its key and the opening quote of a string value,
+    /// `"key":"`.
+    fields: Vec<(LogField, Key)>,
     written: ::metrics::Counter,
     dropped: ::metrics::Counter,
     /// Request headers the line shows.
@@ -411,7 +444,7 @@ impl AccessLog {
                 .as_deref()
                 .unwrap_or(&LogField::ALL)
                 .iter()
-                .map(|field| (*field, format!(",\"{}\":", field.key()).into_bytes().into()))
+                .map(|field| (*field, Key::new(field.key())))
                 .collect(),
             written: metrics::counter!(ACCESS_LOG_WRITTEN_TOTAL),
             dropped: metrics::counter!(ACCESS_LOG_DROPPED_TOTAL),
@@ -433,15 +466,12 @@ impl AccessLog {
 
     /// Queues the line for a call; drops it (counted) if the writer is behind.
     pub fn write(&self, log: &CallLog) {
-        thread_local! {
-            static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(1024));
-        }
-        let pushed = SCRATCH.with(|scratch| {
-            let mut line = scratch.borrow_mut();
-            line.clear();
-            self.format_into(log, &mut line);
-            self.pending.push(&line, self.max_lines)
-        });
+        // Formatted straight into the writer's buffer, under its lock: the
+        // writer takes the lock once per flush, and a line formatted aside
+        // first was copied a second time.
+        let pushed = self
+            .pending
+            .push_with(self.max_lines, |out| self.format_into(log, out));
         if pushed {
             self.written.increment(1);
         } else {
@@ -463,17 +493,12 @@ impl AccessLog {
 
     /// Appends the JSON line for a call to `out`.
     fn format_into(&self, log: &CallLog, out: &mut Vec<u8>) {
+        out.reserve(LINE_RESERVE);
         out.push(b'{');
         let mut first = true;
         for (field, key) in &self.fields {
-            let value = self.value(*field, log);
-            if matches!(value, Value::Null) && !matches!(field, LogField::Status) {
-                continue;
-            }
-            // Postern's own keys need no escaping: written as compiled.
-            out.extend_from_slice(if first { &key[1..] } else { key });
-            first = false;
-            value.write(out);
+            let key = KeyAt { key, comma: !first };
+            first &= !self.write_field(*field, key, log, out);
         }
         for (name, value) in log
             .request_headers
@@ -482,96 +507,285 @@ impl AccessLog {
         {
             // Header names are tokens: nothing in them needs escaping.
             put_header_key(out, &mut first, name);
-            Value::Text(&String::from_utf8_lossy(value.as_bytes())).write(out);
+            write_json_string(out, &String::from_utf8_lossy(value.as_bytes()));
         }
         out.extend_from_slice(b"}\n");
     }
 
-    fn value<'a>(&self, field: LogField, log: &'a CallLog) -> Value<'a> {
-        use Value::*;
-        let text =
-            |v: Option<&'a http::HeaderValue>| v.and_then(|v| v.to_str().ok()).map_or(Null, Text);
+    /// Writes `key` (`"name":"`, or with a comma before) and the field's
+    /// value; nothing, and false, when the field has no value. Each field
+    /// is written by its own arm, without an intermediate value to match
+    /// on again: this runs for every field of every line.
+    #[inline]
+    fn write_field(
+        &self,
+        field: LogField,
+        key: KeyAt<'_>,
+        log: &CallLog,
+        out: &mut Vec<u8>,
+    ) -> bool {
         match field {
-            LogField::StartTime => Time(log.start_time),
-            LogField::Listener => Text(&log.listener),
-            LogField::Direction => Text(match log.direction {
-                super::log::TrafficDirection::Inbound => "inbound",
-                super::log::TrafficDirection::Outbound => "outbound",
-            }),
-            LogField::Method => log.method.as_ref().map_or(Null, |m| Text(m.as_str())),
-            LogField::Authority => text(log.authority.as_ref()),
-            LogField::Path => log.path.as_ref().map_or(Null, |p| {
-                match redact_query(p.as_str(), &self.redact_query) {
-                    std::borrow::Cow::Borrowed(p) => Text(p),
-                    std::borrow::Cow::Owned(p) => Owned(p),
+            LogField::StartTime => {
+                key.open(out);
+                write_rfc3339(out, log.start_time);
+                out.push(b'"');
+            }
+            LogField::Listener => put_text(out, key, &log.listener),
+            LogField::Direction => put_plain(
+                out,
+                key,
+                match log.direction {
+                    super::log::TrafficDirection::Inbound => "inbound",
+                    super::log::TrafficDirection::Outbound => "outbound",
+                },
+            ),
+            LogField::Method => match &log.method {
+                Some(method) => put_text(out, key, method.as_str()),
+                None => return false,
+            },
+            LogField::Authority => return put_header(out, key, log.authority.as_ref()),
+            LogField::Path => match &log.path {
+                Some(path) => match redact_query(path.as_str(), &self.redact_query) {
+                    std::borrow::Cow::Borrowed(p) => put_text(out, key, p),
+                    std::borrow::Cow::Owned(p) => put_text(out, key, &p),
+                },
+                None => return false,
+            },
+            LogField::Protocol => put_text(out, key, log.protocol),
+            LogField::Status => {
+                key.bare(out);
+                push_decimal(out, u64::from(log.status));
+            }
+            LogField::GrpcStatus => match log.grpc_status {
+                Some(code) => {
+                    key.bare(out);
+                    push_decimal(out, u64::from(code));
                 }
-            }),
-            LogField::Protocol => Text(log.protocol),
-            LogField::Status => Number(u64::from(log.status)),
-            LogField::GrpcStatus => log.grpc_status.map_or(Null, |g| Number(u64::from(g))),
-            LogField::Flags => Text(log.flags.as_str()),
-            LogField::BytesReceived => Number(log.bytes_received),
-            LogField::BytesSent => Number(log.bytes_sent),
-            LogField::DurationMs => Float(log.duration.as_secs_f64() * 1000.0),
-            LogField::UpstreamTtfbMs => log
-                .upstream_ttfb
-                .map_or(Null, |d| Float(d.as_secs_f64() * 1000.0)),
-            LogField::UpstreamHost => log.upstream_host.map_or(Null, Address),
-            LogField::Cluster => log.cluster.as_deref().map_or(Null, Text),
-            LogField::Route => log.route.as_deref().map_or(Null, Text),
-            LogField::RequestId => text(log.request_id.as_ref()),
-            LogField::TraceId => log.trace_id.map_or(Null, Hex),
-            LogField::DownstreamAddress => Address(log.downstream_addr),
-            LogField::DownstreamPrincipal => log.downstream_principal.as_deref().map_or(Null, Text),
-            LogField::UpstreamPrincipal => log.upstream_principal.as_deref().map_or(Null, Text),
-            LogField::UserAgent => text(log.user_agent.as_ref()),
+                None => return false,
+            },
+            // Codes and commas, or `-`: nothing to escape.
+            LogField::Flags => put_plain(out, key, log.flags.as_str()),
+            LogField::BytesReceived => {
+                key.bare(out);
+                push_decimal(out, log.bytes_received);
+            }
+            LogField::BytesSent => {
+                key.bare(out);
+                push_decimal(out, log.bytes_sent);
+            }
+            LogField::DurationMs => {
+                key.bare(out);
+                write_millis(out, log.duration.as_secs_f64() * 1000.0);
+            }
+            LogField::UpstreamTtfbMs => match log.upstream_ttfb {
+                Some(ttfb) => {
+                    key.bare(out);
+                    write_millis(out, ttfb.as_secs_f64() * 1000.0);
+                }
+                None => return false,
+            },
+            LogField::UpstreamHost => match log.upstream_host {
+                Some(host) => {
+                    key.open(out);
+                    push_socket_addr(out, host);
+                    out.push(b'"');
+                }
+                None => return false,
+            },
+            LogField::Cluster => return put_optional(out, key, log.cluster.as_deref()),
+            LogField::Route => return put_optional(out, key, log.route.as_deref()),
+            LogField::RequestId => return put_header(out, key, log.request_id.as_ref()),
+            LogField::TraceId => match log.trace_id {
+                Some(id) => {
+                    key.open(out);
+                    out.extend_from_slice(&super::trace::hex32(id));
+                    out.push(b'"');
+                }
+                None => return false,
+            },
+            LogField::DownstreamAddress => {
+                key.open(out);
+                push_socket_addr(out, log.downstream_addr);
+                out.push(b'"');
+            }
+            LogField::DownstreamPrincipal => {
+                return put_optional(out, key, log.downstream_principal.as_deref())
+            }
+            LogField::UpstreamPrincipal => {
+                return put_optional(out, key, log.upstream_principal.as_deref())
+            }
+            LogField::UserAgent => return put_header(out, key, log.user_agent.as_ref()),
+        }
+        true
+    }
+}
+
+/// Room for a typical line, reserved once so the writes of its fields do
+/// not each grow the buffer.
+const LINE_RESERVE: usize = 1024;
+
+/// Room for the longest key, `"downstream_principal":"`, and more.
+const KEY_ROOM: usize = 32;
+
+/// A field's key as written, `"key":"`, in a fixed-size array: copied
+/// whole and cut to length, that is two stores, where a copy of the
+/// exact length is a call.
+#[derive(Debug)]
+struct Key {
+    text: [u8; KEY_ROOM],
+    len: usize,
+}
+
+impl Key {
+    fn new(name: &str) -> Key {
+        let written = format!("\"{name}\":\"");
+        let mut text = [0; KEY_ROOM];
+        // Every name is a short literal of `LogField::key`.
+        text[..written.len()].copy_from_slice(written.as_bytes());
+        Key {
+            text,
+            len: written.len(),
         }
     }
 }
 
+/// A key where it goes in a line: after another field or first.
+#[derive(Clone, Copy)]
+struct KeyAt<'a> {
+    key: &'a Key,
+    comma: bool,
+}
+
+impl KeyAt<'_> {
+    /// Writes the key with the opening quote of a string value.
+    #[inline]
+    fn open(self, out: &mut Vec<u8>) {
+        self.write(out, self.key.len);
+    }
+
+    /// Writes the key alone, before a number.
+    #[inline]
+    fn bare(self, out: &mut Vec<u8>) {
+        self.write(out, self.key.len - 1);
+    }
+
+    #[inline]
+    fn write(self, out: &mut Vec<u8>, len: usize) {
+        if self.comma {
+            out.push(b',');
+        }
+        let at = out.len();
+        out.extend_from_slice(&self.key.text);
+        out.truncate(at + len);
+    }
+}
+
+/// Writes `key` and `s` as a JSON string.
+#[inline]
+fn put_text(out: &mut Vec<u8>, key: KeyAt<'_>, s: &str) {
+    if !needs_escape(s.as_bytes()) {
+        put_plain(out, key, s);
+    } else {
+        key.bare(out);
+        write_escaped(out, s);
+    }
+}
+
+/// Like [`put_text`], for text known to need no escaping.
+#[inline]
+fn put_plain(out: &mut Vec<u8>, key: KeyAt<'_>, s: &str) {
+    key.open(out);
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
+/// [`put_text`] when there is a value; false when there is none.
+#[inline]
+fn put_optional(out: &mut Vec<u8>, key: KeyAt<'_>, s: Option<&str>) -> bool {
+    match s {
+        Some(s) => {
+            put_text(out, key, s);
+            true
+        }
+        None => false,
+    }
+}
+
+/// A header's text as a JSON string; none (false) when the header is
+/// absent or not visible ASCII, as [`http::HeaderValue::to_str`] decides.
+#[inline]
+fn put_header(out: &mut Vec<u8>, key: KeyAt<'_>, value: Option<&http::HeaderValue>) -> bool {
+    let Some(value) = value else {
+        return false;
+    };
+    let bytes = value.as_bytes();
+    // Printable ASCII but `"` and `\`, found a word at a time: valid
+    // for `to_str` and written as it is. Anything else takes the careful
+    // way, which checks a byte at a time.
+    if !needs_escape_or_high(bytes) {
+        key.open(out);
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return true;
+    }
+    put_optional(out, key, value.to_str().ok())
+}
+
+/// Milliseconds with three decimals, rounded, without the formatting
+/// machinery: this runs for every call.
+fn write_millis(out: &mut Vec<u8>, millis: f64) {
+    let thousandths = (millis.max(0.0) * 1000.0).round() as u64;
+    push_decimal(out, thousandths / 1000);
+    let frac = thousandths % 1000;
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ]);
+}
+
+/// Writes `n` in decimal. Numbers in a line are mostly short: those are
+/// written as fixed-size arrays, which compile to a store each, where a
+/// copy of a variable length is a call.
+#[inline]
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    let digit = |d: u64| b'0' + (d % 10) as u8;
+    if n < 10 {
+        out.push(digit(n));
+    } else if n < 100 {
+        out.extend_from_slice(&[digit(n / 10), digit(n)]);
+    } else if n < 1000 {
+        out.extend_from_slice(&[digit(n / 100), digit(n / 10), digit(n)]);
+    } else if n < 10_000 {
+        out.extend_from_slice(&[digit(n / 1000), digit(n / 100), digit(n / 10), digit(n)]);
+    } else if n < 100_000 {
+        out.extend_from_slice(&[
+            digit(n / 10_000),
+            digit(n / 1000),
+            digit(n / 100),
+            digit(n / 10),
+            digit(n),
+        ]);
+    } else {
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+}
+
+#[cfg(test)]
 enum Value<'a> {
-    Null,
     Text(&'a str),
-    Owned(String),
-    Time(std::time::SystemTime),
-    Address(std::net::SocketAddr),
-    /// 32 lowercase hex digits.
-    Hex(u128),
     Number(u64),
     Float(f64),
 }
 
+#[cfg(test)]
 impl Value<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         match self {
-            Value::Null => out.extend_from_slice(b"null"),
             Value::Text(s) => write_json_string(out, s),
-            Value::Owned(s) => write_json_string(out, s),
-            // Digits, dots, colons and brackets need no escaping.
-            Value::Time(t) => {
-                out.push(b'"');
-                write_rfc3339(out, *t);
-                out.push(b'"');
-            }
-            Value::Address(a) => {
-                out.push(b'"');
-                push_socket_addr(out, *a);
-                out.push(b'"');
-            }
-            Value::Hex(n) => {
-                out.push(b'"');
-                out.extend_from_slice(&super::trace::hex32(*n));
-                out.push(b'"');
-            }
-            Value::Number(n) => write_digits(out, *n, 0),
-            Value::Float(f) => {
-                // Three decimals, rounded, without the formatting machinery:
-                // this runs for every call.
-                let thousandths = (f.max(0.0) * 1000.0).round() as u64;
-                write_digits(out, thousandths / 1000, 0);
-                out.push(b'.');
-                write_digits(out, thousandths % 1000, 3);
-            }
+            Value::Number(n) => push_decimal(out, *n),
+            Value::Float(f) => write_millis(out, *f),
         }
     }
 }
@@ -608,22 +822,36 @@ fn write_digits<B: bytes::BufMut + ?Sized>(out: &mut B, mut n: u64, width: usize
 }
 
 fn write_json_string(out: &mut Vec<u8>, s: &str) {
-    // Most values need no escaping: copied as they are. Anything else goes
-    // through serde_json, which escapes control characters and quotes, so
-    // a caller-chosen value can never break the line.
+    // Most values need no escaping: copied as they are.
     if !needs_escape(s.as_bytes()) {
-        out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
     } else {
-        let _ = serde_json::to_writer(&mut *out, s);
+        write_escaped(out, s);
     }
+}
+
+/// A string that needs escaping goes through serde_json, which escapes
+/// control characters and quotes, so a caller-chosen value can never break
+/// the line.
+#[cold]
+fn write_escaped(out: &mut Vec<u8>, s: &str) {
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// Whether `bytes` must take the careful path: it holds a control byte,
 /// `"`, `\\` or DEL.
 fn needs_escape(bytes: &[u8]) -> bool {
+    flagged_bytes::<false>(bytes)
+}
+
+/// Like [`needs_escape`], and also true for any byte outside ASCII.
+fn needs_escape_or_high(bytes: &[u8]) -> bool {
+    flagged_bytes::<true>(bytes)
+}
+
+fn flagged_bytes<const HIGH_TOO: bool>(bytes: &[u8]) -> bool {
     // Eight bytes per step (the byte-wise loop did not vectorise, and cost
     // more than the rest of the line's values): a byte is flagged when it
     // is below 0x20 or equals `"`, `\` or DEL, by the classic
@@ -634,14 +862,16 @@ fn needs_escape(bytes: &[u8]) -> bool {
     fn zero_byte(x: u64) -> u64 {
         x.wrapping_sub(ONES) & !x & HIGH
     }
-    fn flagged(x: u64) -> bool {
+    let flagged = |x: u64| {
         let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        let high = if HIGH_TOO { x & HIGH } else { 0 };
         (control
+            | high
             | zero_byte(x ^ (ONES * u64::from(b'"')))
             | zero_byte(x ^ (ONES * u64::from(b'\\')))
             | zero_byte(x ^ (ONES * 0x7f)))
             != 0
-    }
+    };
     let mut words = bytes.chunks_exact(8);
     let mut bad = false;
     for word in &mut words {
@@ -659,18 +889,20 @@ fn needs_escape(bytes: &[u8]) -> bool {
 /// The path with the values of secret query parameters replaced; the path
 /// itself when it has no query.
 fn redact_query<'a>(path: &'a str, secrets: &[String]) -> std::borrow::Cow<'a, str> {
-    let Some((base, query)) = path.split_once('?') else {
+    // Most queries hold no secret: then the path is written as it is,
+    // without building a copy, after one walk over its bytes (splitting
+    // with the str searchers cost more than the rest of the path's text).
+    let Some(at) = path.bytes().position(|b| b == b'?') else {
         return std::borrow::Cow::Borrowed(path);
     };
+    if !has_secret(&path.as_bytes()[at + 1..], secrets) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let (base, query) = (&path[..at], &path[at + 1..]);
     let secret = |pair: &str| {
         let name = pair.split_once('=').map_or(pair, |(n, _)| n);
         secrets.iter().any(|s| s.eq_ignore_ascii_case(name)) && pair.contains('=')
     };
-    // Most queries hold no secret: then the path is written as it is,
-    // without building a copy.
-    if !query.split('&').any(secret) {
-        return std::borrow::Cow::Borrowed(path);
-    }
     let mut out = String::with_capacity(path.len());
     out.push_str(base);
     out.push('?');
@@ -688,6 +920,32 @@ fn redact_query<'a>(path: &'a str, secrets: &[String]) -> std::borrow::Cow<'a, s
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// Whether a `&`-separated pair of `query` is `name=value` with `name`
+/// one of `secrets` (ASCII case ignored).
+fn has_secret(query: &[u8], secrets: &[String]) -> bool {
+    let named = |name: &[u8]| {
+        secrets
+            .iter()
+            .any(|s| s.as_bytes().eq_ignore_ascii_case(name))
+    };
+    let mut start = 0;
+    let mut equals = None;
+    for (i, &b) in query.iter().enumerate() {
+        match b {
+            b'&' => {
+                if equals.is_some_and(|eq| named(&query[start..eq])) {
+                    return true;
+                }
+                start = i + 1;
+                equals = None;
+            }
+            b'=' if equals.is_none() => equals = Some(i),
+            _ => {}
+        }
+    }
+    equals.is_some_and(|eq| named(&query[start..eq]))
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
@@ -717,18 +975,26 @@ pub(crate) fn write_rfc3339(out: &mut Vec<u8>, time: std::time::SystemTime) {
         } else {
             // Years past 9999 do not fit the cache; written in full.
             out.extend_from_slice(&fresh);
-            push_fraction(out, since);
+            out.extend_from_slice(&fraction(since));
             return;
         }
     }
-    out.extend_from_slice(&text);
-    push_fraction(out, since);
+    // One fixed-size write: each write of a variable length is a call.
+    let mut stamp = [0u8; 27];
+    stamp[..19].copy_from_slice(&text);
+    stamp[19..].copy_from_slice(&fraction(since));
+    out.extend_from_slice(&stamp);
 }
 
-fn push_fraction(out: &mut Vec<u8>, since: std::time::Duration) {
-    out.push(b'.');
-    write_digits(out, u64::from(since.subsec_micros()), 6);
-    out.push(b'Z');
+/// `.ffffffZ`: the microseconds and the zone.
+fn fraction(since: std::time::Duration) -> [u8; 8] {
+    let mut text = *b".000000Z";
+    let mut micros = since.subsec_micros();
+    for digit in text[1..7].iter_mut().rev() {
+        *digit = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    text
 }
 
 /// `YYYY-MM-DDTHH:MM:SS` for seconds since the epoch.
@@ -762,39 +1028,77 @@ fn write_seconds(out: &mut Vec<u8>, secs: u64) {
 pub(crate) fn push_ip<B: bytes::BufMut + ?Sized>(out: &mut B, ip: std::net::IpAddr) {
     match ip {
         std::net::IpAddr::V4(v4) => {
-            // Built on the stack and written once: a write per octet and
-            // dot cost several times the digits themselves.
-            let mut text = [0u8; 15];
-            let mut len = 0;
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    text[len] = b'.';
-                    len += 1;
-                }
-                if octet >= 100 {
-                    text[len] = b'0' + octet / 100;
-                    len += 1;
-                }
-                if octet >= 10 {
-                    text[len] = b'0' + octet / 10 % 10;
-                    len += 1;
-                }
-                text[len] = b'0' + octet % 10;
-                len += 1;
-            }
+            let (text, len) = ipv4_text(v4);
             out.put_slice(&text[..len]);
         }
         std::net::IpAddr::V6(v6) => out.put_slice(v6.to_string().as_bytes()),
     }
 }
 
+/// `ip` as `Display` writes it, and the length of that text. Built on the
+/// stack and written once: a write per octet and dot cost several times
+/// the digits themselves.
+pub(crate) fn ipv4_text(ip: std::net::Ipv4Addr) -> ([u8; 16], usize) {
+    // Each octet and a dot, the last dot then cut: 16 bytes at most.
+    let mut text = [0u8; 16];
+    let mut len = 0;
+    for octet in ip.octets() {
+        let (digits, width) = OCTETS[usize::from(octet)];
+        text[len..len + 3].copy_from_slice(&digits);
+        len += usize::from(width);
+        text[len] = b'.';
+        len += 1;
+    }
+    (text, len - 1)
+}
+
+/// Each octet's decimal digits (padded to three) and how many there are:
+/// a lookup where dividing took a dozen steps per octet.
+static OCTETS: [([u8; 3], u8); 256] = octet_digits();
+
+const fn octet_digits() -> [([u8; 3], u8); 256] {
+    let mut table = [([0u8; 3], 0u8); 256];
+    let mut i = 0;
+    while i < 256 {
+        let n = i as u8;
+        table[i] = if n >= 100 {
+            ([b'0' + n / 100, b'0' + n / 10 % 10, b'0' + n % 10], 3)
+        } else if n >= 10 {
+            ([b'0' + n / 10, b'0' + n % 10, 0], 2)
+        } else {
+            ([b'0' + n, 0, 0], 1)
+        };
+        i += 1;
+    }
+    table
+}
+
 /// Appends `addr` as `Display` writes it (`ip:port`, `[ip6]:port`).
 fn push_socket_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
     match addr {
         std::net::SocketAddr::V4(v4) => {
-            push_ip(out, std::net::IpAddr::V4(*v4.ip()));
-            out.push(b':');
-            write_digits(out, u64::from(v4.port()), 0);
+            // The address, colon and port written at once, as the address
+            // alone is by `ipv4_text`.
+            let (ip, len) = ipv4_text(*v4.ip());
+            let mut text = [0u8; 22];
+            text[..16].copy_from_slice(&ip);
+            text[len] = b':';
+            let mut port = v4.port();
+            let digits = match port {
+                0..=9 => 1,
+                10..=99 => 2,
+                100..=999 => 3,
+                1000..=9999 => 4,
+                _ => 5,
+            };
+            for digit in text[len + 1..len + 1 + digits].iter_mut().rev() {
+                *digit = b'0' + (port % 10) as u8;
+                port /= 10;
+            }
+            // Whole and then cut, as a `Key` is written.
+            let at = out.len();
+            out.extend_from_slice(&text);
+            out.truncate(at + len + 1 + digits);
         }
         std::net::SocketAddr::V6(v6) => {
             let _ = write!(out, "{v6}");
@@ -834,14 +1138,15 @@ impl Pending {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Appends a line unless `max_lines` are already waiting.
-    fn push(&self, line: &[u8], max_lines: usize) -> bool {
+    /// Appends a line, written by `line`, unless `max_lines` are already
+    /// waiting.
+    fn push_with(&self, max_lines: usize, line: impl FnOnce(&mut Vec<u8>)) -> bool {
         let mut state = self.lock();
         if state.lines >= max_lines {
             return false;
         }
         let before = state.data.len();
-        state.data.extend_from_slice(line);
+        line(&mut state.data);
         state.lines += 1;
         let wake = before == 0 || (before < FLUSH_BYTES && state.data.len() >= FLUSH_BYTES);
         drop(state);
@@ -989,6 +1294,46 @@ mod tests {
                 serde_json::to_string(text).unwrap(),
                 "{text:?}"
             );
+        }
+    }
+
+    #[test]
+    fn headers_are_written_as_their_checked_text() {
+        let key = Key::new("k");
+        let first = KeyAt {
+            key: &key,
+            comma: false,
+        };
+        let mut values: Vec<Vec<u8>> = vec![b"plain".to_vec(), b"".to_vec()];
+        for bad in [b'\t', b'"', b'\\', 0x7f, 0x80, 0xe9, 0xff, b' ', b'~'] {
+            for len in [1, 7, 8, 9, 17] {
+                let mut value = vec![b'a'; len];
+                value[len / 2] = bad;
+                values.push(value);
+            }
+        }
+        for value in values {
+            // DEL is refused as a header value; the rest are allowed.
+            let Ok(value) = http::HeaderValue::from_bytes(&value) else {
+                continue;
+            };
+            let mut out = Vec::new();
+            let written = put_header(&mut out, first, Some(&value));
+            let expected = value.to_str().ok().map(|text| {
+                let mut line = b"\"k\":".to_vec();
+                write_json_string(&mut line, text);
+                line
+            });
+            assert_eq!(written.then_some(out), expected, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn every_ipv4_octet_is_written_as_display_writes_it() {
+        for octet in 0..=255u8 {
+            let ip = std::net::Ipv4Addr::new(octet, 255 - octet, octet / 3, 7);
+            let (text, len) = ipv4_text(ip);
+            assert_eq!(&text[..len], ip.to_string().as_bytes());
         }
     }
 

@@ -533,6 +533,10 @@ fn text(value: &http::HeaderValue) -> String {
 /// `EXTERNAL_SERVICE`). DR (a direct response; Envoy's DR is a downstream
 /// reset) and DL (a downstream limit) have no Envoy counterpart.
 pub fn envoy_response_flags(flags: ResponseFlags) -> Option<data::ResponseFlags> {
+    // Most calls carry no flag: no message of thirty fields to build.
+    if flags.is_empty() {
+        return None;
+    }
     let mut out = data::ResponseFlags::default();
     let mut any = false;
     for flag in flags.iter() {
@@ -701,13 +705,23 @@ pub fn tcp_entry(log: &CallLog) -> TcpAccessLogEntry {
 /// The method every message goes to.
 const STREAM_ACCESS_LOGS: &str = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs";
 
-/// The stream's codec: messages leave as [`Sealed::message`] encoded them;
-/// the collector's (empty) answer is decoded with prost.
+/// The stream's codec: messages leave as [`Sealed::message_parts`]
+/// encoded them; the collector's (empty) answer is decoded with prost.
 #[derive(Debug, Clone, Copy, Default)]
 struct PreEncoded;
 
+/// An encoded `StreamAccessLogsMessage` in two parts: the head (the
+/// identifier, if any, and the batch's key and length), then the batch.
+/// The codec writes both into its frame, so the batch is copied once,
+/// not first joined to its head.
+#[derive(Debug)]
+struct MessageParts {
+    head: bytes::Bytes,
+    body: bytes::Bytes,
+}
+
 impl tonic::codec::Codec for PreEncoded {
-    type Encode = bytes::Bytes;
+    type Encode = MessageParts;
     type Decode = StreamAccessLogsResponse;
     type Encoder = PreEncoded;
     type Decoder = PreEncoded;
@@ -722,16 +736,17 @@ impl tonic::codec::Codec for PreEncoded {
 }
 
 impl tonic::codec::Encoder for PreEncoded {
-    type Item = bytes::Bytes;
+    type Item = MessageParts;
     type Error = tonic::Status;
 
     fn encode(
         &mut self,
-        item: bytes::Bytes,
+        item: MessageParts,
         dst: &mut tonic::codec::EncodeBuf<'_>,
     ) -> Result<(), tonic::Status> {
         use bytes::BufMut as _;
-        dst.put(item);
+        dst.put(item.head);
+        dst.put(item.body);
         Ok(())
     }
 }
@@ -782,23 +797,30 @@ impl Sealed {
     /// first message only, per the API), then the batch. Byte for byte
     /// what prost writes for the same message, without walking the
     /// entries again to measure them.
-    fn message(&self, identifier: Option<&Identifier>) -> bytes::Bytes {
-        use bytes::BufMut as _;
+    fn message_parts(&self, identifier: Option<&Identifier>) -> MessageParts {
         use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
         let head = identifier.map_or(0, |id| {
             let len = id.encoded_len();
             1 + encoded_len_varint(len as u64) + len
         });
-        let mut out = bytes::BytesMut::with_capacity(
-            head + 1 + encoded_len_varint(self.body.len() as u64) + self.body.len(),
-        );
+        let mut out =
+            bytes::BytesMut::with_capacity(head + 1 + encoded_len_varint(self.body.len() as u64));
         if let Some(id) = identifier {
             prost::encoding::message::encode(1, id, &mut out);
         }
         encode_key(self.kind.field(), WireType::LengthDelimited, &mut out);
         encode_varint(self.body.len() as u64, &mut out);
-        out.put_slice(&self.body);
-        out.freeze()
+        MessageParts {
+            head: out.freeze(),
+            body: self.body.clone(),
+        }
+    }
+
+    /// [`Sealed::message_parts`] joined: the message as one buffer.
+    #[cfg(test)]
+    fn message(&self, identifier: Option<&Identifier>) -> bytes::Bytes {
+        let parts = self.message_parts(identifier);
+        [parts.head, parts.body].concat().into()
     }
 }
 
@@ -1329,7 +1351,7 @@ impl Worker {
         // One message in hand: the stream's flow control, not this
         // channel, decides how fast the collector is fed, and a slow one
         // makes the queue (not memory here) fill up.
-        let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(1);
+        let (tx, mut rx) = mpsc::channel::<MessageParts>(1);
         let requests = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
         let call = async move {
             grpc.ready()
@@ -1372,7 +1394,7 @@ impl Worker {
                         };
                         let Some(sealed) = self.shared.pop_sealed() else { continue };
                         let count = sealed.count;
-                        permit.send(sealed.message(identifier.take().as_ref()));
+                        permit.send(sealed.message_parts(identifier.take().as_ref()));
                         self.sent_total.increment(count);
                         self.progress.send_modify(|p| p.sent += count);
                     }

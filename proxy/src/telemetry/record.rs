@@ -263,6 +263,24 @@ struct Details {
     request_headers: Vec<(http::HeaderName, HeaderValue)>,
 }
 
+/// Sets `kept` to a copy of `now`, unless it already shares `now`'s
+/// bytes, as on the second visit of a request most values do: a copy of a
+/// shared value and the drop of the one it replaces each cost an atomic
+/// update.
+fn reuse_or_clone<T: Clone>(kept: &mut Option<T>, now: Option<&T>, bytes: impl Fn(&T) -> &[u8]) {
+    let same = match (kept.as_ref(), now) {
+        (Some(kept), Some(now)) => std::ptr::eq(bytes(kept), bytes(now)),
+        _ => false,
+    };
+    if !same {
+        *kept = now.cloned();
+    }
+}
+
+/// Kept request headers found by the one walk over a request's headers;
+/// more are looked up by name.
+const MAX_SCANNED_CAPTURES: usize = 8;
+
 fn none() -> Arc<str> {
     static NONE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("none"));
     NONE.clone()
@@ -401,20 +419,52 @@ impl CallRecord {
             return;
         };
         let headers = request.headers();
+        let uri = request.uri();
         details.method = Some(request.method().clone());
-        details.authority = request
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .or_else(|| headers.get(http::header::HOST).cloned());
         // A shared copy: this runs again once the path is normalised, and
         // only a written line needs the text.
-        details.path = request.uri().path_and_query().cloned();
-        details.user_agent = headers.get(http::header::USER_AGENT).cloned();
-        details.request_id = headers.get(&crate::http::headers::X_REQUEST_ID).cloned();
+        reuse_or_clone(&mut details.path, uri.path_and_query(), |p| {
+            p.as_str().as_bytes()
+        });
+        // One walk over the headers finds every one wanted: a lookup by
+        // name hashes the name and probes the map, and this runs twice per
+        // call for three to four names.
         let capture = &self.telemetry.hub.capture;
+        let scan_captured = capture.len() <= MAX_SCANNED_CAPTURES;
+        let mut captured: [Option<&HeaderValue>; MAX_SCANNED_CAPTURES] =
+            [None; MAX_SCANNED_CAPTURES];
+        let (mut host, mut user_agent, mut request_id) = (None, None, None);
+        for (name, value) in headers {
+            if *name == http::header::HOST {
+                host.get_or_insert(value);
+            } else if *name == http::header::USER_AGENT {
+                user_agent.get_or_insert(value);
+            } else if *name == crate::http::headers::X_REQUEST_ID {
+                request_id.get_or_insert(value);
+            }
+            if scan_captured {
+                if let Some(at) = capture.position(name) {
+                    captured[at].get_or_insert(value);
+                }
+            }
+        }
+        let from_uri = uri.authority().and_then(|a| match &details.authority {
+            // The second visit sees the same authority: kept, not copied again.
+            Some(kept) if kept.as_bytes() == a.as_str().as_bytes() => Some(kept.clone()),
+            _ => HeaderValue::from_str(a.as_str()).ok(),
+        });
+        match from_uri {
+            Some(authority) => details.authority = Some(authority),
+            None => reuse_or_clone(&mut details.authority, host, HeaderValue::as_bytes),
+        }
+        reuse_or_clone(&mut details.user_agent, user_agent, HeaderValue::as_bytes);
+        reuse_or_clone(&mut details.request_id, request_id, HeaderValue::as_bytes);
         if !capture.is_empty() {
-            details.request_headers = capture.capture(headers);
+            details.request_headers = if scan_captured {
+                capture.kept(&captured)
+            } else {
+                capture.capture(headers)
+            };
         }
     }
 

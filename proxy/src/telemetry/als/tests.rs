@@ -649,6 +649,12 @@ fn varied_calls() -> Vec<CallLog> {
     odd.duration = Duration::new(400, 1);
     odd.bytes_received = u64::MAX;
     calls.push(odd);
+    // An entry past 16 KiB (a three-byte length), and the longest IPv4 text.
+    let mut huge = http_log();
+    huge.path = Some(format!("/{}", "x".repeat(20_000)).parse().unwrap());
+    huge.upstream_host = Some("255.255.255.255:1".parse().unwrap());
+    huge.downstream_addr = "0.0.0.0:65535".parse().unwrap();
+    calls.push(huge);
     let mut before_epoch = tcp_log();
     before_epoch.start_time = SystemTime::UNIX_EPOCH - Duration::from_secs(1);
     before_epoch.mtls = true;

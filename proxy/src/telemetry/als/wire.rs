@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use super::{envoy_response_flags, http_version, request_headers, request_method, tls_properties};
-use crate::telemetry::access_log::push_ip;
+use crate::telemetry::access_log::{ipv4_text, push_ip};
 use crate::telemetry::log::CallLog;
 use postern_proto::envoy::data::accesslog::v3::AccessLogType;
 
@@ -25,7 +25,7 @@ const LOG_ENTRY: u32 = 1;
 
 /// Appends the call as one `log_entry` of an `HTTPAccessLogEntries`.
 pub(super) fn push_http(out: &mut Vec<u8>, log: &CallLog, keep_headers: &[HeaderName]) {
-    nested(out, LOG_ENTRY, |out| {
+    nested_wide(out, LOG_ENTRY, |out| {
         nested(out, 1, |out| common(out, log, AccessLogType::DownstreamEnd));
         varint(out, 2, http_version(log.protocol) as u64);
         nested(out, 3, |out| {
@@ -63,7 +63,7 @@ pub(super) fn push_http(out: &mut Vec<u8>, log: &CallLog, keep_headers: &[Header
 
 /// Appends the connection as one `log_entry` of a `TCPAccessLogEntries`.
 pub(super) fn push_tcp(out: &mut Vec<u8>, log: &CallLog) {
-    nested(out, LOG_ENTRY, |out| {
+    nested_wide(out, LOG_ENTRY, |out| {
         nested(out, 1, |out| {
             common(out, log, AccessLogType::TcpConnectionEnd)
         });
@@ -107,20 +107,119 @@ fn common(out: &mut Vec<u8>, log: &CallLog, kind: AccessLogType) {
 
 /// A `config.core.v3.Address` holding a TCP `SocketAddress`.
 fn address(out: &mut Vec<u8>, tag: u32, addr: SocketAddr) {
-    nested(out, tag, |out| {
-        nested(out, 1, |out| {
-            nested(out, 2, |out| push_ip(out, addr.ip()));
-            varint(out, 3, u64::from(addr.port()));
+    let SocketAddr::V4(v4) = addr else {
+        nested(out, tag, |out| {
+            nested(out, 1, |out| {
+                nested(out, 2, |out| push_ip(out, addr.ip()));
+                varint(out, 3, u64::from(addr.port()));
+            });
         });
-    });
+        return;
+    };
+    // IPv4 (nearly every call): the three nested lengths are known up
+    // front, so the field is built on the stack and written once.
+    let (text, text_len) = ipv4_text(*v4.ip());
+    let text = &text[..text_len];
+    let port = u64::from(v4.port());
+    let port_len = if port == 0 {
+        0
+    } else {
+        1 + encoded_len_varint(port)
+    };
+    let socket_len = 2 + text.len() + port_len;
+    // Tag key (two bytes at most), two lengths and keys, a 15-byte IP and
+    // a 3-byte port varint: 29 bytes at most.
+    let mut field = Stack::<32>::new();
+    field.varint(u64::from(tag) << 3 | u64::from(LENGTH_DELIMITED));
+    field.push((2 + socket_len) as u8);
+    field.push(1 << 3 | LENGTH_DELIMITED);
+    field.push(socket_len as u8);
+    field.push(2 << 3 | LENGTH_DELIMITED);
+    field.push(text.len() as u8);
+    field.extend(text);
+    if port != 0 {
+        field.push(3 << 3 | VARINT);
+        field.varint(port);
+    }
+    field.write_to(out);
 }
 
-/// A `google.protobuf.Duration` or `Timestamp` (the same two fields).
+/// A `google.protobuf.Duration` or `Timestamp` (the same two fields),
+/// built on the stack and written once.
 fn duration(out: &mut Vec<u8>, tag: u32, d: Duration) {
-    nested(out, tag, |out| {
-        varint(out, 1, d.as_secs().min(i64::MAX as u64));
-        varint(out, 2, u64::from(d.subsec_nanos()));
-    });
+    let secs = d.as_secs().min(i64::MAX as u64);
+    let nanos = u64::from(d.subsec_nanos());
+    let secs_len = if secs == 0 {
+        0
+    } else {
+        1 + encoded_len_varint(secs)
+    };
+    let nanos_len = if nanos == 0 {
+        0
+    } else {
+        1 + encoded_len_varint(nanos)
+    };
+    // A two-byte key, a length, then at most 11 and 6 bytes: 20 in all.
+    let mut field = Stack::<24>::new();
+    field.varint(u64::from(tag) << 3 | u64::from(LENGTH_DELIMITED));
+    field.push((secs_len + nanos_len) as u8);
+    if secs != 0 {
+        field.push(1 << 3 | VARINT);
+        field.varint(secs);
+    }
+    if nanos != 0 {
+        field.push(2 << 3 | VARINT);
+        field.varint(nanos);
+    }
+    field.write_to(out);
+}
+
+/// A small field assembled on the stack: a store per byte, where a push
+/// onto the batch checks its capacity and updates its length each time.
+/// Callers size `N` for their largest field; a larger one would panic.
+struct Stack<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> Stack<N> {
+    fn new() -> Self {
+        Stack {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, byte: u8) {
+        self.buf[self.len] = byte;
+        self.len += 1;
+    }
+
+    #[inline]
+    fn extend(&mut self, bytes: &[u8]) {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    #[inline]
+    fn varint(&mut self, mut value: u64) {
+        while value >= 0x80 {
+            self.push(value as u8 | 0x80);
+            value >>= 7;
+        }
+        self.push(value as u8);
+    }
+
+    /// Appends the field to `out`: the whole array and then a cut to
+    /// length, which compiles to a few stores where a copy of the exact
+    /// length is a call.
+    #[inline]
+    fn write_to(&self, out: &mut Vec<u8>) {
+        let at = out.len();
+        out.extend_from_slice(&self.buf);
+        out.truncate(at + self.len);
+    }
 }
 
 /// Wire types used here.
@@ -201,6 +300,32 @@ fn nested(out: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) {
         let width = encoded_len_varint(len as u64);
         out.resize(end + width - 1, 0);
         out.copy_within(at + 1..end, at + width);
+        let mut prefix = &mut out[at..at + width];
+        prost::encoding::encode_varint(len as u64, &mut prefix);
+    }
+}
+
+/// Like [`nested`], for an HTTP entry, nearly always 128 bytes to 16 KiB
+/// long: two bytes are set aside, so the body is moved only in the rare
+/// other case.
+fn nested_wide(out: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) {
+    key(out, tag, LENGTH_DELIMITED);
+    let at = out.len();
+    out.extend_from_slice(&[0, 0]);
+    body(out);
+    let end = out.len();
+    let len = end - at - 2;
+    if (0x80..0x4000).contains(&len) {
+        out[at] = len as u8 | 0x80;
+        out[at + 1] = (len >> 7) as u8;
+    } else if len < 0x80 {
+        out[at] = len as u8;
+        out.copy_within(at + 2..end, at + 1);
+        out.truncate(end - 1);
+    } else {
+        let width = encoded_len_varint(len as u64);
+        out.resize(end + width - 2, 0);
+        out.copy_within(at + 2..end, at + width);
         let mut prefix = &mut out[at..at + width];
         prost::encoding::encode_varint(len as u64, &mut prefix);
     }
