@@ -296,6 +296,18 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// A local answer to a request refused before its head was settled (and
+/// noted for the log sinks, which happens once, after that).
+fn early_response<B>(
+    reply: &LocalReply,
+    grpc: bool,
+    record: &mut CallRecord,
+    request: &Request<B>,
+) -> Response<ResponseBody> {
+    record.note_request(request);
+    local_response(reply, grpc, record)
+}
+
 fn local_response(
     reply: &LocalReply,
     grpc: bool,
@@ -839,7 +851,7 @@ impl HttpProxy {
                     Some(ResponseFlag::OverloadManager),
                 )
             };
-            return local_response(&reply, grpc, &mut record);
+            return early_response(&reply, grpc, &mut record, &request);
         }
         let limits = &self.listener.limits;
 
@@ -863,7 +875,7 @@ impl HttpProxy {
                 "request headers too large",
                 Some(ResponseFlag::DownstreamLimit),
             );
-            return local_response(&reply, grpc, &mut record);
+            return early_response(&reply, grpc, &mut record, &request);
         }
         if let (Some(max), Some(length)) = (
             limits.max_request_body_bytes,
@@ -876,7 +888,7 @@ impl HttpProxy {
                     "request body too large",
                     Some(ResponseFlag::DownstreamLimit),
                 );
-                return local_response(&reply, grpc, &mut record);
+                return early_response(&reply, grpc, &mut record, &request);
             }
         }
 
@@ -888,7 +900,7 @@ impl HttpProxy {
                     "missing host",
                     Some(ResponseFlag::DownstreamProtocolError),
                 );
-                return local_response(&reply, grpc, &mut record);
+                return early_response(&reply, grpc, &mut record, &request);
             }
         };
         let Ok(authority_text) = authority.to_str() else {
@@ -897,7 +909,7 @@ impl HttpProxy {
                 "invalid host",
                 Some(ResponseFlag::DownstreamProtocolError),
             );
-            return local_response(&reply, grpc, &mut record);
+            return early_response(&reply, grpc, &mut record, &request);
         };
         if request.uri().path() == "*" && request.method() != Method::OPTIONS {
             let reply = LocalReply::new(
@@ -905,7 +917,7 @@ impl HttpProxy {
                 "invalid path",
                 Some(ResponseFlag::DownstreamProtocolError),
             );
-            return local_response(&reply, grpc, &mut record);
+            return early_response(&reply, grpc, &mut record, &request);
         }
         // What routes and policies see is what goes upstream.
         let config = self.config.load_full();
@@ -913,7 +925,7 @@ impl HttpProxy {
             Ok(std::borrow::Cow::Borrowed(_)) => {}
             Ok(std::borrow::Cow::Owned(path)) => {
                 if let Err(reply) = replace_path(&mut request, &path) {
-                    return local_response(&reply, grpc, &mut record);
+                    return early_response(&reply, grpc, &mut record, &request);
                 }
             }
             Err(err) => {
@@ -924,7 +936,7 @@ impl HttpProxy {
                     "invalid path",
                     Some(ResponseFlag::DownstreamProtocolError),
                 );
-                return local_response(&reply, grpc, &mut record);
+                return early_response(&reply, grpc, &mut record, &request);
             }
         }
         // Forwarding headers are settled before any policy looks: a caller's
@@ -933,7 +945,13 @@ impl HttpProxy {
         // The marker is written for what may read it (routes, policies,
         // logged headers); otherwise only a mesh hop's head gets it, in
         // `upstream_head`: two header-map writes fewer on every request.
-        let marked = config.reads_request_headers() || !self.telemetry.hub.capture.is_empty();
+        let marked = config.reads_request_headers()
+            || self
+                .telemetry
+                .hub
+                .capture
+                .position(&super::protocol::X_POSTERN_ORIGINAL_PROTOCOL)
+                .is_some();
         if marked {
             super::protocol::mark(&mut request);
         }

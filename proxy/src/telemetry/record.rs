@@ -364,9 +364,12 @@ impl CallRecord {
             span: None,
             finished: false,
         };
+        // The request is noted (`note_request`) by the caller once its head
+        // is settled (path normalised, forwarding headers set), or before
+        // it is answered early: once per call, as it costs a walk over
+        // the headers.
         if telemetry.hub.listener_wants_details(telemetry) {
             record.details = Some(Box::default());
-            record.note_request(request);
         }
         if let Some(tracer) = &telemetry.hub.tracer {
             let parent = TraceContext::extract(request.headers());
@@ -412,8 +415,8 @@ impl CallRecord {
         self.start_time
     }
 
-    /// Takes the request facts the log sinks read (again after the path was
-    /// normalised and forwarding headers set).
+    /// Takes the request facts the log sinks read, once per call: when the
+    /// head is settled, or before an early answer.
     pub fn note_request<B>(&mut self, request: &http::Request<B>) {
         let Some(details) = self.details.as_mut() else {
             return;
@@ -421,14 +424,12 @@ impl CallRecord {
         let headers = request.headers();
         let uri = request.uri();
         details.method = Some(request.method().clone());
-        // A shared copy: this runs again once the path is normalised, and
-        // only a written line needs the text.
+        // A shared copy: only a written line needs the text.
         reuse_or_clone(&mut details.path, uri.path_and_query(), |p| {
             p.as_str().as_bytes()
         });
         // One walk over the headers finds every one wanted: a lookup by
-        // name hashes the name and probes the map, and this runs twice per
-        // call for three to four names.
+        // name hashes the name and probes the map, for three to four names.
         let capture = &self.telemetry.hub.capture;
         let scan_captured = capture.len() <= MAX_SCANNED_CAPTURES;
         let mut captured: [Option<&HeaderValue>; MAX_SCANNED_CAPTURES] =
