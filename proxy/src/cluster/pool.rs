@@ -724,6 +724,7 @@ impl EndpointPool {
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let io = self.connect_tcp().await?;
         let (sender, conn) = http1::Builder::new()
+            .writev(false)
             .handshake(io)
             .await
             .map_err(|e| self.handshake_failed(e))?;

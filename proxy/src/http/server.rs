@@ -58,6 +58,7 @@ pub fn builder(limits: &ListenerLimitsFile) -> ServerBuilder {
         // The read buffer bounds the request head: past it hyper answers 431.
         .max_buf_size(limits.max_request_headers_bytes.max(MIN_BUF))
         .max_headers(limits.max_request_headers)
+        .writev(false)
         .keep_alive(true);
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2
