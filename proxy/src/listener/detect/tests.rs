@@ -155,54 +155,46 @@ fn server_name_list_ends_at_an_unknown_name_type() {
     // Found by the client_hello fuzz target: a host_name followed by a name
     // of another type lost the whole hello (no SNI, no ALPN) while rustls
     // serves the handshake for the host_name.
-    let name = b"api.example.com";
+    let alpn = vec![0, 3, 2, b'h', b'2'];
+    assert_sni_as_rustls_sees_it(b"api.example.com", b"m", Some(alpn), "api.example.com");
+}
+
+/// A hello whose server_name extension holds the host_name `name` followed
+/// by the raw bytes `after`, with `alpn` if given: detection and rustls
+/// both take `expected` from it (and detection the ALPN).
+fn assert_sni_as_rustls_sees_it(name: &[u8], after: &[u8], alpn: Option<Vec<u8>>, expected: &str) {
     let mut list = vec![0];
     list.extend_from_slice(&(name.len() as u16).to_be_bytes());
     list.extend_from_slice(name);
-    list.push(b'm');
+    list.extend_from_slice(after);
     let mut sni = (list.len() as u16).to_be_bytes().to_vec();
     sni.extend_from_slice(&list);
-    let alpn = vec![0, 3, 2, b'h', b'2'];
     // rustls needs signature_algorithms to accept the hello at all.
     let signatures = vec![0, 2, 4, 3];
-    let hello = hello_with_extensions(&[(0, sni), (16, alpn), (13, signatures)]);
-    let expected = ClientHelloInfo {
-        sni: Some("api.example.com".into()),
-        alpn: vec![b"h2".to_vec()],
+    let mut extensions = vec![(0, sni), (13, signatures)];
+    let mut protocols = Vec::new();
+    if let Some(alpn) = alpn {
+        protocols.push(alpn[3..].to_vec());
+        extensions.push((16, alpn));
+    }
+    let hello = hello_with_extensions(&extensions);
+    let info = ClientHelloInfo {
+        sni: Some(expected.into()),
+        alpn: protocols,
     };
-    assert_eq!(detect(&hello), Detection::Done(Protocol::Tls(expected)));
+    assert_eq!(detect(&hello), Detection::Done(Protocol::Tls(info)));
 
     let mut acceptor = rustls::server::Acceptor::default();
     acceptor.read_tls(&mut hello.as_slice()).unwrap();
     let accepted = acceptor.accept().unwrap().unwrap();
-    assert_eq!(
-        accepted.client_hello().server_name(),
-        Some("api.example.com")
-    );
+    assert_eq!(accepted.client_hello().server_name(), Some(expected));
 }
 
 #[test]
 fn an_absolute_server_name_is_taken_without_its_trailing_dot_as_rustls_takes_it() {
     // Found by the client_hello fuzz target: `web.shop.` picked no chain
     // for `web.shop` while rustls served the handshake as `web.shop`.
-    let name = b"Web.Shop.";
-    let mut list = vec![0];
-    list.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    list.extend_from_slice(name);
-    let mut sni = (list.len() as u16).to_be_bytes().to_vec();
-    sni.extend_from_slice(&list);
-    let signatures = vec![0, 2, 4, 3];
-    let hello = hello_with_extensions(&[(0, sni), (13, signatures)]);
-    let expected = ClientHelloInfo {
-        sni: Some("web.shop".into()),
-        alpn: Vec::new(),
-    };
-    assert_eq!(detect(&hello), Detection::Done(Protocol::Tls(expected)));
-
-    let mut acceptor = rustls::server::Acceptor::default();
-    acceptor.read_tls(&mut hello.as_slice()).unwrap();
-    let accepted = acceptor.accept().unwrap().unwrap();
-    assert_eq!(accepted.client_hello().server_name(), Some("web.shop"));
+    assert_sni_as_rustls_sees_it(b"Web.Shop.", b"", None, "web.shop");
 }
 
 #[test]
