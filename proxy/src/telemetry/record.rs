@@ -263,20 +263,6 @@ struct Details {
     request_headers: Vec<(http::HeaderName, HeaderValue)>,
 }
 
-/// Sets `kept` to a copy of `now`, unless it already shares `now`'s
-/// bytes, as on the second visit of a request most values do: a copy of a
-/// shared value and the drop of the one it replaces each cost an atomic
-/// update.
-fn reuse_or_clone<T: Clone>(kept: &mut Option<T>, now: Option<&T>, bytes: impl Fn(&T) -> &[u8]) {
-    let same = match (kept.as_ref(), now) {
-        (Some(kept), Some(now)) => std::ptr::eq(bytes(kept), bytes(now)),
-        _ => false,
-    };
-    if !same {
-        *kept = now.cloned();
-    }
-}
-
 /// Kept request headers found by the one walk over a request's headers;
 /// more are looked up by name.
 const MAX_SCANNED_CAPTURES: usize = 8;
@@ -425,9 +411,7 @@ impl CallRecord {
         let uri = request.uri();
         details.method = Some(request.method().clone());
         // A shared copy: only a written line needs the text.
-        reuse_or_clone(&mut details.path, uri.path_and_query(), |p| {
-            p.as_str().as_bytes()
-        });
+        details.path = uri.path_and_query().cloned();
         // One walk over the headers finds every one wanted: a lookup by
         // name hashes the name and probes the map, for three to four names.
         let capture = &self.telemetry.hub.capture;
@@ -449,17 +433,12 @@ impl CallRecord {
                 }
             }
         }
-        let from_uri = uri.authority().and_then(|a| match &details.authority {
-            // The second visit sees the same authority: kept, not copied again.
-            Some(kept) if kept.as_bytes() == a.as_str().as_bytes() => Some(kept.clone()),
-            _ => HeaderValue::from_str(a.as_str()).ok(),
-        });
-        match from_uri {
-            Some(authority) => details.authority = Some(authority),
-            None => reuse_or_clone(&mut details.authority, host, HeaderValue::as_bytes),
-        }
-        reuse_or_clone(&mut details.user_agent, user_agent, HeaderValue::as_bytes);
-        reuse_or_clone(&mut details.request_id, request_id, HeaderValue::as_bytes);
+        details.authority = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| host.cloned());
+        details.user_agent = user_agent.cloned();
+        details.request_id = request_id.cloned();
         if !capture.is_empty() {
             details.request_headers = if scan_captured {
                 capture.kept(&captured)
