@@ -478,8 +478,7 @@ impl AccessLog {
             let mut line = scratch.borrow_mut();
             line.clear();
             self.format_into(log, &mut line);
-            self.pending
-                .push_with(self.max_lines, |out| out.extend_from_slice(&line))
+            self.pending.push(&line, self.max_lines)
         });
         if pushed {
             self.written.increment(1);
@@ -781,24 +780,6 @@ fn push_decimal(out: &mut Vec<u8>, n: u64) {
     }
 }
 
-#[cfg(test)]
-enum Value<'a> {
-    Text(&'a str),
-    Number(u64),
-    Float(f64),
-}
-
-#[cfg(test)]
-impl Value<'_> {
-    fn write(&self, out: &mut Vec<u8>) {
-        match self {
-            Value::Text(s) => write_json_string(out, s),
-            Value::Number(n) => push_decimal(out, *n),
-            Value::Float(f) => write_millis(out, *f),
-        }
-    }
-}
-
 /// Writes `"req_<name>":` for a kept request header.
 fn put_header_key(out: &mut Vec<u8>, first: &mut bool, name: &HeaderName) {
     if !*first {
@@ -811,11 +792,7 @@ fn put_header_key(out: &mut Vec<u8>, first: &mut bool, name: &HeaderName) {
 }
 
 /// Writes `n` in decimal, zero-padded to `width` digits.
-fn write_digits<B: bytes::BufMut + ?Sized>(out: &mut B, mut n: u64, width: usize) {
-    if width == 0 {
-        out.put_slice(itoa::Buffer::new().format(n).as_bytes());
-        return;
-    }
+fn write_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
     let mut digits = [b'0'; 20];
     let mut at = digits.len();
     loop {
@@ -827,7 +804,7 @@ fn write_digits<B: bytes::BufMut + ?Sized>(out: &mut B, mut n: u64, width: usize
         }
     }
     at = at.min(digits.len().saturating_sub(width));
-    out.put_slice(&digits[at..]);
+    out.extend_from_slice(&digits[at..]);
 }
 
 fn write_json_string(out: &mut Vec<u8>, s: &str) {
@@ -1147,15 +1124,14 @@ impl Pending {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Appends a line, written by `line`, unless `max_lines` are already
-    /// waiting.
-    fn push_with(&self, max_lines: usize, line: impl FnOnce(&mut Vec<u8>)) -> bool {
+    /// Appends a line unless `max_lines` are already waiting.
+    fn push(&self, line: &[u8], max_lines: usize) -> bool {
         let mut state = self.lock();
         if state.lines >= max_lines {
             return false;
         }
         let before = state.data.len();
-        line(&mut state.data);
+        state.data.extend_from_slice(line);
         state.lines += 1;
         let wake = before == 0 || (before < FLUSH_BYTES && state.data.len() >= FLUSH_BYTES);
         drop(state);
@@ -1278,16 +1254,19 @@ mod tests {
 
     #[test]
     fn numbers_and_strings_are_written_as_json() {
-        let render = |value: Value<'_>| {
+        let render = |write: &dyn Fn(&mut Vec<u8>)| {
             let mut out = Vec::new();
-            value.write(&mut out);
+            write(&mut out);
             String::from_utf8(out).unwrap()
         };
-        assert_eq!(render(Value::Number(0)), "0");
-        assert_eq!(render(Value::Number(u64::MAX)), u64::MAX.to_string());
-        assert_eq!(render(Value::Float(0.0)), "0.000");
-        assert_eq!(render(Value::Float(12.3456)), "12.346");
-        assert_eq!(render(Value::Float(1500.0004)), "1500.000");
+        assert_eq!(render(&|out| push_decimal(out, 0)), "0");
+        assert_eq!(
+            render(&|out| push_decimal(out, u64::MAX)),
+            u64::MAX.to_string()
+        );
+        assert_eq!(render(&|out| write_millis(out, 0.0)), "0.000");
+        assert_eq!(render(&|out| write_millis(out, 12.3456)), "12.346");
+        assert_eq!(render(&|out| write_millis(out, 1500.0004)), "1500.000");
         for text in [
             "plain",
             "",
@@ -1299,7 +1278,7 @@ mod tests {
             "\u{7f}del",
         ] {
             assert_eq!(
-                render(Value::Text(text)),
+                render(&|out| write_json_string(out, text)),
                 serde_json::to_string(text).unwrap(),
                 "{text:?}"
             );
