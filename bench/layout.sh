@@ -24,6 +24,10 @@
 #   SKIP_BUILD=1 bench/layout.sh  # profiles target/release/postern as it is
 set -euo pipefail
 cd "$(dirname "$0")/.."
+log() { printf '[layout %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf '[layout] ERROR: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 POSTERN_BIN=${POSTERN_BIN:-target/release/postern}
 SKIP_BUILD=${SKIP_BUILD:-0}
@@ -70,34 +74,12 @@ CONF
 nginx -p "$OUT" -c "$OUT/backend.conf" &
 pids+=($!)
 
-# Mesh certificates: a CA and two SPIFFE identities, as bench/mesh.sh makes.
+# Mesh certificates: a CA and two SPIFFE identities, made as bench/mesh.sh
+# makes them (bench/lib.sh).
 CERTS=$OUT/certs
-rm -rf "$CERTS" && mkdir -p "$CERTS" && chmod 700 "$CERTS"
-key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
-key "$CERTS/ca-key.pem"
-openssl req -x509 -new -key "$CERTS/ca-key.pem" -subj "/CN=Postern layout CA" -days 2 -sha256 \
-  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" \
-  -out "$CERTS/ca.pem" 2>/dev/null
-for side in a b; do
-  key "$CERTS/$side-key.pem"
-  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=URI:spiffe://cluster.local/ns/layout/sa/%s\n' \
-    "$side" >"$CERTS/$side.ext"
-  openssl req -new -key "$CERTS/$side-key.pem" -subj "/CN=$side" -out "$CERTS/$side.csr" 2>/dev/null
-  openssl x509 -req -in "$CERTS/$side.csr" -CA "$CERTS/ca.pem" -CAkey "$CERTS/ca-key.pem" \
-    -set_serial "0x$(openssl rand -hex 16)" -days 2 -sha256 -extfile "$CERTS/$side.ext" \
-    -out "$CERTS/$side-chain.pem" 2>/dev/null
-done
-identity() {
-  cat <<CONF
-identity:
-  spiffe_id: spiffe://cluster.local/ns/layout/sa/$1
-  source:
-    files:
-      cert: $CERTS/$1-chain.pem
-      key: $CERTS/$1-key.pem
-      bundle: $CERTS/ca.pem
-CONF
-}
+gen_ca
+for side in a b; do gen_leaf "$side" "URI:spiffe://cluster.local/ns/layout/sa/$side"; done
+identity() { postern_identity "spiffe://cluster.local/ns/layout/sa/$1" "$1"; }
 # proxy_config ADMIN_PORT PORT UPSTREAM_PORT [IDENTITY [LISTENER_EXTRA [CLUSTER_EXTRA]]]:
 # one HTTP listener routing everything to one cluster.
 proxy_config() {

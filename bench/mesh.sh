@@ -147,43 +147,10 @@ run_logged() {
 now() { date +%s.%N; }
 
 # ------------------------------------------------------------- certificates --
-# EC P-256 CA; leaves for A and B with a SPIFFE URI SAN (B also DNS:$B_NAME
-# for nginx A's proxy_ssl_name check), EKU serverAuth+clientAuth, keys in
-# PKCS#8 PEM. *-chain.pem holds the leaf only (the CA signs the leaves
-# directly, so there is no intermediate to send).
-gen_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
-gen_leaf() {   # gen_leaf NAME SAN
-    local name=$1 san=$2
-    gen_key "$CERTS/$name-key.pem"
-    cat >"$CERTS/$name.ext" <<EOF
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth, clientAuth
-subjectAltName = $san
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid:always
-EOF
-    openssl req -new -key "$CERTS/$name-key.pem" -subj "/O=Postern bench/CN=sidecar-$name" \
-        -out "$CERTS/$name.csr" 2>/dev/null
-    openssl x509 -req -in "$CERTS/$name.csr" -CA "$CERTS/ca.pem" -CAkey "$CERTS/ca-key.pem" \
-        -set_serial "0x$(openssl rand -hex 16)" -days 30 -sha256 \
-        -extfile "$CERTS/$name.ext" -out "$CERTS/$name-chain.pem" 2>/dev/null
-    openssl verify -CAfile "$CERTS/ca.pem" -purpose sslclient "$CERTS/$name-chain.pem" >/dev/null \
-        || die "generated certificate $name-chain.pem does not verify as a client cert"
-    openssl verify -CAfile "$CERTS/ca.pem" -purpose sslserver "$CERTS/$name-chain.pem" >/dev/null \
-        || die "generated certificate $name-chain.pem does not verify as a server cert"
-}
+# Leaves for A and B (B also DNS:$B_NAME for nginx A's proxy_ssl_name
+# check); gen_ca and gen_leaf are in lib.sh.
 gen_certs() {
-    rm -rf "$CERTS"
-    mkdir -p "$CERTS"
-    chmod 700 "$CERTS"
-    gen_key "$CERTS/ca-key.pem"
-    openssl req -x509 -new -key "$CERTS/ca-key.pem" -subj "/O=Postern bench/CN=Postern bench CA" \
-        -days 30 -sha256 \
-        -addext "basicConstraints=critical,CA:TRUE" \
-        -addext "keyUsage=critical,keyCertSign,cRLSign" \
-        -addext "subjectKeyIdentifier=hash" \
-        -out "$CERTS/ca.pem" 2>/dev/null
+    gen_ca
     gen_leaf a "URI:$ID_A"
     gen_leaf b "URI:$ID_B, DNS:$B_NAME"
     grep -q 'BEGIN PRIVATE KEY' "$CERTS/a-key.pem" || die "key is not PKCS#8 PEM: $CERTS/a-key.pem"
@@ -329,18 +296,6 @@ postern_binary() {
     fi
     [[ -x $REPO/target/release/postern ]] || die "no Postern binary at $REPO/target/release/postern"
     POSTERN_PATH=$REPO/target/release/postern
-}
-
-postern_identity() {   # postern_identity SPIFFE_ID NAME
-    cat <<EOF
-identity:
-  spiffe_id: $1
-  source:
-    files:
-      cert: $CERTS/$2-chain.pem
-      key: $CERTS/$2-key.pem
-      bundle: $CERTS/ca.pem
-EOF
 }
 
 # Sidecar A: plain HTTP listener, cluster "b" to sidecar B over mesh mTLS
