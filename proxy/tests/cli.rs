@@ -687,7 +687,7 @@ struct DemoAddresses {
 }
 
 /// Reads the demo's stdout until its help text ends.
-fn demo_addresses(child: &mut Child) -> DemoAddresses {
+fn demo_addresses(child: &mut Child) -> Option<DemoAddresses> {
     use std::io::BufRead as _;
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = std::io::BufReader::new(stdout).lines();
@@ -715,11 +715,11 @@ fn demo_addresses(child: &mut Child) -> DemoAddresses {
     // Keep draining (access-log summaries) so the demo never blocks on a
     // full pipe.
     std::thread::spawn(move || for _ in lines {});
-    DemoAddresses {
-        edge: edge.expect("demo names its edge listener"),
-        frontend_admin: frontend_admin.expect("demo names the frontend admin"),
-        reviews_v1_admin: reviews_v1_admin.expect("demo names the reviews-v1 admin"),
-    }
+    Some(DemoAddresses {
+        edge: edge?,
+        frontend_admin: frontend_admin?,
+        reviews_v1_admin: reviews_v1_admin?,
+    })
 }
 
 /// `GET path` with `headers` on a new connection: status, the app that
@@ -766,7 +766,11 @@ fn start_demo() -> (Running, DemoAddresses) {
         .spawn()
         .expect("start postern demo");
     let mut demo = Running { child, stderr };
-    let at = demo_addresses(&mut demo.child);
+    // A demo that ends before naming its edge listener, its frontend admin
+    // and reviews-v1's admin failed to start: its log says why.
+    let Some(at) = demo_addresses(&mut demo.child) else {
+        panic!("demo did not name its listeners: {}", demo.logs());
+    };
     (demo, at)
 }
 
