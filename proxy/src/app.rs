@@ -24,8 +24,6 @@ use postern_certs::{
 
 /// How often idle upstream connections are swept.
 const REAP_INTERVAL: Duration = Duration::from_secs(5);
-/// How often histogram samples are folded into their buckets.
-const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A running proxy.
 #[derive(Debug)]
@@ -173,20 +171,6 @@ impl Proxy {
                 }
             })
         };
-        // Histograms keep every raw sample until upkeep folds it into the
-        // buckets: at 50k calls/s, four histograms held about 17 MiB of RSS
-        // between upkeeps 5 s apart,
-        // so upkeep runs often enough to keep that a few hundred KB.
-        let metrics_upkeep = crate::telemetry::prometheus_handle().map(|handle| {
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    handle.run_upkeep();
-                }
-            })
-        });
         // With an identity, the proxy is ready once it can present a
         // certificate: before that every mTLS handshake would fail.
         let readiness = {
@@ -225,9 +209,6 @@ impl Proxy {
                     }
                 }
                 reaper.abort();
-                if let Some(upkeep) = metrics_upkeep {
-                    upkeep.abort();
-                }
                 readiness.abort();
                 if let Some(sampler) = sampler {
                     sampler.abort();

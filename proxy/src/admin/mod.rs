@@ -150,7 +150,9 @@ async fn handle(
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/metrics") => match crate::telemetry::prometheus_handle() {
             Some(handle) => {
-                let mut response = text(StatusCode::OK, handle.render());
+                let mut body = handle.render();
+                crate::telemetry::histogram::render(&mut body);
+                let mut response = text(StatusCode::OK, body);
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

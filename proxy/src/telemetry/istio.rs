@@ -10,7 +10,9 @@
 use std::sync::{Arc, LazyLock, RwLock};
 
 use http::HeaderValue;
-use metrics::{Counter, Histogram};
+use metrics::Counter;
+
+use super::histogram::{Family, Histogram};
 
 use super::log::{TrafficDirection, WorkloadLabels};
 use super::ResponseFlags;
@@ -54,21 +56,27 @@ pub const SIZE_BUCKETS: &[f64] = &[
     1000000000.0,
 ];
 
+/// `istio_request_duration_milliseconds`, by the full label set.
+pub static REQUEST_DURATION_FAMILY: Family = Family::new(
+    REQUEST_DURATION_MILLISECONDS,
+    "Request duration until the response ends",
+    DURATION_BUCKETS_MS,
+);
+/// `istio_request_bytes`, by the full label set.
+pub static REQUEST_BYTES_FAMILY: Family =
+    Family::new(REQUEST_BYTES, "Request body sizes", SIZE_BUCKETS);
+/// `istio_response_bytes`, by the full label set.
+pub static RESPONSE_BYTES_FAMILY: Family =
+    Family::new(RESPONSE_BYTES, "Response body sizes", SIZE_BUCKETS);
+
 /// The header sidecars exchange their workload labels in, over mTLS only:
 /// requests carry the caller's, responses the callee's. Stripped always.
 pub static X_POSTERN_PEER: http::HeaderName = http::HeaderName::from_static("x-postern-peer");
 
 /// Describes the Istio metrics to the installed recorder.
 pub fn describe() {
-    use metrics::{describe_counter, describe_histogram, Unit};
+    use metrics::{describe_counter, Unit};
     describe_counter!(REQUESTS_TOTAL, "Requests, by Istio's standard labels");
-    describe_histogram!(
-        REQUEST_DURATION_MILLISECONDS,
-        Unit::Milliseconds,
-        "Request duration until the response ends"
-    );
-    describe_histogram!(REQUEST_BYTES, Unit::Bytes, "Request body sizes");
-    describe_histogram!(RESPONSE_BYTES, Unit::Bytes, "Response body sizes");
     describe_counter!(
         TCP_SENT_BYTES_TOTAL,
         Unit::Bytes,
@@ -333,9 +341,9 @@ struct SeriesKey {
 #[derive(Debug, Clone)]
 struct HttpSeries {
     requests: Counter,
-    duration: Histogram,
-    request_bytes: Histogram,
-    response_bytes: Histogram,
+    duration: Arc<Histogram>,
+    request_bytes: Arc<Histogram>,
+    response_bytes: Arc<Histogram>,
 }
 
 /// The handles of one TCP series.
@@ -510,9 +518,9 @@ impl IstioMetrics {
         let set = self.label_set(labels, Some(code), grpc, flags);
         let series = HttpSeries {
             requests: metrics::counter!(REQUESTS_TOTAL, set.iter()),
-            duration: metrics::histogram!(REQUEST_DURATION_MILLISECONDS, set.iter()),
-            request_bytes: metrics::histogram!(REQUEST_BYTES, set.iter()),
-            response_bytes: metrics::histogram!(RESPONSE_BYTES, set.iter()),
+            duration: REQUEST_DURATION_FAMILY.series(set.clone()),
+            request_bytes: REQUEST_BYTES_FAMILY.series(set.clone()),
+            response_bytes: RESPONSE_BYTES_FAMILY.series(set),
         };
         record(&series);
         if let Ok(mut map) = self.http.write() {

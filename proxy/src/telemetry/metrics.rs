@@ -100,9 +100,16 @@ pub const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Request durations, by `listener`, `route`, `cluster`.
+pub static HTTP_REQUEST_DURATION_FAMILY: super::histogram::Family = super::histogram::Family::new(
+    HTTP_REQUEST_DURATION_SECONDS,
+    "HTTP request duration until the response ends",
+    DURATION_BUCKETS,
+);
+
 /// Describes every metric to the installed recorder.
 pub fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    use metrics::{describe_counter, describe_gauge, Unit};
     describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests finished");
     describe_counter!(
         DOWNSTREAM_TLS_FAILURES_TOTAL,
@@ -133,11 +140,6 @@ pub fn describe() {
     postern_certs::rotation::metric::describe();
     postern_xds::metric::describe();
     super::trace::describe();
-    describe_histogram!(
-        HTTP_REQUEST_DURATION_SECONDS,
-        Unit::Seconds,
-        "HTTP request duration until the response ends"
-    );
     describe_counter!(
         DOWNSTREAM_CONNECTIONS_TOTAL,
         "Downstream connections accepted"

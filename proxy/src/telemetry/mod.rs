@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod als;
+pub mod histogram;
 pub mod istio;
 pub mod log;
 pub mod metrics;
@@ -14,8 +15,10 @@ pub use record::{CallRecord, ListenerTelemetry, TelemetryHub};
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, OnceLock, RwLock, Weak};
 
-use ::metrics::{Counter, Histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use ::metrics::Counter;
+
+use self::histogram::Histogram;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use self::metrics as names;
 
@@ -30,25 +33,8 @@ pub fn prometheus_handle() -> Option<PrometheusHandle> {
 pub fn install_prometheus_recorder() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let buckets = [
-                (
-                    names::HTTP_REQUEST_DURATION_SECONDS,
-                    names::DURATION_BUCKETS,
-                ),
-                (
-                    istio::REQUEST_DURATION_MILLISECONDS,
-                    istio::DURATION_BUCKETS_MS,
-                ),
-                (istio::REQUEST_BYTES, istio::SIZE_BUCKETS),
-                (istio::RESPONSE_BYTES, istio::SIZE_BUCKETS),
-            ];
-            let builder = buckets
-                .iter()
-                .try_fold(PrometheusBuilder::new(), |builder, (name, buckets)| {
-                    builder.set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
-                })
-                .unwrap_or_else(|_| PrometheusBuilder::new());
-            let recorder = builder.build_recorder();
+            // No histogram goes through this recorder (see `histogram`).
+            let recorder = PrometheusBuilder::new().build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (embedding, tests); then
             // this handle renders an empty registry rather than failing start-up.
@@ -322,7 +308,7 @@ fn status_label(code: u16) -> &'static str {
 pub struct CallMetrics {
     listener: Arc<str>,
     counters: RwLock<Handles<CounterKey, Counter>>,
-    histograms: RwLock<Handles<(usize, usize), Histogram>>,
+    histograms: RwLock<Handles<(usize, usize), Arc<Histogram>>>,
 }
 
 /// Metric handles by name addresses, with the names they stand for.
@@ -456,12 +442,11 @@ impl CallMetrics {
         let pair = (key.0, key.1);
         let histogram = self.histograms.read().ok().and_then(|m| m.get(&pair));
         let histogram = histogram.unwrap_or_else(|| {
-            let histogram = ::metrics::histogram!(
-                names::HTTP_REQUEST_DURATION_SECONDS,
-                "listener" => self.listener.clone(),
-                "route" => route.clone(),
-                "cluster" => cluster.clone(),
-            );
+            let histogram = names::HTTP_REQUEST_DURATION_FAMILY.series(vec![
+                ::metrics::Label::new("listener", self.listener.clone()),
+                ::metrics::Label::new("route", route.clone()),
+                ::metrics::Label::new("cluster", cluster.clone()),
+            ]);
             if let Ok(mut map) = self.histograms.write() {
                 map.insert(pair, histogram.clone(), route, cluster);
             }
