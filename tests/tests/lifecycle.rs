@@ -186,7 +186,13 @@ async fn a_restart_without_the_control_plane_serves_the_last_known_good_config()
     })
     .await;
     wait_until("the config to be saved", || async { saved.exists() }).await;
-    assert_eq!(config_source(&first).await, "xds");
+    // The config is saved while it is applied; the dump's status follows
+    // once the update's NACKs are settled, a moment later.
+    wait_until(
+        "the dump to name the control plane as the source",
+        || async { config_source(&first).await == "xds" },
+    )
+    .await;
     first.drain();
     first.wait().await.unwrap();
 
@@ -196,7 +202,11 @@ async fn a_restart_without_the_control_plane_serves_the_last_known_good_config()
     let text = postern_tests::eventually("ready on the saved config", || ready_text(&second)).await;
     assert!(text.contains("last-known-good"), "{text}");
     assert_eq!(backend_of(&second).await.as_deref(), Some("a"));
-    assert_eq!(config_source(&second).await, "last_known_good");
+    wait_until(
+        "the dump to name the saved config as the source",
+        || async { config_source(&second).await == "last_known_good" },
+    )
+    .await;
 
     // When it is back, its config replaces the saved one.
     cp.restart(mesh("2", b.addr())).await;
@@ -204,6 +214,14 @@ async fn a_restart_without_the_control_plane_serves_the_last_known_good_config()
         backend_of(&second).await.as_deref() == Some("b")
     })
     .await;
-    assert_eq!(ready_text(&second).await.as_deref(), Some("ready\n"));
-    assert_eq!(config_source(&second).await, "xds");
+    // Traffic follows the new config as it is applied; the readiness note
+    // and the dump's source are updated right after.
+    wait_until("ready without the last-known-good note", || async {
+        ready_text(&second).await.as_deref() == Some("ready\n")
+    })
+    .await;
+    wait_until("the dump to name the control plane again", || async {
+        config_source(&second).await == "xds"
+    })
+    .await;
 }
