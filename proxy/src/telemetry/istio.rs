@@ -13,7 +13,6 @@ use http::HeaderValue;
 use metrics::Counter;
 
 use super::histogram::{Family, Histogram};
-
 use super::log::{TrafficDirection, WorkloadLabels};
 use super::ResponseFlags;
 use crate::FastMap;

@@ -16,10 +16,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, OnceLock, RwLock, Weak};
 
 use ::metrics::Counter;
-
-use self::histogram::Histogram;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use self::histogram::Histogram;
 use self::metrics as names;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
